@@ -1,0 +1,31 @@
+"""dlopt: take a trained model to fast, verified artefacts for each target.
+
+The public API is imported lazily so ``import dlopt`` (and ``dlopt --help``)
+stays fast: ONNX, ONNX Runtime and torch load only when a function needs them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["compile", "export", "CompileConfig", "Report", "errors", "__version__"]
+
+_LAZY = {
+    "compile": ("dlopt.api", "compile"),
+    "export": ("dlopt.export", "export"),
+    "CompileConfig": ("dlopt.config", "CompileConfig"),
+    "Report": ("dlopt.report", "Report"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    if name == "errors":
+        import importlib
+
+        return importlib.import_module("dlopt.errors")
+    raise AttributeError(f"module 'dlopt' has no attribute {name!r}")

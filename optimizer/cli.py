@@ -1,0 +1,231 @@
+"""The ``dlopt`` command: a thin shell over the Python API.
+
+It turns arguments into a config and exceptions into exit codes (0 ok, 1 gate or
+budget failure, 2 bad input, 3 compile failure, 130 interrupted).  All output a
+person reads is printed here.  Heavy modules are imported inside the commands so
+``dlopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from dlopt import __version__
+
+EXIT_INTERNAL = 70
+
+
+class _Group(click.Group):
+    """Maps dlopt's errors to one-line messages and exit codes, for every command."""
+
+    def invoke(self, ctx: click.Context):
+        from dlopt.errors import DloptError
+
+        try:
+            return super().invoke(ctx)
+        except DloptError as exc:
+            click.echo(f"dlopt: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("dlopt: interrupted; nothing was written", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a bug in dlopt or a library: one line unless asked for more
+            if os.environ.get("DLOPT_DEBUG"):
+                raise
+            click.echo(f"dlopt: internal error: {type(exc).__name__}: {exc} "
+                       f"(set DLOPT_DEBUG=1 for the traceback)", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="dlopt")
+@click.option("-v", "--verbose", count=True, help="Log diagnostics to stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """dlopt: optimise a trained model for a target and prove it still works.
+
+    \b
+    Typical use:
+      dlopt inspect model.onnx
+      dlopt compile model.onnx --target cpu -o out/
+      dlopt targets
+      dlopt demo
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+class _Progress:
+    """One progress line per stage on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            sys.stderr.write(f"\r  {stage:<24} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+            if done >= total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif done >= total and stage != self._last:
+            sys.stderr.write(f"  {stage}: {total}/{total}\n")
+            self._last = stage
+
+
+def _print_report(report, *, as_json: bool) -> None:
+    from tabulate import tabulate
+
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+        return
+    click.echo(tabulate(report.pass_rows(), headers=report.PASS_HEADERS))
+    click.echo()
+    click.echo(tabulate(report.candidate_rows(), headers=report.CANDIDATE_HEADERS))
+    chosen = report.chosen_candidate()
+    if chosen is not None:
+        click.echo(f"\nchosen: {chosen.key}; artefacts in {report.output_dir}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("-t", "--target", default="cpu", show_default=True, help="Target preset (see `dlopt targets`).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: ./<model>-<target>]. Replaced only if it is a previous dlopt output.")
+@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True,
+              help="Numeric precision of the artefact.")
+@click.option("--inputs", type=click.Path(path_type=Path), default=None,
+              help=".npz with one array per model input (first axis = samples) and optional 'labels' "
+                   "for top-1 accuracy [default: random inputs].")
+@click.option("--samples", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Random feeds compared against the original model.")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def compile(model, target, out, precision, inputs, samples, runs, warmup, threads, as_json, quiet):  # noqa: A001
+    """Optimise MODEL (.onnx) for a target and write verified artefacts.
+
+    Runs the pass pipeline (shape inference, simplification, fusions), builds
+    every backend the target lists, checks each against the original model's
+    outputs on the same inputs, times it and keeps the fastest that is within
+    tolerance.  OUT gets model.onnx, session_options.json, manifest.json,
+    report.json and report.md, all at once or not at all.
+
+    \b
+    Example:
+      dlopt compile resnet.onnx --target cpu -o build/resnet-cpu
+    """
+    import dlopt
+
+    report = dlopt.compile(
+        model, target=target, out=out, precision=precision, inputs=inputs, samples=samples,
+        runs=runs, warmup=warmup, threads=threads, progress=_Progress(not (quiet or as_json)),
+    )
+    _print_report(report, as_json=as_json)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect(model, as_json):
+    """Describe MODEL: opset, inputs and outputs, op histogram, parameters, size.
+
+    \b
+    Example:
+      dlopt inspect model.onnx --json
+    """
+    from dlopt.model_io import read_model_proto
+    from dlopt.summary import summarize
+
+    info = {"path": str(model), "size_bytes": model.stat().st_size if model.is_file() else None}
+    info.update(summarize(read_model_proto(model)))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from tabulate import tabulate
+
+    click.echo(f"{model}  ({info['size_bytes'] / 1e6:.3f} MB, ir_version {info['ir_version']}, "
+               f"opset {info['opset']}, {info['parameters']:,} parameters, {info['nodes']} nodes)")
+    if info["producer"]:
+        click.echo(f"producer: {info['producer']}")
+    click.echo("inputs:  " + "; ".join(info["inputs"]))
+    click.echo("outputs: " + "; ".join(info["outputs"]))
+    click.echo()
+    click.echo(tabulate(sorted(info["ops"].items(), key=lambda kv: -kv[1]), headers=["op", "count"]))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def targets(as_json):
+    """List the target presets and what each can build and run on this machine today.
+
+    \b
+    Example:
+      dlopt targets
+    """
+    from dlopt.profiles import ALIASES, PRESETS
+    from dlopt.targets import backend_status
+
+    status = {}
+    rows = []
+    for profile in PRESETS.values():
+        backends = {name: backend_status(name) for name in profile.backends}
+        usable = [n for n, s in backends.items() if s is True]
+        why_not = {n: s for n, s in backends.items() if s is not True}
+        aliases = [a for a, t in ALIASES.items() if t == profile.name]
+        status[profile.name] = {
+            "description": profile.description, "arch": profile.arch, "triple": profile.triple,
+            "aliases": aliases, "backends": list(profile.backends), "precisions": list(profile.precisions),
+            "can_build": usable, "cannot_build": why_not, "runs_here": profile.runs_here(),
+        }
+        rows.append([
+            profile.name + (f" ({', '.join(aliases)})" if aliases else ""), profile.description,
+            ", ".join(usable) or "-",
+            "; ".join(f"{n}: {s}" for n, s in why_not.items()) or "-",
+            "yes" if profile.runs_here() else "no",
+        ])
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    from tabulate import tabulate
+
+    click.echo(tabulate(rows, headers=["target", "what", "builds with", "not available", "runs here"],
+                        maxcolwidths=[None, 34, 16, 48, None]))
+
+
+@main.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Where to write the demo model and its artefacts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def demo(out, as_json):
+    """Train a small CNN on scikit-learn's digits, export it, compile it for cpu and report.
+
+    Needs the `demo` extra (torch, scikit-learn).  Takes seconds on two cores.
+
+    \b
+    Example:
+      dlopt demo -o /tmp/dlopt-demo
+    """
+    from dlopt.demo import run_demo
+
+    report, accuracy = run_demo(out, progress=_Progress(not as_json))
+    _print_report(report, as_json=as_json)
+    if not as_json:
+        click.echo(f"\ntop-1 accuracy on {accuracy['test_samples']} held-out digits: "
+                   f"original {accuracy['original'] * 100:.2f}%, optimised {accuracy['optimised'] * 100:.2f}%")

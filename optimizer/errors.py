@@ -1,0 +1,54 @@
+"""The one error hierarchy of dlopt.
+
+Every error a user can cause or meet maps to one exit code, and its message says
+what was wrong and what to do.  The CLI prints ``str(error)`` on one line; nothing
+else crosses that boundary.
+"""
+
+from __future__ import annotations
+
+
+class DloptError(Exception):
+    """Base class: anything dlopt raises on purpose."""
+
+    exit_code = 2
+
+
+class ModelError(DloptError):
+    """The input model cannot be read, parsed or validated."""
+
+
+class ConfigError(DloptError):
+    """Options, target names or data files do not make sense together."""
+
+
+class DataError(ConfigError):
+    """Input, calibration or evaluation data does not match the model."""
+
+
+class TargetUnavailable(DloptError):
+    """A target or backend is not usable on this machine (missing package, no device)."""
+
+
+class CompileError(DloptError):
+    """A pass or backend failed on a model that was valid when it came in."""
+
+    exit_code = 3
+
+
+class AccuracyBudgetExceeded(DloptError):
+    """No candidate met the accuracy budget."""
+
+    exit_code = 1
+
+
+class GateFailed(DloptError):
+    """A CI gate threshold was crossed."""
+
+    exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, for one-line reports."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()

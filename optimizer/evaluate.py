@@ -1,0 +1,165 @@
+"""Inputs, reference comparison and latency measurement shared by every candidate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from dlopt.errors import ModelError
+
+# Largest relative error (max |candidate - reference| / max |reference|) accepted per precision.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]  # str/None: symbolic or unknown dimension
+
+    def concrete_shape(self, default_dim: int = 1) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) and d > 0 else default_dim for d in self.shape)
+
+    def describe(self) -> str:
+        dims = ",".join(str(d) if d is not None else "?" for d in self.shape)
+        return f"{self.name}: {self.dtype.name}[{dims}]"
+
+
+def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (graph inputs that are not initializers)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise ModelError(f"input {value.name!r} is not a tensor; dlopt handles tensor inputs only")
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        )
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+def output_specs(proto: onnx.ModelProto) -> list[InputSpec]:
+    specs = []
+    for value in proto.graph.output:
+        tensor = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        )
+        specs.append(InputSpec(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims))
+    return specs
+
+
+def random_feeds(specs: Sequence[InputSpec], count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` reproducible random feeds; symbolic dimensions become 1."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for spec in specs:
+            shape = spec.concrete_shape()
+            if spec.dtype.kind == "f":
+                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype.kind in "iu":
+                feed[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
+            elif spec.dtype.kind == "b":
+                feed[spec.name] = rng.random(shape) < 0.5
+            else:
+                raise ModelError(f"cannot make random data for input {spec.describe()}; pass --inputs data.npz")
+        feeds.append(feed)
+    return feeds
+
+
+@dataclass
+class Fidelity:
+    """How closely a candidate reproduces the reference outputs, worst case over all feeds."""
+
+    max_abs_error: float
+    max_rel_error: float  # max |a - b| / max |reference|, per output
+    min_cosine: float
+    top1_agreement: float | None  # share of samples whose argmax matches (first output)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]]) -> Fidelity:
+    max_abs = max_rel = 0.0
+    min_cos = 1.0
+    agree = total = 0
+    for ref_outs, cand_outs in zip(reference, candidate, strict=True):
+        for index, (ref, got) in enumerate(zip(ref_outs, cand_outs, strict=True)):
+            ref64 = np.asarray(ref, dtype=np.float64)
+            got64 = np.asarray(got, dtype=np.float64)
+            if ref64.shape != got64.shape:
+                return Fidelity(float("inf"), float("inf"), -1.0, 0.0)
+            diff = float(np.max(np.abs(ref64 - got64))) if ref64.size else 0.0
+            scale = float(np.max(np.abs(ref64))) if ref64.size else 0.0
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale if scale > 0 else diff)
+            a, b = ref64.ravel(), got64.ravel()
+            norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+            cos = float(np.dot(a, b) / norm) if norm > 0 else float(np.array_equal(a, b))
+            min_cos = min(min_cos, cos)
+            if index == 0 and ref64.ndim >= 2 and np.issubdtype(np.asarray(ref).dtype, np.floating):
+                agree += int(np.sum(ref64.argmax(-1) == got64.argmax(-1)))
+                total += int(np.prod(ref64.shape[:-1]))
+    return Fidelity(max_abs, max_rel, min_cos, agree / total if total else None)
+
+
+@dataclass
+class Latency:
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    runs: int
+    warmup: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_latency(
+    run: Callable[[dict[str, np.ndarray]], object],
+    feed: dict[str, np.ndarray],
+    *,
+    runs: int,
+    warmup: int,
+    threads: int,
+    progress: Callable[[int], None] | None = None,
+) -> Latency:
+    for _ in range(warmup):
+        run(feed)
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        run(feed)
+        times[i] = time.perf_counter() - start
+        if progress is not None:
+            progress(1)
+    ms = times * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return Latency(round(float(p50), 4), round(float(p90), 4), round(float(p99), 4),
+                   round(float(ms.mean()), 4), runs, warmup, threads)
+
+
+def top1_accuracy(outputs: Iterable[np.ndarray], labels: Iterable[np.ndarray]) -> float:
+    """Top-1 accuracy of the first output's argmax over the last axis against integer labels."""
+    correct = total = 0
+    for logits, label in zip(outputs, labels, strict=True):
+        pred = np.asarray(logits).reshape(len(label), -1).argmax(-1)
+        correct += int(np.sum(pred == np.asarray(label).reshape(-1)))
+        total += len(label)
+    return correct / total if total else float("nan")

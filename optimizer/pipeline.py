@@ -1,0 +1,103 @@
+"""Runs passes over a model and records what each one did.
+
+Instrumentation lives here, around the passes, never inside them (the idea of
+TVM's ``PassInstrument``): each pass gets a :class:`PassRecord` with its time,
+whether it changed the model and the op histogram before and after.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import onnx_ir as ir
+
+from dlopt.errors import CompileError, DloptError, first_line
+
+logger = logging.getLogger(__name__)
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Count nodes by op type over the main graph and its subgraphs."""
+    counts: collections.Counter[str] = collections.Counter()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] += 1
+    return dict(sorted(counts.items()))
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    note: str = ""
+
+    @property
+    def nodes_before(self) -> int:
+        return sum(self.ops_before.values())
+
+    @property
+    def nodes_after(self) -> int:
+        return sum(self.ops_after.values())
+
+    def changes(self) -> dict[str, int]:
+        """Op-count deltas, only for op types whose count changed."""
+        keys = set(self.ops_before) | set(self.ops_after)
+        delta = {k: self.ops_after.get(k, 0) - self.ops_before.get(k, 0) for k in keys}
+        return {k: v for k, v in sorted(delta.items()) if v}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["changes"] = self.changes()
+        return data
+
+
+@dataclass
+class PipelineResult:
+    model: ir.Model
+    records: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for r in self.records)
+
+
+def run_pipeline(
+    model: ir.Model,
+    passes: Sequence[ir.passes.PassBase],
+    *,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> PipelineResult:
+    """Apply ``passes`` in order; a pass that fails raises CompileError naming it."""
+    result = PipelineResult(model)
+    for pass_ in passes:
+        name = type(pass_).__name__
+        before = op_histogram(result.model)
+        start = time.perf_counter()
+        try:
+            outcome = pass_(result.model)
+        except DloptError:
+            raise
+        except Exception as exc:
+            raise CompileError(f"pass {name} failed: {first_line(exc)}") from exc
+        seconds = time.perf_counter() - start
+        result.model = outcome.model
+        record = PassRecord(
+            name=name,
+            modified=bool(outcome.modified),
+            seconds=round(seconds, 6),
+            ops_before=before,
+            ops_after=op_histogram(result.model),
+            note=getattr(pass_, "note", "") or "",
+        )
+        logger.debug("%s: modified=%s %.3fs %s", name, record.modified, seconds, record.changes())
+        result.records.append(record)
+        if on_pass is not None:
+            on_pass(record)
+    return result

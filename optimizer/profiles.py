@@ -1,0 +1,157 @@
+"""Target profiles: every per-target fact lives in this one table.
+
+A profile says what a target *is* (ISA, triple, CPU, GPU arch), which backends
+may build for it in order of preference, which precisions make sense there, the
+cross toolchain a build needs and a simple power model for energy estimates.
+Code elsewhere asks the profile instead of testing target names.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass, field
+
+from dlopt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    """Estimate of power draw when no sensor exists: idle watts plus watts per busy core."""
+
+    idle_watts: float
+    watts_per_busy_core: float
+    accelerator_watts: float = 0.0
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    device: str  # "cpu", "gpu" or "mcu"
+    arch: str  # "x86_64", "aarch64", "armv7e-m", ...
+    triple: str
+    backends: tuple[str, ...]
+    precisions: tuple[str, ...]
+    mcpu: str | None = None
+    cuda_arch: str | None = None
+    cross_compiler: str | None = None
+    power: PowerModel = field(default_factory=lambda: PowerModel(10.0, 15.0))
+    cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the host needs to run these artefacts
+    host_native: bool = False  # "this machine", whatever it is
+
+    def runs_here(self) -> bool:
+        """True when artefacts for this target can be executed and timed on this host."""
+        if self.host_native:
+            return True
+        return (
+            self.device == "cpu"
+            and self.arch == _host_arch()
+            and set(self.cpu_flags) <= _host_cpu_flags()
+        )
+
+
+def _host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@functools.lru_cache(maxsize=1)
+def _host_cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+_CPU_PRECISIONS = ("fp32", "fp16", "int8")
+_GPU_PRECISIONS = ("fp32", "fp16", "int8")
+_X86 = "x86_64-linux-gnu"
+_A64 = "aarch64-linux-gnu"
+
+PRESETS: dict[str, TargetProfile] = {
+    p.name: p
+    for p in (
+        TargetProfile(
+            "cpu", "this host's CPU, every CPU backend available", "cpu", _host_arch(),
+            f"{_host_arch()}-linux-gnu", ("ort", "openvino", "tvm"), _CPU_PRECISIONS,
+            mcpu="native", power=PowerModel(10.0, 15.0), host_native=True,
+        ),
+        TargetProfile(
+            "x86-avx2", "x86-64 CPU with AVX2 (Haswell and newer)", "cpu", "x86_64", _X86,
+            ("ort", "openvino", "tvm"), _CPU_PRECISIONS, mcpu="haswell", cpu_flags=("avx2", "fma"),
+            power=PowerModel(10.0, 15.0),
+        ),
+        TargetProfile(
+            "x86-avx512", "x86-64 CPU with AVX-512 (Skylake-SP and newer)", "cpu", "x86_64", _X86,
+            ("ort", "openvino", "tvm"), _CPU_PRECISIONS, mcpu="skylake-avx512", cpu_flags=("avx512f",),
+            power=PowerModel(15.0, 12.0),
+        ),
+        TargetProfile(
+            "intel-cpu", "Intel CPU, OpenVINO first", "cpu", "x86_64", _X86,
+            ("openvino", "ort", "tvm"), _CPU_PRECISIONS, mcpu="skylake-avx512", cpu_flags=("avx512f",),
+            power=PowerModel(15.0, 12.0),
+        ),
+        TargetProfile(
+            "arm64", "generic 64-bit ARM Linux CPU (ARMv8-A, NEON)", "cpu", "aarch64", _A64,
+            ("ort", "tvm"), _CPU_PRECISIONS, mcpu="generic",
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(2.0, 1.5),
+        ),
+        TargetProfile(
+            "rpi4", "Raspberry Pi 4 (Cortex-A72)", "cpu", "aarch64", _A64,
+            ("ort", "tvm"), _CPU_PRECISIONS, mcpu="cortex-a72",
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(2.7, 1.0),
+        ),
+        TargetProfile(
+            "rpi5", "Raspberry Pi 5 (Cortex-A76)", "cpu", "aarch64", _A64,
+            ("ort", "tvm"), _CPU_PRECISIONS, mcpu="cortex-a76",
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(3.0, 1.6),
+        ),
+        TargetProfile(
+            "jetson-orin", "NVIDIA Jetson Orin (Cortex-A78AE + sm_87)", "gpu", "aarch64", _A64,
+            ("tensorrt", "tvm", "ort"), _GPU_PRECISIONS, mcpu="cortex-a78ae", cuda_arch="sm_87",
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(5.0, 1.5, 15.0),
+        ),
+        TargetProfile(
+            "jetson-nano", "NVIDIA Jetson Nano (Cortex-A57 + sm_53)", "gpu", "aarch64", _A64,
+            ("tensorrt", "tvm", "ort"), ("fp32", "fp16"), mcpu="cortex-a57", cuda_arch="sm_53",
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(1.5, 1.0, 5.0),
+        ),
+        TargetProfile(
+            "nvidia-gpu", "NVIDIA data-centre or desktop GPU on x86-64", "gpu", "x86_64", _X86,
+            ("tensorrt", "ort", "tvm"), _GPU_PRECISIONS, cuda_arch="sm_80",
+            power=PowerModel(30.0, 10.0, 250.0),
+        ),
+        TargetProfile(
+            "cortex-m4", "ARM Cortex-M4F microcontroller", "mcu", "armv7e-m", "thumbv7em-none-eabihf",
+            ("c",), ("int8", "fp32"), mcpu="cortex-m4",
+            cross_compiler="arm-none-eabi-gcc", power=PowerModel(0.01, 0.03),
+        ),
+        TargetProfile(
+            "cortex-m7", "ARM Cortex-M7 microcontroller", "mcu", "armv7e-m", "thumbv7em-none-eabihf",
+            ("c",), ("int8", "fp32"), mcpu="cortex-m7",
+            cross_compiler="arm-none-eabi-gcc", power=PowerModel(0.02, 0.1),
+        ),
+    )
+}
+
+ALIASES = {"jetson": "jetson-orin"}
+
+
+def known_targets() -> list[str]:
+    return sorted([*PRESETS, *ALIASES])
+
+
+def resolve_target(name: str) -> TargetProfile:
+    """Return the preset called ``name`` (aliases included) or raise a ConfigError listing them."""
+    key = ALIASES.get(name, name)
+    try:
+        return PRESETS[key]
+    except KeyError:
+        raise ConfigError(
+            f"unknown target {name!r}; known targets: {', '.join(known_targets())}"
+        ) from None

@@ -1,0 +1,54 @@
+"""Graph passes of dlopt, one per file, and the pipelines built from them.
+
+Generic passes produce standard ONNX any backend can take; a backend may add
+passes of its own after them (``BACKEND_PASSES``), e.g. ORT's contrib fusions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    CheckerPass,
+    RemoveUnusedNodesPass,
+    RemoveUnusedOpsetsPass,
+    ShapeInferencePass,
+)
+
+from dlopt.passes.fold_batchnorm import FoldBatchNormPass
+from dlopt.passes.matmul_add_to_gemm import MatMulAddToGemmPass
+from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
+from dlopt.passes.simplify import SimplifyPass
+
+__all__ = [
+    "FoldBatchNormPass",
+    "FuseActivationForOrtPass",
+    "MatMulAddToGemmPass",
+    "SimplifyPass",
+    "backend_passes",
+    "generic_passes",
+]
+
+
+def generic_passes() -> list[ir.passes.PassBase]:
+    """Check, infer shapes, simplify and fuse: output is standard ONNX for every backend."""
+    return [
+        ShapeInferencePass(strict_mode=False),
+        SimplifyPass(),
+        FoldBatchNormPass(),
+        MatMulAddToGemmPass(),
+        RemoveUnusedNodesPass(),
+        RemoveUnusedOpsetsPass(),
+    ]
+
+
+# Backend name -> passes that only make sense for that backend, run after the generic ones.
+BACKEND_PASSES: dict[str, Callable[[], list[ir.passes.PassBase]]] = {
+    "ort": lambda: [FuseActivationForOrtPass()],
+}
+
+
+def backend_passes(backend: str) -> list[ir.passes.PassBase]:
+    """Passes specific to ``backend``, ending with a validity check of the result."""
+    return [*BACKEND_PASSES.get(backend, list)(), CheckerPass()]

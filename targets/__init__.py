@@ -1,0 +1,33 @@
+"""Backends, one module each, imported only when asked for.
+
+Heavy runtimes (OpenVINO, TVM, TensorRT) are imported inside their module, and a
+module is imported only when its backend is used, so ``dlopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from dlopt.targets.base import Artifact, Backend, Session
+
+__all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status"]
+
+# name -> module implementing the Backend protocol.  Names a profile lists but that
+# are absent here are reported as "not implemented in this version".
+BACKEND_MODULES = {
+    "ort": "dlopt.targets.ort",
+}
+
+
+def get_backend(name: str) -> Backend | None:
+    """The backend module called ``name``, or None when this version has none."""
+    module = BACKEND_MODULES.get(name)
+    return importlib.import_module(module) if module else None
+
+
+def backend_status(name: str) -> bool | str:
+    """True when ``name`` can build here, else the reason it cannot."""
+    backend = get_backend(name)
+    if backend is None:
+        return "not implemented in this version of dlopt"
+    return backend.available()

@@ -1,0 +1,101 @@
+"""ONNX Runtime backend: the optimised ONNX model plus the session options to run it."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from dlopt.model_io import save_ir
+from dlopt.targets.base import Artifact
+
+name = "ort"
+SETTINGS_FILE = "session_options.json"
+
+
+def available() -> bool | str:
+    return True  # a core dependency
+
+
+@lru_cache(maxsize=1)
+def _cpu_kernels() -> frozenset[tuple[str, str]]:
+    from onnxruntime.capi import _pybind_state
+
+    return frozenset(
+        (k.domain or "ai.onnx", k.op_name)
+        for k in _pybind_state.get_all_opkernel_def()
+        if k.provider == "CPUExecutionProvider"
+    )
+
+
+def supports(model) -> list[str]:
+    kernels = _cpu_kernels()
+    functions = {(f.domain, f.name) for f in model.functions.values()}
+    missing = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        domain = node.domain or "ai.onnx"
+        if (domain, node.op_type) not in kernels and (node.domain, node.op_type) not in functions:
+            missing.add(node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}")
+    return sorted(missing)
+
+
+def passes() -> list:
+    from dlopt.passes import backend_passes
+
+    return backend_passes(name)
+
+
+def session_settings(threads: int) -> dict:
+    return {
+        "providers": ["CPUExecutionProvider"],
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "execution_mode": "ORT_SEQUENTIAL",
+        "onnxruntime_version": ort.__version__,
+    }
+
+
+def compile(model, profile, workdir: Path, *, threads: int) -> Artifact:
+    del profile  # ORT artefacts are portable ONNX; the profile matters for other backends
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = save_ir(model, workdir / "model.onnx")
+    settings = session_settings(threads)
+    (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return Artifact(
+        backend=name,
+        precision="fp32",
+        folder=workdir,
+        files=[f.name for f in files] + [SETTINGS_FILE],
+        entry="model.onnx",
+        settings=settings,
+    )
+
+
+class OrtSession:
+    def __init__(self, model_path: str | os.PathLike | bytes, settings: dict) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, settings.get("graph_optimization_level", "ORT_ENABLE_ALL")
+        )
+        options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
+        options.inter_op_num_threads = int(settings.get("inter_op_num_threads", 1))
+        options.execution_mode = getattr(ort.ExecutionMode, settings.get("execution_mode", "ORT_SEQUENTIAL"))
+        options.log_severity_level = 3
+        target = model_path if isinstance(model_path, bytes) else str(model_path)
+        self._session = ort.InferenceSession(
+            target, options, providers=settings.get("providers", ["CPUExecutionProvider"])
+        )
+        self.input_names = [i.name for i in self._session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(None, feeds)
+
+
+def load(artifact: Artifact) -> OrtSession:
+    return OrtSession(artifact.entry_path, artifact.settings)

@@ -1,0 +1,132 @@
+"""End to end: compile a Conv+BN+ReLU model for cpu through the CLI and the API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from cli import dlopt
+from helpers import max_rel_error, op_counts, run_ort
+
+import dlopt as api
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compile")
+    model = models.save(models.conv_bn_relu(channels=16, size=32, batch="N"), tmp / "m.onnx")
+    result = dlopt("compile", model, "--target", "cpu", "-o", tmp / "out", "--runs", "20", cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    return tmp, result
+
+
+def test_writes_the_artefact_folder(compiled):
+    tmp, result = compiled
+    names = sorted(p.name for p in (tmp / "out").iterdir())
+    assert names == ["manifest.json", "model.onnx", "report.json", "report.md", "session_options.json"]
+    assert sorted(p.name for p in tmp.iterdir()) == ["m.onnx", "out"]  # no temp folders left
+    assert "chosen: ort/fp32" in result.stdout
+
+
+def test_batchnorm_gone_and_outputs_match_on_20_random_inputs(compiled):
+    tmp, _ = compiled
+    original = onnx.load(tmp / "m.onnx")
+    optimised = onnx.load(tmp / "out" / "model.onnx")
+    assert op_counts(original)["BatchNormalization"] == 1
+    assert "BatchNormalization" not in op_counts(optimised)
+    assert op_counts(optimised) == {"FusedConv": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    rng = np.random.default_rng(123)
+    worst = 0.0
+    for _ in range(20):
+        feed = {"x": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)}
+        (ref,), (got,) = run_ort(original, feed), run_ort(optimised, feed)
+        worst = max(worst, max_rel_error(ref, got))
+    assert worst <= 1e-4, worst
+
+
+def test_report_and_manifest_contents(compiled):
+    tmp, _ = compiled
+    report = json.loads((tmp / "out" / "report.json").read_text())
+    manifest = json.loads((tmp / "out" / "manifest.json").read_text())
+    assert report["schema_version"] == "1.0"
+    assert report["chosen"] == "ort/fp32"
+    assert report["evaluation"] == {"source": "random (seed 0)", "feeds": 20, "labelled": False}
+    ort_row = next(c for c in report["candidates"] if c["backend"] == "ort")
+    assert ort_row["status"] == "ok" and ort_row["chosen"]
+    assert ort_row["fidelity"]["max_rel_error"] <= 1e-4
+    assert ort_row["fidelity"]["min_cosine"] > 0.999999
+    assert ort_row["fidelity"]["top1_agreement"] == 1.0
+    latency = ort_row["measurement"]["latency"]
+    assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
+    assert latency["runs"] == 20 and latency["threads"] >= 1
+    fold = next(p for p in report["passes"] if p["name"] == "FoldBatchNormPass")
+    assert fold["modified"] and fold["changes"] == {"BatchNormalization": -1}
+    assert [p["name"] for p in ort_row["passes"]] == ["FuseActivationForOrtPass", "CheckerPass"]
+    for other in ("openvino", "tvm"):
+        row = next(c for c in report["candidates"] if c["backend"] == other)
+        assert row["status"] == "unavailable" and row["reason"]
+    import hashlib
+
+    assert manifest["input_model"]["sha256"] == hashlib.sha256((tmp / "m.onnx").read_bytes()).hexdigest()
+    assert manifest["files"] == ["model.onnx", "session_options.json"]
+    assert manifest["target"] == "cpu" and manifest["backend"] == "ort"
+    assert "FoldBatchNormPass" in manifest["passes"]
+    assert manifest["versions"]["onnxruntime"]
+    settings = json.loads((tmp / "out" / "session_options.json").read_text())
+    assert settings["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    md = (tmp / "out" / "report.md").read_text()
+    assert "| ort " in md and "FoldBatchNormPass" in md
+
+
+def test_recompile_replaces_previous_output(compiled, tmp_path):
+    tmp, _ = compiled
+    marker = tmp / "out" / "stale.txt"
+    marker.write_text("from an older run")
+    result = dlopt("compile", tmp / "m.onnx", "-o", tmp / "out", "--runs", "5", "--samples", "3", cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    assert json.loads((tmp / "out" / "report.json").read_text())["evaluation"]["feeds"] == 3
+
+
+def test_json_output_is_the_report(tmp_path):
+    model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
+    result = dlopt("compile", model, "-o", tmp_path / "o", "--json", "--runs", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data == json.loads((tmp_path / "o" / "report.json").read_text())
+
+
+def test_api_with_labelled_inputs(tmp_path):
+    proto = models.conv_bn_relu(batch="N")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
+    (logits,) = run_ort(proto, {"x": x})
+    labels = logits.argmax(1)
+    labels[:16] = (labels[:16] + 1) % 10  # make 16 of 64 wrong: accuracy must be exactly 0.75
+    np.savez(tmp_path / "eval.npz", x=x, labels=labels)
+    report = api.compile(proto, target="cpu", out=tmp_path / "api", inputs=tmp_path / "eval.npz", runs=5)
+    assert report.baseline.accuracy == pytest.approx(0.75)
+    assert report.chosen_candidate().measurement.accuracy == pytest.approx(0.75)
+    assert report.evaluation["feeds"] == 2  # 64 samples in batches of 32
+    assert (tmp_path / "api" / "model.onnx").is_file()
+
+
+def test_api_rejects_unknown_option(tmp_path):
+    with pytest.raises(api.errors.ConfigError, match="unknown option"):
+        api.compile(models.conv_bn_relu(), out=tmp_path / "x", precission="fp32")
+
+
+def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
+    model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
+    result = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "rpi", "--runs", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "rpi" / "report.json").read_text())
+    row = next(c for c in report["candidates"] if c["backend"] == "ort")
+    assert row["chosen"] and row["measurement"]["latency"] is None
+    assert row["fidelity"]["max_rel_error"] <= 1e-4
+    assert "latency not measured" in row["reason"]
+    assert "not measured" in result.stdout
