@@ -12,7 +12,7 @@ __all__ = ["compile", "export", "CompileConfig", "Report", "errors", "__version_
 
 _LAZY = {
     "compile": ("dlopt.api", "compile"),
-    "export": ("dlopt.export", "export"),
+    "export": ("dlopt.exporter", "export"),
     "CompileConfig": ("dlopt.config", "CompileConfig"),
     "Report": ("dlopt.report", "Report"),
 }
