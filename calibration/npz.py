@@ -1,114 +1,178 @@
-"""Feed data from an ``.npz`` file: one array per model input, first axis = samples.
+"""Feed data streamed from an ``.npz``: one array per model input, first axis = samples.
 
-Used for ``--inputs`` (evaluation feeds) and, with a ``labels`` array, for
-labelled accuracy.  Files are opened with ``allow_pickle=False``: user data is
-never unpickled.
+An optional integer ``labels`` array (one label per sample) comes in step with the
+feeds.  The archive is never loaded whole: names, dtypes and shapes are checked from
+the ``.npy`` headers before any data is read, then each member is read sequentially,
+one batch of rows at a time, from its (stored or deflated) zip entry.  Nothing is
+unpickled: a pickle file, or an array or header of object dtype, is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from numpy.lib import format as npy
 
+from dlopt.calibration.dataset import LABELS, CalibrationDataset, expected, shape_mismatch
 from dlopt.errors import DataError, first_line
 
-LABELS = "labels"
+_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
 
 
-def _open(path: Path):
+@dataclass(frozen=True)
+class _Member:
+    entry: str  # the zip entry, e.g. "x.npy"
+    shape: tuple[int, ...]
+    dtype: np.dtype  # as stored; may be non-native byte order
+    fortran_order: bool
+
+
+def _pickled(where: str) -> DataError:
+    return DataError(f"{where} holds pickled data; dlopt never unpickles data files, "
+                     "save plain numeric arrays with numpy.savez")
+
+
+def _read_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = npy.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy.read_array_header_2_0(fp)
+        else:
+            raise DataError(f"{where}: unsupported .npy format version {version[0]}.{version[1]}")
+    except _READ_ERRORS as exc:
+        raise DataError(f"{where}: not a valid .npy array: {first_line(exc)}") from exc
+    if dtype.hasobject:
+        raise _pickled(where)
+    return shape, fortran_order, dtype
+
+
+def _archive(path: Path) -> zipfile.ZipFile:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        raise DataError(f"{path} is a single .npy array; expected an .npz with one array per model input "
+                        "(numpy.savez(path, name=array, ...))")
+    if head[:1] == b"\x80":  # pickle protocol 2 and later start with PROTO
+        raise _pickled(str(path))
     try:
-        data = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise DataError(f"{path} holds pickled data; dlopt never unpickles data files, save plain arrays with numpy.savez") from exc
-        raise DataError(f"cannot read {path} as .npz: {first_line(exc)}") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"cannot read {path} as .npz: {first_line(exc)}") from exc
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise DataError(f"{path} is a single .npy array; expected an .npz with one array per model input")
-    return data
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path} is not an .npz file (not a zip archive): {first_line(exc)}") from exc
 
 
-class NpzDataset:
-    """Batches of feed dicts from an .npz, checked against the model's inputs up front.
+def _read_rows(fp, member: _Member, rows: int, where: str) -> np.ndarray:
+    row_shape = member.shape[1:]
+    size = rows * math.prod(row_shape) * member.dtype.itemsize
+    buffer = bytearray(size)  # writable, and read into without a second copy
+    try:
+        got = fp.readinto(buffer)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{where}: cannot read: {first_line(exc)}") from exc
+    if got != size:
+        raise DataError(f"{where}: the array ends early (truncated or corrupt file)")
+    array = np.frombuffer(buffer, dtype=member.dtype).reshape((rows, *row_shape))
+    native = member.dtype.newbyteorder("=")
+    return array if member.dtype == native else array.astype(native)
 
-    ``specs`` are the model's :class:`dlopt.evaluate.InputSpec`.  Each array's
-    first axis counts samples; feeds hold ``batch_size`` samples (the model's fixed
-    batch dimension when it has one).
+
+class NpzDataset(CalibrationDataset):
+    """Batches of feed dicts streamed from an ``.npz`` file, checked from its headers up front.
+
+    ``samples`` (known on construction) is how many samples iteration yields: all of
+    them, or ``limit``, less any remainder a fixed batch dimension drops.
+    ``batch_size=None`` means 1.
     """
 
-    def __init__(self, path: str | Path, specs: Sequence, *, batch_size: int = 32) -> None:
+    def __init__(self, path: str | Path, specs: Sequence, *, batch_size: int | None = 32,
+                 limit: int | None = None) -> None:
         self.path = Path(path)
-        data = _open(self.path)
-        try:
-            self._arrays = {name: self._read(data, name) for name in data.files}
-        finally:
-            data.close()
-        self.specs = list(specs)
-        self.labels = self._arrays.pop(LABELS, None)
-        self._check()
-        self.samples = len(next(iter(self._arrays.values())))
-        fixed = {s.shape[0] for s in self.specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
-        # A model with a fixed batch dimension takes only whole batches: a remainder is dropped.
-        self.fixed_batch = len(fixed) == 1
-        self.batch_size = fixed.pop() if self.fixed_batch else batch_size
-        if self.fixed_batch and self.samples < self.batch_size:
-            raise DataError(f"{self.path}: {self.samples} samples, fewer than the model's fixed batch of {self.batch_size}")
+        super().__init__(specs, where=str(self.path), batch_size=batch_size or 1, limit=limit)
+        with _archive(self.path) as archive:
+            self._members = self._headers(archive)
+        self.has_labels = LABELS in self._members and LABELS not in {s.name for s in self.specs}
+        self.samples = self._usable(self._check_headers())
 
-    def _read(self, data, name: str) -> np.ndarray:
-        try:
-            return data[name]
-        except ValueError as exc:
-            raise DataError(f"{self.path}: array {name!r} holds Python objects (pickled); save numeric arrays") from exc
-        except Exception as exc:
-            raise DataError(f"{self.path}: cannot read array {name!r}: {first_line(exc)}") from exc
+    def _headers(self, archive: zipfile.ZipFile) -> dict[str, _Member]:
+        members = {}
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            where = f"{self.path}: array {name!r}"
+            # NotImplementedError: an unsupported compression; RuntimeError: an encrypted entry.
+            try:
+                with archive.open(info) as fp:
+                    shape, fortran_order, dtype = _read_header(fp, where)
+            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
+                raise DataError(f"{where}: cannot read: {first_line(exc)}") from exc
+            members[name] = _Member(info.filename, shape, dtype, fortran_order)
+        return members
 
-    def _expected(self) -> str:
-        return "; the model expects " + ", ".join(s.describe() for s in self.specs)
-
-    def _check(self) -> None:
+    def _check_headers(self) -> int:
+        """Check names, dtypes, shapes and sample counts from the headers; return the sample count."""
         names = {s.name for s in self.specs}
-        given = set(self._arrays)
+        given = set(self._members) - ({LABELS} if self.has_labels else set())
         if given != names:
             missing, extra = sorted(names - given), sorted(given - names)
             parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
-            raise DataError(f"{self.path}: {' and '.join(parts)}{self._expected()}")
-        counts = {len(a) if a.ndim else 0 for a in self._arrays.values()}
-        if counts == {0}:
-            raise DataError(f"{self.path} holds no samples{self._expected()}")
+            raise DataError(f"{self.path}: {' and '.join(parts)}{expected(self.specs)}")
+        counts = set()
+        for spec in self.specs:
+            member = self._members[spec.name]
+            if not member.shape:
+                raise DataError(f"{self.path}: {spec.name!r} is a scalar; the first axis must count samples"
+                                f"{expected(self.specs)}")
+            if member.dtype.newbyteorder("=") != spec.dtype:
+                raise DataError(f"{self.path}: {spec.name!r} is {member.dtype.name}{expected(self.specs)}")
+            if shape_mismatch(spec, member.shape):
+                raise DataError(f"{self.path}: {spec.name!r} has shape {list(member.shape)} (first axis = samples)"
+                                f"{expected(self.specs)}")
+            counts.add(member.shape[0])
         if len(counts) != 1:
             raise DataError(f"{self.path}: arrays disagree on the number of samples (first axis)")
-        for spec in self.specs:
-            array = self._arrays[spec.name]
-            if array.dtype != spec.dtype:
-                raise DataError(f"{self.path}: {spec.name!r} is {array.dtype.name}{self._expected()}")
-            sample_dims = spec.shape[1:]
-            if array.ndim != len(spec.shape) or any(
-                isinstance(d, int) and d > 0 and d != a for d, a in zip(sample_dims, array.shape[1:])
-            ):
-                raise DataError(f"{self.path}: {spec.name!r} has shape {list(array.shape)} (first axis = samples){self._expected()}")
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise DataError(f"{self.path}: {spec.name!r} contains NaN or Inf values")
-        if self.labels is not None and len(self.labels) != len(next(iter(self._arrays.values()))):
-            raise DataError(f"{self.path}: 'labels' has {len(self.labels)} entries, inputs have {len(next(iter(self._arrays.values())))} samples")
+        samples = counts.pop()
+        for member in self._members.values():
+            if member.fortran_order and len(member.shape) > 1:
+                # Column-major data puts one sample's values across the whole array: no row-wise streaming.
+                raise DataError(f"{self.path}: {member.entry!r} is stored in Fortran (column-major) order and cannot "
+                                "be streamed by samples; save numpy.ascontiguousarray(array)")
+        if self.has_labels:
+            labels = self._members[LABELS]
+            if labels.dtype.kind not in "iu" or len(labels.shape) != 1:
+                raise DataError(f"{self.path}: 'labels' must be a 1-D integer array, got "
+                                f"{labels.dtype.name}{list(labels.shape)}")
+            if labels.shape[0] != samples:
+                raise DataError(f"{self.path}: 'labels' has {labels.shape[0]} entries, inputs have {samples} samples")
+        return samples
 
-    def _starts(self) -> range:
-        end = self.samples - self.samples % self.batch_size if self.fixed_batch else self.samples
-        return range(0, end, self.batch_size)
-
-    def __len__(self) -> int:
-        return len(self._starts())
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in self._starts():
-            yield {name: a[start : start + self.batch_size] for name, a in self._arrays.items()}
+    def _chunks(self, names: Sequence[str] | None = None) -> Iterator[tuple[dict, np.ndarray | None]]:
+        names = list(names if names is not None else self._members)
+        with _archive(self.path) as archive, contextlib.ExitStack() as stack:
+            files = {}
+            for name in names:
+                fp = stack.enter_context(archive.open(self._members[name].entry))
+                _read_header(fp, f"{self.path}: array {name!r}")  # leaves fp at the first row
+                files[name] = fp
+            for start in range(0, self.samples, self.batch_size):
+                rows = min(self.batch_size, self.samples - start)
+                feed = {name: _read_rows(fp, self._members[name], rows, f"{self.path}: array {name!r}")
+                        for name, fp in files.items()}
+                labels = feed.pop(LABELS) if self.has_labels else None
+                yield feed, labels
 
     def label_batches(self) -> list[np.ndarray]:
-        if self.labels is None:
+        """The labels of each batch, read alone (the inputs are not read again); [] without labels."""
+        if not self.has_labels:
             return []
-        return [self.labels[s : s + self.batch_size] for s in self._starts()]
+        return [labels for _, labels in self._chunks([LABELS])]

@@ -63,26 +63,20 @@ def main(verbose: int) -> None:
 
 
 class _Progress:
-    """One progress line per stage on stderr, redrawn in place on a terminal."""
+    """A progress bar per stage on stderr, redrawn in place; only on a terminal, so logs stay clean."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._last = None
+        self.enabled = enabled and sys.stderr.isatty()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if self.tty:
-            width = 30
-            filled = int(width * done / max(total, 1))
-            sys.stderr.write(f"\r  {stage:<24} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-            if done >= total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif done >= total and stage != self._last:
-            sys.stderr.write(f"  {stage}: {total}/{total}\n")
-            self._last = stage
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r  {stage:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}\x1b[K")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def _print_report(report, *, as_json: bool) -> None:
@@ -94,6 +88,13 @@ def _print_report(report, *, as_json: bool) -> None:
     click.echo(tabulate(report.pass_rows(), headers=report.PASS_HEADERS))
     click.echo()
     click.echo(tabulate(report.candidate_rows(), headers=report.CANDIDATE_HEADERS))
+    if report.float_node_rows():
+        click.echo()
+        click.echo(tabulate(report.float_node_rows(), headers=report.FLOAT_NODE_HEADERS))
+    if report.calibration:
+        c = report.calibration
+        click.echo(f"\ncalibration: {c['samples']} samples from {c['source']} ({c['method']}), {c['seconds']} s, "
+                   f"peak RSS {c['peak_rss_mb']} MB (+{c['rss_increase_mb']} MB)")
     chosen = report.chosen_candidate()
     if chosen is not None:
         click.echo(f"\nchosen: {chosen.key}; artefacts in {report.output_dir}")
@@ -101,42 +102,90 @@ def _print_report(report, *, as_json: bool) -> None:
         click.echo(f"note: {note}")
 
 
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-t", "--target", default="cpu", show_default=True, help="Target preset (see `dlopt targets`).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: ./<model>-<target>]. Replaced only if it is a previous dlopt output.")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True,
-              help="Numeric precision of the artefact.")
-@click.option("--inputs", type=click.Path(path_type=Path), default=None,
-              help=".npz with one array per model input (first axis = samples) and optional 'labels' "
-                   "for top-1 accuracy [default: random inputs].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-dynamic"]), default="auto",
+              show_default=True,
+              help="auto builds fp32, fp16 and int8 (mixed int8/float if int8 misses the budget) and keeps the "
+                   "fastest within the budget; an fp16/int8 artefact not faster than fp32 is never chosen.")
+@click.option("--eval", "--inputs", "inputs", type=click.Path(path_type=Path), default=None,
+              help="Evaluation .npz: one array per model input (first axis = samples) and optional integer "
+                   "'labels' for top-1 accuracy [default: random inputs, fidelity to the original].")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data for int8: an .npz like --eval, or a folder of images (see --calib-size).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Calibrate on at most this many samples (streamed).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen.")
+@click.option("--calib-size", default=None, metavar="H,W", help="Image folders: resize to H,W.")
+@click.option("--calib-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+              help="Image folders: tensor layout.")
+@click.option("--calib-mean", default=None, metavar="M[,M,M]", help="Image folders: per-channel mean (after scaling to 0-1).")
+@click.option("--calib-std", default=None, metavar="S[,S,S]", help="Image folders: per-channel std.")
+@click.option("--calib-color", type=click.Choice(["RGB", "BGR", "GRAY"]), default="RGB", show_default=True,
+              help="Image folders: channel order.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, metavar="POINTS",
+              help="Accuracy budget in percentage points: top-1 accuracy with labels, else top-1 agreement "
+                   "with the original model.")
+@click.option("--search-time", type=float, default=300.0, show_default=True, metavar="SECONDS",
+              help="Time limit of the mixed-precision search; the best model found is kept.")
 @click.option("--samples", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Random feeds compared against the original model.")
+              help="Random feeds compared against the original model (without --eval).")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def compile(model, target, out, precision, inputs, samples, runs, warmup, threads, as_json, quiet):  # noqa: A001
+def compile(model, target, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
+            calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, runs, warmup, threads,
+            as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
-    every backend the target lists, checks each against the original model's
-    outputs on the same inputs, times it and keeps the fastest that is within
-    tolerance.  OUT gets model.onnx, session_options.json, manifest.json,
-    report.json and report.md, all at once or not at all.
+    every backend x precision candidate the target allows, checks each against
+    the original model's outputs on the same inputs, times it and keeps the
+    fastest within the accuracy budget.  OUT gets model.onnx,
+    session_options.json, manifest.json, report.json and report.md (plus
+    calibration.json for int8), all at once or not at all.
 
     \b
-    Example:
+    Examples:
       dlopt compile resnet.onnx --target cpu -o build/resnet-cpu
+      dlopt compile cnn.onnx --precision int8 --calib calib.npz --eval test.npz --max-accuracy-drop 0.5
     """
     import dlopt
+    from dlopt.errors import AccuracyBudgetExceeded
 
-    report = dlopt.compile(
-        model, target=target, out=out, precision=precision, inputs=inputs, samples=samples,
-        runs=runs, warmup=warmup, threads=threads, progress=_Progress(not (quiet or as_json)),
-    )
+    preprocess = None
+    if calib_size is not None:
+        from dlopt.calibration import ImagePreprocess
+
+        size = tuple(int(v) for v in _floats(calib_size, "--calib-size"))
+        extra = {k: v for k, v in (("mean", _floats(calib_mean, "--calib-mean")),
+                                   ("std", _floats(calib_std, "--calib-std"))) if v is not None}
+        preprocess = ImagePreprocess(size=size, layout=calib_layout, color=calib_color, **extra)
+    try:
+        report = dlopt.compile(
+            model, target=target, out=out, precision=precision, inputs=inputs, samples=samples,
+            runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples,
+            calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
+            search_time=search_time, progress=_Progress(not (quiet or as_json)),
+        )
+    except AccuracyBudgetExceeded as exc:  # the closest model was written: show its report, then fail
+        _print_report(exc.report, as_json=as_json)
+        raise
     _print_report(report, as_json=as_json)
 
 

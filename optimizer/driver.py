@@ -1,15 +1,18 @@
 """compile(config) -> Report: the one-way flow from model to published artefacts.
 
 load + check -> resolve target -> reference outputs -> generic passes ->
-per backend: backend passes, compile, evaluate -> choose -> write atomically.
+calibrate (if int8) -> per backend x precision: passes, compile, evaluate ->
+mixed-precision search (if int8 misses the budget) -> choose -> write atomically.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import platform
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,34 +21,24 @@ import onnx_ir as ir
 
 from dlopt import __version__
 from dlopt.artifacts import MANIFEST, check_output_dir, publish, staging_dir
+from dlopt.candidates import Bench, Built, Feeds, build
 from dlopt.config import CompileConfig
-from dlopt.errors import CompileError, DloptError, first_line
-from dlopt.evaluate import TOLERANCE, compare, input_specs, measure_latency, random_feeds, top1_accuracy
-from dlopt.model_io import check_proto, load_ir, read_model_proto, save_ir, sha256_file
+from dlopt.errors import AccuracyBudgetExceeded, CompileError
+from dlopt.evaluate import input_specs, random_feeds
+from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
 from dlopt.pipeline import run_pipeline
 from dlopt.profiles import TargetProfile, resolve_target
-from dlopt.report import Candidate, Measurement, Report
+from dlopt.report import Candidate, Report
 from dlopt.summary import summarize
 
 logger = logging.getLogger(__name__)
 
-
-class _Feeds:
-    """The evaluation feeds every model sees, and their labels when known."""
-
-    def __init__(self, config: CompileConfig, proto: onnx.ModelProto) -> None:
-        specs = input_specs(proto)
-        if config.inputs is not None:
-            from dlopt.calibration import NpzDataset
-
-            data = NpzDataset(config.inputs, specs)
-            self.feeds = list(data)
-            self.labels = data.label_batches()
-            self.source = str(config.inputs)
-        else:
-            self.feeds = random_feeds(specs, config.samples, config.seed)
-            self.labels = []
-            self.source = f"random (seed {config.seed})"
+QUANTIZED = ("int8", "mixed", "int8-dynamic")
+# A lower precision must beat fp32 on the same backend by this share of fp32's p50 to be chosen:
+# smaller gaps are within run-to-run noise and not worth the accuracy risk.
+MIN_GAIN = 0.05
+# When latency cannot be measured here, prefer the precision that is usually fastest on devices.
+UNTIMED_PREFERENCE = ("int8", "mixed", "int8-dynamic", "fp16", "fp32")
 
 
 def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
@@ -53,8 +46,6 @@ def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     if isinstance(model, onnx.ModelProto):
         check_proto(model)
         data = model.SerializeToString()
-        import hashlib
-
         info = {"path": None, "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
         return model, ir.serde.deserialize_model(model), info
     path = Path(model)
@@ -63,88 +54,93 @@ def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     return proto, load_ir(path), info
 
 
-class _Runner:
-    """Runs a session over the feeds and times it, reporting progress."""
+def _eval_feeds(config: CompileConfig, specs) -> Feeds:
+    if config.inputs is None:
+        return Feeds(random_feeds(specs, config.samples, config.seed), [], f"random (seed {config.seed})")
+    from dlopt.calibration import open_dataset
 
-    def __init__(self, config: CompileConfig, feeds: _Feeds) -> None:
-        self.config = config
-        self.feeds = feeds
-
-    def _progress(self, stage: str, done: int, total: int) -> None:
-        if self.config.progress is not None:
-            self.config.progress(stage, done, total)
-
-    def evaluate(self, session, label: str, size_bytes: int, *, timed: bool = True) -> tuple[list, Measurement]:
-        """Outputs on every feed; latency only when ``timed`` (this host is the target)."""
-        outputs = []
-        for i, feed in enumerate(self.feeds.feeds):
-            outputs.append(session.run(feed))
-            self._progress(f"{label}: outputs", i + 1, len(self.feeds.feeds))
-        latency = None
-        if timed:
-            done = [0]
-
-            def tick(n: int) -> None:
-                done[0] += n
-                self._progress(f"{label}: latency", done[0], self.config.runs)
-
-            latency = measure_latency(
-                session.run, self.feeds.feeds[0], runs=self.config.runs, warmup=self.config.warmup,
-                threads=self.config.thread_count, progress=tick,
-            ).to_dict()
-        accuracy = None
-        if self.feeds.labels:
-            accuracy = top1_accuracy((o[0] for o in outputs), self.feeds.labels)
-        return outputs, Measurement(latency, size_bytes, accuracy)
+    data = open_dataset(config.inputs, specs, batch_size=32)
+    feeds, labels = [], []
+    for feed, label in data.iter_with_labels():
+        feeds.append(feed)
+        if label is not None:
+            labels.append(label)
+    if labels and len(labels) != len(feeds):
+        labels = []
+    source = str(config.inputs) if isinstance(config.inputs, (str, Path)) else type(config.inputs).__name__
+    return Feeds(feeds, labels, source)
 
 
-def _build_candidate(name, model, profile, config, runner, workdir, reference) -> tuple[Candidate, object]:
-    from dlopt.targets import backend_status, get_backend
-
-    status = backend_status(name)
-    if status is not True:
-        return Candidate(name, config.precision, "unavailable", reason=str(status)), None
-    backend = get_backend(name)
-    unsupported = backend.supports(model)
-    if unsupported:
-        return Candidate(name, config.precision, "unsupported",
-                         reason=f"unsupported ops: {', '.join(unsupported)}"), None
-    try:
-        result = run_pipeline(model.clone(), backend.passes())
-        artifact = backend.compile(result.model, profile, workdir, threads=config.thread_count)
-    except DloptError as exc:
-        return Candidate(name, config.precision, "failed", reason=str(exc)), None
-    cand = Candidate(name, artifact.precision, "ok", passes=[r.to_dict() for r in result.records],
-                     artifact_files=list(artifact.files))
-    if not artifact.loadable_here:
-        cand.measurement = Measurement(None, artifact.size_bytes())
-        cand.reason = f"built for {profile.name}; cannot run on this machine, not verified or timed"
-        return cand, artifact
-    timed = profile.runs_here()
-    if not timed:
-        cand.reason = f"outputs verified on this machine; latency not measured (needs a {profile.name} device)"
-    try:
-        session = backend.load(artifact)
-        outputs, cand.measurement = runner.evaluate(session, name, artifact.size_bytes(), timed=timed)
-    except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
-        cand.status, cand.reason = "failed", f"could not run: {first_line(exc)}"
-        return cand, None
-    fidelity = compare(reference, outputs)
-    cand.fidelity = fidelity.to_dict()
-    limit = TOLERANCE[cand.precision]
-    if not fidelity.max_rel_error <= limit:
-        cand.status = "rejected"
-        cand.reason = f"max relative error {fidelity.max_rel_error:.2e} over the {cand.precision} limit {limit:.0e}"
-    return cand, artifact
+def _precisions(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list[str]:
+    if config.precision != "auto":
+        return [config.precision]
+    chosen = [p for p in ("fp32", "fp16", "int8") if p in profile.precisions]
+    if "int8" in profile.precisions and _weights_in(model, ("MatMul", "Gemm")) > _weights_in(model, ("Conv", "ConvTranspose")):
+        chosen.append("int8-dynamic")  # transformer/MLP-shaped: dynamic quantisation may win
+    return chosen
 
 
-def _choose(candidates: list[Candidate]) -> Candidate | None:
-    ok = [c for c in candidates if c.status == "ok" and c.measurement is not None]
-    timed = [c for c in ok if c.measurement.latency]
-    pool = timed or ok
-    if not pool:
+def _weights_in(model: ir.Model, op_types: tuple[str, ...]) -> int:
+    """Number of constant weight elements consumed by nodes of ``op_types``."""
+    total = 0
+    for node in model.graph:
+        if node.op_type in op_types:
+            total += sum(v.const_value.size for v in node.inputs[1:2] if v is not None and v.const_value is not None)
+    return total
+
+
+def _open_calibration(config: CompileConfig, specs):
+    """Open (and so check names, dtypes and shapes of) the calibration data before any heavy work."""
+    if config.calib is None:
         return None
-    best = min(pool, key=lambda c: c.measurement.latency["p50_ms"] if c.measurement.latency else 0.0)
+    from dlopt.calibration import open_dataset
+
+    return open_dataset(config.calib, specs, limit=config.calib_samples, preprocess=config.calib_preprocess)
+
+
+def _calibrate(config: CompileConfig, bench: Bench, model: ir.Model, specs, calib_data, cache: Path,
+               notes: list) -> dict:
+    from dlopt.ranges import compute_ranges
+
+    if calib_data is not None:
+        data = calib_data
+        source = str(config.calib) if isinstance(config.calib, (str, Path)) else type(config.calib).__name__
+    elif config.inputs is not None:
+        data, source = bench.feeds.feeds, f"the evaluation data ({bench.feeds.source})"
+        notes.append("INT8 was calibrated on the evaluation data (no --calib): accuracy may look better than "
+                     "on unseen data")
+    else:
+        data = random_feeds(specs, config.calib_samples, config.seed + 1)
+        source = "random inputs"
+        notes.append("INT8 was calibrated on random inputs (no --calib): pass representative data for "
+                     "meaningful ranges")
+    total = config.calib_samples
+    stats = compute_ranges(ir.serde.serialize_model(model), data, cache, method=config.calib_method,
+                           progress=lambda n: bench.progress("calibration", min(n, total), total))
+    bench.progress("calibration", total, total)
+    return {**stats.to_dict(), "source": source}
+
+
+def _choose(candidates: list[Candidate], auto: bool) -> Candidate | None:
+    ok = [c for c in candidates if c.status == "ok" and c.measurement is not None]
+    fp32 = {c.backend: c.measurement.latency["p50_ms"] for c in ok if c.precision == "fp32" and c.measurement.latency}
+    if auto:
+        for c in ok:
+            mine = c.measurement.latency
+            limit = fp32.get(c.backend, 0.0) * (1 - MIN_GAIN)
+            if c.precision != "fp32" and mine and c.backend in fp32 and mine["p50_ms"] > limit:
+                c.status = "rejected"
+                c.reason = (f"not faster than fp32 on {c.backend} ({mine['p50_ms']:.3f} ms vs "
+                            f"{fp32[c.backend]:.3f} ms; needs {MIN_GAIN:.0%} less)")
+        ok = [c for c in ok if c.status == "ok"]
+    timed = [c for c in ok if c.measurement.latency]
+    if timed:
+        best = min(timed, key=lambda c: c.measurement.latency["p50_ms"])
+    elif ok:
+        best = min(ok, key=lambda c: UNTIMED_PREFERENCE.index(c.precision))
+        best.reason = (best.reason + "; " if best.reason else "") + "chosen by precision preference (no latency here)"
+    else:
+        return None
     for c in ok:
         if c is not best and not c.reason:
             c.reason = f"slower than {best.key}"
@@ -165,72 +161,127 @@ def _manifest(config: CompileConfig, profile: TargetProfile, info: dict, report:
         "backend": chosen.backend,
         "precision": chosen.precision,
         "files": chosen.artifact_files,
+        "float_nodes": [n["name"] for n in chosen.float_nodes],
         "passes": [p["name"] for p in report.passes] + [p["name"] for p in chosen.passes],
         "options": {"precision": config.precision, "threads": config.thread_count, "samples": config.samples,
                     "runs": config.runs, "warmup": config.warmup, "seed": config.seed,
-                    "inputs": str(config.inputs) if config.inputs else None},
+                    "inputs": str(config.inputs) if isinstance(config.inputs, (str, Path)) else None,
+                    "calib": str(config.calib) if isinstance(config.calib, (str, Path)) else None,
+                    "calib_samples": config.calib_samples, "calib_method": config.calib_method,
+                    "max_accuracy_drop": config.max_accuracy_drop, "search_time": config.search_time},
         "versions": {"python": platform.python_version(), "onnx": onnx.__version__,
                      "onnx_ir": ir.__version__, "onnxscript": onnxscript.__version__,
                      "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
     }
 
 
+def _build_all(config, profile, bench, model, precisions, staged, notes) -> tuple[list[Candidate], dict, dict | None]:
+    from dlopt.mixed import search
+    from dlopt.targets import backend_status
+
+    candidates: list[Candidate] = []
+    artifacts: dict = {}
+    search_info = None
+    for backend in profile.backends:
+        status = backend_status(backend)
+        if status is not True:
+            candidates.append(Candidate(backend, "-", "unavailable", reason=str(status)))
+            continue
+        for precision in precisions:
+            built = build(bench, backend, precision, model, staged / "candidates" / f"{backend}-{precision}")
+            candidates.append(built.candidate)
+            artifacts[built.candidate.key] = built.artifact
+            missed = built.candidate.status == "rejected" and built.candidate.score is not None
+            if precision == "int8" and missed and built.artifact is not None:
+                int8_model = ir.load(str(built.artifact.entry_path))
+                mixed, search_info = search(bench, backend, model, int8_model,
+                                            staged / "candidates" / f"{backend}-mixed")
+                search_info["backend"] = backend
+                if mixed is not None:
+                    candidates.append(mixed.candidate)
+                    artifacts[mixed.candidate.key] = mixed.artifact
+                if not search_info["complete"]:
+                    notes.append(f"mixed-precision search stopped at its {config.search_time:g} s limit; "
+                                 f"the best model found by then is reported")
+    return candidates, artifacts, search_info
+
+
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
     profile = resolve_target(config.target)
     proto, model, info = _load(config)
     name = Path(info["path"]).stem if info["path"] else (proto.graph.name or "model")
     out = config.output_dir(name)
     check_output_dir(out)
-    feeds = _Feeds(config, proto)
-    runner = _Runner(config, feeds)
+    specs = input_specs(proto)
+    calib_data = _open_calibration(config, specs)
+    bench = Bench(config, profile, _eval_feeds(config, specs))
 
     from dlopt.targets.ort import OrtSession, session_settings
 
-    reference_session = OrtSession(info["path"] or proto.SerializeToString(), session_settings(config.thread_count))
-    reference, baseline = runner.evaluate(reference_session, "original", info["size_bytes"])
+    reference = OrtSession(info["path"] or proto.SerializeToString(), session_settings(config.thread_count))
+    baseline = bench.measure_original(reference, info["size_bytes"])
+    from dlopt.passes import generic_passes
 
-    generic = run_pipeline(model, _generic_passes())
-    candidates: list[Candidate] = []
+    generic = run_pipeline(model, generic_passes())
+    precisions = _precisions(config, profile, generic.model)
+    notes: list[str] = []
     with staging_dir(out) as staged:
-        artifacts = {}
-        for backend_name in profile.backends:
-            cand, artifact = _build_candidate(
-                backend_name, generic.model, profile, config, runner,
-                staged / "candidates" / f"{backend_name}-{config.precision}", reference,
-            )
-            candidates.append(cand)
-            artifacts[cand.key] = artifact
-        chosen = _choose(candidates)
+        calibration = None
+        if any(p in ("int8", "mixed") for p in precisions):
+            bench.ranges = staged / "calibration.json"
+            calibration = _calibrate(config, bench, generic.model, specs, calib_data, bench.ranges, notes)
+        candidates, artifacts, search_info = _build_all(config, profile, bench, generic.model, precisions,
+                                                        staged, notes)
+        chosen = _choose(candidates, auto=config.precision == "auto")
+        over_budget = None
         if chosen is None:
-            reasons = "; ".join(f"{c.backend}: {c.reason}" for c in candidates)
-            raise CompileError(f"no backend of target {profile.name} produced a usable artefact ({reasons})")
+            scored = [c for c in candidates if c.score is not None and artifacts.get(c.key) is not None]
+            if not scored:
+                reasons = "; ".join(f"{c.key}: {c.reason}" for c in candidates)
+                raise CompileError(f"no backend of target {profile.name} produced a usable artefact ({reasons})")
+            # Nothing met the budget: keep the closest so the work is not lost, and fail loudly.
+            chosen = min(scored, key=lambda c: c.score["drop_pp"])
+            over_budget = chosen
+            notes.append(f"no candidate met the accuracy budget; {chosen.key} (closest) was written anyway")
         for f in artifacts[chosen.key].files:
-            (staged / "candidates" / f"{chosen.backend}-{chosen.precision}" / f).rename(staged / f)
-        import shutil
-
-        shutil.rmtree(staged / "candidates")
+            (artifacts[chosen.key].folder / f).rename(staged / f)
+        if chosen.precision in ("int8", "mixed") and bench.ranges is not None:
+            chosen.artifact_files.append(bench.ranges.name)  # the calibration table ships with the model
+        else:
+            bench.ranges.unlink(missing_ok=True) if bench.ranges else None
+        shutil.rmtree(staged / "candidates", ignore_errors=True)
         report = Report(
             model={**info, **summarize(proto, include_histogram=False)},
             target={"name": profile.name, "description": profile.description, "arch": profile.arch,
                     "triple": profile.triple, "backends": list(profile.backends)},
             precision=config.precision,
-            evaluation={"source": feeds.source, "feeds": len(feeds.feeds), "labelled": bool(feeds.labels)},
+            evaluation={"source": bench.feeds.source, "feeds": len(bench.feeds.feeds),
+                        "labelled": bool(bench.feeds.labels)},
             baseline=baseline,
+            budget={"metric": bench.scorer.name, "original": round(bench.scorer.original, 6),
+                    "max_drop_pp": config.max_accuracy_drop},
             passes=[r.to_dict() for r in generic.records],
             candidates=candidates,
-            chosen=chosen.key,
+            chosen=None if over_budget else chosen.key,
             output_dir=str(out),
             dlopt_version=__version__,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            calibration=calibration,
+            search=search_info,
+            notes=notes,
         )
         (staged / MANIFEST).write_text(json.dumps(_manifest(config, profile, info, report, chosen), indent=2) + "\n")
         (staged / "report.json").write_text(report.to_json())
         (staged / "report.md").write_text(report.to_markdown())
         publish(staged, out)
+    if over_budget is not None:
+        error = AccuracyBudgetExceeded(
+            f"no candidate kept {bench.scorer.name} within {config.max_accuracy_drop} points "
+            f"(closest: {over_budget.key}, {over_budget.score['drop_pp']:.2f} points); it was written to {out} "
+            f"with its report")
+        error.report = report
+        raise error
     return report
-
-
-def _generic_passes():
-    from dlopt.passes import generic_passes
-
-    return generic_passes()

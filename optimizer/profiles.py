@@ -37,6 +37,7 @@ class TargetProfile:
     cuda_arch: str | None = None
     cross_compiler: str | None = None
     power: PowerModel = field(default_factory=lambda: PowerModel(10.0, 15.0))
+    int8_symmetric: bool = False  # symmetric int8 activations (TensorRT, GPUs) instead of uint8
     cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the host needs to run these artefacts
     host_native: bool = False  # "this machine", whatever it is
 
@@ -114,17 +115,17 @@ PRESETS: dict[str, TargetProfile] = {
         TargetProfile(
             "jetson-orin", "NVIDIA Jetson Orin (Cortex-A78AE + sm_87)", "gpu", "aarch64", _A64,
             ("tensorrt", "tvm", "ort"), _GPU_PRECISIONS, mcpu="cortex-a78ae", cuda_arch="sm_87",
-            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(5.0, 1.5, 15.0),
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(5.0, 1.5, 15.0), int8_symmetric=True,
         ),
         TargetProfile(
             "jetson-nano", "NVIDIA Jetson Nano (Cortex-A57 + sm_53)", "gpu", "aarch64", _A64,
             ("tensorrt", "tvm", "ort"), ("fp32", "fp16"), mcpu="cortex-a57", cuda_arch="sm_53",
-            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(1.5, 1.0, 5.0),
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(1.5, 1.0, 5.0), int8_symmetric=True,
         ),
         TargetProfile(
             "nvidia-gpu", "NVIDIA data-centre or desktop GPU on x86-64", "gpu", "x86_64", _X86,
             ("tensorrt", "ort", "tvm"), _GPU_PRECISIONS, cuda_arch="sm_80",
-            power=PowerModel(30.0, 10.0, 250.0),
+            power=PowerModel(30.0, 10.0, 250.0), int8_symmetric=True,
         ),
         TargetProfile(
             "cortex-m4", "ARM Cortex-M4F microcontroller", "mcu", "armv7e-m", "thumbv7em-none-eabihf",

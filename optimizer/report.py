@@ -32,6 +32,8 @@ class Candidate:
     chosen: bool = False
     measurement: Measurement | None = None
     fidelity: dict[str, Any] | None = None
+    score: dict[str, Any] | None = None  # dlopt.budget.Score.to_dict()
+    float_nodes: list[dict[str, Any]] = field(default_factory=list)  # mixed precision: nodes kept in float
     passes: list[dict[str, Any]] = field(default_factory=list)
     artifact_files: list[str] = field(default_factory=list)
 
@@ -47,12 +49,15 @@ class Report:
     precision: str
     evaluation: dict[str, Any]
     baseline: Measurement
+    budget: dict[str, Any]  # {"metric", "original", "max_drop_pp"}
     passes: list[dict[str, Any]]
     candidates: list[Candidate]
     chosen: str | None
     output_dir: str | None
     dlopt_version: str
     created: str
+    calibration: dict[str, Any] | None = None  # dlopt.ranges.RangeStats.to_dict() + source
+    search: dict[str, Any] | None = None  # mixed-precision search summary
     notes: list[str] = field(default_factory=list)
     schema_version: str = SCHEMA_VERSION
 
@@ -94,7 +99,7 @@ class Report:
     # -- renderings -----------------------------------------------------------------
     def candidate_rows(self) -> list[list[Any]]:
         rows = [["original", "fp32", _ms(self.baseline.latency, "p50_ms"), _ms(self.baseline.latency, "p99_ms"),
-                 "1.00x", _mb(self.baseline.size_bytes), "-", _pct(self.baseline.accuracy), "baseline (ONNX Runtime)"]]
+                 "1.00x", _mb(self.baseline.size_bytes), "-", "0.00", "baseline (ONNX Runtime)"]]
         for c in self.candidates:
             m = c.measurement
             speed = self.speedup(c)
@@ -104,17 +109,23 @@ class Report:
                 _ms(m.latency, "p50_ms") if m else "-", _ms(m.latency, "p99_ms") if m else "-",
                 f"{speed:.2f}x" if speed else "-", _mb(m.size_bytes) if m else "-",
                 f"{c.fidelity['max_rel_error']:.2e}" if c.fidelity else "-",
-                _pct(m.accuracy if m else None), verdict,
+                f"{c.score['drop_pp']:.2f}" if c.score else "-", verdict,
             ])
         return rows
 
     CANDIDATE_HEADERS = ["backend", "precision", "p50 ms", "p99 ms", "speedup", "size MB",
-                         "max rel err", "top-1", "result"]
+                         "max rel err", "drop pp", "result"]
+
+    def float_node_rows(self) -> list[list[Any]]:
+        return [[c.key, n["name"], n["op_type"], f"{n['drop_pp']:.2f}", f"{n['nmse']:.2e}"]
+                for c in self.candidates for n in c.float_nodes]
+
+    FLOAT_NODE_HEADERS = ["candidate", "node kept in float", "op", "drop pp if quantised alone", "output nmse"]
 
     def pass_rows(self) -> list[list[Any]]:
         rows = []
         scoped = [("", p) for p in self.passes] + [
-            (f"{c.backend}: ", p) for c in self.candidates for p in c.passes
+            (f"{c.key}: ", p) for c in self.candidates for p in c.passes
         ]
         for scope, p in scoped:
             changes = ", ".join(f"{k} {v:+d}" for k, v in p["changes"].items()) or "-"
@@ -135,6 +146,8 @@ class Report:
             f"- inputs: {', '.join(self.model.get('inputs', []))}",
             f"- evaluated on: {self.evaluation.get('source')} ({self.evaluation.get('feeds')} feeds), "
             f"{(self.baseline.latency or {}).get('threads', '-')} threads",
+            f"- accuracy budget: {self.budget['metric']} may drop at most {self.budget['max_drop_pp']} points "
+            f"(original: {self.budget['original'] * 100:.2f}%)",
             f"- chosen: **{chosen.key if chosen else 'none'}**"
             + (f", {self.speedup(chosen)}x the original's speed" if chosen and self.speedup(chosen) else ""),
             "",
@@ -142,6 +155,13 @@ class Report:
             "",
             tabulate(self.candidate_rows(), headers=self.CANDIDATE_HEADERS, tablefmt="github"),
             "",
+            *(["## Layers kept in float", "",
+                tabulate(self.float_node_rows(), headers=self.FLOAT_NODE_HEADERS, tablefmt="github"), ""]
+              if self.float_node_rows() else []),
+            *([f"Calibration: {self.calibration['samples']} samples from {self.calibration['source']} "
+               f"({self.calibration['method']}), {self.calibration['seconds']} s, process peak RSS "
+               f"{self.calibration['peak_rss_mb']} MB (+{self.calibration['rss_increase_mb']} MB).", ""]
+              if self.calibration else []),
             "## Passes",
             "",
             tabulate(self.pass_rows(), headers=self.PASS_HEADERS, tablefmt="github"),
@@ -157,7 +177,3 @@ def _ms(latency: dict | None, key: str) -> str:
 
 def _mb(size: int | None) -> str:
     return f"{size / 1e6:.3f}" if size is not None else "-"
-
-
-def _pct(value: float | None) -> str:
-    return f"{value * 100:.2f}%" if value is not None else "-"

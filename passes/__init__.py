@@ -11,6 +11,7 @@ from typing import Callable
 import onnx_ir as ir
 from onnx_ir.passes.common import (
     CheckerPass,
+    NameFixPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
     ShapeInferencePass,
@@ -40,15 +41,17 @@ def generic_passes() -> list[ir.passes.PassBase]:
         MatMulAddToGemmPass(),
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),
+        NameFixPass(),  # unique node names: quantisation excludes nodes by name
     ]
 
 
-# Backend name -> passes that only make sense for that backend, run after the generic ones.
-BACKEND_PASSES: dict[str, Callable[[], list[ir.passes.PassBase]]] = {
-    "ort": lambda: [FuseActivationForOrtPass()],
+# (backend, precision) -> passes that only make sense there, run after the precision passes.
+# ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions.
+BACKEND_PASSES: dict[tuple[str, str], Callable[[], list[ir.passes.PassBase]]] = {
+    ("ort", "fp32"): lambda: [FuseActivationForOrtPass()],
 }
 
 
-def backend_passes(backend: str) -> list[ir.passes.PassBase]:
-    """Passes specific to ``backend``, ending with a validity check of the result."""
-    return [*BACKEND_PASSES.get(backend, list)(), CheckerPass()]
+def backend_passes(backend: str, precision: str) -> list[ir.passes.PassBase]:
+    """Passes specific to ``backend`` at ``precision``, ending with a validity check."""
+    return [*BACKEND_PASSES.get((backend, precision), list)(), CheckerPass()]

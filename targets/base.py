@@ -48,10 +48,10 @@ class Backend(Protocol):
     def supports(self, model) -> list[str]:
         """Ops of ``model`` (an onnx_ir Model) this backend cannot run; empty when all are fine."""
 
-    def passes(self) -> list:
-        """Backend-specific passes run after the generic pipeline (instrumented by the driver)."""
+    def passes(self, precision: str) -> list:
+        """Backend-specific passes run after the precision passes (instrumented by the driver)."""
 
-    def compile(self, model, profile, workdir: Path, *, threads: int) -> Artifact:
+    def compile(self, model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
         """Write the artefact for ``model`` into ``workdir`` and describe it."""
 
     def load(self, artifact: Artifact) -> Session:

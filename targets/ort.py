@@ -44,10 +44,10 @@ def supports(model) -> list[str]:
     return sorted(missing)
 
 
-def passes() -> list:
+def passes(precision: str) -> list:
     from dlopt.passes import backend_passes
 
-    return backend_passes(name)
+    return backend_passes(name, precision)
 
 
 def session_settings(threads: int) -> dict:
@@ -61,7 +61,7 @@ def session_settings(threads: int) -> dict:
     }
 
 
-def compile(model, profile, workdir: Path, *, threads: int) -> Artifact:
+def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
     del profile  # ORT artefacts are portable ONNX; the profile matters for other backends
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_ir(model, workdir / "model.onnx")
@@ -69,7 +69,7 @@ def compile(model, profile, workdir: Path, *, threads: int) -> Artifact:
     (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return Artifact(
         backend=name,
-        precision="fp32",
+        precision=precision,
         folder=workdir,
         files=[f.name for f in files] + [SETTINGS_FILE],
         entry="model.onnx",

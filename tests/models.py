@@ -79,3 +79,34 @@ def gemm_activation(activation: str = "Relu", seed: int = 0, **attrs) -> onnx.Mo
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+def outlier_mlp(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+    """Three dense layers; the middle one's output channel 0 sits near 1000, the rest near 1.
+
+    That channel hardly influences the logits, but per-tensor INT8 of the activation
+    spends its whole range on it, so the other channels round to nothing and the
+    predictions change: plain INT8 misses any sensible budget.  Keeping the layers
+    that produce and consume the outlier in float fixes it; the first layer can
+    stay INT8.
+    """
+    rng = np.random.default_rng(seed)
+    w0 = rng.standard_normal((16, 16)).astype(np.float32) * 0.3
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) * 0.5
+    b1 = np.zeros(32, np.float32)
+    b1[0] = 1000.0
+    w2 = rng.standard_normal((32, 10)).astype(np.float32)
+    w2[0, :] = 1e-5
+    inits = [_init("w0", w0), _init("b0", np.zeros(16, np.float32)), _init("w1", w1), _init("b1", b1),
+             _init("w2", w2), _init("b2", rng.standard_normal(10).astype(np.float32) * 0.1)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["g0"], name="dense0"),
+        helper.make_node("Add", ["g0", "b0"], ["g"], name="dense0_bias"),
+        helper.make_node("MatMul", ["g", "w1"], ["h0"], name="dense1"),
+        helper.make_node("Add", ["h0", "b1"], ["h"], name="dense1_bias"),
+        helper.make_node("MatMul", ["h", "w2"], ["l0"], name="dense2"),
+        helper.make_node("Add", ["l0", "b2"], ["logits"], name="dense2_bias"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])
+    return _model(nodes, [x], [y], inits, name="outlier_mlp")

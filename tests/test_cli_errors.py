@@ -136,3 +136,38 @@ def test_inputs_with_wrong_names_list_what_the_model_expects(tmp_path):
     result = dlopt("compile", model, "--inputs", tmp_path / "data.npz", "-o", tmp_path / "out", cwd=tmp_path)
     _assert_clean_failure(result, "missing ['x'] and unexpected ['image']; the model expects x: float32[1,3,16,16]",
                           tmp_path, ["data.npz", "m.onnx"])
+
+
+def _calib_case(tmp_path, arrays=None, raw=None):
+    model = models.save(models.conv_bn_relu(batch="N"), tmp_path / "m.onnx")
+    path = tmp_path / "calib.npz"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        np.savez(path, **arrays)
+    result = dlopt("compile", model, "--precision", "int8", "--calib", path, "-o", tmp_path / "out", cwd=tmp_path)
+    return result, sorted(p.name for p in tmp_path.iterdir() if p.name != "out")
+
+
+GOOD = np.zeros((8, 3, 16, 16), np.float32)
+EXPECTS = "the model expects x: float32[N,3,16,16]"
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"image": GOOD}, "missing ['x'] and unexpected ['image']; " + EXPECTS),
+    ({"x": GOOD.astype(np.float64)}, EXPECTS),
+    ({"x": np.zeros((8, 3, 20, 20), np.float32)}, EXPECTS),
+    ({"x": np.zeros((0, 3, 16, 16), np.float32)}, "no samples"),
+    ({"x": np.where(np.arange(GOOD.size).reshape(GOOD.shape) == 5, np.nan, GOOD).astype(np.float32)}, "NaN"),
+    ({"x": np.full(GOOD.shape, np.inf, np.float32)}, "Inf"),
+], ids=["names", "dtype", "shape", "empty", "nan", "inf"])
+def test_bad_calibration_data(tmp_path, arrays, message):
+    result, before = _calib_case(tmp_path, arrays=arrays)
+    _assert_clean_failure(result, message, tmp_path, before)
+
+
+def test_pickled_calibration_data_refused(tmp_path):
+    import pickle
+
+    result, before = _calib_case(tmp_path, raw=pickle.dumps({"x": GOOD}))
+    _assert_clean_failure(result, "pickled", tmp_path, before)

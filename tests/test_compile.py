@@ -19,7 +19,8 @@ import dlopt as api
 def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
     model = models.save(models.conv_bn_relu(channels=16, size=32, batch="N"), tmp / "m.onnx")
-    result = dlopt("compile", model, "--target", "cpu", "-o", tmp / "out", "--runs", "20", cwd=tmp)
+    result = dlopt("compile", model, "--target", "cpu", "-o", tmp / "out", "--runs", "20", "--precision", "fp32",
+                   cwd=tmp)
     assert result.returncode == 0, result.stderr
     return tmp, result
 
@@ -86,7 +87,8 @@ def test_recompile_replaces_previous_output(compiled, tmp_path):
     tmp, _ = compiled
     marker = tmp / "out" / "stale.txt"
     marker.write_text("from an older run")
-    result = dlopt("compile", tmp / "m.onnx", "-o", tmp / "out", "--runs", "5", "--samples", "3", cwd=tmp)
+    result = dlopt("compile", tmp / "m.onnx", "-o", tmp / "out", "--runs", "5", "--samples", "3",
+                   "--precision", "fp32", cwd=tmp)
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
     assert json.loads((tmp / "out" / "report.json").read_text())["evaluation"]["feeds"] == 3
@@ -108,7 +110,8 @@ def test_api_with_labelled_inputs(tmp_path):
     labels = logits.argmax(1)
     labels[:16] = (labels[:16] + 1) % 10  # make 16 of 64 wrong: accuracy must be exactly 0.75
     np.savez(tmp_path / "eval.npz", x=x, labels=labels)
-    report = api.compile(proto, target="cpu", out=tmp_path / "api", inputs=tmp_path / "eval.npz", runs=5)
+    report = api.compile(proto, target="cpu", out=tmp_path / "api", inputs=tmp_path / "eval.npz", runs=5,
+                         precision="fp32")
     assert report.baseline.accuracy == pytest.approx(0.75)
     assert report.chosen_candidate().measurement.accuracy == pytest.approx(0.75)
     assert report.evaluation["feeds"] == 2  # 64 samples in batches of 32
@@ -125,8 +128,13 @@ def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
     result = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "rpi", "--runs", "5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "rpi" / "report.json").read_text())
-    row = next(c for c in report["candidates"] if c["backend"] == "ort")
-    assert row["chosen"] and row["measurement"]["latency"] is None
-    assert row["fidelity"]["max_rel_error"] <= 1e-4
-    assert "latency not measured" in row["reason"]
+    rows = {c["precision"]: c for c in report["candidates"] if c["backend"] == "ort"}
+    assert set(rows) == {"fp32", "fp16", "int8"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["measurement"]["latency"] is None
+        assert "latency not measured" in row["reason"]
+    assert rows["fp32"]["fidelity"]["max_rel_error"] <= 1e-4
+    # nothing can be timed here, so the target's precision preference decides, within the budget
+    assert report["chosen"] == "ort/int8" and rows["int8"]["score"]["drop_pp"] <= 1.0
+    assert "precision preference" in rows["int8"]["reason"]
     assert "not measured" in result.stdout

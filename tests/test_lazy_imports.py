@@ -21,4 +21,4 @@ def test_help_of_every_verb_has_an_example():
     for verb in ("compile", "inspect", "targets", "demo"):
         result = runner.invoke(main, [verb, "--help"])
         assert result.exit_code == 0
-        assert "Example:" in result.output and f"dlopt {verb}" in result.output
+        assert "Example" in result.output and f"dlopt {verb}" in result.output

@@ -1,0 +1,175 @@
+"""Build one (backend, precision) candidate from the float model and judge it.
+
+Every candidate sees the same feeds as the original; it is compiled into its own
+folder, run, compared with the original's outputs, scored against the accuracy
+budget and (when this host is the target) timed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from dlopt.budget import Scorer
+from dlopt.config import CompileConfig
+from dlopt.errors import DloptError, first_line
+from dlopt.evaluate import TOLERANCE, compare, measure_latency, top1_accuracy
+from dlopt.pipeline import run_pipeline
+from dlopt.profiles import TargetProfile
+from dlopt.report import Candidate, Measurement
+
+
+@dataclass
+class Feeds:
+    """The evaluation feeds every model sees, their labels when known, and where they came from."""
+
+    feeds: list[dict[str, np.ndarray]]
+    labels: list[np.ndarray]
+    source: str
+
+
+@dataclass
+class Built:
+    candidate: Candidate
+    artifact: object | None = None
+    outputs: list | None = None
+
+
+@dataclass
+class Bench:
+    """What every candidate is measured with: config, target, feeds, reference outputs."""
+
+    config: CompileConfig
+    profile: TargetProfile
+    feeds: Feeds
+    reference: list = field(default_factory=list)
+    scorer: Scorer | None = None
+    ranges: Path | None = None  # calibration cache for int8
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.config.progress is not None:
+            self.config.progress(stage, done, total)
+
+    def outputs(self, session, label: str, limit: int | None = None) -> list:
+        feeds = self.feeds.feeds[:limit] if limit else self.feeds.feeds
+        outputs = []
+        for i, feed in enumerate(feeds):
+            outputs.append(session.run(feed))
+            self.progress(f"{label}: outputs", i + 1, len(feeds))
+        return outputs
+
+    def latency(self, session, label: str) -> dict:
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            self.progress(f"{label}: latency", done[0], self.config.runs)
+
+        return measure_latency(
+            session.run, self.feeds.feeds[0], runs=self.config.runs, warmup=self.config.warmup,
+            threads=self.config.thread_count, progress=tick,
+        ).to_dict()
+
+    def accuracy(self, outputs: list) -> float | None:
+        if not self.feeds.labels or len(outputs) != len(self.feeds.labels):
+            return None
+        return top1_accuracy((o[0] for o in outputs), self.feeds.labels)
+
+    def measure_original(self, session, size_bytes: int) -> Measurement:
+        self.reference = self.outputs(session, "original")
+        self.scorer = Scorer(self.reference, self.feeds.labels, self.config.metric)
+        return Measurement(self.latency(session, "original"), size_bytes, self.accuracy(self.reference))
+
+
+def precision_passes(bench: Bench, precision: str, exclude: tuple[str, ...], only: tuple[str, ...] = ()) -> list:
+    """The passes that turn the float model into ``precision`` (table, not if-chains at call sites)."""
+    from dlopt.passes.fp16 import ConvertFloat16Pass
+    from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
+    from dlopt.passes.quantize_static import QuantizeStaticPass
+
+    table: dict[str, Callable[[], list]] = {
+        "fp32": list,
+        "fp16": lambda: [ConvertFloat16Pass()],
+        "int8": lambda: [QuantizeStaticPass(ranges=bench.ranges, exclude_nodes=exclude,
+                                            symmetric_activations=bench.profile.int8_symmetric)],
+        "mixed": lambda: [QuantizeStaticPass(ranges=bench.ranges, exclude_nodes=exclude, only_nodes=only,
+                                             symmetric_activations=bench.profile.int8_symmetric)],
+        "int8-dynamic": lambda: [QuantizeDynamicPass()],
+    }
+    return table[precision]()
+
+
+def build(
+    bench: Bench,
+    backend_name: str,
+    precision: str,
+    model: ir.Model,
+    workdir: Path,
+    *,
+    exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+    timed: bool = True,
+    limit: int | None = None,
+) -> Built:
+    """Compile, run, compare, score and (if ``timed`` and possible) time one candidate.
+
+    ``limit`` evaluates on the first feeds only (the mixed-precision search's quick
+    trials); such a candidate is never published.
+    """
+    from dlopt.targets import backend_status, get_backend
+
+    status = backend_status(backend_name)
+    if status is not True:
+        return Built(Candidate(backend_name, precision, "unavailable", reason=str(status)))
+    backend = get_backend(backend_name)
+    unsupported = backend.supports(model)
+    if unsupported:
+        return Built(Candidate(backend_name, precision, "unsupported",
+                               reason=f"unsupported ops: {', '.join(unsupported)}"))
+    try:
+        passes = precision_passes(bench, precision, exclude, only) + backend.passes(precision)
+        result = run_pipeline(model.clone(), passes)
+        artifact = backend.compile(result.model, bench.profile, workdir, precision=precision,
+                                   threads=bench.config.thread_count)
+    except DloptError as exc:
+        return Built(Candidate(backend_name, precision, "failed", reason=str(exc)))
+    cand = Candidate(backend_name, precision, "ok", passes=[r.to_dict() for r in result.records],
+                     artifact_files=list(artifact.files))
+    if not artifact.loadable_here:
+        cand.measurement = Measurement(None, artifact.size_bytes())
+        cand.reason = f"built for {bench.profile.name}; cannot run on this machine, not verified or timed"
+        return Built(cand, artifact)
+    timed = timed and bench.profile.runs_here()
+    try:
+        session = backend.load(artifact)
+        outputs = bench.outputs(session, f"{backend_name} {precision}", limit)
+        latency = bench.latency(session, f"{backend_name} {precision}") if timed else None
+    except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
+        cand.status, cand.reason = "failed", f"could not run: {first_line(exc)}"
+        return Built(cand)
+    if not bench.profile.runs_here():
+        cand.reason = f"outputs verified on this machine; latency not measured (needs a {bench.profile.name} device)"
+    cand.measurement = Measurement(latency, artifact.size_bytes(), bench.accuracy(outputs))
+    reference = bench.reference[: len(outputs)]
+    cand.fidelity = compare(reference, outputs).to_dict()
+    if limit is None:
+        cand.score = bench.scorer.score(outputs).to_dict()
+        judge(cand, bench.config.max_accuracy_drop)
+    return Built(cand, artifact, outputs)
+
+
+def judge(cand: Candidate, max_drop: float) -> None:
+    """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget."""
+    if cand.precision == "fp32":
+        limit = TOLERANCE["fp32"]
+        if not cand.fidelity["max_rel_error"] <= limit:
+            cand.status = "rejected"
+            cand.reason = f"max relative error {cand.fidelity['max_rel_error']:.2e} over the fp32 limit {limit:.0e}"
+    elif cand.score is not None and cand.score["drop_pp"] > max_drop:
+        cand.status = "rejected"
+        cand.reason = (f"{cand.score['metric']} drops {cand.score['drop_pp']:.2f} points, "
+                       f"over the budget of {max_drop}")

@@ -1,0 +1,46 @@
+"""QuantizeDynamicPass: INT8 weights with activations quantised at run time."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import onnx_ir as ir
+
+from dlopt.errors import CompileError, first_line
+from dlopt.passes._ort_quant import quiet
+
+
+class QuantizeDynamicPass(ir.passes.FunctionalPass):
+    """ONNX Runtime's dynamic quantisation, for MatMul-heavy (transformer, MLP) models.
+
+    Weights of ``op_types`` become int8 (per channel if asked); activation scales are
+    computed per batch at run time, so no calibration data is needed.
+    """
+
+    def __init__(self, *, op_types: Sequence[str] = ("MatMul", "Gemm"), per_channel: bool = False,
+                 exclude_nodes: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.op_types = list(op_types)
+        self.per_channel = per_channel
+        self.exclude_nodes = tuple(exclude_nodes)
+        self.note = ""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        proto = ir.serde.serialize_model(model)
+        with tempfile.TemporaryDirectory(prefix="dlopt-dquant-") as tmp:
+            out = Path(tmp) / "int8.onnx"
+            try:
+                with quiet():
+                    quantize_dynamic(proto, out, op_types_to_quantize=self.op_types, per_channel=self.per_channel,
+                                     weight_type=QuantType.QInt8, nodes_to_exclude=list(self.exclude_nodes))
+            except Exception as exc:
+                raise CompileError(f"dynamic INT8 quantisation failed: {first_line(exc)}") from exc
+            quantized = onnx.load(out)
+        n = sum(1 for node in quantized.graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+        self.note = f"{n} integer MatMul(s)"
+        return ir.passes.PassResult(ir.serde.deserialize_model(quantized), n > 0)

@@ -1,0 +1,74 @@
+"""QuantizeStaticPass: INT8 post-training quantisation in QDQ form with fixed ranges."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import onnx_ir as ir
+
+from dlopt.errors import CompileError, first_line
+from dlopt.passes._ort_quant import quiet
+
+
+class QuantizeStaticPass(ir.passes.FunctionalPass):
+    """Insert QuantizeLinear/DequantizeLinear pairs with ONNX Runtime's QDQ quantiser.
+
+    Ranges come from a calibration cache written by :func:`dlopt.ranges.compute_ranges`
+    on the same float model, so this pass never calibrates and can run many times
+    (the mixed-precision search does).  Weights are int8, symmetric and per channel
+    by default; activations uint8 asymmetric (``symmetric_activations=True`` gives
+    int8 symmetric, what TensorRT expects).  Nodes named in ``exclude_nodes`` stay in
+    float; with ``only_nodes`` just those nodes are quantised (sensitivity ranking).
+    ``note`` gives how many nodes were quantised.
+    """
+
+    def __init__(
+        self,
+        *,
+        ranges: Path,
+        per_channel: bool = True,
+        symmetric_activations: bool = False,
+        exclude_nodes: Sequence[str] = (),
+        only_nodes: Sequence[str] = (),
+        op_types: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.ranges = Path(ranges)
+        self.per_channel = per_channel
+        self.symmetric_activations = symmetric_activations
+        self.exclude_nodes = tuple(exclude_nodes)
+        self.only_nodes = tuple(only_nodes)  # when set, quantise these nodes and nothing else
+        self.op_types = list(op_types) if op_types else None
+        self.note = ""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        proto = ir.serde.serialize_model(model)
+        method = load_tensors_data(self.ranges).calibration_method
+        activation = QuantType.QInt8 if self.symmetric_activations else QuantType.QUInt8
+        with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
+            out = Path(tmp) / "int8.onnx"
+            try:
+                with quiet():
+                    quantize_static(
+                        proto, out, None, quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
+                        activation_type=activation, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(self.exclude_nodes),
+                        nodes_to_quantize=list(self.only_nodes) or None,
+                        op_types_to_quantize=self.op_types,
+                        calibrate_method=method, calibration_cache_path=self.ranges,
+                        extra_options={"ActivationSymmetric": self.symmetric_activations,
+                                       "WeightSymmetric": True},
+                    )
+            except Exception as exc:
+                raise CompileError(f"INT8 quantisation failed: {first_line(exc)}") from exc
+            quantized = onnx.load(out)
+        result = ir.serde.deserialize_model(quantized)
+        n_quant = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
+        self.note = f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
+        return ir.passes.PassResult(result, True)

@@ -1,0 +1,127 @@
+"""INT8 static/dynamic and FP16 passes on real ONNX Runtime: op counts and accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import models
+from helpers import max_rel_error, op_counts, run_ort, to_proto
+
+from dlopt.passes import FoldBatchNormPass
+from dlopt.passes.fp16 import ConvertFloat16Pass
+from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
+from dlopt.passes.quantize_static import QuantizeStaticPass
+from dlopt.ranges import compute_ranges
+
+
+def _conv_model() -> ir.Model:
+    return FoldBatchNormPass()(ir.serde.deserialize_model(models.conv_bn_relu(channels=16, size=32, batch="N"))).model
+
+
+def _batches(seed: int, n: int = 16):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def ranges(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ranges") / "calibration.json"
+    stats = compute_ranges(ir.serde.serialize_model(_conv_model()), _batches(0), path)
+    assert stats.samples == 64 and stats.batches == 16
+    return path
+
+
+def test_static_int8_is_qdq_per_channel_and_close(ranges):
+    model = _conv_model()
+    result = QuantizeStaticPass(ranges=ranges)(model)
+    counts = op_counts(result.model)
+    assert counts["QuantizeLinear"] >= 3 and counts["DequantizeLinear"] >= 5
+    weight_dq = [n for n in to_proto(result.model).graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0].startswith("w")]
+    assert weight_dq, "conv weight is quantised"
+    scales = {i.name: i for i in to_proto(result.model).graph.initializer}
+    assert len(scales[weight_dq[0].input[1]].dims) == 1 and scales[weight_dq[0].input[1]].dims[0] == 16  # per channel
+    x = _batches(9, 1)[0]["x"]
+    ref, got = run_ort(model, {"x": x})[0], run_ort(result.model, {"x": x})[0]
+    assert max_rel_error(ref, got) < 0.05
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.75
+
+
+def test_excluded_node_stays_float(ranges):
+    model = _conv_model()
+    conv = next(n.name for n in model.graph if n.op_type == "Conv")
+    result = QuantizeStaticPass(ranges=ranges, exclude_nodes=[conv])(model)
+    node = next(n for n in to_proto(result.model).graph.node if n.name == conv)
+    producers = {o: n.op_type for n in to_proto(result.model).graph.node for o in n.output}
+    assert all(producers.get(i) != "DequantizeLinear" for i in node.input)
+    assert result.model is not model
+
+
+def test_only_nodes_quantises_just_those(ranges):
+    model = _conv_model()
+    conv = next(n.name for n in model.graph if n.op_type == "Conv")
+    result = QuantizeStaticPass(ranges=ranges, only_nodes=[conv])(model)
+    proto = to_proto(result.model)
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    quantised = {n.op_type for n in proto.graph.node
+                 if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                 and any(producers.get(i) == "DequantizeLinear" for i in n.input)}
+    # the conv runs on int8 data (and its quantised output feeds the Relu); the dense layer does not
+    assert "Conv" in quantised and not quantised & {"Gemm", "MatMul"}
+
+
+def test_calibration_methods_give_different_ranges(tmp_path):
+    proto = ir.serde.serialize_model(_conv_model())
+    import json
+
+    highs = {}
+    for method in ("minmax", "entropy", "percentile"):
+        compute_ranges(proto, _batches(0), tmp_path / f"{method}.json", method=method)
+        data = json.loads((tmp_path / f"{method}.json").read_text())
+        assert data, method
+        highs[method] = json.dumps(data, sort_keys=True)
+    assert len(set(highs.values())) == 3
+
+
+def test_chunked_calibration_matches_onnxruntime_one_shot(tmp_path):
+    """Feeding the calibrator a few batches at a time gives ORT's own min/max ranges."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    proto = ir.serde.serialize_model(_conv_model())
+    compute_ranges(proto, _batches(3, 20), tmp_path / "ours.json", chunk_batches=3)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(_batches(3, 20))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(proto, tmp_path / "q.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                    calibration_cache_path=tmp_path / "ort.json")
+    ours, theirs = load_tensors_data(tmp_path / "ours.json").data, load_tensors_data(tmp_path / "ort.json").data
+    assert set(ours) == set(theirs)
+    for name in ours:
+        np.testing.assert_allclose(ours[name].range_value, theirs[name].range_value, rtol=1e-6)
+
+
+def test_fp16_keeps_io_types_and_accuracy():
+    model = _conv_model()
+    result = ConvertFloat16Pass()(model)
+    proto = to_proto(result.model)
+    assert proto.graph.input[0].type.tensor_type.elem_type == 1  # float32 in
+    assert proto.graph.output[0].type.tensor_type.elem_type == 1  # float32 out
+    w = next(i for i in proto.graph.initializer if i.name.startswith("w"))
+    assert w.data_type == 10  # float16 weights
+    x = _batches(4, 1)[0]["x"]
+    assert max_rel_error(run_ort(model, {"x": x})[0], run_ort(result.model, {"x": x})[0]) < 5e-3
+
+
+def test_dynamic_int8_on_matmul_model():
+    model = ir.serde.deserialize_model(models.outlier_mlp())
+    result = QuantizeDynamicPass()(model)
+    assert op_counts(result.model).get("MatMulInteger") == 3
+    assert result.modified
