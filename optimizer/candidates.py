@@ -69,10 +69,12 @@ class Bench:
             done[0] += n
             self.progress(f"{label}: latency", done[0], self.config.runs)
 
-        return measure_latency(
+        latency = measure_latency(
             session.run, self.feeds.feeds[0], runs=self.config.runs, warmup=self.config.warmup,
             threads=self.config.thread_count, progress=tick,
         ).to_dict()
+        self.progress(f"{label}: latency", self.config.runs, self.config.runs)  # slow models time fewer runs
+        return latency
 
     def accuracy(self, outputs: list) -> float | None:
         if not self.feeds.labels or len(outputs) != len(self.feeds.labels):
@@ -139,19 +141,28 @@ def build(
         return Built(Candidate(backend_name, precision, "failed", reason=str(exc)))
     cand = Candidate(backend_name, precision, "ok", passes=[r.to_dict() for r in result.records],
                      artifact_files=list(artifact.files))
-    if not artifact.loadable_here:
+    if not artifact.loadable_here and artifact.check_onnx is None:
         cand.measurement = Measurement(None, artifact.size_bytes())
         cand.reason = f"built for {bench.profile.name}; cannot run on this machine, not verified or timed"
         return Built(cand, artifact)
-    timed = timed and bench.profile.runs_here()
+    timed = timed and bench.profile.runs_here() and artifact.loadable_here
     try:
-        session = backend.load(artifact)
+        if artifact.loadable_here:
+            session = backend.load(artifact)
+        else:  # verify the ONNX the device will build from; the device's own runtime is timed there
+            from dlopt.targets.ort import OrtSession, session_settings
+
+            session = OrtSession(artifact.folder / artifact.check_onnx, session_settings(bench.config.thread_count))
+        cand.ran_as = getattr(session, "ran_as", None)
         outputs = bench.outputs(session, f"{backend_name} {precision}", limit)
         latency = bench.latency(session, f"{backend_name} {precision}") if timed else None
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
         cand.status, cand.reason = "failed", f"could not run: {first_line(exc)}"
         return Built(cand)
-    if not bench.profile.runs_here():
+    if not artifact.loadable_here:
+        cand.reason = (f"its {artifact.check_onnx} verified on ONNX Runtime here; built and timed on the "
+                       f"{bench.profile.name} device")
+    elif not bench.profile.runs_here():
         cand.reason = f"outputs verified on this machine; latency not measured (needs a {bench.profile.name} device)"
     cand.measurement = Measurement(latency, artifact.size_bytes(), bench.accuracy(outputs))
     reference = bench.reference[: len(outputs)]

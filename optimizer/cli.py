@@ -114,6 +114,8 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-t", "--target", default="cpu", show_default=True, help="Target preset (see `dlopt targets`).")
+@click.option("--targets-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TOML file with your own [targets.NAME] tables [default: ./dlopt.toml if present].")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: ./<model>-<target>]. Replaced only if it is a previous dlopt output.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-dynamic"]), default="auto",
@@ -148,7 +150,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def compile(model, target, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
+def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, runs, warmup, threads,
             as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
@@ -178,7 +180,7 @@ def compile(model, target, out, precision, inputs, calib, calib_samples, calib_m
         preprocess = ImagePreprocess(size=size, layout=calib_layout, color=calib_color, **extra)
     try:
         report = dlopt.compile(
-            model, target=target, out=out, precision=precision, inputs=inputs, samples=samples,
+            model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
             runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
             search_time=search_time, progress=_Progress(not (quiet or as_json)),
@@ -191,19 +193,34 @@ def compile(model, target, out, precision, inputs, calib, calib_samples, calib_m
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("-t", "--target", default=None, help="Also list, per backend of this target, the ops it cannot take.")
+@click.option("--targets-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TOML file with your own [targets.NAME] tables [default: ./dlopt.toml if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def inspect(model, as_json):
+def inspect(model, target, targets_file, as_json):
     """Describe MODEL: opset, inputs and outputs, op histogram, parameters, size.
+
+    With --target, also check each of the target's backends for ops it cannot
+    take, before you spend time compiling.
 
     \b
     Example:
-      dlopt inspect model.onnx --json
+      dlopt inspect model.onnx --target jetson --json
     """
     from dlopt.model_io import read_model_proto
-    from dlopt.summary import summarize
+    from dlopt.summary import backend_support, summarize
 
+    profile = None
+    if target is not None:
+        from dlopt.profiles import resolve_target
+
+        profile = resolve_target(target, targets_file)
     info = {"path": str(model), "size_bytes": model.stat().st_size if model.is_file() else None}
-    info.update(summarize(read_model_proto(model)))
+    proto = read_model_proto(model)
+    info.update(summarize(proto))
+    if profile is not None:
+        info["target"] = profile.name
+        info["backends"] = backend_support(proto, profile)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -217,23 +234,41 @@ def inspect(model, as_json):
     click.echo("outputs: " + "; ".join(info["outputs"]))
     click.echo()
     click.echo(tabulate(sorted(info["ops"].items(), key=lambda kv: -kv[1]), headers=["op", "count"]))
+    if profile is not None:
+        rows = [[name, "yes" if b["available"] else f"no: {b['reason']}",
+                 ", ".join(b.get("precisions", [])) or "-",
+                 ", ".join(b["unsupported"]) if b["unsupported"] else ("none" if b["available"] else "-")]
+                for name, b in info["backends"].items()]
+        click.echo(f"\nbackends of {profile.name}:")
+        click.echo(tabulate(rows, headers=["backend", "usable here", "precisions", "unsupported ops"],
+                            maxcolwidths=[None, 50, 30, 50]))
 
 
 @main.command()
+@click.option("--targets-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TOML file with your own [targets.NAME] tables [default: ./dlopt.toml if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def targets(as_json):
+def targets(targets_file, as_json):
     """List the target presets and what each can build and run on this machine today.
+
+    Add your own targets in dlopt.toml, e.g. a preset with another CPU:
+
+    \b
+      [targets.my-board]
+      base = "rpi5"
+      description = "our carrier board"
+      mcpu = "cortex-a76"
 
     \b
     Example:
       dlopt targets
     """
-    from dlopt.profiles import ALIASES, PRESETS
+    from dlopt.profiles import ALIASES, all_profiles
     from dlopt.targets import backend_status
 
     status = {}
     rows = []
-    for profile in PRESETS.values():
+    for profile in all_profiles(targets_file).values():
         backends = {name: backend_status(name) for name in profile.backends}
         usable = [n for n, s in backends.items() if s is True]
         why_not = {n: s for n, s in backends.items() if s is not True}

@@ -21,6 +21,7 @@ from dlopt.errors import TargetUnavailable, first_line
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "digits_cnn.onnx"
+CALIB_FILE = "digits_calib.npz"
 DATA_FILE = "digits_test.npz"
 TEST_FRACTION = 0.25
 BATCH_SIZE = 64
@@ -79,8 +80,13 @@ def run_demo(
         torch.set_num_threads(threads_before)
 
     npz_path = out / DATA_FILE
-    np.savez(npz_path, **{_input_name(onnx_path): x_test, "labels": y_test})
-    report = dlopt.compile(onnx_path, target="cpu", out=out / "cpu", inputs=npz_path, progress=progress)
+    name = _input_name(onnx_path)
+    np.savez(npz_path, **{name: x_test, "labels": y_test})
+    # INT8 is calibrated on training images, never on the held-out ones it is scored on.
+    calib_path = out / CALIB_FILE
+    np.savez(calib_path, **{name: x_train})
+    report = dlopt.compile(onnx_path, target="cpu", out=out / "cpu", inputs=npz_path, calib=calib_path,
+                           progress=progress)
     chosen = report.chosen_candidate()
     return report, {
         "original": report.baseline.accuracy,

@@ -33,12 +33,14 @@ from dlopt.summary import summarize
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED = ("int8", "mixed", "int8-dynamic")
+# Precisions every backend is asked about; others a backend offers itself (OpenVINO's bf16)
+# join the candidates under --precision auto.
+KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "mixed", "int8-dynamic")
 # A lower precision must beat fp32 on the same backend by this share of fp32's p50 to be chosen:
 # smaller gaps are within run-to-run noise and not worth the accuracy risk.
 MIN_GAIN = 0.05
 # When latency cannot be measured here, prefer the precision that is usually fastest on devices.
-UNTIMED_PREFERENCE = ("int8", "mixed", "int8-dynamic", "fp16", "fp32")
+UNTIMED_PREFERENCE = ("int8", "mixed", "int8-dynamic", "fp16", "bf16", "fp32")
 
 
 def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
@@ -148,6 +150,22 @@ def _choose(candidates: list[Candidate], auto: bool) -> Candidate | None:
     return best
 
 
+def _keep_bundle(candidates, artifacts, chosen, staged: Path, notes: list) -> None:
+    """For a target that is not this machine, ship every verified candidate: the device decides."""
+    for cand in candidates:
+        artifact = artifacts.get(cand.key)
+        if cand is chosen or cand.status != "ok" or artifact is None:
+            continue
+        folder = staged / "bundle" / f"{cand.backend}-{cand.precision}"
+        folder.parent.mkdir(exist_ok=True)
+        artifact.folder.rename(folder)
+        cand.artifact_dir = f"bundle/{folder.name}"
+    kept = [c.artifact_dir for c in candidates if c.artifact_dir and c.artifact_dir != "."]
+    if kept:
+        notes.append(f"latency cannot be measured here, so every verified candidate ships: {', '.join(kept)} "
+                     f"(the chosen one, by precision preference, is at the top level)")
+
+
 def _manifest(config: CompileConfig, profile: TargetProfile, info: dict, report: Report, chosen: Candidate) -> dict:
     import onnxruntime
     import onnxscript
@@ -161,6 +179,7 @@ def _manifest(config: CompileConfig, profile: TargetProfile, info: dict, report:
         "backend": chosen.backend,
         "precision": chosen.precision,
         "files": chosen.artifact_files,
+        "bundle": {c.key: c.artifact_dir for c in report.candidates if c.artifact_dir and c.artifact_dir != "."},
         "float_nodes": [n["name"] for n in chosen.float_nodes],
         "passes": [p["name"] for p in report.passes] + [p["name"] for p in chosen.passes],
         "options": {"precision": config.precision, "threads": config.thread_count, "samples": config.samples,
@@ -177,7 +196,7 @@ def _manifest(config: CompileConfig, profile: TargetProfile, info: dict, report:
 
 def _build_all(config, profile, bench, model, precisions, staged, notes) -> tuple[list[Candidate], dict, dict | None]:
     from dlopt.mixed import search
-    from dlopt.targets import backend_status
+    from dlopt.targets import backend_status, get_backend
 
     candidates: list[Candidate] = []
     artifacts: dict = {}
@@ -187,7 +206,9 @@ def _build_all(config, profile, bench, model, precisions, staged, notes) -> tupl
         if status is not True:
             candidates.append(Candidate(backend, "-", "unavailable", reason=str(status)))
             continue
-        for precision in precisions:
+        offered = get_backend(backend).precisions(profile)
+        extras = [p for p in offered if p not in KNOWN_PRECISIONS] if config.precision == "auto" else []
+        for precision in [p for p in precisions if p in offered] + extras:
             built = build(bench, backend, precision, model, staged / "candidates" / f"{backend}-{precision}")
             candidates.append(built.candidate)
             artifacts[built.candidate.key] = built.artifact
@@ -210,7 +231,7 @@ def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users kno
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)
-    profile = resolve_target(config.target)
+    profile = resolve_target(config.target, config.targets_file)
     proto, model, info = _load(config)
     name = Path(info["path"]).stem if info["path"] else (proto.graph.name or "model")
     out = config.output_dir(name)
@@ -248,10 +269,14 @@ def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users kno
             notes.append(f"no candidate met the accuracy budget; {chosen.key} (closest) was written anyway")
         for f in artifacts[chosen.key].files:
             (artifacts[chosen.key].folder / f).rename(staged / f)
-        if chosen.precision in ("int8", "mixed") and bench.ranges is not None:
+        chosen.artifact_dir = "."
+        if not profile.runs_here():
+            _keep_bundle(candidates, artifacts, chosen, staged, notes)
+        int8_shipped = any(c.artifact_dir and c.precision in ("int8", "mixed") for c in candidates)
+        if int8_shipped and bench.ranges is not None:
             chosen.artifact_files.append(bench.ranges.name)  # the calibration table ships with the model
-        else:
-            bench.ranges.unlink(missing_ok=True) if bench.ranges else None
+        elif bench.ranges is not None:
+            bench.ranges.unlink(missing_ok=True)
         shutil.rmtree(staged / "candidates", ignore_errors=True)
         report = Report(
             model={**info, **summarize(proto, include_histogram=False)},

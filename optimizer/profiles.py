@@ -9,10 +9,12 @@ Code elsewhere asks the profile instead of testing target names.
 from __future__ import annotations
 
 import functools
+import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
-from dlopt.errors import ConfigError
+from dlopt.errors import ConfigError, first_line
 
 
 @dataclass(frozen=True)
@@ -142,17 +144,80 @@ PRESETS: dict[str, TargetProfile] = {
 
 ALIASES = {"jetson": "jetson-orin"}
 
+# A user's own targets: ``[targets.NAME]`` tables in this file (or the one named by
+# ``DLOPT_TARGETS``), each optionally ``base = "<preset>"`` and overriding its fields.
+USER_FILE = "dlopt.toml"
+_TUPLE_FIELDS = ("backends", "precisions", "cpu_flags")
 
-def known_targets() -> list[str]:
-    return sorted([*PRESETS, *ALIASES])
+
+def _user_file() -> Path | None:
+    path = Path(os.environ.get("DLOPT_TARGETS", USER_FILE))
+    return path if path.is_file() else None
 
 
-def resolve_target(name: str) -> TargetProfile:
-    """Return the preset called ``name`` (aliases included) or raise a ConfigError listing them."""
-    key = ALIASES.get(name, name)
+def load_user_profiles(path: str | Path) -> dict[str, TargetProfile]:
+    """Target profiles from ``[targets.NAME]`` tables of a TOML file; ConfigError on bad entries."""
     try:
-        return PRESETS[key]
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read targets from {path}: {first_line(exc)}") from exc
+    table = data.get("targets", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [targets] must be a table of target tables")
+    known = {f.name for f in fields(TargetProfile)} | {"base"}
+    profiles = {}
+    for name, entry in table.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: targets.{name} must be a table")
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ConfigError(f"{path}: targets.{name} has unknown keys {unknown}; known: {sorted(known)}")
+        entry = dict(entry)
+        base_name = entry.pop("base", None)
+        try:
+            if "power" in entry:
+                entry["power"] = PowerModel(**entry["power"])
+            for key in _TUPLE_FIELDS:
+                if key in entry:
+                    entry[key] = tuple(entry[key])
+            if base_name is not None:
+                base = PRESETS.get(ALIASES.get(base_name, base_name))
+                if base is None:
+                    raise ConfigError(f"{path}: targets.{name} has unknown base {base_name!r}")
+                profiles[name] = replace(base, name=name, host_native=False, **entry)
+            else:
+                profiles[name] = TargetProfile(name=name, **entry)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: targets.{name}: {first_line(exc)}") from exc
+    return profiles
+
+
+def all_profiles(user_file: str | Path | None = None) -> dict[str, TargetProfile]:
+    """Presets plus the user's own targets (which may not shadow a preset)."""
+    path = Path(user_file) if user_file else _user_file()
+    user = load_user_profiles(path) if path else {}
+    clash = sorted((set(user) & set(PRESETS)) | (set(user) & set(ALIASES)))
+    if clash:
+        raise ConfigError(f"{path}: targets {clash} would replace presets; give them another name")
+    return {**PRESETS, **user}
+
+
+def known_targets(user_file: str | Path | None = None) -> list[str]:
+    return sorted([*all_profiles(user_file), *ALIASES])
+
+
+def resolve_target(name: str, user_file: str | Path | None = None) -> TargetProfile:
+    """Return the target called ``name`` (presets, aliases, user file) or raise a ConfigError listing them."""
+    profiles = all_profiles(user_file)
+    try:
+        return profiles[ALIASES.get(name, name)]
     except KeyError:
         raise ConfigError(
-            f"unknown target {name!r}; known targets: {', '.join(known_targets())}"
+            f"unknown target {name!r}; known targets: {', '.join(known_targets(user_file))}"
         ) from None

@@ -29,6 +29,7 @@ class Candidate:
     precision: str
     status: str  # ok | rejected | failed | unavailable | unsupported
     reason: str = ""
+    ran_as: str | None = None  # the precision the runtime executed, when it reports one
     chosen: bool = False
     measurement: Measurement | None = None
     fidelity: dict[str, Any] | None = None
@@ -36,6 +37,7 @@ class Candidate:
     float_nodes: list[dict[str, Any]] = field(default_factory=list)  # mixed precision: nodes kept in float
     passes: list[dict[str, Any]] = field(default_factory=list)
     artifact_files: list[str] = field(default_factory=list)
+    artifact_dir: str | None = None  # where its files are in the output folder ("." = top level)
 
     @property
     def key(self) -> str:
@@ -105,7 +107,7 @@ class Report:
             speed = self.speedup(c)
             verdict = ("CHOSEN" + (f": {c.reason}" if c.reason else "")) if c.chosen else (c.reason or c.status)
             rows.append([
-                c.backend, c.precision,
+                c.backend, c.precision + (f" (ran {c.ran_as})" if c.ran_as and c.ran_as != c.precision else ""),
                 _ms(m.latency, "p50_ms") if m else "-", _ms(m.latency, "p99_ms") if m else "-",
                 f"{speed:.2f}x" if speed else "-", _mb(m.size_bytes) if m else "-",
                 f"{c.fidelity['max_rel_error']:.2e}" if c.fidelity else "-",

@@ -38,3 +38,22 @@ def summarize(proto: onnx.ModelProto, *, include_histogram: bool = True) -> dict
     if include_histogram:
         data["ops"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return data
+
+
+def backend_support(proto: onnx.ModelProto, profile) -> dict[str, dict]:
+    """For each backend of ``profile``: usable here or why not, and the model's ops it cannot take."""
+    import onnx_ir as ir
+
+    from dlopt.targets import backend_status, get_backend
+
+    model = ir.serde.deserialize_model(proto)
+    result = {}
+    for name in profile.backends:
+        status = backend_status(name)
+        entry = {"available": status is True, "reason": "" if status is True else str(status), "unsupported": []}
+        if status is True:
+            backend = get_backend(name)
+            entry["precisions"] = list(backend.precisions(profile))
+            entry["unsupported"] = backend.supports(model)
+        result[name] = entry
+    return result

@@ -7,6 +7,7 @@ module is imported only when its backend is used, so ``dlopt --help`` stays fast
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from dlopt.targets.base import Artifact, Backend, Session
 
@@ -16,13 +17,18 @@ __all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "
 # are absent here are reported as "not implemented in this version".
 BACKEND_MODULES = {
     "ort": "dlopt.targets.ort",
+    "openvino": "dlopt.targets.openvino",
+    "tvm": "dlopt.targets.tvm",
+    "tensorrt": "dlopt.targets.tensorrt",
 }
 
 
 def get_backend(name: str) -> Backend | None:
     """The backend module called ``name``, or None when this version has none."""
     module = BACKEND_MODULES.get(name)
-    return importlib.import_module(module) if module else None
+    if module is None or importlib.util.find_spec(module) is None:
+        return None
+    return importlib.import_module(module)
 
 
 def backend_status(name: str) -> bool | str:

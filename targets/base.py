@@ -20,6 +20,9 @@ class Artifact:
     entry: str  # the file a runtime loads (model.onnx, model.xml, lib.so, ...)
     loadable_here: bool = True  # this host can load and run it (timing needs the target itself)
     settings: dict[str, Any] = field(default_factory=dict)  # runtime settings to reproduce it
+    # An ONNX file in ``files`` that ONNX Runtime here can run to check the outputs of an
+    # artefact that itself only runs on the device (a TensorRT bundle's model.onnx).
+    check_onnx: str | None = None
 
     @property
     def entry_path(self) -> Path:
@@ -30,7 +33,12 @@ class Artifact:
 
 
 class Session(Protocol):
-    """A loaded artefact that runs feeds of numpy arrays."""
+    """A loaded artefact that runs feeds of numpy arrays.
+
+    ``ran_as`` (optional attribute) is the precision the runtime actually executes
+    in, when it can differ from the artefact's (OpenVINO runs f32 IR in bf16 on
+    AMX CPUs unless told otherwise).
+    """
 
     input_names: Sequence[str]
 
@@ -44,6 +52,9 @@ class Backend(Protocol):
 
     def available(self) -> bool | str:
         """True, or the reason this backend cannot be used on this machine."""
+
+    def precisions(self, profile) -> tuple[str, ...]:
+        """Precisions this backend can build for ``profile`` (e.g. fp32, fp16, int8, mixed, bf16)."""
 
     def supports(self, model) -> list[str]:
         """Ops of ``model`` (an onnx_ir Model) this backend cannot run; empty when all are fine."""

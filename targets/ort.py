@@ -22,6 +22,11 @@ def available() -> bool | str:
     return True  # a core dependency
 
 
+def precisions(profile) -> tuple[str, ...]:
+    del profile  # the CPU provider runs every precision dlopt builds (fp16 behind Casts where needed)
+    return ("fp32", "fp16", "int8", "mixed", "int8-dynamic")
+
+
 @lru_cache(maxsize=1)
 def _cpu_kernels() -> frozenset[tuple[str, str]]:
     from onnxruntime.capi import _pybind_state

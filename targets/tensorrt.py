@@ -1,0 +1,115 @@
+"""TensorRT backend: an engine-build bundle, because engines are built on the device.
+
+A TensorRT engine is tied to the GPU model and the TensorRT version it was built
+with, so dlopt does not pretend to build one for a board that is not attached.
+It writes what the board needs to build it: the optimised ONNX for the chosen
+precision (explicit Q/DQ for int8, symmetric, as TensorRT requires), a
+``build_engine.sh`` calling ``trtexec`` with the right precision flags, and a
+README.  The same ONNX is verified on ONNX Runtime here (the ``ort`` rows of the
+report); the engine's latency is "not measured" until it runs on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx_ir as ir
+
+from dlopt.model_io import save_ir
+from dlopt.targets.base import Artifact
+
+name = "tensorrt"
+
+# Ops the ONNX-TensorRT parser documents as unsupported (TensorRT 8.x support matrix,
+# the oldest release the presets' boards ship).  Other domains (com.microsoft, ...) are
+# not parsed at all.
+UNSUPPORTED_OPS = frozenset({
+    "BitShift", "Compress", "ConcatFromSequence", "ConvInteger", "Det", "DynamicQuantizeLinear",
+    "Hardmax", "IsInf", "MatMulInteger", "MaxRoiPool", "MaxUnpool", "MeanVarianceNormalization",
+    "Mod", "Multinomial", "NegativeLogLikelihoodLoss", "NonZero", "OneHot", "QLinearConv",
+    "QLinearMatMul", "RandomNormal", "RandomNormalLike", "Reciprocal", "RoiAlign", "SequenceAt",
+    "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength",
+    "Shrink", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringNormalizer", "TfIdfVectorizer",
+    "Unique",
+})
+
+# precision -> trtexec flags; int8 keeps fp16 allowed so layers left in float run in fp16.
+TRTEXEC_FLAGS = {"fp32": "", "fp16": "--fp16", "int8": "--int8 --fp16", "mixed": "--int8 --fp16"}
+
+
+def available() -> bool | str:
+    return True  # writing the bundle needs no TensorRT here; building the engine happens on the device
+
+
+def precisions(profile) -> tuple[str, ...]:
+    return ("fp16", "int8", "mixed") if profile.device == "gpu" else ()
+
+
+def supports(model) -> list[str]:
+    missing = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            missing.add(f"{node.domain}.{node.op_type}")
+        elif node.op_type in UNSUPPORTED_OPS:
+            missing.add(node.op_type)
+    return sorted(missing)
+
+
+def passes(precision: str) -> list:
+    from dlopt.passes import backend_passes
+
+    return backend_passes(name, precision)
+
+
+def _shapes(model) -> str:
+    dims = []
+    for value in model.graph.inputs:
+        shape = [d if isinstance(d, int) else 1 for d in (value.shape or [])]
+        dims.append(f"{value.name}:{'x'.join(map(str, shape))}")
+    return ",".join(dims)
+
+
+def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
+    del threads  # engines pick their own kernels on the device
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = [f.name for f in save_ir(model, workdir / "model.onnx")]
+    flags = TRTEXEC_FLAGS[precision]
+    script = workdir / "build_engine.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        "# Build the TensorRT engine on the target device itself: an engine only runs on the\n"
+        "# GPU model and TensorRT version it was built with.  Needs trtexec (JetPack ships it\n"
+        "# at /usr/src/tensorrt/bin/trtexec); set TRTEXEC to use another.\n"
+        "set -eu\n"
+        'cd "$(dirname "$0")"\n'
+        'TRTEXEC="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"\n'
+        f'"$TRTEXEC" --onnx=model.onnx --saveEngine=model.engine {flags} --shapes={_shapes(model)} '
+        '--skipInference "$@"\n'
+        'echo "engine written to $(pwd)/model.engine"\n'
+    )
+    script.chmod(0o755)
+    settings = {
+        "target": profile.name, "gpu_arch": profile.cuda_arch, "precision": precision,
+        "trtexec_flags": flags, "engine": "not built: run build_engine.sh on the device",
+        "int8": "explicit Q/DQ in model.onnx (symmetric), no calibration cache needed" if "int8" in flags else None,
+    }
+    (workdir / "tensorrt_build.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (workdir / "README.txt").write_text(
+        f"TensorRT bundle for {profile.description}, precision {precision}.\n\n"
+        "On the device:\n  ./build_engine.sh            # writes model.engine\n"
+        "  trtexec --loadEngine=model.engine   # measures latency there\n\n"
+        "model.onnx was checked against the original model on ONNX Runtime when it was built;\n"
+        "compare the engine's outputs on the device before trusting it.\n"
+    )
+    return Artifact(
+        backend=name, precision=precision, folder=workdir,
+        files=files + ["build_engine.sh", "tensorrt_build.json", "README.txt"],
+        entry="model.onnx", loadable_here=False, settings=settings, check_onnx="model.onnx",
+    )
+
+
+def load(artifact: Artifact):
+    raise NotImplementedError("TensorRT engines are built and run on the device (build_engine.sh)")
+
