@@ -6,10 +6,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
-from dlopt.errors import ConfigError
+from dlopt.errors import ConfigError, OutputBusy
 
 MANIFEST = "manifest.json"
 
@@ -70,3 +71,46 @@ def publish(staged: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staged, out)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, *, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` so two compiles never write it at once.
+
+    The lock is a hidden file beside ``out`` holding the owner's pid; the kernel
+    drops it if the process dies, and it is removed on release.  A second compile
+    waits up to ``wait`` seconds, then fails with a message naming the owner.
+    """
+    import fcntl
+
+    path = out.resolve().parent / f".{out.name}.dlopt-lock"
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise OutputBusy(
+                    f"another dlopt compile (pid {owner}) is writing {out}; wait for it, pass --wait "
+                    f"SECONDS, or choose another -o"
+                ) from None
+            time.sleep(0.2)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous owner removed the file after we opened it: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # unlink before unlocking so a waiter sees a new file, not this one
+        os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="dlopt")
 @click.option("-v", "--verbose", count=True, help="Log diagnostics to stderr (-vv for debug).")
 def main(verbose: int) -> None:
+    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so staged output is removed.
+    signal.signal(signal.SIGTERM, _terminate)
     """dlopt: optimise a trained model for a target and prove it still works.
 
     \b
@@ -60,6 +63,10 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 class _Progress:
@@ -148,11 +155,13 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="If another compile is writing the same output folder, wait this long for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, runs, warmup, threads,
-            as_json, quiet):
+            wait, as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -183,7 +192,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
             model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
             runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
-            search_time=search_time, progress=_Progress(not (quiet or as_json)),
+            search_time=search_time, wait=wait, progress=_Progress(not (quiet or as_json)),
         )
     except AccuracyBudgetExceeded as exc:  # the closest model was written: show its report, then fail
         _print_report(exc.report, as_json=as_json)

@@ -20,10 +20,10 @@ import onnx
 import onnx_ir as ir
 
 from dlopt import __version__
-from dlopt.artifacts import MANIFEST, check_output_dir, publish, staging_dir
+from dlopt.artifacts import MANIFEST, check_output_dir, output_lock, publish, staging_dir
 from dlopt.candidates import Bench, Built, Feeds, build
 from dlopt.config import CompileConfig
-from dlopt.errors import AccuracyBudgetExceeded, CompileError
+from dlopt.errors import AccuracyBudgetExceeded, CompileError, ModelError, first_line
 from dlopt.evaluate import input_specs, random_feeds
 from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
 from dlopt.pipeline import run_pipeline
@@ -236,13 +236,23 @@ def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users kno
     name = Path(info["path"]).stem if info["path"] else (proto.graph.name or "model")
     out = config.output_dir(name)
     check_output_dir(out)
+    with output_lock(out, wait=config.wait):
+        check_output_dir(out)  # again: the compile that held the lock may have written it
+        return _compile_locked(config, profile, proto, model, info, out)
+
+
+def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.ModelProto, model: ir.Model,
+                    info: dict, out: Path) -> Report:
     specs = input_specs(proto)
     calib_data = _open_calibration(config, specs)
     bench = Bench(config, profile, _eval_feeds(config, specs))
 
     from dlopt.targets.ort import OrtSession, session_settings
 
-    reference = OrtSession(info["path"] or proto.SerializeToString(), session_settings(config.thread_count))
+    try:
+        reference = OrtSession(info["path"] or proto.SerializeToString(), session_settings(config.thread_count))
+    except Exception as exc:  # the original must run to be compared with: that is the user's model
+        raise ModelError(f"ONNX Runtime cannot run the original model: {first_line(exc)}") from exc
     baseline = bench.measure_original(reference, info["size_bytes"])
     from dlopt.passes import generic_passes
 

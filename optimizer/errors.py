@@ -26,6 +26,10 @@ class DataError(ConfigError):
     """Input, calibration or evaluation data does not match the model."""
 
 
+class OutputBusy(DloptError):
+    """Another dlopt process holds the lock on the output folder."""
+
+
 class TargetUnavailable(DloptError):
     """A target or backend is not usable on this machine (missing package, no device)."""
 
@@ -48,7 +52,10 @@ class GateFailed(DloptError):
     exit_code = 1
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, for one-line reports."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The gist of an exception's message on one line (a line ending in ':' takes the next one)."""
+    lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

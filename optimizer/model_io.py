@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -71,21 +72,75 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelError(f"{path} is not an ONNX model (no ir_version or graph)")
     _check_external_locations(proto, path.parent)
+    check_opsets(proto, str(path))
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ModelError(f"{path} fails onnx.checker: {first_line(exc)}") from exc
+    check_ops_known(proto, str(path))
     return proto
+
+
+# Domains whose ops run without an ONNX schema: ONNX Runtime's contrib ops.
+RUNTIME_DOMAINS = ("com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc")
+
+
+@functools.lru_cache(maxsize=1)
+def _newest_opsets() -> dict[str, int]:
+    newest: dict[str, int] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        newest[schema.domain] = max(newest.get(schema.domain, 0), schema.since_version)
+    newest[""] = newest["ai.onnx"] = onnx.defs.onnx_opset_version()
+    return newest
+
+
+def check_opsets(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse opsets newer than the installed onnx knows: their ops cannot be checked or converted."""
+    newest = _newest_opsets()
+    for opset in proto.opset_import:
+        limit = newest.get(opset.domain)
+        if limit is not None and opset.version > limit:
+            domain = opset.domain or "ai.onnx"
+            raise ModelError(
+                f"{where} uses {domain} opset {opset.version}, newer than the {limit} the installed onnx "
+                f"{onnx.__version__} supports; upgrade onnx or export with opset <= {limit}"
+            )
+
+
+def check_ops_known(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse ops that neither ONNX, ONNX Runtime's contrib set nor the model's own functions define."""
+    functions = {(f.domain, f.name) for f in proto.functions}
+    unknown = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domain = node.domain or ""
+            if (domain, node.op_type) in functions or domain in RUNTIME_DOMAINS:
+                pass
+            elif not onnx.defs.has(node.op_type, domain):
+                unknown.add(f"{domain}.{node.op_type}" if domain else node.op_type)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+
+    visit(proto.graph)
+    if unknown:
+        raise ModelError(
+            f"{where} uses ops no ONNX schema or runtime defines: {', '.join(sorted(unknown))} "
+            f"(custom ops need their own runtime library)"
+        )
 
 
 def check_proto(proto: onnx.ModelProto) -> None:
     """Validate an in-memory model (Python API users hand these over)."""
     if not isinstance(proto, onnx.ModelProto):
         raise ModelError(f"expected an onnx.ModelProto or a path, got {type(proto).__name__}")
+    check_opsets(proto, "model")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelError(f"model fails onnx.checker: {first_line(exc)}") from exc
+    check_ops_known(proto, "model")
 
 
 def load_ir(path: Path) -> ir.Model:

@@ -51,6 +51,41 @@ def _fails_checker(tmp):
     return path
 
 
+def _cycle(tmp):
+    model = models.conv_bn_relu()
+    model.graph.node[0].input[0] = "relu"  # conv consumes the relu that depends on it
+    path = tmp / "cycle.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _dangling_input(tmp):
+    model = models.conv_bn_relu()
+    model.graph.node[3].input[0] = "ghost"
+    path = tmp / "dangling.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _unknown_domain(tmp):
+    from onnx import helper
+
+    model = models.conv_bn_relu()
+    model.graph.node[2].domain, model.graph.node[2].op_type = "com.example", "Frob"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    path = tmp / "custom.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _future_opset(tmp):
+    model = models.conv_bn_relu()
+    model.opset_import[0].version = 99
+    path = tmp / "future.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 CASES = [
     (_missing, "model file not found"),
     (_directory, "got a directory"),
@@ -59,6 +94,10 @@ CASES = [
     (_random_bytes, "is not an ONNX model"),
     (_truncated, "is a truncated or corrupt ONNX file"),
     (_fails_checker, "fails onnx.checker"),
+    (_cycle, "must be topologically sorted, however input 'relu' of node: name: conv"),
+    (_dangling_input, "input 'ghost'"),
+    (_unknown_domain, "uses ops no ONNX schema or runtime defines: com.example.Frob"),
+    (_future_opset, "uses ai.onnx opset 99, newer than the"),
 ]
 
 
