@@ -11,6 +11,7 @@ from typing import Callable
 import onnx_ir as ir
 from onnx_ir.passes.common import (
     CheckerPass,
+    IdentityEliminationPass,
     NameFixPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
@@ -37,6 +38,7 @@ def generic_passes() -> list[ir.passes.PassBase]:
     return [
         ShapeInferencePass(strict_mode=False),
         SimplifyPass(),
+        IdentityEliminationPass(),  # also covers models too big for onnxsim
         FoldBatchNormPass(),
         MatMulAddToGemmPass(),
         RemoveUnusedNodesPass(),
