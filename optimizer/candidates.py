@@ -37,6 +37,7 @@ class Built:
     candidate: Candidate
     artifact: object | None = None
     outputs: list | None = None
+    model: ir.Model | None = None  # the ONNX model after its passes (what the backend compiled)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Bench:
     reference: list = field(default_factory=list)
     scorer: Scorer | None = None
     ranges: Path | None = None  # calibration cache for int8
+    cache: object | None = None  # dlopt.cache.ArtifactCache, or None to always build
 
     def progress(self, stage: str, done: int, total: int) -> None:
         if self.config.progress is not None:
@@ -101,6 +103,7 @@ def precision_passes(bench: Bench, precision: str, exclude: tuple[str, ...], onl
         "mixed": lambda: [QuantizeStaticPass(ranges=bench.ranges, exclude_nodes=exclude, only_nodes=only,
                                              symmetric_activations=bench.profile.int8_symmetric)],
         "int8-dynamic": lambda: [QuantizeDynamicPass()],
+        "bf16": list,  # a runtime setting of the backend, not a graph change
     }
     return table[precision]()
 
@@ -133,10 +136,11 @@ def build(
         return Built(Candidate(backend_name, precision, "unsupported",
                                reason=f"unsupported ops: {', '.join(unsupported)}"))
     try:
-        passes = precision_passes(bench, precision, exclude, only) + backend.passes(precision)
+        # A backend that converts a precision itself (OpenVINO compresses weights to fp16) gets the float model.
+        own = getattr(backend, "OWN_PRECISIONS", ())
+        passes = ([] if precision in own else precision_passes(bench, precision, exclude, only)) + backend.passes(precision)
         result = run_pipeline(model.clone(), passes)
-        artifact = backend.compile(result.model, bench.profile, workdir, precision=precision,
-                                   threads=bench.config.thread_count)
+        artifact = _compile_cached(bench, backend, result.model, workdir, precision)
     except DloptError as exc:
         return Built(Candidate(backend_name, precision, "failed", reason=str(exc)))
     cand = Candidate(backend_name, precision, "ok", passes=[r.to_dict() for r in result.records],
@@ -144,7 +148,7 @@ def build(
     if not artifact.loadable_here and artifact.check_onnx is None:
         cand.measurement = Measurement(None, artifact.size_bytes())
         cand.reason = f"built for {bench.profile.name}; cannot run on this machine, not verified or timed"
-        return Built(cand, artifact)
+        return Built(cand, artifact, model=result.model)
     timed = timed and bench.profile.runs_here() and artifact.loadable_here
     try:
         if artifact.loadable_here:
@@ -170,7 +174,32 @@ def build(
     if limit is None:
         cand.score = bench.scorer.score(outputs).to_dict()
         judge(cand, bench.config.max_accuracy_drop)
-    return Built(cand, artifact, outputs)
+    return Built(cand, artifact, outputs, result.model)
+
+
+def _compile_cached(bench: Bench, backend, model: ir.Model, workdir: Path, precision: str):
+    """``backend.compile``, or a verified copy of the same build from the artefact cache."""
+    import dataclasses
+
+    from dlopt import __version__
+    from dlopt.model_io import initializer_bytes
+    from dlopt.targets import Artifact
+
+    key = None
+    if bench.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
+        from dlopt.cache import make_key
+
+        version = getattr(backend, "runtime_version", lambda: "")()
+        key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
+                       precision, repr(bench.profile), str(bench.config.thread_count), __version__, version)
+        meta = bench.cache.get(key, workdir)
+        if meta is not None:
+            return Artifact(folder=workdir, **meta)
+    artifact = backend.compile(model, bench.profile, workdir, precision=precision, threads=bench.config.thread_count)
+    if key is not None:
+        meta = {k: v for k, v in dataclasses.asdict(artifact).items() if k != "folder"}
+        bench.cache.put(key, workdir, artifact.files, meta)
+    return artifact
 
 
 def judge(cand: Candidate, max_drop: float) -> None:

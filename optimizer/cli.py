@@ -155,13 +155,15 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
+@click.option("--no-cache", is_flag=True, help="Build every artefact afresh instead of reusing verified "
+              "builds from $DLOPT_CACHE (default ~/.cache/dlopt).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
               help="If another compile is writing the same output folder, wait this long for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, runs, warmup, threads,
-            wait, as_json, quiet):
+            no_cache, wait, as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -192,7 +194,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
             model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
             runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
-            search_time=search_time, wait=wait, progress=_Progress(not (quiet or as_json)),
+            search_time=search_time, wait=wait, cache=not no_cache, progress=_Progress(not (quiet or as_json)),
         )
     except AccuracyBudgetExceeded as exc:  # the closest model was written: show its report, then fail
         _print_report(exc.report, as_json=as_json)

@@ -49,6 +49,7 @@ class CompileConfig:
     calib_preprocess: Any = None  # dlopt.calibration.ImagePreprocess for image folders
     max_accuracy_drop: float = 1.0
     search_time: float = 300.0
+    cache: bool = True  # reuse verified builds from $DLOPT_CACHE (~/.cache/dlopt)
     wait: float = 0.0  # seconds to wait for another compile writing the same output folder
     targets_file: Path | None = None  # TOML with [targets.NAME] tables [default: ./dlopt.toml]
     metric: Callable | None = field(default=None, compare=False)

@@ -25,7 +25,7 @@ from dlopt.candidates import Bench, Built, Feeds, build
 from dlopt.config import CompileConfig
 from dlopt.errors import AccuracyBudgetExceeded, CompileError, ModelError, first_line
 from dlopt.evaluate import input_specs, random_feeds
-from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
+from dlopt.model_io import check_proto, load_ir, read_model_proto, save_ir, sha256_file
 from dlopt.pipeline import run_pipeline
 from dlopt.profiles import TargetProfile, resolve_target
 from dlopt.report import Candidate, Report
@@ -150,10 +150,10 @@ def _choose(candidates: list[Candidate], auto: bool) -> Candidate | None:
     return best
 
 
-def _keep_bundle(candidates, artifacts, chosen, staged: Path, notes: list) -> None:
+def _keep_bundle(candidates, builds, chosen, staged: Path, notes: list) -> None:
     """For a target that is not this machine, ship every verified candidate: the device decides."""
     for cand in candidates:
-        artifact = artifacts.get(cand.key)
+        artifact = builds[cand.key].artifact if cand.key in builds else None
         if cand is chosen or cand.status != "ok" or artifact is None:
             continue
         folder = staged / "bundle" / f"{cand.backend}-{cand.precision}"
@@ -194,12 +194,12 @@ def _manifest(config: CompileConfig, profile: TargetProfile, info: dict, report:
     }
 
 
-def _build_all(config, profile, bench, model, precisions, staged, notes) -> tuple[list[Candidate], dict, dict | None]:
+def _build_all(config, profile, bench, model, precisions, staged, notes) -> tuple[list[Candidate], dict[str, Built], dict | None]:
     from dlopt.mixed import search
     from dlopt.targets import backend_status, get_backend
 
     candidates: list[Candidate] = []
-    artifacts: dict = {}
+    builds: dict[str, Built] = {}
     search_info = None
     for backend in profile.backends:
         status = backend_status(backend)
@@ -211,20 +211,19 @@ def _build_all(config, profile, bench, model, precisions, staged, notes) -> tupl
         for precision in [p for p in precisions if p in offered] + extras:
             built = build(bench, backend, precision, model, staged / "candidates" / f"{backend}-{precision}")
             candidates.append(built.candidate)
-            artifacts[built.candidate.key] = built.artifact
+            builds[built.candidate.key] = built
             missed = built.candidate.status == "rejected" and built.candidate.score is not None
-            if precision == "int8" and missed and built.artifact is not None:
-                int8_model = ir.load(str(built.artifact.entry_path))
-                mixed, search_info = search(bench, backend, model, int8_model,
+            if precision == "int8" and missed and built.model is not None:
+                mixed, search_info = search(bench, backend, model, built.model,
                                             staged / "candidates" / f"{backend}-mixed")
                 search_info["backend"] = backend
                 if mixed is not None:
                     candidates.append(mixed.candidate)
-                    artifacts[mixed.candidate.key] = mixed.artifact
+                    builds[mixed.candidate.key] = mixed
                 if not search_info["complete"]:
                     notes.append(f"mixed-precision search stopped at its {config.search_time:g} s limit; "
                                  f"the best model found by then is reported")
-    return candidates, artifacts, search_info
+    return candidates, builds, search_info
 
 
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
@@ -246,6 +245,10 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
     specs = input_specs(proto)
     calib_data = _open_calibration(config, specs)
     bench = Bench(config, profile, _eval_feeds(config, specs))
+    if config.cache:
+        from dlopt.cache import ArtifactCache
+
+        bench.cache = ArtifactCache()
 
     from dlopt.targets.ort import OrtSession, session_settings
 
@@ -264,12 +267,13 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
         if any(p in ("int8", "mixed") for p in precisions):
             bench.ranges = staged / "calibration.json"
             calibration = _calibrate(config, bench, generic.model, specs, calib_data, bench.ranges, notes)
-        candidates, artifacts, search_info = _build_all(config, profile, bench, generic.model, precisions,
+        candidates, builds, search_info = _build_all(config, profile, bench, generic.model, precisions,
                                                         staged, notes)
         chosen = _choose(candidates, auto=config.precision == "auto")
         over_budget = None
         if chosen is None:
-            scored = [c for c in candidates if c.score is not None and artifacts.get(c.key) is not None]
+            scored = [c for c in candidates if c.score is not None and builds.get(c.key) is not None
+                      and builds[c.key].artifact is not None]
             if not scored:
                 reasons = "; ".join(f"{c.key}: {c.reason}" for c in candidates)
                 raise CompileError(f"no backend of target {profile.name} produced a usable artefact ({reasons})")
@@ -277,11 +281,15 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
             chosen = min(scored, key=lambda c: c.score["drop_pp"])
             over_budget = chosen
             notes.append(f"no candidate met the accuracy budget; {chosen.key} (closest) was written anyway")
-        for f in artifacts[chosen.key].files:
-            (artifacts[chosen.key].folder / f).rename(staged / f)
+        artifact = builds[chosen.key].artifact
+        for f in artifact.files:
+            (artifact.folder / f).rename(staged / f)
         chosen.artifact_dir = "."
+        if "model.onnx" not in artifact.files and builds[chosen.key].model is not None:
+            # Whatever the backend, the optimised ONNX it was built from ships too: inspectable, portable.
+            save_ir(builds[chosen.key].model, staged / "model.onnx")
         if not profile.runs_here():
-            _keep_bundle(candidates, artifacts, chosen, staged, notes)
+            _keep_bundle(candidates, builds, chosen, staged, notes)
         int8_shipped = any(c.artifact_dir and c.precision in ("int8", "mixed") for c in candidates)
         if int8_shipped and bench.ranges is not None:
             chosen.artifact_files.append(bench.ranges.name)  # the calibration table ships with the model
@@ -306,7 +314,7 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             calibration=calibration,
             search=search_info,
-            notes=notes,
+            notes=notes + [e for e in getattr(bench.cache, "events", []) if "damaged" in e],
         )
         (staged / MANIFEST).write_text(json.dumps(_manifest(config, profile, info, report, chosen), indent=2) + "\n")
         (staged / "report.json").write_text(report.to_json())

@@ -49,12 +49,12 @@ class TargetProfile:
             return True
         return (
             self.device == "cpu"
-            and self.arch == _host_arch()
+            and self.arch == host_arch()
             and set(self.cpu_flags) <= _host_cpu_flags()
         )
 
 
-def _host_arch() -> str:
+def host_arch() -> str:
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
@@ -80,8 +80,8 @@ PRESETS: dict[str, TargetProfile] = {
     p.name: p
     for p in (
         TargetProfile(
-            "cpu", "this host's CPU, every CPU backend available", "cpu", _host_arch(),
-            f"{_host_arch()}-linux-gnu", ("ort", "openvino", "tvm"), _CPU_PRECISIONS,
+            "cpu", "this host's CPU, every CPU backend available", "cpu", host_arch(),
+            f"{host_arch()}-linux-gnu", ("ort", "openvino", "tvm"), _CPU_PRECISIONS,
             mcpu="native", power=PowerModel(10.0, 15.0), host_native=True,
         ),
         TargetProfile(

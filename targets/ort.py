@@ -22,6 +22,10 @@ def available() -> bool | str:
     return True  # a core dependency
 
 
+def runtime_version() -> str:
+    return ort.__version__
+
+
 def precisions(profile) -> tuple[str, ...]:
     del profile  # the CPU provider runs every precision dlopt builds (fp16 behind Casts where needed)
     return ("fp32", "fp16", "int8", "mixed", "int8-dynamic")

@@ -1,0 +1,254 @@
+"""OpenVINO backend: OpenVINO IR (model.xml + model.bin) and the CPU plugin settings to run it.
+
+Guarantees:
+
+* ``compile`` writes ``model.xml``, ``model.bin`` and ``runtime_config.json`` into the
+  workdir and nothing else (the ONNX file handed to OpenVINO's converter is deleted).
+  Weights are stored in f16 only for the ``fp16`` candidate.
+* Every artefact names its inference precision explicitly.  Left implicit, OpenVINO's
+  CPU plugin runs f32 models in bf16 on CPUs with AMX or AVX512-BF16, so an "fp32"
+  candidate would silently be a bf16 one.
+* ``load(...).ran_as`` is read back from the compiled model's runtime graph (the
+  precision its convolutions and matrix products execute in), not copied from the
+  artefact's label.
+
+OpenVINO is imported inside functions, once, so listing backends stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from dlopt.errors import CompileError, TargetUnavailable, first_line
+from dlopt.model_io import save_ir
+from dlopt.profiles import host_arch
+from dlopt.targets.base import Artifact
+
+logger = logging.getLogger(__name__)
+
+name = "openvino"
+# OpenVINO compresses weights to fp16 itself when saving: it gets the float model for fp16.
+OWN_PRECISIONS = ("fp16",)
+SETTINGS_FILE = "runtime_config.json"
+DEVICE = "CPU"
+
+# INFERENCE_PRECISION_HINT per candidate.  It governs the float parts of the graph:
+# QDQ (int8/mixed) layers still run in int8 under an f32 hint.  fp16 IR gets f32 too:
+# the CPU plugin decompresses f16 weights and computes in f32 (fp16 here shrinks the
+# artefact; it is not a faster kernel on CPU).
+_HINTS = {"fp32": "f32", "fp16": "f32", "int8": "f32", "mixed": "f32", "bf16": "bf16"}
+_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+_FLOAT_ORDER = ("f16", "bf16", "f32")  # lowest first: the one that limits accuracy is reported
+_QUANTISED = frozenset({"i8", "u8"})
+_KERNEL_PRECISIONS = frozenset({"f32", "bf16", "f16", "i8", "u8"})
+# Runtime-graph layer types that do the arithmetic; their precision is what "ran as" means.
+_COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "GroupConvolution"})
+
+
+def available() -> bool | str:
+    # find_spec, not import: importing OpenVINO takes ~0.6 s and `dlopt targets` asks every backend.
+    # A present but broken install surfaces as TargetUnavailable when the backend is first used.
+    if importlib.util.find_spec("openvino") is None:
+        return "openvino is not installed; install dlopt[openvino]"
+    return True
+
+
+@lru_cache(maxsize=1)
+def _ov():
+    try:
+        import openvino
+    except Exception as exc:  # ImportError, or a missing shared library under it
+        raise TargetUnavailable(f"openvino is installed but does not import ({first_line(exc)}); "
+                                f"reinstall dlopt[openvino]") from exc
+    return openvino
+
+
+@lru_cache(maxsize=1)
+def _core():
+    return _ov().Core()
+
+
+@lru_cache(maxsize=1)
+def _onnx_frontend():
+    # Once per process; the manager owns the frontend's shared library, so both are kept.
+    manager = _ov().frontend.FrontEndManager()
+    return manager, manager.load_by_framework("onnx")
+
+
+def precisions(profile) -> tuple[str, ...]:
+    # OpenVINO also runs on ARM CPUs, but dlopt does not target OpenVINO there yet; GPUs and
+    # microcontrollers are other backends' job.  An empty tuple skips this backend.
+    if profile.device != "cpu" or profile.arch != "x86_64":
+        return ()
+    offered = ("fp32", "fp16", "int8", "mixed")
+    # bf16 only when the profile is this machine and its CPU has bf16 kernels (AMX, AVX512-BF16):
+    # anywhere else the candidate could be neither verified nor timed.
+    if profile.runs_here() and "BF16" in _core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
+        offered += ("bf16",)
+    return offered
+
+
+@contextlib.contextmanager
+def _as_onnx_file(model: ir.Model, folder: Path):
+    """``model`` written as ONNX under ``folder`` (external data if large), removed afterwards."""
+    files = save_ir(model, folder / "_openvino_input.onnx")
+    try:
+        yield files[0]
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+
+
+def _op_label(node: ir.Node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _unconverted(ov_model, producers: dict[str, str]) -> set[str]:
+    """Ops of the nodes OpenVINO's ONNX frontend left unconverted, subgraphs included."""
+    missing = set()
+    for op in ov_model.get_ops():
+        kind = op.get_type_name()
+        # Loaded from a file, unconverted nodes are ONNXFrameworkNode (NotSupportedONNXNode from
+        # a stream).  Reading their attributes can crash the binding, so they are identified by
+        # the tensors they produce, looked up in the ONNX model.
+        if kind in ("ONNXFrameworkNode", "NotSupportedONNXNode"):
+            outputs = {n for port in op.outputs() for n in port.get_names()}
+            missing |= {producers[n] for n in outputs if n in producers} or {f"<node {op.get_friendly_name()}>"}
+        # Dispatch on the type name: hasattr() on an unconverted node raises std::bad_alloc.
+        if kind == "If":
+            bodies = [op.get_then_body(), op.get_else_body()]
+        elif kind in ("Loop", "TensorIterator"):
+            bodies = [op.get_function()]
+        else:
+            bodies = []
+        for body in bodies:
+            missing |= _unconverted(body, producers)
+    return missing
+
+
+def supports(model) -> list[str]:
+    """Ops OpenVINO's ONNX frontend has no conversion rule for (converted partially, so all are named)."""
+    _, frontend = _onnx_frontend()
+    producers = {out.name: _op_label(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                 for out in node.outputs}
+    with tempfile.TemporaryDirectory(prefix="dlopt-ov-") as tmp:
+        with _as_onnx_file(model, Path(tmp)) as path:
+            try:
+                partial = frontend.convert_partially(frontend.load(str(path)))
+            except Exception as exc:  # not an op problem: compile() reports the converter's message
+                logger.warning("OpenVINO's ONNX frontend cannot read the model: %s", _message(exc))
+                return []
+            return sorted(_unconverted(partial, producers))
+
+
+def passes(precision: str) -> list:
+    from dlopt.passes import backend_passes
+
+    return backend_passes(name, precision)
+
+
+def runtime_settings(precision: str, threads: int) -> dict:
+    """The compile_model configuration an artefact is measured with (JSON-able, OpenVINO's names)."""
+    return {
+        "device": DEVICE,
+        "properties": {
+            "INFERENCE_PRECISION_HINT": _HINTS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+        },
+        "openvino_version": _ov().get_version(),
+    }
+
+
+def _message(exc: BaseException) -> str:
+    # OpenVINO's messages start with "Check 'x' failed at <source file>"; the reason is further down.
+    lines = [line.strip(" -").rstrip(".") for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Check ", "FrontEnd API failed", "Summary"))]
+    return "; ".join(useful[:2]) if useful else first_line(exc)
+
+
+def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
+    """Convert ``model`` to OpenVINO IR in ``workdir``; int8/mixed models arrive as QDQ ONNX."""
+    if precision not in _HINTS:
+        raise CompileError(f"openvino cannot build precision {precision!r}; it builds {', '.join(_HINTS)}")
+    ov = _ov()
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _as_onnx_file(model, workdir) as path:
+            converted = ov.convert_model(str(path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
+            # save_model compresses weights to f16 by default: only the fp16 candidate asks for it.
+            ov.save_model(converted, str(workdir / "model.xml"), compress_to_fp16=precision == "fp16")
+    except Exception as exc:
+        raise CompileError(f"OpenVINO could not convert the model: {_message(exc)}") from exc
+    settings = runtime_settings(precision, threads)
+    (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return Artifact(
+        backend=name,
+        precision=precision,
+        folder=workdir,
+        files=["model.xml", "model.bin", SETTINGS_FILE],
+        entry="model.xml",
+        settings=settings,
+        # IR is portable across x86-64 CPUs: a CPU profile of this host's ISA can be verified here.
+        loadable_here=profile.runs_here() or (profile.device == "cpu" and profile.arch == host_arch()),
+    )
+
+
+def executed_precisions(compiled) -> set[str]:
+    """Kernel precisions (f32, bf16, f16, i8) the compute layers of ``compiled`` run in."""
+    found = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" not in info or info["layerType"].astype(str) not in _COMPUTE_LAYERS:
+            continue
+        # The kernel's name ends in the precision it computes in (brgconv_avx512_amx_I8,
+        # brgemm_avx512_f32).  runtimePrecision is the input precision: "f16" for an f32
+        # kernel that reads f16 weights, so it only serves when the name says nothing.
+        kernel = info["primitiveType"].astype(str).rsplit("_", 1)[-1].lower()
+        found.add(kernel if kernel in _KERNEL_PRECISIONS else info["runtimePrecision"].astype(str))
+    return found
+
+
+def ran_as(compiled) -> str:
+    """int8 when every compute layer runs quantised, mixed when some do, else the lowest float used."""
+    executed = executed_precisions(compiled)
+    floats = executed - _QUANTISED
+    if executed & _QUANTISED:
+        return "mixed" if floats else "int8"
+    for precision in _FLOAT_ORDER:
+        if precision in floats:
+            return _PRECISION_NAMES[precision]
+    # No convolution or matrix product: the hint is the best statement of what ran.
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return _PRECISION_NAMES.get(hint, hint)
+
+
+class OpenVinoSession:
+    def __init__(self, compiled) -> None:
+        self.compiled = compiled  # for inspection: get_runtime_model(), get_property(...)
+        self._request = compiled.create_infer_request()
+        self._outputs = len(compiled.outputs)
+        self.input_names = [port.get_any_name() for port in compiled.inputs]
+        self.ran_as = ran_as(compiled)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._request.infer(feeds)
+        # Copies: the request reuses its output buffers on the next run.
+        return [self._request.get_output_tensor(i).data.copy() for i in range(self._outputs)]
+
+
+def load(artifact: Artifact) -> OpenVinoSession:
+    settings = artifact.settings
+    compiled = _core().compile_model(str(artifact.entry_path), settings.get("device", DEVICE),
+                                     settings["properties"])
+    return OpenVinoSession(compiled)
