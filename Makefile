@@ -4,10 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean datasets
+.PHONY: demo test bench clean system-deps
 
-# Real data that works offline: Debian's Fashion-MNIST (the INT8 accuracy tests use it).
-FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+# Debian packages the tests use: real data that works offline (Fashion-MNIST for the INT8
+# accuracy test), the aarch64 cross compiler for TVM's ARM builds, Chromium to render report.html.
+SYSTEM_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,16 +17,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[all,test]'
 	touch $(STAMP)
 
-$(FASHION):
-	@command -v apt-get >/dev/null || { echo "apt-get not found: install Debian's dataset-fashion-mnist by hand"; exit 1; }
-	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
-
-datasets: $(FASHION)
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  command -v apt-get >/dev/null || { echo "install these Debian packages by hand: $$missing"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/dlopt demo
 
-test: $(STAMP) datasets
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -64,19 +64,27 @@ class Bench:
             self.progress(f"{label}: outputs", i + 1, len(feeds))
         return outputs
 
-    def latency(self, session, label: str) -> dict:
+    def latency(self, session, label: str, *, profile: TargetProfile | None = None) -> tuple[dict, dict]:
+        """Latency percentiles and energy per inference (measured or estimated, labelled) of ``session``.
+
+        ``profile`` is what runs it: the target's by default, the host CPU for the original.
+        """
+        from dlopt.energy import EnergyMeter
+
+        profile = profile or self.profile
         done = [0]
 
         def tick(n: int) -> None:
             done[0] += n
             self.progress(f"{label}: latency", done[0], self.config.runs)
 
+        meter = EnergyMeter(profile, measure_here=profile.runs_here())
         latency = measure_latency(
             session.run, self.feeds.feeds[0], runs=self.config.runs, warmup=self.config.warmup,
-            threads=self.config.thread_count, progress=tick,
-        ).to_dict()
+            threads=self.config.thread_count, progress=tick, meter=meter,
+        )
         self.progress(f"{label}: latency", self.config.runs, self.config.runs)  # slow models time fewer runs
-        return latency
+        return latency.to_dict(), meter.result(latency.runs, meter.window_s, meter.cpu_s)
 
     def accuracy(self, outputs: list) -> float | None:
         if not self.feeds.labels or len(outputs) != len(self.feeds.labels):
@@ -86,7 +94,11 @@ class Bench:
     def measure_original(self, session, size_bytes: int) -> Measurement:
         self.reference = self.outputs(session, "original")
         self.scorer = Scorer(self.reference, self.feeds.labels, self.config.metric)
-        return Measurement(self.latency(session, "original"), size_bytes, self.accuracy(self.reference))
+        from dlopt.profiles import resolve_target
+
+        # The original always runs on this machine's CPU (ONNX Runtime), whatever the target.
+        latency, energy = self.latency(session, "original", profile=resolve_target("cpu"))
+        return Measurement(latency, size_bytes, self.accuracy(self.reference), energy)
 
 
 def precision_passes(bench: Bench, precision: str, exclude: tuple[str, ...], only: tuple[str, ...] = ()) -> list:
@@ -159,7 +171,7 @@ def build(
             session = OrtSession(artifact.folder / artifact.check_onnx, session_settings(bench.config.thread_count))
         cand.ran_as = getattr(session, "ran_as", None)
         outputs = bench.outputs(session, f"{backend_name} {precision}", limit)
-        latency = bench.latency(session, f"{backend_name} {precision}") if timed else None
+        latency, energy = bench.latency(session, f"{backend_name} {precision}") if timed else (None, None)
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
         cand.status, cand.reason = "failed", f"could not run: {first_line(exc)}"
         return Built(cand)
@@ -168,7 +180,7 @@ def build(
                        f"{bench.profile.name} device")
     elif not bench.profile.runs_here():
         cand.reason = f"outputs verified on this machine; latency not measured (needs a {bench.profile.name} device)"
-    cand.measurement = Measurement(latency, artifact.size_bytes(), bench.accuracy(outputs))
+    cand.measurement = Measurement(latency, artifact.size_bytes(), bench.accuracy(outputs), energy)
     reference = bench.reference[: len(outputs)]
     cand.fidelity = compare(reference, outputs).to_dict()
     if limit is None:

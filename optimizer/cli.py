@@ -155,6 +155,9 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
+@click.option("--gate", "then_gate", is_flag=True,
+              help="Then check the report against --max-accuracy-drop and the [gate] table of dlopt.toml, "
+                   "like `dlopt gate`; exit 1 when a threshold is crossed.")
 @click.option("--no-cache", is_flag=True, help="Build every artefact afresh instead of reusing verified "
               "builds from $DLOPT_CACHE (default ~/.cache/dlopt).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
@@ -163,7 +166,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, runs, warmup, threads,
-            no_cache, wait, as_json, quiet):
+            then_gate, no_cache, wait, as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -200,6 +203,13 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
         _print_report(exc.report, as_json=as_json)
         raise
     _print_report(report, as_json=as_json)
+    if then_gate:
+        from dlopt.gate_cli import check_report, thresholds_from
+
+        if not as_json:
+            click.echo()
+        check_report(report.to_dict(), thresholds_from(None, max_accuracy_drop=max_accuracy_drop),
+                     quiet=as_json)
 
 
 @main.command()
@@ -324,3 +334,8 @@ def demo(out, as_json):
     if not as_json:
         click.echo(f"\ntop-1 accuracy on {accuracy['test_samples']} held-out digits: "
                    f"original {accuracy['original'] * 100:.2f}%, optimised {accuracy['optimised'] * 100:.2f}%")
+
+
+from dlopt.gate_cli import gate  # noqa: E402 - imports only click; registered after the built-in verbs
+
+main.add_command(gate)

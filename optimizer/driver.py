@@ -319,6 +319,9 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
         (staged / MANIFEST).write_text(json.dumps(_manifest(config, profile, info, report, chosen), indent=2) + "\n")
         (staged / "report.json").write_text(report.to_json())
         (staged / "report.md").write_text(report.to_markdown())
+        from dlopt.html import render_html
+
+        (staged / "report.html").write_text(render_html(report.to_dict()))
         publish(staged, out)
     if over_budget is not None:
         error = AccuracyBudgetExceeded(

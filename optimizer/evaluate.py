@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
@@ -140,12 +141,14 @@ def measure_latency(
     threads: int,
     progress: Callable[[int], None] | None = None,
     max_seconds: float = 15.0,
+    meter: contextlib.AbstractContextManager | None = None,
 ) -> Latency:
     """Percentiles over ``runs`` timed runs after ``warmup`` untimed ones.
 
     A slow model (untuned TVM takes ~1 s a run) gets fewer runs so one
     candidate's timing stays within about ``max_seconds``; ``runs`` in the
-    result is how many were actually timed (at least 5).
+    result is how many were actually timed (at least 5).  ``meter`` (a
+    dlopt.energy.EnergyMeter) wraps exactly the timed runs.
     """
     start = time.perf_counter()
     run(feed)
@@ -156,12 +159,13 @@ def measure_latency(
     for _ in range(warmup):
         run(feed)
     times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        run(feed)
-        times[i] = time.perf_counter() - start
-        if progress is not None:
-            progress(1)
+    with meter if meter is not None else contextlib.nullcontext():
+        for i in range(runs):
+            start = time.perf_counter()
+            run(feed)
+            times[i] = time.perf_counter() - start
+            if progress is not None:
+                progress(1)
     ms = times * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return Latency(round(float(p50), 4), round(float(p90), 4), round(float(p99), 4),

@@ -7,7 +7,7 @@ Markdown and terminal tables are renderings of the same dictionary.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class Measurement:
     latency: dict[str, Any] | None  # dlopt.evaluate.Latency.to_dict(); None when not measured
     size_bytes: int
     accuracy: float | None = None  # top-1 on labelled data, when given
+    energy: dict[str, Any] | None = None  # dlopt.energy: joules_per_inference, kind, source, watts
 
 
 @dataclass
@@ -83,13 +84,14 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
-        data = dict(data)
-        data["baseline"] = Measurement(**data["baseline"])
+        """Read a 1.x report; fields a later minor version added are ignored (docs/report-schema.md)."""
+        data = _known(cls, data)
+        data["baseline"] = Measurement(**_known(Measurement, data["baseline"]))
         cands = []
         for raw in data["candidates"]:
-            raw = {k: v for k, v in raw.items() if k != "speedup"}
+            raw = _known(Candidate, raw)  # also drops the derived "speedup"
             if raw.get("measurement"):
-                raw["measurement"] = Measurement(**raw["measurement"])
+                raw["measurement"] = Measurement(**_known(Measurement, raw["measurement"]))
             cands.append(Candidate(**raw))
         data["candidates"] = cands
         return cls(**data)
@@ -171,6 +173,11 @@ class Report:
         if self.notes:
             lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
+
+
+def _known(cls, raw: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
 
 
 def _ms(latency: dict | None, key: str) -> str:

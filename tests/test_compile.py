@@ -55,7 +55,7 @@ def test_acceptance_target_cpu(tmp_path):
 def test_writes_the_artefact_folder(compiled):
     tmp, result = compiled
     names = sorted(p.name for p in (tmp / "out").iterdir())
-    assert names == ["manifest.json", "model.onnx", "report.json", "report.md", "session_options.json"]
+    assert names == ["manifest.json", "model.onnx", "report.html", "report.json", "report.md", "session_options.json"]
     assert sorted(p.name for p in tmp.iterdir()) == ["dlopt.toml", "m.onnx", "out"]  # no temp folders left
     assert "chosen: ort/fp32" in result.stdout
 

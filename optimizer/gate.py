@@ -1,0 +1,330 @@
+"""CI gates over ``report.json``: accuracy drop, latency and energy regression, artefact size.
+
+A gate reads only the JSON report (and optionally a previous one to compare
+with), never the model.  Each threshold gives one :class:`GateResult` that
+passed, failed, or was skipped because the report lacks the figure (latency of
+a target that is not this machine, say) — a skip is said, never silent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dlopt.errors import ConfigError, GateFailed, first_line
+
+SCHEMA_MAJOR = "1"
+REQUIRED_KEYS = ("schema_version", "model", "target", "baseline", "budget", "candidates", "chosen")
+# dlopt.toml [gate] key -> Thresholds field
+TOML_KEYS = {
+    "max-accuracy-drop": "max_accuracy_drop",
+    "max-latency-regression": "max_latency_regression",
+    "max-size-mb": "max_size_mb",
+    "max-energy-regression": "max_energy_regression",
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits a report must meet; ``None`` means "not checked"."""
+
+    max_accuracy_drop: float | None = None  # percentage points
+    max_latency_regression: float | None = None  # percent slower (negative: must be faster)
+    max_size_mb: float | None = None  # megabytes (1e6 bytes) of the chosen artefact
+    max_energy_regression: float | None = None  # percent more joules per inference
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, parse_threshold(f.name, getattr(self, f.name)))
+
+    def merged(self, **overrides: Any) -> "Thresholds":
+        """These thresholds with every override that is not None replacing its field."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return Thresholds(**values)
+
+
+def parse_threshold(name: str, value: Any) -> float | None:
+    """A number (or for percentages ``"10%"``) as float; ConfigError saying what is wrong."""
+    if value is None:
+        return None
+    option = "--" + name.replace("_", "-")
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and name.endswith("regression"):
+        text = text.removesuffix("%").strip()
+    if isinstance(text, bool):
+        number = math.nan
+    else:
+        try:
+            number = float(text)
+        except (TypeError, ValueError):
+            number = math.nan
+    hint = "a percentage such as 10 or \"10%\"" if name.endswith("regression") else "a number"
+    if not math.isfinite(number):
+        raise ConfigError(f"{option} must be {hint}, got {value!r}")
+    if name in ("max_accuracy_drop", "max_size_mb") and number < 0:
+        raise ConfigError(f"{option} must be 0 or more, got {value!r}")
+    return number
+
+
+def load_thresholds(toml_path: str | Path) -> Thresholds:
+    """Thresholds from the ``[gate]`` table of a dlopt.toml (all None when it has none)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError("reading dlopt.toml needs Python 3.11+ or `pip install tomli`") from None
+    path = Path(toml_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read gate thresholds from {path}: {first_line(exc)}") from exc
+    table = data.get("gate", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [gate] must be a table, e.g. [gate] max-accuracy-drop = 0.5")
+    unknown = sorted(set(table) - set(TOML_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown [gate] key(s) {', '.join(unknown)}; known: {', '.join(TOML_KEYS)}")
+    try:
+        return Thresholds(**{TOML_KEYS[k]: v for k, v in table.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: [gate] {exc}") from None
+
+
+# -- reports --------------------------------------------------------------------------------------
+def validate_report(data: Any, what: str = "report") -> dict[str, Any]:
+    """``data`` if it is a dlopt report this version can read; else ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} is not a dlopt report (a JSON object is expected)")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ConfigError(f"{what} is not a dlopt report (missing {', '.join(missing)})")
+    version = str(data["schema_version"])
+    if version.split(".")[0] != SCHEMA_MAJOR:
+        raise ConfigError(f"{what} is not a dlopt report this version can read (schema {version}; "
+                          f"reads {SCHEMA_MAJOR}.x): regenerate it with this dlopt")
+    if data["chosen"] is not None and _chosen(data) is None:
+        raise ConfigError(f"{what} is not a dlopt report: chosen {data['chosen']!r} is not among its candidates")
+    return data
+
+
+def load_report(path: str | Path, what: str | None = None) -> dict[str, Any]:
+    path = Path(path)
+    what = what or str(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{what} is not a dlopt report (not readable JSON: {first_line(exc)})") from exc
+    return validate_report(data, what)
+
+
+def _chosen(report: dict) -> dict | None:
+    return next((c for c in report["candidates"] if f"{c['backend']}/{c['precision']}" == report["chosen"]), None)
+
+
+def _measure(cand_or_baseline: dict | None, *keys: str) -> Any:
+    value = cand_or_baseline
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+# -- gates ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    measured: float | None
+    allowed: float | None
+    status: str  # passed | failed | skipped
+    detail: str
+    unit: str = ""
+
+    @property
+    def passed(self) -> bool:
+        """Skipped gates do not fail the build; their detail says what was missing."""
+        return self.status != "failed"
+
+    def describe(self) -> str:
+        measured, allowed = format_value(self.measured, self.unit), format_value(self.allowed, self.unit)
+        return f"{self.name}: measured {measured}, allowed {allowed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def format_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    sign = "+" if unit == "%" and value > 0 else ""
+    return f"{sign}{value:g}{'' if unit == '%' else ' '}{unit}".rstrip()
+
+
+def _gate(name: str, measured: float | None, allowed: float, unit: str, detail: str, why_missing: str) -> GateResult:
+    if measured is None:
+        return GateResult(name, None, allowed, "skipped", why_missing, unit)
+    measured = round(measured, 6 if unit == "MB" else 4)  # report figures' precision: no failing on float noise
+    return GateResult(name, measured, allowed, "passed" if measured <= allowed else "failed", detail, unit)
+
+
+def _percent(mine: float | None, reference: float | None) -> float | None:
+    return (mine / reference - 1.0) * 100.0 if mine and reference else None
+
+
+@dataclass(frozen=True)
+class _Sides:
+    """The chosen candidate and what it is compared with: the original, or a baseline report's choice."""
+
+    report: dict
+    cand: dict
+    ref_measurement: dict | None  # the original's measurement, or the baseline's chosen candidate's
+    ref_score: dict | None  # None without a baseline: the candidate's own drop_pp is already relative
+    ref_name: str
+    with_baseline: bool
+
+    @property
+    def key(self) -> str:
+        return self.report["chosen"]
+
+
+# Each gate: sides -> (measured or None, detail, why it is missing)
+def _accuracy(s: _Sides) -> tuple[float | None, str, str]:
+    mine = s.cand.get("score") or {}
+    detail = f"{s.key} {mine.get('metric', 'score')} vs {s.ref_name}"
+    if not mine:
+        return None, detail, f"{s.key} has no accuracy score"
+    if not s.with_baseline:
+        return mine["drop_pp"], detail, ""
+    ref = s.ref_score or {}
+    if not ref:
+        return None, detail, f"{s.ref_name} has no accuracy score"
+    if mine["metric"] != ref["metric"]:
+        return None, detail, f"metrics differ ({mine['metric']} here, {ref['metric']} in the baseline)"
+    return (ref["value"] - mine["value"]) * 100.0, detail, ""
+
+
+def _latency(s: _Sides) -> tuple[float | None, str, str]:
+    mine = _measure(s.cand, "measurement", "latency", "p50_ms")
+    ref = _measure(s.ref_measurement, "latency", "p50_ms")
+    missing = (f"latency not measured for {s.key} (target {s.report['target'].get('name')} is not this machine)"
+               if not mine else f"latency of {s.ref_name} not measured")
+    return _percent(mine, ref), f"p50 {mine} ms vs {ref} ms ({s.ref_name})", missing
+
+
+def _size(s: _Sides) -> tuple[float | None, str, str]:
+    size = _measure(s.cand, "measurement", "size_bytes")
+    return (size / 1e6 if size is not None else None), f"{s.key} artefact {size} bytes", f"{s.key} has no size"
+
+
+def _energy(s: _Sides) -> tuple[float | None, str, str]:
+    mine = _measure(s.cand, "measurement", "energy") or {}
+    ref = _measure(s.ref_measurement, "energy") or {}
+    detail = (f"{mine.get('joules_per_inference')} J vs {ref.get('joules_per_inference')} J per inference "
+              f"({mine.get('kind')}, {s.ref_name})")
+    if not mine or not ref:
+        return None, detail, f"no energy figure for {s.key if not mine else s.ref_name}"
+    if mine["kind"] != ref["kind"]:
+        return None, detail, f"cannot compare {mine['kind']} energy with {ref['kind']} energy"
+    return _percent(mine["joules_per_inference"], ref["joules_per_inference"]), detail, ""
+
+
+GATES = {  # Thresholds field -> (gate name, unit, measure)
+    "max_accuracy_drop": ("accuracy-drop", "pp", _accuracy),
+    "max_latency_regression": ("latency-regression", "%", _latency),
+    "max_size_mb": ("size", "MB", _size),
+    "max_energy_regression": ("energy-regression", "%", _energy),
+}
+
+
+def check(report: dict, thresholds: Thresholds, baseline: dict | None = None) -> list[GateResult]:
+    """One result per threshold that is set, after "candidate" (was anything chosen at all)."""
+    validate_report(report)
+    if baseline is not None:
+        validate_report(baseline, "the baseline report")
+        if baseline["target"].get("name") != report["target"].get("name"):
+            raise ConfigError(f"the baseline report is for target {baseline['target'].get('name')!r}, this one for "
+                              f"{report['target'].get('name')!r}; compare reports of the same target")
+    limits = {name: getattr(thresholds, name) for name in GATES if getattr(thresholds, name) is not None}
+    cand = _chosen(report)
+    if cand is None:
+        return [GateResult("candidate", None, None, "failed", "no candidate was chosen: every candidate failed or "
+                           "missed the accuracy budget (see the report's candidates)")] + [
+            GateResult(GATES[n][0], None, v, "skipped", "no chosen candidate to measure", GATES[n][1])
+            for n, v in limits.items()]
+    if baseline is None:
+        sides = _Sides(report, cand, report["baseline"], None, "the original model", False)
+    else:
+        ref = _chosen(baseline) or {}
+        name = (f"the baseline report's {baseline['chosen']}" if ref
+                else "the baseline report (it chose no candidate)")
+        sides = _Sides(report, cand, ref.get("measurement"), ref.get("score"), name, True)
+    results = [GateResult("candidate", None, None, "passed", f"{report['chosen']} was chosen")]
+    for field_name, allowed in limits.items():
+        gate_name, unit, measure = GATES[field_name]
+        measured, detail, missing = measure(sides)
+        results.append(_gate(gate_name, measured, allowed, unit, detail, missing))
+    return results
+
+
+def enforce(results: list[GateResult]) -> None:
+    """Raise GateFailed naming every failed gate with its measured and allowed figures."""
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise GateFailed("gate failed: " + "; ".join(
+            r.describe() if r.measured is not None else f"{r.name}: {r.detail}" for r in failed))
+
+
+# -- renderings -----------------------------------------------------------------------------------
+def to_junit(results: list[GateResult]) -> str:
+    """JUnit XML: one testsuite "dlopt gate", one testcase per gate (CI systems show it as tests)."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(r.status == "failed" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    root = ET.Element("testsuites", name="dlopt", tests=str(len(results)), failures=str(failures))
+    suite = ET.SubElement(root, "testsuite", name="dlopt gate", tests=str(len(results)), failures=str(failures),
+                          errors="0", skipped=str(skipped), time="0")
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname="dlopt.gate", name=r.name, time="0")
+        if r.status == "failed":
+            message = (f"measured {format_value(r.measured, r.unit)}, allowed {format_value(r.allowed, r.unit)}"
+                       if r.measured is not None else r.detail)
+            ET.SubElement(case, "failure", message=message, type="GateFailed").text = r.detail
+        elif r.status == "skipped":
+            ET.SubElement(case, "skipped", message=r.detail)
+        else:
+            ET.SubElement(case, "system-out").text = r.detail
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+_ICONS = {"passed": "✅ passed", "failed": "❌ failed", "skipped": "⏭️ skipped"}
+
+
+def to_markdown(results: list[GateResult], report: dict) -> str:
+    """A pull-request comment: verdict, what was gated, one table row per gate."""
+    ok = all(r.passed for r in results)
+    model = Path(_measure(report, "model", "path") or "model").name
+    lines = [f"### dlopt gate {'✅ passed' if ok else '❌ failed'}: {_cell(model)} for "
+             f"`{_cell(str(report['target'].get('name')))}`, chosen `{_cell(str(report['chosen']))}`", "",
+             "| gate | measured | allowed | status | detail |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        measured, allowed = format_value(r.measured, r.unit), format_value(r.allowed, r.unit)
+        lines.append(f"| {r.name} | {measured} | {allowed} | {_ICONS[r.status]} | {_cell(r.detail)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return re.sub(r"\s+", " ", text).replace("|", "\\|").replace("`", "'")
+
+
+def run_gate(report: dict, thresholds: Thresholds, baseline: dict | None = None) -> list[GateResult]:
+    """What ``dlopt compile --gate`` and ``dlopt gate`` call: check, then the caller may ``enforce``."""
+    return check(report, thresholds, baseline)
