@@ -151,7 +151,10 @@ def _choose(candidates: list[Candidate], auto: bool) -> Candidate | None:
 
 
 def _keep_bundle(candidates, builds, chosen, staged: Path, notes: list) -> None:
-    """For a target that is not this machine, ship every verified candidate: the device decides."""
+    """For a target that is not this machine, ship every candidate built: the device decides.
+
+    The report says which were verified here (a fidelity figure) and which only run there.
+    """
     for cand in candidates:
         artifact = builds[cand.key].artifact if cand.key in builds else None
         if cand is chosen or cand.status != "ok" or artifact is None:
@@ -162,7 +165,7 @@ def _keep_bundle(candidates, builds, chosen, staged: Path, notes: list) -> None:
         cand.artifact_dir = f"bundle/{folder.name}"
     kept = [c.artifact_dir for c in candidates if c.artifact_dir and c.artifact_dir != "."]
     if kept:
-        notes.append(f"latency cannot be measured here, so every verified candidate ships: {', '.join(kept)} "
+        notes.append(f"latency cannot be measured here, so every candidate built ships: {', '.join(kept)} "
                      f"(the chosen one, by precision preference, is at the top level)")
 
 

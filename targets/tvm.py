@@ -1,0 +1,335 @@
+"""Apache TVM backend: ONNX -> Relax -> one shared library with the weights inside.
+
+CPU profiles get a library for the profile's CPU (``-mcpu``; aarch64 with NEON,
+linked by the profile's cross compiler).  GPU profiles get a host library whose
+CUDA kernels nvcc compiles here into a fatbin for the profile's ``cuda_arch``,
+so the device needs no compiler; without nvcc (or for an arch it dropped) the
+kernels ship as source, compiled on the device at load.  Only libraries for a
+CPU this machine can run are loaded and verified here.
+
+Untuned: the default Relax pipeline (dlight schedules on GPUs), no tuning
+database.  Shapes are static; symbolic input dims are compiled as 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import struct
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from dlopt.errors import CompileError, DloptError, TargetUnavailable, first_line
+from dlopt.targets.base import Artifact
+
+name = "tvm"
+LIBRARY = "model.so"
+BUILD_FILE = "tvm_build.json"
+_FORMS = {"x86_64": "x86_64 shared library", "aarch64": "aarch64 shared library (NEON)"}
+# ORT contrib ops the Relax ONNX frontend converts; it ignores domains, so no others may reach it.
+_CONTRIB = frozenset({"Attention", "BiasGelu", "EmbedLayerNormalization", "FastGelu", "Gelu",
+                      "SkipLayerNormalization", "QuantizeLinear", "DequantizeLinear"})
+_LIBRARY_BIN = "__tvm_ffi__library_bin"  # the symbol TVM's loader reads imported modules from
+_CUDA_SOURCE_FMT = struct.pack("<Q", 4) + b"cuda"  # start of a CUDA module payload holding source
+
+
+@lru_cache(maxsize=1)
+def available() -> bool | str:
+    from importlib import metadata
+
+    try:
+        ffi_version = metadata.version("apache-tvm-ffi")
+        import tvm  # noqa: F401
+        from tvm.relax.frontend import onnx  # noqa: F401
+    except (ImportError, metadata.PackageNotFoundError):
+        return "apache-tvm is not installed; install dlopt[tvm]"
+    if ffi_version.startswith("0.1.15"):
+        return f"apache-tvm-ffi {ffi_version} crashes when TVM writes JSON; install apache-tvm-ffi==0.1.14.post1"
+    return True
+
+
+def precisions(profile) -> tuple[str, ...]:
+    return ("fp32",) if profile.device in ("cpu", "gpu") else ()
+
+
+@lru_cache(maxsize=1)
+def _converters() -> frozenset[tuple[str, str]]:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    ops = set(onnx_frontend._get_convert_map()) | {"If"}  # If is converted outside the map
+    return frozenset({("ai.onnx", op) for op in ops} | {("com.microsoft", op) for op in ops & _CONTRIB})
+
+
+def supports(model) -> list[str]:
+    converters = _converters()
+    functions = {(f.domain, f.name) for f in model.functions.values()}  # inlined before conversion
+    missing = set()
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            domain = node.domain or "ai.onnx"
+            if (domain, node.op_type) not in converters and (node.domain, node.op_type) not in functions:
+                missing.add(node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}")
+    return sorted(missing)
+
+
+def passes(precision: str) -> list:
+    from dlopt.passes import backend_passes
+
+    return backend_passes(name, precision)
+
+
+def _host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _host_target(profile) -> dict:
+    """The LLVM target of the CPU that runs the library (the GPU's host on GPU profiles)."""
+    from tvm.target import codegen
+
+    spec: dict = {"kind": "llvm", "mtriple": profile.triple}
+    mcpu = profile.mcpu
+    if mcpu == "native" or (mcpu is None and profile.device == "cpu" and profile.arch == _host_arch()):
+        mcpu = codegen.llvm_get_system_cpu()
+    if mcpu:
+        spec["mcpu"] = mcpu
+    if profile.arch == "aarch64":
+        spec["mattr"] = ["+neon"]
+    return spec
+
+
+def _linker(profile):
+    """(fcompile for export_library, its name); TargetUnavailable when the cross compiler is missing."""
+    from tvm.support import cc
+
+    if profile.arch == _host_arch():
+        return None, "host cc"
+    compiler = profile.cross_compiler
+    if not compiler or not shutil.which(compiler):
+        package = f"gcc-{compiler.rsplit('-gcc', 1)[0]}" if compiler else f"a {profile.arch} cross compiler"
+        raise TargetUnavailable(f"TVM needs the cross compiler {compiler or profile.arch} for {profile.name}; "
+                                f"install it (apt-get install {package})")
+    return cc.cross_compiler(compiler), compiler
+
+
+def _input_specs(model) -> list[dict]:
+    return [{"name": v.name, "dtype": v.dtype.numpy().name,
+             "shape": [d if isinstance(d, int) else 1 for d in (v.shape or ())]}
+            for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def _relax_module(model, inputs: list[dict]):
+    from onnx_ir.passes.common import InlinePass, LiftConstantsToInitializersPass
+    from tvm.relax.frontend.onnx import from_onnx
+
+    # The frontend knows no model-local functions, nor Constants without a tensor ``value``.
+    model = InlinePass()(model.clone()).model
+    model = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).model
+    proto = ir.serde.serialize_model(model)
+    with contextlib.redirect_stdout(io.StringIO()):  # the frontend prints while failing
+        return from_onnx(proto, shape_dict={i["name"]: i["shape"] for i in inputs},
+                         dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
+
+
+@contextlib.contextmanager
+def _cuda_kept_as_source():
+    """Where a driver is present TVM would JIT kernels at build time via NVRTC's Python
+    bindings (often absent); keep them as source and run nvcc ourselves."""
+    saved = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
+    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TVM_COMPILE_FORCE_FALLBACK")
+        if saved is not None:
+            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = saved
+
+
+def _build(model, profile, library: Path, inputs: list[dict]) -> dict:
+    """Build ``library`` for ``profile``; returns what the build record says about it."""
+    import tvm
+    from tvm import relax
+
+    host = _host_target(profile)
+    fcompile, linker = _linker(profile)
+    gpu = profile.device == "gpu"
+    target = (tvm.target.Target({"kind": "cuda", "arch": profile.cuda_arch}, host=host) if gpu
+              else tvm.target.Target(host))
+    facts = {"target": json.loads(str(target)), "host": host, "linker": linker,
+             "form": _FORMS.get(profile.arch, f"{profile.arch} shared library"),
+             "device_needs": "the TVM runtime (apache-tvm) for this CPU"}
+    mod = _relax_module(model, inputs)
+    options = {"fcompile": fcompile} if fcompile else {}
+    with target, _cuda_kept_as_source():  # nvcc takes the arch from the current target
+        executable = relax.build(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+        if gpu:
+            facts.update(_embed_kernels(executable, profile, options))
+        executable.mod.export_library(str(library), **options)
+    return facts
+
+
+def _embed_kernels(executable, profile, options: dict) -> dict:
+    """nvcc the kernels into a fatbin packed into the library, or say why they stay source."""
+    from tvm.support import nvcc
+
+    sources = [m.inspect_source("cuda") for m in _modules(executable.mod) if m.kind == "cuda"]
+    if len(sources) != 1:
+        raise CompileError(f"expected one CUDA module from TVM, got {len(sources)}")
+    source, sm = str(sources[0]), profile.cuda_arch.removeprefix("sm_")
+    release = None
+    if shutil.which("nvcc"):
+        version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+        release = version.rpartition("release ")[2].split(",")[0] or "unknown"
+    try:
+        if release is None:
+            raise RuntimeError("nvcc not found")
+        # SASS for the arch plus its PTX, which newer GPUs JIT.
+        arch = ["-gencode", f"arch=compute_{sm},code=[sm_{sm},compute_{sm}]"]
+        fatbin = bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
+    except Exception as exc:  # no nvcc, or it rejects the arch (CUDA 13 dropped sm_53): ship the source
+        reason = str(exc).rpartition("Compilation error:")[2]  # after the source it echoes
+        return {"form": f"{profile.arch} host + CUDA source (compiled on device at load)",
+                "fatbin_error": first_line(RuntimeError(reason.strip() or str(exc))),
+                "device_needs": "TVM with CUDA and nvcc (or NVRTC's Python bindings) on the device"}
+    options["fpack_imports"] = _packer(source.encode(), fatbin)
+    return {"form": f"{profile.arch} host + CUDA fatbin {profile.cuda_arch}", "nvcc": release,
+            "fatbin_bytes": len(fatbin),
+            "device_needs": f"the TVM runtime with CUDA (this wheel links libcudart.so.13) and an NVIDIA "
+                            f"driver for CUDA {release}"}
+
+
+def _modules(module):
+    yield module
+    for child in module.imports:
+        yield from _modules(child)
+
+
+def _with_fatbin(blob: bytes, source: bytes, fatbin: bytes) -> bytes:
+    """TVM's packed-module blob with the CUDA module's ``source`` replaced by ``fatbin``.
+
+    Layout (tvm-ffi): u64 size, import tree (two u64 vectors), then per module its
+    kind string and, except for ``_lib``, a u64-sized payload; a CUDA payload is
+    fmt string, function map, code bytes.  TVM's runtime hands code of any fmt
+    but "cuda" to cuModuleLoadData, which takes fatbins.
+    """
+    def u64(at: int) -> int:
+        return struct.unpack_from("<Q", blob, at)[0]
+
+    at = 8
+    for _ in range(2):
+        at += 8 + 8 * u64(at)
+    out, replaced = bytearray(blob[:at]), 0
+    while at < len(blob):
+        end = at + 8 + u64(at)
+        kind = blob[at + 8:end]
+        out += blob[at:end]
+        at = end
+        if kind == b"_lib":
+            continue
+        payload = blob[at + 8:at + 8 + u64(at)]
+        at += 8 + len(payload)
+        code_at = len(payload) - 8 - len(source)
+        if (kind == b"cuda" and payload.startswith(_CUDA_SOURCE_FMT)
+                and payload[code_at:] == struct.pack("<Q", len(source)) + source):
+            fmap = payload[len(_CUDA_SOURCE_FMT):code_at]
+            payload = b"".join([struct.pack("<Q", 6), b"fatbin", fmap, struct.pack("<Q", len(fatbin)), fatbin])
+            replaced += 1
+        out += struct.pack("<Q", len(payload)) + payload
+    if replaced != 1:
+        raise CompileError("unexpected layout of TVM's packed CUDA module; cannot embed the fatbin")
+    struct.pack_into("<Q", out, 0, len(out) - 8)
+    return bytes(out)
+
+
+def _packer(source: bytes, fatbin: bytes):
+    """An ``fpack_imports`` for export_library: TVM's blob with the fatbin, as assembly."""
+
+    def pack(module, is_system_lib, prefix, workspace_dir) -> str:
+        from tvm.runtime import _ffi_api
+
+        if is_system_lib or prefix:
+            raise CompileError("TVM system-library builds cannot embed a fatbin")
+        data, asm = Path(workspace_dir) / "devc.bin", Path(workspace_dir) / "devc.S"
+        data.write_bytes(_with_fatbin(_ffi_api.ModulePackImportsToTensor(module).numpy().tobytes(),
+                                      source, fatbin))
+        asm.write_text(f'  .section .rodata\n  .balign 16\n  .globl {_LIBRARY_BIN}\n'  # .incbin: no C array
+                       f'  .type {_LIBRARY_BIN}, %object\n{_LIBRARY_BIN}:\n  .incbin "{data}"\n'
+                       f'  .size {_LIBRARY_BIN}, . - {_LIBRARY_BIN}\n')
+        return str(asm)
+
+    return pack
+
+
+def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:  # noqa: A001
+    import tvm
+
+    if precision not in precisions(profile):
+        raise CompileError(f"TVM builds {', '.join(precisions(profile)) or 'nothing'} for {profile.name}, "
+                           f"not {precision}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    inputs = _input_specs(model)
+    try:
+        facts = _build(model, profile, workdir / LIBRARY, inputs)
+    except DloptError:
+        raise
+    except Exception as exc:  # TVM raises its own errors and plain Python ones alike
+        raise CompileError(f"TVM could not build {profile.name}: {first_line(exc)}") from exc
+    settings = {**facts, "tvm_version": tvm.__version__, "inputs": inputs,
+                "outputs": [v.name for v in model.graph.outputs], "threads": threads,
+                "tuning": "untuned (default Relax pipeline, no tuning database)"}
+    (workdir / BUILD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return Artifact(backend=name, precision=precision, folder=workdir, files=[LIBRARY, BUILD_FILE],
+                    entry=LIBRARY, loadable_here=profile.device == "cpu" and profile.runs_here(),
+                    settings=settings)
+
+
+class TvmSession:
+    """A Relax VM over the library, running ``main`` on the inputs in model order.
+
+    ``threads`` is the size of TVM's thread pool in effect, which may differ from
+    the one asked for: the pool is sized once per process from TVM_NUM_THREADS
+    (TVM's default halves the cores on x86) and can only shrink afterwards.
+    """
+
+    def __init__(self, library: Path, settings: dict) -> None:
+        threads = int(settings.get("threads") or 0)
+        if threads:
+            os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before the pool starts
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # = relax.VirtualMachine, without the compiler
+
+        self._tensor = tvm.runtime.tensor
+        self._inputs = settings["inputs"]
+        self.input_names = [i["name"] for i in self._inputs]
+        self._main = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())["main"]
+        if threads:
+            tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        self.threads = int(tvm.get_global_func("runtime.NumThreads")())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = []
+        for spec in self._inputs:
+            array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])
+            if list(array.shape) != spec["shape"]:
+                raise ValueError(f"input {spec['name']} has shape {list(array.shape)}; "
+                                 f"this TVM library was built for {spec['shape']}")
+            args.append(self._tensor(array))
+        return _flatten(self._main(*args))
+
+
+def _flatten(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    return [array for item in value for array in _flatten(item)]
+
+
+def load(artifact: Artifact) -> TvmSession:
+    return TvmSession(artifact.entry_path, artifact.settings)
