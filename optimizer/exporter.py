@@ -10,8 +10,11 @@ only here, inside the function, so the rest of dlopt runs without it.
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import logging
+import warnings
 import os
 import shutil
 import tempfile
@@ -74,7 +77,8 @@ def export(
         # Build in a private folder beside ``path`` so the final rename stays on one file system.
         work = Path(tempfile.mkdtemp(prefix=f".{path.name}.export-", dir=path.parent))
         try:
-            model = _export_ir(torch, module, args, work, names_in, names_out, dynamic_axes, opset)
+            with _quiet_exporter():
+                model = _export_ir(torch, module, args, work, names_in, names_out, dynamic_axes, opset)
             files = _save_and_check(model, work / path.name)
             _verify(files[0], dict(zip(names_in, (_numpy(a) for a in args))), expected, rtol, atol)
             # Weights first, model last: the model file appears only once it is complete.
@@ -108,6 +112,23 @@ def _flatten(outputs: Any) -> list:
 
 def _numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().cpu().numpy()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's exporter logs a line per missing optional op library (torchvision) and warns about its
+    own deprecations: noise for dlopt's users, so it goes to debug unless -vv."""
+    torch_log = logging.getLogger("torch.onnx")
+    level = torch_log.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _export_ir(torch, module, args, work: Path, names_in, names_out, dynamic_axes, opset):

@@ -133,5 +133,9 @@ def search(bench: Bench, backend: str, model: ir.Model, int8_model: ir.Model, wo
     # Rebuild the chosen configuration for real: full evaluation, timing, publishable folder.
     final = build(bench, backend, "mixed", model, workdir, exclude=tuple(s.name for s in order[:best_k]))
     final.candidate.float_nodes = [s.to_dict() for s in order[:best_k]]
+    if best_k == len(order) and final.candidate.status == "ok":
+        # Every quantised node had to stay in float: this is the float model under another name.
+        final.candidate.status = "rejected"
+        final.candidate.reason = "no INT8 left: every quantised node had to stay in float to meet the budget"
     info["seconds"] = round(time.monotonic() - start, 2)
     return final, info

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import (
     CheckerPass,
     IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
     NameFixPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
@@ -19,12 +20,14 @@ from onnx_ir.passes.common import (
 )
 
 from dlopt.passes.fold_batchnorm import FoldBatchNormPass
+from dlopt.passes.fold_constants import FoldConstantsPass
 from dlopt.passes.matmul_add_to_gemm import MatMulAddToGemmPass
 from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
 from dlopt.passes.simplify import SimplifyPass
 
 __all__ = [
     "FoldBatchNormPass",
+    "FoldConstantsPass",
     "FuseActivationForOrtPass",
     "MatMulAddToGemmPass",
     "SimplifyPass",
@@ -39,6 +42,11 @@ def generic_passes() -> list[ir.passes.PassBase]:
         ShapeInferencePass(strict_mode=False),
         SimplifyPass(),
         IdentityEliminationPass(),  # also covers models too big for onnxsim
+        FoldConstantsPass(),
+        RemoveUnusedNodesPass(),
+        # onnxsim leaves folded values as Constant nodes (e.g. the zero bias torch's exporter gives a
+        # bias-free Conv); BN folding and quantisation need them as initializers.
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         FoldBatchNormPass(),
         MatMulAddToGemmPass(),
         RemoveUnusedNodesPass(),

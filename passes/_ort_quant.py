@@ -11,9 +11,13 @@ logger = logging.getLogger("dlopt.quantization")
 
 
 class _DropPreprocessAdvice(logging.Filter):
-    # ORT advises its own pre-processing script on every call; dlopt's passes do that work.
+    # ORT's quantisation tools warn on the root logger (advice to run its pre-processing
+    # script, which dlopt's passes replace, and per-tensor notes): keep them as debug logs.
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing" not in record.getMessage()
+        if "onnxruntime" in record.pathname and record.name == "root":
+            logger.debug("onnxruntime.quantization: %s", record.getMessage())
+            return False
+        return True
 
 
 @contextlib.contextmanager

@@ -42,13 +42,28 @@ def _cpu_kernels() -> frozenset[tuple[str, str]]:
     )
 
 
+# Ops ONNX Runtime resolves while loading a graph instead of with a kernel.
+_LOAD_TIME_OPS = frozenset({("ai.onnx", "Constant")})
+
+
+def _expands_to_function(domain: str, op_type: str) -> bool:
+    """ONNX ops defined by a function body (CastLike, ...): ORT inlines them when it has no kernel."""
+    import onnx
+
+    if not onnx.defs.has(op_type, "" if domain == "ai.onnx" else domain):
+        return False
+    schema = onnx.defs.get_schema(op_type, domain="" if domain == "ai.onnx" else domain)
+    return schema.has_function or schema.has_context_dependent_function
+
+
 def supports(model) -> list[str]:
-    kernels = _cpu_kernels()
+    kernels = _cpu_kernels() | _LOAD_TIME_OPS
     functions = {(f.domain, f.name) for f in model.functions.values()}
     missing = set()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         domain = node.domain or "ai.onnx"
-        if (domain, node.op_type) not in kernels and (node.domain, node.op_type) not in functions:
+        if ((domain, node.op_type) not in kernels and (node.domain, node.op_type) not in functions
+                and not _expands_to_function(domain, node.op_type)):
             missing.add(node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}")
     return sorted(missing)
 
