@@ -260,6 +260,7 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
     except Exception as exc:  # the original must run to be compared with: that is the user's model
         raise ModelError(f"ONNX Runtime cannot run the original model: {first_line(exc)}") from exc
     baseline = bench.measure_original(reference, info["size_bytes"])
+    del reference  # its idle worker threads would compete with the candidates being timed
     from dlopt.passes import generic_passes
 
     generic = run_pipeline(model, generic_passes())

@@ -37,3 +37,28 @@ def backend_status(name: str) -> bool | str:
     if backend is None:
         return "not implemented in this version of dlopt"
     return backend.available()
+
+
+def load_artifact(folder):
+    """Load the artefact a compile published in ``folder`` (its manifest says which backend).
+
+    Returns the backend's session (``run(feeds) -> list of arrays``) for artefacts that run
+    on this machine; raises TargetUnavailable for ones built for a device.
+    """
+    import json
+    from pathlib import Path
+
+    from dlopt.errors import ConfigError, TargetUnavailable
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder} is not a dlopt output folder (no readable manifest.json)") from exc
+    backend = get_backend(manifest["backend"])
+    if backend is None or not hasattr(backend, "SETTINGS_FILE") or not hasattr(backend, "ENTRY"):
+        raise TargetUnavailable(f"{manifest['backend']} artefacts are not loaded on this machine")
+    settings = json.loads((folder / backend.SETTINGS_FILE).read_text())
+    artifact = Artifact(manifest["backend"], manifest["precision"], folder, manifest["files"], backend.ENTRY,
+                        settings=settings)
+    return backend.load(artifact)

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 name = "openvino"
 # OpenVINO compresses weights to fp16 itself when saving: it gets the float model for fp16.
 OWN_PRECISIONS = ("fp16",)
+ENTRY = "model.xml"
 SETTINGS_FILE = "runtime_config.json"
 DEVICE = "CPU"
 

@@ -15,6 +15,7 @@ from dlopt.model_io import save_ir
 from dlopt.targets.base import Artifact
 
 name = "ort"
+ENTRY = "model.onnx"
 SETTINGS_FILE = "session_options.json"
 
 

@@ -32,7 +32,8 @@ from dlopt.targets.base import Artifact
 
 name = "tvm"
 LIBRARY = "model.so"
-BUILD_FILE = "tvm_build.json"
+BUILD_FILE = SETTINGS_FILE = "tvm_build.json"
+ENTRY = LIBRARY
 _FORMS = {"x86_64": "x86_64 shared library", "aarch64": "aarch64 shared library (NEON)"}
 # ORT contrib ops the Relax ONNX frontend converts; it ignores domains, so no others may reach it.
 _CONTRIB = frozenset({"Attention", "BiasGelu", "EmbedLayerNormalization", "FastGelu", "Gelu",
