@@ -1,6 +1,6 @@
 """dlopt's chosen artefact against the peers' plain defaults, timed by one harness in one run.
 
-    python bench/peers.py [--runs 50] [--threads N] [--skip-tvm] [--resnet-max-drop 2]
+    python bench/peers.py [--runs 50] [--threads N] [--skip-tvm] [--resnet-max-drop 1]
 
 Models: a ResNet-18-shaped network (random weights, 1x3x224x224) and a small CNN
 trained for one epoch on Fashion-MNIST (batch 1).  Peers, each with its defaults:
@@ -9,9 +9,10 @@ OpenVINO ``compile_model`` with an f32 hint and with no hint; TVM untuned (Relax
 default pipeline).  dlopt: ``dlopt compile --target cpu`` with the same calibration
 and evaluation data and an accuracy budget, then its chosen artefact reloaded from
 the output folder.  Every model is scored on the same evaluation inputs (top-1
-against labels for the trained CNN, top-1 agreement with the FP32 original for the
-random-weight ResNet) and timed with the same loop; sessions are created and
-dropped one at a time so idle threads of one do not slow the next.  Prints a table
+against labels for the trained CNN; for the random-weight ResNet, whose near-tied
+classes make top-1 agreement a coin toss, the mean cosine similarity of the logits with
+the FP32 original) and timed with the same loop; sessions are created and dropped one
+at a time so idle threads of one do not slow the next.  Prints a table
 and the two ratios the acceptance asks for.  Asserts nothing.
 """
 
@@ -46,14 +47,19 @@ def p50_ms(run, feed, runs: int, warmup: int = 5, max_seconds: float = 20.0) -> 
     return float(np.median(times) * 1e3), runs
 
 
+def cosine_to(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Mean cosine similarity of each sample's logits with the reference's (1.0 = identical)."""
+    a = reference.reshape(len(reference), -1).astype(np.float64)
+    b = logits.reshape(len(logits), -1).astype(np.float64)
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
 def score(run, eval_x, name, reference=None, labels=None, batch=1) -> float:
-    """Top-1 accuracy against labels, else top-1 agreement with ``reference`` logits."""
-    preds = []
-    for start in range(0, len(eval_x), batch):
-        preds.append(np.asarray(run({name: eval_x[start : start + batch]})[0]).argmax(-1))
-    preds = np.concatenate(preds)
-    target = labels if labels is not None else reference.argmax(-1)
-    return float((preds == target).mean())
+    """Top-1 accuracy against labels, else mean cosine similarity with the FP32 reference logits."""
+    logits = np.concatenate([np.asarray(run({name: eval_x[i : i + batch]})[0]) for i in range(0, len(eval_x), batch)])
+    if labels is not None:
+        return float((logits.argmax(-1) == labels).mean())
+    return cosine_to(reference, logits)
 
 
 def ort_session(path, threads):
@@ -117,7 +123,11 @@ def bench_model(label, path, name, eval_x, labels, calib, feed, args, work, max_
 
     def measure(peer, make):
         gc.collect()
-        run = make()
+        try:
+            run = make()
+        except Exception as exc:  # a peer that cannot build the model is a result too
+            print(f"  {peer}: failed: {str(exc).splitlines()[0][:150]}")
+            return False
         ms, runs = p50_ms(run, feed, args.runs)
         nonlocal reference
         if reference is None:
@@ -126,6 +136,7 @@ def bench_model(label, path, name, eval_x, labels, calib, feed, args, work, max_
         rows.append((peer, ms, runs, s))
         del run
         gc.collect()
+        return True
 
     threads = args.threads
     measure("ORT FP32 (default session)", lambda: ort_session(path, threads))
@@ -133,15 +144,27 @@ def bench_model(label, path, name, eval_x, labels, calib, feed, args, work, max_
     measure("ORT INT8 QDQ (quantize_static defaults)", lambda: ort_session(int8, threads))
     measure("OpenVINO (f32 hint)", lambda: openvino_session(path, threads, hint=True))
     measure("OpenVINO (default: no hint)", lambda: openvino_session(path, threads, hint=False))
-    if not args.skip_tvm:
-        measure("TVM untuned", lambda: tvm_session(path, threads, work))
+    if not args.skip_tvm and not measure("TVM untuned", lambda: tvm_session(path, threads, work)):
+        # The Relax frontend fails on some exported graphs; a TVM user would simplify first.
+        import onnx
+        import onnxsim
+
+        simplified = work / f"{label}_simplified.onnx"
+        onnx.save(onnxsim.simplify(onnx.load(str(path)))[0], str(simplified))
+        measure("TVM untuned (after onnxsim)", lambda: tvm_session(simplified, threads, work / "tvm-sim"))
 
     calib_npz = write_npz(work / f"{label}_calib.npz", name, calib)
     eval_npz = write_npz(work / f"{label}_eval.npz", name, eval_x, labels)
     start = time.perf_counter()
+    # The same score for dlopt's budget: accuracy with labels, else cosine with the FP32 logits
+    # (random weights make top-1 agreement a coin toss between near-tied classes).
+    def cosine_metric(outputs, _labels):
+        return cosine_to(reference, np.concatenate([np.asarray(o) for o in outputs]))
+
     report = dlopt.compile(path, target="cpu", out=work / f"{label}-dlopt", calib=calib_npz, inputs=eval_npz,
                            calib_samples=len(calib), max_accuracy_drop=max_drop, threads=threads,
-                           runs=args.runs, search_time=args.search_time, cache=False)
+                           runs=args.runs, search_time=args.search_time, cache=False,
+                           metric=None if labels is not None else cosine_metric)
     seconds = time.perf_counter() - start
     chosen = report.chosen_candidate()
     measure(f"dlopt: {chosen.key} (ran {chosen.ran_as or chosen.precision})",
@@ -150,7 +173,7 @@ def bench_model(label, path, name, eval_x, labels, calib, feed, args, work, max_
     base_score = rows[0][3]
     ort_fp32 = rows[0][1]
     print(f"\n== {label} ==  ({threads} threads; budget: {max_drop} points of "
-          f"{'top-1 accuracy' if labels is not None else 'top-1 agreement with ORT FP32'}; "
+          f"{'top-1 accuracy' if labels is not None else 'mean cosine similarity of logits with ORT FP32'}; "
           f"dlopt compile took {seconds:.0f} s)")
     print(f"  {'configuration':<46} {'p50 ms':>9} {'runs':>5} {'score':>7} {'drop pp':>8}  within budget")
     best_peer = None
@@ -177,8 +200,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-tvm", action="store_true", help="untuned TVM takes seconds per ResNet-18 run")
-    parser.add_argument("--resnet-max-drop", type=float, default=2.0,
-                        help="budget for the random-weight ResNet, in points of top-1 agreement [2]")
+    parser.add_argument("--resnet-max-drop", type=float, default=1.0,
+                        help="budget for the random-weight ResNet, in points of mean logit cosine similarity [1]")
     parser.add_argument("--cnn-max-drop", type=float, default=0.5, help="budget for the trained CNN [0.5]")
     parser.add_argument("--search-time", type=float, default=120.0)
     parser.add_argument("--skip-resnet", action="store_true")
@@ -196,7 +219,7 @@ def main() -> None:
         if not args.skip_resnet:
             path = models.export_resnet18(work / "resnet18.onnx", batch=1)
             calib = rng.standard_normal((64, 3, 224, 224), dtype=np.float32)
-            eval_x = rng.standard_normal((200, 3, 224, 224), dtype=np.float32)
+            eval_x = rng.standard_normal((100, 3, 224, 224), dtype=np.float32)
             bench_model("resnet18", path, "input", eval_x, None, calib, {"input": eval_x[:1]}, args, work,
                         args.resnet_max_drop)
         if not args.skip_cnn:

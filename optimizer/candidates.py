@@ -51,6 +51,7 @@ class Bench:
     scorer: Scorer | None = None
     ranges: Path | None = None  # calibration cache for int8
     cache: object | None = None  # dlopt.cache.ArtifactCache, or None to always build
+    baseline_latency: dict | None = None  # the original's, once measured
 
     def progress(self, stage: str, done: int, total: int) -> None:
         if self.config.progress is not None:
@@ -98,6 +99,7 @@ class Bench:
 
         # The original always runs on this machine's CPU (ONNX Runtime), whatever the target.
         latency, energy = self.latency(session, "original", profile=resolve_target("cpu"))
+        self.baseline_latency = latency
         return Measurement(latency, size_bytes, self.accuracy(self.reference), energy)
 
 
@@ -170,6 +172,9 @@ def build(
 
             session = OrtSession(artifact.folder / artifact.check_onnx, session_settings(bench.config.thread_count))
         cand.ran_as = getattr(session, "ran_as", None)
+        too_slow = _too_slow(bench, session) if timed else None
+        if too_slow:  # check correctness on a few feeds, but do not spend minutes timing a loser
+            limit = min(limit or SLOW_CHECK_FEEDS, SLOW_CHECK_FEEDS)
         outputs = bench.outputs(session, f"{backend_name} {precision}", limit)
         latency, energy = bench.latency(session, f"{backend_name} {precision}") if timed else (None, None)
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
@@ -183,10 +188,34 @@ def build(
     cand.measurement = Measurement(latency, artifact.size_bytes(), bench.accuracy(outputs), energy)
     reference = bench.reference[: len(outputs)]
     cand.fidelity = compare(reference, outputs).to_dict()
-    if limit is None:
+    if too_slow:
+        cand.status, cand.reason = "rejected", too_slow
+    elif limit is None:
         cand.score = bench.scorer.score(outputs).to_dict()
         judge(cand, bench.config.max_accuracy_drop)
     return Built(cand, artifact, outputs, result.model)
+
+
+# A candidate whose first run takes this many times the original's p50 cannot win: it is
+# checked on a few feeds and timed briefly, then reported as too slow (untuned TVM on x86).
+SLOW_FACTOR = 20.0
+SLOW_CHECK_FEEDS = 4
+SLOW_FLOOR_MS = 100.0
+
+
+def _too_slow(bench: Bench, session) -> str | None:
+    import time
+
+    base = (bench.baseline_latency or {}).get("p50_ms")
+    if not base:
+        return None
+    start = time.perf_counter()
+    session.run(bench.feeds.feeds[0])
+    first_ms = (time.perf_counter() - start) * 1e3
+    if first_ms <= max(SLOW_FACTOR * base, SLOW_FLOOR_MS):  # fast enough to evaluate in full anyway
+        return None
+    return (f"too slow to compete: first run {first_ms:.1f} ms, {first_ms / base:.0f}x the original's "
+            f"{base:.2f} ms (checked on {SLOW_CHECK_FEEDS} feeds only)")
 
 
 def _compile_cached(bench: Bench, backend, model: ir.Model, workdir: Path, precision: str):

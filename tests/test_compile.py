@@ -163,3 +163,16 @@ def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
     assert report["chosen"] == "ort/int8" and rows["int8"]["score"]["drop_pp"] <= 1.0
     assert "precision preference" in rows["int8"]["reason"]
     assert "not measured" in result.stdout
+
+
+def test_published_folder_loads_and_runs(compiled):
+    from dlopt.targets import load_artifact
+
+    tmp, _ = compiled
+    session = load_artifact(tmp / "out")
+    feed = {"x": np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    (got,) = session.run(feed)
+    (ref,) = run_ort(onnx.load(tmp / "m.onnx"), feed)
+    assert max_rel_error(ref, got) <= 1e-4
+    with pytest.raises(api.errors.ConfigError, match="not a dlopt output folder"):
+        load_artifact(tmp)
