@@ -144,14 +144,14 @@ def bench_model(label, path, name, eval_x, labels, calib, feed, args, work, max_
     measure("ORT INT8 QDQ (quantize_static defaults)", lambda: ort_session(int8, threads))
     measure("OpenVINO (f32 hint)", lambda: openvino_session(path, threads, hint=True))
     measure("OpenVINO (default: no hint)", lambda: openvino_session(path, threads, hint=False))
-    if not args.skip_tvm and not measure("TVM untuned", lambda: tvm_session(path, threads, work)):
+    if not args.skip_tvm and not measure("TVM untuned", lambda: tvm_session(path, threads, work / f"{label}-tvm")):
         # The Relax frontend fails on some exported graphs; a TVM user would simplify first.
         import onnx
         import onnxsim
 
         simplified = work / f"{label}_simplified.onnx"
         onnx.save(onnxsim.simplify(onnx.load(str(path)))[0], str(simplified))
-        measure("TVM untuned (after onnxsim)", lambda: tvm_session(simplified, threads, work / "tvm-sim"))
+        measure("TVM untuned (after onnxsim)", lambda: tvm_session(simplified, threads, work / f"{label}-tvm-sim"))
 
     calib_npz = write_npz(work / f"{label}_calib.npz", name, calib)
     eval_npz = write_npz(work / f"{label}_eval.npz", name, eval_x, labels)

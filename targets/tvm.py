@@ -122,8 +122,11 @@ def _linker(profile):
 
 
 def _input_specs(model) -> list[dict]:
+    """Static shapes for the build: symbolic dims become 1; a symbolic first dim is a batch the
+    session serves sample by sample."""
     return [{"name": v.name, "dtype": v.dtype.numpy().name,
-             "shape": [d if isinstance(d, int) else 1 for d in (v.shape or ())]}
+             "shape": [d if isinstance(d, int) else 1 for d in (v.shape or ())],
+             "dynamic_batch": bool(v.shape) and not isinstance(v.shape[0], int)}
             for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
@@ -316,6 +319,16 @@ class TvmSession:
         self.threads = int(tvm.get_global_func("runtime.NumThreads")())
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batched = [s for s in self._inputs if s.get("dynamic_batch")]
+        if batched and len(self._inputs) == len(batched):
+            sizes = {len(feeds[s["name"]]) for s in batched}
+            if len(sizes) == 1 and (n := sizes.pop()) != 1:
+                # Built for batch 1: run the samples one by one and stack the results on axis 0.
+                parts = [self._run({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
+                return [np.concatenate(outs, axis=0) for outs in zip(*parts)]
+        return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         args = []
         for spec in self._inputs:
             array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])

@@ -188,3 +188,14 @@ def test_dlopt_compile_verifies_the_tvm_candidate(tmp_path, monkeypatch):
     assert tvm.status == "ok", tvm.reason
     assert tvm.fidelity["max_rel_error"] <= 1e-4
     assert tvm.artifact_files == ["model.so", "tvm_build.json"]
+
+
+def test_dynamic_batch_is_served_sample_by_sample(tmp_path):
+    proto = models.conv_bn_relu(batch="N")
+    artifact = backend.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path,
+                               precision="fp32", threads=1)
+    session = backend.load(artifact)
+    x = np.random.default_rng(4).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    (got,) = session.run({"x": x})
+    assert got.shape == (5, 10)
+    assert max_rel_error(run_ort(proto, {"x": x})[0], got) <= 1e-4
