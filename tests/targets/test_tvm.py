@@ -103,8 +103,11 @@ def test_functions_symbolic_batch_and_several_outputs(tmp_path):
     assert len(outputs) == 2
     for ref, got in zip(run_ort(proto, feed), outputs, strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-6)
+    two = {"x": np.array([[-2.0, -1.0, 0.5, 3.0], [1.0, -3.0, 2.0, 0.0]], np.float32)}
+    for ref, got in zip(run_ort(proto, two), session.run(two), strict=True):  # a batch of 2, sample by sample
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
     with pytest.raises(ValueError, match=r"built for \[1, 4\]"):
-        session.run({"x": np.zeros((2, 4), np.float32)})
+        session.run({"x": np.zeros((1, 5), np.float32)})
 
 
 def test_thread_count_reaches_the_runtime(tmp_path):
