@@ -17,7 +17,7 @@ import onnx_ir as ir
 from dlopt.budget import Scorer
 from dlopt.config import CompileConfig
 from dlopt.errors import DloptError, first_line
-from dlopt.evaluate import TOLERANCE, compare, measure_latency, top1_accuracy
+from dlopt.evaluate import FP32_TOLERANCE, compare, measure_latency, top1_accuracy
 from dlopt.pipeline import run_pipeline
 from dlopt.profiles import TargetProfile
 from dlopt.report import Candidate, Measurement
@@ -246,7 +246,7 @@ def _compile_cached(bench: Bench, backend, model: ir.Model, workdir: Path, preci
 def judge(cand: Candidate, max_drop: float) -> None:
     """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget."""
     if cand.precision == "fp32":
-        limit = TOLERANCE["fp32"]
+        limit = FP32_TOLERANCE
         if not cand.fidelity["max_rel_error"] <= limit:
             cand.status = "rejected"
             cand.reason = f"max relative error {cand.fidelity['max_rel_error']:.2e} over the fp32 limit {limit:.0e}"

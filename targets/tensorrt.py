@@ -12,7 +12,6 @@ report); the engine's latency is "not measured" until it runs on the device.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import onnx_ir as ir
