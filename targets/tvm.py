@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -28,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.errors import CompileError, DloptError, TargetUnavailable, first_line
+from dlopt.profiles import host_arch
 from dlopt.targets.base import Artifact
 
 name = "tvm"
@@ -87,18 +87,13 @@ def passes(precision: str) -> list:
     return backend_passes(name, precision)
 
 
-def _host_arch() -> str:
-    machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
 def _host_target(profile) -> dict:
     """The LLVM target of the CPU that runs the library (the GPU's host on GPU profiles)."""
     from tvm.target import codegen
 
     spec: dict = {"kind": "llvm", "mtriple": profile.triple}
     mcpu = profile.mcpu
-    if mcpu == "native" or (mcpu is None and profile.device == "cpu" and profile.arch == _host_arch()):
+    if mcpu == "native" or (mcpu is None and profile.device == "cpu" and profile.arch == host_arch()):
         mcpu = codegen.llvm_get_system_cpu()
     if mcpu:
         spec["mcpu"] = mcpu
@@ -111,7 +106,7 @@ def _linker(profile):
     """(fcompile for export_library, its name); TargetUnavailable when the cross compiler is missing."""
     from tvm.support import cc
 
-    if profile.arch == _host_arch():
+    if profile.arch == host_arch():
         return None, "host cc"
     compiler = profile.cross_compiler
     if not compiler or not shutil.which(compiler):

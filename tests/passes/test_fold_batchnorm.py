@@ -1,4 +1,3 @@
-import numpy as np
 import onnx_ir as ir
 from onnx import helper
 
@@ -33,4 +32,3 @@ def test_note_counts_rewrites():
     pass_ = FoldBatchNormPass()
     pass_(ir.serde.deserialize_model(models.conv_bn_relu()))
     assert pass_.note == "1 rewrite(s)"
-    np.testing.assert_equal(pass_.note.split()[0], "1")
