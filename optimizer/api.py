@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     Writes the artefact folder ``out`` (model, session settings, manifest.json,
     report.json, report.md) atomically and returns the :class:`Report`.
     ``options`` are the fields of :class:`dlopt.CompileConfig` (precision, inputs,
-    samples, runs, warmup, threads, seed, progress).  Raises
+    samples, runs, warmup, threads, seed, progress: a function or True for progress
+    bars on a terminal).  ``model`` may also be serialised ONNX bytes, and ``inputs`` a
+    dict of arrays or an iterable of feed dicts instead of an .npz path.  Raises
     :class:`dlopt.errors.DloptError` subclasses on bad input.
     """
     import dataclasses
@@ -32,11 +35,15 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, os.PathLike)):
         model = Path(model)
     inputs = options.pop("inputs", None)
+    if isinstance(out, (str, os.PathLike)):
+        out = Path(out)
     config = CompileConfig(
-        model=model, target=target, out=Path(out) if out is not None else None,
-        inputs=Path(inputs) if inputs is not None else None, **options,
+        model=model, target=target, out=out,
+        # a path names an .npz; a dict of arrays, an iterable of feeds or a DataLoader is data itself
+        inputs=Path(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs, **options,
     )
     return run(config)
+

@@ -244,8 +244,14 @@ def _compile_cached(bench: Bench, backend, model: ir.Model, workdir: Path, preci
 
 
 def judge(cand: Candidate, max_drop: float) -> None:
-    """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget."""
-    if cand.precision == "fp32":
+    """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget.
+
+    Any precision that produces NaN/Inf where the original is finite is rejected outright.
+    """
+    if cand.fidelity and cand.fidelity.get("non_finite"):
+        cand.status = "rejected"
+        cand.reason = f"produces {cand.fidelity['non_finite']} where the original is finite"
+    elif cand.precision == "fp32":
         limit = FP32_TOLERANCE
         if not cand.fidelity["max_rel_error"] <= limit:
             cand.status = "rejected"

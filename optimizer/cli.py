@@ -18,12 +18,34 @@ from pathlib import Path
 import click
 
 from dlopt import __version__
+from dlopt.progress import TerminalProgress
 
 EXIT_INTERNAL = 70
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 class _Group(click.Group):
     """Maps dlopt's errors to one-line messages and exit codes, for every command."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:  # one line, not click's four-line "Usage: ..." block
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"dlopt: error: {_one_line(exc.format_message())}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"dlopt: error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("dlopt: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
         from dlopt.errors import DloptError
@@ -31,7 +53,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DloptError as exc:
-            click.echo(f"dlopt: error: {exc}", err=True)
+            click.echo(f"dlopt: error: {_one_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("dlopt: interrupted; nothing was written", err=True)
@@ -41,7 +63,7 @@ class _Group(click.Group):
         except Exception as exc:  # a bug in dlopt or a library: one line unless asked for more
             if os.environ.get("DLOPT_DEBUG"):
                 raise
-            click.echo(f"dlopt: internal error: {type(exc).__name__}: {exc} "
+            click.echo(f"dlopt: internal error: {type(exc).__name__}: {_one_line(str(exc))[:500]} "
                        f"(set DLOPT_DEBUG=1 for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
 
@@ -50,40 +72,28 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="dlopt")
 @click.option("-v", "--verbose", count=True, help="Log diagnostics to stderr (-vv for debug).")
 def main(verbose: int) -> None:
-    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so staged output is removed.
-    signal.signal(signal.SIGTERM, _terminate)
     """dlopt: optimise a trained model for a target and prove it still works.
 
     \b
     Typical use:
       dlopt inspect model.onnx
       dlopt compile model.onnx --target cpu -o out/
+      dlopt gate out/ --max-accuracy-drop 0.5
       dlopt targets
       dlopt demo
     """
+    # Ctrl-C and SIGTERM (CI cancelling a job) unwind once, so staged output is removed;
+    # later ones are ignored until that cleanup is done and the process exits.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _terminate(signum, frame) -> None:
+def _interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
-
-
-class _Progress:
-    """A progress bar per stage on stderr, redrawn in place; only on a terminal, so logs stay clean."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r  {stage:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}\x1b[K")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def _print_report(report, *, as_json: bool) -> None:
@@ -150,8 +160,9 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
                    "with the original model.")
 @click.option("--search-time", type=float, default=300.0, show_default=True, metavar="SECONDS",
               help="Time limit of the mixed-precision search; the best model found is kept.")
-@click.option("--samples", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Random feeds compared against the original model (without --eval).")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Without --eval: random feeds compared against the original [20]. With --eval: "
+                   "evaluate at most this many of its samples [10000].")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
@@ -197,7 +208,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
             model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
             runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
-            search_time=search_time, wait=wait, cache=not no_cache, progress=_Progress(not (quiet or as_json)),
+            search_time=search_time, wait=wait, cache=not no_cache, progress=TerminalProgress(not (quiet or as_json)),
         )
     except AccuracyBudgetExceeded as exc:  # the closest model was written: show its report, then fail
         _print_report(exc.report, as_json=as_json)
@@ -329,7 +340,7 @@ def demo(out, as_json):
     """
     from dlopt.demo import run_demo
 
-    report, accuracy = run_demo(out, progress=_Progress(not as_json))
+    report, accuracy = run_demo(out, progress=TerminalProgress(not as_json))
     _print_report(report, as_json=as_json)
     if not as_json:
         click.echo(f"\ntop-1 accuracy on {accuracy['test_samples']} held-out digits: "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +14,8 @@ from dlopt.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-dynamic")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+RANDOM_SAMPLES = 20  # random feeds compared with the original when there is no evaluation data
+EVAL_SAMPLES = 10_000  # evaluation samples read at most unless samples says otherwise
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class CompileConfig:
     out: Path | None = None
     precision: str = "auto"
     inputs: Any = None
-    samples: int = 20
+    samples: int | None = None  # random feeds (default 20), or at most this many --eval samples (10000)
     runs: int = 100
     warmup: int = 10
     threads: int | None = None
@@ -53,30 +58,93 @@ class CompileConfig:
     wait: float = 0.0  # seconds to wait for another compile writing the same output folder
     targets_file: Path | None = None  # TOML with [targets.NAME] tables [default: ./dlopt.toml]
     metric: Callable | None = field(default=None, compare=False)
-    progress: Callable[[str, int, int], None] | None = field(default=None, compare=False)
+    # a function f(stage, done, total), True for the terminal progress bars, or None
+    progress: Callable[[str, int, int], None] | bool | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.calib_method not in CALIB_METHODS:
             raise ConfigError(f"unknown calibration method {self.calib_method!r}; choose from {', '.join(CALIB_METHODS)}")
         for name in ("samples", "runs", "calib_samples"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be 0 or more, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {self.threads}")
-        if not self.max_accuracy_drop >= 0:
-            raise ConfigError(f"max accuracy drop must be 0 or more points, got {self.max_accuracy_drop}")
-        if not self.search_time >= 0:
-            raise ConfigError(f"search time must be 0 or more seconds, got {self.search_time}")
-        if self.metric is not None and not callable(self.metric):
-            raise ConfigError("metric must be a function f(outputs, labels) -> float")
+        if self.threads is not None:
+            cores = machine_cores()
+            if not 1 <= self.threads <= cores:
+                raise ConfigError(f"threads must be between 1 and this machine's {cores} cores, got {self.threads}")
+        for name in ("max_accuracy_drop", "search_time", "wait"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a finite number, 0 or more, got {value}")
+        if self.progress is True:  # the API's shorthand for the CLI's terminal progress
+            from dlopt.progress import TerminalProgress
+
+            object.__setattr__(self, "progress", TerminalProgress())
+        elif self.progress is False:
+            object.__setattr__(self, "progress", None)
+
+    @property
+    def random_samples(self) -> int:
+        return self.samples or RANDOM_SAMPLES
+
+    @property
+    def eval_limit(self) -> int:
+        """Evaluation samples read at most: evaluation data is held in memory, so it is capped."""
+        return self.samples or EVAL_SAMPLES
 
     @property
     def thread_count(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        return int(self.threads or machine_cores())
 
     def output_dir(self, model_name: str) -> Path:
-        return Path(self.out) if self.out is not None else Path(f"{model_name}-{self.target}")
+        """``out``, or ``<model>-<target>`` in the working folder (a plain name, whatever the model calls itself)."""
+        return Path(self.out) if self.out is not None else Path(plain_name(f"{model_name}-{self.target}"))
+
+
+def plain_name(text: str, limit: int = 100) -> str:
+    """``text`` as a harmless file name: no separators, no leading dot, no ``..``."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", text).lstrip("._-")[:limit]
+    return name if name.strip(".") else "model"
+
+
+def machine_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# field -> (accepted types, what to say); checked before any value is used so a wrong type is
+# a one-line ConfigError, not a TypeError from deep inside.
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "target": ((str,), "a target name"),
+    "out": ((str, os.PathLike, type(None)), "a folder path"),
+    "precision": ((str,), "a precision name"),
+    "samples": ((numbers.Integral, type(None)), "an integer or None"),
+    "runs": ((numbers.Integral,), "an integer"),
+    "warmup": ((numbers.Integral,), "an integer"),
+    "threads": ((numbers.Integral, type(None)), "an integer or None"),
+    "seed": ((numbers.Integral,), "an integer"),
+    "calib_samples": ((numbers.Integral,), "an integer"),
+    "calib_method": ((str,), "a method name"),
+    "max_accuracy_drop": ((numbers.Real,), "a number"),
+    "search_time": ((numbers.Real,), "a number of seconds"),
+    "cache": ((bool,), "True or False"),
+    "wait": ((numbers.Real,), "a number of seconds"),
+    "targets_file": ((str, os.PathLike, type(None)), "a file path"),
+}
+
+
+def _check_types(config: CompileConfig) -> None:
+    for name, (types, what) in _TYPES.items():
+        value = getattr(config, name)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"{name} must be {what}, got {type(value).__name__} {value!r:.60}")
+    if config.metric is not None and not callable(config.metric):
+        raise ConfigError("metric must be a function f(outputs, labels) -> float")
+    if config.progress not in (None, True, False) and not callable(config.progress):
+        raise ConfigError("progress must be True, False, None or a function f(stage, done, total)")

@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -20,10 +21,11 @@ import onnx
 import onnx_ir as ir
 
 from dlopt import __version__
-from dlopt.artifacts import MANIFEST, check_output_dir, output_lock, publish, staging_dir
+from dlopt.artifacts import (MANIFEST, check_output_dir, output_lock, publish, published_entries,
+                             remove_stale_staging, resolve_output, staging_dir)
 from dlopt.candidates import Bench, Built, Feeds, build
 from dlopt.config import CompileConfig
-from dlopt.errors import AccuracyBudgetExceeded, CompileError, ModelError, first_line
+from dlopt.errors import AccuracyBudgetExceeded, CompileError, DloptError, ModelError, first_line
 from dlopt.evaluate import input_specs, random_feeds
 from dlopt.model_io import check_proto, load_ir, read_model_proto, save_ir, sha256_file
 from dlopt.pipeline import run_pipeline
@@ -45,6 +47,14 @@ UNTIMED_PREFERENCE = ("int8", "mixed", "int8-dynamic", "fp16", "bf16", "fp32")
 
 def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     model = config.model
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        try:
+            model = onnx.load_model_from_string(bytes(model))
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise ModelError(f"the bytes given as model are not a serialised ONNX model ({first_line(exc)})") from exc
+    elif not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+        raise ModelError(f"model must be an .onnx path, serialised ONNX bytes or an onnx.ModelProto, "
+                         f"got {type(model).__name__}")
     if isinstance(model, onnx.ModelProto):
         check_proto(model)
         data = model.SerializeToString()
@@ -58,10 +68,10 @@ def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
 
 def _eval_feeds(config: CompileConfig, specs) -> Feeds:
     if config.inputs is None:
-        return Feeds(random_feeds(specs, config.samples, config.seed), [], f"random (seed {config.seed})")
+        return Feeds(random_feeds(specs, config.random_samples, config.seed), [], f"random (seed {config.seed})")
     from dlopt.calibration import open_dataset
 
-    data = open_dataset(config.inputs, specs, batch_size=32)
+    data = open_dataset(config.inputs, specs, batch_size=32, limit=config.eval_limit)
     feeds, labels = [], []
     for feed, label in data.iter_with_labels():
         feeds.append(feed)
@@ -236,15 +246,17 @@ def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users kno
     profile = resolve_target(config.target, config.targets_file)
     proto, model, info = _load(config)
     name = Path(info["path"]).stem if info["path"] else (proto.graph.name or "model")
-    out = config.output_dir(name)
-    check_output_dir(out)
+    out = resolve_output(config.output_dir(name))
+    inputs = tuple(Path(p) for p in (info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
+    check_output_dir(out, inputs=inputs)
     with output_lock(out, wait=config.wait):
-        check_output_dir(out)  # again: the compile that held the lock may have written it
-        return _compile_locked(config, profile, proto, model, info, out)
+        check_output_dir(out, inputs=inputs)  # again: the compile that held the lock may have written it
+        notes = [f"removed {entry}, left by an earlier compile that was killed" for entry in remove_stale_staging(out)]
+        return _compile_locked(config, profile, proto, model, info, out, notes)
 
 
 def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.ModelProto, model: ir.Model,
-                    info: dict, out: Path) -> Report:
+                    info: dict, out: Path, notes: list[str]) -> Report:
     specs = input_specs(proto)
     calib_data = _open_calibration(config, specs)
     bench = Bench(config, profile, _eval_feeds(config, specs))
@@ -259,13 +271,19 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
         reference = OrtSession(info["path"] or proto.SerializeToString(), session_settings(config.thread_count))
     except Exception as exc:  # the original must run to be compared with: that is the user's model
         raise ModelError(f"ONNX Runtime cannot run the original model: {first_line(exc)}") from exc
-    baseline = bench.measure_original(reference, info["size_bytes"])
+    try:
+        baseline = bench.measure_original(reference, info["size_bytes"])
+    except DloptError:
+        raise
+    except Exception as exc:  # e.g. a Gather index out of range on random inputs
+        raise ModelError(f"ONNX Runtime cannot run the original model on the "
+                         f"{'evaluation' if config.inputs is not None else 'random'} inputs: {first_line(exc)}"
+                         + ("" if config.inputs is not None else "; pass representative data with --eval")) from exc
     del reference  # its idle worker threads would compete with the candidates being timed
     from dlopt.passes import generic_passes
 
     generic = run_pipeline(model, generic_passes())
     precisions = _precisions(config, profile, generic.model)
-    notes: list[str] = []
     with staging_dir(out) as staged:
         calibration = None
         if any(p in ("int8", "mixed") for p in precisions):
@@ -320,12 +338,14 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
             search=search_info,
             notes=notes + [e for e in getattr(bench.cache, "events", []) if "damaged" in e],
         )
-        (staged / MANIFEST).write_text(json.dumps(_manifest(config, profile, info, report, chosen), indent=2) + "\n")
         (staged / "report.json").write_text(report.to_json())
         (staged / "report.md").write_text(report.to_markdown())
         from dlopt.html import render_html
 
         (staged / "report.html").write_text(render_html(report.to_dict()))
+        manifest = _manifest(config, profile, info, report, chosen)
+        manifest["published"] = sorted([*published_entries(staged), MANIFEST])  # what a later run may replace
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         publish(staged, out)
     if over_budget is not None:
         error = AccuracyBudgetExceeded(

@@ -90,21 +90,38 @@ class Fidelity:
     max_rel_error: float  # max |a - b| / max |reference|, per output
     min_cosine: float
     top1_agreement: float | None  # share of samples whose argmax matches (first output)
+    non_finite: str | None = None  # "NaN in output 0 on feed 3" where the reference is finite there
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _non_finite(ref: np.ndarray, got: np.ndarray) -> str | None:
+    """NaN or Inf in ``got`` where ``ref`` is finite: a broken candidate, whatever else it scores."""
+    bad = ~np.isfinite(got) & np.isfinite(ref)
+    if not bad.any():
+        return None
+    return "NaN" if np.isnan(got[bad]).any() else "Inf"
+
+
 def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]]) -> Fidelity:
+    """Worst-case agreement of ``candidate`` with ``reference``; NaN never hides in a maximum."""
     max_abs = max_rel = 0.0
     min_cos = 1.0
     agree = total = 0
-    for ref_outs, cand_outs in zip(reference, candidate, strict=True):
+    for feed, (ref_outs, cand_outs) in enumerate(zip(reference, candidate, strict=True)):
         for index, (ref, got) in enumerate(zip(ref_outs, cand_outs, strict=True)):
             ref64 = np.asarray(ref, dtype=np.float64)
             got64 = np.asarray(got, dtype=np.float64)
             if ref64.shape != got64.shape:
                 return Fidelity(float("inf"), float("inf"), -1.0, 0.0)
+            kind = _non_finite(ref64, got64)
+            if kind is not None:
+                return Fidelity(float("inf"), float("inf"), -1.0, 0.0, f"{kind} in output {index} on feed {feed}")
+            # where both are non-finite alike (the original itself gives Inf), compare the rest
+            same = ~np.isfinite(ref64) & (np.isnan(ref64) & np.isnan(got64) | (ref64 == got64))
+            if same.any():
+                ref64, got64 = np.where(same, 0.0, ref64), np.where(same, 0.0, got64)
             diff = float(np.max(np.abs(ref64 - got64))) if ref64.size else 0.0
             scale = float(np.max(np.abs(ref64))) if ref64.size else 0.0
             max_abs = max(max_abs, diff)

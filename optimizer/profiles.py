@@ -180,6 +180,7 @@ def load_user_profiles(path: str | Path) -> dict[str, TargetProfile]:
             raise ConfigError(f"{path}: targets.{name} has unknown keys {unknown}; known: {sorted(known)}")
         entry = dict(entry)
         base_name = entry.pop("base", None)
+        _check_entry_types(path, name, entry)
         try:
             if "power" in entry:
                 entry["power"] = PowerModel(**entry["power"])
@@ -196,6 +197,30 @@ def load_user_profiles(path: str | Path) -> dict[str, TargetProfile]:
         except TypeError as exc:
             raise ConfigError(f"{path}: targets.{name}: {first_line(exc)}") from exc
     return profiles
+
+
+# TOML key -> (accepted types, what to say); a string where a list belongs would be split into letters.
+_ENTRY_TYPES = {
+    "base": ((str,), "a preset name"), "description": ((str,), "a string"), "device": ((str,), "a string"),
+    "arch": ((str,), "a string"), "triple": ((str,), "a string"), "mcpu": ((str,), "a string"),
+    "cuda_arch": ((str,), "a string"), "cross_compiler": ((str,), "a string"),
+    "int8_symmetric": ((bool,), "true or false"), "host_native": ((bool,), "true or false"),
+    "power": ((dict,), "a table of numbers"),
+    **{key: ((list,), "a list of strings") for key in _TUPLE_FIELDS},
+}
+
+
+def _check_entry_types(path: Path, name: str, entry: dict) -> None:
+    for key, value in entry.items():
+        types, what = _ENTRY_TYPES.get(key, ((object,), ""))
+        if not isinstance(value, types):
+            hint = f' (write {key} = ["{value}"])' if key in _TUPLE_FIELDS and isinstance(value, str) else ""
+            raise ConfigError(f"{path}: targets.{name}.{key} must be {what}, got {value!r:.60}{hint}")
+        if key in _TUPLE_FIELDS and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: targets.{name}.{key} must be a list of strings")
+        if key == "power" and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      for v in value.values()):
+            raise ConfigError(f"{path}: targets.{name}.power must hold numbers")
 
 
 def all_profiles(user_file: str | Path | None = None) -> dict[str, TargetProfile]:

@@ -108,15 +108,24 @@ def test_report_and_manifest_contents(compiled):
     assert "| ort " in md and "FoldBatchNormPass" in md
 
 
-def test_recompile_replaces_previous_output(compiled, tmp_path):
+def test_recompile_replaces_previous_output_but_not_foreign_files(compiled, tmp_path):
     tmp, _ = compiled
-    marker = tmp / "out" / "stale.txt"
-    marker.write_text("from an older run")
+    published = json.loads((tmp / "out" / "manifest.json").read_text())["published"]
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == published
     result = dlopt("compile", tmp / "m.onnx", "-o", tmp / "out", "--runs", "5", "--samples", "3",
                    "--precision", "fp32", cwd=tmp)
     assert result.returncode == 0, result.stderr
-    assert not marker.exists()
     assert json.loads((tmp / "out" / "report.json").read_text())["evaluation"]["feeds"] == 3
+    # a file dlopt did not write makes the folder someone else's: refused, nothing touched
+    marker = tmp / "out" / "notes.txt"
+    marker.write_text("mine")
+    before = (tmp / "out" / "report.json").read_bytes()
+    result = dlopt("compile", tmp / "m.onnx", "-o", tmp / "out", "--runs", "5", "--samples", "4",
+                   "--precision", "fp32", cwd=tmp)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("holds files dlopt did not write: notes.txt; choose another -o or "
+                                          "move them away")
+    assert marker.read_text() == "mine" and (tmp / "out" / "report.json").read_bytes() == before
 
 
 def test_json_output_is_the_report(tmp_path):
