@@ -1,64 +1,141 @@
-"""The accuracy budget: one score per model, and how far a candidate may fall below the original.
+"""The accuracy budget: one metric per model, and how far a candidate may fall from the original.
 
-The score is, in order of preference: the user's metric (Python API), top-1
-accuracy on labelled data, top-1 agreement with the original's predictions, or
-the cosine similarity of the outputs.  Drops are in percentage points of that
-score, so ``--max-accuracy-drop 0.5`` reads the same for all four.
+The metric follows what the model outputs, unless the user names one:
+- classifier logits ``[N, C]``: top-1 accuracy with labels, else top-1 agreement
+  with the original's predictions;
+- anything else (embeddings, hidden states, regression, detection heads):
+  per-sample cosine similarity with the original's outputs, the minimum over
+  samples (the mean is reported beside it);
+- ``rel-error``: the largest relative error of any output (lower is better);
+- a user function ``f(first_outputs, labels_or_None) -> float`` in [0, 1], higher
+  better, where ``first_outputs`` is the list of the first output of every
+  evaluation batch (one array per batch of up to 32 samples) and ``labels`` the
+  matching list of label arrays.
+Drops are in points: 100 x the change of the metric, in the direction that is
+worse, so ``--max-accuracy-drop 0.5`` allows top-1 to lose half a percent, cosine
+to fall by 0.005 or the relative error to grow by 0.005.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
+from dlopt.errors import ConfigError, first_line
 from dlopt.evaluate import compare, top1_accuracy
 
-# A user metric takes the first output of every feed and the labels (or None) and
-# returns a score in [0, 1] where higher is better (accuracy, mAP, F1, ...).
-Metric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray] | None], float]
+UserMetric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray] | None], float]
+BUILTIN = ("top1", "cosine", "rel-error")
 
 
 @dataclass(frozen=True)
 class Score:
     metric: str
     value: float
-    drop_pp: float  # (original - this) * 100; negative when better than the original
+    drop_pp: float  # points (100 x the metric) worse than the original; negative when better
+    details: tuple[tuple[str, float], ...] = ()  # e.g. mean cosine beside the minimum
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "value": round(self.value, 6), "drop_pp": round(self.drop_pp, 4)}
+        return {"metric": self.metric, "value": round(self.value, 6), "drop_pp": round(self.drop_pp, 4),
+                **{k: round(v, 6) for k, v in self.details}}
+
+
+def is_classifier_output(array: np.ndarray) -> bool:
+    """Logits or probabilities ``[N, C]``: a float matrix with more than one class."""
+    array = np.asarray(array)
+    return array.ndim == 2 and np.issubdtype(array.dtype, np.floating) and array.shape[-1] > 1
+
+
+def load_metric(spec: str | UserMetric | None) -> str | UserMetric | None:
+    """``top1``/``cosine``/``rel-error``, ``module:function``, a callable, or None for automatic."""
+    if spec is None or callable(spec) or spec in BUILTIN:
+        return spec
+    module, sep, function = str(spec).partition(":")
+    if not sep or not module or not function:
+        raise ConfigError(f"--metric takes {', '.join(BUILTIN)} or module:function, got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module), function)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own error at import
+        raise ConfigError(f"cannot load metric {spec}: {first_line(exc)}") from exc
+    if not callable(found):
+        raise ConfigError(f"metric {spec} is not a function")
+    return found
+
+
+def per_sample_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> np.ndarray:
+    """Cosine similarity of each sample (first axis) of each float output, flattened per sample."""
+    values = []
+    for ref_outs, got_outs in zip(reference, outputs, strict=True):
+        for ref, got in zip(ref_outs, got_outs, strict=True):
+            ref = np.asarray(ref, dtype=np.float64)
+            got = np.asarray(got, dtype=np.float64)
+            if ref.shape != got.shape:
+                return np.array([-1.0])
+            if ref.dtype.kind != "f" or ref.size == 0:
+                continue
+            a = ref.reshape(len(ref), -1) if ref.ndim >= 2 else ref.reshape(1, -1)
+            b = got.reshape(a.shape)
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            dots = np.sum(a * b, axis=1)
+            same = np.all(a == b, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), same.astype(np.float64))
+            values.append(np.nan_to_num(cos, nan=-1.0))
+    return np.concatenate(values) if values else np.array([1.0])
 
 
 class Scorer:
     """Scores outputs against the original model's, with the metric fixed up front."""
 
-    def __init__(self, reference: list[list[np.ndarray]], labels: list[np.ndarray], metric: Metric | None) -> None:
+    def __init__(self, reference: list[list[np.ndarray]], labels: list[np.ndarray],
+                 metric: str | UserMetric | None = None) -> None:
         self.reference = reference
         self.labels = labels
-        self.metric = metric
+        metric = load_metric(metric)
         first = np.asarray(reference[0][0])
-        if metric is not None:
-            self.name = getattr(metric, "__name__", "metric")
-        elif labels:
-            self.name = "top-1 accuracy"
-        elif first.ndim >= 2 and np.issubdtype(first.dtype, np.floating) and first.shape[-1] > 1:
-            self.name = "top-1 agreement"
+        if callable(metric):
+            self.kind, self.name = "user", getattr(metric, "__name__", "metric")
+        elif metric == "top1" or (metric is None and is_classifier_output(first)):
+            if not is_classifier_output(first):
+                raise ConfigError(f"metric top1 needs classifier outputs [N, C]; the first output has shape "
+                                  f"{first.shape}")
+            self.kind = "top1"
+            self.name = "top-1 accuracy" if labels else "top-1 agreement"
+        elif metric == "rel-error":
+            self.kind, self.name = "rel-error", "max relative error"
         else:
-            self.name = "cosine similarity"
-        self.original = self._value(reference)
+            self.kind, self.name = "cosine", "cosine similarity (min per sample)"
+        self.user = metric if callable(metric) else None
+        self.higher_is_better = self.kind != "rel-error"
+        self.original = self._value(reference)[0]
 
-    def _value(self, outputs: list[list[np.ndarray]]) -> float:
+    @property
+    def units(self) -> str:
+        if self.kind == "rel-error":
+            return "points = 100 x relative error (lower is better)"
+        return "points = 100 x the metric" if self.kind != "top1" else "percentage points"
+
+    def _value(self, outputs: list[list[np.ndarray]]) -> tuple[float, tuple[tuple[str, float], ...]]:
         firsts = [o[0] for o in outputs]
-        if self.metric is not None:
-            return float(self.metric(firsts, self.labels or None))
-        if self.labels:
-            return top1_accuracy(firsts, self.labels)
-        fidelity = compare(self.reference, outputs)
-        if self.name == "top-1 agreement":
-            return float(fidelity.top1_agreement)
-        return float(fidelity.min_cosine)
+        if self.user is not None:
+            try:
+                value = float(self.user(firsts, self.labels or None))
+            except Exception as exc:  # the user's code: say whose it is
+                raise ConfigError(f"metric {self.name} failed: {first_line(exc)}") from exc
+            return value, ()
+        if self.kind == "top1":
+            if self.labels:
+                return top1_accuracy(firsts, self.labels), ()
+            return float(compare(self.reference, outputs).top1_agreement or 0.0), ()
+        if self.kind == "rel-error":
+            return float(compare(self.reference, outputs).max_rel_error), ()
+        cos = per_sample_cosine(self.reference, outputs)
+        return float(cos.min()), (("mean_cosine", float(cos.mean())),)
 
     def score(self, outputs: list[list[np.ndarray]]) -> Score:
-        value = self._value(outputs)
-        return Score(self.name, value, (self.original - value) * 100.0)
+        value, details = self._value(outputs)
+        drop = (self.original - value) if self.higher_is_better else (value - self.original)
+        return Score(self.name, value, drop * 100.0, details)

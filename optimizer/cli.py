@@ -20,6 +20,10 @@ import click
 from dlopt import __version__
 from dlopt.progress import TerminalProgress
 
+# kept in step with dlopt.precisions.CHOICES by a test; importing it here would be cheap, but the
+# CLI module stays free of dlopt's pipeline modules so `dlopt --help` never pays for them
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "int8-dynamic", "int8")
+
 EXIT_INTERNAL = 70
 
 
@@ -112,11 +116,9 @@ def _print_report(report, *, as_json: bool) -> None:
         c = report.calibration
         click.echo(f"\ncalibration: {c['samples']} samples from {c['source']} ({c['method']}), {c['seconds']} s, "
                    f"peak RSS {c['peak_rss_mb']} MB (+{c['rss_increase_mb']} MB)")
-    chosen = report.chosen_candidate()
-    if chosen is not None:
-        click.echo(f"\nchosen: {chosen.key}; artefacts in {report.output_dir}")
     for note in report.notes:
         click.echo(f"note: {note}")
+    click.echo(f"\n{report.summary}; artefacts in {report.output_dir}")
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -135,7 +137,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
               help="TOML file with your own [targets.NAME] tables [default: ./dlopt.toml if present].")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: ./<model>-<target>]. Replaced only if it is a previous dlopt output.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "int8-dynamic"]), default="auto",
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto",
               show_default=True,
               help="auto builds fp32, fp16 and int8 (mixed int8/float if int8 misses the budget) and keeps the "
                    "fastest within the budget; an fp16/int8 artefact not faster than fp32 is never chosen.")
@@ -156,14 +158,23 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--calib-color", type=click.Choice(["RGB", "BGR", "GRAY"]), default="RGB", show_default=True,
               help="Image folders: channel order.")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, metavar="POINTS",
-              help="Accuracy budget in percentage points: top-1 accuracy with labels, else top-1 agreement "
-                   "with the original model.")
+              help="Accuracy budget in points of --metric (100 x the metric): top-1 accuracy with labels, "
+                   "top-1 agreement with the original's predictions, or 0.01 of cosine similarity per point.")
 @click.option("--search-time", type=float, default=300.0, show_default=True, metavar="SECONDS",
               help="Time limit of the mixed-precision search; the best model found is kept.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Without --eval: random feeds compared against the original [20]. With --eval: "
                    "evaluate at most this many of its samples [10000].")
-@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Batch at which latency is timed, for a symbolic first dimension [default: 1].")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DxDx...",
+              help="Timing shape of one input, e.g. x=1x3x224x224 (repeatable). Other symbolic dims come from "
+                   "--eval data; one that neither fixes is an error.")
+@click.option("--metric", default=None, metavar="top1|cosine|rel-error|MODULE:FUNCTION",
+              help="What the accuracy budget measures [default: top-1 for classifier logits [N, C], else the "
+                   "per-sample cosine similarity with the original's outputs].")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Timed runs per model, interleaved with the others.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
 @click.option("--gate", "then_gate", is_flag=True,
@@ -176,7 +187,8 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
-            calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, runs, warmup, threads,
+            calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, metric, runs,
+            warmup, threads,
             then_gate, no_cache, wait, as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
@@ -194,6 +206,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
     """
     import dlopt
     from dlopt.errors import AccuracyBudgetExceeded
+    from dlopt.shapes import parse_shape
 
     preprocess = None
     if calib_size is not None:
@@ -206,7 +219,8 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
     try:
         report = dlopt.compile(
             model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
-            runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples,
+            runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples, batch=batch,
+            shapes=dict(parse_shape(text) for text in shapes) or None, metric=metric,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
             search_time=search_time, wait=wait, cache=not no_cache, progress=TerminalProgress(not (quiet or as_json)),
         )

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from dlopt.errors import ConfigError
 
@@ -57,7 +57,10 @@ class CompileConfig:
     cache: bool = True  # reuse verified builds from $DLOPT_CACHE (~/.cache/dlopt)
     wait: float = 0.0  # seconds to wait for another compile writing the same output folder
     targets_file: Path | None = None  # TOML with [targets.NAME] tables [default: ./dlopt.toml]
-    metric: Callable | None = field(default=None, compare=False)
+    batch: int | None = None  # timing batch for a symbolic first dim [1]
+    shapes: Mapping[str, tuple[int, ...]] | None = None  # declared timing shapes by input name
+    # top1 | cosine | rel-error | "module:function" | f(first_outputs, labels) -> float; None: by the outputs
+    metric: str | Callable | None = field(default=None, compare=False)
     # a function f(stage, done, total), True for the terminal progress bars, or None
     progress: Callable[[str, int, int], None] | bool | None = field(default=None, compare=False)
 
@@ -128,6 +131,8 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "runs": ((numbers.Integral,), "an integer"),
     "warmup": ((numbers.Integral,), "an integer"),
     "threads": ((numbers.Integral, type(None)), "an integer or None"),
+    "batch": ((numbers.Integral, type(None)), "an integer or None"),
+    "shapes": ((Mapping, type(None)), "a dict of input name -> shape"),
     "seed": ((numbers.Integral,), "an integer"),
     "calib_samples": ((numbers.Integral,), "an integer"),
     "calib_method": ((str,), "a method name"),
@@ -144,7 +149,14 @@ def _check_types(config: CompileConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ConfigError(f"{name} must be {what}, got {type(value).__name__} {value!r:.60}")
-    if config.metric is not None and not callable(config.metric):
-        raise ConfigError("metric must be a function f(outputs, labels) -> float")
+    if config.metric is not None and not callable(config.metric) and not isinstance(config.metric, str):
+        raise ConfigError("metric must be top1, cosine, rel-error, 'module:function' or a function "
+                          "f(outputs, labels) -> float")
+    if config.batch is not None and config.batch < 1:
+        raise ConfigError(f"batch must be at least 1, got {config.batch}")
+    for name, shape in (config.shapes or {}).items():
+        if not isinstance(name, str) or not isinstance(shape, (tuple, list)) or not all(
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise ConfigError(f"shapes must map input names to tuples of positive integers, got {name!r}: {shape!r}")
     if config.progress not in (None, True, False) and not callable(config.progress):
         raise ConfigError("progress must be True, False, None or a function f(stage, done, total)")

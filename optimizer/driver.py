@@ -1,49 +1,83 @@
 """compile(config) -> Report: the one-way flow from model to published artefacts.
 
-load + check -> resolve target -> reference outputs -> generic passes ->
-calibrate (if int8) -> per backend x precision: passes, compile, evaluate ->
-mixed-precision search (if int8 misses the budget) -> choose -> write atomically.
+Each stage takes frozen values and returns a new one:
+
+    prepare  -> Job          load + check the model, resolve the target and the output folder,
+                             open the evaluation data, fix the declared timing shapes
+    evaluate -> Evaluation   the original's reference outputs, the metric, calibration
+    plan     -> [Planned]    which backend x precision candidates to build
+    build    -> Builds       compile, verify and score each (mixed-precision search if int8 misses)
+    measure  -> Measured     time the finalists and the original together, interleaved
+    select   -> Verdict      dlopt.select: the choice policy
+    publish  -> Report       write artefacts, manifest and reports atomically (dlopt.publish)
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
-import json
 import logging
 import os
-import platform
-import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from dlopt import __version__
-from dlopt.artifacts import (MANIFEST, check_output_dir, output_lock, publish, published_entries,
-                             remove_stale_staging, resolve_output, staging_dir)
-from dlopt.candidates import Bench, Built, Feeds, build
+from dlopt import precisions, select
+from dlopt.artifacts import check_output_dir, output_lock, remove_stale_staging, resolve_output, staging_dir
+from dlopt.candidates import Built, EvalData, Evaluation, build
 from dlopt.config import CompileConfig
-from dlopt.errors import AccuracyBudgetExceeded, CompileError, DloptError, ModelError, first_line
-from dlopt.evaluate import input_specs, random_feeds
-from dlopt.model_io import check_proto, load_ir, read_model_proto, save_ir, sha256_file
-from dlopt.pipeline import run_pipeline
+from dlopt.errors import AccuracyBudgetExceeded, CompileError, ModelError, first_line
+from dlopt.evaluate import InputSpec, input_specs
+from dlopt.inputs import RandomInputs
+from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
+from dlopt.pipeline import PipelineResult, run_pipeline
+from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile, resolve_target
-from dlopt.report import Candidate, Report
-from dlopt.summary import summarize
+from dlopt.report import Candidate, Measurement, Report
+from dlopt.shapes import declared_shapes, feed_at
+from dlopt.timing import LocalRunner, Timing, time_interleaved
 
 logger = logging.getLogger(__name__)
 
-# Precisions every backend is asked about; others a backend offers itself (OpenVINO's bf16)
-# join the candidates under --precision auto.
-KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "mixed", "int8-dynamic")
-# A lower precision must beat fp32 on the same backend by this share of fp32's p50 to be chosen:
-# smaller gaps are within run-to-run noise and not worth the accuracy risk.
-MIN_GAIN = 0.05
-# When latency cannot be measured here, prefer the precision that is usually fastest on devices.
-UNTIMED_PREFERENCE = ("int8", "mixed", "int8-dynamic", "fp16", "bf16", "fp32")
 
+@dataclass(frozen=True)
+class Job:
+    """What ``prepare`` fixed before any heavy work: everything later stages read, never change."""
+
+    config: CompileConfig
+    profile: TargetProfile
+    proto: onnx.ModelProto
+    model: ir.Model
+    info: dict  # path, sha256, size_bytes of the input model
+    out: Path  # resolved output folder
+    specs: tuple[InputSpec, ...]
+    data: EvalData
+    shapes: dict[str, tuple[int, ...]]
+    timing_feed: dict[str, np.ndarray]
+    random: RandomInputs
+    calib_data: object | None  # an opened CalibrationDataset, or None
+
+
+@dataclass(frozen=True)
+class Builds:
+    built: tuple[Built, ...]
+    search: dict | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Timings at the declared shape, the original's included, all from one interleaved run."""
+
+    original: Timing | None
+    original_energy: dict | None
+    timings: dict[str, Timing]
+    energy: dict[str, dict]
+
+
+# -- prepare ----------------------------------------------------------------------------------------
 
 def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     model = config.model
@@ -66,9 +100,10 @@ def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     return proto, load_ir(path), info
 
 
-def _eval_feeds(config: CompileConfig, specs) -> Feeds:
+def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes) -> EvalData:
     if config.inputs is None:
-        return Feeds(random_feeds(specs, config.random_samples, config.seed), [], f"random (seed {config.seed})")
+        feeds = random.feeds(shapes, config.random_samples, config.seed)
+        return EvalData(tuple(feeds), (), f"random (seed {config.seed})")
     from dlopt.calibration import open_dataset
 
     data = open_dataset(config.inputs, specs, batch_size=32, limit=config.eval_limit)
@@ -80,13 +115,123 @@ def _eval_feeds(config: CompileConfig, specs) -> Feeds:
     if labels and len(labels) != len(feeds):
         labels = []
     source = str(config.inputs) if isinstance(config.inputs, (str, Path)) else type(config.inputs).__name__
-    return Feeds(feeds, labels, source)
+    return EvalData(tuple(feeds), tuple(labels), source)
 
 
-def _precisions(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list[str]:
+def prepare(config: CompileConfig) -> Job:
+    """Everything that can be checked before the output lock and the heavy work."""
+    profile = resolve_target(config.target, config.targets_file)
+    proto, model, info = _load(config)
+    name = Path(info["path"]).stem if info["path"] else (proto.graph.name or "model")
+    out = resolve_output(config.output_dir(name))
+    inputs = tuple(Path(p) for p in (info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
+    check_output_dir(out, inputs=inputs)
+    specs = tuple(input_specs(proto))
+    random = RandomInputs.for_model(proto, specs)
+    calib_data = None
+    if config.calib is not None:  # open it now: names, dtypes and shapes are checked before any work
+        from dlopt.calibration import open_dataset
+
+        calib_data = open_dataset(config.calib, specs, limit=config.calib_samples, preprocess=config.calib_preprocess)
+    if config.inputs is not None:
+        data = _eval_data(config, specs, random, None)
+        first = data.feeds[0] if data.feeds else None
+        samples = {n: tuple(a.shape[1:]) for n, a in (first or {}).items()}
+        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes, sample_shapes=samples)
+    else:
+        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes)
+        data, first = _eval_data(config, specs, random, shapes), None
+    rng = np.random.default_rng(config.seed + 2)
+    timing_feed = feed_at(shapes, first, lambda s: random.feed(s, rng))
+    return Job(config, profile, proto, model, info, out, specs, data, shapes, timing_feed, random, calib_data)
+
+
+# -- evaluate ---------------------------------------------------------------------------------------
+
+def _reference_runner(job: Job) -> LocalRunner:
+    from dlopt.targets.ort import OrtSession, session_settings
+
+    source = job.info["path"] or job.proto.SerializeToString()
+    return LocalRunner("original", lambda: OrtSession(source, session_settings(job.config.thread_count)))
+
+
+def _quick_ms(runner: LocalRunner, feed, runs: int = 5) -> float:
+    import time
+
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner.run(feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) -> Evaluation:
+    """Run the original on every feed (the reference), fix the metric, calibrate when int8 is planned."""
+    from dlopt.budget import Scorer
+
+    config = job.config
+    try:
+        with _reference_runner(job) as runner:
+            reference = []
+            for i, feed in enumerate(job.data.feeds):
+                reference.append(runner.run(feed))
+                _progress(config, "original: outputs", i + 1, len(job.data.feeds))
+            runner.run(job.timing_feed)
+            original_ms = _quick_ms(runner, job.timing_feed)
+    except Exception as exc:  # the user's model must run to be compared with
+        random = config.inputs is None
+        raise ModelError(f"ONNX Runtime cannot run the original model on the {'random' if random else 'evaluation'} "
+                         f"inputs: {first_line(exc)}" + ("; pass representative data with --eval" if random else "")
+                         ) from exc
+    cache = None
+    if config.cache:
+        from dlopt.cache import ArtifactCache
+
+        cache = ArtifactCache()
+    ev = Evaluation(config, job.profile, job.data, tuple(reference), Scorer(reference, list(job.data.labels),
+                    config.metric), job.shapes, job.timing_feed, original_ms, cache=cache)
+    if any(precisions.get(p).calibrated for p in plan_precisions(config, job.profile, generic.model)):
+        ranges = staged / "calibration.json"
+        calibration = _calibrate(job, ev, generic.model, ranges, notes)
+        ev = replace(ev, ranges=ranges, calibration=calibration)
+    return ev
+
+
+def _calibrate(job: Job, ev: Evaluation, model: ir.Model, ranges: Path, notes: list[str]) -> dict:
+    from dlopt.ranges import compute_ranges
+
+    config = job.config
+    if job.calib_data is not None:
+        data = job.calib_data
+        source = str(config.calib) if isinstance(config.calib, (str, Path)) else type(config.calib).__name__
+    elif config.inputs is not None:
+        data, source = ev.data.feeds, f"the evaluation data ({ev.data.source})"
+        notes.append("INT8 was calibrated on the evaluation data (no --calib): accuracy may look better than "
+                     "on unseen data")
+    else:
+        data = job.random.feeds(job.shapes, config.calib_samples, config.seed + 1)
+        source = "random inputs"
+        notes.append("INT8 was calibrated on random inputs (no --calib): pass representative data for "
+                     "meaningful ranges")
+    total = config.calib_samples
+    stats = compute_ranges(ir.serde.serialize_model(model), data, ranges, method=config.calib_method,
+                           progress=lambda n: _progress(config, "calibration", min(n, total), total))
+    _progress(config, "calibration", total, total)
+    return {**stats.to_dict(), "source": source}
+
+
+def _progress(config: CompileConfig, stage: str, done: int, total: int) -> None:
+    if config.progress is not None:
+        config.progress(stage, done, total)
+
+
+# -- plan and build ---------------------------------------------------------------------------------
+
+def plan_precisions(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list[str]:
     if config.precision != "auto":
         return [config.precision]
-    chosen = [p for p in ("fp32", "fp16", "int8") if p in profile.precisions]
+    chosen = [p for p in profile.precisions if p in precisions.REGISTRY and precisions.get(p).auto]
     if "int8" in profile.precisions and _weights_in(model, ("MatMul", "Gemm")) > _weights_in(model, ("Conv", "ConvTranspose")):
         chosen.append("int8-dynamic")  # transformer/MLP-shaped: dynamic quantisation may win
     return chosen
@@ -101,257 +246,143 @@ def _weights_in(model: ir.Model, op_types: tuple[str, ...]) -> int:
     return total
 
 
-def _open_calibration(config: CompileConfig, specs):
-    """Open (and so check names, dtypes and shapes of) the calibration data before any heavy work."""
-    if config.calib is None:
-        return None
-    from dlopt.calibration import open_dataset
-
-    return open_dataset(config.calib, specs, limit=config.calib_samples, preprocess=config.calib_preprocess)
-
-
-def _calibrate(config: CompileConfig, bench: Bench, model: ir.Model, specs, calib_data, cache: Path,
-               notes: list) -> dict:
-    from dlopt.ranges import compute_ranges
-
-    if calib_data is not None:
-        data = calib_data
-        source = str(config.calib) if isinstance(config.calib, (str, Path)) else type(config.calib).__name__
-    elif config.inputs is not None:
-        data, source = bench.feeds.feeds, f"the evaluation data ({bench.feeds.source})"
-        notes.append("INT8 was calibrated on the evaluation data (no --calib): accuracy may look better than "
-                     "on unseen data")
-    else:
-        data = random_feeds(specs, config.calib_samples, config.seed + 1)
-        source = "random inputs"
-        notes.append("INT8 was calibrated on random inputs (no --calib): pass representative data for "
-                     "meaningful ranges")
-    total = config.calib_samples
-    stats = compute_ranges(ir.serde.serialize_model(model), data, cache, method=config.calib_method,
-                           progress=lambda n: bench.progress("calibration", min(n, total), total))
-    bench.progress("calibration", total, total)
-    return {**stats.to_dict(), "source": source}
-
-
-def _choose(candidates: list[Candidate], auto: bool) -> Candidate | None:
-    ok = [c for c in candidates if c.status == "ok" and c.measurement is not None]
-    fp32 = {c.backend: c.measurement.latency["p50_ms"] for c in ok if c.precision == "fp32" and c.measurement.latency}
-    if auto:
-        for c in ok:
-            mine = c.measurement.latency
-            limit = fp32.get(c.backend, 0.0) * (1 - MIN_GAIN)
-            if c.precision != "fp32" and mine and c.backend in fp32 and mine["p50_ms"] > limit:
-                c.status = "rejected"
-                c.reason = (f"not faster than fp32 on {c.backend} ({mine['p50_ms']:.3f} ms vs "
-                            f"{fp32[c.backend]:.3f} ms; needs {MIN_GAIN:.0%} less)")
-        ok = [c for c in ok if c.status == "ok"]
-    timed = [c for c in ok if c.measurement.latency]
-    if timed:
-        best = min(timed, key=lambda c: c.measurement.latency["p50_ms"])
-    elif ok:
-        best = min(ok, key=lambda c: UNTIMED_PREFERENCE.index(c.precision))
-        best.reason = (best.reason + "; " if best.reason else "") + "chosen by precision preference (no latency here)"
-    else:
-        return None
-    for c in ok:
-        if c is not best and not c.reason:
-            c.reason = f"slower than {best.key}"
-    best.chosen = True
-    return best
-
-
-def _keep_bundle(candidates, builds, chosen, staged: Path, notes: list) -> None:
-    """For a target that is not this machine, ship every candidate built: the device decides.
-
-    The report says which were verified here (a fidelity figure) and which only run there.
-    """
-    for cand in candidates:
-        artifact = builds[cand.key].artifact if cand.key in builds else None
-        if cand is chosen or cand.status != "ok" or artifact is None:
-            continue
-        folder = staged / "bundle" / f"{cand.backend}-{cand.precision}"
-        folder.parent.mkdir(exist_ok=True)
-        artifact.folder.rename(folder)
-        cand.artifact_dir = f"bundle/{folder.name}"
-    kept = [c.artifact_dir for c in candidates if c.artifact_dir and c.artifact_dir != "."]
-    if kept:
-        notes.append(f"latency cannot be measured here, so every candidate built ships: {', '.join(kept)} "
-                     f"(the chosen one, by precision preference, is at the top level)")
-
-
-def _manifest(config: CompileConfig, profile: TargetProfile, info: dict, report: Report, chosen: Candidate) -> dict:
-    import onnxruntime
-    import onnxscript
-
-    return {
-        "schema_version": "1.0",
-        "dlopt_version": __version__,
-        "created": report.created,
-        "input_model": {"path": info["path"], "sha256": info["sha256"], "size_bytes": info["size_bytes"]},
-        "target": profile.name,
-        "backend": chosen.backend,
-        "precision": chosen.precision,
-        "files": chosen.artifact_files,
-        "bundle": {c.key: c.artifact_dir for c in report.candidates if c.artifact_dir and c.artifact_dir != "."},
-        "float_nodes": [n["name"] for n in chosen.float_nodes],
-        "passes": [p["name"] for p in report.passes] + [p["name"] for p in chosen.passes],
-        "options": {"precision": config.precision, "threads": config.thread_count, "samples": config.samples,
-                    "runs": config.runs, "warmup": config.warmup, "seed": config.seed,
-                    "inputs": str(config.inputs) if isinstance(config.inputs, (str, Path)) else None,
-                    "calib": str(config.calib) if isinstance(config.calib, (str, Path)) else None,
-                    "calib_samples": config.calib_samples, "calib_method": config.calib_method,
-                    "max_accuracy_drop": config.max_accuracy_drop, "search_time": config.search_time},
-        "versions": {"python": platform.python_version(), "onnx": onnx.__version__,
-                     "onnx_ir": ir.__version__, "onnxscript": onnxscript.__version__,
-                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-    }
-
-
-def _build_all(config, profile, bench, model, precisions, staged, notes) -> tuple[list[Candidate], dict[str, Built], dict | None]:
-    from dlopt.mixed import search
+def plan(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list[tuple[str, str | None]]:
+    """(backend, precision) pairs to build, in the target's order; (backend, None) for an unusable backend."""
     from dlopt.targets import backend_status, get_backend
 
-    candidates: list[Candidate] = []
-    builds: dict[str, Built] = {}
-    search_info = None
+    wanted = plan_precisions(config, profile, model)
+    pairs: list[tuple[str, str | None]] = []
     for backend in profile.backends:
-        status = backend_status(backend)
-        if status is not True:
-            candidates.append(Candidate(backend, "-", "unavailable", reason=str(status)))
+        if backend_status(backend) is not True:
+            pairs.append((backend, None))
             continue
         offered = get_backend(backend).precisions(profile)
-        extras = [p for p in offered if p not in KNOWN_PRECISIONS] if config.precision == "auto" else []
-        for precision in [p for p in precisions if p in offered] + extras:
-            built = build(bench, backend, precision, model, staged / "candidates" / f"{backend}-{precision}")
-            candidates.append(built.candidate)
-            builds[built.candidate.key] = built
-            missed = built.candidate.status == "rejected" and built.candidate.score is not None
-            if precision == "int8" and missed and built.model is not None:
-                mixed, search_info = search(bench, backend, model, built.model,
-                                            staged / "candidates" / f"{backend}-mixed")
-                search_info["backend"] = backend
-                if mixed is not None:
-                    candidates.append(mixed.candidate)
-                    builds[mixed.candidate.key] = mixed
-                if not search_info["complete"]:
-                    notes.append(f"mixed-precision search stopped at its {config.search_time:g} s limit; "
-                                 f"the best model found by then is reported")
-    return candidates, builds, search_info
+        # a precision only a backend offers (OpenVINO's bf16) joins under auto
+        extras = [p for p in offered if p in precisions.REGISTRY and not precisions.get(p).user_choice
+                  and not precisions.get(p).calibrated] if config.precision == "auto" else []
+        pairs += [(backend, p) for p in [*[p for p in wanted if p in offered], *extras]]
+    return pairs
 
+
+def build_all(ev: Evaluation, pairs, model: ir.Model, staged: Path) -> Builds:
+    from dlopt.mixed import search
+    from dlopt.targets import backend_status
+
+    built: list[Built] = []
+    notes: list[str] = []
+    search_info = None
+    for backend, precision in pairs:
+        if precision is None:
+            built.append(Built(Candidate(backend, "-", Status.UNAVAILABLE, reason=str(backend_status(backend)))))
+            continue
+        _progress(ev.config, f"build {backend}/{precision}", 0, 1)
+        one = build(ev, backend, precision, model, staged / "candidates" / f"{backend}-{precision}")
+        _progress(ev.config, f"build {backend}/{precision}", 1, 1)
+        built.append(one)
+        missed = one.candidate.status is Status.REJECTED and one.candidate.score is not None
+        if precision == "int8" and missed and one.model is not None:
+            mixed, search_info = search(ev, backend, model, one.model, staged / "candidates" / f"{backend}-mixed")
+            search_info["backend"] = backend
+            if mixed is not None:
+                built.append(mixed)
+            if not search_info["complete"]:
+                notes.append(f"mixed-precision search stopped at its {ev.config.search_time:g} s limit; "
+                             f"the best model found by then is reported")
+    return Builds(tuple(built), search_info, tuple(notes))
+
+
+# -- measure and select -----------------------------------------------------------------------------
+
+def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
+    """Time every verified candidate that runs here together with the original, interleaved."""
+    from dlopt.energy import EnergyAccount
+
+    finalists = [b for b in builds.built if b.runner is not None]
+    if not job.profile.runs_here():
+        return Measured(None, None, {}, {})
+    runners = {"original": _reference_runner(job)}
+    runners.update({b.candidate.key: LocalRunner(b.candidate.key, b.runner) for b in finalists})
+    host = resolve_target("cpu")
+    meters = {key: EnergyAccount(host if key == "original" else job.profile, measure_here=True) for key in runners}
+    opened = []
+    try:
+        for runner in runners.values():
+            opened.append(runner.open())
+        config = job.config
+        timings = time_interleaved({k: r.run for k, r in runners.items()}, job.timing_feed, runs=config.runs,
+                                   warmup=config.warmup, threads=config.thread_count, meters=meters,
+                                   progress=lambda d, t: _progress(config, "timing (interleaved)", d, t))
+    finally:
+        for runner in opened:
+            runner.close()
+    energy = {k: meters[k].result(t.runs) for k, t in timings.items()}
+    original = timings.pop("original")
+    return Measured(original, energy.pop("original"), timings, energy)
+
+
+def _with_original(job: Job, ev: Evaluation, builds: Builds, measured: Measured, staged: Path):
+    """Add the input model itself as an ORT artefact (timed already: it is the original)."""
+    original = build(ev, "ort", "original", job.model, staged / "candidates" / "ort-original")
+    if original.candidate.status is not Status.OK:
+        raise CompileError(f"could not ship the original model: {original.candidate.reason}")
+    return (replace(builds, built=(*builds.built, original)),
+            replace(measured, timings={**measured.timings, select.ORIGINAL: measured.original},
+                    energy={**measured.energy, select.ORIGINAL: measured.original_energy}))
+
+
+def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
+    return [select.Entry(b.candidate.key, b.candidate.backend, b.candidate.precision, b.candidate.status,
+                         measured.timings.get(b.candidate.key)) for b in builds.built]
+
+
+# -- the flow ---------------------------------------------------------------------------------------
 
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)
-    profile = resolve_target(config.target, config.targets_file)
-    proto, model, info = _load(config)
-    name = Path(info["path"]).stem if info["path"] else (proto.graph.name or "model")
-    out = resolve_output(config.output_dir(name))
-    inputs = tuple(Path(p) for p in (info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
-    check_output_dir(out, inputs=inputs)
-    with output_lock(out, wait=config.wait):
-        check_output_dir(out, inputs=inputs)  # again: the compile that held the lock may have written it
-        notes = [f"removed {entry}, left by an earlier compile that was killed" for entry in remove_stale_staging(out)]
-        return _compile_locked(config, profile, proto, model, info, out, notes)
+    job = prepare(config)
+    with output_lock(job.out, wait=config.wait):
+        inputs = tuple(Path(p) for p in (job.info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
+        check_output_dir(job.out, inputs=inputs)  # again: the compile that held the lock may have written it
+        notes = [f"removed {entry}, left by an earlier compile that was killed"
+                 for entry in remove_stale_staging(job.out)]
+        return _run(job, notes)
 
 
-def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.ModelProto, model: ir.Model,
-                    info: dict, out: Path, notes: list[str]) -> Report:
-    specs = input_specs(proto)
-    calib_data = _open_calibration(config, specs)
-    bench = Bench(config, profile, _eval_feeds(config, specs))
-    if config.cache:
-        from dlopt.cache import ArtifactCache
-
-        bench.cache = ArtifactCache()
-
-    from dlopt.targets.ort import OrtSession, session_settings
-
-    try:
-        reference = OrtSession(info["path"] or proto.SerializeToString(), session_settings(config.thread_count))
-    except Exception as exc:  # the original must run to be compared with: that is the user's model
-        raise ModelError(f"ONNX Runtime cannot run the original model: {first_line(exc)}") from exc
-    try:
-        baseline = bench.measure_original(reference, info["size_bytes"])
-    except DloptError:
-        raise
-    except Exception as exc:  # e.g. a Gather index out of range on random inputs
-        raise ModelError(f"ONNX Runtime cannot run the original model on the "
-                         f"{'evaluation' if config.inputs is not None else 'random'} inputs: {first_line(exc)}"
-                         + ("" if config.inputs is not None else "; pass representative data with --eval")) from exc
-    del reference  # its idle worker threads would compete with the candidates being timed
+def _run(job: Job, notes: list[str]) -> Report:
     from dlopt.passes import generic_passes
+    from dlopt.publish import assemble, publish_output
 
-    generic = run_pipeline(model, generic_passes())
-    precisions = _precisions(config, profile, generic.model)
-    with staging_dir(out) as staged:
-        calibration = None
-        if any(p in ("int8", "mixed") for p in precisions):
-            bench.ranges = staged / "calibration.json"
-            calibration = _calibrate(config, bench, generic.model, specs, calib_data, bench.ranges, notes)
-        candidates, builds, search_info = _build_all(config, profile, bench, generic.model, precisions,
-                                                        staged, notes)
-        chosen = _choose(candidates, auto=config.precision == "auto")
+    generic = run_pipeline(job.model, generic_passes())
+    with staging_dir(job.out) as staged:
+        ev = evaluate(job, generic, staged, notes)
+        builds = build_all(ev, plan(job.config, job.profile, generic.model), generic.model, staged)
+        measured = measure(job, ev, builds)
+        verdict = select.choose(_entries(builds, measured), measured.original, job.profile.backends,
+                                auto=job.config.precision == "auto")
+        if verdict.chosen == select.ORIGINAL:
+            builds, measured = _with_original(job, ev, builds, measured, staged)
         over_budget = None
-        if chosen is None:
-            scored = [c for c in candidates if c.score is not None and builds.get(c.key) is not None
-                      and builds[c.key].artifact is not None]
+        if verdict.chosen is None:
+            scored = [b for b in builds.built if b.candidate.score is not None and b.artifact is not None]
             if not scored:
-                reasons = "; ".join(f"{c.key}: {c.reason}" for c in candidates)
-                raise CompileError(f"no backend of target {profile.name} produced a usable artefact ({reasons})")
+                reasons = "; ".join(f"{b.candidate.key}: {b.candidate.reason}" for b in builds.built)
+                raise CompileError(f"no backend of target {job.profile.name} produced a usable artefact ({reasons})")
             # Nothing met the budget: keep the closest so the work is not lost, and fail loudly.
-            chosen = min(scored, key=lambda c: c.score["drop_pp"])
-            over_budget = chosen
-            notes.append(f"no candidate met the accuracy budget; {chosen.key} (closest) was written anyway")
-        artifact = builds[chosen.key].artifact
-        for f in artifact.files:
-            (artifact.folder / f).rename(staged / f)
-        chosen.artifact_dir = "."
-        if "model.onnx" not in artifact.files and builds[chosen.key].model is not None:
-            # Whatever the backend, the optimised ONNX it was built from ships too: inspectable, portable.
-            save_ir(builds[chosen.key].model, staged / "model.onnx")
-        if not profile.runs_here():
-            _keep_bundle(candidates, builds, chosen, staged, notes)
-        int8_shipped = any(c.artifact_dir and c.precision in ("int8", "mixed") for c in candidates)
-        if int8_shipped and bench.ranges is not None:
-            chosen.artifact_files.append(bench.ranges.name)  # the calibration table ships with the model
-        elif bench.ranges is not None:
-            bench.ranges.unlink(missing_ok=True)
-        shutil.rmtree(staged / "candidates", ignore_errors=True)
-        report = Report(
-            model={**info, **summarize(proto, include_histogram=False)},
-            target={"name": profile.name, "description": profile.description, "arch": profile.arch,
-                    "triple": profile.triple, "backends": list(profile.backends)},
-            precision=config.precision,
-            evaluation={"source": bench.feeds.source, "feeds": len(bench.feeds.feeds),
-                        "labelled": bool(bench.feeds.labels)},
-            baseline=baseline,
-            budget={"metric": bench.scorer.name, "original": round(bench.scorer.original, 6),
-                    "max_drop_pp": config.max_accuracy_drop},
-            passes=[r.to_dict() for r in generic.records],
-            candidates=candidates,
-            chosen=None if over_budget else chosen.key,
-            output_dir=str(out),
-            dlopt_version=__version__,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            calibration=calibration,
-            search=search_info,
-            notes=notes + [e for e in getattr(bench.cache, "events", []) if "damaged" in e],
-        )
-        (staged / "report.json").write_text(report.to_json())
-        (staged / "report.md").write_text(report.to_markdown())
-        from dlopt.html import render_html
-
-        (staged / "report.html").write_text(render_html(report.to_dict()))
-        manifest = _manifest(config, profile, info, report, chosen)
-        manifest["published"] = sorted([*published_entries(staged), MANIFEST])  # what a later run may replace
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        publish(staged, out)
+            over_budget = min(scored, key=lambda b: b.candidate.score["drop_pp"]).candidate
+            verdict = replace(verdict, chosen=over_budget.key,
+                              why="closest to the budget; no candidate met it")
+            notes.append(f"no candidate met the accuracy budget; {over_budget.key} (closest) was written anyway")
+        report = assemble(job, ev, generic, builds, measured, verdict, notes + list(builds.notes),
+                          over_budget=over_budget is not None)
+        publish_output(job, ev, builds, verdict, report, staged)
     if over_budget is not None:
         error = AccuracyBudgetExceeded(
-            f"no candidate kept {bench.scorer.name} within {config.max_accuracy_drop} points "
-            f"(closest: {over_budget.key}, {over_budget.score['drop_pp']:.2f} points); it was written to {out} "
+            f"no candidate kept {ev.scorer.name} within {job.config.max_accuracy_drop} points "
+            f"(closest: {over_budget.key}, {over_budget.score['drop_pp']:.2f} points); it was written to {job.out} "
             f"with its report")
         error.report = report
         raise error
     return report
+

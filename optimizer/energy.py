@@ -246,3 +246,30 @@ def estimate(profile, runs: int, wall_seconds: float, cpu_seconds: float, *, why
 def _sig(value: float) -> float:
     """Four significant digits: more would claim a precision no meter or model has."""
     return float(f"{value:.4g}")
+
+
+class EnergyAccount:
+    """Energy of one runner timed in interleaved blocks: the meter wraps each block, totals add up."""
+
+    def __init__(self, profile, *, measure_here: bool) -> None:
+        self.meter = EnergyMeter(profile, measure_here=measure_here)
+        self.joules: float | None = 0.0 if self.meter.sensor is not None else None
+        self.window_s = self.cpu_s = 0.0
+
+    def __enter__(self) -> "EnergyAccount":
+        self.meter.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.meter.__exit__(*exc_info)
+        self.window_s += self.meter.window_s
+        self.cpu_s += self.meter.cpu_s
+        if self.joules is not None:
+            self.joules = None if self.meter.joules is None else self.joules + self.meter.joules
+            self.meter.joules = None
+
+    def result(self, runs: int) -> dict[str, Any]:
+        """Joules per inference over every block (each inference at the declared timing shape)."""
+        meter = self.meter
+        meter.window_s, meter.cpu_s, meter.joules = self.window_s, self.cpu_s, self.joules
+        return meter.result(runs, self.window_s, self.cpu_s)

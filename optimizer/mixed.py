@@ -20,7 +20,10 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.budget import Scorer
-from dlopt.candidates import Bench, Built, build
+from dataclasses import replace
+
+from dlopt.candidates import Built, Evaluation, build
+from dlopt.precisions import Status
 
 RANK_FEEDS = 16  # feeds used to rank nodes; the search itself uses all of them
 
@@ -58,28 +61,28 @@ def _nmse(reference: list, outputs: list) -> float:
     return float(np.mean(errors)) if errors else 0.0
 
 
-def search(bench: Bench, backend: str, model: ir.Model, int8_model: ir.Model, workdir: Path) -> tuple[Built | None, dict]:
+def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, workdir: Path) -> tuple[Built | None, dict]:
     """Find the fewest float nodes that bring INT8 within the budget (see module doc)."""
     start = time.monotonic()
-    deadline = start + bench.config.search_time
-    budget = bench.config.max_accuracy_drop
+    deadline = start + ev.config.search_time
+    budget = ev.config.max_accuracy_drop
     nodes = quantized_nodes(int8_model)
     info = {"nodes_considered": len(nodes), "ranked": 0, "trials": 0, "complete": False, "met_budget": False}
-    limit = min(RANK_FEEDS, len(bench.feeds.feeds))
-    sample_scorer = Scorer(bench.reference[:limit], bench.feeds.labels[:limit], bench.config.metric)
+    limit = min(RANK_FEEDS, len(ev.data.feeds))
+    sample_scorer = Scorer(ev.reference[:limit], ev.data.labels[:limit], ev.config.metric)
 
     with tempfile.TemporaryDirectory(prefix="dlopt-mixed-") as tmp:
         ranking: list[NodeSensitivity] = []
         for i, (name, op_type) in enumerate(nodes):
             if time.monotonic() > deadline:
                 break
-            trial = build(bench, backend, "mixed", model, Path(tmp) / f"rank{i}", only=(name,), timed=False, limit=limit)
+            trial = build(ev, backend, "mixed", model, Path(tmp) / f"rank{i}", only=(name,), limit=limit)
             info["trials"] += 1
-            bench.progress("mixed: ranking nodes", i + 1, len(nodes))
+            ev.progress("mixed: ranking nodes", i + 1, len(nodes))
             if trial.outputs is None:
                 continue
             ranking.append(NodeSensitivity(name, op_type, sample_scorer.score(trial.outputs).drop_pp,
-                                           _nmse(bench.reference, trial.outputs)))
+                                           _nmse(ev.reference, trial.outputs)))
         info["ranked"] = len(ranking)
         ranking.sort(key=lambda s: (s.drop_pp, s.nmse), reverse=True)
         # Nodes the deadline left unranked are the last to be kept in float.
@@ -94,9 +97,9 @@ def search(bench: Bench, backend: str, model: ir.Model, int8_model: ir.Model, wo
             if time.monotonic() > deadline:
                 return None
             exclude = tuple(s.name for s in order[:k])
-            built = build(bench, backend, "mixed", model, Path(tmp) / f"keep{k}", exclude=exclude, timed=False)
+            built = build(ev, backend, "mixed", model, Path(tmp) / f"keep{k}", exclude=exclude)
             info["trials"] += 1
-            bench.progress("mixed: searching", k, len(order))
+            ev.progress("mixed: searching", k, len(order))
             tried[k] = built
             return built
 
@@ -130,12 +133,14 @@ def search(bench: Bench, backend: str, model: ir.Model, int8_model: ir.Model, wo
         best_k = high if high is not None else min(scored, key=lambda k: tried[k].candidate.score["drop_pp"])
         info["met_budget"] = high is not None
         info["float_nodes"] = best_k
-    # Rebuild the chosen configuration for real: full evaluation, timing, publishable folder.
-    final = build(bench, backend, "mixed", model, workdir, exclude=tuple(s.name for s in order[:best_k]))
-    final.candidate.float_nodes = [s.to_dict() for s in order[:best_k]]
-    if best_k == len(order) and final.candidate.status == "ok":
+    # Rebuild the chosen configuration for real: full evaluation, publishable folder (timed with the others).
+    final = build(ev, backend, "mixed", model, workdir, exclude=tuple(s.name for s in order[:best_k]))
+    cand = replace(final.candidate, float_nodes=[s.to_dict() for s in order[:best_k]])
+    if best_k == len(order) and cand.status is Status.OK:
         # Every quantised node had to stay in float: this is the float model under another name.
-        final.candidate.status = "rejected"
-        final.candidate.reason = "no INT8 left: every quantised node had to stay in float to meet the budget"
+        cand = replace(cand, status=Status.REJECTED,
+                       reason="no INT8 left: every quantised node had to stay in float to meet the budget")
+        final = replace(final, runner=None)
+    final = replace(final, candidate=cand)
     info["seconds"] = round(time.monotonic() - start, 2)
     return final, info

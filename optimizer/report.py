@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 @dataclass
@@ -62,6 +62,10 @@ class Report:
     calibration: dict[str, Any] | None = None  # dlopt.ranges.RangeStats.to_dict() + source
     search: dict[str, Any] | None = None  # mixed-precision search summary
     notes: list[str] = field(default_factory=list)
+    # the declared timing shape, threads, runs and noise (dlopt.shapes / dlopt.timing)
+    timing: dict[str, Any] | None = None
+    verdict: dict[str, Any] | None = None  # why the chosen one, ties, faster than the original?
+    summary: str = ""  # the one honest line: what shipped, how much faster, at what cost
     schema_version: str = SCHEMA_VERSION
 
     # -- derived figures ------------------------------------------------------------

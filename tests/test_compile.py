@@ -57,7 +57,8 @@ def test_writes_the_artefact_folder(compiled):
     names = sorted(p.name for p in (tmp / "out").iterdir())
     assert names == ["manifest.json", "model.onnx", "report.html", "report.json", "report.md", "session_options.json"]
     assert sorted(p.name for p in tmp.iterdir()) == ["dlopt.toml", "m.onnx", "out"]  # no temp folders left
-    assert "chosen: ort/fp32" in result.stdout
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("chosen ort/fp32; ") and "at x=1x3x32x32, " in summary and "interleaved runs" in summary
 
 
 def test_batchnorm_gone_and_outputs_match_on_20_random_inputs(compiled):
@@ -80,9 +81,11 @@ def test_report_and_manifest_contents(compiled):
     tmp, _ = compiled
     report = json.loads((tmp / "out" / "report.json").read_text())
     manifest = json.loads((tmp / "out" / "manifest.json").read_text())
-    assert report["schema_version"] == "1.0"
+    assert report["schema_version"] == "1.1"
     assert report["chosen"] == "ort/fp32"
-    assert report["evaluation"] == {"source": "random (seed 0)", "feeds": 20, "labelled": False}
+    assert report["evaluation"] == {"source": "random (seed 0)", "feeds": 20, "samples": 20, "labelled": False}
+    assert report["timing"]["shape"] == "x=1x3x32x32" and report["timing"]["interleaved"]
+    assert report["baseline"]["latency"]["ci_low_ms"] <= report["baseline"]["latency"]["p50_ms"]
     ort_row = next(c for c in report["candidates"] if c["backend"] == "ort")
     assert ort_row["status"] == "ok" and ort_row["chosen"]
     assert ort_row["fidelity"]["max_rel_error"] <= 1e-4
@@ -166,7 +169,7 @@ def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
     assert set(rows) == {"fp32", "fp16", "int8"}
     for row in rows.values():
         assert row["status"] == "ok" and row["measurement"]["latency"] is None
-        assert "latency not measured" in row["reason"]
+        assert "not yet measured on the rpi5 device" in row["reason"]
     assert rows["fp32"]["fidelity"]["max_rel_error"] <= 1e-4
     # nothing can be timed here, so the target's precision preference decides, within the budget
     assert report["chosen"] == "ort/int8" and rows["int8"]["score"]["drop_pp"] <= 1.0

@@ -111,18 +111,16 @@ def test_api_accepts_bytes_a_dict_of_inputs_and_progress_true(tmp_path, capsys):
 def test_all_nan_outputs_fail_verification():
     from dlopt.candidates import judge
     from dlopt.evaluate import compare
-    from dlopt.report import Candidate
+    from dlopt.precisions import Status
 
     reference = [[np.array([[1.0, 2.0, 3.0]], np.float32)], [np.array([[0.5, 0.1, 0.2]], np.float32)]]
     nan = [[np.full((1, 3), np.nan, np.float32)], [np.full((1, 3), np.nan, np.float32)]]
     fidelity = compare(reference, nan)
     assert fidelity.non_finite == "NaN in output 0 on feed 0" and fidelity.max_rel_error == float("inf")
     for precision in ("fp32", "int8"):
-        cand = Candidate("ort", precision, "ok", fidelity=fidelity.to_dict(),
-                         score={"metric": "top-1 agreement", "drop_pp": 0.0})
-        judge(cand, max_drop=1.0)
-        assert cand.status == "rejected"
-        assert cand.reason == "produces NaN in output 0 on feed 0 where the original is finite"
+        status, reason = judge(precision, fidelity.to_dict(), {"metric": "top-1 agreement", "drop_pp": 0.0}, 1.0)
+        assert status is Status.REJECTED
+        assert reason == "produces NaN in output 0 on feed 0 where the original is finite"
 
 
 def test_inf_where_the_reference_is_finite_and_matching_inf_is_fine():

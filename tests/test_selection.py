@@ -1,39 +1,80 @@
-"""The choice among measured candidates (constructed figures: the rule, not the machine)."""
+"""The choice policy (dlopt.select) on constructed timings: the rule, not the machine."""
 
-from dlopt.driver import _choose
-from dlopt.report import Candidate, Measurement
+from dlopt.precisions import Status
+from dlopt.select import MIN_GAIN, ORIGINAL, Entry, choose
+from dlopt.timing import Timing
 
-
-def _cand(precision, p50, status="ok", backend="ort"):
-    latency = None if p50 is None else {"p50_ms": p50, "p90_ms": p50, "p99_ms": p50}
-    return Candidate(backend, precision, status, measurement=Measurement(latency, 1000))
+BACKENDS = ("ort", "openvino", "tvm")
 
 
-def test_auto_never_picks_int8_that_is_not_faster_than_fp32():
-    fp32, int8, fp16 = _cand("fp32", 10.0), _cand("int8", 9.8), _cand("fp16", 12.0)
-    chosen = _choose([fp32, int8, fp16], auto=True)
-    assert chosen is fp32
-    assert int8.status == "rejected" and "not faster than fp32" in int8.reason and "5%" in int8.reason
-    assert fp16.status == "rejected" and "12.000 ms vs 10.000 ms" in fp16.reason
+def _t(p50, spread=0.01, cv=0.01):
+    return Timing(p50, p50, p50, p50, p50 * (1 - spread), p50 * (1 + spread), cv, 100, 10, 2)
 
 
-def test_auto_picks_the_fastest_that_pays():
-    fp32, int8, mixed = _cand("fp32", 10.0), _cand("int8", 3.0), _cand("mixed", 4.0)
-    assert _choose([fp32, int8, mixed], auto=True) is int8
-    assert fp32.reason == "slower than ort/int8" and mixed.reason == "slower than ort/int8"
+def _e(precision, p50=None, backend="ort", status=Status.OK, **kw):
+    return Entry(f"{backend}/{precision}", backend, precision, status, None if p50 is None else _t(p50, **kw))
+
+
+def test_int8_within_noise_of_fp32_is_a_tie_settled_by_the_simpler_precision():
+    verdict = choose([_e("fp32", 10.0), _e("int8", 9.8), _e("fp16", 12.0)], _t(20.0), BACKENDS)
+    assert verdict.chosen == "ort/fp32" and verdict.ties == ("ort/int8",)
+    assert verdict.reasons["ort/int8"].startswith("tie with ort/fp32")
+    assert verdict.reasons["ort/fp16"] == "slower than ort/int8 (12.000 ms vs 9.800 ms)"
+    assert verdict.faster_than_original is True
+
+
+def test_overlapping_intervals_are_a_tie_even_beyond_min_gain():
+    # 8 vs 10 ms is a 20% gain, but the intervals overlap: the machine cannot tell them apart
+    verdict = choose([_e("fp32", 10.0, spread=0.15), _e("int8", 8.0, spread=0.15)], _t(20.0), BACKENDS)
+    assert verdict.chosen == "ort/fp32" and verdict.ties == ("ort/int8",)
+
+
+def test_the_fastest_that_pays_wins():
+    verdict = choose([_e("fp32", 10.0), _e("int8", 3.0), _e("mixed", 4.0)], _t(10.0), BACKENDS)
+    assert verdict.chosen == "ort/int8" and verdict.ties == () and verdict.faster_than_original
+    assert verdict.reasons["ort/fp32"] == "slower than ort/int8 (10.000 ms vs 3.000 ms)"
 
 
 def test_rejected_for_accuracy_is_never_chosen():
-    fp32, int8 = _cand("fp32", 10.0), _cand("int8", 2.0, status="rejected")
-    assert _choose([fp32, int8], auto=True) is fp32
+    verdict = choose([_e("fp32", 10.0), _e("int8", 2.0, status=Status.REJECTED)], _t(20.0), BACKENDS)
+    assert verdict.chosen == "ort/fp32"
 
 
-def test_explicit_precision_is_kept_even_when_slower():
-    int8 = _cand("int8", 12.0)
-    assert _choose([int8], auto=False) is int8
+def test_nothing_significantly_faster_than_the_original_ships_fp32():
+    verdict = choose([_e("fp32", 10.1), _e("int8", 9.3, backend="openvino")], _t(9.7), BACKENDS)
+    assert verdict.chosen == "ort/fp32" and verdict.faster_than_original is False
+    assert "optimised fp32 ships" in verdict.why
+    assert verdict.reasons["openvino/int8"].startswith("not significantly faster than the original")
+
+
+def test_every_candidate_slower_than_the_original_ships_the_original():
+    verdict = choose([_e("fp32", 12.0)], _t(10.0), BACKENDS, auto=False)
+    assert verdict.chosen == ORIGINAL and "original model ships unchanged" in verdict.why
+    assert verdict.reasons["ort/fp32"] == "slower than the original (12.000 ms vs 10.000 ms)"
+
+
+def test_explicit_precision_is_kept_when_it_ties_with_the_original():
+    verdict = choose([_e("int8", 10.0)], _t(10.1), BACKENDS, auto=False)
+    assert verdict.chosen == "ort/int8" and "not significantly faster than the original" in verdict.why
+
+
+def test_ties_prefer_the_targets_backend_order():
+    verdict = choose([_e("fp32", 5.0, backend="openvino"), _e("fp32", 5.05)], _t(10.0), BACKENDS)
+    assert verdict.chosen == "ort/fp32" and verdict.ties == ("openvino/fp32",)
+
+
+def test_noisy_machine_is_reported():
+    verdict = choose([_e("fp32", 5.0, cv=0.3)], _t(10.0), BACKENDS)
+    assert any("noisy" in note for note in verdict.notes)
 
 
 def test_untimed_target_uses_precision_preference():
-    fp32, fp16, int8 = _cand("fp32", None), _cand("fp16", None), _cand("int8", None)
-    chosen = _choose([fp32, fp16, int8], auto=True)
-    assert chosen is int8 and "precision preference" in chosen.reason
+    verdict = choose([_e("fp32"), _e("fp16"), _e("int8")], None, BACKENDS)
+    assert verdict.chosen == "ort/int8" and "precision preference" in verdict.why
+
+
+def test_min_gain_is_five_percent():
+    assert MIN_GAIN == 0.05
+    # 6% faster with tight intervals beats; 4% does not
+    assert choose([_e("fp32", 10.0), _e("int8", 9.4)], _t(20.0), BACKENDS).chosen == "ort/int8"
+    assert choose([_e("fp32", 10.0), _e("int8", 9.6)], _t(20.0), BACKENDS).chosen == "ort/fp32"

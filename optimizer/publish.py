@@ -1,0 +1,190 @@
+"""The last two stages: assemble the report from what the earlier ones returned, then write it all.
+
+``assemble`` is pure: it decides the output layout (which candidate sits at the top
+level, which ship in ``bundle/``) and records it in the report.  ``publish_output``
+carries that layout out in the staging folder and renames it into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from dlopt import __version__, precisions
+from dlopt.artifacts import MANIFEST, publish, published_entries
+from dlopt.model_io import save_ir
+from dlopt.precisions import Status
+from dlopt.report import Candidate, Measurement, Report
+from dlopt.shapes import describe
+from dlopt.summary import summarize
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def _speedup_interval(original, timing) -> tuple[float, float] | None:
+    if original is None or timing is None or not timing.ci_low_ms > 0:
+        return None
+    return original.ci_low_ms / timing.ci_high_ms, original.ci_high_ms / timing.ci_low_ms
+
+
+def summary_line(report: Report) -> str:
+    """One sentence that answers the question: what shipped, how much faster, what it cost."""
+    chosen = next((c for c in report.candidates if c.artifact_dir == "."), None)
+    if chosen is None:
+        return "nothing shipped"
+    timing = report.timing or {}
+    parts = [f"chosen {chosen.key}"]
+    speed = report.speedup(chosen)
+    interval = (chosen.measurement.latency or {}).get("speedup_ci") if chosen.measurement else None
+    if speed:
+        ci = f" (95% CI {interval[0]:.2f}-{interval[1]:.2f})" if interval else ""
+        parts.append(f"{speed:.2f}x the original's speed{ci} at {timing.get('shape', '?')}, "
+                     f"{timing.get('threads', '?')} threads, {timing.get('runs', '?')} interleaved runs")
+    else:
+        parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device")
+    if chosen.score:
+        parts.append(f"{chosen.score['metric']} {0.0 - chosen.score['drop_pp']:+.2f} points")
+    if chosen.measurement and report.baseline.size_bytes:
+        size = chosen.measurement.size_bytes
+        parts.append(f"size {size / report.baseline.size_bytes:.2f}x ({report.baseline.size_bytes / 1e6:.2f} MB -> "
+                     f"{size / 1e6:.2f} MB)")
+    if not report.chosen:
+        parts.append("OVER THE ACCURACY BUDGET")
+    return "; ".join(parts)
+
+
+def assemble(job, ev, generic, builds, measured, verdict, notes: list[str], *, over_budget: bool) -> Report:
+    """The report of this compile; candidates carry their timing, verdict and place in the output."""
+    shipped_elsewhere = not job.profile.runs_here()
+    candidates: list[Candidate] = []
+    for b in builds.built:
+        cand = b.candidate
+        timing = measured.timings.get(cand.key)
+        if timing is not None:
+            latency = {**timing.to_dict(), "speedup_ci": _rounded(_speedup_interval(measured.original, timing))}
+            cand = replace(cand, measurement=replace(cand.measurement, latency=latency,
+                                                     energy=measured.energy.get(cand.key)))
+        if cand.key == verdict.chosen:
+            why = verdict.why if job.profile.runs_here() else "; ".join(r for r in (cand.reason, verdict.why) if r)
+            cand = replace(cand, chosen=not over_budget, artifact_dir=".", reason=why)
+        elif cand.status is Status.OK:
+            why_not = verdict.reasons.get(cand.key)
+            cand = replace(cand, reason="; ".join(r for r in (cand.reason, why_not) if r))
+            if shipped_elsewhere and b.artifact is not None:
+                cand = replace(cand, artifact_dir=f"bundle/{cand.backend}-{cand.precision}")
+        candidates.append(cand)
+    quantised_ships = any(c.artifact_dir and precisions.get(c.precision).quantised
+                          for c in candidates if c.precision in precisions.REGISTRY)
+    if quantised_ships and ev.ranges is not None:
+        candidates = [replace(c, artifact_files=[*c.artifact_files, CALIBRATION_FILE]) if c.artifact_dir == "." else c
+                      for c in candidates]
+    kept = [c.artifact_dir for c in candidates if c.artifact_dir and c.artifact_dir != "."]
+    if kept:
+        notes = [*notes, f"latency cannot be measured here, so every candidate built ships: {', '.join(kept)} "
+                         f"(the chosen one, by precision preference, is at the top level)"]
+    config = job.config
+    original = measured.original
+    timing_info = {"shapes": {k: list(v) for k, v in job.shapes.items()}, "shape": describe(job.shapes),
+                   "threads": config.thread_count, "runs": original.runs if original else None,
+                   "warmup": original.warmup if original else None, "interleaved": original is not None,
+                   "noise_cv": round(max([t.cv for t in measured.timings.values()] + [original.cv]), 4)
+                   if original else None}
+    report = Report(
+        model={**job.info, **summarize(job.proto, include_histogram=False)},
+        target={"name": job.profile.name, "description": job.profile.description, "arch": job.profile.arch,
+                "triple": job.profile.triple, "backends": list(job.profile.backends)},
+        precision=config.precision,
+        evaluation={"source": ev.data.source, "feeds": len(ev.data.feeds), "samples": ev.data.samples,
+                    "labelled": bool(ev.data.labels)},
+        baseline=Measurement(original.to_dict() if original else None, job.info["size_bytes"],
+                             ev.accuracy(list(ev.reference)), measured.original_energy),
+        budget={"metric": ev.scorer.name, "units": ev.scorer.units, "original": round(ev.scorer.original, 6),
+                "max_drop_pp": config.max_accuracy_drop},
+        passes=[r.to_dict() for r in generic.records],
+        candidates=candidates,
+        chosen=None if over_budget else verdict.chosen,
+        output_dir=str(job.out),
+        dlopt_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        calibration=ev.calibration,
+        search=builds.search,
+        notes=[*notes, *verdict.notes, *(e for e in (ev.cache.events if ev.cache else []) if not e.startswith("cache hit"))],
+        timing=timing_info,
+        verdict={"why": verdict.why, "ties": list(verdict.ties), "faster_than_original": verdict.faster_than_original},
+    )
+    return replace(report, summary=summary_line(report))
+
+
+def _rounded(pair):
+    return [round(pair[0], 3), round(pair[1], 3)] if pair else None
+
+
+def publish_output(job, ev, builds, verdict, report: Report, staged: Path) -> None:
+    """Lay out ``staged`` as ``report`` describes it, write the reports and manifest, rename into place."""
+    by_key = {b.candidate.key: b for b in builds.built}
+    for cand in report.candidates:
+        built = by_key[cand.key]
+        if cand.artifact_dir == ".":
+            for f in built.artifact.files:
+                (built.artifact.folder / f).rename(staged / f)
+            if "model.onnx" not in built.artifact.files and built.model is not None:
+                # Whatever the backend, the optimised ONNX it was built from ships too: inspectable, portable.
+                save_ir(built.model, staged / "model.onnx")
+        elif cand.artifact_dir:
+            folder = staged / cand.artifact_dir
+            folder.parent.mkdir(exist_ok=True)
+            built.artifact.folder.rename(folder)
+    chosen = next(c for c in report.candidates if c.artifact_dir == ".")
+    if ev.ranges is not None and CALIBRATION_FILE not in chosen.artifact_files:
+        ev.ranges.unlink(missing_ok=True)
+    shutil.rmtree(staged / "candidates", ignore_errors=True)
+    (staged / "report.json").write_text(report.to_json())
+    (staged / "report.md").write_text(report.to_markdown())
+    from dlopt.html import render_html
+
+    (staged / "report.html").write_text(render_html(report.to_dict()))
+    manifest = _manifest(job, report, chosen)
+    manifest["published"] = sorted([*published_entries(staged), MANIFEST])  # what a later run may replace
+    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    publish(staged, job.out)
+
+
+def _manifest(job, report: Report, chosen: Candidate) -> dict:
+    import onnxruntime
+    import onnxscript
+
+    config = job.config
+    return {
+        "schema_version": report.schema_version,
+        "dlopt_version": __version__,
+        "created": report.created,
+        "input_model": {k: job.info[k] for k in ("path", "sha256", "size_bytes")},
+        "target": job.profile.name,
+        "backend": chosen.backend,
+        "precision": chosen.precision,
+        "files": chosen.artifact_files,
+        "bundle": {c.key: c.artifact_dir for c in report.candidates if c.artifact_dir and c.artifact_dir != "."},
+        "float_nodes": [n["name"] for n in chosen.float_nodes],
+        "passes": [p["name"] for p in report.passes] + [p["name"] for p in chosen.passes],
+        "timing_shapes": report.timing["shapes"],
+        "options": {"precision": config.precision, "threads": config.thread_count, "samples": config.samples,
+                    "runs": config.runs, "warmup": config.warmup, "seed": config.seed, "batch": config.batch,
+                    "shapes": {k: list(v) for k, v in (config.shapes or {}).items()},
+                    "metric": config.metric if isinstance(config.metric, str) or config.metric is None
+                    else getattr(config.metric, "__name__", "function"),
+                    "inputs": str(config.inputs) if isinstance(config.inputs, (str, Path)) else None,
+                    "calib": str(config.calib) if isinstance(config.calib, (str, Path)) else None,
+                    "calib_samples": config.calib_samples, "calib_method": config.calib_method,
+                    "max_accuracy_drop": config.max_accuracy_drop, "search_time": config.search_time},
+        "versions": {"python": platform.python_version(), "onnx": onnx.__version__,
+                     "onnx_ir": ir.__version__, "onnxscript": onnxscript.__version__,
+                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+    }

@@ -1,0 +1,191 @@
+"""Sound latency comparison: runners with a lifecycle, interleaved timing, intervals of the median.
+
+Shared machines drift (other jobs, frequency scaling).  Timing candidates one after
+the other lets that drift decide the winner, so every finalist, the original
+included, is timed in round-robin blocks within one process: each round runs a
+block of each runner, in a rotating order.  Each gets a 95% interval of its median
+from order statistics, and the run-to-run noise (coefficient of variation of its
+per-round medians) says how far the machine can be trusted.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+Feed = dict[str, np.ndarray]
+
+# Above this run-to-run variation the report warns that the machine is too noisy to decide.
+NOISY_CV = 0.10
+Z95 = 1.959964
+
+
+class Runner(abc.ABC):
+    """Runs feeds through one artefact: ``open`` → ``run``… → ``close`` (a context manager too).
+
+    Subclasses implement ``_open``/``_run``/``_close``; the public methods keep the
+    lifecycle honest (run before open is an error, close is idempotent).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._is_open = False
+
+    def open(self) -> "Runner":
+        if not self._is_open:
+            self._open()
+            self._is_open = True
+        return self
+
+    def run(self, feeds: Feed) -> list[np.ndarray]:
+        if not self._is_open:
+            raise RuntimeError(f"runner {self.name} is not open")
+        return self._run(feeds)
+
+    def close(self) -> None:
+        if self._is_open:
+            self._is_open = False
+            self._close()
+
+    def __enter__(self) -> "Runner":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def _open(self) -> None: ...
+
+    @abc.abstractmethod
+    def _run(self, feeds: Feed) -> list[np.ndarray]: ...
+
+    def _close(self) -> None:
+        pass
+
+
+class LocalRunner(Runner):
+    """A runner on this machine around a session factory (a backend's ``load``)."""
+
+    def __init__(self, name: str, factory: Callable[[], object]) -> None:
+        super().__init__(name)
+        self._factory = factory
+        self.session = None
+
+    @property
+    def ran_as(self) -> str | None:
+        return getattr(self.session, "ran_as", None)
+
+    def _open(self) -> None:
+        self.session = self._factory()
+
+    def _run(self, feeds: Feed) -> list[np.ndarray]:
+        return self.session.run(feeds)
+
+    def _close(self) -> None:
+        self.session = None  # its worker threads go with it and stop competing with the next
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of one runner at one shape: percentiles, a 95% interval of the median, noise."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    ci_low_ms: float
+    ci_high_ms: float
+    cv: float  # run-to-run noise: coefficient of variation of the per-round medians
+    runs: int
+    warmup: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_samples(cls, ms: np.ndarray, rounds: list[np.ndarray], *, warmup: int, threads: int) -> "Timing":
+        low, high = median_interval(ms)
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        medians = np.array([np.median(r) for r in rounds if len(r)])
+        cv = float(np.std(medians) / np.mean(medians)) if len(medians) > 1 and np.mean(medians) > 0 else 0.0
+        return cls(float(p50), float(p90), float(p99), float(ms.mean()), low, high, cv, int(len(ms)), warmup, threads)
+
+
+def median_interval(samples: np.ndarray, z: float = Z95) -> tuple[float, float]:
+    """Distribution-free interval of the median from order statistics (binomial, normal approximation)."""
+    ordered = np.sort(np.asarray(samples, dtype=np.float64))
+    n = len(ordered)
+    if n == 0:
+        return math.nan, math.nan
+    half = z * math.sqrt(n) / 2
+    lo = max(0, int(math.floor(n / 2 - half)))
+    hi = min(n - 1, int(math.ceil(n / 2 + half)))
+    return float(ordered[lo]), float(ordered[hi])
+
+
+def significantly_faster(a: Timing, b: Timing, min_gain: float = 0.0) -> bool:
+    """``a`` beats ``b``: the intervals of their medians separate and ``a`` gains at least ``min_gain``."""
+    return a.ci_high_ms < b.ci_low_ms and a.p50_ms <= b.p50_ms * (1 - min_gain)
+
+
+def time_interleaved(
+    runners: Mapping[str, Callable[[Feed], object]],
+    feed: Feed,
+    *,
+    runs: int,
+    warmup: int,
+    threads: int,
+    max_seconds: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+    meters: Mapping[str, object] | None = None,
+) -> dict[str, Timing]:
+    """Time every runner on ``feed`` in rotating round-robin blocks; ``runs`` timed runs each.
+
+    Slow sets get fewer runs (at least 10 each) so the whole comparison stays within
+    about ``max_seconds``; the result says how many were timed.  ``meters`` (energy
+    accounts, context managers) wrap each runner's timed blocks.
+    """
+    names = list(runners)
+    if not names:
+        return {}
+    first = {}
+    for name in names:  # one run each: the cost of a round, and the first-run effects out of the way
+        start = time.perf_counter()
+        runners[name](feed)
+        first[name] = time.perf_counter() - start
+    per_round_all = sum(first.values())
+    if per_round_all * (warmup + runs) > max_seconds:
+        scale = max_seconds / (per_round_all * (warmup + runs))
+        runs = max(10, int(runs * scale))
+        warmup = min(warmup, max(1, int(warmup * scale)))
+    for _ in range(warmup):
+        for name in names:
+            runners[name](feed)
+    block = max(1, min(10, runs // 10))
+    rounds = math.ceil(runs / block)
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    done = 0
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        count = min(block, runs - r * block)
+        for name in order:
+            times = np.empty(count)
+            run = runners[name]
+            with (meters or {}).get(name) or contextlib.nullcontext():
+                for i in range(count):
+                    start = time.perf_counter()
+                    run(feed)
+                    times[i] = time.perf_counter() - start
+            samples[name].append(times * 1e3)
+        done += count
+        if progress is not None:
+            progress(done, runs)
+    return {name: Timing.from_samples(np.concatenate(samples[name]), samples[name], warmup=warmup, threads=threads)
+            for name in names}

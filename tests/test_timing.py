@@ -1,0 +1,68 @@
+"""Interleaved timing and the interval of the median (dlopt.timing)."""
+
+import time
+
+import numpy as np
+import pytest
+
+from dlopt.timing import LocalRunner, Runner, median_interval, significantly_faster, time_interleaved
+
+
+def test_median_interval_brackets_the_median_and_narrows_with_more_runs():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(10, 1, 30), rng.normal(10, 1, 3000)
+    lo_s, hi_s = median_interval(small)
+    lo_l, hi_l = median_interval(large)
+    assert lo_s <= np.median(small) <= hi_s and lo_l <= np.median(large) <= hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s) / 5
+    # for n=100 the 95% interval runs from about the 40th to the 60th order statistic
+    ordered = np.sort(large[:100])
+    assert median_interval(large[:100]) == (ordered[40], ordered[60])
+
+
+def test_interleaved_timing_separates_a_real_difference():
+    def fast(_):
+        time.sleep(0.001)
+
+    def slow(_):
+        time.sleep(0.003)
+
+    timings = time_interleaved({"fast": fast, "slow": slow}, {}, runs=40, warmup=2, threads=1)
+    assert timings["fast"].runs == 40 and timings["slow"].runs == 40
+    assert timings["fast"].ci_low_ms <= timings["fast"].p50_ms <= timings["fast"].ci_high_ms
+    assert significantly_faster(timings["fast"], timings["slow"], 0.05)
+    assert not significantly_faster(timings["slow"], timings["fast"])
+
+
+def test_slow_sets_get_fewer_runs_within_the_time_budget():
+    calls = {"n": 0}
+
+    def slowish(_):
+        calls["n"] += 1
+        time.sleep(0.01)
+
+    timings = time_interleaved({"a": slowish}, {}, runs=1000, warmup=10, threads=1, max_seconds=0.5)
+    assert 10 <= timings["a"].runs < 100 and calls["n"] < 120
+
+
+def test_runner_lifecycle():
+    opened = []
+
+    class Probe(Runner):
+        def _open(self):
+            opened.append(self.name)
+
+        def _run(self, feeds):
+            return [feeds["x"] * 2]
+
+    runner = Probe("p")
+    with pytest.raises(RuntimeError, match="not open"):
+        runner.run({"x": np.ones(1)})
+    with runner as r:
+        assert r.run({"x": np.ones(2)})[0].tolist() == [2.0, 2.0]
+    assert opened == ["p"] and not runner._is_open
+    runner.close()  # idempotent
+    local = LocalRunner("l", lambda: type("S", (), {"run": lambda self, f: [1], "ran_as": "bf16"})())
+    with local:
+        assert local.run({}) == [1] and local.ran_as == "bf16"
+    assert local.session is None
