@@ -3,7 +3,8 @@
 Shared machines drift (other jobs, frequency scaling).  Timing candidates one after
 the other lets that drift decide the winner, so every finalist, the original
 included, is timed in round-robin blocks within one process: each round runs a
-block of each runner, in a rotating order.  Each gets a 95% interval of its median
+block of each runner, in a rotating order, each block after a short pause and one
+untimed run.  Each gets a 95% interval of its median
 from order statistics, and the run-to-run noise (coefficient of variation of its
 per-round medians) says how far the machine can be trusted.
 """
@@ -23,6 +24,9 @@ Feed = dict[str, np.ndarray]
 
 # Above this run-to-run variation the report warns that the machine is too noisy to decide.
 NOISY_CV = 0.10
+# Pause before each block: ONNX Runtime's and OpenVINO's worker threads spin for a while after a run,
+# and on a 2-core machine they steal the next runtime's cores (OpenVINO's cv fell from 1.5 to 0.25).
+BLOCK_GAP_S = 0.02
 Z95 = 1.959964
 
 
@@ -178,6 +182,8 @@ def time_interleaved(
         for name in order:
             times = np.empty(count)
             run = runners[name]
+            time.sleep(BLOCK_GAP_S)  # let the previous runtime's spinning threads go idle
+            run(feed)  # untimed: wakes this runtime's threads after the others ran
             with (meters or {}).get(name) or contextlib.nullcontext():
                 for i in range(count):
                     start = time.perf_counter()
