@@ -35,7 +35,7 @@ from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
 from dlopt.pipeline import PipelineResult, run_pipeline
 from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile, resolve_target
-from dlopt.report import Candidate, Measurement, Report
+from dlopt.report import Candidate, Report
 from dlopt.shapes import declared_shapes, feed_at
 from dlopt.timing import LocalRunner, Timing, time_interleaved
 
@@ -338,9 +338,6 @@ def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
 # -- the flow ---------------------------------------------------------------------------------------
 
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)
     job = prepare(config)
     with output_lock(job.out, wait=config.wait):
         inputs = tuple(Path(p) for p in (job.info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))

@@ -1,11 +1,9 @@
-"""Inputs, reference comparison and latency measurement shared by every candidate."""
+"""Input specs and the comparison of a candidate's outputs with the original's."""
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -62,26 +60,6 @@ def output_specs(proto: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def random_feeds(specs: Sequence[InputSpec], count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """``count`` reproducible random feeds; symbolic dimensions become 1."""
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        feed = {}
-        for spec in specs:
-            shape = spec.concrete_shape()
-            if spec.dtype.kind == "f":
-                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            elif spec.dtype.kind in "iu":
-                feed[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
-            elif spec.dtype.kind == "b":
-                feed[spec.name] = rng.random(shape) < 0.5
-            else:
-                raise ModelError(f"cannot make random data for input {spec.describe()}; pass --inputs data.npz")
-        feeds.append(feed)
-    return feeds
-
-
 @dataclass
 class Fidelity:
     """How closely a candidate reproduces the reference outputs, worst case over all feeds."""
@@ -134,60 +112,6 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
                 agree += int(np.sum(ref64.argmax(-1) == got64.argmax(-1)))
                 total += int(np.prod(ref64.shape[:-1]))
     return Fidelity(max_abs, max_rel, min_cos, agree / total if total else None)
-
-
-@dataclass
-class Latency:
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    runs: int
-    warmup: int
-    threads: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def measure_latency(
-    run: Callable[[dict[str, np.ndarray]], object],
-    feed: dict[str, np.ndarray],
-    *,
-    runs: int,
-    warmup: int,
-    threads: int,
-    progress: Callable[[int], None] | None = None,
-    max_seconds: float = 15.0,
-    meter: contextlib.AbstractContextManager | None = None,
-) -> Latency:
-    """Percentiles over ``runs`` timed runs after ``warmup`` untimed ones.
-
-    A slow model (untuned TVM takes ~1 s a run) gets fewer runs so one
-    candidate's timing stays within about ``max_seconds``; ``runs`` in the
-    result is how many were actually timed (at least 5).  ``meter`` (a
-    dlopt.energy.EnergyMeter) wraps exactly the timed runs.
-    """
-    start = time.perf_counter()
-    run(feed)
-    first = time.perf_counter() - start
-    if first * (warmup + runs) > max_seconds:
-        warmup = min(warmup, max(1, int(0.2 * max_seconds / max(first, 1e-9))))
-        runs = min(runs, max(5, int(0.8 * max_seconds / max(first, 1e-9))))
-    for _ in range(warmup):
-        run(feed)
-    times = np.empty(runs)
-    with meter if meter is not None else contextlib.nullcontext():
-        for i in range(runs):
-            start = time.perf_counter()
-            run(feed)
-            times[i] = time.perf_counter() - start
-            if progress is not None:
-                progress(1)
-    ms = times * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return Latency(round(float(p50), 4), round(float(p90), 4), round(float(p99), 4),
-                   round(float(ms.mean()), 4), runs, warmup, threads)
 
 
 def top1_accuracy(outputs: Iterable[np.ndarray], labels: Iterable[np.ndarray]) -> float:

@@ -18,7 +18,7 @@ SCHEMA_VERSION = "1.1"
 class Measurement:
     """One model measured on one runtime with the same feeds as every other."""
 
-    latency: dict[str, Any] | None  # dlopt.evaluate.Latency.to_dict(); None when not measured
+    latency: dict[str, Any] | None  # dlopt.timing.Timing.to_dict(); None when not measured
     size_bytes: int
     accuracy: float | None = None  # top-1 on labelled data, when given
     energy: dict[str, Any] | None = None  # dlopt.energy: joules_per_inference, kind, source, watts

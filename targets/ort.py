@@ -111,7 +111,7 @@ class OrtSession:
         options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
         options.inter_op_num_threads = int(settings.get("inter_op_num_threads", 1))
         options.execution_mode = getattr(ort.ExecutionMode, settings.get("execution_mode", "ORT_SEQUENTIAL"))
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures raise with their message; no coloured log line on stderr
         target = model_path if isinstance(model_path, bytes) else str(model_path)
         self._session = ort.InferenceSession(
             target, options, providers=settings.get("providers", ["CPUExecutionProvider"])
