@@ -18,11 +18,8 @@ from pathlib import Path
 import click
 
 from dlopt import __version__
+from dlopt.config import CALIB_METHODS, PRECISIONS
 from dlopt.progress import TerminalProgress
-
-# kept in step with dlopt.precisions.CHOICES by a test; importing it here would be cheap, but the
-# CLI module stays free of dlopt's pipeline modules so `dlopt --help` never pays for them
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "int8-dynamic", "int8")
 
 EXIT_INTERNAL = 70
 
@@ -137,7 +134,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
               help="TOML file with your own [targets.NAME] tables [default: ./dlopt.toml if present].")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: ./<model>-<target>]. Replaced only if it is a previous dlopt output.")
-@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True,
               help="auto builds fp32, fp16 and int8 (mixed int8/float if int8 misses the budget) and keeps the "
                    "fastest within the budget; an fp16/int8 artefact not faster than fp32 is never chosen.")
@@ -148,7 +145,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
               help="Calibration data for int8: an .npz like --eval, or a folder of images (see --calib-size).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibrate on at most this many samples (streamed).")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax",
               show_default=True, help="How activation ranges are chosen.")
 @click.option("--calib-size", default=None, metavar="H,W", help="Image folders: resize to H,W.")
 @click.option("--calib-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,

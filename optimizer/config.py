@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dlopt.errors import ConfigError
+from dlopt.precisions import CHOICES as PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-dynamic")
-CALIB_METHODS = ("minmax", "entropy", "percentile")
+CALIB_METHODS = ("minmax", "entropy", "percentile")  # how activation ranges are chosen (dlopt.ranges)
 RANDOM_SAMPLES = 20  # random feeds compared with the original when there is no evaluation data
 EVAL_SAMPLES = 10_000  # evaluation samples read at most unless samples says otherwise
 
