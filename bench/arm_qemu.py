@@ -112,7 +112,7 @@ def main() -> int:
             print(f"TVM backend unavailable: {backend.available()}")
             return 2
         # dlopt's generic passes first, as `dlopt compile` runs them (constant folding, BN folding, ...).
-        optimised = run_pipeline(ir.serde.deserialize_model(proto), generic_passes() + backend.passes("fp32")).model
+        optimised = run_pipeline(ir.serde.deserialize_model(proto), generic_passes() + backend.lowering_passes("fp32")).model
         started = time.perf_counter()
         artifact = backend.compile(optimised, resolve_target("rpi5"), work / "rpi5", precision="fp32",
                                    threads=args.threads)

@@ -136,8 +136,11 @@ def build(
                                reason=f"unsupported ops: {', '.join(unsupported)}"))
     try:
         # A backend that converts a precision itself (OpenVINO compresses weights to fp16) gets the float model.
-        own = getattr(backend, "OWN_PRECISIONS", ())
-        passes = ([] if precision in own else precision_passes(ev, precision, exclude, only)) + backend.passes(precision)
+        from onnx_ir.passes.common import CheckerPass
+
+        own = precision in backend.own_precisions
+        passes = [*([] if own else precision_passes(ev, precision, exclude, only)),
+                  *backend.lowering_passes(precision), CheckerPass()]
         result = run_pipeline(model.clone(), passes)
         artifact = _compile_cached(ev, backend, result.model, workdir, precision)
     except DloptError as exc:
@@ -222,7 +225,7 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
     if ev.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
         from dlopt.cache import make_key
 
-        version = getattr(backend, "runtime_version", lambda: "")()
+        version = backend.runtime_version()
         key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
                        precision, repr(ev.profile), str(ev.config.thread_count), __version__, version)
         meta = ev.cache.get(key, workdir)

@@ -100,10 +100,6 @@ class Report:
         data["candidates"] = cands
         return cls(**data)
 
-    @classmethod
-    def load(cls, path: str | Path) -> "Report":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     # -- renderings -----------------------------------------------------------------
     def candidate_rows(self) -> list[list[Any]]:
         rows = [["original", "fp32", _ms(self.baseline.latency, "p50_ms"), _ms(self.baseline.latency, "p99_ms"),

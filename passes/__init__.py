@@ -1,16 +1,14 @@
 """Graph passes of dlopt, one per file, and the pipelines built from them.
 
-Generic passes produce standard ONNX any backend can take; a backend may add
-passes of its own after them (``BACKEND_PASSES``), e.g. ORT's contrib fusions.
+Generic passes produce standard ONNX any backend can take; a backend adds passes of
+its own after them (``Backend.lowering_passes``, e.g. ORT's contrib fusions): this
+package knows no backend by name.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import onnx_ir as ir
 from onnx_ir.passes.common import (
-    CheckerPass,
     IdentityEliminationPass,
     LiftConstantsToInitializersPass,
     NameFixPass,
@@ -31,7 +29,6 @@ __all__ = [
     "FuseActivationForOrtPass",
     "MatMulAddToGemmPass",
     "SimplifyPass",
-    "backend_passes",
     "generic_passes",
 ]
 
@@ -53,15 +50,3 @@ def generic_passes() -> list[ir.passes.PassBase]:
         RemoveUnusedOpsetsPass(),
         NameFixPass(),  # unique node names: quantisation excludes nodes by name
     ]
-
-
-# (backend, precision) -> passes that only make sense there, run after the precision passes.
-# ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions.
-BACKEND_PASSES: dict[tuple[str, str], Callable[[], list[ir.passes.PassBase]]] = {
-    ("ort", "fp32"): lambda: [FuseActivationForOrtPass()],
-}
-
-
-def backend_passes(backend: str, precision: str) -> list[ir.passes.PassBase]:
-    """Passes specific to ``backend`` at ``precision``, ending with a validity check."""
-    return [*BACKEND_PASSES.get((backend, precision), list)(), CheckerPass()]

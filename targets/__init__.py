@@ -13,7 +13,7 @@ from dlopt.targets.base import Artifact, Backend, Session
 
 __all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status"]
 
-# name -> module implementing the Backend protocol.  Names a profile lists but that
+# name -> module whose ``BACKEND`` is a dlopt.targets.base.Backend.  Names a profile lists but that
 # are absent here are reported as "not implemented in this version".
 BACKEND_MODULES = {
     "ort": "dlopt.targets.ort",
@@ -24,11 +24,11 @@ BACKEND_MODULES = {
 
 
 def get_backend(name: str) -> Backend | None:
-    """The backend module called ``name``, or None when this version has none."""
+    """The backend called ``name`` (its module's ``BACKEND``), or None when this version has none."""
     module = BACKEND_MODULES.get(name)
     if module is None or importlib.util.find_spec(module) is None:
         return None
-    return importlib.import_module(module)
+    return importlib.import_module(module).BACKEND
 
 
 def backend_status(name: str) -> bool | str:
@@ -56,9 +56,9 @@ def load_artifact(folder):
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{folder} is not a dlopt output folder (no readable manifest.json)") from exc
     backend = get_backend(manifest["backend"])
-    if backend is None or not hasattr(backend, "SETTINGS_FILE") or not hasattr(backend, "ENTRY"):
-        raise TargetUnavailable(f"{manifest['backend']} artefacts are not loaded on this machine")
-    settings = json.loads((folder / backend.SETTINGS_FILE).read_text())
-    artifact = Artifact(manifest["backend"], manifest["precision"], folder, manifest["files"], backend.ENTRY,
+    if backend is None:
+        raise TargetUnavailable(f"{manifest['backend']} artefacts are not loaded by this version of dlopt")
+    settings = json.loads((folder / backend.settings_file).read_text())
+    artifact = Artifact(manifest["backend"], manifest["precision"], folder, manifest["files"], backend.entry,
                         settings=settings)
     return backend.load(artifact)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -45,25 +47,51 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-class Backend(Protocol):
-    """One backend module in ``dlopt.targets`` (see ``dlopt.targets.get_backend``)."""
+class Backend(abc.ABC):
+    """A backend: one subclass per module in ``dlopt.targets``, one instance (``BACKEND``) each.
 
-    name: str
+    A new backend fills in this form; a subclass missing a class attribute fails at import,
+    and one missing a method cannot be instantiated.
+    """
 
+    REQUIRED: ClassVar[tuple[str, ...]] = ("name", "entry", "settings_file")
+    name: ClassVar[str]
+    entry: ClassVar[str]  # the file a runtime loads (model.onnx, model.xml, model.so)
+    settings_file: ClassVar[str]  # JSON beside it with the runtime settings it ships with
+    # precisions the backend converts itself from the float model (OpenVINO compresses fp16)
+    own_precisions: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        missing = [attr for attr in Backend.REQUIRED if not hasattr(cls, attr)]
+        if missing and not getattr(cls, "__abstractmethods__", None):
+            raise TypeError(f"backend {cls.__name__} lacks {', '.join(missing)}")
+
+    @abc.abstractmethod
     def available(self) -> bool | str:
         """True, or the reason this backend cannot be used on this machine."""
 
+    @abc.abstractmethod
+    def runtime_version(self) -> str:
+        """The runtime's version: part of the artefact cache key, so an upgrade rebuilds."""
+
+    @abc.abstractmethod
     def precisions(self, profile) -> tuple[str, ...]:
         """Precisions this backend can build for ``profile`` (e.g. fp32, fp16, int8, mixed, bf16)."""
 
+    @abc.abstractmethod
     def supports(self, model) -> list[str]:
         """Ops of ``model`` (an onnx_ir Model) this backend cannot run; empty when all are fine."""
 
-    def passes(self, precision: str) -> list:
-        """Backend-specific passes run after the precision passes (instrumented by the driver)."""
+    def lowering_passes(self, precision: str) -> list:
+        """Passes this backend owns, run after the precision passes (the pipeline instruments them)."""
+        del precision
+        return []
 
+    @abc.abstractmethod
     def compile(self, model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
         """Write the artefact for ``model`` into ``workdir`` and describe it."""
 
+    @abc.abstractmethod
     def load(self, artifact: Artifact) -> Session:
         """Load an artefact built by ``compile`` for running on this machine."""

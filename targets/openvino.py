@@ -31,7 +31,7 @@ import onnx_ir as ir
 from dlopt.errors import CompileError, TargetUnavailable, first_line
 from dlopt.model_io import save_ir
 from dlopt.profiles import host_arch
-from dlopt.targets.base import Artifact
+from dlopt.targets.base import Artifact, Backend
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +151,10 @@ def supports(model) -> list[str]:
             return sorted(_unconverted(partial, producers))
 
 
-def passes(precision: str) -> list:
-    from dlopt.passes import backend_passes
+def runtime_version() -> str:
+    from importlib import metadata
 
-    return backend_passes(name, precision)
+    return metadata.version("openvino")
 
 
 def runtime_settings(precision: str, threads: int) -> dict:
@@ -253,3 +253,13 @@ def load(artifact: Artifact) -> OpenVinoSession:
     compiled = _core().compile_model(str(artifact.entry_path), settings.get("device", DEVICE),
                                      settings["properties"])
     return OpenVinoSession(compiled)
+
+
+class OpenVinoBackend(Backend):
+    name, entry, settings_file, own_precisions = name, ENTRY, SETTINGS_FILE, OWN_PRECISIONS
+    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
+    precisions, supports = staticmethod(precisions), staticmethod(supports)
+    compile, load = staticmethod(compile), staticmethod(load)
+
+
+BACKEND = OpenVinoBackend()

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from dlopt.model_io import save_ir
-from dlopt.targets.base import Artifact
+from dlopt.targets.base import Artifact, Backend
 
 name = "ort"
 ENTRY = "model.onnx"
@@ -69,12 +69,6 @@ def supports(model) -> list[str]:
     return sorted(missing)
 
 
-def passes(precision: str) -> list:
-    from dlopt.passes import backend_passes
-
-    return backend_passes(name, precision)
-
-
 def session_settings(threads: int) -> dict:
     return {
         "providers": ["CPUExecutionProvider"],
@@ -124,3 +118,22 @@ class OrtSession:
 
 def load(artifact: Artifact) -> OrtSession:
     return OrtSession(artifact.entry_path, artifact.settings)
+
+
+
+def lowering_passes(precision: str) -> list:
+    """ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions."""
+    from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
+
+    return [FuseActivationForOrtPass()] if precision == "fp32" else []
+
+
+class OrtBackend(Backend):
+    name, entry, settings_file = name, ENTRY, SETTINGS_FILE
+    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
+    precisions, supports = staticmethod(precisions), staticmethod(supports)
+    lowering_passes = staticmethod(lowering_passes)
+    compile, load = staticmethod(compile), staticmethod(load)
+
+
+BACKEND = OrtBackend()

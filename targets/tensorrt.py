@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from dlopt.model_io import save_ir
-from dlopt.targets.base import Artifact
+from dlopt.targets.base import Artifact, Backend
 
 name = "tensorrt"
 
@@ -56,10 +56,9 @@ def supports(model) -> list[str]:
     return sorted(missing)
 
 
-def passes(precision: str) -> list:
-    from dlopt.passes import backend_passes
-
-    return backend_passes(name, precision)
+def runtime_version() -> str:
+    # The engine is built on the device with its TensorRT: the bundle depends only on its own format.
+    return "bundle-1"
 
 
 def _shapes(model) -> str:
@@ -112,3 +111,13 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> A
 def load(artifact: Artifact):
     raise NotImplementedError("TensorRT engines are built and run on the device (build_engine.sh)")
 
+
+
+class TensorRtBackend(Backend):
+    name, entry, settings_file = name, "model.onnx", "tensorrt_build.json"
+    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
+    precisions, supports = staticmethod(precisions), staticmethod(supports)
+    compile, load = staticmethod(compile), staticmethod(load)
+
+
+BACKEND = TensorRtBackend()
