@@ -14,12 +14,19 @@ database.  Shapes are static; symbolic input dims are compiled as 1.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
+import logging
 import os
 import shutil
 import struct
 import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,8 +35,9 @@ import onnx_ir as ir
 
 from dlopt.errors import CompileError, DloptError, TargetUnavailable, first_line
 from dlopt.profiles import host_arch
-from dlopt.targets.base import Artifact
+from dlopt.targets.base import Artifact, Backend
 
+logger = logging.getLogger(__name__)
 name = "tvm"
 LIBRARY = "model.so"
 BUILD_FILE = SETTINGS_FILE = "tvm_build.json"
@@ -40,6 +48,7 @@ _CONTRIB = frozenset({"Attention", "BiasGelu", "EmbedLayerNormalization", "FastG
                       "SkipLayerNormalization", "QuantizeLinear", "DequantizeLinear"})
 _LIBRARY_BIN = "__tvm_ffi__library_bin"  # the symbol TVM's loader reads imported modules from
 _CUDA_SOURCE_FMT = struct.pack("<Q", 4) + b"cuda"  # start of a CUDA module payload holding source
+_BIG_CORES, _ONE_CORE_PER_THREAD = 1, -2  # TVM's ThreadGroup::AffinityMode kBig, kSpecifyOneCorePerThread
 
 
 @lru_cache(maxsize=1)
@@ -81,10 +90,12 @@ def supports(model) -> list[str]:
     return sorted(missing)
 
 
-def passes(precision: str) -> list:
-    from dlopt.passes import backend_passes
+def runtime_version() -> str:
+    from importlib import metadata
 
-    return backend_passes(name, precision)
+    import tvm
+
+    return f"tvm {tvm.__version__}, apache-tvm-ffi {metadata.version('apache-tvm-ffi')}"
 
 
 def _host_target(profile) -> dict:
@@ -133,23 +144,93 @@ def _relax_module(model, inputs: list[dict]):
     model = InlinePass()(model.clone()).model
     model = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).model
     proto = ir.serde.serialize_model(model)
-    with contextlib.redirect_stdout(io.StringIO()):  # the frontend prints while failing
-        return from_onnx(proto, shape_dict={i["name"]: i["shape"] for i in inputs},
-                         dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):  # the frontend prints while failing
+            return from_onnx(proto, shape_dict={i["name"]: i["shape"] for i in inputs},
+                             dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
+    finally:
+        if printed.getvalue().strip():
+            logger.debug("TVM's ONNX frontend printed:\n%s", printed.getvalue().rstrip())
 
 
 @contextlib.contextmanager
-def _cuda_kept_as_source():
-    """Where a driver is present TVM would JIT kernels at build time via NVRTC's Python
-    bindings (often absent); keep them as source and run nvcc ourselves."""
-    saved = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
-    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
+def _tvm_output_logged(doing: str):
+    """TVM's own output during the block goes to the debug log, not the terminal.
+
+    Its C++ logging writes to file descriptor 2 (``BlockBuilder destroyed with
+    remaining blocks!`` after a failed conversion, thread-affinity warnings), which
+    ``sys.stderr`` cannot intercept, so fd 2 points at a temporary file for the
+    block and back afterwards; its frontend's Python warnings are recorded too.
+    Anything else writing to fd 2 meanwhile lands in the same debug record.
+    """
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _flush_stderr()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all (a daemon): nothing can reach a terminal anyway
+            saved = None
+        try:
+            if saved is not None:
+                os.dup2(sink.fileno(), 2)
+            yield
+        except BaseException as exc:
+            _release_frames(exc)
+            raise
+        finally:
+            _flush_stderr()
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            for w in caught:
+                logger.debug("TVM warned while %s: %s: %s", doing, w.category.__name__, w.message)
+            if text:
+                logger.debug("TVM wrote while %s:\n%s", doing, text)
+
+
+def _flush_stderr() -> None:
+    if sys.stderr is not None:  # None under pythonw
+        sys.stderr.flush()
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Free what the failed frames held while fd 2 is still captured.
+
+    A failed conversion leaves a half-built relax.BlockBuilder in the frames of the
+    traceback; its destructor logs "BlockBuilder destroyed with remaining blocks!"
+    whenever the traceback is freed, long after the block.  Clearing the frames'
+    locals (the traceback itself stays, for DLOPT_DEBUG) destroys it here.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """``os.environ`` with ``values`` for the block only, as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        os.environ.pop("TVM_COMPILE_FORCE_FALLBACK")
-        if saved is not None:
-            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _cuda_kept_as_source():
+    """Where a driver is present TVM would JIT kernels at build time via NVRTC's Python
+    bindings (often absent); keep them as source and run nvcc ourselves."""
+    return _environ(TVM_COMPILE_FORCE_FALLBACK="1")
 
 
 def _build(model, profile, library: Path, inputs: list[dict]) -> dict:
@@ -276,7 +357,8 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> A
     workdir.mkdir(parents=True, exist_ok=True)
     inputs = _input_specs(model)
     try:
-        facts = _build(model, profile, workdir / LIBRARY, inputs)
+        with _tvm_output_logged(f"building for {profile.name}"):
+            facts = _build(model, profile, workdir / LIBRARY, inputs)
     except DloptError:
         raise
     except Exception as exc:  # TVM raises its own errors and plain Python ones alike
@@ -293,27 +375,50 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> A
 class TvmSession:
     """A Relax VM over the library, running ``main`` on the inputs in model order.
 
-    ``threads`` is the size of TVM's thread pool in effect, which may differ from
-    the one asked for: the pool is sized once per process from TVM_NUM_THREADS
-    (TVM's default halves the cores on x86) and can only shrink afterwards.
+    ``threads`` is the size of TVM's thread pool in effect, which may be smaller than
+    the one asked for: TVM keeps one pool per calling thread, sized the first time,
+    and it can only shrink afterwards.  The pool is configured for each thread that
+    runs the session through TVM's own API rather than the process-wide
+    TVM_NUM_THREADS, and the thread's CPU affinity, which TVM narrows while it pins
+    its workers, is put back.
     """
 
     def __init__(self, library: Path, settings: dict) -> None:
-        threads = int(settings.get("threads") or 0)
-        if threads:
-            os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before the pool starts
         import tvm
         from tvm.runtime.vm import VirtualMachine  # = relax.VirtualMachine, without the compiler
 
+        self._asked = int(settings.get("threads") or 0)
         self._tensor = tvm.runtime.tensor
         self._inputs = settings["inputs"]
         self.input_names = [i["name"] for i in self._inputs]
-        self._main = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())["main"]
-        if threads:
-            tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        self._configured: set[int] = set()
+        with _tvm_output_logged("loading the library"):
+            self._main = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())["main"]
+            self._configure_pool()
         self.threads = int(tvm.get_global_func("runtime.NumThreads")())
 
+    def _configure_pool(self) -> None:
+        import tvm
+
+        self._configured.add(threading.get_ident())
+        if not self._asked:
+            return
+        configure = tvm.get_global_func("runtime.config_threadpool")
+        if not hasattr(os, "sched_getaffinity"):  # no CPU list to give (macOS): TVM's default cap applies
+            configure(_BIG_CORES, self._asked)
+            return
+        allowed = os.sched_getaffinity(0)
+        try:
+            # One worker per CPU on the first ``threads`` allowed ones (TVM's default pins so too);
+            # the CPU list is also what caps this thread's parallelism, in place of TVM_NUM_THREADS.
+            configure(_ONE_CORE_PER_THREAD, self._asked, [str(c) for c in sorted(allowed)[:self._asked]])
+        finally:
+            os.sched_setaffinity(0, allowed)
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if threading.get_ident() not in self._configured:
+            with _tvm_output_logged("configuring its thread pool"):
+                self._configure_pool()
         batched = [s for s in self._inputs if s.get("dynamic_batch")]
         if batched and len(self._inputs) == len(batched):
             sizes = {len(feeds[s["name"]]) for s in batched}
@@ -342,3 +447,13 @@ def _flatten(value) -> list[np.ndarray]:
 
 def load(artifact: Artifact) -> TvmSession:
     return TvmSession(artifact.entry_path, artifact.settings)
+
+
+class TvmBackend(Backend):
+    name, entry, settings_file = name, ENTRY, SETTINGS_FILE
+    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
+    precisions, supports = staticmethod(precisions), staticmethod(supports)
+    compile, load = staticmethod(compile), staticmethod(load)
+
+
+BACKEND = TvmBackend()

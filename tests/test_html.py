@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import models
-from dlopt.html import render_html
+from dlopt.html import Point, draw_plot, overlap, place_labels, plot_points, render_html
+from dlopt.report import Report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -77,27 +78,139 @@ def _parse(page: str) -> _Tables:
     return parser
 
 
+def _paragraph(page: str, ident: str) -> str:
+    match = re.search(rf'<p class="[^"]*" id="{ident}">(.*?)</p>', page)
+    return match.group(1) if match else ""
+
+
 def test_page_has_every_candidate_the_plot_and_the_chosen_label(real):
     page = render_html(real)
     parsed = _parse(page)
     rows = parsed.tables["candidates"]
-    assert rows[0][:9] == ["backend", "precision", "p50 ms", "p99 ms", "speedup", "size MB", "max rel err",
-                           "drop pp", "result"]
-    assert rows[0][9:] == (["energy / inference"] if real["baseline"].get("energy") else [])
+    drop = f"drop in {real['budget']['metric']} ({real['budget']['units']})"
+    assert rows[0][:11] == ["backend", "precision", "p50 ms", "p50 95% CI ms", "p90 ms", "p99 ms", "speedup (95% CI)",
+                            "size MB", "max rel err", drop, "result"]
+    assert rows[0][11:] == (["energy / inference"] if real["baseline"].get("energy") else [])
     assert len(rows) == 2 + len(real["candidates"])  # header, original, one per candidate
-    assert rows[1][:2] == ["original", "fp32"]
+    base = real["baseline"]["latency"]
+    assert rows[1][:6] == ["original", "fp32", f"{base['p50_ms']:.3f}",
+                           f"{base['ci_low_ms']:.3f}-{base['ci_high_ms']:.3f}", f"{base['p90_ms']:.3f}",
+                           f"{base['p99_ms']:.3f}"]
     for row, cand in zip(rows[2:], real["candidates"], strict=True):
         assert row[0] == cand["backend"] and row[1].startswith(cand["precision"])
-        assert row[8] == ("CHOSEN" if cand["chosen"] else cand["reason"] or cand["status"])
+        chosen = "CHOSEN" + (f": {cand['reason']}" if cand["reason"] else "")
+        assert row[10] == (chosen if cand["chosen"] else cand["reason"] or cand["status"])
+        latency = (cand["measurement"] or {}).get("latency")
+        if latency:
+            lo, hi = latency["speedup_ci"]
+            assert row[6].startswith(f"{cand['speedup']:.2f}x ({lo:.2f}-{hi:.2f})")
+            assert row[3] == f"{latency['ci_low_ms']:.3f}-{latency['ci_high_ms']:.3f}"
     assert 'tr class="chosen"' in page
+    # the summary line first, then how latency was timed
+    assert _paragraph(page, "summary") == escape(real["summary"])
+    assert real["summary"].startswith(f"chosen {real['chosen']}")
+    assert page.index('id="summary"') < page.index('id="timing"') < page.index('id="candidates"')
+    timing, declared = _paragraph(page, "timing"), real["timing"]
+    assert f"shape {declared['shape']}; {declared['threads']} threads; {declared['runs']} runs" in timing
+    assert "interleaved" in timing and f"noise (run-to-run cv) {declared['noise_cv'] * 100:.1f}%" in timing
+    figure = "".join(parsed.figure_text)
     assert "svg" in parsed.figure_tags and "text" in parsed.figure_tags  # inline SVG, text kept as text
-    assert f"chosen: {real['chosen']}" in "".join(parsed.figure_text)
-    assert "original" in "".join(parsed.figure_text)
+    assert f"{real['chosen']} (" in figure and "chosen)" in figure
+    assert "original (1.00x)" in figure and "log scale" in figure and drop in figure
     assert parsed.tables["passes"][1][0] == "ShapeInferencePass"
     assert all(f"<li>{escape(note)}</li>" in page for note in real["notes"])
     # self-contained: no scripts, no stylesheet links, no remote images
     assert not {"script", "link", "iframe", "img"} & set(parsed.tags)
     assert not re.search(r"url\((?!#)|@import|(src|href)=\"?(https?:|//)", page)  # only in-page url(#id)
+
+
+def _pairs(boxes):
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]]
+
+
+def test_the_plot_is_log_scale_with_intervals_and_labels_clear_of_each_other(real):
+    points, missing = plot_points(Report.from_dict(real))
+    assert not missing and [p.role for p in points].count("original") == 1
+    plot = draw_plot(points, budget=real["budget"]["max_drop_pp"], drop_label="drop")
+    assert plot.xscale == "log"
+    assert 'id="interval-original"' in plot.svg  # error bars from ci_low_ms / ci_high_ms
+    assert len(plot.label_boxes) == len(points)
+    assert all(overlap(a, b) == 0 for a, b in _pairs(plot.label_boxes))
+    assert all(overlap(label, marker) == 0 for label in plot.label_boxes for marker in plot.marker_boxes)
+
+
+def test_the_original_stays_visible_under_a_chosen_candidate_at_the_same_point():
+    points = [Point("original (1.00x)", 1.0, 0.0, "original", 0.95, 1.05),
+              Point("ort/original (1.00x, chosen)", 1.0, 0.0, "chosen", 0.95, 1.05),
+              Point("ort/fp16 (1.00x, tie)", 1.0, 0.0, "ok"), Point("openvino/fp32 (0.99x)", 1.01, 0.0, "ok"),
+              Point("ort/int8 (1.30x)", 0.77, 2.5, "rejected"), Point("tvm/fp32 (0.01x)", 100.0, 0.0, "ok", 90, 120)]
+    plot = draw_plot(points, budget=1.0, drop_label="drop in top-1 accuracy (percentage points)")
+    # drawn after (so above) the star, and labelled apart from it
+    assert plot.svg.index('id="point-chosen"') < plot.svg.index('id="point-original"')
+    assert all(overlap(a, b) == 0 for a, b in _pairs(plot.label_boxes))
+    assert plot.xscale == "log"
+
+
+def test_place_labels_separates_labels_of_points_that_collide():
+    anchors, sizes = [(200.0, 100.0)] * 8, [(90.0, 14.0)] * 8
+    star = (190.0, 90.0, 210.0, 110.0)
+    boxes = place_labels(anchors, sizes, obstacles=[star], bounds=(0.0, 0.0, 600.0, 300.0))
+    assert all(overlap(a, b) == 0 for a, b in _pairs(boxes))
+    assert all(overlap(box, star) == 0 for box in boxes)
+    assert all(0 <= b[0] and b[2] <= 600 and 0 <= b[1] and b[3] <= 300 for b in boxes)
+    assert all(b[2] - b[0] == 90.0 and b[3] - b[1] == 14.0 for b in boxes)
+    assert max(max(abs(b[0] - 200), abs(b[2] - 200), abs(b[1] - 100), abs(b[3] - 100)) for b in boxes) < 150
+    # no spot fits inside the bounds: the least bad ones are taken, still apart from each other
+    crowded = place_labels([(5.0, 5.0)] * 3, [(9.0, 9.0)] * 3, bounds=(0.0, 0.0, 10.0, 10.0))
+    assert len(crowded) == 3 and all(overlap(a, b) == 0 for a, b in _pairs(crowded))
+    # more labels than free spots: every label still gets a box, overlapping as little as it can
+    packed = place_labels([(50.0, 50.0)] * 30, [(40.0, 10.0)] * 30, rings=1)
+    assert len(packed) == 30 and all(overlap(a, b) == 0 for a, b in _pairs(packed[:4]))  # right, above, below, left
+    assert overlap((0, 0, 2, 2), (1, 1, 3, 3)) == 1 and overlap((0, 0, 1, 1), (1, 0, 2, 1)) == 0
+
+
+def test_noise_warning_and_ties(real):
+    data = copy.deepcopy(real)
+    data["timing"]["noise_cv"] = 0.25
+    other = next(c for c in data["candidates"] if c["measurement"] and not c["chosen"])
+    key = f"{other['backend']}/{other['precision']}"
+    data["verdict"]["ties"] = [key]
+    page = render_html(data)
+    assert _paragraph(page, "noise").startswith("The machine was noisy while timing: run-to-run variation reached 25% "
+                                                "(above 10%).")
+    rows = _parse(page).tables["candidates"]
+    row = rows[2 + data["candidates"].index(other)]
+    assert row[6].endswith(", tie")
+    assert f'<tr class="tie"><td>{other["backend"]}</td>' in page
+    assert f"{key} (" in "".join(_parse(page).figure_text) and ", tie)" in "".join(_parse(page).figure_text)
+    data["timing"]["noise_cv"] = 0.05
+    assert 'id="noise"' not in render_html(data)
+
+
+def _schema_1_0(report: dict) -> dict:
+    """The report as dlopt wrote it before timing, verdict, summary, units and intervals."""
+    old = copy.deepcopy(report)
+    for key in ("timing", "verdict", "summary"):
+        old.pop(key)
+    old["schema_version"] = "1.0"
+    old["budget"].pop("units")
+    for m in [old["baseline"]] + [c["measurement"] for c in old["candidates"] if c["measurement"]]:
+        for key in ("p90_ms", "ci_low_ms", "ci_high_ms", "cv", "speedup_ci"):
+            (m["latency"] or {}).pop(key, None)
+    return old
+
+
+def test_a_report_from_before_schema_1_1_still_renders(real):
+    page = render_html(_schema_1_0(real))
+    parsed = _parse(page)
+    chosen = next(c for c in real["candidates"] if c["chosen"])
+    assert _paragraph(page, "summary").startswith(f"chosen {real['chosen']}; {chosen['speedup']:.2f}x the original")
+    assert "shape not recorded" in _paragraph(page, "timing")
+    rows = parsed.tables["candidates"]
+    assert rows[0][9] == f"drop in {real['budget']['metric']} (percentage points)"
+    assert rows[1][3] == "-" and rows[1][4] == "-"  # no interval, no p90
+    assert "svg" in parsed.figure_tags and 'id="interval-' not in page  # plotted, without error bars
+    assert len(rows) == 2 + len(real["candidates"])
 
 
 def test_text_from_the_report_is_escaped(real):

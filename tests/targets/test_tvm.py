@@ -9,6 +9,7 @@ import re
 import shutil
 import struct
 import subprocess
+import threading
 
 import numpy as np
 import onnx_ir as ir
@@ -18,9 +19,10 @@ from onnx import TensorProto, helper
 pytest.importorskip("tvm")
 
 import models  # noqa: E402
+from cli import dlopt  # noqa: E402
 from helpers import max_rel_error, random_feed, run_ort  # noqa: E402
 
-from dlopt.errors import TargetUnavailable  # noqa: E402
+from dlopt.errors import CompileError, TargetUnavailable  # noqa: E402
 from dlopt.profiles import resolve_target  # noqa: E402
 from dlopt.targets import Artifact  # noqa: E402
 from dlopt.targets import tvm as backend  # noqa: E402
@@ -53,7 +55,13 @@ def fatbin_entries(data: bytes) -> list[tuple[int, int]]:
 
 
 def test_available_and_precisions():
+    import tvm
+
+    from dlopt.targets import get_backend
+
     assert backend.available() is True
+    assert get_backend("tvm") is backend.BACKEND and backend.BACKEND.entry == "model.so"
+    assert backend.BACKEND.runtime_version().startswith(f"tvm {tvm.__version__}, apache-tvm-ffi ")
     assert backend.precisions(resolve_target("cpu")) == ("fp32",)
     assert backend.precisions(resolve_target("jetson-orin")) == ("fp32",)
     assert backend.precisions(resolve_target("cortex-m7")) == ()
@@ -110,9 +118,74 @@ def test_functions_symbolic_batch_and_several_outputs(tmp_path):
         session.run({"x": np.zeros((1, 5), np.float32)})
 
 
+def _in_new_thread(work):
+    """``work()`` in a fresh thread, whose TVM thread pool does not exist yet."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(work()))
+    thread.start()
+    thread.join()
+    return result
+
+
 def test_thread_count_reaches_the_runtime(tmp_path):
     artifact = build(models.conv_bn_relu(), "cpu", tmp_path, threads=1)
-    assert backend.load(artifact).threads == 1
+    environ, affinity = dict(os.environ), os.sched_getaffinity(0)
+    got = _in_new_thread(lambda: {"threads": backend.load(artifact).threads, "affinity": os.sched_getaffinity(0)})
+    assert got == {"threads": 1, "affinity": affinity}  # TVM pinned a 1-thread pool's caller to one core
+    assert dict(os.environ) == environ  # no TVM_NUM_THREADS left behind
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_session_sets_up_the_pool_of_each_thread_that_runs_it(tmp_path):
+    import tvm
+
+    proto = models.conv_bn_relu()
+    environ, affinity = dict(os.environ), os.sched_getaffinity(0)
+    session = backend.load(build(proto, "cpu", tmp_path, threads=2))
+    feed = random_feed(proto, 1)
+    got = _in_new_thread(lambda: {"out": session.run(feed)[0], "affinity": os.sched_getaffinity(0),
+                                  "threads": int(tvm.get_global_func("runtime.NumThreads")())})
+    assert got["threads"] == 2 and got["affinity"] == affinity == os.sched_getaffinity(0)
+    assert max_rel_error(run_ort(proto, feed)[0], got["out"]) <= 1e-4
+    assert dict(os.environ) == environ
+
+
+def maxpool_with_indices():
+    """Valid ONNX that ONNX Runtime runs and TVM's frontend fails on (MaxPool's indices output)."""
+    nodes = [helper.make_node("MaxPool", ["x"], ["pool", "idx"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Cast", ["idx"], ["idxf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["pool", "idxf"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+def test_tvm_native_warnings_stay_off_the_terminal(tmp_path):
+    models.save(maxpool_with_indices(), tmp_path / "m.onnx")
+    (tmp_path / "dlopt.toml").write_text('[targets.tvm-cpu]\nbase = "cpu"\nbackends = ["ort", "tvm"]\n')
+    args = ["compile", "m.onnx", "--target", "tvm-cpu", "--precision", "fp32", "--runs", "5"]
+    quiet = dlopt(*args, "-o", "quiet", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    report = json.loads((tmp_path / "quiet" / "report.json").read_text())
+    (tvm,) = [c for c in report["candidates"] if c["backend"] == "tvm"]
+    assert tvm["status"] == "failed" and "Missing outputs during conversion" in tvm["reason"]
+    # TVM's C++ logger writes to fd 2 as the half-built BlockBuilder is destroyed
+    assert "BlockBuilder" not in quiet.stderr and "Warning" not in quiet.stderr, quiet.stderr
+    debug = dlopt("-vv", *args, "-o", "debug", cwd=tmp_path)  # kept, at debug level
+    assert debug.returncode == 0, debug.stderr
+    assert re.search(r"DEBUG dlopt\.targets\.tvm: TVM wrote while building for tvm-cpu:\n.*"
+                     r"BlockBuilder destroyed with remaining blocks!", debug.stderr), debug.stderr[-3000:]
+
+
+def test_a_failed_build_leaves_fd_2_and_the_environment_as_they_were(tmp_path):
+    environ, before = dict(os.environ), os.fstat(2)
+    with pytest.raises(CompileError, match=r"TVM could not build cpu: Missing outputs during conversion"):
+        build(maxpool_with_indices(), "cpu", tmp_path)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert dict(os.environ) == environ
 
 
 def test_supports_names_ops_without_a_converter():
