@@ -105,11 +105,26 @@ def check_output_dir(out: Path, *, inputs: tuple[Path, ...] = ()) -> None:
         if real == out or out in real.parents:
             raise ConfigError(f"the output folder {out} holds the input {path}; choose another -o "
                               f"(dlopt replaces its output folder whole)")
-    parent = out.parent
+    parent = next(p for p in out.parents if p.exists())  # missing parents are created, as mkdir -p does
     if not parent.is_dir():
-        raise ConfigError(f"cannot create output folder {out}: {parent} does not exist")
+        raise ConfigError(f"cannot create output folder {out}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot create output folder {out}: {parent} is not writable")
+
+
+@contextlib.contextmanager
+def parents_made(out: Path) -> Iterator[None]:
+    """Create the missing parents of ``out``; remove the ones made here again if the compile fails."""
+    made = [p for p in reversed(out.parents) if not p.exists()]
+    for folder in made:
+        folder.mkdir()
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when still empty: never anything another process put there
+        raise
 
 
 def _pid_alive(pid: int) -> bool:

@@ -25,7 +25,8 @@ import onnx
 import onnx_ir as ir
 
 from dlopt import precisions, select
-from dlopt.artifacts import check_output_dir, output_lock, remove_stale_staging, resolve_output, staging_dir
+from dlopt.artifacts import (check_output_dir, output_lock, parents_made, remove_stale_staging, resolve_output,
+                             staging_dir)
 from dlopt.candidates import Built, EvalData, Evaluation, build
 from dlopt.config import CompileConfig
 from dlopt.errors import AccuracyBudgetExceeded, CompileError, ModelError, first_line
@@ -339,7 +340,7 @@ def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
 
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
     job = prepare(config)
-    with output_lock(job.out, wait=config.wait):
+    with parents_made(job.out), output_lock(job.out, wait=config.wait):
         inputs = tuple(Path(p) for p in (job.info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
         check_output_dir(job.out, inputs=inputs)  # again: the compile that held the lock may have written it
         notes = [f"removed {entry}, left by an earlier compile that was killed"

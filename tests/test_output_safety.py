@@ -183,3 +183,17 @@ def test_model_file_is_still_there_after_every_refusal(tmp_path):
         assert dlopt("compile", "m.onnx", *args, *FAST, cwd=tmp_path).returncode == 2
     assert onnx.load(path).SerializeToString() == data
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
+    _tiny(tmp_path / "m.onnx")
+    result = dlopt("compile", "m.onnx", "-o", "deep/a/b", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "deep" / "a" / "b" / "manifest.json").is_file()
+    # a compile that fails after the folders were made (the model fails at run time) leaves none of them
+    from test_hostile_inputs import _reshape_to_seven
+
+    models.save(_reshape_to_seven(), tmp_path / "bad.onnx")
+    result = dlopt("compile", "bad.onnx", "-o", "other/x", *FAST, cwd=tmp_path)
+    assert result.returncode == 2 and "cannot run the original model" in result.stderr
+    assert not (tmp_path / "other").exists()
