@@ -336,7 +336,7 @@ def _compile_locked(config: CompileConfig, profile: TargetProfile, proto: onnx.M
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             calibration=calibration,
             search=search_info,
-            notes=notes + [e for e in getattr(bench.cache, "events", []) if "damaged" in e],
+            notes=notes + (bench.cache.warnings if bench.cache else []),
         )
         (staged / "report.json").write_text(report.to_json())
         (staged / "report.md").write_text(report.to_markdown())
