@@ -3,14 +3,19 @@
 A gate reads only the JSON report (and optionally a previous one to compare
 with), never the model.  Each threshold gives one :class:`GateResult` that
 passed, failed, or was skipped because the report lacks the figure (latency of
-a target that is not this machine, say) — a skip is said, never silent.
+a target that is not this machine, say) — a skip is said, never silent, and a
+gate whose every check was skipped fails unless missing figures are allowed.
+A report is checked field by field (``_SCHEMA``) before any gate reads it, so a
+hand-edited or hostile file is refused with one line, not a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -56,18 +61,19 @@ def parse_threshold(name: str, value: Any) -> float | None:
     text = value.strip() if isinstance(value, str) else value
     if isinstance(text, str) and name.endswith("regression"):
         text = text.removesuffix("%").strip()
-    if isinstance(text, bool):
-        number = math.nan
-    else:
+    number = None
+    if not isinstance(text, bool):
         try:
             number = float(text)
-        except (TypeError, ValueError):
-            number = math.nan
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
+            pass
     hint = "a percentage such as 10 or \"10%\"" if name.endswith("regression") else "a number"
+    if number is None:
+        raise ConfigError(f"{option} must be {hint}, got {_show(value)}")
     if not math.isfinite(number):
-        raise ConfigError(f"{option} must be {hint}, got {value!r}")
+        raise ConfigError(f"{option} must be {hint}, got {_show(value)} (not a finite number)")
     if name in ("max_accuracy_drop", "max_size_mb") and number < 0:
-        raise ConfigError(f"{option} must be 0 or more, got {value!r}")
+        raise ConfigError(f"{option} must be 0 or more, got {_show(value)}")
     return number
 
 
@@ -83,8 +89,8 @@ def load_thresholds(toml_path: str | Path) -> Thresholds:
     path = Path(toml_path)
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read gate thresholds from {path}: {first_line(exc)}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"cannot read gate thresholds from {path}: {first_line(exc)}") from None
     table = data.get("gate", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [gate] must be a table, e.g. [gate] max-accuracy-drop = 0.5")
@@ -98,19 +104,98 @@ def load_thresholds(toml_path: str | Path) -> Thresholds:
 
 
 # -- reports --------------------------------------------------------------------------------------
+class _Invalid(Exception):
+    """A report field of the wrong type or value: where it is, what it must be, what it is."""
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KINDS = {  # JSON kind -> (test, what a value must be)
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "array": (lambda v: isinstance(v, list), "an array"),
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "sha256": (lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None, "a hex SHA-256"),
+    "number": (lambda v: _finite(v), "a finite number"),
+    "amount": (lambda v: _finite(v) and v >= 0, "a finite number, 0 or more"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+              "an integer between 0 and 2**63"),
+}
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _show(value: Any) -> str:
+    """``value`` in a message: short, on one line, never the whole of a huge or hostile value."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)  # null, true, NaN, -Infinity: as JSON spells them
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    return {dict: "an object", list: "an array"}.get(type(value), f"a {type(value).__name__}")
+
+
+# The fields the gates read, with their types in docs/report-schema.md: key -> kind ("?": or
+# null, or missing) or (kind, the fields of each object in it).
+_MEASUREMENT = {
+    "latency": ("object?", {"p50_ms": "amount?", "p90_ms": "amount?", "p99_ms": "amount?", "mean_ms": "amount?"}),
+    "size_bytes": "count",
+    "energy": ("object?", {"joules_per_inference": "amount", "kind": "string"}),  # absent in older reports
+}
+_SCHEMA = {
+    "schema_version": "string",
+    "model": ("object", {"path": "string?", "sha256": "sha256?"}),
+    "target": ("object", {"name": "string"}),
+    "budget": ("object", {"metric": "string?"}),
+    "evaluation": ("object?", {"source": "string?", "feeds": "count?"}),
+    "baseline": ("object", _MEASUREMENT),
+    "candidates": ("array", {"backend": "string", "precision": "string", "measurement": ("object?", _MEASUREMENT),
+                             "score": ("object?", {"metric": "string", "value": "number", "drop_pp": "number"})}),
+    "chosen": "string?",
+}
+
+
+def _check_fields(obj: dict, schema: dict, where: str = "") -> None:
+    for key, spec in schema.items():
+        kind, inner = spec if isinstance(spec, tuple) else (spec, None)
+        path = f"{where}.{key}" if where else key
+        value = obj.get(key)
+        if value is None and kind.endswith("?"):
+            continue
+        test, must = _KINDS[kind.rstrip("?")]
+        if not test(value):
+            got = "nothing" if key not in obj else _show(value)
+            extra = " (not a finite number)" if isinstance(value, float) and not math.isfinite(value) else ""
+            null = ("," in must and ", or null" or " or null") if kind.endswith("?") else ""
+            raise _Invalid(f"{path} must be {must}{null}, got {got}{extra}")
+        for item_path, item in ([(f"{path}[{i}]", v) for i, v in enumerate(value)] if kind == "array"
+                                else [(path, value)] if inner else []):
+            if not isinstance(item, dict):
+                raise _Invalid(f"{item_path} must be an object, got {_show(item)}")
+            _check_fields(item, inner, item_path)
+
+
 def validate_report(data: Any, what: str = "report") -> dict[str, Any]:
-    """``data`` if it is a dlopt report this version can read; else ConfigError."""
+    """``data`` if it is a dlopt report this version can read; else ConfigError saying what is wrong."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} is not a dlopt report (a JSON object is expected)")
+        raise ConfigError(f"{what} is not a dlopt report (a JSON object is expected, got {_show(data)})")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ConfigError(f"{what} is not a dlopt report (missing {', '.join(missing)})")
-    version = str(data["schema_version"])
-    if version.split(".")[0] != SCHEMA_MAJOR:
-        raise ConfigError(f"{what} is not a dlopt report this version can read (schema {version}; "
+    version = data["schema_version"]
+    if not isinstance(version, str) or version.split(".")[0] != SCHEMA_MAJOR:
+        raise ConfigError(f"{what} is not a dlopt report this version can read (schema {_show(version)}; "
                           f"reads {SCHEMA_MAJOR}.x): regenerate it with this dlopt")
+    try:
+        _check_fields(data, _SCHEMA)
+    except _Invalid as exc:
+        raise ConfigError(f"{what} is not a dlopt report: {exc}") from None
     if data["chosen"] is not None and _chosen(data) is None:
-        raise ConfigError(f"{what} is not a dlopt report: chosen {data['chosen']!r} is not among its candidates")
+        raise ConfigError(f"{what} is not a dlopt report: chosen {_show(data['chosen'])} is not among its candidates")
     return data
 
 
@@ -118,12 +203,22 @@ def load_report(path: str | Path, what: str | None = None) -> dict[str, Any]:
     path = Path(path)
     what = what or str(path)
     try:
-        data = json.loads(path.read_text())
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise ConfigError(f"{what} is not a regular file")
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=_parse_int)
     except FileNotFoundError:
         raise ConfigError(f"{what}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{what} is not a dlopt report (not readable JSON: {first_line(exc)})") from exc
+    except RecursionError:
+        raise ConfigError(f"{what} is not a dlopt report (its JSON is nested too deeply)") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer over 4300 digits
+        raise ConfigError(f"{what} is not a dlopt report (not readable JSON: {first_line(exc)})") from None
     return validate_report(data, what)
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > 40:  # no figure in a report comes near; int() of 4300+ digits raises anyway
+        raise ValueError(f"it holds an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
 
 
 def _chosen(report: dict) -> dict | None:
@@ -146,6 +241,7 @@ class GateResult:
     status: str  # passed | failed | skipped
     detail: str
     unit: str = ""
+    warning: str = ""  # something a reader must know although the gate passed (another model's baseline)
 
     @property
     def passed(self) -> bool:
@@ -243,19 +339,21 @@ GATES = {  # Thresholds field -> (gate name, unit, measure)
 }
 
 
-def check(report: dict, thresholds: Thresholds, baseline: dict | None = None) -> list[GateResult]:
-    """One result per threshold that is set, after "candidate" (was anything chosen at all)."""
+def check(report: dict, thresholds: Thresholds, baseline: dict | None = None, *, allow_missing: bool = False,
+          allow_different_eval: bool = False) -> list[GateResult]:
+    """One result per threshold that is set, after "candidate" (was anything chosen at all) and, with a
+    baseline, "baseline" (what is compared with what).  When every gate was skipped, a failed "coverage"
+    result says so unless ``allow_missing``: a gate that checked nothing must not pass a build."""
     validate_report(report)
+    compared = []
     if baseline is not None:
         validate_report(baseline, "the baseline report")
-        if baseline["target"].get("name") != report["target"].get("name"):
-            raise ConfigError(f"the baseline report is for target {baseline['target'].get('name')!r}, this one for "
-                              f"{report['target'].get('name')!r}; compare reports of the same target")
+        compared = [_baseline_result(report, baseline, allow_different_eval)]
     limits = {name: getattr(thresholds, name) for name in GATES if getattr(thresholds, name) is not None}
     cand = _chosen(report)
     if cand is None:
         return [GateResult("candidate", None, None, "failed", "no candidate was chosen: every candidate failed or "
-                           "missed the accuracy budget (see the report's candidates)")] + [
+                           "missed the accuracy budget (see the report's candidates)")] + compared + [
             GateResult(GATES[n][0], None, v, "skipped", "no chosen candidate to measure", GATES[n][1])
             for n, v in limits.items()]
     if baseline is None:
@@ -265,12 +363,47 @@ def check(report: dict, thresholds: Thresholds, baseline: dict | None = None) ->
         name = (f"the baseline report's {baseline['chosen']}" if ref
                 else "the baseline report (it chose no candidate)")
         sides = _Sides(report, cand, ref.get("measurement"), ref.get("score"), name, True)
-    results = [GateResult("candidate", None, None, "passed", f"{report['chosen']} was chosen")]
+    gates = []
     for field_name, allowed in limits.items():
         gate_name, unit, measure = GATES[field_name]
         measured, detail, missing = measure(sides)
-        results.append(_gate(gate_name, measured, allowed, unit, detail, missing))
+        gates.append(_gate(gate_name, measured, allowed, unit, detail, missing))
+    results = [GateResult("candidate", None, None, "passed", f"{report['chosen']} was chosen"), *compared, *gates]
+    if gates and not allow_missing and all(r.status == "skipped" for r in gates):
+        why = "; ".join(f"{r.name} skipped: {r.detail}" for r in gates)
+        results.append(GateResult("coverage", None, None, "failed", f"nothing was checked ({why}); pass "
+                                  "--allow-missing to accept a report without these figures"))
     return results
+
+
+def _evaluation(report: dict) -> tuple[Any, Any]:
+    return _measure(report, "evaluation", "source"), _measure(report, "evaluation", "feeds")
+
+
+def _baseline_result(report: dict, baseline: dict, allow_different_eval: bool) -> GateResult:
+    """Refuse a baseline whose figures are not comparable; say when it is of another model (the usual case)."""
+    if baseline["target"]["name"] != report["target"]["name"]:
+        raise ConfigError(f"the baseline report is for target {_show(baseline['target']['name'])}, this one for "
+                          f"{_show(report['target']['name'])}; compare reports of the same target")
+    differences = []
+    if _evaluation(baseline) != _evaluation(report):
+        (source, feeds), (ref_source, ref_feeds) = _evaluation(report), _evaluation(baseline)
+        differences.append(f"this one was evaluated on {_show(source)} ({feeds} feeds), the baseline on "
+                           f"{_show(ref_source)} ({ref_feeds} feeds)")
+    metric, ref_metric = report["budget"].get("metric"), baseline["budget"].get("metric")
+    if metric != ref_metric:
+        differences.append(f"this one's budget metric is {_show(metric)}, the baseline's {_show(ref_metric)}")
+    if differences and not allow_different_eval:
+        raise ConfigError(f"the baseline report is not comparable: {'; '.join(differences)}; evaluate both on the "
+                          "same data, or pass --allow-different-eval to compare them anyway")
+    warnings = [f"compared although {d} (--allow-different-eval)" for d in differences]
+    sha, ref_sha = _measure(report, "model", "sha256"), _measure(baseline, "model", "sha256")
+    if sha and ref_sha and sha != ref_sha:
+        warnings.insert(0, f"the baseline report is of another model (sha256 {ref_sha[:12]}, this one "
+                           f"{sha[:12]}): the gates compare this model with that one")
+    detail = (f"compared with the baseline report's {baseline['chosen']}" if baseline["chosen"]
+              else "the baseline report chose no candidate: nothing to compare with")
+    return GateResult("baseline", None, None, "passed", detail, warning="; ".join(warnings))
 
 
 def enforce(results: list[GateResult]) -> None:
@@ -278,13 +411,28 @@ def enforce(results: list[GateResult]) -> None:
     failed = [r for r in results if not r.passed]
     if failed:
         raise GateFailed("gate failed: " + "; ".join(
-            r.describe() if r.measured is not None else f"{r.name}: {r.detail}" for r in failed))
+            r.describe() if r.measured is not None else f"{r.name}: {printable(r.detail)}" for r in failed))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: details quote report strings, which must not carry escape sequences."""
+    return _CONTROL.sub("?", text)
 
 
 # -- renderings -----------------------------------------------------------------------------------
+# Characters XML 1.0 cannot hold at all; report strings (target, metric names) may carry them.
+_NOT_XML = re.compile(r"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def to_junit(results: list[GateResult]) -> str:
     """JUnit XML: one testsuite "dlopt gate", one testcase per gate (CI systems show it as tests)."""
     import xml.etree.ElementTree as ET
+
+    def xml(text: str) -> str:
+        return _NOT_XML.sub("\ufffd", text)
 
     failures = sum(r.status == "failed" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
@@ -296,11 +444,13 @@ def to_junit(results: list[GateResult]) -> str:
         if r.status == "failed":
             message = (f"measured {format_value(r.measured, r.unit)}, allowed {format_value(r.allowed, r.unit)}"
                        if r.measured is not None else r.detail)
-            ET.SubElement(case, "failure", message=message, type="GateFailed").text = r.detail
+            ET.SubElement(case, "failure", message=xml(message), type="GateFailed").text = xml(r.detail)
         elif r.status == "skipped":
-            ET.SubElement(case, "skipped", message=r.detail)
+            ET.SubElement(case, "skipped", message=xml(r.detail))
         else:
-            ET.SubElement(case, "system-out").text = r.detail
+            ET.SubElement(case, "system-out").text = xml(r.detail)
+        if r.warning:
+            ET.SubElement(case, "system-err").text = xml("warning: " + r.warning)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
@@ -309,11 +459,16 @@ _ICONS = {"passed": "✅ passed", "failed": "❌ failed", "skipped": "⏭️ ski
 
 
 def to_markdown(results: list[GateResult], report: dict) -> str:
-    """A pull-request comment: verdict, what was gated, one table row per gate."""
+    """A pull-request comment: verdict, what was gated, one table row per gate.
+
+    Every string that came from a report (model path, target, metric names) is escaped: the
+    comment is posted where ``@`` pings people and HTML renders."""
     ok = all(r.passed for r in results)
-    model = Path(_measure(report, "model", "path") or "model").name
+    model = Path(_measure(report, "model", "path") or "model").name or "model"
     lines = [f"### dlopt gate {'✅ passed' if ok else '❌ failed'}: {_cell(model)} for "
-             f"`{_cell(str(report['target'].get('name')))}`, chosen `{_cell(str(report['chosen']))}`", "",
+             f"{_cell(str(report['target'].get('name')))}, chosen {_cell(str(report['chosen']))}", "",
+             *[f"> ⚠️ warning: {_cell(r.warning)}" for r in results if r.warning],
+             *([""] if any(r.warning for r in results) else []),
              "| gate | measured | allowed | status | detail |", "| --- | --- | --- | --- | --- |"]
     for r in results:
         measured, allowed = format_value(r.measured, r.unit), format_value(r.allowed, r.unit)
@@ -322,9 +477,11 @@ def to_markdown(results: list[GateResult], report: dict) -> str:
 
 
 def _cell(text: str) -> str:
-    return re.sub(r"\s+", " ", text).replace("|", "\\|").replace("`", "'")
+    from dlopt.report import escape_markdown  # the one Markdown escaper (report.md uses it too)
+
+    return printable(escape_markdown(text))  # escape_markdown keeps control characters such as ESC
 
 
-def run_gate(report: dict, thresholds: Thresholds, baseline: dict | None = None) -> list[GateResult]:
+def run_gate(report: dict, thresholds: Thresholds, baseline: dict | None = None, **options: bool) -> list[GateResult]:
     """What ``dlopt compile --gate`` and ``dlopt gate`` call: check, then the caller may ``enforce``."""
-    return check(report, thresholds, baseline)
+    return check(report, thresholds, baseline, **options)

@@ -18,18 +18,68 @@ def _report_path(path: Path) -> Path:
     return path / "report.json" if path.is_dir() else path
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    import os
-    import tempfile
+def _check_output(option: str, path: Path, reads: list[Path]) -> None:
+    """Refuse, before anything is written, an output path that is not a file dlopt may write.
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    Only stat() is used: opening a FIFO given as the output would block.
+    """
+    import os
+    import stat
+
+    from dlopt.errors import ConfigError
+
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        st = os.stat(path)  # follows a symlink to what it points at
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ConfigError(f"{option} {path} is a symbolic link to nothing; give a file path") from None
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise ConfigError(f"{option} {path}: {parent} is not a folder") from None
+        return
+    except OSError as exc:
+        raise ConfigError(f"{option} {path} cannot be written: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        example = path / ("gate.xml" if option == "--junit" else "gate.md")
+        raise ConfigError(f"{option} {path} is a folder; give a file path such as {example}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{option} {path} is not a regular file (a FIFO, socket or device); give a file path")
+    for other in reads:
+        if other.exists() and os.path.samefile(path, other):
+            raise ConfigError(f"{option} {path} is the report {other}, which the gate reads; write elsewhere")
+
+
+def _write_output(option: str, path: Path, text: str) -> None:
+    """Write ``text`` to ``path``: through an existing regular file (or the file a symlink points at),
+    keeping its inode, owner and mode; or into a new file, mode 0644 less the umask."""
+    import os
+    import stat
+
+    from dlopt.errors import ConfigError
+
+    created = False
+    try:
+        try:
+            before = os.stat(path)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            created = True
+        else:
+            # O_NONBLOCK: should a FIFO have been swapped in since the check, fail rather than wait for a reader
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+                os.close(fd)
+                raise ConfigError(f"{option} {path} was replaced while the gate ran; nothing was written")
+        with os.fdopen(fd, "wb") as fh:
+            fh.truncate(0)
+            fh.write(text.encode("utf-8"))
+    except BaseException as exc:
+        if created:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"{option} {path} cannot be written: {exc.strerror or exc}") from None
         raise
 
 
@@ -50,16 +100,28 @@ def _write_atomically(path: Path, text: str) -> None:
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Write JUnit XML here.")
 @click.option("--markdown", type=click.Path(path_type=Path), default=None,
               help="Write a pull-request comment (Markdown table) here.")
+@click.option("--allow-missing", is_flag=True,
+              help="Pass when every gate was skipped for want of figures (default: exit 1, nothing was checked).")
+@click.option("--allow-different-eval", is_flag=True,
+              help="Compare with a --baseline evaluated on other data or with another accuracy metric "
+                   "(default: exit 2, the figures are not comparable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the gate results as JSON.")
 def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_mb, max_energy_regression,
-         config, junit, markdown, as_json):
+         config, junit, markdown, allow_missing, allow_different_eval, as_json):
     """Check REPORT (a report.json or a dlopt output folder) against thresholds.
 
     Without --baseline, the chosen candidate is compared with the report's
     original model; with it, with the baseline report's chosen candidate.  A
     figure the report lacks (latency of a target that is not this machine, energy)
-    is reported as skipped, not passed silently.  Exit 0 when every gate holds,
-    1 when one fails, 2 on bad input.
+    is reported as skipped, not passed silently; when every gate is skipped the
+    gate fails (nothing was checked) unless --allow-missing.  A baseline of
+    another model (the usual case: a new model against main's) gets a warning; a
+    baseline of another target, evaluated on other data (evaluation source or
+    feed count) or with another accuracy metric is refused, unless
+    --allow-different-eval for the latter two.  Exit 0 when every gate holds,
+    1 when one fails, 2 on bad input.  --junit and --markdown write into a new
+    file or through an existing one (a symlink's target); a folder, FIFO or
+    device is refused.
 
     \b
     Example:
@@ -79,11 +141,17 @@ def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_m
 
     data = load_report(_report_path(report))
     base = load_report(_report_path(baseline), f"baseline {baseline}") if baseline is not None else None
-    check_report(data, thresholds, base, junit=junit, markdown=markdown, as_json=as_json)
+    check_report(data, thresholds, base, junit=junit, markdown=markdown, as_json=as_json,
+                 allow_missing=allow_missing, allow_different_eval=allow_different_eval,
+                 reads=[_report_path(p) for p in (report, baseline) if p is not None])
 
 
 def thresholds_from(config: Path | None, **flags):
-    """Thresholds of the [gate] table in ``config`` (default ./dlopt.toml), overridden by flags."""
+    """Thresholds of the [gate] table in ``config`` (default ./dlopt.toml), overridden by flags.
+
+    A flag the user did not give (its click default: `dlopt compile --max-accuracy-drop` defaults to 1)
+    only fills a threshold the table leaves unset, so `compile --gate` honours [gate] as `gate` does.
+    """
     from dlopt.errors import ConfigError
     from dlopt.gate import Thresholds, load_thresholds
 
@@ -91,7 +159,13 @@ def thresholds_from(config: Path | None, **flags):
         config = Path(CONFIG_FILE)
     elif config is not None and not config.is_file():
         raise ConfigError(f"gate config {config} not found")
-    thresholds = (load_thresholds(config) if config else Thresholds()).merged(**flags)
+    ctx = click.get_current_context(silent=True)
+    defaults = {name: flags.pop(name) for name in list(flags)
+                if ctx is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT}
+    thresholds = Thresholds().merged(**defaults)
+    if config:
+        thresholds = thresholds.merged(**vars(load_thresholds(config)))
+    thresholds = thresholds.merged(**flags)
     if thresholds == Thresholds():
         raise ConfigError("no thresholds to check: pass --max-accuracy-drop, --max-latency-regression, "
                           f"--max-size-mb or --max-energy-regression, or add a [gate] table to {CONFIG_FILE}")
@@ -99,25 +173,37 @@ def thresholds_from(config: Path | None, **flags):
 
 
 def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit: Path | None = None,
-                 markdown: Path | None = None, as_json: bool = False, quiet: bool = False) -> None:
+                 markdown: Path | None = None, as_json: bool = False, quiet: bool = False,
+                 allow_missing: bool = False, allow_different_eval: bool = False, reads: tuple | list = ()) -> None:
     """Run the gates, write JUnit/Markdown if asked, print the table, raise GateFailed on a failure."""
     import json
 
-    from dlopt.gate import enforce, format_value, run_gate, to_junit, to_markdown
+    from dlopt.errors import ConfigError
+    from dlopt.gate import enforce, format_value, printable, run_gate, to_junit, to_markdown
 
-    results = run_gate(data, thresholds, baseline)
+    outputs = [(o, p) for o, p in (("--junit", junit), ("--markdown", markdown)) if p is not None]
+    for option, path in outputs:
+        _check_output(option, path, list(reads))
+    if len(outputs) == 2 and (junit.absolute() == markdown.absolute()
+                              or junit.exists() and markdown.exists() and junit.samefile(markdown)):
+        raise ConfigError(f"--junit and --markdown are the same file ({junit}); give two paths")
+    results = run_gate(data, thresholds, baseline, allow_missing=allow_missing,
+                       allow_different_eval=allow_different_eval)
+    for r in results:
+        if r.warning:
+            click.echo(f"dlopt: warning: {r.warning}", err=True)
     if junit is not None:
-        _write_atomically(junit, to_junit(results))
+        _write_output("--junit", junit, to_junit(results))
     if markdown is not None:
-        _write_atomically(markdown, to_markdown(results, data))
+        _write_output("--markdown", markdown, to_markdown(results, data))
     if as_json:
         click.echo(json.dumps({"passed": all(r.passed for r in results),
                                "gates": [r.to_dict() for r in results]}, indent=2))
     elif not quiet:
         from tabulate import tabulate
 
-        rows = [[r.name, format_value(r.measured, r.unit), format_value(r.allowed, r.unit), r.status, r.detail]
-                for r in results]
+        rows = [[r.name, format_value(r.measured, r.unit), format_value(r.allowed, r.unit), r.status,
+                 printable(r.detail)] for r in results]
         click.echo(tabulate(rows, headers=["gate", "measured", "allowed", "status", "detail"],
                             maxcolwidths=[None, None, None, None, 60]))
     enforce(results)

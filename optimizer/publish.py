@@ -116,7 +116,7 @@ def assemble(job, ev, generic, builds, measured, verdict, notes: list[str], *, o
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         calibration=ev.calibration,
         search=builds.search,
-        notes=[*notes, *verdict.notes, *(e for e in (ev.cache.events if ev.cache else []) if not e.startswith("cache hit"))],
+        notes=[*notes, *verdict.notes, *(ev.cache.warnings if ev.cache else [])],
         timing=timing_info,
         verdict={"why": verdict.why, "ties": list(verdict.ties), "faster_than_original": verdict.faster_than_original},
     )

@@ -140,39 +140,57 @@ class Report:
     PASS_HEADERS = ["pass", "changed", "ms", "nodes", "op changes", "note"]
 
     def to_markdown(self) -> str:
+        """report.md; every string that came from the model, its paths or the config is escaped."""
         from tabulate import tabulate
 
+        esc = escape_markdown
         chosen = self.chosen_candidate()
+
+        def table(rows: list[list[Any]], headers: list[str]) -> str:
+            return tabulate([[esc(str(v)) for v in row] for row in rows], headers=headers, tablefmt="github")
+
         lines = [
-            f"# dlopt report: {Path(self.model.get('path') or 'model').name} for `{self.target['name']}`",
+            f"# dlopt report: {esc(Path(self.model.get('path') or 'model').name)} "
+            f"for {esc(str(self.target['name']))}",
             "",
-            f"- model sha256: `{self.model.get('sha256', '-')}`",
-            f"- inputs: {', '.join(self.model.get('inputs', []))}",
-            f"- evaluated on: {self.evaluation.get('source')} ({self.evaluation.get('feeds')} feeds), "
+            f"- model sha256: {esc(str(self.model.get('sha256', '-')))}",
+            f"- inputs: {esc(', '.join(self.model.get('inputs', [])))}",
+            f"- evaluated on: {esc(str(self.evaluation.get('source')))} ({self.evaluation.get('feeds')} feeds), "
             f"{(self.baseline.latency or {}).get('threads', '-')} threads",
-            f"- accuracy budget: {self.budget['metric']} may drop at most {self.budget['max_drop_pp']} points "
-            f"(original: {self.budget['original'] * 100:.2f}%)",
-            f"- chosen: **{chosen.key if chosen else 'none'}**"
+            f"- accuracy budget: {esc(str(self.budget['metric']))} may drop at most {self.budget['max_drop_pp']} "
+            f"points (original: {self.budget['original'] * 100:.2f}%)",
+            f"- chosen: **{esc(chosen.key) if chosen else 'none'}**"
             + (f", {self.speedup(chosen)}x the original's speed" if chosen and self.speedup(chosen) else ""),
             "",
             "## Candidates",
             "",
-            tabulate(self.candidate_rows(), headers=self.CANDIDATE_HEADERS, tablefmt="github"),
+            table(self.candidate_rows(), self.CANDIDATE_HEADERS),
             "",
-            *(["## Layers kept in float", "",
-                tabulate(self.float_node_rows(), headers=self.FLOAT_NODE_HEADERS, tablefmt="github"), ""]
+            *(["## Layers kept in float", "", table(self.float_node_rows(), self.FLOAT_NODE_HEADERS), ""]
               if self.float_node_rows() else []),
-            *([f"Calibration: {self.calibration['samples']} samples from {self.calibration['source']} "
-               f"({self.calibration['method']}), {self.calibration['seconds']} s, process peak RSS "
+            *([f"Calibration: {self.calibration['samples']} samples from {esc(str(self.calibration['source']))} "
+               f"({esc(str(self.calibration['method']))}), {self.calibration['seconds']} s, process peak RSS "
                f"{self.calibration['peak_rss_mb']} MB (+{self.calibration['rss_increase_mb']} MB).", ""]
               if self.calibration else []),
             "## Passes",
             "",
-            tabulate(self.pass_rows(), headers=self.PASS_HEADERS, tablefmt="github"),
+            table(self.pass_rows(), self.PASS_HEADERS),
         ]
         if self.notes:
-            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
+            lines += ["", "## Notes", "", *[f"- {esc(n)}" for n in self.notes]]
         return "\n".join(lines) + "\n"
+
+
+# Markdown (GitHub's, in PR comments too) read as text: no HTML, no @mention pings, no code
+# spans, links or table cells opened by a name.  ``@`` keeps its look but is followed by a
+# zero-width space, which GitHub does not link (the usual bot convention).
+_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "@": "@&#8203;", "\\": "\\\\",
+                           "`": "\\`", "|": "\\|", "[": "\\[", "]": "\\]"})
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` as literal Markdown on one line, safe in a table cell; not for use inside a code span."""
+    return " ".join(str(text).splitlines()).translate(_MARKDOWN)
 
 
 def _known(cls, raw: dict[str, Any]) -> dict[str, Any]:

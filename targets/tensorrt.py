@@ -12,10 +12,12 @@ report); the engine's latency is "not measured" until it runs on the device.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import onnx_ir as ir
 
+from dlopt.errors import ModelError
 from dlopt.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
 
@@ -61,16 +63,28 @@ def runtime_version() -> str:
     return "bundle-1"
 
 
+# trtexec splits --shapes on ',' and reads a quote as the start of a quoted name, and older
+# releases split each item on the first ':'; a name holding one of these cannot be written.
+_SHAPES_SYNTAX = (",", ":", "'")
+
+
 def _shapes(model) -> str:
+    """``--shapes=name:1x3x224x224,...`` for trtexec; shell quoting is the caller's job."""
     dims = []
     for value in model.graph.inputs:
+        bad = [c for c in _SHAPES_SYNTAX if c in value.name]
+        if bad:
+            raise ModelError(
+                f"input {value.name!r} cannot be passed to trtexec --shapes: its name contains "
+                f"{' and '.join(repr(c) for c in bad)}; rename the input to build a TensorRT bundle")
         shape = [d if isinstance(d, int) else 1 for d in (value.shape or [])]
         dims.append(f"{value.name}:{'x'.join(map(str, shape))}")
-    return ",".join(dims)
+    return "--shapes=" + ",".join(dims)
 
 
 def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
     del threads  # engines pick their own kernels on the device
+    shapes = shlex.quote(_shapes(model))  # input names are the model's: never shell syntax
     workdir.mkdir(parents=True, exist_ok=True)
     files = [f.name for f in save_ir(model, workdir / "model.onnx")]
     flags = TRTEXEC_FLAGS[precision]
@@ -83,7 +97,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> A
         "set -eu\n"
         'cd "$(dirname "$0")"\n'
         'TRTEXEC="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"\n'
-        f'"$TRTEXEC" --onnx=model.onnx --saveEngine=model.engine {flags} --shapes={_shapes(model)} '
+        f'"$TRTEXEC" --onnx=model.onnx --saveEngine=model.engine {flags} {shapes} '
         '--skipInference "$@"\n'
         'echo "engine written to $(pwd)/model.engine"\n'
     )

@@ -114,6 +114,10 @@ def test_unmeasured_latency_and_energy_are_skipped_not_passed_silently(real):
     assert junit.find("testsuite").get("skipped") == "2"
     assert [c.get("name") for c in junit.iter("testcase") if c.find("skipped") is not None] == [
         "latency-regression", "energy-regression"]
+    # every gate skipped: nothing was checked, which fails the build unless missing figures are allowed
+    assert (results[-1].name, results[-1].status) == ("coverage", "failed")
+    assert [r.name for r in check(data, Thresholds(max_latency_regression=10), allow_missing=True)] == [
+        "candidate", "latency-regression"]
 
 
 def test_measured_and_estimated_energy_are_not_compared(real):
@@ -185,7 +189,7 @@ def test_reports_are_validated(real, tmp_path):
     ({"max_accuracy_drop": "0.5%"}, "--max-accuracy-drop must be a number"),
     ({"max_size_mb": -1}, "--max-size-mb must be 0 or more"),
     ({"max_energy_regression": True}, "--max-energy-regression must be a percentage"),
-    ({"max_accuracy_drop": float("nan")}, "--max-accuracy-drop must be a number"),
+    ({"max_accuracy_drop": float("nan")}, r"--max-accuracy-drop must be a number, got NaN \(not a finite number\)"),
 ])
 def test_bad_thresholds(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -214,7 +218,8 @@ def test_toml_thresholds_and_flag_override(tmp_path):
 def test_markdown_comment(real):
     results = check(edited(real, size=3_000_000), Thresholds(max_accuracy_drop=1, max_size_mb=2))
     text = to_markdown(results, real)
-    assert text.startswith(f"### dlopt gate ❌ failed: model for `cpu`, chosen `{real['chosen']}`")
+    assert text.startswith(f"### dlopt gate ❌ failed: model for cpu, chosen {real['chosen']}\n")  # no code spans:
+    # report strings are escaped as Markdown text (dlopt.report.escape_markdown), which a code span would show raw
     assert f"| size | 3 MB | 2 MB | ❌ failed | {real['chosen']} artefact 3000000 bytes |" in text
     assert "| accuracy-drop | 0 pp | 1 pp | ✅ passed |" in text
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -13,6 +15,7 @@ from onnx import helper
 import models
 from cli import dlopt
 
+from dlopt.errors import ModelError
 from dlopt.profiles import resolve_target
 from dlopt.targets import tensorrt
 
@@ -73,3 +76,42 @@ def test_supports_names_ops_the_parser_lacks():
 def test_precisions_only_for_gpu_targets():
     assert tensorrt.precisions(resolve_target("jetson-orin")) == ("fp16", "int8", "mixed")
     assert tensorrt.precisions(resolve_target("rpi5")) == ()
+
+
+def _one_input_model(input_name: str) -> onnx.ModelProto:
+    w = models._init("w", np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32))
+    x = helper.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])
+    return models._model([helper.make_node("MatMul", [input_name, "w"], ["y"])], [x], [y], [w])
+
+
+def test_input_name_reaches_trtexec_as_one_argument_never_as_shell(tmp_path):
+    name = "x ; touch victim ; echo "
+    model = models.save(_one_input_model(name), tmp_path / "m.onnx")
+    result = dlopt("compile", model, "--target", "nvidia-gpu", "--precision", "fp16", "-o", tmp_path / "out",
+                   "--runs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["chosen"] == "tensorrt/fp16"
+    # stands in for the trtexec binary, which only exists on the device
+    fake = tmp_path / "trtexec"
+    fake.write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGV_FILE"\n')
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TRTEXEC": str(fake), "ARGV_FILE": str(tmp_path / "argv.txt")}
+    run = subprocess.run(["sh", str(tmp_path / "out" / "build_engine.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert list(tmp_path.rglob("victim")) == []
+    argv = (tmp_path / "argv.txt").read_text().splitlines()
+    assert argv == ["--onnx=model.onnx", "--saveEngine=model.engine", "--fp16", f"--shapes={name}:1x4",
+                    "--skipInference"]
+
+
+@pytest.mark.parametrize("name, bad", [("input:0", "':'"), ("a,b", "','"), ("it's", '"\'"')])
+def test_input_name_trtexec_cannot_parse_is_refused(tmp_path, name, bad):
+    model = ir.serde.deserialize_model(_one_input_model(name))
+    workdir = tmp_path / "w"
+    with pytest.raises(ModelError) as err:
+        tensorrt.compile(model, resolve_target("nvidia-gpu"), workdir, precision="fp16", threads=1)
+    assert str(err.value) == (f"input {name!r} cannot be passed to trtexec --shapes: its name contains {bad}; "
+                              "rename the input to build a TensorRT bundle")
+    assert not workdir.exists()  # refused before anything was written
