@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import models
-from dlopt.html import Point, draw_plot, overlap, place_labels, plot_points, render_html
+from dlopt.html import plot_points, render_html
+from dlopt.plot import Point, draw_plot, overlap, place_labels
 from dlopt.report import Report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
