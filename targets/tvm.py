@@ -14,7 +14,6 @@ database.  Shapes are static; symbolic input dims are compiled as 1.
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
 import logging
@@ -22,11 +21,7 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
-import tempfile
 import threading
-import traceback
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +30,7 @@ import onnx_ir as ir
 
 from dlopt.errors import CompileError, DloptError, TargetUnavailable, first_line
 from dlopt.profiles import host_arch
+from dlopt.targets._native_output import environ as _environ, native_output_logged
 from dlopt.targets.base import Artifact, Backend
 
 logger = logging.getLogger(__name__)
@@ -152,79 +148,6 @@ def _relax_module(model, inputs: list[dict]):
     finally:
         if printed.getvalue().strip():
             logger.debug("TVM's ONNX frontend printed:\n%s", printed.getvalue().rstrip())
-
-
-@contextlib.contextmanager
-def _tvm_output_logged(doing: str):
-    """TVM's own output during the block goes to the debug log, not the terminal.
-
-    Its C++ logging writes to file descriptor 2 (``BlockBuilder destroyed with
-    remaining blocks!`` after a failed conversion, thread-affinity warnings), which
-    ``sys.stderr`` cannot intercept, so fd 2 points at a temporary file for the
-    block and back afterwards; its frontend's Python warnings are recorded too.
-    Anything else writing to fd 2 meanwhile lands in the same debug record.
-    """
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _flush_stderr()
-        try:
-            saved = os.dup(2)
-        except OSError:  # no fd 2 at all (a daemon): nothing can reach a terminal anyway
-            saved = None
-        try:
-            if saved is not None:
-                os.dup2(sink.fileno(), 2)
-            yield
-        except BaseException as exc:
-            _release_frames(exc)
-            raise
-        finally:
-            _flush_stderr()
-            if saved is not None:
-                os.dup2(saved, 2)
-                os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode(errors="replace").strip()
-            for w in caught:
-                logger.debug("TVM warned while %s: %s: %s", doing, w.category.__name__, w.message)
-            if text:
-                logger.debug("TVM wrote while %s:\n%s", doing, text)
-
-
-def _flush_stderr() -> None:
-    if sys.stderr is not None:  # None under pythonw
-        sys.stderr.flush()
-
-
-def _release_frames(exc: BaseException) -> None:
-    """Free what the failed frames held while fd 2 is still captured.
-
-    A failed conversion leaves a half-built relax.BlockBuilder in the frames of the
-    traceback; its destructor logs "BlockBuilder destroyed with remaining blocks!"
-    whenever the traceback is freed, long after the block.  Clearing the frames'
-    locals (the traceback itself stays, for DLOPT_DEBUG) destroys it here.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)
-        exc = exc.__cause__ or exc.__context__
-    gc.collect()
-
-
-@contextlib.contextmanager
-def _environ(**values: str):
-    """``os.environ`` with ``values`` for the block only, as it was afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _cuda_kept_as_source():
@@ -357,7 +280,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> A
     workdir.mkdir(parents=True, exist_ok=True)
     inputs = _input_specs(model)
     try:
-        with _tvm_output_logged(f"building for {profile.name}"):
+        with native_output_logged(f"building for {profile.name}"):
             facts = _build(model, profile, workdir / LIBRARY, inputs)
     except DloptError:
         raise
@@ -392,7 +315,7 @@ class TvmSession:
         self._inputs = settings["inputs"]
         self.input_names = [i["name"] for i in self._inputs]
         self._configured: set[int] = set()
-        with _tvm_output_logged("loading the library"):
+        with native_output_logged("loading the library"):
             self._main = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())["main"]
             self._configure_pool()
         self.threads = int(tvm.get_global_func("runtime.NumThreads")())
@@ -417,7 +340,7 @@ class TvmSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if threading.get_ident() not in self._configured:
-            with _tvm_output_logged("configuring its thread pool"):
+            with native_output_logged("configuring its thread pool"):
                 self._configure_pool()
         batched = [s for s in self._inputs if s.get("dynamic_batch")]
         if batched and len(self._inputs) == len(batched):
