@@ -5,6 +5,11 @@ feeds.  The archive is never loaded whole: names, dtypes and shapes are checked 
 the ``.npy`` headers before any data is read, then each member is read sequentially,
 one batch of rows at a time, from its (stored or deflated) zip entry.  Nothing is
 unpickled: a pickle file, or an array or header of object dtype, is refused.
+
+Sizes are checked before anything is read, so a small crafted file cannot make
+dlopt read or allocate gigabytes: an ``.npy`` header must not declare more bytes
+than its zip entry holds (the zip directory's uncompressed size), and the samples
+that will be read must fit in ``max_bytes`` (the evaluation set is kept in memory).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dlopt.calibration.dataset import LABELS, CalibrationDataset, expected, shap
 from dlopt.errors import DataError, first_line
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
+# Most bytes of array data read from one archive (4 GiB).
+DEFAULT_MAX_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,11 @@ class _Member:
     shape: tuple[int, ...]
     dtype: np.dtype  # as stored; may be non-native byte order
     fortran_order: bool
+    stored_bytes: int  # data bytes the zip entry holds after its .npy header
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
 def _pickled(where: str) -> DataError:
@@ -55,7 +67,18 @@ def _read_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     return shape, fortran_order, dtype
 
 
+def _size(n: float) -> str:
+    unit = "bytes"
+    for bigger in ("KB", "MB", "GB", "TB"):
+        if n < 1024:
+            break
+        n, unit = n / 1024, bigger
+    return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+
+
 def _archive(path: Path) -> zipfile.ZipFile:
+    if path.exists() and not path.is_file():  # a FIFO or a device: opening it could block or never end
+        raise DataError(f"{path} is not a regular file; give an .npz file")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     with path.open("rb") as f:
@@ -95,13 +118,14 @@ class NpzDataset(CalibrationDataset):
     """
 
     def __init__(self, path: str | Path, specs: Sequence, *, batch_size: int | None = 32,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = Path(path)
         super().__init__(specs, where=str(self.path), batch_size=batch_size or 1, limit=limit)
         with _archive(self.path) as archive:
             self._members = self._headers(archive)
         self.has_labels = LABELS in self._members and LABELS not in {s.name for s in self.specs}
         self.samples = self._usable(self._check_headers())
+        self._check_read_size(max_bytes)
 
     def _headers(self, archive: zipfile.ZipFile) -> dict[str, _Member]:
         members = {}
@@ -114,10 +138,26 @@ class NpzDataset(CalibrationDataset):
             try:
                 with archive.open(info) as fp:
                     shape, fortran_order, dtype = _read_header(fp, where)
+                    header_bytes = fp.tell()
             except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:
                 raise DataError(f"{where}: cannot read: {first_line(exc)}") from exc
-            members[name] = _Member(info.filename, shape, dtype, fortran_order)
+            member = _Member(info.filename, shape, dtype, fortran_order, info.file_size - header_bytes)
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > member.stored_bytes:
+                raise DataError(f"{where}: its header declares shape {list(shape)} ({_size(declared)}) but the "
+                                f"zip entry holds {_size(member.stored_bytes)} (corrupt or crafted file)")
+            members[name] = member
         return members
+
+    def _check_read_size(self, max_bytes: int) -> None:
+        names = [s.name for s in self.specs] + ([LABELS] if self.has_labels else [])
+        for name in names:
+            member = self._members[name]
+            needed = self.samples * member.row_bytes
+            if needed > max_bytes:
+                raise DataError(f"{self.path}: array {name!r} would need {_size(needed)} for {self.samples} "
+                                f"sample(s), over the {_size(max_bytes)} dlopt reads from one file; "
+                                "use fewer samples (--calib-samples) or a smaller file")
 
     def _check_headers(self) -> int:
         """Check names, dtypes, shapes and sample counts from the headers; return the sample count."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
+import stat
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import onnx_ir as ir
@@ -27,13 +30,54 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
+
+
+def _attribute_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for each in _graphs(graph):
+        for node in each.node:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph``: initializers and node attributes, subgraphs included."""
+    for each in _graphs(graph):
+        yield from each.initializer
+    yield from _attribute_tensors(graph)
+
+
+def _external_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, dict[str, str]]]:
+    for tensor in _graph_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor, {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _external_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes the model keeps in external data files (from the tensors' lengths or shapes)."""
+    total = 0
+    for tensor, info in _external_tensors(proto):
+        if "length" in info:
+            total += int(info["length"])
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8  # an unusual dtype: overestimating only keeps more of it on disk
+        total += math.prod(tensor.dims) * itemsize
+    return total
+
+
 def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
     """Refuse external-data locations that escape the model's folder (path traversal)."""
     root = base.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
+    for tensor, info in _external_tensors(proto):
         location = info.get("location", "")
         target = (root / location).resolve()
         if not location or os.path.isabs(location) or not target.is_relative_to(root):
@@ -55,6 +99,10 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelError(f"expected an .onnx file, got a directory: {path}")
+    # stat, never open, before knowing it is a regular file: opening a FIFO or a device blocks or reads forever.
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise ModelError(f"{path} is not a regular file (a {_file_kind(mode)}); give an .onnx file")
     size = path.stat().st_size
     if size == 0:
         raise ModelError(f"model file is empty (0 bytes): {path}")
@@ -71,6 +119,7 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path} is not an ONNX model (protobuf parse failed)") from exc
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelError(f"{path} is not an ONNX model (no ir_version or graph)")
+    check_interface(proto, str(path))
     _check_external_locations(proto, path.parent)
     check_opsets(proto, str(path))
     try:
@@ -79,6 +128,46 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path} fails onnx.checker: {first_line(exc)}") from exc
     check_ops_known(proto, str(path))
     return proto
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "pipe"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+# What a graph input or output can be besides a tensor (onnx.TypeProto's "value" oneof).
+_VALUE_KINDS = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                "sparse_tensor_type": "a sparse tensor", "opaque_type": "an opaque value",
+                None: "a value without a type"}
+
+
+def _shape_text(value: onnx.ValueInfoProto) -> str:
+    dims = value.type.tensor_type.shape.dim
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
+
+
+def check_interface(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse graphs dlopt cannot feed or compare: no inputs or outputs, non-tensor or empty ones."""
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if not inputs:
+        raise ModelError(f"{where} has no inputs; dlopt optimises models that take at least one input tensor")
+    if not graph.output:
+        raise ModelError(f"{where} has no outputs; a model must return at least one tensor")
+    for role, values in (("input", inputs), ("output", graph.output)):
+        for value in values:
+            kind = value.type.WhichOneof("value")
+            if kind != "tensor_type":
+                raise ModelError(f"{where}: {role} {value.name!r} is {_VALUE_KINDS.get(kind, kind)}; "
+                                 f"dlopt handles tensor inputs and outputs only")
+    for value in inputs:
+        sizes = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if any(size <= 0 for size in sizes):
+            what = "zero-size" if 0 in sizes else "negative"
+            raise ModelError(f"{where}: input {value.name!r} has a {what} dimension (shape {_shape_text(value)}); "
+                             f"dlopt cannot feed an empty tensor, export with positive or symbolic sizes")
 
 
 # Domains whose ops run without an ONNX schema: ONNX Runtime's contrib ops.
@@ -135,6 +224,7 @@ def check_proto(proto: onnx.ModelProto) -> None:
     """Validate an in-memory model (Python API users hand these over)."""
     if not isinstance(proto, onnx.ModelProto):
         raise ModelError(f"expected an onnx.ModelProto or a path, got {type(proto).__name__}")
+    check_interface(proto, "model")
     check_opsets(proto, "model")
     try:
         onnx.checker.check_model(proto)
@@ -144,11 +234,41 @@ def check_proto(proto: onnx.ModelProto) -> None:
 
 
 def load_ir(path: Path) -> ir.Model:
-    """Load a validated model file into onnx-ir (external data is read lazily)."""
+    """Load a validated model file into onnx-ir, self-contained whatever the working directory.
+
+    External data under ``EXTERNAL_DATA_THRESHOLD`` is read into memory, so every later
+    serialisation (onnxsim, quantisation, a backend's model file) carries its weights
+    and works from any folder.  Larger weights stay in their files, read lazily from the
+    model's absolute folder; tensors inside node attributes are always read (they are
+    small and onnx-ir only writes initializers to new external data files).
+    """
+    path = Path(path)
+    base = path.parent.resolve()
     try:
-        return ir.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+        if _external_bytes(proto) < EXTERNAL_DATA_THRESHOLD:
+            onnx.load_external_data_for_model(proto, str(base))
+        else:
+            _load_attribute_tensors(proto, base)
+        model = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
+    ir.external_data.set_base_dir(model.graph, base)
+    return model
+
+
+def _load_attribute_tensors(proto: onnx.ModelProto, base: Path) -> None:
+    for tensor in _attribute_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+def has_external_tensors(model: ir.Model) -> bool:
+    """Whether some initializer still reads its data from a file."""
+    return any(isinstance(value.const_value, ir.ExternalTensor)
+               for graph in model.graphs() for value in graph.initializers.values())
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -163,9 +283,11 @@ def initializer_bytes(model: ir.Model) -> int:
 def save_ir(model: ir.Model, path: Path) -> list[Path]:
     """Save ``model`` to ``path``; large weights go to ``<name>.data`` beside it.
 
-    Returns every file written so callers can hash and size the artefact.
+    Weights still read from another model's data file are copied into the new one:
+    a saved model never points at files outside its folder.  Returns every file
+    written so callers can hash and size the artefact.
     """
-    if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+    if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD or has_external_tensors(model):
         data_name = path.name + ".data"
         ir.save(model, str(path), external_data=data_name)
         return [path, path.with_name(data_name)]

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import onnx
+import onnx_ir as ir
 
 from dlopt.errors import CompileError, DataError, first_line
-from dlopt.model_io import EXTERNAL_DATA_THRESHOLD
+from dlopt.model_io import EXTERNAL_DATA_THRESHOLD, save_ir
 from dlopt.passes._ort_quant import quiet
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,26 @@ def _method(name: str):
             "percentile": CalibrationMethod.Percentile}[name]
 
 
+def _write_model(model: onnx.ModelProto | ir.Model, path: Path) -> bool:
+    """Write ``model`` for ORT's calibrator; True if its weights went to an external data file.
+
+    An ``ir.Model`` is written with ``save_ir``, which also copies weights still kept in
+    the original's data file (a model over 1 GiB): its serialised proto would only
+    point at a file that is not in this temporary folder.
+    """
+    if isinstance(model, ir.Model):
+        return len(save_ir(model, path)) > 1
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        copy = onnx.ModelProto()  # save_model moves tensors out of the proto it is given
+        copy.CopyFrom(model)
+        onnx.save_model(copy, path, save_as_external_data=True, location=path.name + ".data")
+        return True
+    onnx.save_model(model, path)
+    return False
+
+
 def compute_ranges(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | ir.Model,
     batches: Iterable[dict],
     cache_path: Path,
     *,
@@ -103,13 +122,7 @@ def compute_ranges(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dlopt-calib-") as tmp, PeakRSS() as rss:
         model_path = Path(tmp) / "model.onnx"
-        large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-        if large:  # save_model moves tensors out of the proto it is given: work on a copy
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, model_path, save_as_external_data=True, location="model.onnx.data")
-        else:
-            onnx.save_model(model, model_path)
+        large = _write_model(model, model_path)
         try:
             with quiet():
                 calibrator = create_calibrator(
