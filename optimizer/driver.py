@@ -31,6 +31,7 @@ from dlopt.candidates import Built, EvalData, Evaluation, build
 from dlopt.config import CompileConfig
 from dlopt.errors import AccuracyBudgetExceeded, CompileError, ModelError, first_line
 from dlopt.evaluate import InputSpec, input_specs
+from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
 from dlopt.inputs import RandomInputs
 from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
 from dlopt.pipeline import PipelineResult, run_pipeline
@@ -153,7 +154,8 @@ def _reference_runner(job: Job) -> LocalRunner:
     from dlopt.targets.ort import OrtSession, session_settings
 
     source = job.info["path"] or job.proto.SerializeToString()
-    return LocalRunner("original", lambda: OrtSession(source, session_settings(job.config.thread_count)))
+    settings = session_settings(job.config.thread_count, job.model)
+    return LocalRunner("original", lambda: OrtSession(source, settings))
 
 
 def _quick_ms(runner: LocalRunner, feed, runs: int = 5) -> float:
@@ -216,7 +218,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, ranges: Path, notes: l
         notes.append("INT8 was calibrated on random inputs (no --calib): pass representative data for "
                      "meaningful ranges")
     total = config.calib_samples
-    stats = compute_ranges(ir.serde.serialize_model(model), data, ranges, method=config.calib_method,
+    stats = compute_ranges(model, data, ranges, method=config.calib_method,
                            progress=lambda n: _progress(config, "calibration", min(n, total), total))
     _progress(config, "calibration", total, total)
     return {**stats.to_dict(), "source": source}
@@ -233,6 +235,10 @@ def plan_precisions(config: CompileConfig, profile: TargetProfile, model: ir.Mod
     if config.precision != "auto":
         return [config.precision]
     chosen = [p for p in profile.precisions if p in precisions.REGISTRY and precisions.get(p).auto]
+    if largest_generated_constant(model) > GENERATED_CONSTANT_LIMIT:
+        # calibration would copy that constant once per sample (68 s for 576 MB x 256 samples), and
+        # fp16 adds a Cast that copies it on every run: only fp32 is worth its memory
+        chosen = [p for p in chosen if p == "fp32"]
     if "int8" in profile.precisions and _weights_in(model, ("MatMul", "Gemm")) > _weights_in(model, ("Conv", "ConvTranspose")):
         chosen.append("int8-dynamic")  # transformer/MLP-shaped: dynamic quantisation may win
     return chosen
@@ -323,7 +329,7 @@ def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
 
 def _with_original(job: Job, ev: Evaluation, builds: Builds, measured: Measured, staged: Path):
     """Add the input model itself as an ORT artefact (timed already: it is the original)."""
-    original = build(ev, "ort", "original", job.model, staged / "candidates" / "ort-original")
+    original = build(replace(ev, cache=None), "ort", "original", job.model, staged / "candidates" / "ort-original")
     if original.candidate.status is not Status.OK:
         raise CompileError(f"could not ship the original model: {original.candidate.reason}")
     return (replace(builds, built=(*builds.built, original)),
@@ -353,6 +359,10 @@ def _run(job: Job, notes: list[str]) -> Report:
     from dlopt.publish import assemble, publish_output
 
     generic = run_pipeline(job.model, generic_passes())
+    generated = largest_generated_constant(generic.model)
+    if generated > GENERATED_CONSTANT_LIMIT and job.config.precision == "auto":
+        notes.append(f"only fp32 was tried: the model generates a {generated / 1e6:.0f} MB constant at run time, "
+                     f"which calibration would copy for every sample and fp16 on every run")
     with staging_dir(job.out) as staged:
         ev = evaluate(job, generic, staged, notes)
         builds = build_all(ev, plan(job.config, job.profile, generic.model), generic.model, staged)

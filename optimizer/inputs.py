@@ -61,7 +61,7 @@ class RandomInputs:
             shape = tuple(shapes[spec.name])
             kind = spec.dtype.kind
             if kind == "f":
-                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                feed[spec.name] = np.asarray(rng.standard_normal(shape)).astype(spec.dtype)
             elif kind in "iu" and _MASK.search(spec.name):
                 feed[spec.name] = np.ones(shape, spec.dtype)
             elif kind in "iu" and _POSITION.search(spec.name) and shape:
@@ -70,7 +70,7 @@ class RandomInputs:
                 high = self.limits.get(spec.name, DEFAULT_INT_HIGH)
                 feed[spec.name] = rng.integers(0, max(high, 1), size=shape).astype(spec.dtype)
             elif kind == "b":
-                feed[spec.name] = np.ones(shape, bool) if _MASK.search(spec.name) else rng.random(shape) < 0.5
+                feed[spec.name] = np.ones(shape, bool) if _MASK.search(spec.name) else np.asarray(rng.random(shape) < 0.5)
             else:
                 raise ModelError(f"cannot make random data for input {spec.describe()}; pass --eval data.npz")
         return feed

@@ -137,7 +137,16 @@ def _unconverted(ov_model, producers: dict[str, str]) -> set[str]:
 
 
 def supports(model) -> list[str]:
-    """Ops OpenVINO's ONNX frontend has no conversion rule for (converted partially, so all are named)."""
+    """Ops OpenVINO's ONNX frontend has no conversion rule for (converted partially, so all are named).
+
+    A model its converter cannot be trusted with (deep control flow, huge generated
+    constants: dlopt.graph_facts) is refused before the converter sees it.
+    """
+    from dlopt.graph_facts import converter_hazards
+
+    hazards = converter_hazards(model)
+    if hazards:
+        return hazards
     _, frontend = _onnx_frontend()
     producers = {out.name: _op_label(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)
                  for out in node.outputs}
@@ -171,6 +180,20 @@ def runtime_settings(precision: str, threads: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _root_logger_kept():
+    """OpenVINO's converter (openvino.tools.ovc) sets the root logger to ERROR and adds its own
+    filter to it, which silenced every warning of the rest of the process: undo that on the way out."""
+    root = logging.getLogger()
+    level, filters, handlers = root.level, list(root.filters), list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.filters[:] = filters
+        root.handlers[:] = handlers
+
+
 def _message(exc: BaseException) -> str:
     # OpenVINO's messages start with "Check 'x' failed at <source file>"; the reason is further down.
     lines = [line.strip(" -").rstrip(".") for line in str(exc).splitlines() if line.strip()]
@@ -186,7 +209,8 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> A
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         with _as_onnx_file(model, workdir) as path:
-            converted = ov.convert_model(str(path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
+            with _root_logger_kept():
+                converted = ov.convert_model(str(path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
             # save_model compresses weights to f16 by default: only the fp16 candidate asks for it.
             ov.save_model(converted, str(workdir / "model.xml"), compress_to_fp16=precision == "fp16")
     except Exception as exc:

@@ -69,8 +69,10 @@ def supports(model) -> list[str]:
     return sorted(missing)
 
 
-def session_settings(threads: int) -> dict:
-    return {
+def session_settings(threads: int, model=None) -> dict:
+    """Session settings; for ``model`` (an onnx_ir Model) that generates a huge constant,
+    ORT's own constant folding is switched off: it would materialise it at session start."""
+    settings = {
         "providers": ["CPUExecutionProvider"],
         "graph_optimization_level": "ORT_ENABLE_ALL",
         "intra_op_num_threads": threads,
@@ -78,13 +80,20 @@ def session_settings(threads: int) -> dict:
         "execution_mode": "ORT_SEQUENTIAL",
         "onnxruntime_version": ort.__version__,
     }
+    if model is not None:
+        from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
+
+        if largest_generated_constant(model) > GENERATED_CONSTANT_LIMIT:
+            # nor should its arena keep that tensor's memory between runs: timing holds sessions side by side
+            settings.update(disabled_optimizers=["ConstantFolding"], enable_cpu_mem_arena=False)
+    return settings
 
 
 def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
     del profile  # ORT artefacts are portable ONNX; the profile matters for other backends
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_ir(model, workdir / "model.onnx")
-    settings = session_settings(threads)
+    settings = session_settings(threads, model)
     (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return Artifact(
         backend=name,
@@ -105,10 +114,12 @@ class OrtSession:
         options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
         options.inter_op_num_threads = int(settings.get("inter_op_num_threads", 1))
         options.execution_mode = getattr(ort.ExecutionMode, settings.get("execution_mode", "ORT_SEQUENTIAL"))
+        options.enable_cpu_mem_arena = bool(settings.get("enable_cpu_mem_arena", True))
         options.log_severity_level = 4  # failures raise with their message; no coloured log line on stderr
         target = model_path if isinstance(model_path, bytes) else str(model_path)
         self._session = ort.InferenceSession(
-            target, options, providers=settings.get("providers", ["CPUExecutionProvider"])
+            target, options, providers=settings.get("providers", ["CPUExecutionProvider"]),
+            disabled_optimizers=settings.get("disabled_optimizers") or None,
         )
         self.input_names = [i.name for i in self._session.get_inputs()]
 

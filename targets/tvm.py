@@ -75,6 +75,11 @@ def _converters() -> frozenset[tuple[str, str]]:
 
 
 def supports(model) -> list[str]:
+    from dlopt.graph_facts import converter_hazards
+
+    hazards = converter_hazards(model)  # it would fold a huge generated constant into the library
+    if hazards:
+        return hazards
     converters = _converters()
     functions = {(f.domain, f.name) for f in model.functions.values()}  # inlined before conversion
     missing = set()

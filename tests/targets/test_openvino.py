@@ -173,3 +173,15 @@ def test_compile_end_to_end_reports_an_openvino_fp32_candidate(tmp_path, monkeyp
     assert row.ran_as == "fp32"
     assert row.fidelity["max_rel_error"] <= 1e-4
     assert row.measurement.latency is not None
+
+
+def test_the_converter_leaves_the_root_logger_as_it_was(tmp_path):
+    import logging
+
+    root = logging.getLogger()
+    before = (root.level, list(root.filters), list(root.handlers))
+    with pytest.raises(CompileError):
+        ov_backend.compile(_custom_op_model(nested=False), CPU, tmp_path, precision="fp32", threads=1)
+    ov_backend.compile(ir.serde.deserialize_model(models.conv_bn_relu()), CPU, tmp_path / "ok", precision="fp32",
+                       threads=1)
+    assert (root.level, list(root.filters), list(root.handlers)) == before
