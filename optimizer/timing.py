@@ -30,6 +30,9 @@ BLOCK_GAP_S = 0.02
 # Differences below this are below what a Python harness resolves between runs: the same 15 us
 # model measured 10% faster, then 10% slower than its twin in three consecutive compiles.
 RESOLUTION_MS = 0.005
+# Below this many runs the order-statistic interval is no 95% interval (with 3 runs it is the whole
+# range, and two equal models' ranges separate one time in ten): fewer runs only ever tie.
+MIN_RUNS = 20
 Z95 = 1.959964
 
 
@@ -138,10 +141,10 @@ def median_interval(samples: np.ndarray, z: float = Z95) -> tuple[float, float]:
 
 
 def significantly_faster(a: Timing, b: Timing, min_gain: float = 0.0) -> bool:
-    """``a`` beats ``b``: the intervals of their medians separate, ``a`` gains at least ``min_gain``
-    and at least ``RESOLUTION_MS``."""
-    return (a.ci_high_ms < b.ci_low_ms and a.p50_ms <= b.p50_ms * (1 - min_gain)
-            and b.p50_ms - a.p50_ms >= RESOLUTION_MS)
+    """``a`` beats ``b``: both had ``MIN_RUNS``, the intervals of their medians separate, and ``a``
+    gains at least ``min_gain`` and at least ``RESOLUTION_MS``."""
+    return (min(a.runs, b.runs) >= MIN_RUNS and a.ci_high_ms < b.ci_low_ms
+            and a.p50_ms <= b.p50_ms * (1 - min_gain) and b.p50_ms - a.p50_ms >= RESOLUTION_MS)
 
 
 def time_interleaved(

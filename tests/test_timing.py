@@ -66,3 +66,13 @@ def test_runner_lifecycle():
     with local:
         assert local.run({}) == [1] and local.ran_as == "bf16"
     assert local.session is None
+
+
+def test_too_few_runs_never_separate():
+    from dlopt.timing import Timing
+
+    fast = Timing(1.0, 1.0, 1.0, 1.0, 0.99, 1.01, 0.0, 5, 1, 1)
+    slow = Timing(2.0, 2.0, 2.0, 2.0, 1.99, 2.01, 0.0, 5, 1, 1)
+    assert not significantly_faster(fast, slow)
+    assert significantly_faster(Timing(1.0, 1.0, 1.0, 1.0, 0.99, 1.01, 0.0, 20, 1, 1),
+                                Timing(2.0, 2.0, 2.0, 2.0, 1.99, 2.01, 0.0, 20, 1, 1))
