@@ -22,6 +22,7 @@ from dlopt.passes.fold_constants import FoldConstantsPass
 from dlopt.passes.matmul_add_to_gemm import MatMulAddToGemmPass
 from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
 from dlopt.passes.simplify import SimplifyPass
+from dlopt.passes.upgrade_opset import UpgradeOpsetPass
 
 __all__ = [
     "FoldBatchNormPass",
@@ -29,6 +30,7 @@ __all__ = [
     "FuseActivationForOrtPass",
     "MatMulAddToGemmPass",
     "SimplifyPass",
+    "UpgradeOpsetPass",
     "generic_passes",
 ]
 
@@ -36,6 +38,8 @@ __all__ = [
 def generic_passes() -> list[ir.passes.PassBase]:
     """Check, infer shapes, simplify and fuse: output is standard ONNX for every backend."""
     return [
+        # below opset 13 per-channel quantisation cannot be expressed: convert (outputs checked) first
+        UpgradeOpsetPass(),
         ShapeInferencePass(strict_mode=False),
         SimplifyPass(),
         IdentityEliminationPass(),  # also covers models too big for onnxsim

@@ -49,6 +49,8 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         from onnxruntime.quantization.calibrate import load_tensors_data
 
         proto = ir.serde.serialize_model(model)
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
+        per_channel = self.per_channel and opset >= 13  # per-channel Q/DQ (their axis) needs opset 13
         method = load_tensors_data(self.ranges).calibration_method
         activation = QuantType.QInt8 if self.symmetric_activations else QuantType.QUInt8
         with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
@@ -56,7 +58,7 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
             try:
                 with quiet():
                     quantize_static(
-                        proto, out, None, quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
+                        proto, out, None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=activation, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(self.exclude_nodes),
                         nodes_to_quantize=list(self.only_nodes) or None,
@@ -70,5 +72,6 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
             quantized = onnx.load(out)
         result = ir.serde.deserialize_model(quantized)
         n_quant = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
-        self.note = f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
+        self.note = (f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
+                     + ("" if per_channel or not self.per_channel else f"; per-tensor weights (opset {opset} < 13)"))
         return ir.passes.PassResult(result, True)
