@@ -125,3 +125,32 @@ def test_dynamic_int8_on_matmul_model():
     result = QuantizeDynamicPass()(model)
     assert op_counts(result.model).get("MatMulInteger") == 3
     assert result.modified
+
+
+def test_dynamic_quantisation_is_per_channel_and_keeps_small_columns():
+    """Weight columns 1000x apart: one scale zeroes the small ones, a scale per column keeps them."""
+    from onnx import TensorProto, helper
+
+    from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w[:, 16:] *= 1e-3
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor("w", TensorProto.FLOAT, [64, 32], w.ravel())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    (ref,) = run_ort(model, feed)
+
+    def small_column_error(per_channel):
+        quantise = QuantizeDynamicPass(per_channel=per_channel)
+        (got,) = run_ort(quantise(ir.serde.deserialize_model(model)).model, feed)
+        return float(np.abs(got[:, 16:] - ref[:, 16:]).max() / np.abs(ref[:, 16:]).max()), quantise.note
+
+    per_tensor, note_t = small_column_error(False)
+    per_channel, note_c = small_column_error(True)
+    assert note_c.endswith("per-channel weights") and note_t.endswith("per-tensor weights")
+    assert per_tensor > 0.5 and per_channel < 0.05, (per_tensor, per_channel)
+    assert QuantizeDynamicPass().per_channel
