@@ -19,6 +19,7 @@ shape is treated as damaged: the entry is deleted and rebuilt.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +40,24 @@ _CHUNK = 1 << 20
 
 def default_root() -> Path:
     return Path(os.environ.get("DLOPT_CACHE") or Path.home() / ".cache" / "dlopt")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 over dlopt's own source: an artefact that other code built is another artefact.
+
+    The version number alone let a development checkout (and any edited install) reuse
+    builds whose session settings an older dlopt wrote.
+    """
+    import importlib
+
+    digest = hashlib.sha256()
+    for package in ("dlopt", "dlopt.passes", "dlopt.targets", "dlopt.calibration"):
+        folder = Path(importlib.import_module(package).__file__).parent
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.name.encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def make_key(*parts: bytes | str) -> str:

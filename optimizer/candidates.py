@@ -130,7 +130,10 @@ def build(
     if status is not True:
         return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status)))
     backend = get_backend(backend_name)
-    unsupported = backend.supports(model)
+    try:
+        unsupported = backend.supports(model)
+    except DloptError as exc:  # a runtime installed but broken is this backend's problem, not the compile's
+        return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(exc)))
     if unsupported:
         return Built(Candidate(backend_name, precision, Status.UNSUPPORTED,
                                reason=f"unsupported ops: {', '.join(unsupported)}"))
@@ -223,11 +226,12 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
 
     key = None
     if ev.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
-        from dlopt.cache import make_key
+        from dlopt.cache import code_fingerprint, make_key
 
         version = backend.runtime_version()
         key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
-                       precision, repr(ev.profile), str(ev.config.thread_count), __version__, version)
+                       precision, repr(ev.profile), str(ev.config.thread_count), __version__, code_fingerprint(),
+                       version)
         meta = ev.cache.get(key, workdir)
         if meta is not None:
             return Artifact(folder=workdir, **meta)

@@ -14,6 +14,7 @@ database.  Shapes are static; symbolic input dims are compiled as 1.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -51,11 +52,13 @@ _BIG_CORES, _ONE_CORE_PER_THREAD = 1, -2  # TVM's ThreadGroup::AffinityMode kBig
 def available() -> bool | str:
     from importlib import metadata
 
+    # find_spec, not import: importing TVM costs ~400 MB and a second, and a model every TVM check
+    # refuses should not pay for it.  A broken install surfaces when the backend is first used.
     try:
         ffi_version = metadata.version("apache-tvm-ffi")
-        import tvm  # noqa: F401
-        from tvm.relax.frontend import onnx  # noqa: F401
-    except (ImportError, metadata.PackageNotFoundError):
+    except metadata.PackageNotFoundError:
+        return "apache-tvm is not installed; install dlopt[tvm]"
+    if importlib.util.find_spec("tvm") is None:
         return "apache-tvm is not installed; install dlopt[tvm]"
     if ffi_version.startswith("0.1.15"):
         return f"apache-tvm-ffi {ffi_version} crashes when TVM writes JSON; install apache-tvm-ffi==0.1.14.post1"
@@ -68,7 +71,11 @@ def precisions(profile) -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def _converters() -> frozenset[tuple[str, str]]:
-    from tvm.relax.frontend.onnx import onnx_frontend
+    try:
+        from tvm.relax.frontend.onnx import onnx_frontend
+    except Exception as exc:  # ImportError, or a missing shared library under it
+        raise TargetUnavailable(f"apache-tvm is installed but does not import ({first_line(exc)}); "
+                                f"reinstall dlopt[tvm]") from exc
 
     ops = set(onnx_frontend._get_convert_map()) | {"If"}  # If is converted outside the map
     return frozenset({("ai.onnx", op) for op in ops} | {("com.microsoft", op) for op in ops & _CONTRIB})

@@ -188,3 +188,19 @@ def test_malformed_indexes_are_rebuilt_and_the_compile_exits_0(tmp_path, monkeyp
     for entry in entries:  # rebuilt: each holds a well-formed index again
         index = json.loads((entry / "entry.json").read_text())
         assert list(index["files"]) == index["meta"]["files"]
+
+
+def test_cache_key_covers_dlopt_own_source():
+    """An artefact built by other dlopt code (a dev checkout, an edited install) is not reused."""
+    import hashlib
+    from pathlib import Path
+
+    import dlopt
+    from dlopt import calibration, passes, targets
+    from dlopt.cache import code_fingerprint
+
+    digest = hashlib.sha256()
+    for package in (dlopt, passes, targets, calibration):
+        for source in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(source.name.encode() + source.read_bytes())
+    assert code_fingerprint() == digest.hexdigest()
