@@ -118,7 +118,7 @@ def test_page_has_every_candidate_the_plot_and_the_chosen_label(real):
     assert "svg" in parsed.figure_tags and "text" in parsed.figure_tags  # inline SVG, text kept as text
     assert f"{real['chosen']} (" in figure and "chosen)" in figure
     assert "original (1.00x)" in figure and "log scale" in figure and drop in figure
-    assert parsed.tables["passes"][1][0] == "ShapeInferencePass"
+    assert parsed.tables["passes"][1][0] == "UpgradeOpsetPass"  # the first generic pass
     assert all(f"<li>{escape(note)}</li>" in page for note in real["notes"])
     # self-contained: no scripts, no stylesheet links, no remote images
     assert not {"script", "link", "iframe", "img"} & set(parsed.tags)
