@@ -56,6 +56,13 @@ def summary_line(report: Report) -> str:
         size = chosen.measurement.size_bytes
         parts.append(f"size {size / report.baseline.size_bytes:.2f}x ({report.baseline.size_bytes / 1e6:.2f} MB -> "
                      f"{size / 1e6:.2f} MB)")
+    if speed and (report.verdict or {}).get("faster_than_original") is False:
+        from dlopt.select import ORIGINAL_MARGIN
+        from dlopt.timing import RESOLUTION_MS
+
+        parts.append(f"not a real difference from the original (under a {ORIGINAL_MARGIN:.0%} margin or the "
+                     f"{RESOLUTION_MS * 1e3:.0f} us timing resolution)" if speed < 1 else
+                     "not significantly faster than the original")
     if not report.chosen:
         parts.append("OVER THE ACCURACY BUDGET")
     return "; ".join(parts)
