@@ -49,6 +49,7 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         from onnxruntime.quantization.calibrate import load_tensors_data
 
         proto = ir.serde.serialize_model(model)
+        renamed = _rename_clashing_initializers(proto)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
         per_channel = self.per_channel and opset >= 13  # per-channel Q/DQ (their axis) needs opset 13
         method = load_tensors_data(self.ranges).calibration_method
@@ -73,5 +74,37 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         result = ir.serde.deserialize_model(quantized)
         n_quant = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
         self.note = (f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
-                     + ("" if per_channel or not self.per_channel else f"; per-tensor weights (opset {opset} < 13)"))
+                     + ("" if per_channel or not self.per_channel else f"; per-tensor weights (opset {opset} < 13)")
+                     + (f"; renamed {renamed} initializer(s) whose names the quantiser reserves" if renamed else ""))
         return ir.passes.PassResult(result, True)
+
+
+# ONNX Runtime names the scale of tensor T "T_scale" (and "T_zero_point", ...) and silently
+# reuses an initializer that already has that name: a constant called "att_scale" became the
+# quantisation scale of tensor "att" (cosine 0.9998 -> 0.9887, no error).
+_RESERVED_SUFFIXES = ("_scale", "_zero_point", "_quantized", "_QuantizeLinear_Output", "_DequantizeLinear_Output")
+
+
+def _rename_clashing_initializers(proto: onnx.ModelProto) -> int:
+    """Rename initializers (never activations: the calibration table is keyed by their names)
+    whose names the quantiser would generate for some tensor of the graph."""
+    graph = proto.graph
+    tensors = {name for node in graph.node for name in (*node.input, *node.output) if name}
+    tensors |= {i.name for i in graph.input}
+    reserved = {t + suffix for t in tensors for suffix in _RESERVED_SUFFIXES}
+    taken = tensors | {i.name for i in graph.initializer}
+    protected = {o.name for o in graph.output} | {i.name for i in graph.input}
+    mapping = {}
+    for init in graph.initializer:
+        if init.name in reserved and init.name not in protected:
+            new, k = f"{init.name}_const", 0
+            while new in taken or new in reserved:
+                k += 1
+                new = f"{init.name}_const{k}"
+            taken.add(new)
+            mapping[init.name] = new
+            init.name = new
+    if mapping:
+        for node in graph.node:  # subgraphs keep their names: they cannot be quantised by name anyway
+            node.input[:] = [mapping.get(name, name) for name in node.input]
+    return len(mapping)

@@ -154,3 +154,35 @@ def test_dynamic_quantisation_is_per_channel_and_keeps_small_columns():
     assert note_c.endswith("per-channel weights") and note_t.endswith("per-tensor weights")
     assert per_tensor > 0.5 and per_channel < 0.05, (per_tensor, per_channel)
     assert QuantizeDynamicPass().per_channel
+
+
+def test_initializer_named_like_a_quantisation_scale_is_not_reused(tmp_path):
+    # "att" * "att_scale": ONNX Runtime's quantiser would take the constant as att's own scale
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["att"], name="mm"),
+         helper.make_node("Mul", ["att", "att_scale"], ["scaled"], name="mul"),
+         helper.make_node("MatMul", ["scaled", "w2"], ["y"], name="mm2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.float32(0.125), "att_scale"),
+         onnx.numpy_helper.from_array(w.T.copy(), "w2")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(8)]
+    path = tmp_path / "calibration.json"
+    compute_ranges(ir.serde.serialize_model(model), feeds, path)
+    qpass = QuantizeStaticPass(ranges=path, op_types=["MatMul"])
+    result = qpass(model)
+    proto = to_proto(result.model)
+    mul = next(n for n in proto.graph.node if n.name == "mul")
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert consts[mul.input[1]] == np.float32(0.125)  # the Mul still multiplies by its own constant
+    quant_att = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "att")
+    assert quant_att.input[1] != mul.input[1]  # att's scale comes from its calibrated range
+    assert "renamed 1 initializer" in qpass.note
+    x = feeds[0]
+    assert max_rel_error(run_ort(model, x)[0], run_ort(result.model, x)[0]) < 0.1
