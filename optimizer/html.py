@@ -275,9 +275,8 @@ def render_html(report: dict) -> str:
         "<h2>Latency and accuracy</h2>", _plot_section(r),
     ]
     if r.float_node_rows():
-        headers = ["candidate", "node kept in float", "op", f"{_drop_label(r)} if quantised alone", "output nmse"]
         body += ["<h2>Layers kept in float</h2>",
-                 _table(headers, r.float_node_rows(), numeric={3, 4}, table_id="float")]
+                 _table(r.FLOAT_NODE_HEADERS, r.float_node_rows(), numeric={3}, table_id="float")]
     if r.calibration:
         c = r.calibration
         body.append(f"<p>Calibration: {escape(str(c.get('samples')))} samples from {escape(str(c.get('source')))} "

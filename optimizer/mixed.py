@@ -1,64 +1,76 @@
 """Mixed precision: keep the most sensitive nodes in float until INT8 fits the budget.
 
-1. Rank: every node the INT8 quantiser touched is quantised *alone* (all else
-   float) and scored on a sample of the evaluation feeds; the drop it causes, then
-   the output error, orders the nodes from most to least sensitive.
+1. Rank: every node the INT8 quantiser touched gets its own output error, its
+   quantisation replayed on float activations cached once (:mod:`dlopt.sensitivity`);
+   seconds, not one quantisation per node.
 2. Search: keep the top 1, 2, 4, ... nodes in float until the budget holds on the
-   full evaluation set, then bisect for the fewest.
-Each trial reuses the calibration cache, so no step calibrates again.  The search
-stops at its deadline and returns the best model found so far.
+   full evaluation set, then bisect for the fewest: O(log n) full builds.
+A node kept in float takes with it the quantised nodes producing its quantised
+inputs: the quantiser also puts Q/DQ on a quantised node's output, so without them
+the node would still read the same rounded tensor.  Each trial reuses the
+calibration cache, so no step calibrates again.  The search stops at its deadline
+and returns the best model found so far.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
-
-from dlopt.budget import Scorer
-from dataclasses import replace
 
 from dlopt.candidates import Built, Evaluation, build
 from dlopt.precisions import Status
+from dlopt.sensitivity import NodeSensitivity, layer_errors, quantized_nodes, rank, tensor_names
 
-RANK_FEEDS = 16  # feeds used to rank nodes; the search itself uses all of them
+logger = logging.getLogger(__name__)
 
-
-@dataclass
-class NodeSensitivity:
-    name: str
-    op_type: str
-    drop_pp: float
-    nmse: float
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "op_type": self.op_type, "drop_pp": round(self.drop_pp, 4),
-                "nmse": float(f"{self.nmse:.4g}")}
+SHOWN = 10  # ranked nodes listed in the report's search section
 
 
-def quantized_nodes(int8_model: ir.Model) -> list[tuple[str, str]]:
-    """(name, op_type) of nodes fed by a DequantizeLinear, i.e. running on quantised data."""
-    found = []
+def _quantised_producers(int8_model: ir.Model) -> dict[str, list[str]]:
+    """For each node, the quantised nodes whose outputs reach it through a Q -> DQ pair."""
+    quantised = {name for name, _ in quantized_nodes(int8_model)}
+    found: dict[str, list[str]] = {}
     for node in int8_model.graph:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        if any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
-               for v in node.inputs):
-            found.append((node.name, node.op_type))
+        for value in node.inputs:
+            dq = value.producer() if value is not None else None
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+                continue
+            q = dq.inputs[0].producer()
+            source = q.inputs[0].producer() if q is not None and q.op_type == "QuantizeLinear" and q.inputs[0] else None
+            if source is not None and source.name in quantised and source.name != node.name:
+                found.setdefault(node.name, []).append(source.name)
     return found
 
 
-def _nmse(reference: list, outputs: list) -> float:
-    errors = []
-    for ref, got in zip(reference, outputs):
-        r = np.asarray(ref[0], dtype=np.float64)
-        g = np.asarray(got[0], dtype=np.float64)
-        errors.append(float(np.sum((r - g) ** 2) / max(float(np.sum(r ** 2)), 1e-30)))
-    return float(np.mean(errors)) if errors else 0.0
+def _float_sets(order: list[NodeSensitivity], producers: dict[str, list[str]]) -> list[list[dict]]:
+    """``sets[k]``: the nodes kept in float when the top ``k`` ranked nodes are, as report rows."""
+    by_name = {s.name: s for s in order}
+    sets, chosen, seen = [[]], [], set()
+    for s in order:
+        for name, reason in [(s.name, None), *((p, s.name) for p in producers.get(s.name, []))]:
+            if name in seen:
+                continue
+            seen.add(name)
+            row = by_name[name].to_dict() if name in by_name else {"name": name, "op_type": "?", "error": None}
+            chosen.append({**row, **({"feeds": reason} if reason else {})})
+        sets.append(list(chosen))
+    return sets
+
+
+def _float_twin(ev: Evaluation, model: ir.Model, int8_model: ir.Model) -> ir.Model:
+    """The float model the INT8 one was quantised from: ``model``, or the SmoothQuant-ed model
+    static INT8 starts from; the one holding more of the tensors the INT8 model quantises."""
+    smoothed = getattr(getattr(ev, "smoothed", None), "model", None)
+    if smoothed is None:
+        return model
+    quantised = {n.inputs[0].name for n in int8_model.graph if n.op_type == "QuantizeLinear" and n.inputs[0]}
+    return max((model, smoothed), key=lambda m: len(quantised & tensor_names(m)))
 
 
 def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, workdir: Path) -> tuple[Built | None, dict]:
@@ -68,27 +80,27 @@ def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, 
     budget = ev.config.max_accuracy_drop
     nodes = quantized_nodes(int8_model)
     info = {"nodes_considered": len(nodes), "ranked": 0, "trials": 0, "complete": False, "met_budget": False}
-    limit = min(RANK_FEEDS, len(ev.data.feeds))
-    sample_scorer = Scorer(ev.reference[:limit], ev.data.labels[:limit], ev.config.metric)
+    ev.progress("mixed: ranking nodes", 0, 1)
+    try:
+        errors, samples = layer_errors(_float_twin(ev, model, int8_model), int8_model, ev.data.feeds,
+                                       threads=ev.config.thread_count, deadline=deadline)
+    except Exception as exc:  # ranking is a heuristic: without it the search still runs, in graph order
+        logger.warning("mixed: per-layer errors failed (%s); searching in graph order", exc)
+        errors, samples = [NodeSensitivity(n, t, math.nan) for n, t in nodes], 0
+    order = rank(errors)
+    ev.progress("mixed: ranking nodes", 1, 1)
+    info.update({
+        "ranking": f"per-layer output error on {samples} cached samples",
+        "ranking_seconds": round(time.monotonic() - start, 2),
+        "ranked": sum(1 for s in order if not math.isnan(s.error)),
+        "sensitivity": [s.to_dict() for s in order[:SHOWN]],
+    })
+    sets = _float_sets(order, _quantised_producers(int8_model))
+
+    def names(k: int) -> tuple[str, ...]:
+        return tuple(row["name"] for row in sets[k])
 
     with tempfile.TemporaryDirectory(prefix="dlopt-mixed-") as tmp:
-        ranking: list[NodeSensitivity] = []
-        for i, (name, op_type) in enumerate(nodes):
-            if time.monotonic() > deadline:
-                break
-            trial = build(ev, backend, "mixed", model, Path(tmp) / f"rank{i}", only=(name,), limit=limit)
-            info["trials"] += 1
-            ev.progress("mixed: ranking nodes", i + 1, len(nodes))
-            if trial.outputs is None:
-                continue
-            ranking.append(NodeSensitivity(name, op_type, sample_scorer.score(trial.outputs).drop_pp,
-                                           _nmse(ev.reference, trial.outputs)))
-        info["ranked"] = len(ranking)
-        ranking.sort(key=lambda s: (s.drop_pp, s.nmse), reverse=True)
-        # Nodes the deadline left unranked are the last to be kept in float.
-        ranked = {s.name for s in ranking}
-        order = ranking + [NodeSensitivity(n, t, float("nan"), float("nan")) for n, t in nodes if n not in ranked]
-
         tried: dict[int, Built] = {}
 
         def trial(k: int) -> Built | None:
@@ -96,8 +108,7 @@ def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, 
                 return tried[k]
             if time.monotonic() > deadline:
                 return None
-            exclude = tuple(s.name for s in order[:k])
-            built = build(ev, backend, "mixed", model, Path(tmp) / f"keep{k}", exclude=exclude)
+            built = build(ev, backend, "mixed", model, Path(tmp) / f"keep{k}", exclude=names(k))
             info["trials"] += 1
             ev.progress("mixed: searching", k, len(order))
             tried[k] = built
@@ -108,7 +119,7 @@ def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, 
 
         low, high = 0, None  # low: known to miss; high: known to fit
         k = 1
-        while True:
+        while order:
             built = trial(k)
             if built is None:
                 break  # deadline
@@ -125,18 +136,18 @@ def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, 
             if built is None:
                 break
             low, high = (low, mid) if fits(built) else (mid, high)
-        info["complete"] = time.monotonic() <= deadline and len(ranking) == len(nodes)
+        info["complete"] = time.monotonic() <= deadline
         if not any(b.candidate.score is not None for b in tried.values()):
             info["seconds"] = round(time.monotonic() - start, 2)
             return None, info
         scored = [k for k, b in tried.items() if b.candidate.score is not None]
         best_k = high if high is not None else min(scored, key=lambda k: tried[k].candidate.score["drop_pp"])
         info["met_budget"] = high is not None
-        info["float_nodes"] = best_k
+        info["float_nodes"] = len(sets[best_k])
     # Rebuild the chosen configuration for real: full evaluation, publishable folder (timed with the others).
-    final = build(ev, backend, "mixed", model, workdir, exclude=tuple(s.name for s in order[:best_k]))
-    cand = replace(final.candidate, float_nodes=[s.to_dict() for s in order[:best_k]])
-    if best_k == len(order) and cand.status is Status.OK:
+    final = build(ev, backend, "mixed", model, workdir, exclude=names(best_k))
+    cand = replace(final.candidate, float_nodes=sets[best_k])
+    if len(sets[best_k]) >= len(nodes) and cand.status is Status.OK:
         # Every quantised node had to stay in float: this is the float model under another name.
         cand = replace(cand, status=Status.REJECTED,
                        reason="no INT8 left: every quantised node had to stay in float to meet the budget")
