@@ -60,6 +60,9 @@ class Backend(abc.ABC):
     settings_file: ClassVar[str]  # JSON beside it with the runtime settings it ships with
     # precisions the backend converts itself from the float model (OpenVINO compresses fp16)
     own_precisions: ClassVar[tuple[str, ...]] = ()
+    # False: static (QDQ) INT8 of a transformer runs no faster than its float model here, so
+    # --precision auto builds int8-dynamic instead (dlopt.recipe decides what a transformer is)
+    static_int8_for_transformers: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -89,8 +92,12 @@ class Backend(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def compile(self, model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
-        """Write the artefact for ``model`` into ``workdir`` and describe it."""
+    def compile(self, model, profile, workdir: Path, *, precision: str, threads: int,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> Artifact:
+        """Write the artefact for ``model`` into ``workdir`` and describe it.
+
+        ``shapes``: the declared timing shape of each input, for runtimes that need static
+        shapes (symbolic dimensions other than the batch take their size from it)."""
 
     @abc.abstractmethod
     def load(self, artifact: Artifact) -> Session:

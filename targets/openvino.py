@@ -201,8 +201,9 @@ def _message(exc: BaseException) -> str:
     return "; ".join(useful[:2]) if useful else first_line(exc)
 
 
-def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
+def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
     """Convert ``model`` to OpenVINO IR in ``workdir``; int8/mixed models arrive as QDQ ONNX."""
+    del shapes  # OpenVINO keeps symbolic dims
     if precision not in _HINTS:
         raise CompileError(f"openvino cannot build precision {precision!r}; it builds {', '.join(_HINTS)}")
     ov = _ov()

@@ -82,8 +82,8 @@ def _shapes(model) -> str:
     return "--shapes=" + ",".join(dims)
 
 
-def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
-    del threads  # engines pick their own kernels on the device
+def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
+    del threads, shapes  # engines pick their own kernels (and optimisation profiles) on the device
     shapes = shlex.quote(_shapes(model))  # input names are the model's: never shell syntax
     workdir.mkdir(parents=True, exist_ok=True)
     files = [f.name for f in save_ir(model, workdir / "model.onnx")]

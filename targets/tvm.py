@@ -135,11 +135,17 @@ def _linker(profile):
     return cc.cross_compiler(compiler), compiler
 
 
-def _input_specs(model) -> list[dict]:
-    """Static shapes for the build: symbolic dims become 1; a symbolic first dim is a batch the
-    session serves sample by sample."""
-    return [{"name": v.name, "dtype": v.dtype.numpy().name,
-             "shape": [d if isinstance(d, int) else 1 for d in (v.shape or ())],
+def _input_specs(model, shapes: dict | None = None) -> list[dict]:
+    """Static shapes for the build: a symbolic first dim is a batch the session serves sample by
+    sample (built as 1); other symbolic dims (a sequence length) take the declared timing shape's
+    size, else 1."""
+    def dims(v) -> list[int]:
+        declared = (shapes or {}).get(v.name)
+        return [d if isinstance(d, int) else
+                (declared[i] if i and declared is not None and i < len(declared) else 1)
+                for i, d in enumerate(v.shape or ())]
+
+    return [{"name": v.name, "dtype": v.dtype.numpy().name, "shape": dims(v),
              "dynamic_batch": bool(v.shape) and not isinstance(v.shape[0], int)}
             for v in model.graph.inputs if v.name not in model.graph.initializers]
 
@@ -283,14 +289,14 @@ def _packer(source: bytes, fatbin: bytes):
     return pack
 
 
-def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:  # noqa: A001
+def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:  # noqa: A001
     import tvm
 
     if precision not in precisions(profile):
         raise CompileError(f"TVM builds {', '.join(precisions(profile)) or 'nothing'} for {profile.name}, "
                            f"not {precision}")
     workdir.mkdir(parents=True, exist_ok=True)
-    inputs = _input_specs(model)
+    inputs = _input_specs(model, shapes)
     try:
         with native_output_logged(f"building for {profile.name}"):
             facts = _build(model, profile, workdir / LIBRARY, inputs)
