@@ -58,6 +58,9 @@ class Evaluation:
     ranges: Path | None = None  # calibration table for int8
     cache: object | None = None  # dlopt.cache.ArtifactCache, or None to always build
     calibration: dict | None = None  # what calibration did (dlopt.ranges.RangeStats + source)
+    recipe: object | None = None  # dlopt.recipe.Recipe: how INT8 is made for this graph
+    calib_feeds: tuple[Feed, ...] = ()  # calibration batches, kept when a quantiser needs them again (NNCF)
+    smoothed: object | None = None  # dlopt.pipeline.PipelineResult of SmoothQuant: what dlopt's static INT8 starts from
 
     def progress(self, stage: str, done: int, total: int) -> None:
         if self.config.progress is not None:
@@ -86,14 +89,38 @@ class Built:
     runner: Callable[[], LocalRunner] | None = None  # opens a runner on it here (timed ones only)
 
 
-def precision_passes(ev: Evaluation, precision: str, exclude: tuple[str, ...], only: tuple[str, ...] = ()) -> list:
+def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
+    """Who quantises ``precision`` for this backend: NNCF for OpenVINO where it is installed
+    (its placement is what OpenVINO's INT8 kernels expect), ONNX Runtime's tools elsewhere."""
+    from dlopt import precisions
+
+    if not precisions.get(precision).quantised:
+        return None
+    if precision == "int8-dynamic":
+        return "onnxruntime dynamic"
+    from dlopt.passes import quantize_nncf
+
+    if backend_name == "openvino" and ev.calib_feeds and quantize_nncf.available() is True:
+        return "nncf"
+    return "onnxruntime static"
+
+
+def precision_passes(ev: Evaluation, backend_name: str, precision: str, exclude: tuple[str, ...],
+                     only: tuple[str, ...] = ()) -> list:
     """The passes that turn the float model into ``precision`` (table, not if-chains at call sites)."""
     from dlopt.passes.fp16 import ConvertFloat16Pass
     from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
     from dlopt.passes.quantize_static import QuantizeStaticPass
 
+    recipe = ev.recipe
+    if quantiser(ev, backend_name, precision) == "nncf":
+        from dlopt.passes.quantize_nncf import QuantizeNncfPass
+
+        return [QuantizeNncfPass(calibration=ev.calib_feeds, transformer=bool(recipe and recipe.transformer),
+                                 exclude_nodes=exclude)]
+
     def static(**extra) -> list:
-        return [QuantizeStaticPass(ranges=ev.ranges, exclude_nodes=exclude,
+        return [QuantizeStaticPass(ranges=ev.ranges, exclude_nodes=exclude, op_types=recipe.op_types if recipe else None,
                                    symmetric_activations=ev.profile.int8_symmetric, **extra)]
 
     table: dict[str, Callable[[], list]] = {
@@ -142,14 +169,18 @@ def build(
         from onnx_ir.passes.common import CheckerPass
 
         own = precision in backend.own_precisions
-        passes = [*([] if own else precision_passes(ev, precision, exclude, only)),
+        who = None if own else quantiser(ev, backend_name, precision)
+        before = []
+        if who == "onnxruntime static" and ev.smoothed is not None:  # calibrated on the smoothed model
+            model, before = ev.smoothed.model, list(ev.smoothed.records)
+        passes = [*([] if own else precision_passes(ev, backend_name, precision, exclude, only)),
                   *backend.lowering_passes(precision), CheckerPass()]
         result = run_pipeline(model.clone(), passes)
         artifact = _compile_cached(ev, backend, result.model, workdir, precision)
     except DloptError as exc:
         return Built(Candidate(backend_name, precision, Status.FAILED, reason=str(exc)))
-    base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in result.records],
-                     artifact_files=list(artifact.files))
+    base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in before + result.records],
+                     artifact_files=list(artifact.files), quantiser=_quantiser_label(who))
     if not artifact.loadable_here and artifact.check_onnx is None:
         return Built(replace(base, measurement=Measurement(None, artifact.size_bytes()),
                              reason=f"built for {ev.profile.name}; cannot run on this machine, not verified here; "
@@ -185,6 +216,15 @@ def build(
     cand = replace(cand, score=score, status=status, reason=reason or cand.reason)
     timed = ev.profile.runs_here() and artifact.loadable_here and status is Status.OK
     return Built(cand, artifact, outputs, result.model, factory if timed else None)
+
+
+def _quantiser_label(who: str | None) -> str | None:
+    if who is None:
+        return None
+    from importlib.metadata import version
+
+    package = who.split()[0]
+    return f"{package} {version(package)}{who[len(package):]}"
 
 
 def _where(ev: Evaluation, artifact) -> str:
@@ -231,11 +271,12 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
         version = backend.runtime_version()
         key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
                        precision, repr(ev.profile), str(ev.config.thread_count), __version__, code_fingerprint(),
-                       version)
+                       version, repr(sorted(ev.shapes.items())))
         meta = ev.cache.get(key, workdir)
         if meta is not None:
             return Artifact(folder=workdir, **meta)
-    artifact = backend.compile(model, ev.profile, workdir, precision=precision, threads=ev.config.thread_count)
+    artifact = backend.compile(model, ev.profile, workdir, precision=precision, threads=ev.config.thread_count,
+                               shapes=ev.shapes)
     if key is not None:
         meta = {k: v for k, v in dataclasses.asdict(artifact).items() if k != "folder"}
         ev.cache.put(key, workdir, artifact.files, meta)

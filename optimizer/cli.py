@@ -145,8 +145,9 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
               help="Calibration data for int8: an .npz like --eval, or a folder of images (see --calib-size).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibrate on at most this many samples (streamed).")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax",
-              show_default=True, help="How activation ranges are chosen.")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="auto",
+              show_default=True, help="How activation ranges are chosen; auto: min-max for CNNs, a percentile "
+                                      "for models with attention or normalisation (outliers dominate min-max).")
 @click.option("--calib-size", default=None, metavar="H,W", help="Image folders: resize to H,W.")
 @click.option("--calib-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
               help="Image folders: tensor layout.")
@@ -157,7 +158,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, metavar="POINTS",
               help="Accuracy budget in points of --metric (100 x the metric): top-1 accuracy with labels, "
                    "top-1 agreement with the original's predictions, or 0.01 of cosine similarity per point.")
-@click.option("--search-time", type=float, default=300.0, show_default=True, metavar="SECONDS",
+@click.option("--search-time", type=float, default=120.0, show_default=True, metavar="SECONDS",
               help="Time limit of the mixed-precision search; the best model found is kept.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Without --eval: random feeds compared against the original [20]. With --eval: "

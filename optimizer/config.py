@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 from dlopt.errors import ConfigError
 from dlopt.precisions import CHOICES as PRECISIONS
 
-CALIB_METHODS = ("minmax", "entropy", "percentile")  # how activation ranges are chosen (dlopt.ranges)
+CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")  # activation ranges (dlopt.ranges); auto: dlopt.recipe
 RANDOM_SAMPLES = 20  # random feeds compared with the original when there is no evaluation data
 EVAL_SAMPLES = 10_000  # evaluation samples read at most unless samples says otherwise
 
@@ -50,10 +50,10 @@ class CompileConfig:
     seed: int = 0
     calib: Any = None
     calib_samples: int = 256
-    calib_method: str = "minmax"
+    calib_method: str = "auto"
     calib_preprocess: Any = None  # dlopt.calibration.ImagePreprocess for image folders
     max_accuracy_drop: float = 1.0
-    search_time: float = 300.0
+    search_time: float = 120.0
     cache: bool = True  # reuse verified builds from $DLOPT_CACHE (~/.cache/dlopt)
     wait: float = 0.0  # seconds to wait for another compile writing the same output folder
     targets_file: Path | None = None  # TOML with [targets.NAME] tables [default: ./dlopt.toml]

@@ -37,6 +37,7 @@ from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
 from dlopt.pipeline import PipelineResult, run_pipeline
 from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile, resolve_target
+from dlopt.recipe import weights_in
 from dlopt.report import Candidate, Report
 from dlopt.shapes import declared_shapes, feed_at
 from dlopt.timing import LocalRunner, Timing, time_interleaved
@@ -194,16 +195,73 @@ def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) 
         cache = ArtifactCache()
     ev = Evaluation(config, job.profile, job.data, tuple(reference), Scorer(reference, list(job.data.labels),
                     config.metric), job.shapes, job.timing_feed, original_ms, cache=cache)
-    if any(precisions.get(p).calibrated for p in plan_precisions(config, job.profile, generic.model)):
-        ranges = staged / "calibration.json"
-        calibration = _calibrate(job, ev, generic.model, ranges, notes)
-        ev = replace(ev, ranges=ranges, calibration=calibration)
+    pairs = plan(config, job.profile, generic.model)
+    if any(p is not None and precisions.get(p).calibrated for _, p in pairs):
+        from dlopt import recipe
+
+        ev = replace(ev, recipe=recipe.choose(generic.model, config.calib_method))
+        ev = _calibrate(job, ev, generic.model, pairs, staged / "calibration.json", notes)
     return ev
 
 
-def _calibrate(job: Job, ev: Evaluation, model: ir.Model, ranges: Path, notes: list[str]) -> dict:
+def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, notes: list[str]) -> Evaluation:
+    """Ranges for dlopt's static quantiser (on the smoothed model for transformers); the batches
+    themselves kept only when NNCF or SmoothQuant read them again."""
+    from dlopt.candidates import quantiser
     from dlopt.ranges import compute_ranges
 
+    config = job.config
+    data, source = _calibration_data(job, ev, notes)
+    probe = replace(ev, calib_feeds=({},))  # quantiser() asks only whether feeds exist
+    quantisers = {quantiser(probe, b, p) for b, p in pairs if p is not None and precisions.get(p).calibrated}
+    smooth = ev.recipe.smooth_alpha is not None and "onnxruntime static" in quantisers
+    if "nncf" in quantisers or smooth:
+        import time
+
+        from dlopt.calibration.memory import PeakRSS
+
+        start = time.perf_counter()
+        with PeakRSS() as rss:
+            data = tuple(data)
+        read = {"samples": sum(len(next(iter(f.values()))) for f in data if f), "batches": len(data),
+                "seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(rss.peak_bytes / 2**20, 1),
+                "rss_increase_mb": round(rss.delta_bytes / 2**20, 1)}
+        ev = replace(ev, calib_feeds=data)
+    if smooth:
+        from dlopt.passes.smooth_quant import SmoothQuantPass
+
+        _progress(config, "SmoothQuant", 0, 1)
+        ev = replace(ev, smoothed=run_pipeline(model.clone(), [SmoothQuantPass(calibration=data,
+                                                                               alpha=ev.recipe.smooth_alpha)]))
+        _progress(config, "SmoothQuant", 1, 1)
+        model = ev.smoothed.model
+    if "onnxruntime static" not in quantisers:
+        # NNCF gathers its statistics inside its build: these figures are for reading the data
+        return replace(ev, calibration={**read, "source": source, "recipe": ev.recipe.to_dict(),
+                                        "method": "nncf (its own statistics, gathered in the build)"})
+    total = config.calib_samples
+    method = ev.recipe.calib_method
+    # only the tensors around the ops the recipe quantises: a percentile histogram of every
+    # tensor of a transformer costs minutes
+    op_types = list(ev.recipe.op_types) if ev.recipe.op_types else None
+
+    def calibrate(method: str):
+        return compute_ranges(model, data, ranges, method=method, op_types=op_types,
+                              progress=lambda n: _progress(config, "calibration", min(n, total), total))
+
+    try:
+        stats = calibrate(method)
+    except CompileError as exc:
+        if method == "minmax" or config.calib_method != "auto":
+            raise
+        notes.append(f"{method} calibration failed ({exc}); min-max ranges were used instead")
+        stats = calibrate("minmax")
+    _progress(config, "calibration", total, total)
+    return replace(ev, ranges=ranges, calibration={**stats.to_dict(), "source": source,
+                                                   "recipe": ev.recipe.to_dict()})
+
+
+def _calibration_data(job: Job, ev: Evaluation, notes: list[str]):
     config = job.config
     if job.calib_data is not None:
         data = job.calib_data
@@ -217,11 +275,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, ranges: Path, notes: l
         source = "random inputs"
         notes.append("INT8 was calibrated on random inputs (no --calib): pass representative data for "
                      "meaningful ranges")
-    total = config.calib_samples
-    stats = compute_ranges(model, data, ranges, method=config.calib_method,
-                           progress=lambda n: _progress(config, "calibration", min(n, total), total))
-    _progress(config, "calibration", total, total)
-    return {**stats.to_dict(), "source": source}
+    return data, source
 
 
 def _progress(config: CompileConfig, stage: str, done: int, total: int) -> None:
@@ -239,31 +293,27 @@ def plan_precisions(config: CompileConfig, profile: TargetProfile, model: ir.Mod
         # calibration would copy that constant once per sample (68 s for 576 MB x 256 samples), and
         # fp16 adds a Cast that copies it on every run: only fp32 is worth its memory
         chosen = [p for p in chosen if p == "fp32"]
-    if "int8" in profile.precisions and _weights_in(model, ("MatMul", "Gemm")) > _weights_in(model, ("Conv", "ConvTranspose")):
+    if "int8" in profile.precisions and weights_in(model, ("MatMul", "Gemm")) > weights_in(model, ("Conv", "ConvTranspose")):
         chosen.append("int8-dynamic")  # transformer/MLP-shaped: dynamic quantisation may win
     return chosen
-
-
-def _weights_in(model: ir.Model, op_types: tuple[str, ...]) -> int:
-    """Number of constant weight elements consumed by nodes of ``op_types``."""
-    total = 0
-    for node in model.graph:
-        if node.op_type in op_types:
-            total += sum(v.const_value.size for v in node.inputs[1:2] if v is not None and v.const_value is not None)
-    return total
 
 
 def plan(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list[tuple[str, str | None]]:
     """(backend, precision) pairs to build, in the target's order; (backend, None) for an unusable backend."""
     from dlopt.targets import backend_status, get_backend
 
+    from dlopt import recipe
+
     wanted = plan_precisions(config, profile, model)
+    transformer = config.precision == "auto" and "int8" in wanted and recipe.choose(model).transformer
     pairs: list[tuple[str, str | None]] = []
     for backend in profile.backends:
         if backend_status(backend) is not True:
             pairs.append((backend, None))
             continue
         offered = get_backend(backend).precisions(profile)
+        if transformer and not get_backend(backend).static_int8_for_transformers and "int8-dynamic" in offered:
+            offered = tuple(p for p in offered if p not in ("int8", "mixed"))
         # a precision only a backend offers (OpenVINO's bf16) joins under auto
         extras = [p for p in offered if p in precisions.REGISTRY and not precisions.get(p).user_choice
                   and not precisions.get(p).calibrated] if config.precision == "auto" else []
@@ -271,13 +321,17 @@ def plan(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list
     return pairs
 
 
+def _plan_notes(job: Job, model: ir.Model, pairs) -> list[str]:
+    planned = {(b, p) for b, p in pairs}
+    return [f"{b}: no static int8 for this transformer: its runtime runs QDQ attention MatMuls no faster than "
+            f"float; int8-dynamic instead" for b, p in pairs if p == "int8-dynamic" and (b, "int8") not in planned
+            and "int8" in plan_precisions(job.config, job.profile, model)]
+
+
 def build_all(ev: Evaluation, pairs, model: ir.Model, staged: Path) -> Builds:
-    from dlopt.mixed import search
     from dlopt.targets import backend_status
 
     built: list[Built] = []
-    notes: list[str] = []
-    search_info = None
     for backend, precision in pairs:
         if precision is None:
             built.append(Built(Candidate(backend, "-", Status.UNAVAILABLE, reason=str(backend_status(backend)))))
@@ -286,16 +340,47 @@ def build_all(ev: Evaluation, pairs, model: ir.Model, staged: Path) -> Builds:
         one = build(ev, backend, precision, model, staged / "candidates" / f"{backend}-{precision}")
         _progress(ev.config, f"build {backend}/{precision}", 1, 1)
         built.append(one)
-        missed = one.candidate.status is Status.REJECTED and one.candidate.score is not None
-        if precision == "int8" and missed and one.model is not None:
-            mixed, search_info = search(ev, backend, model, one.model, staged / "candidates" / f"{backend}-mixed")
-            search_info["backend"] = backend
-            if mixed is not None:
-                built.append(mixed)
-            if not search_info["complete"]:
-                notes.append(f"mixed-precision search stopped at its {ev.config.search_time:g} s limit; "
-                             f"the best model found by then is reported")
-    return Builds(tuple(built), search_info, tuple(notes))
+    mixed, search_info, notes = _search_mixed(ev, built, model, staged)
+    return Builds(tuple(built + mixed), search_info, tuple(notes))
+
+
+def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: Path):
+    """Where int8 missed the budget, keep its most sensitive nodes in float (dlopt.mixed).
+
+    The backends share one ``search_time``: the one whose int8 came closest searches first.
+    """
+    import time
+
+    from dlopt.candidates import quantiser
+    from dlopt.mixed import search
+
+    missed = [b for b in built if b.candidate.precision == "int8" and b.candidate.status is Status.REJECTED
+              and b.candidate.score is not None and b.model is not None]
+    missed.sort(key=lambda b: b.candidate.score["drop_pp"])
+    deadline = time.monotonic() + ev.config.search_time
+    found, infos, notes = [], [], []
+    for one in missed:
+        backend = one.candidate.backend
+        left = deadline - time.monotonic()
+        if left <= 1:
+            notes.append(f"no time left to search mixed precision for {backend} (--search-time "
+                         f"{ev.config.search_time:g} s shared by all backends)")
+            continue
+        timed = replace(ev, config=replace(ev.config, search_time=left))
+        # the float model its int8 was quantised from: node names and tensors match it
+        start = ev.smoothed.model if ev.smoothed is not None and quantiser(ev, backend, "int8") == "onnxruntime static" \
+            else model
+        mixed, info = search(timed, backend, start, one.model, staged / "candidates" / f"{backend}-mixed")
+        info["backend"] = backend
+        infos.append(info)
+        if mixed is not None:
+            found.append(mixed)
+        if not info["complete"]:
+            notes.append(f"mixed-precision search for {backend} stopped at the {ev.config.search_time:g} s limit; "
+                         f"the best model found by then is reported")
+    # the first search at the top (the report's schema); the others' beside it
+    search_info = ({**infos[0], **({"other_backends": infos[1:]} if infos[1:] else {})} if infos else None)
+    return found, search_info, notes
 
 
 # -- measure and select -----------------------------------------------------------------------------
@@ -365,7 +450,9 @@ def _run(job: Job, notes: list[str]) -> Report:
                      f"which calibration would copy for every sample and fp16 on every run")
     with staging_dir(job.out) as staged:
         ev = evaluate(job, generic, staged, notes)
-        builds = build_all(ev, plan(job.config, job.profile, generic.model), generic.model, staged)
+        pairs = plan(job.config, job.profile, generic.model)
+        notes += _plan_notes(job, generic.model, pairs)
+        builds = build_all(ev, pairs, generic.model, staged)
         measured = measure(job, ev, builds)
         verdict = select.choose(_entries(builds, measured), measured.original, job.profile.backends,
                                 auto=job.config.precision == "auto")

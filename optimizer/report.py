@@ -36,6 +36,7 @@ class Candidate:
     fidelity: dict[str, Any] | None = None
     score: dict[str, Any] | None = None  # dlopt.budget.Score.to_dict()
     float_nodes: list[dict[str, Any]] = field(default_factory=list)  # mixed precision: nodes kept in float
+    quantiser: str | None = None  # who quantised it, with version ("nncf 3.4.0", "onnxruntime 1.32.0 static")
     passes: list[dict[str, Any]] = field(default_factory=list)
     artifact_files: list[str] = field(default_factory=list)
     artifact_dir: str | None = None  # where its files are in the output folder ("." = top level)
@@ -121,10 +122,14 @@ class Report:
                          "max rel err", "drop pp", "result"]
 
     def float_node_rows(self) -> list[list[Any]]:
-        return [[c.key, n["name"], n["op_type"], f"{n['drop_pp']:.2f}", f"{n['nmse']:.2e}"]
+        def error(n: dict) -> str:
+            value = n.get("error", n.get("nmse"))  # "nmse": reports written before the per-layer ranking
+            return "-" if value is None else f"{value:.2e}"
+
+        return [[c.key, n["name"], n["op_type"], error(n), f"feeds {n['feeds']}" if n.get("feeds") else "sensitive"]
                 for c in self.candidates for n in c.float_nodes]
 
-    FLOAT_NODE_HEADERS = ["candidate", "node kept in float", "op", "drop pp if quantised alone", "output nmse"]
+    FLOAT_NODE_HEADERS = ["candidate", "node kept in float", "op", "own INT8 output error (nmse)", "why"]
 
     def pass_rows(self) -> list[list[Any]]:
         rows = []

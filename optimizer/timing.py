@@ -160,7 +160,7 @@ def time_interleaved(
 ) -> dict[str, Timing]:
     """Time every runner on ``feed`` in rotating round-robin blocks; ``runs`` timed runs each.
 
-    Slow sets get fewer runs (at least 10 each) so the whole comparison stays within
+    Slow sets get fewer runs (at least MIN_RUNS each) so the whole comparison stays within
     about ``max_seconds``; the result says how many were timed.  ``meters`` (energy
     accounts, context managers) wrap each runner's timed blocks.
     """
@@ -175,7 +175,7 @@ def time_interleaved(
     per_round_all = sum(first.values())
     if per_round_all * (warmup + runs) > max_seconds:
         scale = max_seconds / (per_round_all * (warmup + runs))
-        runs = max(10, int(runs * scale))
+        runs = max(min(runs, MIN_RUNS), int(runs * scale))  # fewer could never show a difference
         warmup = min(warmup, max(1, int(warmup * scale)))
     for _ in range(warmup):
         for name in names:

@@ -89,8 +89,8 @@ def session_settings(threads: int, model=None) -> dict:
     return settings
 
 
-def compile(model, profile, workdir: Path, *, precision: str, threads: int) -> Artifact:
-    del profile  # ORT artefacts are portable ONNX; the profile matters for other backends
+def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
+    del profile, shapes  # ORT artefacts are portable ONNX with their symbolic dims
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_ir(model, workdir / "model.onnx")
     settings = session_settings(threads, model)
@@ -145,6 +145,9 @@ class OrtBackend(Backend):
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     lowering_passes = staticmethod(lowering_passes)
     compile, load = staticmethod(compile), staticmethod(load)
+    # all-MiniLM-L6-v2 on ORT 1.32 CPU, 1 thread, 1x128: static QDQ of its MatMuls 36.4 ms, FP32
+    # 24.2 ms, dynamic per-channel 10.9 ms (and static min cosine 0.84 against dynamic's 0.99)
+    static_int8_for_transformers = False
 
 
 BACKEND = OrtBackend()

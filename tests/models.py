@@ -110,3 +110,33 @@ def outlier_mlp(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])
     return _model(nodes, [x], [y], inits, name="outlier_mlp")
+
+
+def attention_block(seed: int = 0, dim: int = 32, batch: int | str = "N", seq: int | str = "S") -> onnx.ModelProto:
+    """LayerNorm -> Q/K/V MatMuls -> softmax(Q K^T / sqrt(d)) V -> output MatMul + residual.
+
+    What dlopt.recipe calls a transformer: attention, and every weight in a MatMul.
+    """
+    rng = np.random.default_rng(seed)
+
+    def w(name):
+        return _init(name, (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32))
+
+    inits = [w("wq"), w("wk"), w("wv"), w("wo"), _init("gamma", np.ones(dim, np.float32)),
+             _init("beta", np.zeros(dim, np.float32)), _init("inv_sqrt_d", np.float32(1 / np.sqrt(dim)))]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["n", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["n", "wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["n", "wv"], ["v"], name="v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"], name="qk"),
+        helper.make_node("Mul", ["s0", "inv_sqrt_d"], ["s"], name="scale"),
+        helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["ctx"], name="pv"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="out"),
+        helper.make_node("Add", ["x", "o"], ["y"], name="residual"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, dim])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, dim])
+    return _model(nodes, [x], [y], inits, name="attention_block")
