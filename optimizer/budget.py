@@ -2,7 +2,8 @@
 
 The metric follows what the model outputs, unless the user names one:
 - classifier logits ``[N, C]``: top-1 accuracy with labels, else top-1 agreement
-  with the original's predictions;
+  with the original's predictions (rows of unit length that are not probabilities are
+  an L2-normalised embedding, not class scores: cosine, below);
 - anything else (embeddings, hidden states, regression, detection heads):
   per-sample cosine similarity with the original's outputs, the minimum over
   samples (the mean is reported beside it);
@@ -41,6 +42,17 @@ class Score:
     def to_dict(self) -> dict:
         return {"metric": self.metric, "value": round(self.value, 6), "drop_pp": round(self.drop_pp, 4),
                 **{k: round(v, 6) for k, v in self.details}}
+
+
+def looks_like_embedding(array: np.ndarray) -> bool:
+    """Rows of unit length that are not probabilities: an L2-normalised embedding (sentence
+    encoders, CLIP, face recognition), which top-1 agreement would score as class scores."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim != 2 or array.shape[-1] < 2 or not np.all(np.isfinite(array)):
+        return False
+    unit = np.allclose(np.linalg.norm(array, axis=1), 1.0, atol=1e-3)
+    probabilities = np.all(array >= 0) and np.allclose(array.sum(axis=1), 1.0, atol=1e-3)
+    return bool(unit and not probabilities)
 
 
 def is_classifier_output(array: np.ndarray) -> bool:
@@ -98,7 +110,8 @@ class Scorer:
         first = np.asarray(reference[0][0])
         if callable(metric):
             self.kind, self.name = "user", getattr(metric, "__name__", "metric")
-        elif metric == "top1" or (metric is None and is_classifier_output(first)):
+        elif metric == "top1" or (metric is None and is_classifier_output(first)
+                                  and (labels or not looks_like_embedding(first))):
             if not is_classifier_output(first):
                 raise ConfigError(f"metric top1 needs classifier outputs [N, C]; the first output has shape "
                                   f"{first.shape}")

@@ -77,6 +77,10 @@ class Evaluation:
     def accuracy(self, outputs: list) -> float | None:
         if not self.data.labels or len(outputs) != len(self.data.labels):
             return None
+        from dlopt.budget import is_classifier_output
+
+        if not outputs or not is_classifier_output(outputs[0][0]):  # labels for a user metric, not classes
+            return None
         return top1_accuracy((o[0] for o in outputs), self.data.labels)
 
 

@@ -239,7 +239,9 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
         # NNCF gathers its statistics inside its build: these figures are for reading the data
         return replace(ev, calibration={**read, "source": source, "recipe": ev.recipe.to_dict(),
                                         "method": "nncf (its own statistics, gathered in the build)"})
-    total = config.calib_samples
+    known = (sum(len(next(iter(f.values()))) for f in data if f) if isinstance(data, (tuple, list))
+             else getattr(data, "samples", None))  # a dataset knows only after a first pass
+    total = min(config.calib_samples, known) if known else config.calib_samples
     method = ev.recipe.calib_method
     # only the tensors around the ops the recipe quantises: a percentile histogram of every
     # tensor of a transformer costs minutes

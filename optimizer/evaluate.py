@@ -12,7 +12,10 @@ from dlopt.errors import ModelError
 
 # Largest relative error (max |candidate - reference| / max |reference|) an fp32 candidate may
 # show: more means a pass or backend changed the maths.  Lower precisions answer to the budget.
-FP32_TOLERANCE = 1e-4
+# Float reassociation alone reaches 1e-4 on deep nets: the pretrained PP-OCRv4 recogniser (38
+# Convs, attention, softmax over 6625 classes) differs by 2.2e-4 after onnxsim's folding on ORT
+# and 3.1e-4 on OpenVINO, while a changed op's maths shows as 1e-2 and more.
+FP32_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,18 @@ def test_classifier_logits_use_top1_agreement_and_hidden_states_use_cosine():
     assert scorer.name == "cosine similarity (min per sample)" and scorer.original == pytest.approx(1.0)
 
 
+def test_normalised_embeddings_use_cosine_but_probabilities_stay_classifiers():
+    rng = np.random.default_rng(0)
+    embedding = rng.standard_normal((8, 384))
+    embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)  # sentence-transformers' Normalize
+    assert Scorer(_outs(embedding.astype(np.float32)), []).name == "cosine similarity (min per sample)"
+    confident = np.full((8, 10), 1e-6)
+    confident[np.arange(8), np.arange(8)] = 1 - 9e-6  # softmax of a sure classifier: near one-hot, norm ~1
+    assert Scorer(_outs(confident.astype(np.float32)), []).name == "top-1 agreement"
+    # with labels the user says these are classes
+    assert Scorer(_outs(embedding.astype(np.float32)), [np.arange(8)]).name == "top-1 accuracy"
+
+
 def test_cosine_is_per_sample_and_its_minimum_drives_the_drop():
     rng = np.random.default_rng(1)
     ref = rng.standard_normal((4, 6, 5))
