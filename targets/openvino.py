@@ -166,9 +166,14 @@ def runtime_version() -> str:
     return metadata.version("openvino")
 
 
-def runtime_settings(precision: str, threads: int) -> dict:
-    """The compile_model configuration an artefact is measured with (JSON-able, OpenVINO's names)."""
-    return {
+def runtime_settings(precision: str, threads: int, static_shape: dict | None = None) -> dict:
+    """The compile_model configuration an artefact is measured with (JSON-able, OpenVINO's names).
+
+    ``static_shape``: the declared shape of a model with symbolic dims.  The CPU plugin runs a
+    model reshaped to static dims much faster (all-MiniLM-L6-v2 INT8 at 8x64, 2 threads: 19.7 ms
+    static, 28.5 ms dynamic), so the loader compiles a static copy for that shape and keeps the
+    dynamic model for any other."""
+    settings = {
         "device": DEVICE,
         "properties": {
             "INFERENCE_PRECISION_HINT": _HINTS[precision],
@@ -178,6 +183,14 @@ def runtime_settings(precision: str, threads: int) -> dict:
         },
         "openvino_version": _ov().get_version(),
     }
+    if static_shape:
+        settings["static_shape"] = {k: list(v) for k, v in static_shape.items()}
+    return settings
+
+
+def _symbolic_inputs(model) -> bool:
+    return any(not isinstance(d, int) for v in model.graph.inputs if v.name not in model.graph.initializers
+               for d in (v.shape or ()))
 
 
 @contextlib.contextmanager
@@ -203,7 +216,6 @@ def _message(exc: BaseException) -> str:
 
 def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
     """Convert ``model`` to OpenVINO IR in ``workdir``; int8/mixed models arrive as QDQ ONNX."""
-    del shapes  # OpenVINO keeps symbolic dims
     if precision not in _HINTS:
         raise CompileError(f"openvino cannot build precision {precision!r}; it builds {', '.join(_HINTS)}")
     ov = _ov()
@@ -216,7 +228,8 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
             ov.save_model(converted, str(workdir / "model.xml"), compress_to_fp16=precision == "fp16")
     except Exception as exc:
         raise CompileError(f"OpenVINO could not convert the model: {_message(exc)}") from exc
-    settings = runtime_settings(precision, threads)
+    static = shapes if shapes and _symbolic_inputs(model) else None
+    settings = runtime_settings(precision, threads, static)
     (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return Artifact(
         backend=name,
@@ -260,24 +273,39 @@ def ran_as(compiled) -> str:
 
 
 class OpenVinoSession:
-    def __init__(self, compiled) -> None:
+    """Runs the compiled model; feeds of the declared static shape go to the copy compiled for it."""
+
+    def __init__(self, compiled, static=None, static_shape: dict | None = None) -> None:
         self.compiled = compiled  # for inspection: get_runtime_model(), get_property(...)
         self._request = compiled.create_infer_request()
+        self._static = static.create_infer_request() if static is not None else None
+        self._static_shape = {k: tuple(v) for k, v in (static_shape or {}).items()}
         self._outputs = len(compiled.outputs)
         self.input_names = [port.get_any_name() for port in compiled.inputs]
         self.ran_as = ran_as(compiled)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self._request.infer(feeds)
+        request = self._request
+        if self._static is not None and all(tuple(np.shape(feeds.get(k))) == v for k, v in self._static_shape.items()):
+            request = self._static
+        request.infer(feeds)
         # Copies: the request reuses its output buffers on the next run.
-        return [self._request.get_output_tensor(i).data.copy() for i in range(self._outputs)]
+        return [request.get_output_tensor(i).data.copy() for i in range(self._outputs)]
 
 
 def load(artifact: Artifact) -> OpenVinoSession:
     settings = artifact.settings
-    compiled = _core().compile_model(str(artifact.entry_path), settings.get("device", DEVICE),
-                                     settings["properties"])
-    return OpenVinoSession(compiled)
+    device, properties = settings.get("device", DEVICE), settings["properties"]
+    compiled = _core().compile_model(str(artifact.entry_path), device, properties)
+    static, shape = None, settings.get("static_shape")
+    if shape:
+        model = _core().read_model(str(artifact.entry_path))
+        try:
+            model.reshape({k: list(v) for k, v in shape.items()})
+            static = _core().compile_model(model, device, properties)
+        except Exception as exc:  # a model that cannot take the shape runs dynamic, as before
+            logger.debug("OpenVINO could not compile %s for %s: %s", artifact.entry_path, shape, first_line(exc))
+    return OpenVinoSession(compiled, static, shape)
 
 
 class OpenVinoBackend(Backend):

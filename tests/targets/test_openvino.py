@@ -185,3 +185,20 @@ def test_the_converter_leaves_the_root_logger_as_it_was(tmp_path):
     ov_backend.compile(ir.serde.deserialize_model(models.conv_bn_relu()), CPU, tmp_path / "ok", precision="fp32",
                        threads=1)
     assert (root.level, list(root.filters), list(root.handlers)) == before
+
+
+@needs_x86
+def test_declared_shape_runs_on_a_static_copy_and_other_shapes_still_run(tmp_path):
+    model = _conv_model()  # batch "N"
+    artifact = ov_backend.compile(model, CPU, tmp_path, precision="fp32", threads=2, shapes={"x": (2, 3, 32, 32)})
+    settings = json.loads((tmp_path / "runtime_config.json").read_text())
+    assert settings["static_shape"] == {"x": [2, 3, 32, 32]}
+    session = ov_backend.load(artifact)
+    assert session._static is not None
+    for batch in (2, 5):  # the declared shape (static copy) and another (dynamic model)
+        feed = _feeds(3, 1, batch)[0]
+        assert max_rel_error(run_ort(model, feed)[0], session.run(feed)[0]) < 1e-4
+    # a model without symbolic dims has nothing to make static
+    fixed = ir.serde.deserialize_model(models.conv_bn_relu(channels=16, size=32, batch=2))
+    ov_backend.compile(fixed, CPU, tmp_path / "fixed", precision="fp32", threads=2, shapes={"x": (2, 3, 32, 32)})
+    assert "static_shape" not in json.loads((tmp_path / "fixed" / "runtime_config.json").read_text())
