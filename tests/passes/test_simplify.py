@@ -27,3 +27,23 @@ def test_input_model_is_not_changed():
     result = SimplifyPass()(model)
     assert result.model is not model
     assert len(list(model.graph)) == 4
+
+
+def test_batched_matmul_add_is_not_rewritten_to_reshaped_gemm():
+    # onnxsim would turn x[N,S,D] @ W + b into Reshape -> Gemm -> Reshape (plus Shape/Slice):
+    # slower on ONNX Runtime for transformers
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])],
+        [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result = SimplifyPass()(model)
+    counts = op_counts(result.model)
+    assert counts.get("MatMul") == 1 and "Gemm" not in counts and "Reshape" not in counts
+    assert_same_outputs(model, result.model)
