@@ -5,8 +5,11 @@
 Models: a ResNet-18-shaped network (random weights, 1x3x224x224) and a small CNN
 trained for one epoch on Fashion-MNIST (batch 1).  Peers, each with its defaults:
 ONNX Runtime FP32 session; ONNX Runtime INT8 QDQ from ``quantize_static`` defaults;
-OpenVINO ``compile_model`` with an f32 hint and with no hint; TVM untuned (Relax,
-default pipeline).  dlopt: ``dlopt compile --target cpu`` with the same calibration
+OpenVINO ``compile_model`` with an f32 hint and with no hint; NNCF's ONNX INT8 with its
+defaults, run on OpenVINO; TVM untuned (Relax, default pipeline).  NVIDIA ModelOpt is not a
+peer here: its ``[onnx]`` extra pins onnx 1.21 and onnxruntime-gpu 1.24 (replacing the
+onnxruntime dlopt runs on) and places quantisers for TensorRT, which needs a GPU.  The real
+pretrained models (PP-OCRv4, all-MiniLM-L6-v2) and their peers are in ``bench/peers_real.py``.  dlopt: ``dlopt compile --target cpu`` with the same calibration
 and evaluation data and an accuracy budget, then its chosen artefact reloaded from
 the output folder.  Every model is scored on the same evaluation inputs (top-1
 against labels for the trained CNN; for the random-weight ResNet, whose near-tied
@@ -88,6 +91,33 @@ def ort_int8_defaults(path, calib, name, work):
     return out
 
 
+def nncf_int8_defaults(path, calib, name, work):
+    """NNCF's ONNX post-training quantisation with its defaults, as an OpenVINO user runs it:
+    opset >= 13 (its per-channel Q/DQ need it) and onnxsim first (its pre-pass crashes on a
+    Cast of an initializer); telemetry declined."""
+    import os
+
+    import onnx
+    import onnxsim
+
+    os.environ.setdefault("CI", "true")  # openvino-telemetry declines before writing ~/intel
+    import nncf
+
+    model = onnx.load(str(path))
+    # NNCF reads the opset from opset_import[0] whatever its domain: torch's exporter lists others first
+    default = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    others = [o for o in model.opset_import if o.domain not in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(default + others)
+    if model.opset_import[0].version < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+    model = onnxsim.simplify(model)[0]
+    quantized = nncf.quantize(model, nncf.Dataset([{name: x[None]} for x in calib]), subset_size=len(calib))
+    out = work / "nncf_int8_defaults.onnx"
+    onnx.save(quantized, str(out))
+    return out
+
+
 def openvino_session(path, threads, hint):
     import openvino as ov
     import openvino.properties as props
@@ -143,6 +173,11 @@ def bench_model(label, path, name, eval_x, labels, calib, feed, args, work, max_
     int8 = ort_int8_defaults(path, calib, name, work)
     measure("ORT INT8 QDQ (quantize_static defaults)", lambda: ort_session(int8, threads))
     measure("OpenVINO (f32 hint)", lambda: openvino_session(path, threads, hint=True))
+    try:
+        nncf_int8 = nncf_int8_defaults(path, calib, name, work)
+        measure("NNCF INT8 (defaults) on OpenVINO", lambda: openvino_session(nncf_int8, threads, hint=True))
+    except Exception as exc:  # NNCF not installed or refusing the model: a result too
+        print(f"  NNCF INT8 (defaults): failed: {str(exc).splitlines()[0][:150]}")
     measure("OpenVINO (default: no hint)", lambda: openvino_session(path, threads, hint=False))
     if not args.skip_tvm and not measure("TVM untuned", lambda: tvm_session(path, threads, work / f"{label}-tvm")):
         # The Relax frontend fails on some exported graphs; a TVM user would simplify first.
