@@ -302,9 +302,8 @@ def plan_precisions(config: CompileConfig, profile: TargetProfile, model: ir.Mod
 
 def plan(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list[tuple[str, str | None]]:
     """(backend, precision) pairs to build, in the target's order; (backend, None) for an unusable backend."""
-    from dlopt.targets import backend_status, get_backend
-
     from dlopt import recipe
+    from dlopt.targets import backend_status, get_backend
 
     wanted = plan_precisions(config, profile, model)
     transformer = config.precision == "auto" and "int8" in wanted and recipe.choose(model).transformer
@@ -314,36 +313,49 @@ def plan(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list
             pairs.append((backend, None))
             continue
         offered = get_backend(backend).precisions(profile)
-        if transformer and not get_backend(backend).static_int8_for_transformers and "int8-dynamic" in offered:
-            offered = tuple(p for p in offered if p not in ("int8", "mixed"))
+        order = [p for p in wanted if p in offered]
+        if transformer and not get_backend(backend).static_int8_for_transformers and {"int8", "int8-dynamic"} <= set(order):
+            # dynamic before static: static int8 is built only if dynamic misses the budget (build_all)
+            order.remove("int8-dynamic")
+            order.insert(order.index("int8"), "int8-dynamic")
         # a precision only a backend offers (OpenVINO's bf16) joins under auto
         extras = [p for p in offered if p in precisions.REGISTRY and not precisions.get(p).user_choice
                   and not precisions.get(p).calibrated] if config.precision == "auto" else []
-        pairs += [(backend, p) for p in [*[p for p in wanted if p in offered], *extras]]
+        pairs += [(backend, p) for p in [*order, *extras]]
     return pairs
-
-
-def _plan_notes(job: Job, model: ir.Model, pairs) -> list[str]:
-    planned = {(b, p) for b, p in pairs}
-    return [f"{b}: no static int8 for this transformer: its runtime runs QDQ attention MatMuls no faster than "
-            f"float; int8-dynamic instead" for b, p in pairs if p == "int8-dynamic" and (b, "int8") not in planned
-            and "int8" in plan_precisions(job.config, job.profile, model)]
 
 
 def build_all(ev: Evaluation, pairs, model: ir.Model, staged: Path) -> Builds:
     from dlopt.targets import backend_status
 
     built: list[Built] = []
+    notes: list[str] = []
     for backend, precision in pairs:
         if precision is None:
             built.append(Built(Candidate(backend, "-", Status.UNAVAILABLE, reason=str(backend_status(backend)))))
+            continue
+        if _dynamic_is_enough(ev, backend, precision, built):
+            notes.append(f"{backend}: no static int8 for this transformer: int8-dynamic met the budget, and "
+                         f"{backend} runs transformers' dynamic INT8 MatMuls faster than static QDQ ones")
             continue
         _progress(ev.config, f"build {backend}/{precision}", 0, 1)
         one = build(ev, backend, precision, model, staged / "candidates" / f"{backend}-{precision}")
         _progress(ev.config, f"build {backend}/{precision}", 1, 1)
         built.append(one)
-    mixed, search_info, notes = _search_mixed(ev, built, model, staged)
-    return Builds(tuple(built + mixed), search_info, tuple(notes))
+    mixed, search_info, search_notes = _search_mixed(ev, built, model, staged)
+    return Builds(tuple(built + mixed), search_info, tuple(notes + search_notes))
+
+
+def _dynamic_is_enough(ev: Evaluation, backend: str, precision: str, built: list[Built]) -> bool:
+    """A transformer's static int8 is skipped where the backend prefers dynamic and dynamic fits."""
+    from dlopt.targets import get_backend
+
+    if precision != "int8" or ev.config.precision != "auto" or not (ev.recipe and ev.recipe.transformer):
+        return False
+    if get_backend(backend).static_int8_for_transformers:
+        return False
+    return any(b.candidate.backend == backend and b.candidate.precision == "int8-dynamic"
+               and b.candidate.status is Status.OK for b in built)
 
 
 def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: Path):
@@ -452,9 +464,7 @@ def _run(job: Job, notes: list[str]) -> Report:
                      f"which calibration would copy for every sample and fp16 on every run")
     with staging_dir(job.out) as staged:
         ev = evaluate(job, generic, staged, notes)
-        pairs = plan(job.config, job.profile, generic.model)
-        notes += _plan_notes(job, generic.model, pairs)
-        builds = build_all(ev, pairs, generic.model, staged)
+        builds = build_all(ev, plan(job.config, job.profile, generic.model), generic.model, staged)
         measured = measure(job, ev, builds)
         verdict = select.choose(_entries(builds, measured), measured.original, job.profile.backends,
                                 auto=job.config.precision == "auto")

@@ -8,7 +8,7 @@ import models
 
 from dlopt import recipe
 from dlopt.config import CompileConfig
-from dlopt.driver import _plan_notes, plan
+from dlopt.driver import plan
 from dlopt.profiles import resolve_target
 
 
@@ -30,18 +30,32 @@ def test_transformer_quantises_weight_ops_only_with_percentile_ranges_and_smooth
     assert chosen.to_dict()["op_types"] == ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 
 
-def test_auto_plan_gives_onnxruntime_dynamic_not_static_int8_for_a_transformer():
+def test_auto_plan_tries_onnxruntime_dynamic_before_static_int8_for_a_transformer():
     model = _ir(models.attention_block())
-    config = CompileConfig(model=models.attention_block())
-    pairs = plan(config, resolve_target("cpu"), model)
+    pairs = plan(CompileConfig(model=models.attention_block()), resolve_target("cpu"), model)
     ort = [p for b, p in pairs if b == "ort"]
-    assert "int8-dynamic" in ort and "int8" not in ort
+    assert ort.index("int8-dynamic") == ort.index("int8") - 1  # dynamic first: static only if it misses
     assert ("openvino", "int8") in pairs  # OpenVINO's INT8 kernels do gain on attention
-    assert any(n.startswith("ort: no static int8 for this transformer") for n in _plan_notes(
-        type("J", (), {"config": config, "profile": resolve_target("cpu")}), model, pairs))
-    # asked for by name, static int8 is built
-    assert ("ort", "int8") in plan(CompileConfig(model=models.attention_block(), precision="int8"),
-                                   resolve_target("cpu"), model)
-    # a CNN keeps static int8 on ONNX Runtime
-    assert ("ort", "int8") in plan(CompileConfig(model=models.conv_bn_relu()), resolve_target("cpu"),
-                                   _ir(models.conv_bn_relu()))
+    # a CNN keeps the usual order (static int8, then nothing dynamic)
+    cnn = [p for b, p in plan(CompileConfig(model=models.conv_bn_relu()), resolve_target("cpu"),
+                              _ir(models.conv_bn_relu())) if b == "ort"]
+    assert cnn[:3] == ["fp32", "fp16", "int8"] and "int8-dynamic" not in cnn
+
+
+def test_static_int8_is_skipped_when_dynamic_meets_the_budget(tmp_path):
+    import numpy as np
+
+    import dlopt
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((16, 8, 32)).astype(np.float32))
+    report = dlopt.compile(models.save(models.attention_block(), tmp_path / "block.onnx"), target="cpu",
+                           inputs=tmp_path / "eval.npz", out=tmp_path / "out", max_accuracy_drop=5, runs=20,
+                           cache=False)
+    keys = {c.key: c for c in report.candidates}
+    assert keys["ort/int8-dynamic"].status == "ok" and keys["ort/int8-dynamic"].score["drop_pp"] <= 5
+    assert "ort/int8" not in keys  # not built
+    assert any(n.startswith("ort: no static int8 for this transformer: int8-dynamic met the budget")
+               for n in report.notes)
+    assert keys["openvino/int8"].quantiser.startswith("nncf ")
+    assert report.calibration["recipe"]["kind"] == "transformer"
