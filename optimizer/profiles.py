@@ -42,6 +42,9 @@ class TargetProfile:
     int8_symmetric: bool = False  # symmetric int8 activations (TensorRT, GPUs) instead of uint8
     cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the host needs to run these artefacts
     host_native: bool = False  # "this machine", whatever it is
+    # CPU cores of the board: the thread count written into artefacts built for it.  None where
+    # the target does not fix one (a generic arm64, a GPU host): the requested count is kept.
+    cores: int | None = None
 
     def runs_here(self) -> bool:
         """True when artefacts for this target can be executed and timed on this host."""
@@ -52,6 +55,18 @@ class TargetProfile:
             and self.arch == host_arch()
             and set(self.cpu_flags) <= _host_cpu_flags()
         )
+
+    def threads_for(self, requested: int) -> tuple[int, str]:
+        """Threads an artefact for this target should run with, and where that number came from.
+
+        A target that runs here keeps ``requested`` (this host's count, or the user's);
+        a device with known ``cores`` gets its own core count, never this host's.
+        """
+        if self.runs_here():
+            return requested, "this host"
+        if self.cores is not None:
+            return self.cores, f"target {self.name}: {self.cores} cores"
+        return requested, f"this host (target {self.name} states no cores; set cores in a TOML target)"
 
 
 def host_arch() -> str:
@@ -107,22 +122,26 @@ PRESETS: dict[str, TargetProfile] = {
         TargetProfile(
             "rpi4", "Raspberry Pi 4 (Cortex-A72)", "cpu", "aarch64", _A64,
             ("ort", "tvm"), _CPU_PRECISIONS, mcpu="cortex-a72",
-            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(2.7, 1.0),
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(2.7, 1.0), cores=4,
         ),
         TargetProfile(
             "rpi5", "Raspberry Pi 5 (Cortex-A76)", "cpu", "aarch64", _A64,
             ("ort", "tvm"), _CPU_PRECISIONS, mcpu="cortex-a76",
-            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(3.0, 1.6),
+            cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(3.0, 1.6), cores=4,
         ),
+        # Cores of the AGX Orin 64GB (12); the Orin NX 16GB has 8 and the Nano 6: a TOML target
+        # with base = "jetson-orin" and its own cores serves those.
         TargetProfile(
-            "jetson-orin", "NVIDIA Jetson Orin (Cortex-A78AE + sm_87)", "gpu", "aarch64", _A64,
+            "jetson-orin", "NVIDIA Jetson AGX Orin (12x Cortex-A78AE + sm_87)", "gpu", "aarch64", _A64,
             ("tensorrt", "tvm", "ort"), _GPU_PRECISIONS, mcpu="cortex-a78ae", cuda_arch="sm_87",
             cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(5.0, 1.5, 15.0), int8_symmetric=True,
+            cores=12,
         ),
         TargetProfile(
             "jetson-nano", "NVIDIA Jetson Nano (Cortex-A57 + sm_53)", "gpu", "aarch64", _A64,
             ("tensorrt", "tvm", "ort"), ("fp32", "fp16"), mcpu="cortex-a57", cuda_arch="sm_53",
             cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(1.5, 1.0, 5.0), int8_symmetric=True,
+            cores=4,
         ),
         TargetProfile(
             "nvidia-gpu", "NVIDIA data-centre or desktop GPU on x86-64", "gpu", "x86_64", _X86,
@@ -205,7 +224,7 @@ _ENTRY_TYPES = {
     "arch": ((str,), "a string"), "triple": ((str,), "a string"), "mcpu": ((str,), "a string"),
     "cuda_arch": ((str,), "a string"), "cross_compiler": ((str,), "a string"),
     "int8_symmetric": ((bool,), "true or false"), "host_native": ((bool,), "true or false"),
-    "power": ((dict,), "a table of numbers"),
+    "power": ((dict,), "a table of numbers"), "cores": ((int,), "a positive integer"),
     **{key: ((list,), "a list of strings") for key in _TUPLE_FIELDS},
 }
 
@@ -218,6 +237,8 @@ def _check_entry_types(path: Path, name: str, entry: dict) -> None:
             raise ConfigError(f"{path}: targets.{name}.{key} must be {what}, got {value!r:.60}{hint}")
         if key in _TUPLE_FIELDS and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: targets.{name}.{key} must be a list of strings")
+        if key == "cores" and (isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{path}: targets.{name}.cores must be a positive integer, got {value!r:.60}")
         if key == "power" and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                       for v in value.values()):
             raise ConfigError(f"{path}: targets.{name}.power must hold numbers")

@@ -69,13 +69,24 @@ def supports(model) -> list[str]:
     return sorted(missing)
 
 
-def session_settings(threads: int, model=None) -> dict:
+CPU_PROVIDERS = ("CPUExecutionProvider",)
+# NVIDIA boards: TensorRT first (ORT hands it the subgraphs it can build), CUDA for the rest.
+NVIDIA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def providers_for(profile) -> list[str]:
+    """Execution providers in the order the device should try them."""
+    return list(NVIDIA_PROVIDERS if profile.device == "gpu" and profile.cuda_arch else CPU_PROVIDERS)
+
+
+def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threads_from: str | None = None) -> dict:
     """Session settings; for ``model`` (an onnx_ir Model) that generates a huge constant,
     ORT's own constant folding is switched off: it would materialise it at session start."""
     settings = {
-        "providers": ["CPUExecutionProvider"],
+        "providers": list(providers),
         "graph_optimization_level": "ORT_ENABLE_ALL",
         "intra_op_num_threads": threads,
+        **({"threads_from": threads_from} if threads_from else {}),
         "inter_op_num_threads": 1,
         "execution_mode": "ORT_SEQUENTIAL",
         "onnxruntime_version": ort.__version__,
@@ -90,10 +101,11 @@ def session_settings(threads: int, model=None) -> dict:
 
 
 def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
-    del profile, shapes  # ORT artefacts are portable ONNX with their symbolic dims
+    del shapes  # ORT artefacts are portable ONNX with their symbolic dims
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_ir(model, workdir / "model.onnx")
-    settings = session_settings(threads, model)
+    threads, threads_from = profile.threads_for(threads)
+    settings = session_settings(threads, model, providers=providers_for(profile), threads_from=threads_from)
     (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return Artifact(
         backend=name,
@@ -105,20 +117,38 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
     )
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def providers_here(wanted) -> list[str]:
+    """``wanted`` less the providers this ONNX Runtime lacks, in order; the CPU one at least."""
+    available = set(ort.get_available_providers())
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
 class OrtSession:
+    """A session over the settings an artefact shipped with, as far as this host can honour them.
+
+    Settings written for a device (a Jetson's TensorRT provider, a board's core count) are
+    what the device runs; here the session takes the providers this ONNX Runtime has, in the
+    same order, and at most this host's cores (more threads than cores only thrash).
+    """
+
     def __init__(self, model_path: str | os.PathLike | bytes, settings: dict) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, settings.get("graph_optimization_level", "ORT_ENABLE_ALL")
         )
-        options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
+        threads = int(settings.get("intra_op_num_threads", 0))
+        options.intra_op_num_threads = min(threads, _usable_cores()) if threads > 0 else threads
         options.inter_op_num_threads = int(settings.get("inter_op_num_threads", 1))
         options.execution_mode = getattr(ort.ExecutionMode, settings.get("execution_mode", "ORT_SEQUENTIAL"))
         options.enable_cpu_mem_arena = bool(settings.get("enable_cpu_mem_arena", True))
         options.log_severity_level = 4  # failures raise with their message; no coloured log line on stderr
         target = model_path if isinstance(model_path, bytes) else str(model_path)
         self._session = ort.InferenceSession(
-            target, options, providers=settings.get("providers", ["CPUExecutionProvider"]),
+            target, options, providers=providers_here(settings.get("providers", CPU_PROVIDERS)),
             disabled_optimizers=settings.get("disabled_optimizers") or None,
         )
         self.input_names = [i.name for i in self._session.get_inputs()]
@@ -127,8 +157,10 @@ class OrtSession:
         return self._session.run(None, feeds)
 
 
-def load(artifact: Artifact) -> OrtSession:
-    return OrtSession(artifact.entry_path, artifact.settings)
+def load(artifact: Artifact, *, threads: int | None = None) -> OrtSession:
+    """The artefact's session; ``threads`` replaces the count it shipped with (a board's cores)."""
+    settings = artifact.settings if threads is None else {**artifact.settings, "intra_op_num_threads": threads}
+    return OrtSession(artifact.entry_path, settings)
 
 
 

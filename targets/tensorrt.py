@@ -4,8 +4,9 @@ A TensorRT engine is tied to the GPU model and the TensorRT version it was built
 with, so dlopt does not pretend to build one for a board that is not attached.
 It writes what the board needs to build it: the optimised ONNX for the chosen
 precision (explicit Q/DQ for int8, symmetric, as TensorRT requires), a
-``build_engine.sh`` calling ``trtexec`` with the right precision flags, and a
-README.  The same ONNX is verified on ONNX Runtime here (the ``ort`` rows of the
+``build_engine.sh`` calling ``trtexec`` with the right precision flags (and, for
+a model with symbolic dims, an optimisation profile from the declared timing
+shape), and a README.  The same ONNX is verified on ONNX Runtime here (the ``ort`` rows of the
 report); the engine's latency is "not measured" until it runs on the device.
 """
 
@@ -67,24 +68,70 @@ def runtime_version() -> str:
 # releases split each item on the first ':'; a name holding one of these cannot be written.
 _SHAPES_SYNTAX = (",", ":", "'")
 
+# A symbolic batch is built for 1 .. max(MAX_BATCH_FLOOR, MAX_BATCH_FACTOR x the timed batch).
+MAX_BATCH_FLOOR = 8
+MAX_BATCH_FACTOR = 2
 
-def _shapes(model) -> str:
-    """``--shapes=name:1x3x224x224,...`` for trtexec; shell quoting is the caller's job."""
-    dims = []
+
+def _checked_name(name: str) -> str:
+    bad = [c for c in _SHAPES_SYNTAX if c in name]
+    if bad:
+        raise ModelError(
+            f"input {name!r} cannot be passed to trtexec --shapes: its name contains "
+            f"{' and '.join(repr(c) for c in bad)}; rename the input to build a TensorRT bundle")
+    return name
+
+
+def optimization_profile(model, shapes=None) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shapes of each input with symbolic dims; empty for a static model.
+
+    opt is the declared timing shape (1 where none was declared).  A symbolic batch (axis 0)
+    runs from 1 to max(MAX_BATCH_FLOOR, MAX_BATCH_FACTOR x opt); any other symbolic dim (a
+    sequence length, an image side) is pinned to its declared size, min = opt = max: layers
+    after it (Reshapes, attention) are often only valid for the size the model was checked at.
+    """
+    profile = {}
     for value in model.graph.inputs:
-        bad = [c for c in _SHAPES_SYNTAX if c in value.name]
-        if bad:
-            raise ModelError(
-                f"input {value.name!r} cannot be passed to trtexec --shapes: its name contains "
-                f"{' and '.join(repr(c) for c in bad)}; rename the input to build a TensorRT bundle")
-        shape = [d if isinstance(d, int) else 1 for d in (value.shape or [])]
-        dims.append(f"{value.name}:{'x'.join(map(str, shape))}")
-    return "--shapes=" + ",".join(dims)
+        dims = list(value.shape or [])
+        if value.name in model.graph.initializers or all(isinstance(d, int) for d in dims):
+            continue
+        declared = (shapes or {}).get(value.name)
+        if declared is None or len(declared) != len(dims):
+            declared = [d if isinstance(d, int) else 1 for d in dims]
+        opt = [int(d) if isinstance(d, int) else int(declared[i]) for i, d in enumerate(dims)]
+        low, high = list(opt), list(opt)
+        if not isinstance(dims[0], int):
+            low[0], high[0] = 1, max(MAX_BATCH_FLOOR, MAX_BATCH_FACTOR * opt[0])
+        profile[_checked_name(value.name)] = {"min": low, "opt": opt, "max": high}
+    return profile
+
+
+def _static_shapes(model) -> dict[str, list[int]]:
+    return {_checked_name(v.name): [d if isinstance(d, int) else 1 for d in (v.shape or [])]
+            for v in model.graph.inputs}
+
+
+def _shape_flag(flag: str, shapes: dict[str, list[int]]) -> str:
+    """``--flag=name:1x3x224x224,...`` shell-quoted: input names are the model's, never shell syntax."""
+    return shlex.quote(f"--{flag}=" + ",".join(f"{n}:{_dims(s)}" for n, s in shapes.items()))
+
+
+def _dims(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _shape_flags(profile: dict, static: dict | None) -> str:
+    if not profile:
+        return _shape_flag("shapes", static)
+    return " ".join(_shape_flag(f"{key}Shapes", {n: p[key] for n, p in profile.items()})
+                    for key in ("min", "opt", "max"))
 
 
 def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
-    del threads, shapes  # engines pick their own kernels (and optimisation profiles) on the device
-    shapes = shlex.quote(_shapes(model))  # input names are the model's: never shell syntax
+    del threads  # engines pick their own kernels on the device
+    profile_shapes = optimization_profile(model, shapes)
+    static = None if profile_shapes else _static_shapes(model)
+    shape_flags = _shape_flags(profile_shapes, static)  # checked before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     files = [f.name for f in save_ir(model, workdir / "model.onnx")]
     flags = TRTEXEC_FLAGS[precision]
@@ -97,7 +144,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
         "set -eu\n"
         'cd "$(dirname "$0")"\n'
         'TRTEXEC="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"\n'
-        f'"$TRTEXEC" --onnx=model.onnx --saveEngine=model.engine {flags} {shapes} '
+        f'"$TRTEXEC" --onnx=model.onnx --saveEngine=model.engine {flags} {shape_flags} '
         '--skipInference "$@"\n'
         'echo "engine written to $(pwd)/model.engine"\n'
     )
@@ -105,13 +152,18 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
     settings = {
         "target": profile.name, "gpu_arch": profile.cuda_arch, "precision": precision,
         "trtexec_flags": flags, "engine": "not built: run build_engine.sh on the device",
+        "optimization_profile": profile_shapes or None, "static_shapes": static,
         "int8": "explicit Q/DQ in model.onnx (symmetric), no calibration cache needed" if "int8" in flags else None,
     }
     (workdir / "tensorrt_build.json").write_text(json.dumps(settings, indent=2) + "\n")
+    ranges = "".join(f"Input {n} is built for shapes {_dims(p['min'])} to {_dims(p['max'])}, tuned for "
+                     f"{_dims(p['opt'])}.\n" for n, p in profile_shapes.items())
+    ranges += "\n" if ranges else ""
     (workdir / "README.txt").write_text(
         f"TensorRT bundle for {profile.description}, precision {precision}.\n\n"
         "On the device:\n  ./build_engine.sh            # writes model.engine\n"
         "  trtexec --loadEngine=model.engine   # measures latency there\n\n"
+        f"{ranges}"
         "model.onnx was checked against the original model on ONNX Runtime when it was built;\n"
         "compare the engine's outputs on the device before trusting it.\n"
     )

@@ -297,6 +297,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
                            f"not {precision}")
     workdir.mkdir(parents=True, exist_ok=True)
     inputs = _input_specs(model, shapes)
+    threads, threads_from = profile.threads_for(threads)  # the board's cores, not this host's
     try:
         with native_output_logged(f"building for {profile.name}"):
             facts = _build(model, profile, workdir / LIBRARY, inputs)
@@ -305,7 +306,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
     except Exception as exc:  # TVM raises its own errors and plain Python ones alike
         raise CompileError(f"TVM could not build {profile.name}: {first_line(exc)}") from exc
     settings = {**facts, "tvm_version": tvm.__version__, "inputs": inputs,
-                "outputs": [v.name for v in model.graph.outputs], "threads": threads,
+                "outputs": [v.name for v in model.graph.outputs], "threads": threads, "threads_from": threads_from,
                 "tuning": "untuned (default Relax pipeline, no tuning database)"}
     (workdir / BUILD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return Artifact(backend=name, precision=precision, folder=workdir, files=[LIBRARY, BUILD_FILE],
