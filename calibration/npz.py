@@ -114,7 +114,7 @@ class NpzDataset(CalibrationDataset):
 
     ``samples`` (known on construction) is how many samples iteration yields: all of
     them, or ``limit``, less any remainder a fixed batch dimension drops.
-    ``batch_size=None`` means 1.
+    ``total`` is how many samples the file holds.  ``batch_size=None`` means 1.
     """
 
     def __init__(self, path: str | Path, specs: Sequence, *, batch_size: int | None = 32,
@@ -124,7 +124,8 @@ class NpzDataset(CalibrationDataset):
         with _archive(self.path) as archive:
             self._members = self._headers(archive)
         self.has_labels = LABELS in self._members and LABELS not in {s.name for s in self.specs}
-        self.samples = self._usable(self._check_headers())
+        self.total = self._check_headers()
+        self.samples = self._usable(self.total)
         self._check_read_size(max_bytes)
 
     def _headers(self, archive: zipfile.ZipFile) -> dict[str, _Member]:

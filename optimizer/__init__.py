@@ -8,11 +8,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "export", "CompileConfig", "Report", "errors", "__version__"]
+__all__ = ["compile", "export", "load", "CompileConfig", "Report", "errors", "__version__"]
 
 _LAZY = {
     "compile": ("dlopt.api", "compile"),
     "export": ("dlopt.exporter", "export"),
+    "load": ("dlopt.runner", "load"),
     "CompileConfig": ("dlopt.config", "CompileConfig"),
     "Report": ("dlopt.report", "Report"),
 }

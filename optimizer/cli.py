@@ -80,6 +80,7 @@ def main(verbose: int) -> None:
       dlopt inspect model.onnx
       dlopt compile model.onnx --target cpu -o out/
       dlopt gate out/ --max-accuracy-drop 0.5
+      dlopt run out/ --input data.npz --output preds.npz
       dlopt targets
       dlopt demo
     """
@@ -335,6 +336,45 @@ def targets(targets_file, as_json):
 
     click.echo(tabulate(rows, headers=["target", "what", "builds with", "not available", "runs here"],
                         maxcolwidths=[None, 34, 16, 48, None]))
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("-i", "--input", "data", required=True, type=click.Path(path_type=Path),
+              help=".npz with one array per model input, first axis = samples (no pickles).")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Where to write the predictions: an .npz with one array per model output, by output name. "
+                   "Written whole or not at all; never the input file, nor an existing file that is not an .npz.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Samples per run [default: the artefact's fixed batch, else the batch it was timed at].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads [default: the thread count the artefact shipped with].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def run(out, data, output, batch_size, threads, as_json, quiet):
+    """Run the artefact in OUT on every sample of an .npz and save its outputs.
+
+    OUT is a `dlopt compile` output folder, or one of its bundle/<backend>-<precision>/
+    candidates.  The artefact runs with the settings it shipped with; one built for
+    another device (an aarch64 TVM library, a TensorRT bundle) is refused with what
+    that device needs.
+
+    \b
+    Examples:
+      dlopt run build/resnet-cpu --input test.npz --output preds.npz
+      dlopt run build/rpi/bundle/ort-int8 -i test.npz -o preds.npz --batch-size 8 --json
+    """
+    from dlopt.runner import load, run_npz
+
+    with load(out, threads=threads) as runner:
+        summary = run_npz(runner, data, output, batch_size=batch_size,
+                          progress=TerminalProgress(not (quiet or as_json)))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    shapes = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in summary["outputs"].items())
+    click.echo(f"ran {summary['candidate']} on {summary['samples']} samples in {summary['batches']} batches of "
+               f"{summary['batch_size']} in {summary['seconds']:.3f} s; wrote {output} ({shapes})")
 
 
 @main.command()

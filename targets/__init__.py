@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+from pathlib import Path
 
 from dlopt.targets.base import Artifact, Backend, Session
 
-__all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status"]
+__all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status", "read_artifact",
+           "read_manifest", "load_artifact", "check_runs_here"]
 
 # name -> module whose ``BACKEND`` is a dlopt.targets.base.Backend.  Names a profile lists but that
 # are absent here are reported as "not implemented in this version".
@@ -39,26 +42,138 @@ def backend_status(name: str) -> bool | str:
     return backend.available()
 
 
-def load_artifact(folder):
-    """Load the artefact a compile published in ``folder`` (its manifest says which backend).
+def read_artifact(folder) -> tuple[Artifact, Path]:
+    """The artefact in ``folder`` and the root of the output it belongs to.
 
-    Returns the backend's session (``run(feeds) -> list of arrays``) for artefacts that run
-    on this machine; raises TargetUnavailable for ones built for a device.
+    ``folder`` is a compile's output folder (its manifest.json names the chosen backend)
+    or one of its bundle candidates (``OUT/bundle/<backend>-<precision>/``), which has
+    no manifest of its own: the root's manifest names it under ``bundle`` and its
+    report.json lists its files.  Anything else is a ConfigError.
     """
-    import json
-    from pathlib import Path
-
     from dlopt.errors import ConfigError, TargetUnavailable
 
     folder = Path(folder)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{folder} is not a dlopt output folder (no readable manifest.json)") from exc
-    backend = get_backend(manifest["backend"])
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder; give a dlopt output folder or one of its bundle/ candidates")
+    root, manifest, key = _owning_manifest(folder)
+    if key is None:
+        backend_name, precision, files = manifest.get("backend"), manifest.get("precision"), manifest.get("files")
+    else:
+        backend_name, _, precision = key.partition("/")
+        files = _bundle_files(root, key)
+        if files is None:
+            files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if not (isinstance(backend_name, str) and isinstance(precision, str) and isinstance(files, list)):
+        raise ConfigError(f"{root / MANIFEST} lacks backend, precision or files; recompile with dlopt")
+    backend = get_backend(backend_name)
     if backend is None:
-        raise TargetUnavailable(f"{manifest['backend']} artefacts are not loaded by this version of dlopt")
-    settings = json.loads((folder / backend.settings_file).read_text())
-    artifact = Artifact(manifest["backend"], manifest["precision"], folder, manifest["files"], backend.entry,
-                        settings=settings)
-    return backend.load(artifact)
+        raise TargetUnavailable(f"{backend_name} artefacts are not loaded by this version of dlopt")
+    try:
+        settings = json.loads((folder / backend.settings_file).read_text())
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder} lacks a readable {backend.settings_file}, which {backend_name} artefacts "
+                          f"ship with; recompile with dlopt") from exc
+    return Artifact(backend_name, precision, folder, files, backend.entry, settings=settings), root
+
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest.json of ``folder`` as a dict, or None when it has no readable one."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _owning_manifest(folder: Path) -> tuple[Path, dict, str | None]:
+    """(root, manifest, bundle key): ``folder``'s own manifest (key None), or that of the output
+    whose ``bundle`` lists ``folder`` and the key it is listed under."""
+    from dlopt.errors import ConfigError
+
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return folder, manifest, None
+    resolved = folder.resolve()
+    for root in list(resolved.parents)[:2]:  # bundle/<backend>-<precision>/ sits two levels down
+        parent = read_manifest(root)
+        bundle = parent.get("bundle") if parent else None
+        where = resolved.relative_to(root).as_posix()
+        if isinstance(bundle, dict):
+            key = next((k for k, v in bundle.items() if v == where and isinstance(k, str)), None)
+            if key is not None:
+                return root, parent, key
+    raise ConfigError(f"{folder} is not a dlopt output folder (no readable manifest.json) "
+                      f"nor a bundle candidate listed in one")
+
+
+def _bundle_files(root: Path, key: str) -> list[str] | None:
+    """The files report.json lists for candidate ``key``, or None without a readable report."""
+    try:
+        report = json.loads((root / "report.json").read_text())
+        row = next(c for c in report["candidates"] if f"{c['backend']}/{c['precision']}" == key)
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+    files = row.get("artifact_files")
+    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+def check_runs_here(artifact: Artifact) -> None:
+    """Raise TargetUnavailable, saying what the device needs, for an artefact this machine cannot run."""
+    from dlopt.errors import TargetUnavailable
+    from dlopt.profiles import host_arch
+
+    key = f"{artifact.backend}/{artifact.precision}"
+    if artifact.backend == "tensorrt":
+        # The bundle holds the ONNX and the script that builds the engine on the device; no engine yet.
+        raise TargetUnavailable(
+            f"{key} in {artifact.folder} is a TensorRT engine-build bundle: build the engine on the device "
+            f"(./build_engine.sh, needs TensorRT's trtexec) and run it there; dlopt does not run TensorRT engines")
+    if artifact.backend == "tvm":
+        settings = artifact.settings
+        target, host = settings.get("target"), settings.get("host")
+        kind = target.get("kind") if isinstance(target, dict) else None
+        arch = str(host.get("mtriple") or "").split("-", 1)[0] if isinstance(host, dict) else ""
+        form, needs = settings.get("form") or "TVM library", settings.get("device_needs") or "the TVM runtime"
+        if kind not in (None, "llvm"):
+            raise TargetUnavailable(f"{key} in {artifact.folder} is a {kind} library ({form}); dlopt runs TVM "
+                                    f"libraries on the CPU only: run it on a device with {needs}")
+        if arch and arch != host_arch():
+            raise TargetUnavailable(f"{key} in {artifact.folder} is an {form} built for another device "
+                                    f"(this machine is {host_arch()}); run it on a device with {needs}")
+    status = backend_status(artifact.backend)
+    if status is not True:
+        raise TargetUnavailable(f"{key} in {artifact.folder} cannot run here: {status}")
+
+
+# How each backend's shipped settings take another thread count.
+_THREAD_SETTINGS = {
+    "ort": lambda s, n: {**s, "intra_op_num_threads": n},
+    "openvino": lambda s, n: {**s, "properties": {**s.get("properties", {}), "INFERENCE_NUM_THREADS": n}},
+    "tvm": lambda s, n: {**s, "threads": n},
+}
+
+
+def load_artifact(folder, *, threads: int | None = None):
+    """Load the artefact a compile published in ``folder`` (or one of its bundle candidates).
+
+    Returns the backend's session (``run(feeds) -> list of arrays``) built with the shipped
+    settings (``threads`` replaces their thread count) for artefacts that run on this
+    machine; raises TargetUnavailable for ones built for a device.
+    """
+    artifact, _ = read_artifact(folder)
+    return load(artifact, threads=threads)
+
+
+def load(artifact: Artifact, *, threads: int | None = None):
+    """The session of ``artifact`` (see ``load_artifact``)."""
+    from dataclasses import replace
+
+    check_runs_here(artifact)
+    if threads is not None and artifact.backend in _THREAD_SETTINGS:
+        artifact = replace(artifact, settings=_THREAD_SETTINGS[artifact.backend](artifact.settings, threads))
+    return get_backend(artifact.backend).load(artifact)

@@ -18,7 +18,9 @@ def test_help_of_every_verb_has_an_example():
     from dlopt.cli import main
 
     runner = CliRunner()
-    for verb in ("compile", "inspect", "targets", "demo", "gate"):
+    verbs = sorted(main.commands)
+    assert {"compile", "inspect", "targets", "demo", "gate", "run"} <= set(verbs)
+    for verb in verbs:
         result = runner.invoke(main, [verb, "--help"])
         assert result.exit_code == 0
         assert "Example" in result.output and f"dlopt {verb}" in result.output
