@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-deps
+.PHONY: demo test bench clean system-deps arm64-env
 
 # Debian packages the tests use: real data that works offline (Fashion-MNIST for the INT8
 # accuracy test), the aarch64 cross compiler for TVM's ARM builds, Chromium to render report.html.
@@ -28,7 +28,48 @@ demo: $(STAMP)
 	$(BIN)/dlopt demo
 
 test: $(STAMP) system-deps
+	@$(MAKE) --no-print-directory arm64-env || echo "make arm64-env failed: the aarch64 emulation tests will be skipped"
 	$(BIN)/python -m pytest -q tests
+
+# An emulated aarch64 for running the rpi5 TVM library here (dlopt.emulation): qemu-user, Debian's
+# arm64 Python with the C libraries it and the wheels load (sysroot/), PyPI's aarch64 wheels (site/;
+# TVM's runtime library only: its 240 MB compiler library is never loaded there).  apt works on a
+# private arm64 package list, so the machine's dpkg architectures and package lists stay as they are.
+# Built in a temporary folder, probed, then renamed into place; rebuilt only when the pins change.
+ARM64 := $(VENV)/arm64
+ARM64_DEBS := python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libgcc-s1 libstdc++6 \
+  zlib1g libexpat1 libffi8
+ARM64_WHEELS := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy==2.4.6 ml-dtypes==0.6.0 \
+  typing-extensions==4.16.0
+ARM64_PIP := --disable-pip-version-check -q --only-binary=:all: --platform manylinux_2_28_aarch64 \
+  --python-version 3.11 --implementation cp
+ARM64_SPEC := $(ARM64_DEBS) $(ARM64_WHEELS)
+
+arm64-env: | $(STAMP)
+	@if [ "$$(cat $(ARM64)/.built 2>/dev/null)" = "$(ARM64_SPEC)" ]; then echo "$(ARM64) is up to date"; exit 0; fi; \
+	set -e; \
+	if ! command -v qemu-aarch64 >/dev/null; then \
+	  command -v apt-get >/dev/null || { echo "install qemu-user (for qemu-aarch64) by hand"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; \
+	fi; \
+	command -v apt-get >/dev/null || { echo "apt-get is needed to fetch Debian's arm64 Python"; exit 1; }; \
+	started=$$(date +%s); \
+	tmp=$$(mktemp -d $(abspath $(VENV))/.arm64-build.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	mkdir -p $$tmp/apt/lists/partial $$tmp/apt/cache/archives/partial $$tmp/debs; touch $$tmp/apt/status; \
+	apt="-qq -o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o Dir::State::Lists=$$tmp/apt/lists \
+	  -o Dir::Cache=$$tmp/apt/cache -o Dir::State::status=$$tmp/apt/status -o Debug::NoLocking=1 \
+	  -o APT::Sandbox::User=root"; \
+	apt-get $$apt update; \
+	(cd $$tmp/debs && apt-get $$apt download $(ARM64_DEBS)); \
+	for deb in $$tmp/debs/*.deb; do dpkg -x $$deb $$tmp/sysroot; done; \
+	$(BIN)/pip download $(ARM64_PIP) -d $$tmp/wheels $(ARM64_WHEELS); \
+	$(BIN)/pip install $(ARM64_PIP) --no-deps --no-index --target $$tmp/site $$tmp/wheels/*.whl; \
+	rm -rf $$tmp/apt $$tmp/debs $$tmp/wheels $$tmp/site/bin $$tmp/site/tvm/lib/libtvm_compiler.so; \
+	$(BIN)/python -m dlopt.emulation $$tmp; \
+	echo "$(ARM64_SPEC)" > $$tmp/.built; \
+	rm -rf $(ARM64).old; if [ -e $(ARM64) ]; then mv -T $(ARM64) $(ARM64).old; fi; \
+	mv -T $$tmp $(ARM64); rm -rf $(ARM64).old; \
+	echo "built $(ARM64) in $$(( $$(date +%s) - started )) s: $$(du -sh $(ARM64) | cut -f1)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/cli_startup.py

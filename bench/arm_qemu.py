@@ -1,36 +1,24 @@
 """Does the rpi5 TVM artefact really run?  Build it here, run it on an emulated aarch64, compare.
 
 Builds the ``rpi5`` library (Cortex-A76, NEON) with dlopt's TVM backend, runs it
-under qemu-aarch64 with Debian's arm64 Python and PyPI's aarch64 TVM wheel
-(runtime only: ``TVM_USE_RUNTIME_LIB=1``), and compares its outputs with ONNX
-Runtime on this host.  Prints the errors and timings; exits 1 on a mismatch.
-Emulated timings say nothing about a real Pi 5; they only show it ran.
+under qemu-aarch64 emulating a Cortex-A76 with Debian's arm64 Python and PyPI's
+aarch64 TVM runtime (``dlopt.emulation``), and compares its outputs with ONNX
+Runtime on this host.  Prints the errors and timings; exits 1 on a mismatch, 2 when
+something it needs is missing.  Emulated timings say nothing about a real Pi 5; they
+only show it ran.
 
-Nothing is installed by this script.  Requirements (Debian 12, as root, from the
-repository root; about 50 MB of debs and 370 MB of wheels under build/arm64):
-
-    apt-get install qemu-user gcc-aarch64-linux-gnu
-    dpkg --add-architecture arm64 && apt-get update
-    mkdir -p build/arm64/debs && cd build/arm64/debs && apt-get download \\
-        python3.11-minimal:arm64 libpython3.11-minimal:arm64 libpython3.11-stdlib:arm64 libc6:arm64 \\
-        libgcc-s1:arm64 libstdc++6:arm64 zlib1g:arm64 libexpat1:arm64 libffi8:arm64 && cd -
-    for deb in build/arm64/debs/*.deb; do dpkg -x "$deb" build/arm64/sysroot; done
-    .venv/bin/pip download -d build/arm64/wheels --only-binary=:all: --platform manylinux_2_28_aarch64 \\
-        --python-version 3.11 --implementation cp apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy
-    .venv/bin/pip install --no-deps --no-index --only-binary=:all: --platform manylinux_2_28_aarch64 \\
-        --python-version 3.11 --implementation cp --target build/arm64/site build/arm64/wheels/*.whl
+Nothing is installed by this script: ``make arm64-env`` builds the emulated
+environment into .venv/arm64 (or set DLOPT_ARM64_ENV to one built elsewhere), and
+``make system-deps`` installs the aarch64 cross compiler the build links with.
 
 Usage:
-    python bench/arm_qemu.py [--model conv|resnet18] [--feeds 5] [--runs 10] [--threads 1]
+    python bench/arm_qemu.py [--model conv|resnet18] [--feeds 5] [--runs 10] [--threads 1] [--timeout 600]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,15 +77,15 @@ def main() -> int:
     parser.add_argument("--feeds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--arm", type=Path, default=ROOT / "build" / "arm64", help="holds sysroot/ and site/")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds the emulated run may take")
     args = parser.parse_args()
-    sysroot, site = args.arm / "sysroot", args.arm / "site"
-    python = sysroot / "usr" / "bin" / "python3.11"
-    missing = [what for what, ok in [("qemu-aarch64 (apt-get install qemu-user)", shutil.which("qemu-aarch64")),
-                                     (f"arm64 Python at {python}", python.exists()),
-                                     (f"aarch64 TVM wheel in {site}", (site / "tvm").is_dir())] if not ok]
-    if missing:
-        print("missing: " + "; ".join(missing) + " (see the set-up at the top of bench/arm_qemu.py)")
+
+    from dlopt.emulation import aarch64_python, qemu_cpu_models, run_emulated
+    from dlopt.errors import TargetUnavailable
+
+    emulated = aarch64_python()
+    if isinstance(emulated, str):
+        print(emulated)
         return 2
 
     from dlopt.passes import generic_passes
@@ -112,9 +100,11 @@ def main() -> int:
             print(f"TVM backend unavailable: {backend.available()}")
             return 2
         # dlopt's generic passes first, as `dlopt compile` runs them (constant folding, BN folding, ...).
-        optimised = run_pipeline(ir.serde.deserialize_model(proto), generic_passes() + backend.lowering_passes("fp32")).model
+        passes = generic_passes() + backend.BACKEND.lowering_passes("fp32")
+        optimised = run_pipeline(ir.serde.deserialize_model(proto), passes).model
+        profile = resolve_target("rpi5")
         started = time.perf_counter()
-        artifact = backend.compile(optimised, resolve_target("rpi5"), work / "rpi5", precision="fp32",
+        artifact = backend.compile(optimised, profile, work / "rpi5", precision="fp32",
                                    threads=args.threads)
         build_s = time.perf_counter() - started
         inputs = artifact.settings["inputs"]
@@ -128,12 +118,14 @@ def main() -> int:
         reference = [session.run(None, {n: a[k] for n, a in feeds.items()})[0] for k in range(args.feeds)]
 
         (work / "runner.py").write_text(RUNNER)
-        env = {**os.environ, "PYTHONPATH": str(site), "TVM_USE_RUNTIME_LIB": "1", "QEMU_LD_PREFIX": str(sysroot),
-               "TVM_NUM_THREADS": str(args.threads)}
-        command = ["qemu-aarch64", str(python), str(work / "runner.py"), str(artifact.entry_path),
-                   str(work / "feeds.npz"), str(work / "outputs.npy"), str(args.runs)]
+        cpu = profile.mcpu if profile.mcpu in qemu_cpu_models() else None  # else qemu's "max"
         started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        try:
+            done = run_emulated(work / "runner.py", [artifact.entry_path, "feeds.npz", "outputs.npy", args.runs],
+                                cwd=work, timeout=args.timeout, threads=args.threads, cpu=cpu)
+        except TargetUnavailable as exc:  # it ran out of time
+            print(exc)
+            return 2
         emulated_s = time.perf_counter() - started
         if done.returncode != 0:
             print(done.stderr[-3000:])
@@ -152,7 +144,8 @@ def main() -> int:
     print(f"library          model.so, {size} bytes, ELF e_machine {machine} ({'aarch64' if machine == 183 else '?'})")
     print(f"target           {artifact.settings['host']}")
     print(f"build here       {build_s:.2f} s (untuned)")
-    print(f"emulated run     {figures['machine']}, TVM {figures['tvm']} runtime only, {figures['threads']} thread(s); "
+    print(f"emulated run     {figures['machine']} ({cpu or 'max'}), TVM {figures['tvm']} runtime only, "
+          f"{figures['threads']} thread(s); "
           f"process {emulated_s:.1f} s (import {figures['import_s']:.1f} s, load {figures['load_s']:.2f} s)")
     print(f"latency (qemu)   p50 {runs[len(runs) // 2]:.2f} ms, min {runs[0]:.2f} ms over {len(runs)} runs "
           f"(emulated: not a Pi 5 figure)")
