@@ -229,6 +229,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
     except Exception as exc:
         raise CompileError(f"OpenVINO could not convert the model: {_message(exc)}") from exc
     static = shapes if shapes and _symbolic_inputs(model) else None
+    threads, _ = profile.threads_for(threads)  # the board's cores, not this host's
     settings = runtime_settings(precision, threads, static)
     (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return Artifact(
