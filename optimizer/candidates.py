@@ -188,7 +188,7 @@ def build(
     if not artifact.loadable_here and artifact.check_onnx is None:
         return Built(replace(base, measurement=Measurement(None, artifact.size_bytes()),
                              reason=f"built for {ev.profile.name}; cannot run on this machine, not verified here; "
-                                    f"not yet measured on the device"), artifact, model=result.model)
+                                    f"not yet measured on the device: run `dlopt verify` and `dlopt bench` there"), artifact, model=result.model)
     if artifact.loadable_here:
         def factory():
             return backend.load(artifact)
@@ -234,9 +234,9 @@ def _quantiser_label(who: str | None) -> str | None:
 def _where(ev: Evaluation, artifact) -> str:
     if not artifact.loadable_here:
         return (f"its {artifact.check_onnx} verified on ONNX Runtime here; not yet measured on the "
-                f"{ev.profile.name} device")
+                f"{ev.profile.name} device: run `dlopt bench` there")
     if not ev.profile.runs_here():
-        return f"outputs verified on this machine; not yet measured on the {ev.profile.name} device"
+        return f"outputs verified on this machine; not yet measured on the {ev.profile.name} device: run `dlopt bench` there"
     return ""
 
 

@@ -81,6 +81,7 @@ def main(verbose: int) -> None:
       dlopt compile model.onnx --target cpu -o out/
       dlopt gate out/ --max-accuracy-drop 0.5
       dlopt run out/ --input data.npz --output preds.npz
+      dlopt verify out/ && dlopt bench out/ --select
       dlopt targets
       dlopt demo
     """
@@ -402,3 +403,8 @@ def demo(out, as_json):
 from dlopt.gate_cli import gate  # noqa: E402 - imports only click; registered after the built-in verbs
 
 main.add_command(gate)
+
+from dlopt.device_cli import bench, verify  # noqa: E402 - imports only click
+
+main.add_command(verify)
+main.add_command(bench)

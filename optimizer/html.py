@@ -257,8 +257,8 @@ def _summary(r: Report) -> list[tuple[str, str]]:
     ]
 
 
-def render_html(report: dict) -> str:
-    """The whole page for a report.json dictionary."""
+def render_html(report: dict, device: dict | None = None) -> str:
+    """The whole page for a report.json dictionary (and a device_report.json, when there is one)."""
     r = Report.from_dict(report)
     model_name = Path(r.model.get("path") or "model").name
     title = f"dlopt report: {model_name} for {r.target.get('name')}"
@@ -282,6 +282,12 @@ def render_html(report: dict) -> str:
         body.append(f"<p>Calibration: {escape(str(c.get('samples')))} samples from {escape(str(c.get('source')))} "
                     f"({escape(str(c.get('method')))}), {escape(str(c.get('seconds')))} s.</p>")
     body += ["<h2>Passes</h2>", _table(r.PASS_HEADERS, r.pass_rows(), numeric={2}, table_id="passes")]
+    if device:
+        from dlopt.report import DEVICE_HEADERS, device_heading, device_rows
+
+        body += ["<h2>Measured on the device</h2>", f"<p>{escape(device_heading(device))}</p>",
+                 _table(DEVICE_HEADERS, device_rows(device), numeric={5}, table_id="device"),
+                 f"<p>{escape(str(device.get('why') or ''))}</p>"]
     if r.notes:
         body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{escape(n)}</li>" for n in r.notes) + "</ul>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

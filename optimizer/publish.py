@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from dlopt import __version__, precisions
 from dlopt.artifacts import MANIFEST, publish, published_entries
+from dlopt.device_check import DEVICE_REPORT
 from dlopt.model_io import save_ir
 from dlopt.precisions import Status
 from dlopt.report import Candidate, Measurement, Report
@@ -49,7 +50,8 @@ def summary_line(report: Report) -> str:
         parts.append(f"{speed:.2f}x the original's speed{ci} at {timing.get('shape', '?')}, "
                      f"{timing.get('threads', '?')} threads, {timing.get('runs', '?')} interleaved runs")
     else:
-        parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device")
+        parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
+                     f"(run `dlopt bench` there)")
     if chosen.score:
         parts.append(f"{chosen.score['metric']} {0.0 - chosen.score['drop_pp']:+.2f} points")
     if chosen.measurement and report.baseline.size_bytes:
@@ -153,13 +155,21 @@ def publish_output(job, ev, builds, verdict, report: Report, staged: Path) -> No
     if ev.ranges is not None and CALIBRATION_FILE not in chosen.artifact_files:
         ev.ranges.unlink(missing_ok=True)
     shutil.rmtree(staged / "candidates", ignore_errors=True)
+    from dlopt.device_files import write_device_files
+
+    write_device_files(staged, ev, report, [o.name for o in job.proto.graph.output])
     (staged / "report.json").write_text(report.to_json())
     (staged / "report.md").write_text(report.to_markdown())
     from dlopt.html import render_html
 
     (staged / "report.html").write_text(render_html(report.to_dict()))
     manifest = _manifest(job, report, chosen)
-    manifest["published"] = sorted([*published_entries(staged), MANIFEST])  # what a later run may replace
+    from dlopt.readme import README, render_readme
+
+    (staged / README).write_text(render_readme(report.to_dict(), manifest, staged))
+    # What a later run may replace; device_report.json is written later, on the device, by
+    # `dlopt bench` or run_candidates.py, into this folder.
+    manifest["published"] = sorted({*published_entries(staged), MANIFEST, DEVICE_REPORT})
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     publish(staged, job.out)
 

@@ -144,8 +144,10 @@ class Report:
 
     PASS_HEADERS = ["pass", "changed", "ms", "nodes", "op changes", "note"]
 
-    def to_markdown(self) -> str:
-        """report.md; every string that came from the model, its paths or the config is escaped."""
+    def to_markdown(self, device: dict | None = None) -> str:
+        """report.md; every string that came from the model, its paths or the config is escaped.
+
+        ``device``: a device_report.json written by ``dlopt bench`` or run_candidates.py."""
         from tabulate import tabulate
 
         esc = escape_markdown
@@ -181,9 +183,42 @@ class Report:
             "",
             table(self.pass_rows(), self.PASS_HEADERS),
         ]
+        if device:
+            lines += ["", "## Measured on the device", "", esc(device_heading(device)), "",
+                      table(device_rows(device), DEVICE_HEADERS), "", esc(str(device.get("why") or ""))]
         if self.notes:
             lines += ["", "## Notes", "", *[f"- {esc(n)}" for n in self.notes]]
         return "\n".join(lines) + "\n"
+
+
+DEVICE_HEADERS = ["candidate", "ran as", "verified", "rel. error (allowed)", "p50 ms (95% CI)", "runs", "note"]
+
+
+def device_heading(device: dict) -> str:
+    host, target = device.get("host") or {}, device.get("target") or {}
+    line = (f"{device.get('tool', '?')} on {host.get('machine', '?')} ({host.get('processor') or '?'}, "
+            f"{host.get('cores', '?')} cores) at {device.get('created', '?')}")
+    if device.get("this_machine_matches_target_arch") is False:
+        line += (f"; this machine is not the {target.get('name')} device ({target.get('arch')}): its native "
+                 f"timings are this machine's, not the device's")
+    return line
+
+
+def device_rows(device: dict) -> list[list[Any]]:
+    """The candidates of a device report as table rows (emulated timings marked as such)."""
+    rows = []
+    for c in device.get("candidates") or []:
+        lat = c.get("latency") or {}
+        err, allowed = c.get("rel_error"), c.get("allowed_rel_error")
+        state = {True: "yes", False: "FAILED", None: "skipped"}.get(c.get("verified"), "?")
+        timed = (f"{lat['p50_ms']:.3f} ({lat['ci_low_ms']:.3f}-{lat['ci_high_ms']:.3f})"
+                 if {"p50_ms", "ci_low_ms", "ci_high_ms"} <= lat.keys() else "-")
+        if timed != "-" and c.get("ran_as") != "native":
+            timed += " emulated, not a device figure"
+        rows.append([c.get("key"), c.get("ran_as") or "-", state,
+                     "-" if err is None else f"{err:.2e} ({allowed:.1e})" if allowed else f"{err:.2e}",
+                     timed, lat.get("runs", "-"), c.get("reason") or ""])
+    return rows
 
 
 # Markdown (GitHub's, in PR comments too) read as text: no HTML, no @mention pings, no code

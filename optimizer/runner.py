@@ -147,13 +147,15 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Runner:
 
 
 def _specs(artifact, root: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs from the candidate's ONNX, else the output's (every candidate of a compile
-    keeps the original's inputs and outputs); a TVM library's own record wins where it is stricter."""
+    """Inputs and outputs from the candidate's ONNX, else the output's or another candidate's (every
+    candidate of a compile keeps the original's inputs and outputs; after `dlopt bench --select` the
+    ONNX may sit in bundle/); a TVM library's own record wins where it is stricter."""
     import onnx
 
     from dlopt.evaluate import input_specs, output_specs
 
-    onnx_file = next((p for p in (artifact.folder / "model.onnx", root / "model.onnx") if p.is_file()), None)
+    near = (artifact.folder / "model.onnx", root / "model.onnx", *sorted(root.glob("bundle/*/model.onnx")))
+    onnx_file = next((p for p in near if p.is_file()), None)
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     if onnx_file is not None:

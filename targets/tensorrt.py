@@ -165,7 +165,12 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
         "  trtexec --loadEngine=model.engine   # measures latency there\n\n"
         f"{ranges}"
         "model.onnx was checked against the original model on ONNX Runtime when it was built;\n"
-        "compare the engine's outputs on the device before trusting it.\n"
+        "the engine itself is not: check it on the device before trusting it.  The output folder's\n"
+        "top level (this folder, or two levels up for a bundle/ candidate) holds verify.npz: a few\n"
+        "evaluation inputs, the original model's outputs on them and the error each candidate may\n"
+        "show.  dlopt's run_candidates.py and `dlopt verify` do not run TensorRT engines yet (they\n"
+        "list this candidate as skipped); compare the engine's outputs on those inputs with\n"
+        "trtexec (--loadInputs, --exportOutput) or your own TensorRT runner.\n"
     )
     return Artifact(
         backend=name, precision=precision, folder=workdir,

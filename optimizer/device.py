@@ -1,0 +1,262 @@
+"""``dlopt verify`` and ``dlopt bench``: check and time an output's candidates on this machine.
+
+Every candidate the output ships (the top-level one and each ``bundle/`` candidate) is
+run on the feeds of ``verify.npz`` and compared with the original's outputs there
+(``dlopt.device_check``).  Candidates that run here are loaded with ``dlopt.load`` and
+the verified ones timed in one interleaved run.  A TVM library for aarch64 on an x86
+machine runs under qemu-aarch64 when the emulation environment is there
+(``dlopt.emulation``): its rows say "qemu-aarch64 emulation" and its timings are never
+compared with native ones.  The results go to ``OUT/device_report.json`` and into the
+output's report.md and report.html; ``select`` moves the fastest verified candidate to
+the top level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from dlopt import __version__
+from dlopt.artifacts import MANIFEST, output_lock, publish, resolve_output, staging_dir
+from dlopt.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipped, VerifyData, VerifyFileError,
+                                device_report, fastest, host_info, run_candidates, write_json)
+from dlopt.errors import ConfigError, TargetUnavailable, first_line
+from dlopt.targets import read_manifest
+
+from dlopt.emulation import LABEL as EMULATED  # "qemu-aarch64 emulation" (a stdlib-only module)
+# Emulated runs: the verify feeds and a few timed runs (a Cortex-A76 library under qemu is
+# tens of times slower than native; its timings only show that it ran).
+EMULATED_RUNS = 20
+EMULATED_TIMEOUT_S = 600
+
+
+def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threads: int | None = None,
+                 runs: int = 100, warmup: int = 10, emulate: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Verify (and with ``bench``, time) the candidates of ``out``; write and return the device report."""
+    out = resolve_output(Path(out))
+    manifest = read_manifest(out)
+    if manifest is None or "dlopt_version" not in manifest:
+        raise ConfigError(f"{out} is not a dlopt output folder (no dlopt manifest.json)")
+    try:
+        data = VerifyData(out / VERIFY_FILE)
+    except VerifyFileError as exc:
+        raise ConfigError(f"{out} has no readable {VERIFY_FILE} (written by dlopt 0.1.0 compiles from wave 2 on); "
+                          f"recompile it: {first_line(exc)}") from exc
+    unknown = [k for k in keys or [] if k not in data.candidates]
+    if unknown:
+        raise ConfigError(f"{out} has no candidate {unknown[0]}; it has {', '.join(data.candidates)}")
+    host = host_info()  # before any runtime narrows this thread's CPUs
+    wanted = [k for k in data.candidates if not keys or k in keys]
+    emulated = {k: _emulation_plan(out, data.candidates[k]) for k in wanted}
+    emulated = {k: v for k, v in emulated.items() if v is not None}
+    opened = []
+
+    def opener(key, entry):
+        from dlopt.runner import load
+
+        try:
+            runner = load(out / entry["dir"], threads=threads)
+        except TargetUnavailable as exc:
+            raise Skipped(first_line(exc)) from exc
+        opened.append(runner)
+        return runner.run, "native"
+
+    native = [k for k in wanted if k not in emulated]
+    try:
+        rows = run_candidates(data, opener, keys=native, bench=bench, runs=runs, warmup=warmup, threads=threads,
+                              shapes=data.meta.get("timing_shapes"), log=log) if native else []
+    finally:
+        for runner in opened:
+            runner.close()
+    for key, plan in emulated.items():
+        entry = data.candidates[key]
+        rows.append({"key": key, "dir": entry.get("dir"), "backend": entry.get("backend"),
+                     "precision": entry.get("precision"),
+                     **_run_emulated(out, key, plan, bench=bench, threads=threads, log=log)})
+    order = list(data.candidates)
+    rows.sort(key=lambda r: order.index(r["key"]))
+    top = manifest.get("backend") and f"{manifest['backend']}/{manifest['precision']}"
+    best, why = fastest(rows, top) if bench else (None, "not timed (dlopt verify)")
+    report = device_report(rows, tool=f"dlopt {'bench' if bench else 'verify'} {__version__}", host=host,
+                           top_level=top, best=best, why=why, runs=runs, threads=threads)
+    target = json.loads((out / "report.json").read_text()).get("target", {}) if (out / "report.json").is_file() else {}
+    report["target"] = {"name": target.get("name") or data.meta.get("target"), "arch": target.get("arch")}
+    report["this_machine_matches_target_arch"] = target.get("arch") == host["machine"] if target.get("arch") else None
+    with output_lock(out):
+        write_json(out / DEVICE_REPORT, report)
+        rerender_reports(out, report)
+    return report
+
+
+def _emulation_plan(out: Path, entry: dict):
+    """For an aarch64 TVM library on another machine: the emulated Python, or a Skipped reason; else None."""
+    if entry.get("backend") != "tvm":
+        return None
+    try:
+        settings = json.loads((out / entry["dir"] / "tvm_build.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    from dlopt.device_check import _machine
+    from dlopt.emulation import aarch64_python
+
+    arch = str((settings.get("host") or {}).get("mtriple") or "").split("-", 1)[0]
+    if arch != "aarch64" or _machine() == "aarch64":
+        return None
+    python = aarch64_python()
+    if isinstance(python, str):
+        return Skipped(f"an aarch64 TVM library and no emulation here: {python}")
+    return str((settings.get("host") or {}).get("mcpu") or "") or None
+
+
+def _run_emulated(out: Path, key: str, plan, *, bench: bool, threads: int | None, log) -> dict:
+    """Run the output's run_candidates.py for ``key`` under qemu-aarch64; its row, labelled emulated."""
+    entry_row = {"key": key, "ran_as": EMULATED, "verified": None, "latency": None}
+    if isinstance(plan, Skipped):
+        return {**entry_row, "ran_as": None, "reason": f"not run here: {plan}"}
+    from dlopt.device_files import script_source
+    from dlopt.emulation import qemu_cpu_models, run_emulated
+
+    with tempfile.TemporaryDirectory(prefix="dlopt-emulated-") as tmp:
+        script = out / SCRIPT
+        if not script.is_file():  # an output from before run_candidates.py shipped: the same code, from here
+            script = Path(tmp) / SCRIPT
+            script.write_text(script_source())
+        result_file = Path(tmp) / "device_report.json"
+        args = ["--out", str(out), "--candidate", key, "--report", str(result_file), "--json"]
+        args += ["--runs", str(EMULATED_RUNS), "--warmup", "2"] if bench else ["--verify-only"]
+        if log:
+            log(f"{key}: running under {EMULATED} (slow: an emulated CPU)")
+        # Emulate the board's own CPU where qemu knows it: its default CPU has every extension,
+        # and only the named one shows that the library avoids what the board lacks.
+        cpu = plan if plan in qemu_cpu_models() else None
+        done = None
+        try:
+            done = run_emulated(script, args, cwd=out, timeout=EMULATED_TIMEOUT_S, threads=threads, cpu=cpu)
+            row = json.loads(result_file.read_text())["candidates"][0]
+        except TargetUnavailable as exc:  # a timeout: nothing was decided
+            return {**entry_row, "reason": f"not run to the end: {first_line(exc)}"}
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            tail = (done.stderr if done is not None else "").strip().splitlines()[-1:]
+            return {**entry_row, "verified": False,
+                    "reason": f"the emulated run failed: {first_line(exc)} {' '.join(tail)}".strip()}
+    row["ran_as"] = f"{EMULATED} ({cpu})" if cpu else EMULATED
+    if log:
+        log(f"{key}: " + ("verified" if row.get("verified") else "NOT verified" if row.get("verified") is False
+                          else "skipped") + f" under {EMULATED}")
+    return row
+
+
+def rerender_reports(out: Path, device: dict) -> None:
+    """report.md and report.html again, with the device's results (report.json stays as compiled)."""
+    from dlopt.html import render_html
+    from dlopt.report import Report
+
+    try:
+        report_dict = json.loads((out / "report.json").read_text())
+        report = Report.from_dict(report_dict)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an output without a readable report.json has no report to add to
+    _replace_text(out / "report.md", report.to_markdown(device))
+    _replace_text(out / "report.html", render_html(report_dict, device))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- --select ---------------------------------------------------------------------------------------
+
+def select(out: Path, key: str) -> str:
+    """Move candidate ``key`` from bundle/ to the top level of ``out`` and the top-level one into bundle/.
+
+    Works on a hard-linked copy of the output and renames it into place, so the folder is
+    either as it was or wholly re-laid out.  Returns a line saying what moved.
+    """
+    out = resolve_output(Path(out))
+    with output_lock(out):
+        manifest = read_manifest(out)
+        top = f"{manifest['backend']}/{manifest['precision']}"
+        if key == top:
+            return f"{key} is already at the top level of {out}"
+        bundle = dict(manifest.get("bundle") or {})
+        if key not in bundle:
+            raise ConfigError(f"{key} is not a bundle candidate of {out}; it has {', '.join(bundle) or 'none'}")
+        report = json.loads((out / "report.json").read_text())
+        rows = {f"{c['backend']}/{c['precision']}": c for c in report["candidates"]}
+        # The top-level candidate's files, and the ONNX it was built from where that is not one of them.
+        old_files = list(manifest["files"]) + [f for f in ("model.onnx", "model.onnx.data")
+                                               if f not in manifest["files"] and (out / f).is_file()]
+        new_dir = bundle.pop(key)
+        old_dir = f"bundle/{top.replace('/', '-')}"
+        with staging_dir(out) as staged:
+            for name in manifest["published"]:
+                source = out / name
+                if source.is_dir() and not source.is_symlink():
+                    shutil.copytree(source, staged / name, copy_function=os.link)
+                elif source.is_file() and not source.is_symlink():
+                    os.link(source, staged / name)
+            (staged / old_dir).mkdir()
+            for f in old_files:
+                os.replace(staged / f, staged / old_dir / f)
+            new_files = sorted(p.name for p in (staged / new_dir).iterdir())
+            for f in new_files:
+                os.replace(staged / new_dir / f, staged / f)
+            (staged / new_dir).rmdir()
+            bundle[top] = old_dir
+            rows[top]["artifact_dir"], rows[key]["artifact_dir"] = old_dir, "."
+            rows[top]["chosen"], rows[key]["chosen"] = False, report.get("chosen") is not None
+            report["chosen"] = key if report.get("chosen") is not None else None
+            report["notes"] = [*report.get("notes", []), f"dlopt bench --select moved {key} to the top level "
+                                                          f"(it was in {new_dir}; {top} is now in {old_dir})"]
+            backend, precision = key.split("/", 1)
+            manifest.update(backend=backend, precision=precision, files=new_files, bundle=bundle)
+            for name, text in (("report.json", json.dumps(report, indent=2) + "\n"),
+                               (MANIFEST, json.dumps(manifest, indent=2) + "\n")):
+                (staged / name).unlink(missing_ok=True)  # a hard link: never write through it
+                (staged / name).write_text(text)
+            _refresh_verify_dirs(staged, key, top, old_dir)
+            device = None
+            if (staged / DEVICE_REPORT).is_file():
+                device = json.loads((staged / DEVICE_REPORT).read_text())
+            for name in ("report.md", "report.html"):
+                (staged / name).unlink(missing_ok=True)
+            from dlopt.html import render_html
+            from dlopt.report import Report
+
+            (staged / "report.md").write_text(Report.from_dict(report).to_markdown(device))
+            (staged / "report.html").write_text(render_html(report, device))
+            from dlopt.readme import README, render_readme
+
+            (staged / README).unlink(missing_ok=True)
+            (staged / README).write_text(render_readme(report, manifest, staged))
+            publish(staged, out)
+    return f"moved {key} to the top level of {out}; {top} is now in {old_dir}"
+
+
+def _refresh_verify_dirs(staged: Path, key: str, top: str, old_dir: str) -> None:
+    """verify.npz names each candidate's folder: rewrite its meta for the new layout."""
+    import numpy as np
+
+    path = staged / VERIFY_FILE
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["candidates"][key]["dir"], meta["candidates"][top]["dir"] = ".", old_dir
+    meta["top_level"] = key
+    arrays["meta"] = np.array(json.dumps(meta))
+    path.unlink()
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)

@@ -1,0 +1,122 @@
+"""``dlopt verify`` and ``dlopt bench``: the device's own check of an output, on the machine it runs on.
+
+Only click is imported with this module so ``dlopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+_COMMON = [
+    click.argument("out", type=click.Path(path_type=Path)),
+    click.option("-c", "--candidate", "keys", multiple=True, metavar="KEY",
+                 help="Only this candidate (e.g. ort/int8, tvm/fp32); repeatable [default: all]."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="Threads for every candidate [default: what each shipped with, at most this machine's cores]."),
+    click.option("--json", "as_json", is_flag=True, help="Print the device report as JSON on stdout."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr."),
+]
+
+
+def _options(func):
+    for decorator in reversed(_COMMON):
+        func = decorator(func)
+    return func
+
+
+def _log(quiet: bool):
+    return None if quiet else (lambda line: click.echo(f"dlopt: {line}", err=True))
+
+
+def _print(report: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from tabulate import tabulate
+
+    from dlopt.report import DEVICE_HEADERS, device_heading, device_rows
+
+    click.echo(device_heading(report))
+    click.echo(tabulate(device_rows(report), headers=DEVICE_HEADERS, tablefmt="simple", maxcolwidths=[None] * 6 + [60]))
+    click.echo(report["why"])
+
+
+def _exit_code(report: dict) -> int:
+    rows = report["candidates"]
+    if any(r.get("verified") is False for r in rows):
+        click.echo("dlopt: " + ", ".join(r["key"] for r in rows if r.get("verified") is False)
+                   + " failed verification on this machine", err=True)
+        return 1
+    if not any(r.get("verified") for r in rows):
+        click.echo("dlopt: no candidate could be verified on this machine", err=True)
+        return 1
+    return 0
+
+
+@click.command()
+@_options
+def verify(out, keys, threads, as_json, quiet):
+    """Check every candidate of OUT against its verify.npz on this machine.
+
+    Each candidate runs the feeds of OUT/verify.npz (a few evaluation inputs and the
+    original model's outputs on them, written by `dlopt compile`) and must reproduce
+    those outputs within the error it showed when built (twice that, and at least a
+    floor per precision).  An aarch64 TVM library runs under qemu-aarch64 on an x86
+    machine where the emulation is installed (`make arm64-env`).  Writes
+    OUT/device_report.json; exits 1 when a candidate fails or none could be verified.
+
+    \b
+    Examples:
+      dlopt verify build/rpi5
+      dlopt verify build/rpi5 --candidate ort/int8 --json
+    """
+    from dlopt.device import check_output
+
+    report = check_output(out, bench=False, keys=list(keys) or None, threads=threads, log=_log(quiet or as_json))
+    _print(report, as_json)
+    sys.exit(_exit_code(report))
+
+
+@click.command()
+@_options
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Timed runs per candidate, interleaved in rounds.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--select", "select_fastest", is_flag=True,
+              help="Move the fastest verified candidate to the top level of OUT when it is significantly faster "
+                   "than the one there (the old one goes to bundle/).")
+def bench(out, keys, threads, as_json, quiet, runs, warmup, select_fastest):
+    """Verify, then time every verified candidate of OUT on this machine.
+
+    The candidates that run here natively are timed in one interleaved run at the
+    shape the compile timed (the comparison `dlopt compile` makes, with 95% intervals
+    of the median); a candidate run under qemu emulation is verified and timed apart,
+    and its timings are marked as emulated, never compared.  Writes
+    OUT/device_report.json and adds the results to OUT/report.md and report.html.
+
+    \b
+    Examples:
+      dlopt bench build/rpi5
+      dlopt bench build/rpi5 --select --runs 200
+    """
+    from dlopt.device import check_output, select
+
+    report = check_output(out, bench=True, keys=list(keys) or None, threads=threads, runs=runs, warmup=warmup,
+                          log=_log(quiet or as_json))
+    _print(report, as_json)
+    code = _exit_code(report)
+    best = report.get("fastest_verified")
+    if select_fastest and code == 0 and best and best != report.get("top_level"):
+        target = report.get("target") or {}
+        if report.get("this_machine_matches_target_arch") is False:
+            from dlopt.errors import ConfigError
+
+            raise ConfigError(f"--select: this machine ({report['host']['machine']}) is not the {target.get('name')} "
+                              f"device ({target.get('arch')}); timings here do not choose for it: run "
+                              f"`dlopt bench --select` there")
+        click.echo(select(out, best), err=as_json)
+    sys.exit(code)
