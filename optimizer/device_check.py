@@ -44,6 +44,7 @@ DEVICE_REPORT_SCHEMA = "1.0"
 # Feeds kept for verification: enough samples to see a broken device, few enough to carry and emulate.
 VERIFY_MAX_FEEDS = 16
 VERIFY_MIN_SAMPLES = 16
+VERIFY_MAX_BYTES = 8 << 20  # uncompressed: a recogniser's 6625-class outputs are 1 MB a line
 # A device may differ from the build machine by twice the error the candidate showed there (other
 # kernels, other summation order), and never be held to less than these (relative to the output range).
 ERROR_FACTOR = 2.0
@@ -62,10 +63,14 @@ def allowed_error(precision: str, error_here: float | None) -> float:
 # -- verify.npz -------------------------------------------------------------------------------------
 
 def verify_feeds(feeds: list, reference: list, labels: list | None) -> tuple[list, list, list | None]:
-    """The first evaluation feeds, until VERIFY_MIN_SAMPLES samples or VERIFY_MAX_FEEDS feeds."""
-    kept, samples = 0, 0
+    """The first evaluation feeds, until VERIFY_MIN_SAMPLES samples, VERIFY_MAX_FEEDS feeds or
+    VERIFY_MAX_BYTES of inputs and outputs (one feed at least)."""
+    kept, samples, size = 0, 0, 0
     while kept < min(len(feeds), VERIFY_MAX_FEEDS) and samples < VERIFY_MIN_SAMPLES:
         first = next(iter(feeds[kept].values()))
+        size += sum(np.asarray(a).nbytes for a in [*feeds[kept].values(), *reference[kept]])
+        if kept and size > VERIFY_MAX_BYTES:
+            break
         samples += int(first.shape[0]) if first.ndim else 1
         kept += 1
     return feeds[:kept], reference[:kept], (labels[:kept] if labels else None)

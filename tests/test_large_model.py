@@ -46,7 +46,9 @@ def test_compile_model_over_2gb(tmp_path):
         report = dlopt.compile(path, out=out, precision="fp32", runs=2, warmup=1, samples=2)
         assert report.chosen == "ort/fp32"
         assert sorted(p.name for p in out.iterdir()) == [
-            "manifest.json", "model.onnx", "model.onnx.data", "report.html", "report.json", "report.md", "session_options.json"]
+            "README.md", "manifest.json", "model.onnx", "model.onnx.data", "report.html", "report.json", "report.md",
+            "run_candidates.py", "session_options.json", "verify.npz"]
+        assert (out / "verify.npz").stat().st_size < 1 << 20  # feeds and outputs, never the 2 GB of weights
         assert (out / "model.onnx.data").stat().st_size == ROWS * COLS * 4
         optimised = onnx.load(out / "model.onnx", load_external_data=False)
         assert [n.op_type for n in optimised.graph.node] == ["Gather"]  # Identity removed
