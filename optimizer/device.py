@@ -105,8 +105,9 @@ def _emulation_plan(out: Path, entry: dict):
     from dlopt.emulation import aarch64_python
 
     arch = str((settings.get("host") or {}).get("mtriple") or "").split("-", 1)[0]
-    if arch != "aarch64" or _machine() == "aarch64":
-        return None
+    kind = (settings.get("target") or {}).get("kind") if isinstance(settings.get("target"), dict) else None
+    if arch != "aarch64" or _machine() == "aarch64" or kind not in (None, "llvm"):
+        return None  # a CUDA library (Jetson) needs the GPU, not an emulated CPU
     python = aarch64_python()
     if isinstance(python, str):
         return Skipped(f"an aarch64 TVM library and no emulation here: {python}")

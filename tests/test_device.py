@@ -169,3 +169,19 @@ def test_rpi5_tvm_library_is_verified_and_timed_under_emulation(rpi5, tmp_path):
     assert all(r["ran_as"] == "native" and r["verified"] for k, r in rows.items() if k.startswith("ort/"))
     assert report["fastest_verified"].startswith("ort/")  # emulated timings never compete
     assert "emulated, not a device figure" in (out / "report.md").read_text()
+
+
+def test_jetson_bundle_verifies_its_ort_candidates_and_skips_what_needs_the_board(tmp_path):
+    model = models.save(MODEL, tmp_path / "m.onnx")
+    out = tmp_path / "jet"
+    done = dlopt("compile", model, "--target", "jetson-orin", "-o", out, "-q", "--runs", "20")
+    assert done.returncode == 0, done.stderr
+    assert "--minShapes=x:1x3x16x16 --optShapes=x:1x3x16x16 --maxShapes=x:8x3x16x16" in (
+        out / "build_engine.sh").read_text()
+    done = dlopt("verify", out, "--json", "-q")
+    assert done.returncode == 0, done.stderr
+    rows = {r["key"]: r for r in json.loads(done.stdout)["candidates"]}
+    assert all(r["verified"] for k, r in rows.items() if k.startswith("ort/"))
+    # the CUDA library and the engine-build bundles need the board: skipped, never emulated or failed
+    assert rows["tvm/fp32"]["verified"] is None and rows["tvm/fp32"]["ran_as"] is None
+    assert all(r["verified"] is None for k, r in rows.items() if k.startswith("tensorrt/"))
