@@ -313,7 +313,8 @@ def fastest(rows: list[dict], current: str | None = None):
         return best["key"], (f"{best['key']} at {best['latency']['p50_ms']:.3f} ms is significantly faster than "
                              f"{current} at {now['latency']['p50_ms']:.3f} ms (95% intervals of the median apart)")
     return current, (f"{current} kept: {best['key']} ({best['latency']['p50_ms']:.3f} ms) is not significantly faster "
-                     f"than it ({now['latency']['p50_ms']:.3f} ms)")
+                     f"than it ({now['latency']['p50_ms']:.3f} ms): 95% intervals overlap, fewer than 20 runs, or "
+                     f"a gain under 5 us")
 
 
 class _TimingView:
