@@ -1,0 +1,172 @@
+"""A TVM RPC tracker and servers on loopback for tests: real TVM processes on free ports, always stopped.
+
+``rpc_tracker(folder)`` and ``rpc_server(tracker, key, folder, emulated=...)`` are context
+managers; the fixtures ``rpc_tracker_device`` (module scope) and ``local_rpc_server`` /
+``qemu_rpc_server`` build on them and give the ``RemoteDevice`` to use.  Each process
+runs in its own process group with TMPDIR in the test's folder, and the whole group is
+ended on exit (also when the test fails), so nothing is left running or lying in /tmp.
+
+The x86 server is TVM's own ``python -m tvm.exec.rpc_server``.  Under qemu-aarch64 a
+launcher runs the same server loop in-process: ``tvm.exec.rpc_server`` starts its worker
+by executing ``sys.executable``, which qemu-user cannot do without binfmt_misc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dlopt.emulation import aarch64_python, qemu_cpu_models
+from dlopt.errors import TargetUnavailable
+from dlopt.profiles import resolve_target
+from dlopt.targets.tvm_rpc import RemoteDevice, servers
+
+HOST = "127.0.0.1"
+LOCAL_KEY, QEMU_KEY = "local", "qemu-aarch64"
+
+# Runs under the emulated aarch64 Python: TVM's RPC server loop (PopenRPCServerState) in this process.
+QEMU_LAUNCHER = """\
+import sys
+from tvm.rpc import server
+host, port, tracker, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+tracker_host, tracker_port = tracker.rsplit(":", 1)
+state = server.PopenRPCServerState(host, port, port + 100, tracker_addr=(tracker_host, int(tracker_port)), key=key)
+state.thread.join()
+"""
+
+
+@dataclass(frozen=True)
+class Started:
+    """A server registered with the tracker: the device to ask for, and how long it took to start."""
+
+    device: RemoteDevice
+    startup_s: float
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _process(command: list[str], log: Path, env: dict[str, str] | None = None):
+    """Popen in a new process group, output to ``log``; the group is terminated, then killed, on exit."""
+    folder = log.parent / f"{log.stem}-tmp"
+    folder.mkdir(exist_ok=True)
+    env = {**(env if env is not None else os.environ), "TMPDIR": str(folder)}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)  # the group we created: the server's workers and sessions too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace").strip()[-1500:] if log.exists() else "(no output)"
+
+
+@contextlib.contextmanager
+def rpc_tracker(folder: Path, *, timeout: float = 60.0):
+    """``python -m tvm.exec.rpc_tracker`` on a free loopback port; yields ``HOST:PORT``."""
+    for attempt in range(3):  # another process may take the probed port before the tracker binds it
+        port = free_port()
+        log = folder / f"tracker-{port}.log"
+        with _process([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(port),
+                       "--port-end", str(port + 1)], log) as proc:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    servers(RemoteDevice(HOST, port, "probe"), timeout=2)
+                except TargetUnavailable:
+                    time.sleep(0.1)
+                    continue
+                yield f"{HOST}:{port}"
+                return
+            if proc.poll() is None:
+                raise RuntimeError(f"the RPC tracker did not answer within {timeout:g} s: {_tail(log)}")
+        if attempt == 2:
+            raise RuntimeError(f"the RPC tracker did not start: {_tail(log)}")
+
+
+@contextlib.contextmanager
+def rpc_server(tracker: str, key: str, folder: Path, *, emulated: bool = False, cpu: str | None = None,
+               timeout: float = 120.0):
+    """An RPC server registered with ``tracker`` under ``key``; yields ``Started`` once it is free.
+
+    ``emulated``: the aarch64 server under qemu-aarch64 (``dlopt.emulation``), emulating
+    ``cpu`` (qemu's model name; default ``max``, every extension); skips the test with the
+    reason when that environment is missing.
+    """
+    port = free_port()
+    log = folder / f"server-{key}-{port}.log"
+    started = time.perf_counter()
+    if emulated:
+        python = aarch64_python()
+        if isinstance(python, str):
+            pytest.skip(python)
+        launcher = folder / "qemu_rpc_server.py"
+        launcher.write_text(QEMU_LAUNCHER)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | python.env
+        if cpu is not None:
+            env["QEMU_CPU"] = cpu
+        command = [*python.command, str(launcher), HOST, str(port), tracker, key]
+    else:
+        env = None
+        command = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", key,
+                   "--host", HOST, "--port", str(port), "--port-end", str(port + 100)]
+    device = RemoteDevice.parse(tracker, key)
+    with _process(command, log, env) as proc:
+        deadline = time.monotonic() + timeout
+        while servers(device, timeout=10).get(key, (0, 0))[1] < 1:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the {key} RPC server exited with {proc.returncode}: {_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {key} RPC server did not register within {timeout:g} s: {_tail(log)}")
+            time.sleep(0.2)
+        yield Started(device, time.perf_counter() - started, log)
+
+
+@pytest.fixture(scope="module")
+def rpc_tracker_address(tmp_path_factory):
+    """``HOST:PORT`` of a tracker shared by the module's tests."""
+    with rpc_tracker(tmp_path_factory.mktemp("rpc-tracker")) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def local_rpc_server(rpc_tracker_address, tmp_path_factory):
+    """An x86 server (this machine's TVM) under key ``local``."""
+    with rpc_server(rpc_tracker_address, LOCAL_KEY, tmp_path_factory.mktemp("rpc-local")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def qemu_rpc_server(rpc_tracker_address, tmp_path_factory):
+    """An aarch64 server under qemu-aarch64 (the arm64 environment's TVM runtime) under key ``qemu-aarch64``,
+    emulating the rpi5 profile's Cortex-A76 where qemu knows it."""
+    cpu = resolve_target("rpi5").mcpu
+    cpu = cpu if cpu in qemu_cpu_models() else None
+    with rpc_server(rpc_tracker_address, QEMU_KEY, tmp_path_factory.mktemp("rpc-qemu"), emulated=True,
+                    cpu=cpu) as started:
+        yield started
