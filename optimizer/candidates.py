@@ -185,6 +185,9 @@ def build(
         return Built(Candidate(backend_name, precision, Status.FAILED, reason=str(exc)))
     base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in before + result.records],
                      artifact_files=list(artifact.files), quantiser=_quantiser_label(who))
+    remote = ev.config.remote if not artifact.loadable_here and artifact.check_onnx is None else None
+    if remote is not None and limit is None:
+        return _on_remote(ev, backend, artifact, base, remote, result.model)
     if not artifact.loadable_here and artifact.check_onnx is None:
         return Built(replace(base, measurement=Measurement(None, artifact.size_bytes()),
                              reason=f"built for {ev.profile.name}; cannot run on this machine, not verified here; "
@@ -220,6 +223,29 @@ def build(
     cand = replace(cand, score=score, status=status, reason=reason or cand.reason)
     timed = ev.profile.runs_here() and artifact.loadable_here and status is Status.OK
     return Built(cand, artifact, outputs, result.model, factory if timed else None)
+
+
+def _on_remote(ev: Evaluation, backend, artifact, base: Candidate, remote, model) -> Built:
+    """Verify and time a candidate on the device behind an RPC tracker (TVM libraries only).
+
+    Its latency is the device's own (measured there by TVM's time evaluator, no network in
+    it) and is never set against the original's, which ran on this machine.
+    """
+    try:
+        with LocalRunner(base.key, lambda: backend.load_remote(artifact, remote)) as runner:
+            outputs = ev.outputs(runner, f"{base.key} on {remote.key}", None)
+            timing = runner.session.time(ev.timing_feed, runs=ev.config.runs, warmup=ev.config.warmup)
+    except Exception as exc:  # dlopt's one-line errors and the remote runtime's own alike
+        return Built(replace(base, status=Status.FAILED, reason=f"could not run on {remote}: {first_line(exc)}"))
+    fidelity = compare(ev.reference, outputs).to_dict()
+    latency = {**timing.to_dict(), "measured_on": str(remote), "device_key": remote.key}
+    measurement = Measurement(latency, artifact.size_bytes(), ev.accuracy(outputs))
+    score = ev.scorer.score(outputs).to_dict()
+    status, reason = judge(base.precision, fidelity, score, ev.config.max_accuracy_drop)
+    where = f"verified and timed on {remote} (device-side timing, {timing.runs} runs)"
+    cand = replace(base, fidelity=fidelity, measurement=measurement, score=score, status=status,
+                   reason=reason or where)
+    return Built(cand, artifact, outputs, model)
 
 
 def _quantiser_label(who: str | None) -> str | None:

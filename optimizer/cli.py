@@ -184,12 +184,16 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
               "builds from $DLOPT_CACHE (default ~/.cache/dlopt).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
               help="If another compile is writing the same output folder, wait this long for it.")
+@click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
+              help="A TVM RPC tracker: TVM candidates for a target that is not this machine are verified and timed "
+                   "on a device registered there under --rpc-key.")
+@click.option("--rpc-key", default=None, metavar="KEY", help="The key the target device's RPC servers registered with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, metric, runs,
             warmup, threads,
-            then_gate, no_cache, wait, as_json, quiet):
+            then_gate, no_cache, wait, rpc_tracker, rpc_key, as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -203,6 +207,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
     Examples:
       dlopt compile resnet.onnx --target cpu -o build/resnet-cpu
       dlopt compile cnn.onnx --precision int8 --calib calib.npz --eval test.npz --max-accuracy-drop 0.5
+      dlopt compile cnn.onnx --target rpi5 --rpc-tracker farm:9190 --rpc-key rpi5
     """
     import dlopt
     from dlopt.errors import AccuracyBudgetExceeded
@@ -223,6 +228,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
             shapes=dict(parse_shape(text) for text in shapes) or None, metric=metric,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
             search_time=search_time, wait=wait, cache=not no_cache, progress=TerminalProgress(not (quiet or as_json)),
+            rpc_tracker=rpc_tracker, rpc_key=rpc_key,
         )
     except AccuracyBudgetExceeded as exc:  # the closest model was written: show its report, then fail
         _print_report(exc.report, as_json=as_json)

@@ -36,6 +36,9 @@ class CompileConfig:
     metric: ``f(first_outputs, labels_or_None) -> float in [0, 1]``, higher is better.
     search_time: seconds the mixed-precision search may take; the best model found by
         then is kept.
+    rpc_tracker, rpc_key: a TVM RPC tracker ("HOST:PORT") and the key of the device's
+        servers: TVM candidates for a target that is not this machine are verified and
+        timed on that device.
     """
 
     model: Any
@@ -59,6 +62,8 @@ class CompileConfig:
     targets_file: Path | None = None  # TOML with [targets.NAME] tables [default: ./dlopt.toml]
     batch: int | None = None  # timing batch for a symbolic first dim [1]
     shapes: Mapping[str, tuple[int, ...]] | None = None  # declared timing shapes by input name
+    rpc_tracker: str | None = None  # HOST:PORT of a TVM RPC tracker
+    rpc_key: str | None = None  # the key its servers for the target device registered with
     # top1 | cosine | rel-error | "module:function" | f(first_outputs, labels) -> float; None: by the outputs
     metric: str | Callable | None = field(default=None, compare=False)
     # a function f(stage, done, total), True for the terminal progress bars, or None
@@ -83,12 +88,25 @@ class CompileConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a finite number, 0 or more, got {value}")
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise ConfigError("--rpc-tracker and --rpc-key go together: the tracker and the key of the device's servers")
+        if self.rpc_tracker is not None:
+            self.remote  # noqa: B018 - parse now: a bad HOST:PORT or key is a one-line error before any work
         if self.progress is True:  # the API's shorthand for the CLI's terminal progress
             from dlopt.progress import TerminalProgress
 
             object.__setattr__(self, "progress", TerminalProgress())
         elif self.progress is False:
             object.__setattr__(self, "progress", None)
+
+    @property
+    def remote(self):
+        """The RemoteDevice of ``rpc_tracker``/``rpc_key``, or None."""
+        if self.rpc_tracker is None:
+            return None
+        from dlopt.targets.tvm_rpc import RemoteDevice
+
+        return RemoteDevice.parse(self.rpc_tracker, self.rpc_key)
 
     @property
     def random_samples(self) -> int:
@@ -141,6 +159,8 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "cache": ((bool,), "True or False"),
     "wait": ((numbers.Real,), "a number of seconds"),
     "targets_file": ((str, os.PathLike, type(None)), "a file path"),
+    "rpc_tracker": ((str, type(None)), "HOST:PORT"),
+    "rpc_key": ((str, type(None)), "a device key"),
 }
 
 

@@ -35,9 +35,12 @@ EMULATED_TIMEOUT_S = 600
 
 
 def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threads: int | None = None,
-                 runs: int = 100, warmup: int = 10, emulate: bool = True,
+                 runs: int = 100, warmup: int = 10, remote=None,
                  log: Callable[[str], None] | None = None) -> dict:
-    """Verify (and with ``bench``, time) the candidates of ``out``; write and return the device report."""
+    """Verify (and with ``bench``, time) the candidates of ``out``; write and return the device report.
+
+    ``remote`` (a dlopt.targets.tvm_rpc.RemoteDevice): TVM libraries run on that device
+    through its RPC tracker, timed there, instead of here or under emulation."""
     out = resolve_output(Path(out))
     manifest = read_manifest(out)
     if manifest is None or "dlopt_version" not in manifest:
@@ -51,14 +54,26 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     if unknown:
         raise ConfigError(f"{out} has no candidate {unknown[0]}; it has {', '.join(data.candidates)}")
     host = host_info()  # before any runtime narrows this thread's CPUs
+    if remote is not None:
+        from dlopt.targets.tvm_rpc import require
+
+        require(remote)
     wanted = [k for k in data.candidates if not keys or k in keys]
-    emulated = {k: _emulation_plan(out, data.candidates[k]) for k in wanted}
+    on_remote = {k for k in wanted if remote is not None and data.candidates[k].get("backend") == "tvm"}
+    emulated = {k: _emulation_plan(out, data.candidates[k]) for k in wanted if k not in on_remote}
     emulated = {k: v for k, v in emulated.items() if v is not None}
     opened = []
 
     def opener(key, entry):
         from dlopt.runner import load
 
+        if key in on_remote:
+            from dlopt.targets import get_backend, read_artifact
+
+            artifact, _ = read_artifact(out / entry["dir"])
+            session = get_backend("tvm").load_remote(artifact, remote, threads=threads)
+            opened.append(session)
+            return session.run, f"rpc {remote.key}", session.time
         try:
             runner = load(out / entry["dir"], threads=threads)
         except TargetUnavailable as exc:

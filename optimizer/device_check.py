@@ -260,17 +260,20 @@ def run_candidates(data: VerifyData, opener, *, keys: list[str] | None = None, b
                    log=None) -> list[dict]:
     """Verify (and with ``bench``, time interleaved) every candidate ``opener(key, entry)`` can open.
 
-    ``opener`` returns ``(run, ran_as)`` or raises Skipped; rows come back in the order of
-    ``data.candidates``.  Only verified candidates are timed, all in one interleaved run.
+    ``opener`` returns ``(run, ran_as)``, or ``(run, ran_as, timer)`` for a candidate timed
+    on its own device (``timer(feed, runs, warmup) -> Timing``, e.g. over TVM's RPC), or
+    raises Skipped; rows come back in the order of ``data.candidates``.  Only verified
+    candidates are timed; the local ones all in one interleaved run.
     """
-    rows, runners = [], {}
+    rows, runners, timers = [], {}, {}
     for key, entry in data.candidates.items():
         if keys and key not in keys:
             continue
         row = {"key": key, "dir": entry.get("dir"), "backend": entry.get("backend"),
                "precision": entry.get("precision"), "ran_as": None, "verified": None, "latency": None}
         try:
-            run, row["ran_as"] = opener(key, entry)
+            opened = opener(key, entry)
+            run, row["ran_as"] = opened[:2]
             started = time.perf_counter()
             outputs = [[np.asarray(o) for o in run(feed)] for feed in data.feeds]
             row["verify_seconds"] = round(time.perf_counter() - started, 3)
@@ -281,12 +284,20 @@ def run_candidates(data: VerifyData, opener, *, keys: list[str] | None = None, b
             row.update(verified=False, reason=f"failed to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                        if str(exc) else f"failed to run: {type(exc).__name__}")
         else:
-            if row["verified"]:
+            if row["verified"] and len(opened) > 2:
+                timers[key] = opened[2]
+            elif row["verified"]:
                 runners[key] = run
         if log:
             log(f"{key}: " + ("verified" if row["verified"] else "NOT verified" if row["verified"] is False
                               else "skipped") + (f" ({row['reason']})" if row.get("reason") else ""))
         rows.append(row)
+    if bench and timers:
+        feed = timing_feed(data, shapes)
+        for row in rows:
+            if row["key"] in timers:
+                row["latency"] = timers[row["key"]](feed, runs, warmup).to_dict()
+                row["timing_shape"] = {k: list(v.shape) for k, v in feed.items()}
     if bench and runners:
         feed = timing_feed(data, shapes)
         if log:

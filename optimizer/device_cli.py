@@ -86,10 +86,13 @@ def verify(out, keys, threads, as_json, quiet):
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
               help="Timed runs per candidate, interleaved in rounds.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
+              help="Run and time the TVM libraries on a device behind this TVM RPC tracker (with --rpc-key).")
+@click.option("--rpc-key", default=None, metavar="KEY", help="The key the device's RPC servers registered with.")
 @click.option("--select", "select_fastest", is_flag=True,
               help="Move the fastest verified candidate to the top level of OUT when it is significantly faster "
                    "than the one there (the old one goes to bundle/).")
-def bench(out, keys, threads, as_json, quiet, runs, warmup, select_fastest):
+def bench(out, keys, threads, as_json, quiet, runs, warmup, rpc_tracker, rpc_key, select_fastest):
     """Verify, then time every verified candidate of OUT on this machine.
 
     The candidates that run here natively are timed in one interleaved run at the
@@ -102,11 +105,20 @@ def bench(out, keys, threads, as_json, quiet, runs, warmup, select_fastest):
     Examples:
       dlopt bench build/rpi5
       dlopt bench build/rpi5 --select --runs 200
+      dlopt bench build/rpi5 --rpc-tracker farm:9190 --rpc-key rpi5
     """
     from dlopt.device import check_output, select
+    from dlopt.errors import ConfigError
 
+    remote = None
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise ConfigError("--rpc-tracker and --rpc-key go together: the tracker and the key of the device's servers")
+    if rpc_tracker is not None:
+        from dlopt.targets.tvm_rpc import RemoteDevice
+
+        remote = RemoteDevice.parse(rpc_tracker, rpc_key)
     report = check_output(out, bench=True, keys=list(keys) or None, threads=threads, runs=runs, warmup=warmup,
-                          log=_log(quiet or as_json))
+                          remote=remote, log=_log(quiet or as_json))
     _print(report, as_json)
     code = _exit_code(report)
     best = report.get("fastest_verified")

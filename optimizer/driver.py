@@ -29,7 +29,7 @@ from dlopt.artifacts import (check_output_dir, output_lock, parents_made, remove
                              staging_dir)
 from dlopt.candidates import Built, EvalData, Evaluation, build
 from dlopt.config import CompileConfig
-from dlopt.errors import AccuracyBudgetExceeded, CompileError, ModelError, first_line
+from dlopt.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError, first_line
 from dlopt.evaluate import InputSpec, input_specs
 from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
 from dlopt.inputs import RandomInputs
@@ -445,6 +445,13 @@ def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
 
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
     job = prepare(config)
+    if config.remote is not None:  # a wrong tracker or key fails now, not after the builds
+        from dlopt.targets.tvm_rpc import require
+
+        if "tvm" not in job.profile.backends or job.profile.runs_here():
+            raise ConfigError(f"--rpc-tracker times TVM candidates of a target that is not this machine; "
+                              f"{job.profile.name} has {'no TVM backend' if 'tvm' not in job.profile.backends else 'runs here'}")
+        require(config.remote)
     with parents_made(job.out), output_lock(job.out, wait=config.wait):
         inputs = tuple(Path(p) for p in (job.info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
         check_output_dir(job.out, inputs=inputs)  # again: the compile that held the lock may have written it

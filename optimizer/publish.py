@@ -49,6 +49,10 @@ def summary_line(report: Report) -> str:
         ci = f" (95% CI {interval[0]:.2f}-{interval[1]:.2f})" if interval else ""
         parts.append(f"{speed:.2f}x the original's speed{ci} at {timing.get('shape', '?')}, "
                      f"{timing.get('threads', '?')} threads, {timing.get('runs', '?')} interleaved runs")
+    elif chosen.measurement and (chosen.measurement.latency or {}).get("measured_on"):
+        lat = chosen.measurement.latency
+        parts.append(f"p50 {lat['p50_ms']:.3f} ms (95% CI {lat['ci_low_ms']:.3f}-{lat['ci_high_ms']:.3f}) at "
+                     f"{timing.get('shape', '?')}, measured on {lat['measured_on']} ({lat['runs']} runs)")
     else:
         parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
                      f"(run `dlopt bench` there)")

@@ -213,7 +213,7 @@ def device_rows(device: dict) -> list[list[Any]]:
         state = {True: "yes", False: "FAILED", None: "skipped"}.get(c.get("verified"), "?")
         timed = (f"{lat['p50_ms']:.3f} ({lat['ci_low_ms']:.3f}-{lat['ci_high_ms']:.3f})"
                  if {"p50_ms", "ci_low_ms", "ci_high_ms"} <= lat.keys() else "-")
-        if timed != "-" and c.get("ran_as") != "native":
+        if timed != "-" and "emulation" in str(c.get("ran_as")):
             timed += " emulated, not a device figure"
         rows.append([c.get("key"), c.get("ran_as") or "-", state,
                      "-" if err is None else f"{err:.2e} ({allowed:.1e})" if allowed else f"{err:.2e}",

@@ -102,3 +102,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, artifact: Artifact) -> Session:
         """Load an artefact built by ``compile`` for running on this machine."""
+
+    def load_remote(self, artifact: Artifact, device, *, threads: int | None = None) -> Session:
+        """A session running ``artifact`` on ``device`` (a dlopt.targets.tvm_rpc.RemoteDevice) through
+        TVM's RPC tracker, with ``time(feed, runs, warmup)`` measured on the device; TVM only."""
+        from dlopt.errors import TargetUnavailable
+
+        del artifact, device, threads
+        raise TargetUnavailable(f"{self.name} artefacts do not run through TVM's RPC; only TVM libraries do")

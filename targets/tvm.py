@@ -391,11 +391,17 @@ def load(artifact: Artifact) -> TvmSession:
     return TvmSession(artifact.entry_path, artifact.settings)
 
 
+def load_remote(artifact: Artifact, device, *, threads: int | None = None):
+    from dlopt.targets.tvm_rpc import remote_session
+
+    return remote_session(device, artifact.entry_path, artifact.settings, threads=threads)
+
+
 class TvmBackend(Backend):
     name, entry, settings_file = name, ENTRY, SETTINGS_FILE
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
-    compile, load = staticmethod(compile), staticmethod(load)
+    compile, load, load_remote = staticmethod(compile), staticmethod(load), staticmethod(load_remote)
 
 
 BACKEND = TvmBackend()

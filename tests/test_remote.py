@@ -1,0 +1,65 @@
+"""`dlopt compile --rpc-tracker` and `dlopt bench --rpc-tracker`: TVM candidates verified and timed on a
+device behind TVM's RPC tracker (here a qemu-aarch64 server on loopback, started by the fixture)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import models
+from cli import dlopt
+from rpc_servers import qemu_rpc_server, rpc_tracker_address  # noqa: F401 - fixtures
+
+MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")
+
+
+@pytest.fixture(scope="module")
+def remote_rpi5(qemu_rpc_server, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("remote")
+    model = models.save(MODEL, tmp / "m.onnx")
+    tracker = qemu_rpc_server.device.tracker
+    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp / "out", "-q", "--runs", "20", "--precision", "fp32",
+                 "--rpc-tracker", tracker, "--rpc-key", "qemu-aarch64", "--json", timeout=600)
+    assert done.returncode == 0, done.stderr
+    return tmp / "out", json.loads(done.stdout), tracker
+
+
+def test_compile_times_the_tvm_candidate_on_the_remote_device(remote_rpi5):
+    _, report, tracker = remote_rpi5
+    tvm = next(c for c in report["candidates"] if c["backend"] == "tvm")
+    latency = tvm["measurement"]["latency"]
+    assert tvm["status"] == "ok" and tvm["fidelity"]["max_rel_error"] < 1e-4
+    assert latency["device_key"] == "qemu-aarch64" and tracker in latency["measured_on"]
+    assert latency["runs"] == 20 and 0 < latency["ci_low_ms"] <= latency["p50_ms"] <= latency["ci_high_ms"]
+    assert "verified and timed on qemu-aarch64" in tvm["reason"]
+    ort = next(c for c in report["candidates"] if c["backend"] == "ort")
+    assert ort["measurement"]["latency"] is None  # ORT is not run through TVM's RPC: still not measured there
+
+
+def test_bench_runs_the_tvm_library_through_the_tracker(remote_rpi5, tmp_path):
+    out, _, tracker = remote_rpi5
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    done = dlopt("bench", copy, "--runs", "20", "--json", "-q", "--candidate", "tvm/fp32",
+                 "--rpc-tracker", tracker, "--rpc-key", "qemu-aarch64", timeout=600)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["candidates"]
+    assert row["ran_as"] == "rpc qemu-aarch64" and row["verified"] is True and row["rel_error"] < 1e-4
+    assert row["latency"]["runs"] == 20 and row["latency"]["p50_ms"] > 0
+    assert "emulated, not a device figure" not in (copy / "report.md").read_text()
+
+
+def test_a_key_nobody_serves_fails_before_any_build(rpc_tracker_address, tmp_path):  # noqa: F811
+    model = models.save(MODEL, tmp_path / "m.onnx")
+    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "out", "--rpc-tracker", rpc_tracker_address,
+                 "--rpc-key", "no-such-board")
+    assert done.returncode == 2 and "no RPC server with key 'no-such-board'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_rpc_flags_go_together(tmp_path):
+    model = models.save(MODEL, tmp_path / "m.onnx")
+    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "out", "--rpc-key", "rpi5")
+    assert done.returncode == 2 and "--rpc-tracker and --rpc-key go together" in done.stderr
