@@ -183,8 +183,11 @@ def build(
         artifact = _compile_cached(ev, backend, result.model, workdir, precision)
     except DloptError as exc:
         return Built(Candidate(backend_name, precision, Status.FAILED, reason=str(exc)))
+    tuned = artifact.settings.get("tuning_db") if isinstance(artifact.settings, dict) else None
+    tuning = ({"database": tuned, "tuned_tasks": artifact.settings.get("tuned_tasks"),
+               "tasks": artifact.settings.get("tasks"), "summary": artifact.settings.get("tuning")} if tuned else None)
     base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in before + result.records],
-                     artifact_files=list(artifact.files), quantiser=_quantiser_label(who))
+                     artifact_files=list(artifact.files), quantiser=_quantiser_label(who), tuning=tuning)
     remote = ev.config.remote if not artifact.loadable_here and artifact.check_onnx is None else None
     if remote is not None and limit is None:
         return _on_remote(ev, backend, artifact, base, remote, result.model)
@@ -294,6 +297,7 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
     from dlopt.model_io import initializer_bytes
     from dlopt.targets import Artifact
 
+    options = backend.build_options(ev.config, model, ev.profile, ev.shapes)
     key = None
     if ev.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
         from dlopt.cache import code_fingerprint, make_key
@@ -301,12 +305,12 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
         version = backend.runtime_version()
         key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
                        precision, repr(ev.profile), str(ev.config.thread_count), __version__, code_fingerprint(),
-                       version, repr(sorted(ev.shapes.items())))
+                       version, repr(sorted(ev.shapes.items())), repr(sorted((k, str(v)) for k, v in options.items())))
         meta = ev.cache.get(key, workdir)
         if meta is not None:
             return Artifact(folder=workdir, **meta)
     artifact = backend.compile(model, ev.profile, workdir, precision=precision, threads=ev.config.thread_count,
-                               shapes=ev.shapes)
+                               shapes=ev.shapes, **{k: v for k, v in options.items() if not k.startswith("cache:")})
     if key is not None:
         meta = {k: v for k, v in dataclasses.asdict(artifact).items() if k != "folder"}
         ev.cache.put(key, workdir, artifact.files, meta)

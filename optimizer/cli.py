@@ -82,6 +82,7 @@ def main(verbose: int) -> None:
       dlopt gate out/ --max-accuracy-drop 0.5
       dlopt run out/ --input data.npz --output preds.npz
       dlopt verify out/ && dlopt bench out/ --select
+      dlopt tune model.onnx --target cpu --trials 300 --time-budget 30m
       dlopt targets
       dlopt demo
     """
@@ -184,6 +185,10 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
               "builds from $DLOPT_CACHE (default ~/.cache/dlopt).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
               help="If another compile is writing the same output folder, wait this long for it.")
+@click.option("--tuning-db", default=None, metavar="DIR",
+              help="Root of TVM tuning databases (`dlopt tune`) [default: $DLOPT_TUNING_DB or ~/.cache/dlopt/tuning]; "
+                   "the one for this model and target is applied when it exists.")
+@click.option("--no-tuning", is_flag=True, help="Build TVM candidates untuned even where a tuning database exists.")
 @click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
               help="A TVM RPC tracker: TVM candidates for a target that is not this machine are verified and timed "
                    "on a device registered there under --rpc-key.")
@@ -193,7 +198,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, metric, runs,
             warmup, threads,
-            then_gate, no_cache, wait, rpc_tracker, rpc_key, as_json, quiet):
+            then_gate, no_cache, wait, tuning_db, no_tuning, rpc_tracker, rpc_key, as_json, quiet):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -228,7 +233,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
             shapes=dict(parse_shape(text) for text in shapes) or None, metric=metric,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
             search_time=search_time, wait=wait, cache=not no_cache, progress=TerminalProgress(not (quiet or as_json)),
-            rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+            rpc_tracker=rpc_tracker, rpc_key=rpc_key, tuning_db=False if no_tuning else tuning_db,
         )
     except AccuracyBudgetExceeded as exc:  # the closest model was written: show its report, then fail
         _print_report(exc.report, as_json=as_json)
@@ -414,3 +419,7 @@ from dlopt.device_cli import bench, verify  # noqa: E402 - imports only click
 
 main.add_command(verify)
 main.add_command(bench)
+
+from dlopt.tune_cli import tune  # noqa: E402 - imports only click
+
+main.add_command(tune)

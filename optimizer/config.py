@@ -64,6 +64,8 @@ class CompileConfig:
     shapes: Mapping[str, tuple[int, ...]] | None = None  # declared timing shapes by input name
     rpc_tracker: str | None = None  # HOST:PORT of a TVM RPC tracker
     rpc_key: str | None = None  # the key its servers for the target device registered with
+    # TVM tuning databases: a folder [default: $DLOPT_TUNING_DB or ~/.cache/dlopt/tuning], or False for none
+    tuning_db: str | os.PathLike | bool | None = None
     # top1 | cosine | rel-error | "module:function" | f(first_outputs, labels) -> float; None: by the outputs
     metric: str | Callable | None = field(default=None, compare=False)
     # a function f(stage, done, total), True for the terminal progress bars, or None
@@ -161,6 +163,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "targets_file": ((str, os.PathLike, type(None)), "a file path"),
     "rpc_tracker": ((str, type(None)), "HOST:PORT"),
     "rpc_key": ((str, type(None)), "a device key"),
+    "tuning_db": ((str, os.PathLike, bool, type(None)), "a folder, False or None"),
 }
 
 

@@ -103,6 +103,12 @@ class Backend(abc.ABC):
     def load(self, artifact: Artifact) -> Session:
         """Load an artefact built by ``compile`` for running on this machine."""
 
+    def build_options(self, config, model, profile, shapes) -> dict:
+        """Extra keyword arguments for ``compile`` from the compile's config (TVM: its tuning
+        database); keys starting ``cache:`` only enter the artefact cache key."""
+        del config, model, profile, shapes
+        return {}
+
     def load_remote(self, artifact: Artifact, device, *, threads: int | None = None) -> Session:
         """A session running ``artifact`` on ``device`` (a dlopt.targets.tvm_rpc.RemoteDevice) through
         TVM's RPC tracker, with ``time(feed, runs, warmup)`` measured on the device; TVM only."""

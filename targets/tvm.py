@@ -106,21 +106,6 @@ def runtime_version() -> str:
     return f"tvm {tvm.__version__}, apache-tvm-ffi {metadata.version('apache-tvm-ffi')}"
 
 
-def _host_target(profile) -> dict:
-    """The LLVM target of the CPU that runs the library (the GPU's host on GPU profiles)."""
-    from tvm.target import codegen
-
-    spec: dict = {"kind": "llvm", "mtriple": profile.triple}
-    mcpu = profile.mcpu
-    if mcpu == "native" or (mcpu is None and profile.device == "cpu" and profile.arch == host_arch()):
-        mcpu = codegen.llvm_get_system_cpu()
-    if mcpu:
-        spec["mcpu"] = mcpu
-    if profile.arch == "aarch64":
-        spec["mattr"] = ["+neon"]
-    return spec
-
-
 def _linker(profile):
     """(fcompile for export_library, its name); TargetUnavailable when the cross compiler is missing."""
     from tvm.support import cc
@@ -135,7 +120,7 @@ def _linker(profile):
     return cc.cross_compiler(compiler), compiler
 
 
-def _input_specs(model, shapes: dict | None = None) -> list[dict]:
+def input_specs(model, shapes: dict | None = None) -> list[dict]:
     """Static shapes for the build: a symbolic first dim is a batch the session serves sample by
     sample (built as 1); other symbolic dims (a sequence length) take the declared timing shape's
     size, else 1."""
@@ -150,7 +135,7 @@ def _input_specs(model, shapes: dict | None = None) -> list[dict]:
             for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
-def _relax_module(model, inputs: list[dict]):
+def relax_module(model, inputs: list[dict]):
     from onnx_ir.passes.common import InlinePass, LiftConstantsToInitializersPass
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -174,12 +159,15 @@ def _cuda_kept_as_source():
     return _environ(TVM_COMPILE_FORCE_FALLBACK="1")
 
 
-def _build(model, profile, library: Path, inputs: list[dict]) -> dict:
-    """Build ``library`` for ``profile``; returns what the build record says about it."""
+def _build(model, profile, library: Path, inputs: list[dict], threads: int, db=None) -> dict:
+    """Build ``library`` for ``profile`` (with the tuned schedules of ``db``, a TuningDatabase);
+    returns what the build record says about it."""
     import tvm
     from tvm import relax
 
-    host = _host_target(profile)
+    from dlopt.targets.tvm_tuning import tuning_target
+
+    host = tuning_target(profile, threads)  # the target a tuning database is keyed by
     fcompile, linker = _linker(profile)
     gpu = profile.device == "gpu"
     target = (tvm.target.Target({"kind": "cuda", "arch": profile.cuda_arch}, host=host) if gpu
@@ -187,10 +175,19 @@ def _build(model, profile, library: Path, inputs: list[dict]) -> dict:
     facts = {"target": json.loads(str(target)), "host": host, "linker": linker,
              "form": _FORMS.get(profile.arch, f"{profile.arch} shared library"),
              "device_needs": "the TVM runtime (apache-tvm) for this CPU"}
-    mod = _relax_module(model, inputs)
+    mod = relax_module(model, inputs)
+    pipeline = relax.get_default_pipeline(target)
+    facts["tuning"] = "untuned (default Relax pipeline, no tuning database)"
+    if db is not None and not gpu and db.meta() is not None:
+        from dlopt.targets import tvm_tuning
+
+        mod, tuned, tasks = tvm_tuning.apply_database(mod, host, db)
+        pipeline = tvm_tuning.lowering_pipeline(target)
+        facts.update(tuning=f"{tuned} of {tasks} tasks tuned from {db.path} ({db.record_count()} trials)",
+                     tuning_db=str(db.path), tuned_tasks=tuned, tasks=tasks)
     options = {"fcompile": fcompile} if fcompile else {}
     with target, _cuda_kept_as_source():  # nvcc takes the arch from the current target
-        executable = relax.build(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+        executable = relax.build(mod, target=target, relax_pipeline=pipeline)
         if gpu:
             facts.update(_embed_kernels(executable, profile, options))
         executable.mod.export_library(str(library), **options)
@@ -289,25 +286,29 @@ def _packer(source: bytes, fatbin: bytes):
     return pack
 
 
-def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:  # noqa: A001
+def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None,  # noqa: A001
+            tuning_root: Path | None = None) -> Artifact:
+    """``tuning_root``: where tuning databases live; the one for this model and target, when it
+    exists, schedules the kernels it holds records for (the build record says how many)."""
     import tvm
 
     if precision not in precisions(profile):
         raise CompileError(f"TVM builds {', '.join(precisions(profile)) or 'nothing'} for {profile.name}, "
                            f"not {precision}")
     workdir.mkdir(parents=True, exist_ok=True)
-    inputs = _input_specs(model, shapes)
+    inputs = input_specs(model, shapes)
+    db = tuning_database(model, profile, threads, shapes, tuning_root) if tuning_root is not None else None
+    threads_asked = threads
     threads, threads_from = profile.threads_for(threads)  # the board's cores, not this host's
     try:
         with native_output_logged(f"building for {profile.name}"):
-            facts = _build(model, profile, workdir / LIBRARY, inputs)
+            facts = _build(model, profile, workdir / LIBRARY, inputs, threads_asked, db)
     except DloptError:
         raise
     except Exception as exc:  # TVM raises its own errors and plain Python ones alike
         raise CompileError(f"TVM could not build {profile.name}: {first_line(exc)}") from exc
     settings = {**facts, "tvm_version": tvm.__version__, "inputs": inputs,
-                "outputs": [v.name for v in model.graph.outputs], "threads": threads, "threads_from": threads_from,
-                "tuning": "untuned (default Relax pipeline, no tuning database)"}
+                "outputs": [v.name for v in model.graph.outputs], "threads": threads, "threads_from": threads_from}
     (workdir / BUILD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return Artifact(backend=name, precision=precision, folder=workdir, files=[LIBRARY, BUILD_FILE],
                     entry=LIBRARY, loadable_here=profile.device == "cpu" and profile.runs_here(),
@@ -391,6 +392,30 @@ def load(artifact: Artifact) -> TvmSession:
     return TvmSession(artifact.entry_path, artifact.settings)
 
 
+def tuning_database(model, profile, threads: int, shapes, root: Path):
+    """The TuningDatabase for this model (as the backend receives it) and ``profile``'s target."""
+    from dlopt.targets.tvm_tuning import TuningDatabase, model_digest, tuning_target
+
+    return TuningDatabase(Path(root), model_digest(model, shapes), tuning_target(profile, threads))
+
+
+def build_options(config, model, profile, shapes) -> dict:
+    """What compile() takes besides the model: the tuning root, and (for the artefact cache key
+    only, never passed on) the state of the matching database, so tuning more rebuilds."""
+    from dlopt.targets.tvm_tuning import default_root
+
+    if config.tuning_db is False or profile.device != "cpu":
+        return {}
+    root = Path(config.tuning_db) if isinstance(config.tuning_db, (str, os.PathLike)) else default_root()
+    try:
+        db = tuning_database(model, profile, config.thread_count, shapes, root)
+        state = f"{db.path}:{db.record_count()}" if db.meta() is not None else "none"
+    except DloptError as exc:  # an unusable database folder: built untuned, and said why
+        logger.warning("tuning database not used: %s", exc)
+        return {}
+    return {"tuning_root": root, "cache:tuning": state}
+
+
 def load_remote(artifact: Artifact, device, *, threads: int | None = None):
     from dlopt.targets.tvm_rpc import remote_session
 
@@ -402,6 +427,7 @@ class TvmBackend(Backend):
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     compile, load, load_remote = staticmethod(compile), staticmethod(load), staticmethod(load_remote)
+    build_options = staticmethod(build_options)
 
 
 BACKEND = TvmBackend()

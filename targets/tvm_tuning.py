@@ -114,10 +114,10 @@ def model_digest(model, shapes: dict | None = None) -> str:
     """sha256 of the model the TVM backend builds and of the static input shapes it builds for."""
     import onnx_ir as ir
 
-    from dlopt.targets.tvm import _input_specs
+    from dlopt.targets.tvm import input_specs
 
     digest = hashlib.sha256(ir.serde.serialize_model(model).SerializeToString(deterministic=True))
-    digest.update(json.dumps(_input_specs(model, shapes), sort_keys=True).encode())
+    digest.update(json.dumps(input_specs(model, shapes), sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -182,9 +182,11 @@ class TuningDatabase:
         or changing the folder: a tuning run may be appending to it meanwhile."""
         from tvm.s_tir import meta_schedule as ms
 
-        if self.meta() is None:
+        if not os.path.lexists(self.path):
             return None
         self._check_folders()
+        if self.meta() is None:
+            return None
         # Records first: every record's workload line was written before the record.
         records, workloads = (_read(self.path / n) for n in (RECORDS, WORKLOADS))
         records, workloads = (data[:data.rfind(b"\n") + 1] for data in (records, workloads))
@@ -222,6 +224,7 @@ class TuningDatabase:
     def _create(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for folder in (self.path.parent, self.path):
+            self._check_folders(upto=folder.parent)  # nothing is created in a folder others control
             with contextlib.suppress(FileExistsError):
                 folder.mkdir(mode=0o700)
         self._check_folders()
@@ -235,15 +238,17 @@ class TuningDatabase:
             raise ConfigError(f"{self.path} holds records for another model or target ({META} says "
                               f"{meta.get('target')}); move it away")
 
-    def _check_folders(self) -> None:
+    def _check_folders(self, upto: Path | None = None) -> None:
         for path, follow in ((self.root, True), (self.path.parent, False), (self.path, False)):
+            if upto is not None and len(path.parts) > len(upto.parts):
+                return
             try:
                 why = _distrust(os.stat(path) if follow else os.lstat(path))
             except OSError as exc:
                 why = exc.strerror or str(exc)
             if why:
                 raise ConfigError(f"refusing the tuning database folder {path}: {why}")
-        for name in (WORKLOADS, RECORDS, META, LOCK):
+        for name in () if upto else (WORKLOADS, RECORDS, META, LOCK):
             with contextlib.suppress(FileNotFoundError):
                 if not stat.S_ISREG(os.lstat(self.path / name).st_mode):
                     raise ConfigError(f"refusing {self.path / name}: not a plain file (a symlink?)")
@@ -319,11 +324,15 @@ class TuneResult:
 def _fused(mod, target):
     """The Relax module lowered to the fused TIR kernels that tuning and the build both see."""
     import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline  # what relax.get_default_pipeline runs for llvm
 
     with target:
-        return tvm.transform.Sequential(pipeline.library_dispatch_passes(target)
-                                        + pipeline.legalize_passes(target))(mod)
+        # Weights are constants: marking them layout-free lets MetaSchedule choose their layout,
+        # and apply_database folds that relayout into the constants at build time.
+        return tvm.transform.Sequential([*pipeline.library_dispatch_passes(target),
+                                         *pipeline.legalize_passes(target),
+                                         relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
 
 
 def lowering_pipeline(target):
@@ -358,7 +367,9 @@ def apply_database(mod, target: dict, db: TuningDatabase):
     tuned = sum(database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is not None
                 for t in tasks)
     with tvm_target, database:
-        applied = relax.transform.MetaScheduleApplyDatabase()(fused)
+        applied = tvm.transform.Sequential([relax.transform.MetaScheduleApplyDatabase(),
+                                            relax.transform.SplitLayoutRewritePreproc(),
+                                            relax.transform.FoldConstant()])(fused)
     return applied, tuned, len(tasks)
 
 
@@ -394,10 +405,10 @@ def tune(model, profile, *, trials: int, time_budget_s: float | None = None, db:
     started = time.monotonic()
     progress = progress or (lambda stage, done, total: None)
     tvm_target = tvm.target.Target(target)
-    with db.writing() as database, tempfile.TemporaryDirectory(prefix="dlopt-tune-") as work:
+    with db.writing() as database:
         try:
             progress("extracting tasks", 0, 0)
-            mod = backend._relax_module(model, backend._input_specs(model, shapes))
+            mod = backend.relax_module(model, backend.input_specs(model, shapes))
             tasks = ms.relax_integration.extract_tasks(_fused(mod, tvm_target), tvm_target,
                                                        module_equality="structural")
         except DloptError:
@@ -406,9 +417,11 @@ def tune(model, profile, *, trials: int, time_budget_s: float | None = None, db:
             raise CompileError(f"TVM could not extract tuning tasks: {first_line(exc)}") from exc
         wanted = trials - len(database)
         run = _Run(tasks, database, db, started, time_budget_s, max(wanted, 0), progress)
-        if wanted > 0 and tasks:
-            run.tune(work, tvm_target, profile, threads, runner)
-        db.update_meta(seconds=time.monotonic() - started - run.saved_seconds)
+        try:
+            if wanted > 0 and tasks:
+                run.tune(profile, threads, runner)
+        finally:  # an interrupted run's trials are in the database: count them
+            db.update_meta(seconds=time.monotonic() - started - run.saved_seconds)
         return run.result()
 
 
@@ -438,12 +451,12 @@ class _Run:
         self._rng = random.Random(0)
         self._meta_at = started
 
-    def tune(self, work, target, profile, threads, runner) -> None:
+    def tune(self, profile, threads, runner) -> None:
         from tvm.s_tir import meta_schedule as ms
 
         per_round = min(64, max(1, math.ceil(self.wanted / len(self.tasks))))
-        # MetaSchedule's population of 512 costs ~20 s of search per round on 2 cores; small
-        # rounds do as well with fewer, big ones get the default.
+        # MetaSchedule's population of 512 costs ~20 s of search per round on 2 cores: small
+        # rounds get a smaller one, rounds of 32 and more the default.
         population = min(512, max(64, 16 * per_round))
         strategy = ms.search_strategy.EvolutionarySearch(population_size=population,
                                                          init_min_unmeasured=min(50, population))
@@ -454,25 +467,28 @@ class _Run:
                                    search_strategy=strategy, task_name=t.task_name, logger=search_log,
                                    rand_state=seed, num_threads=os.cpu_count() or 1).clone()
                     for t, seed in zip(self.tasks, ms.utils.fork_seed(None, n=len(self.tasks)))]
-        weights = self.weights
         # Tasks with the fewest records go first, so a resumed run spends its warm-up where
         # the killed one did not get to.
         known = len(self.database)
         counts = [len(self.database.get_top_k(self.database.commit_workload(t.mod), known))
                   if known and self.database.has_workload(t.mod) else 0 for t in contexts]
         self.pending = sorted(range(len(contexts)), key=lambda i: counts[i])
-        try:
-            with _builder(profile) as builder:
-                ms.tune.tune_tasks(
-                    tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=self.wanted,
-                    num_trials_per_iter=per_round, builder=builder, runner=runner or _local_runner(threads),
-                    database=self.database, cost_model="xgb",
-                    measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(self)],
-                    task_scheduler=_scheduler(self), module_equality="structural")
-        except (DloptError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise CompileError(f"MetaSchedule tuning failed: {first_line(exc)}") from exc
+        self.progress("starting MetaSchedule", 0, self.wanted)
+        with _noting_interrupts() as interrupts, _builder(profile) as builder, \
+                _runner(runner, threads) as runner:
+            try:
+                ms.tune.tune_tasks(  # work_dir only holds a "json" database, and ours is given
+                    tasks=contexts, task_weights=self.weights, work_dir=str(self.db.path),
+                    max_trials_global=self.wanted, num_trials_per_iter=per_round, builder=builder,
+                    runner=runner, database=self.database, cost_model="xgb", task_scheduler=_scheduler(self),
+                    module_equality="structural",
+                    measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(self)])
+            except (DloptError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                if interrupts:
+                    raise KeyboardInterrupt from exc
+                raise CompileError(f"MetaSchedule tuning failed: {first_line(exc)}") from exc
 
     def measured(self, task_id: int, runner_results) -> None:
         """A round of ``task_id`` is in the database: count it, keep its best for the scheduler."""
@@ -540,6 +556,32 @@ class _Run:
         return TuneResult(tasks=len(self.tasks), tuned_tasks=len(best), trials_run=self.done,
                           trials_in_db=len(self.database), seconds=time.monotonic() - self.started,
                           best_ms=best, estimate_ms=estimate, db_path=self.db.path, stopped=self.stopped)
+
+
+@contextlib.contextmanager
+def _noting_interrupts():
+    """Notes SIGINT for the block: TVM's C++ loop turns the KeyboardInterrupt into a bare RuntimeError."""
+    import signal
+    import threading
+
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def note(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _median_ms(result) -> float:
@@ -639,10 +681,19 @@ def build_kernel(mod, target, compiler: str | None = None) -> str:
     return path
 
 
-def _local_runner(threads: int):
+@contextlib.contextmanager
+def _runner(runner, threads: int):
+    """``runner``, or one measuring here with ``threads`` threads (its worker stopped afterwards)."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.runner.LocalRunner(timeout_sec=60.0, initializer=functools.partial(_worker_threads, threads))
+    if runner is not None:
+        yield runner
+        return
+    local = ms.runner.LocalRunner(timeout_sec=60.0, initializer=functools.partial(_worker_threads, threads))
+    try:
+        yield local
+    finally:
+        local.pool.shutdown(wait=False)
 
 
 def _worker_threads(threads: int) -> None:

@@ -215,7 +215,7 @@ def test_rpi5_library_is_aarch64_with_neon(tmp_path):
     assert not artifact.loadable_here
     assert artifact.settings["form"] == "aarch64 shared library (NEON)"
     assert artifact.settings["host"] == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
-                                         "mattr": ["+neon"]}
+                                         "mattr": ["+neon"], "num-cores": 4}
     data = artifact.entry_path.read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 2  # 64-bit
     e_type, e_machine = struct.unpack_from("<HH", data, 16)

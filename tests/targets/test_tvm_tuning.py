@@ -1,0 +1,270 @@
+"""MetaSchedule tuning on real TVM: a database per model and target, resumed after SIGKILL, applied to builds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+pytest.importorskip("tvm")
+pytest.importorskip("xgboost", reason="MetaSchedule's cost model needs xgboost (install dlopt[tvm])")
+pytest.importorskip("psutil", reason="MetaSchedule needs psutil (install dlopt[tvm])")
+
+import models  # noqa: E402
+from helpers import random_feed, run_ort  # noqa: E402
+
+from dlopt.errors import ConfigError  # noqa: E402
+from dlopt.profiles import _host_cpu_flags, resolve_target  # noqa: E402
+from dlopt.targets import tvm_tuning as tt  # noqa: E402
+
+TESTS = Path(__file__).resolve().parents[1]
+THREADS = 2
+
+
+def tiny():
+    return ir.serde.deserialize_model(models.conv_bn_relu(channels=8, size=16))
+
+
+def host_db(root, model=None, threads: int = THREADS) -> tt.TuningDatabase:
+    target = tt.tuning_target(resolve_target("cpu"), threads)
+    return tt.TuningDatabase(Path(root), tt.model_digest(model or tiny()), target)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The tiny CNN tuned for 8 trials on this host (one run shared by the tests below)."""
+    db = host_db(tmp_path_factory.mktemp("tuning"))
+    calls = []
+    result = tt.tune(tiny(), resolve_target("cpu"), trials=8, db=db, threads=THREADS,
+                     progress=lambda stage, done, total: calls.append((stage, done, total)))
+    return db, result, calls
+
+
+def test_host_target_names_the_cpu_and_its_vector_features():
+    from tvm.target import codegen
+
+    target = tt.tuning_target(resolve_target("cpu"), 3)
+    assert target["kind"] == "llvm" and target["num-cores"] == 3
+    assert target["mcpu"] == codegen.llvm_get_system_cpu()
+    flags = _host_cpu_flags()
+    if "avx512f" in flags:
+        assert "+avx512f" in target["mattr"]
+    if "avx512_vnni" in flags:
+        assert "+avx512vnni" in target["mattr"]
+    if "avx2" in flags:
+        assert "+avx2" in target["mattr"]
+    assert not any(f"+{f}" in target.get("mattr", ()) for f in ("avx512f", "avx2") if f not in flags)
+
+
+def test_board_target_uses_its_cpu_and_cores_not_this_hosts():
+    target = tt.tuning_target(resolve_target("rpi5"), 2)
+    assert target == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                      "mattr": ["+neon"], "num-cores": 4}
+    with pytest.raises(ConfigError, match="microcontroller"):
+        tt.tuning_target(resolve_target("cortex-m7"), 2)
+    with pytest.raises(ConfigError, match="threads"):
+        tt.tuning_target(resolve_target("cpu"), 0)
+
+
+def test_tune_records_trials_and_reports_them(tuned):
+    db, result, calls = tuned
+    assert result.tasks == 5 and 0 < result.tuned_tasks <= 5
+    assert 8 <= result.trials_run < 8 + 2  # rounds of 2 (8 trials over 5 tasks)
+    assert result.trials_in_db == result.trials_run == db.record_count()
+    assert result.db_path == db.path and db.path.parent.parent == db.root
+    assert len(result.best_ms) == result.tuned_tasks
+    assert any("conv2d" in name for name in result.best_ms) or result.tuned_tasks < 5
+    assert all(0 < ms < 100 for ms in result.best_ms.values())
+    assert result.stopped is None
+    assert calls[0] == ("extracting tasks", 0, 0) and calls[-1][1:] == (8, 8)
+    meta = json.loads((db.path / tt.META).read_text())
+    assert meta["model_sha256"] == db.model_sha256 and meta["target"] == db.target
+    assert meta["trials"] == result.trials_in_db and meta["seconds"] > 0
+    assert sorted(p.name for p in db.path.iterdir()) == [tt.LOCK, tt.RECORDS, tt.WORKLOADS, tt.META]
+    for folder in (db.path, db.path.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_tuned_build_applies_records_and_matches_onnxruntime(tuned):
+    import tvm
+    from tvm import relax
+
+    from dlopt.targets import tvm as backend
+
+    db, result, _ = tuned
+    model = tiny()
+    mod = backend.relax_module(model, backend.input_specs(model))
+    applied, tuned_tasks, tasks = tt.apply_database(mod, db.target, db)
+    assert tasks == 5 and tuned_tasks == result.tuned_tasks > 0
+    scheduled = [gv.name_hint for gv, f in applied.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled")]
+    assert len(scheduled) >= tuned_tasks
+    target = tvm.target.Target(db.target)
+    vm = relax.VirtualMachine(relax.build(applied, target=target, relax_pipeline=tt.lowering_pipeline(target)),
+                              tvm.cpu())
+    for seed in range(3):
+        feed = random_feed(model, seed)
+        got = vm["main"](tvm.runtime.tensor(feed["x"])).numpy()
+        np.testing.assert_allclose(got, run_ort(model, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_second_tune_with_the_same_trials_runs_none(tuned):
+    db, first, _ = tuned
+    before = (db.path / tt.RECORDS).read_bytes()
+    again = tt.tune(tiny(), resolve_target("cpu"), trials=8, db=db, threads=THREADS)
+    assert again.trials_run == 0 and again.trials_in_db == first.trials_in_db
+    assert (db.path / tt.RECORDS).read_bytes() == before
+    assert again.tuned_tasks == first.tuned_tasks
+
+
+def test_another_target_is_another_folder_with_no_records(tuned):
+    """MetaSchedule matches records by kernel only (apache/tvm #15549): one folder per target."""
+    from dlopt.targets import tvm as backend
+
+    db, _, _ = tuned
+    for other in (tt.tuning_target(resolve_target("rpi5"), THREADS), {**db.target, "num-cores": 1}):
+        elsewhere = tt.TuningDatabase(db.root, db.model_sha256, other)
+        assert elsewhere.path.parent == db.path.parent and elsewhere.path != db.path
+        model = tiny()
+        mod = backend.relax_module(model, backend.input_specs(model))
+        _, tuned_tasks, tasks = tt.apply_database(mod, db.target, elsewhere)
+        assert (tuned_tasks, tasks) == (0, 5)
+    assert host_db(db.root, threads=1).path != db.path
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import models, onnx_ir as ir
+from dlopt.profiles import resolve_target
+from dlopt.targets import tvm_tuning as tt
+model = ir.serde.deserialize_model(models.conv_bn_relu(channels=8, size=16))
+profile = resolve_target("cpu")
+db = tt.TuningDatabase(Path({root!r}), tt.model_digest(model), tt.tuning_target(profile, {threads}))
+tt.tune(model, profile, trials={trials}, db=db, threads={threads})
+print("finished", flush=True)
+"""
+
+
+def test_run_killed_with_sigkill_resumes_from_its_records(tmp_path, caplog):
+    db, trials = host_db(tmp_path / "db"), 12
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS), root=str(db.root),
+                                                                   threads=THREADS, trials=trials)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while db.record_count() < 3 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stdout.read()
+    kept = (db.path / tt.RECORDS).read_bytes()
+    recorded = kept.count(b"\n")
+    assert 3 <= recorded < trials
+    with caplog.at_level(logging.INFO, logger="dlopt.targets.tvm_tuning"):
+        resumed = tt.tune(tiny(), resolve_target("cpu"), trials=trials, db=db, threads=THREADS)
+    assert resumed.trials_in_db == db.record_count() >= trials
+    now = (db.path / tt.RECORDS).read_bytes()
+    assert now.startswith(kept[:kept.rfind(b"\n") + 1])  # the killed run's records are all still there
+    assert trials - recorded <= resumed.trials_run < trials  # fewer new trials than a fresh run
+    assert resumed.trials_in_db == recorded + resumed.trials_run
+
+
+def test_sigint_stops_the_run_and_keeps_its_trials(tmp_path):
+    db = host_db(tmp_path / "db")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS), root=str(db.root),
+                                                                   threads=THREADS, trials=12)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while db.record_count() < 2 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGINT and err.rstrip().endswith("KeyboardInterrupt"), err[-2000:]
+    assert "CompileError" not in err
+    recorded = db.record_count()
+    assert 2 <= recorded < 12 and db.meta()["trials"] == recorded
+    with db.writing() as database:  # the lock went with the process
+        assert len(database) == recorded
+
+
+def test_torn_last_line_is_dropped_when_writing_and_skipped_when_reading(tuned, tmp_path, caplog):
+    import shutil
+
+    db, result, _ = tuned
+    copy = tt.TuningDatabase(tmp_path / "copy", db.model_sha256, db.target)
+    copy.path.parent.mkdir(mode=0o700, parents=True)
+    shutil.copytree(db.path, copy.path)
+    records = copy.path / tt.RECORDS
+    whole = records.read_bytes()
+    records.write_bytes(whole + whole.splitlines(keepends=True)[-1][:40])  # a line cut by SIGKILL
+    assert len(copy.snapshot()) == result.trials_in_db  # read-only: skipped, the file untouched
+    assert records.read_bytes() != whole
+    with caplog.at_level(logging.WARNING, logger="dlopt.targets.tvm_tuning"), copy.writing() as database:
+        assert len(database) == result.trials_in_db
+    assert records.read_bytes() == whole
+    assert "unfinished last line" in caplog.text and "40 bytes" in caplog.text
+
+
+def test_unsafe_or_foreign_folders_are_refused_and_left_alone(tmp_path):
+    db = host_db(tmp_path / "a")
+    db.path.parent.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    db.path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="symlink"), db.writing():
+        pass
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+    foreign = host_db(tmp_path / "b")
+    foreign.path.mkdir(parents=True, mode=0o700)
+    (foreign.path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a dlopt tuning database"), foreign.writing():
+        pass
+    assert sorted(p.name for p in foreign.path.iterdir()) == ["notes.txt"]
+
+    shared = host_db(tmp_path / "c")
+    shared.root.mkdir(mode=0o777)
+    os.chmod(shared.root, 0o777)
+    with pytest.raises(ConfigError, match="writable by group or others"), shared.writing():
+        pass
+
+
+def test_bad_arguments_are_one_line_config_errors(tmp_path):
+    db, profile = host_db(tmp_path), resolve_target("cpu")
+    with pytest.raises(ConfigError, match="trials"):
+        tt.tune(tiny(), profile, trials=0, db=db, threads=THREADS)
+    with pytest.raises(ConfigError, match="time budget"):
+        tt.tune(tiny(), profile, trials=4, time_budget_s=0, db=db, threads=THREADS)
+    with pytest.raises(ConfigError, match="not cpu's"):
+        tt.tune(tiny(), profile, trials=4, db=db, threads=1)
+    with pytest.raises(ConfigError, match="another model"):
+        tt.tune(models.conv_bn_relu(channels=4, size=16), profile, trials=4, db=db, threads=THREADS)
+    with pytest.raises(ConfigError, match="cannot be measured on this machine"):
+        rpi5 = resolve_target("rpi5")
+        tt.tune(tiny(), rpi5, trials=4, threads=THREADS,
+                db=tt.TuningDatabase(tmp_path, db.model_sha256, tt.tuning_target(rpi5, THREADS)))
+    with pytest.raises(ConfigError, match="sha256"):
+        tt.TuningDatabase(tmp_path, "abc", db.target)
+    assert not any(tmp_path.iterdir())  # nothing was created for a refused run
+
+
+def test_time_budget_stops_between_rounds_and_says_so(tuned, tmp_path):
+    db = host_db(tmp_path)
+    result = tt.tune(tiny(), resolve_target("cpu"), trials=200, time_budget_s=0.5, db=db, threads=THREADS)
+    assert result.stopped == "stopped at the time budget of 0.5 s"
+    assert result.trials_run == 0 == db.record_count()
+    assert result.trials_run < 200
