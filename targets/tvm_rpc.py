@@ -197,7 +197,28 @@ def ms_runner(device: RemoteDevice, *, number: int = 3, repeat: int = 1, timeout
                            session_timeout_sec=max(1, math.ceil(timeout)))
     evaluator = EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                 enable_cpu_cache_flush=cache_flush)
-    return RPCRunner(rpc_config, evaluator, max_workers=max_workers or total)
+    return RPCRunner(rpc_config, evaluator, max_workers=max_workers or total, f_alloc_argument=alloc_arguments)
+
+
+def alloc_arguments(session, device, args_info, alloc_repeat):
+    """MetaSchedule's argument allocation, filling with numpy data sent over the session where the
+    server's runtime lacks ``tvm.contrib.random.random_fill_for_measure`` (PyPI's runtime-only
+    aarch64 TVM has no such function); runs in the runner's worker processes."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    try:
+        fill = session.get_function("tvm.contrib.random.random_fill_for_measure")
+    except Exception:  # AttributeError or a TVM error naming the missing function
+        fill = None
+    if fill is None:
+        rng = np.random.default_rng(0)
+
+        def fill(tensor):
+            shape, dtype = tuple(int(d) for d in tensor.shape), np.dtype(str(tensor.dtype))
+            data = (rng.uniform(-1.0, 1.0, shape) if dtype.kind == "f" else rng.integers(0, 2, shape)).astype(dtype)
+            tensor.copyfrom(data)
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
 class RemoteSession:

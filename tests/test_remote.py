@@ -63,3 +63,23 @@ def test_rpc_flags_go_together(tmp_path):
     model = models.save(MODEL, tmp_path / "m.onnx")
     done = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "out", "--rpc-key", "rpi5")
     assert done.returncode == 2 and "--rpc-tracker and --rpc-key go together" in done.stderr
+
+
+def test_tune_through_the_tracker_then_compile_applies_it_and_times_there(qemu_rpc_server, tmp_path):  # noqa: F811
+    """The RPC round trip: builds here, trials measured on the (emulated) board, then a compile that
+    applies the database and times the tuned library on the board."""
+    model = models.save(MODEL, tmp_path / "m.onnx")
+    tracker = qemu_rpc_server.device.tracker
+    rpc = ["--rpc-tracker", tracker, "--rpc-key", "qemu-aarch64"]
+    done = dlopt("tune", model, "--target", "rpi5", "--trials", "4", "--db", tmp_path / "db", "--json", *rpc,
+                 timeout=900)
+    assert done.returncode == 0, done.stderr
+    tuned = json.loads(done.stdout)
+    assert tuned["trials_in_db"] >= 4 and tuned["tuned_tasks"] >= 1
+    assert json.loads((tmp_path / "db").glob("*/*/meta.json").__next__().read_text())["target"]["mcpu"] == "cortex-a76"
+    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "out", "--precision", "fp32", "--runs", "20",
+                 "--tuning-db", tmp_path / "db", "--json", "-q", *rpc, timeout=900)
+    assert done.returncode == 0, done.stderr
+    tvm = next(c for c in json.loads(done.stdout)["candidates"] if c["backend"] == "tvm")
+    assert tvm["tuning"]["tuned_tasks"] == tuned["tuned_tasks"]
+    assert tvm["fidelity"]["max_rel_error"] < 1e-4 and tvm["measurement"]["latency"]["device_key"] == "qemu-aarch64"
