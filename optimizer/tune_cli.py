@@ -36,7 +36,7 @@ class TuneProgress:
             left.append(max(0.0, self.budget_s - elapsed))
         parts = [stage.split(",")[0], f"{done}/{total} trials" if total else ""]
         if self.best is not None:
-            parts.append(f"best so far: kernels ~{self.best:.2f} ms")
+            parts.append(f"best so far: kernels ~{self.best:.3g} ms")
         if left and done:
             parts.append(f"~{_clock(min(left))} left")
         line = "dlopt: " + ", ".join(p for p in parts if p) + f" [{_clock(elapsed)}]"

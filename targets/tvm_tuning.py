@@ -502,7 +502,7 @@ class _Run:
             self.saved_seconds += now - self._meta_at
             self._meta_at = now
         estimate = self._estimate()
-        self.progress(f"tuning, kernels ~{estimate:.2f} ms" if estimate else "tuning",
+        self.progress(f"tuning, kernels ~{estimate:.6f} ms" if estimate else "tuning",
                       min(self.done, self.wanted), self.wanted)
 
     def next_task_id(self, scheduler) -> int:
