@@ -79,7 +79,8 @@ def main() -> int:
             print(f"{name}: {result.summary()}", flush=True)
             started = time.perf_counter()
             tuned = backend.compile(model, profile, work / f"{name}-tuned", precision="fp32", threads=args.threads,
-                                    shapes=shapes, tuning_root=db)
+                                    shapes=shapes, tuning=backend.tuning_database(model, profile, args.threads,
+                                                                                  shapes, db))
             tuned_build_s = time.perf_counter() - started
             feed = {k: np.random.default_rng(0).standard_normal(v).astype(np.float32) for k, v in shapes.items()}
             runners = {"untuned": LocalRunner("untuned", lambda a=plain: backend.load(a)),
@@ -108,7 +109,7 @@ def main() -> int:
         print(f"  tuning        {result.trials_run} trials now, {result.trials_in_db} in the database, "
               f"{result.seconds:.0f} s wall ({result.stopped or 'trial cap reached'}); {how}")
         print(f"  builds        untuned {ub:.1f} s, tuned {tb:.1f} s")
-        print(f"  slowest tuned kernels (best ms): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+        print("  slowest tuned kernels (best ms): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
         for label, timing in (("TVM untuned", u), ("TVM tuned", tu), ("ORT FP32", o)):
             print(f"  {label:<13} p50 {timing.p50_ms:9.3f} ms  (95% CI {timing.ci_low_ms:.3f}-{timing.ci_high_ms:.3f}, "
                   f"{timing.runs} runs, cv {timing.cv:.3f})")

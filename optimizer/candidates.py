@@ -305,7 +305,7 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
         version = backend.runtime_version()
         key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
                        precision, repr(ev.profile), str(ev.config.thread_count), __version__, code_fingerprint(),
-                       version, repr(sorted(ev.shapes.items())), repr(sorted((k, str(v)) for k, v in options.items())))
+                       version, repr(sorted(ev.shapes.items())), repr(sorted((k, v) for k, v in options.items() if k.startswith("cache:"))))
         meta = ev.cache.get(key, workdir)
         if meta is not None:
             return Artifact(folder=workdir, **meta)

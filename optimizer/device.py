@@ -23,7 +23,8 @@ from typing import Callable
 from dlopt import __version__
 from dlopt.artifacts import MANIFEST, output_lock, publish, resolve_output, staging_dir
 from dlopt.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipped, VerifyData, VerifyFileError,
-                                device_report, fastest, host_info, run_candidates, write_json)
+                                device_report, fastest, host_info, run_candidates, write_json,
+                                write_text)
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.targets import read_manifest
 
@@ -116,12 +117,12 @@ def _emulation_plan(out: Path, entry: dict):
         settings = json.loads((out / entry["dir"] / "tvm_build.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
-    from dlopt.device_check import _machine
     from dlopt.emulation import aarch64_python
+    from dlopt.profiles import host_arch
 
     arch = str((settings.get("host") or {}).get("mtriple") or "").split("-", 1)[0]
     kind = (settings.get("target") or {}).get("kind") if isinstance(settings.get("target"), dict) else None
-    if arch != "aarch64" or _machine() == "aarch64" or kind not in (None, "llvm"):
+    if arch != "aarch64" or host_arch() == "aarch64" or kind not in (None, "llvm"):
         return None  # a CUDA library (Jetson) needs the GPU, not an emulated CPU
     python = aarch64_python()
     if isinstance(python, str):
@@ -177,20 +178,8 @@ def rerender_reports(out: Path, device: dict) -> None:
         report = Report.from_dict(report_dict)
     except (OSError, ValueError, KeyError, TypeError):
         return  # an output without a readable report.json has no report to add to
-    _replace_text(out / "report.md", report.to_markdown(device))
-    _replace_text(out / "report.html", render_html(report_dict, device))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(out / "report.md", report.to_markdown(device))
+    write_text(out / "report.html", render_html(report_dict, device))
 
 
 # -- --select ---------------------------------------------------------------------------------------

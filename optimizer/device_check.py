@@ -32,7 +32,7 @@ import numpy as np
 
 try:  # inside dlopt; in run_candidates.py these names are defined above this module
     from dlopt.fidelity import compare
-    from dlopt.timing import significantly_faster, time_interleaved
+    from dlopt.timing import Timing, significantly_faster, time_interleaved
 except ImportError:  # pragma: no cover - the standalone script
     pass
 
@@ -105,7 +105,7 @@ class VerifyData:
         self.path, self.meta = path, meta
         self.feeds = [{name: arrays[f"in_{f}_{i}"] for i, name in enumerate(inputs)} for f in range(count)]
         self.reference = [[arrays[f"ref_{f}_{o}"] for o in range(len(outputs))] for f in range(count)]
-        self.labels = [arrays[f"labels_{f}"] for f in range(count)] if f"labels_{0}" in arrays else None
+        self.labels = [arrays[f"labels_{f}"] for f in range(count)] if "labels_0" in arrays else None
 
     @property
     def candidates(self) -> dict:
@@ -320,19 +320,12 @@ def fastest(rows: list[dict], current: str | None = None):
     now = next((r for r in timed if r["key"] == current), None)
     if now is None or now is best:
         return best["key"], f"fastest verified: {best['key']} at {best['latency']['p50_ms']:.3f} ms (p50)"
-    if significantly_faster(_TimingView(best["latency"]), _TimingView(now["latency"])):
+    if significantly_faster(Timing(**best["latency"]), Timing(**now["latency"])):
         return best["key"], (f"{best['key']} at {best['latency']['p50_ms']:.3f} ms is significantly faster than "
                              f"{current} at {now['latency']['p50_ms']:.3f} ms (95% intervals of the median apart)")
     return current, (f"{current} kept: {best['key']} ({best['latency']['p50_ms']:.3f} ms) is not significantly faster "
                      f"than it ({now['latency']['p50_ms']:.3f} ms): 95% intervals overlap, fewer than 20 runs, or "
                      f"a gain under 5 us")
-
-
-class _TimingView:
-    """The fields ``significantly_faster`` reads, from a Timing's dict."""
-
-    def __init__(self, d: dict) -> None:
-        self.p50_ms, self.ci_low_ms, self.ci_high_ms, self.runs = d["p50_ms"], d["ci_low_ms"], d["ci_high_ms"], d["runs"]
 
 
 def device_report(rows: list[dict], *, tool: str, host: dict, top_level: str | None, best: str | None, why: str,
@@ -345,10 +338,16 @@ def device_report(rows: list[dict], *, tool: str, host: dict, top_level: str | N
 
 def write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` to ``path`` whole or not at all."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a new file is 0644)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
+            f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, DloptError, TargetUnavailable, first_line
+from dlopt.errors import CompileError, DataError, DloptError, TargetUnavailable, first_line
 from dlopt.profiles import host_arch
 from dlopt.targets._native_output import environ as _environ, native_output_logged
 from dlopt.targets.base import Artifact, Backend
@@ -287,9 +287,9 @@ def _packer(source: bytes, fatbin: bytes):
 
 
 def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None,  # noqa: A001
-            tuning_root: Path | None = None) -> Artifact:
-    """``tuning_root``: where tuning databases live; the one for this model and target, when it
-    exists, schedules the kernels it holds records for (the build record says how many)."""
+            tuning=None) -> Artifact:
+    """``tuning``: the TuningDatabase of this model and target (``build_options`` finds it); when it
+    holds records, they schedule the kernels (the build record says how many)."""
     import tvm
 
     if precision not in precisions(profile):
@@ -297,12 +297,11 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
                            f"not {precision}")
     workdir.mkdir(parents=True, exist_ok=True)
     inputs = input_specs(model, shapes)
-    db = tuning_database(model, profile, threads, shapes, tuning_root) if tuning_root is not None else None
     threads_asked = threads
     threads, threads_from = profile.threads_for(threads)  # the board's cores, not this host's
     try:
         with native_output_logged(f"building for {profile.name}"):
-            facts = _build(model, profile, workdir / LIBRARY, inputs, threads_asked, db)
+            facts = _build(model, profile, workdir / LIBRARY, inputs, threads_asked, tuning)
     except DloptError:
         raise
     except Exception as exc:  # TVM raises its own errors and plain Python ones alike
@@ -362,24 +361,36 @@ class TvmSession:
         if threading.get_ident() not in self._configured:
             with native_output_logged("configuring its thread pool"):
                 self._configure_pool()
-        batched = [s for s in self._inputs if s.get("dynamic_batch")]
-        if batched and len(self._inputs) == len(batched):
-            sizes = {len(feeds[s["name"]]) for s in batched}
-            if len(sizes) == 1 and (n := sizes.pop()) != 1:
-                # Built for batch 1: run the samples one by one and stack the results on axis 0.
-                parts = [self._run({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
-                return [np.concatenate(outs, axis=0) for outs in zip(*parts)]
-        return self._run(feeds)
+        parts = [self._run(feed) for feed in per_call(self._inputs, feeds)]
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate(outs, axis=0) for outs in zip(*parts)]  # a batch-1 library, sample by sample
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        args = []
-        for spec in self._inputs:
-            array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])
-            if list(array.shape) != spec["shape"]:
-                raise ValueError(f"input {spec['name']} has shape {list(array.shape)}; "
-                                 f"this TVM library was built for {spec['shape']}")
-            args.append(self._tensor(array))
-        return _flatten(self._main(*args))
+        return _flatten(self._main(*arguments(self._inputs, feeds, self._tensor)))
+
+
+def per_call(inputs: list[dict], feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``feeds`` as calls of the library: one, or one per sample when a library built for batch 1
+    (every input ``dynamic_batch``) gets a batch."""
+    batched = [s for s in inputs if s.get("dynamic_batch")]
+    if batched and len(inputs) == len(batched):
+        sizes = {len(feeds[s["name"]]) for s in batched}
+        if len(sizes) == 1 and (n := sizes.pop()) != 1:
+            return [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(n)]
+    return [feeds]
+
+
+def arguments(inputs: list[dict], feeds: dict[str, np.ndarray], make_tensor) -> list:
+    """The library's arguments in model order, each checked against the shape it was built for."""
+    args = []
+    for spec in inputs:
+        array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])
+        if list(array.shape) != spec["shape"]:
+            raise DataError(f"input {spec['name']!r} has shape {list(array.shape)}; this TVM library was "
+                            f"built for {spec['shape']}")
+        args.append(make_tensor(array))
+    return args
 
 
 def _flatten(value) -> list[np.ndarray]:
@@ -400,8 +411,8 @@ def tuning_database(model, profile, threads: int, shapes, root: Path):
 
 
 def build_options(config, model, profile, shapes) -> dict:
-    """What compile() takes besides the model: the tuning root, and (for the artefact cache key
-    only, never passed on) the state of the matching database, so tuning more rebuilds."""
+    """What compile() takes besides the model: the matching tuning database, and (for the artefact
+    cache key only, never passed on) its state, so tuning more rebuilds."""
     from dlopt.targets.tvm_tuning import default_root
 
     if config.tuning_db is False or profile.device != "cpu":
@@ -413,7 +424,7 @@ def build_options(config, model, profile, shapes) -> dict:
     except DloptError as exc:  # an unusable database folder: built untuned, and said why
         logger.warning("tuning database not used: %s", exc)
         return {}
-    return {"tuning_root": root, "cache:tuning": state}
+    return {"tuning": db, "cache:tuning": state}
 
 
 def load_remote(artifact: Artifact, device, *, threads: int | None = None):

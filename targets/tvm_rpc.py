@@ -310,25 +310,10 @@ class RemoteSession:
         for spec in self._inputs:
             if spec["name"] not in feeds:
                 raise DataError(f"missing input {spec['name']!r}; the library takes {', '.join(self.input_names)}")
-        batched = [s for s in self._inputs if s.get("dynamic_batch")]
-        count = 1
-        if batched and len(batched) == len(self._inputs):
-            sizes = {len(feeds[s["name"]]) for s in batched}
-            if len(sizes) == 1:
-                count = sizes.pop()
-        if count == 1:
-            return [self._upload(feeds)]
-        return [self._upload({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(count)]
+        from dlopt.targets.tvm import arguments, per_call
 
-    def _upload(self, feeds: dict[str, np.ndarray]) -> list:
-        args = []
-        for spec in self._inputs:
-            array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])
-            if list(array.shape) != spec["shape"]:
-                raise DataError(f"input {spec['name']!r} has shape {list(array.shape)}; this TVM library was "
-                                f"built for {spec['shape']}")
-            args.append(self._tensor(array, device=self._dev))
-        return args
+        return [arguments(self._inputs, feed, lambda array: self._tensor(array, device=self._dev))
+                for feed in per_call(self._inputs, feeds)]
 
     def close(self) -> None:
         # The session ends when the last remote handle goes; the server then removes its folder.

@@ -34,12 +34,16 @@ def test_tune_records_trials_per_model_and_target(tuned):
     assert str(meta_file.parent) == result["database"]
 
 
+def _tvm_candidate(tmp, model, out, *extra) -> dict:
+    done = dlopt("compile", model, "--target", "tvm-here", "-o", tmp / out, "--precision", "fp32", "--runs", "20",
+                 "--tuning-db", tmp / "db", "--json", "-q", *extra, cwd=tmp, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return next(c for c in json.loads(done.stdout)["candidates"] if c["backend"] == "tvm")
+
+
 def test_compile_applies_the_database_and_a_second_tune_runs_nothing(tuned):
     tmp, model, result = tuned
-    done = dlopt("compile", model, "--target", "tvm-here", "-o", tmp / "out", "--precision", "fp32", "--runs", "20",
-                 "--tuning-db", tmp / "db", "--json", "-q", "--no-cache", cwd=tmp, timeout=600)
-    assert done.returncode == 0, done.stderr
-    tvm = next(c for c in json.loads(done.stdout)["candidates"] if c["backend"] == "tvm")
+    tvm = _tvm_candidate(tmp, model, "out", "--no-cache")
     assert tvm["status"] == "ok" and tvm["fidelity"]["max_rel_error"] < 1e-4
     assert tvm["tuning"]["database"] == result["database"]
     assert tvm["tuning"]["tuned_tasks"] == result["tuned_tasks"] and tvm["tuning"]["tasks"] == result["tasks"]
@@ -52,11 +56,7 @@ def test_compile_applies_the_database_and_a_second_tune_runs_nothing(tuned):
 
 def test_no_tuning_builds_untuned(tuned):
     tmp, model, _ = tuned
-    done = dlopt("compile", model, "--target", "tvm-here", "-o", tmp / "plain", "--precision", "fp32", "--runs", "20",
-                 "--tuning-db", tmp / "db", "--no-tuning", "--json", "-q", cwd=tmp, timeout=600)
-    assert done.returncode == 0, done.stderr
-    tvm = next(c for c in json.loads(done.stdout)["candidates"] if c["backend"] == "tvm")
-    assert tvm["tuning"] is None
+    assert _tvm_candidate(tmp, model, "plain", "--no-tuning")["tuning"] is None
 
 
 @pytest.mark.parametrize("args, message", [

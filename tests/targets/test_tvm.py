@@ -22,7 +22,7 @@ import models  # noqa: E402
 from cli import dlopt  # noqa: E402
 from helpers import max_rel_error, random_feed, run_ort  # noqa: E402
 
-from dlopt.errors import CompileError, TargetUnavailable  # noqa: E402
+from dlopt.errors import CompileError, DataError, TargetUnavailable  # noqa: E402
 from dlopt.profiles import resolve_target  # noqa: E402
 from dlopt.targets import Artifact  # noqa: E402
 from dlopt.targets import tvm as backend  # noqa: E402
@@ -114,7 +114,7 @@ def test_functions_symbolic_batch_and_several_outputs(tmp_path):
     two = {"x": np.array([[-2.0, -1.0, 0.5, 3.0], [1.0, -3.0, 2.0, 0.0]], np.float32)}
     for ref, got in zip(run_ort(proto, two), session.run(two), strict=True):  # a batch of 2, sample by sample
         np.testing.assert_allclose(got, ref, rtol=1e-6)
-    with pytest.raises(ValueError, match=r"built for \[1, 4\]"):
+    with pytest.raises(DataError, match=r"built for \[1, 4\]"):
         session.run({"x": np.zeros((1, 5), np.float32)})
 
 
