@@ -10,6 +10,7 @@
 - :func:`export_resnet18`: that model exported with :func:`dlopt.export`.
 - :class:`FashionCNN`: three Conv-BN-ReLU blocks with max-pooling and a small
   classifier head, ~100k parameters, for 1x28x28 inputs.
+- :class:`FashionResNet`: a residual CNN for 1x28x28 images (the pruning bench).
 - :func:`write_host_target`: a dlopt target file for "this host, these backends".
 
 torch is imported when this module is (it is only used by benches and tests).
@@ -171,6 +172,32 @@ class FashionCNN(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - names the ONNX input
         return self.classifier(self.features(input))
+
+
+class FashionResNet(nn.Module):
+    """A residual CNN for 1x28x28 images: a stem and three stages of two BasicBlocks.
+
+    Widths ``width``, 2x and 4x; each stage halves the resolution (28 -> 14 -> 7 -> 4),
+    its first block with a 1x1 downsample, so every stage has a residual Add whose two
+    inputs must keep the same channels when pruned.  width=32: ~0.7M parameters,
+    ~22M multiply-adds per image.
+    """
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv3x3(1, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        stages, inplanes = [], width
+        for planes in (width, 2 * width, 4 * width):
+            down = nn.Sequential(_conv1x1(inplanes, planes, 2), nn.BatchNorm2d(planes))
+            stages.append(nn.Sequential(BasicBlock(inplanes, planes, 2, down), BasicBlock(planes, planes)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - names the ONNX input
+        x = self.layer3(self.layer2(self.layer1(self.stem(input))))
+        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 def parameter_count(model: nn.Module) -> int:

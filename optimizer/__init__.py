@@ -8,12 +8,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "export", "load", "CompileConfig", "Report", "errors", "__version__"]
+__all__ = ["compile", "export", "load", "prune", "distill", "compress", "load_module", "CompileConfig", "Report",
+           "errors", "__version__"]
 
 _LAZY = {
     "compile": ("dlopt.api", "compile"),
     "export": ("dlopt.exporter", "export"),
     "load": ("dlopt.runner", "load"),
+    "prune": ("dlopt.pruning", "prune"),
+    "distill": ("dlopt.distillation", "distill"),
+    "compress": ("dlopt.compression", "compress"),
+    "load_module": ("dlopt.pruning", "load_module"),
     "CompileConfig": ("dlopt.config", "CompileConfig"),
     "Report": ("dlopt.report", "Report"),
 }

@@ -222,7 +222,8 @@ def build(
     if limit is not None:
         return Built(cand, artifact, outputs, result.model)
     score = ev.scorer.score(outputs).to_dict()
-    status, reason = judge(precision, fidelity, score, ev.config.max_accuracy_drop)
+    status, reason = judge(precision, fidelity, score, ev.config.max_accuracy_drop,
+                           lossy_passes=ev.config.prune is not None)
     cand = replace(cand, score=score, status=status, reason=reason or cand.reason)
     timed = ev.profile.runs_here() and artifact.loadable_here and status is Status.OK
     return Built(cand, artifact, outputs, result.model, factory if timed else None)
@@ -244,7 +245,8 @@ def _on_remote(ev: Evaluation, backend, artifact, base: Candidate, remote, model
     latency = {**timing.to_dict(), "measured_on": str(remote), "device_key": remote.key}
     measurement = Measurement(latency, artifact.size_bytes(), ev.accuracy(outputs))
     score = ev.scorer.score(outputs).to_dict()
-    status, reason = judge(base.precision, fidelity, score, ev.config.max_accuracy_drop)
+    status, reason = judge(base.precision, fidelity, score, ev.config.max_accuracy_drop,
+                           lossy_passes=ev.config.prune is not None)
     where = f"verified and timed on {remote} (device-side timing, {timing.runs} runs)"
     cand = replace(base, fidelity=fidelity, measurement=measurement, score=score, status=status,
                    reason=reason or where)
@@ -317,14 +319,17 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
     return artifact
 
 
-def judge(precision: str, fidelity: dict, score: dict | None, max_drop: float) -> tuple[Status, str]:
+def judge(precision: str, fidelity: dict, score: dict | None, max_drop: float, *,
+          lossy_passes: bool = False) -> tuple[Status, str]:
     """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget.
 
-    Any precision that produces NaN/Inf where the original is finite is rejected outright.
+    ``lossy_passes``: a pass meant to change the function ran (``--prune``), so fp32 is
+    judged by the budget like the other precisions.  Any precision that produces NaN/Inf
+    where the original is finite is rejected outright.
     """
     if fidelity.get("non_finite"):
         return Status.REJECTED, f"produces {fidelity['non_finite']} where the original is finite"
-    if precision in ("fp32", "original"):
+    if precision == "original" or (precision == "fp32" and not lossy_passes):
         if not fidelity["max_rel_error"] <= FP32_TOLERANCE:
             return Status.REJECTED, (f"max relative error {fidelity['max_rel_error']:.2e} over the fp32 limit "
                                      f"{FP32_TOLERANCE:.0e}")

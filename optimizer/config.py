@@ -66,6 +66,7 @@ class CompileConfig:
     rpc_key: str | None = None  # the key its servers for the target device registered with
     # TVM tuning databases: a folder [default: $DLOPT_TUNING_DB or ~/.cache/dlopt/tuning], or False for none
     tuning_db: str | os.PathLike | bool | None = None
+    prune: float | None = None  # zero this fraction of each layer's smallest weights (unstructured)
     # top1 | cosine | rel-error | "module:function" | f(first_outputs, labels) -> float; None: by the outputs
     metric: str | Callable | None = field(default=None, compare=False)
     # a function f(stage, done, total), True for the terminal progress bars, or None
@@ -86,6 +87,9 @@ class CompileConfig:
             cores = machine_cores()
             if not 1 <= self.threads <= cores:
                 raise ConfigError(f"threads must be between 1 and this machine's {cores} cores, got {self.threads}")
+        if self.prune is not None and not 0 < self.prune < 1:
+            raise ConfigError(f"--prune is the fraction of each layer's weights to zero, between 0 and 1 "
+                              f"(exclusive), got {self.prune}")
         for name in ("max_accuracy_drop", "search_time", "wait"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -164,6 +168,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "rpc_tracker": ((str, type(None)), "HOST:PORT"),
     "rpc_key": ((str, type(None)), "a device key"),
     "tuning_db": ((str, os.PathLike, bool, type(None)), "a folder, False or None"),
+    "prune": ((numbers.Real, type(None)), "a fraction or None"),
 }
 
 

@@ -21,6 +21,7 @@ from dlopt.passes.fold_batchnorm import FoldBatchNormPass
 from dlopt.passes.fold_constants import FoldConstantsPass
 from dlopt.passes.matmul_add_to_gemm import MatMulAddToGemmPass
 from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
+from dlopt.passes.prune_magnitude import MagnitudePrunePass
 from dlopt.passes.simplify import SimplifyPass
 from dlopt.passes.upgrade_opset import UpgradeOpsetPass
 
@@ -28,6 +29,7 @@ __all__ = [
     "FoldBatchNormPass",
     "FoldConstantsPass",
     "FuseActivationForOrtPass",
+    "MagnitudePrunePass",
     "MatMulAddToGemmPass",
     "SimplifyPass",
     "UpgradeOpsetPass",
@@ -35,9 +37,13 @@ __all__ = [
 ]
 
 
-def generic_passes() -> list[ir.passes.PassBase]:
-    """Check, infer shapes, simplify and fuse: output is standard ONNX for every backend."""
-    return [
+def generic_passes(*, prune: float | None = None) -> list[ir.passes.PassBase]:
+    """Check, infer shapes, simplify and fuse: output is standard ONNX for every backend.
+
+    ``prune``: zero that fraction of each layer's smallest weights (:class:`MagnitudePrunePass`),
+    after BatchNorm folding so the zeros are the weights the backends see.
+    """
+    passes = [
         # below opset 13 per-channel quantisation cannot be expressed: convert (outputs checked) first
         UpgradeOpsetPass(),
         ShapeInferencePass(strict_mode=False),
@@ -54,3 +60,7 @@ def generic_passes() -> list[ir.passes.PassBase]:
         RemoveUnusedOpsetsPass(),
         NameFixPass(),  # unique node names: quantisation excludes nodes by name
     ]
+    if prune is not None:
+        passes.insert(passes.index(next(p for p in passes if isinstance(p, MatMulAddToGemmPass))) + 1,
+                      MagnitudePrunePass(sparsity=prune))
+    return passes

@@ -1,0 +1,349 @@
+"""``dlopt.prune``: structured channel pruning of a torch module with torch-pruning.
+
+Guarantees: the returned module is a new one (the argument is left as it was unless
+``inplace=True``) whose convolutions and linear layers physically have fewer channels;
+it runs on ``example_inputs`` to outputs of the original's shape.  Channels that must
+change together (the two inputs of a residual Add, the parts of a concatenation, the
+groups of a grouped or depthwise convolution) are pruned together: torch-pruning's
+dependency graph finds them.  Layers whose output is a model output (a classifier's
+classes) are never pruned, and the report names every layer left whole and why.
+
+The report holds parameters and multiply-adds before and after (torch-pruning's
+counter, at ``example_inputs``' shape) and, per convolution and linear layer, the
+channels kept.  ``PruneResult.save`` writes the module whole, class-free, as ONNX and
+as a rebuildable description; :func:`load_module` reads it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from dlopt.errors import ConfigError, TargetUnavailable
+
+logger = logging.getLogger(__name__)
+
+IMPORTANCE = ("l1", "l2", "lamp", "bn-scale", "random")
+SAVED_BY = "dlopt.prune"
+DESCRIPTION = "prune.json"
+
+
+def _tp():
+    try:
+        import torch_pruning
+    except ImportError as exc:
+        raise TargetUnavailable("structured pruning needs torch-pruning: pip install 'dlopt[prune]'") from exc
+    return torch_pruning
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """One convolution or linear layer: its channels and parameters before and after."""
+
+    name: str
+    kind: str
+    out_before: int
+    out_after: int
+    in_before: int
+    in_after: int
+    params_before: int
+    params_after: int
+    why_whole: str = ""  # why its output channels were not pruned (empty when they were)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    ratio: float
+    importance: str
+    global_pruning: bool
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layers: tuple[LayerChange, ...]
+    torch_pruning: str = ""
+
+    @property
+    def kept_whole(self) -> dict[str, str]:
+        """Layers whose output channels were not pruned, with the reason."""
+        return {layer.name: layer.why_whole for layer in self.layers if layer.why_whole}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneReport":
+        data = dict(data)
+        data["layers"] = tuple(LayerChange(**layer) for layer in data["layers"])
+        return cls(**data)
+
+    def summary(self) -> str:
+        return (f"pruned {self.ratio:.0%} of channels ({self.importance} importance): parameters "
+                f"{self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.1%}), "
+                f"multiply-adds {self.macs_before:,} -> {self.macs_after:,} "
+                f"({self.macs_after / max(self.macs_before, 1):.1%})")
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        rows = [(layer.name, layer.kind, f"{layer.out_before} -> {layer.out_after}",
+                 f"{layer.in_before} -> {layer.in_after}", f"{layer.params_before:,} -> {layer.params_after:,}",
+                 layer.why_whole) for layer in self.layers]
+        return self.summary() + "\n\n" + tabulate(
+            rows, headers=("layer", "type", "out channels", "in channels", "parameters", "kept whole because"),
+            tablefmt="github")
+
+
+@dataclass
+class PruneResult:
+    """The pruned module and its report; unpacks as ``module, report = dlopt.prune(...)``."""
+
+    module: Any
+    report: PruneReport
+    example_inputs: Any = field(repr=False, default=None)
+
+    def __iter__(self):
+        return iter((self.module, self.report))
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder`` with the module several ways, all at once or not at all; see :func:`save_module`."""
+        return save_module(self.module, self.example_inputs, folder, report=self.report)
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _importance(tp, name: str):
+    if name not in IMPORTANCE:
+        raise ConfigError(f"unknown importance {name!r}; choose from {', '.join(IMPORTANCE)}")
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "lamp": lambda: tp.importance.LAMPImportance(p=2),
+        "bn-scale": lambda: tp.importance.BNScaleImportance(),
+        "random": lambda: tp.importance.RandomImportance(),
+    }[name]()
+
+
+def _output_layers(model, inputs: tuple) -> list:
+    """Leaf layers whose output tensor is (part of) the model's output: their channels are the answer."""
+    import torch
+
+    produced: dict[int, Any] = {}
+    hooks = [m.register_forward_hook(lambda mod, _i, out: produced.__setitem__(id(out), mod))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            outputs = model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return [produced[id(t)] for t in flat if id(t) in produced]
+
+
+def _layer_sizes(model) -> dict[str, tuple[str, int, int, int]]:
+    import torch
+
+    sizes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            sizes[name] = (type(module).__name__, module.out_channels, module.in_channels)
+        elif isinstance(module, torch.nn.Linear):
+            sizes[name] = (type(module).__name__, module.out_features, module.in_features)
+        else:
+            continue
+        sizes[name] += (sum(p.numel() for p in module.parameters(recurse=False)),)
+    return sizes
+
+
+def _why_whole(pruner, tp, module, names: dict, protected: dict) -> str:
+    if module in protected:
+        return protected[module]
+    try:
+        group = pruner.DG.get_pruning_group(module, tp.prune_conv_out_channels
+                                            if not hasattr(module, "out_features") else tp.prune_linear_out_channels,
+                                            idxs=[0])
+    except Exception as exc:  # noqa: BLE001 - the dependency graph does not know this layer
+        return f"not in torch-pruning's dependency graph ({type(exc).__name__})"
+    for dep, _ in group:
+        other = dep.target.module
+        if other is not module and other in protected:
+            return f"its channels are tied to {names.get(other, type(other).__name__)}, which is kept whole"
+    return "the pruner left it whole at this ratio (group too small or rounding)"
+
+
+def prune(
+    model: Any,
+    example_inputs: Any,
+    ratio: float = 0.5,
+    *,
+    importance: str = "l2",
+    ignored_layers: Sequence[Any] | None = None,
+    global_pruning: bool = False,
+    round_to: int | None = None,
+    iterative_steps: int = 1,
+    max_layer_ratio: float = 1.0,
+    inplace: bool = False,
+) -> PruneResult:
+    """Remove ``ratio`` of the channels of ``model``'s convolutions and linear layers.
+
+    ``importance`` ranks channels: l1/l2 (group magnitude), lamp, bn-scale (the
+    BatchNorm scales after each conv) or random.  ``ignored_layers`` are modules
+    (or their names in ``model.named_modules()``) kept whole; layers producing the
+    model's outputs always are.  ``global_pruning`` ranks channels across layers
+    instead of removing ``ratio`` of each (``max_layer_ratio`` caps any layer);
+    ``round_to`` keeps channel counts multiples of it (8 suits SIMD and tensor cores);
+    ``iterative_steps`` prunes in that many steps of growing ratio.
+    """
+    tp = _tp()
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"prune takes a torch.nn.Module, not {type(model).__name__}")
+    if not 0 < ratio < 1:
+        raise ConfigError(f"ratio is the fraction of channels to remove, between 0 and 1 (exclusive), got {ratio}")
+    if iterative_steps < 1 or (round_to is not None and round_to < 1):
+        raise ConfigError("iterative_steps and round_to must be at least 1")
+    inputs = _as_tuple(example_inputs)
+    was_training = model.training
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    names = {module: name for name, module in work.named_modules()}
+    by_name = dict(work.named_modules())
+    protected: dict[Any, str] = {}
+    for layer in ignored_layers or ():
+        if isinstance(layer, str):
+            if layer not in by_name:
+                raise ConfigError(f"ignored layer {layer!r} is not a module of the model")
+            protected[by_name[layer]] = "in ignored_layers"
+        else:
+            # a module of the argument: map it to its copy in the working model by name
+            name = {m: n for n, m in model.named_modules()}.get(layer)
+            if name is None:
+                raise ConfigError(f"ignored layer {type(layer).__name__} is not a module of the model")
+            protected[by_name[name]] = "in ignored_layers"
+    for layer in _output_layers(work, inputs):
+        protected.setdefault(layer, "produces the model's output")
+    macs_before, params_before = tp.utils.count_ops_and_params(work, inputs)
+    before = _layer_sizes(work)
+    pruner = tp.pruner.BasePruner(
+        work, inputs, importance=_importance(tp, importance), global_pruning=global_pruning,
+        pruning_ratio=ratio, max_pruning_ratio=max_layer_ratio, iterative_steps=iterative_steps,
+        ignored_layers=list(protected), round_to=round_to,
+    )
+    for _ in range(iterative_steps):
+        pruner.step()
+    macs_after, params_after = tp.utils.count_ops_and_params(work, inputs)
+    after = _layer_sizes(work)
+    layers = []
+    for name, (kind, out_b, in_b, params_b) in before.items():
+        _, out_a, in_a, params_a = after[name]
+        why = "" if out_a < out_b else _why_whole(pruner, tp, by_name[name], names, protected)
+        layers.append(LayerChange(name, kind, out_b, out_a, in_b, in_a, params_b, params_a, why))
+    work.train(was_training)
+    report = PruneReport(ratio=ratio, importance=importance, global_pruning=global_pruning,
+                         params_before=int(params_before), params_after=int(params_after),
+                         macs_before=int(macs_before), macs_after=int(macs_after), layers=tuple(layers),
+                         torch_pruning=getattr(tp, "__version__", ""))
+    logger.info(report.summary())
+    return PruneResult(work, report, tuple(t.detach() for t in inputs))
+
+
+# -- saving and loading -------------------------------------------------------------------------------
+
+def _input_names(module, count: int) -> list[str]:
+    import inspect
+
+    params = [p.name for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
+                report: PruneReport | None = None) -> Path:
+    """Write ``folder``: model.pt (torch.save of the whole module: loading needs its class),
+    model.pt2 (torch.export: loads without the class), model.onnx (``dlopt.export``, symbolic
+    batch), pruned_state.pth (torch-pruning's state dict: rebuilds a fresh instance of the
+    original class) and prune.json (the report and the layer shapes).
+
+    The folder is written beside its final place and renamed into it; an existing folder
+    is replaced only if an earlier save wrote it.
+    """
+    import torch
+
+    from dlopt.exporter import export
+
+    folder = Path(folder)
+    if folder.exists() and not _saved_by_us(folder):
+        raise ConfigError(f"{folder} exists and was not written by dlopt.prune; choose another folder")
+    if not folder.parent.is_dir():
+        raise ConfigError(f"{folder.parent} does not exist")
+    inputs = _as_tuple(example_inputs)
+    was_training = module.training
+    module.eval()
+    staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(staged, 0o755)  # mkdtemp's 0700 would outlive the rename
+    try:
+        torch.save(module, staged / "model.pt")
+        # batch 2 for the example: torch.export specialises a dimension of size 1
+        doubled = tuple(torch.cat([t, t]) for t in inputs)
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(module, doubled, dynamic_shapes=tuple({0: batch} for _ in doubled))
+        torch.export.save(program, staged / "model.pt2")
+        names = _input_names(module, len(inputs))
+        export(module, inputs, staged / "model.onnx", dynamic_axes={n: {0: "batch"} for n in names},
+               input_names=names)
+        torch.save(_tp().state_dict(module), staged / "pruned_state.pth")
+        description = {
+            "saved_by": SAVED_BY,
+            "class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "inputs": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype)} for n, t in zip(names, inputs)],
+            "layers": {name: list(size[:3]) for name, size in _layer_sizes(module).items()},
+            "report": report.to_dict() if report is not None else None,
+        }
+        (staged / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staged.rename(folder)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    finally:
+        module.train(was_training)
+    return folder
+
+
+def _saved_by_us(folder: Path) -> bool:
+    try:
+        return json.loads((folder / DESCRIPTION).read_text()).get("saved_by") == SAVED_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_module(folder: str | os.PathLike, *, into: Any = None):
+    """The module saved by :func:`save_module`, in eval mode.
+
+    Without ``into``: from model.pt2, with no need for the original class (a
+    ``torch.fx.GraphModule`` that computes the same function).  With ``into`` (a fresh,
+    unpruned instance of the original class): that instance, rebuilt to the pruned
+    shapes by torch-pruning and loaded with the saved weights.
+    """
+    import torch
+
+    folder = Path(folder)
+    if not _saved_by_us(folder):
+        raise ConfigError(f"{folder} is not a folder written by dlopt.prune (no {DESCRIPTION})")
+    if into is not None:
+        state = torch.load(folder / "pruned_state.pth", weights_only=False)
+        _tp().load_state_dict(into, state_dict=state)
+        return into.eval()
+    return torch.export.load(folder / "model.pt2").module()
