@@ -20,6 +20,7 @@ import click
 from dlopt import __version__
 from dlopt.config import CALIB_METHODS, PRECISIONS
 from dlopt.progress import TerminalProgress
+from dlopt.publish_options import publish_options  # imports only click
 
 EXIT_INTERNAL = 70
 
@@ -199,10 +200,11 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--rpc-key", default=None, metavar="KEY", help="The key the target device's RPC servers registered with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@publish_options
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, metric, runs,
             warmup, threads,
-            then_gate, no_cache, wait, tuning_db, prune, no_tuning, rpc_tracker, rpc_key, as_json, quiet):
+            then_gate, no_cache, wait, tuning_db, prune, no_tuning, rpc_tracker, rpc_key, as_json, quiet, publishing):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -243,6 +245,11 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
         _print_report(exc.report, as_json=as_json)
         raise
     _print_report(report, as_json=as_json)
+    if publishing:
+        from dlopt.publish_options import publish
+
+        for line in publish(report, report.output_dir, publishing):
+            click.echo(line, err=as_json)
     if then_gate:
         from dlopt.gate_cli import check_report, thresholds_from
 
@@ -427,3 +434,9 @@ main.add_command(bench)
 from dlopt.tune_cli import tune  # noqa: E402 - imports only click
 
 main.add_command(tune)
+
+from dlopt.package_cli import package  # noqa: E402 - imports only click
+from dlopt.sweep_cli import sweep  # noqa: E402 - imports only click
+
+main.add_command(package)
+main.add_command(sweep)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from dlopt.publish_options import publish_options
+
 CONFIG_FILE = "dlopt.toml"
 
 
@@ -106,8 +108,9 @@ def _write_output(option: str, path: Path, text: str) -> None:
               help="Compare with a --baseline evaluated on other data or with another accuracy metric "
                    "(default: exit 2, the figures are not comparable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the gate results as JSON.")
+@publish_options(triton=False)
 def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_mb, max_energy_regression,
-         config, junit, markdown, allow_missing, allow_different_eval, as_json):
+         config, junit, markdown, allow_missing, allow_different_eval, as_json, publishing):
     """Check REPORT (a report.json or a dlopt output folder) against thresholds.
 
     Without --baseline, the chosen candidate is compared with the report's
@@ -121,7 +124,9 @@ def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_m
     --allow-different-eval for the latter two.  Exit 0 when every gate holds,
     1 when one fails, 2 on bad input.  --junit and --markdown write into a new
     file or through an existing one (a symlink's target); a folder, FIFO or
-    device is refused.
+    device is refused.  --mlflow, --metrics-file and --pushgateway record the
+    report's figures with the gate's results (also when a gate fails; --register
+    only when it passes).
 
     \b
     Example:
@@ -141,9 +146,25 @@ def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_m
 
     data = load_report(_report_path(report))
     base = load_report(_report_path(baseline), f"baseline {baseline}") if baseline is not None else None
+    folder = report if report.is_dir() else report.parent  # its manifest and artefact, when there
+    out_dir = folder if (folder / "manifest.json").is_file() else None
+
+    def record(results) -> None:
+        from dataclasses import replace
+
+        from dlopt.publish_options import publish
+
+        options = publishing
+        if publishing.register and not all(r.passed for r in results):  # never register what failed its gate
+            click.echo(f"dlopt: not registering {publishing.register}: the gate failed", err=True)
+            options = replace(publishing, register=None)
+        for line in publish(data, out_dir, options, gate_results=results):
+            click.echo(line, err=as_json)
+
     check_report(data, thresholds, base, junit=junit, markdown=markdown, as_json=as_json,
                  allow_missing=allow_missing, allow_different_eval=allow_different_eval,
-                 reads=[_report_path(p) for p in (report, baseline) if p is not None])
+                 reads=[_report_path(p) for p in (report, baseline) if p is not None],
+                 on_results=record if publishing else None)
 
 
 def thresholds_from(config: Path | None, **flags):
@@ -174,8 +195,11 @@ def thresholds_from(config: Path | None, **flags):
 
 def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit: Path | None = None,
                  markdown: Path | None = None, as_json: bool = False, quiet: bool = False,
-                 allow_missing: bool = False, allow_different_eval: bool = False, reads: tuple | list = ()) -> None:
-    """Run the gates, write JUnit/Markdown if asked, print the table, raise GateFailed on a failure."""
+                 allow_missing: bool = False, allow_different_eval: bool = False, reads: tuple | list = (),
+                 on_results=None) -> None:
+    """Run the gates, write JUnit/Markdown if asked, print the table, raise GateFailed on a failure.
+
+    ``on_results(results)`` is called before a failure is raised (to record the results elsewhere)."""
     import json
 
     from dlopt.errors import ConfigError
@@ -206,4 +230,6 @@ def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit:
                  printable(r.detail)] for r in results]
         click.echo(tabulate(rows, headers=["gate", "measured", "allowed", "status", "detail"],
                             maxcolwidths=[None, None, None, None, 60]))
+    if on_results is not None:
+        on_results(results)
     enforce(results)

@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-HEAVY = ["torch", "tvm", "openvino", "tensorrt", "onnxruntime", "onnx", "onnxscript", "onnxsim"]
+HEAVY = ["torch", "tvm", "openvino", "tensorrt", "onnxruntime", "onnx", "onnxscript", "onnxsim", "mlflow", "ray",
+         "tritonclient", "prometheus_client", "torch_pruning"]
 
 
 def test_cli_import_loads_no_heavy_module():

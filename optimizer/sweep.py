@@ -1,0 +1,332 @@
+"""Sweeps: compile models x targets x option variants (a platform team's nightly job) into one table.
+
+``sweep.toml``::
+
+    [sweep]
+    models = ["cnn.onnx", "bert.onnx"]   # relative to this file
+    targets = ["cpu", "rpi5"]
+    out = "nightly"                      # default: <file stem>-out beside the file
+    targets-file = "dlopt.toml"          # optional: your own [targets.NAME] tables
+
+    [options]                            # every entry: dlopt.compile options (runs, samples, ...)
+    runs = 50
+
+    [variants.fp32]                      # optional: one entry per variant, options on top of [options]
+    precision = "fp32"
+    [variants.auto]
+    precision = "auto"
+
+Each entry compiles to ``OUT/<model stem>/<target>/<variant>/`` (a normal compile output, published
+whole or not at all), so a rerun skips entries whose output is complete and retries the rest.  An
+entry's failure is a row of the table, never the end of the sweep.  With Ray each entry is a task
+holding ``cpus_per_task`` CPUs (one by default: one task per core) and timing with that many
+threads unless its options say otherwise; without, entries run one after another.
+
+Guarantees: OUT/sweep.json and OUT/sweep.md are written whole (temp file, rename), and only over
+files a sweep wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from dlopt.errors import ConfigError, DloptError, first_line
+
+TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
+_PATH_OPTIONS = ("inputs", "calib", "targets_file", "tuning_db")
+_NOT_OPTIONS = {"model", "target", "out", "progress", "targets_file", "calib_preprocess", "metric"}
+HEADERS = ["model", "target", "variant", "status", "chosen", "p50 ms", "speedup", "drop pp", "size MB",
+           "threads", "seconds", "note"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One compile of the sweep."""
+
+    model: Path
+    target: str
+    variant: str
+    options: dict[str, Any]
+    out: Path
+    targets_file: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.stem}/{self.target}/{self.variant}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    source: Path
+    out: Path
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
+class Row:
+    """An entry's result: status is ok | over-budget | failed | done (complete before this run)."""
+
+    model: str
+    target: str
+    variant: str
+    status: str
+    out: str
+    chosen: str | None = None
+    p50_ms: float | None = None
+    speedup: float | None = None
+    drop_pp: float | None = None
+    size_bytes: int | None = None
+    threads: int | None = None
+    seconds: float | None = None
+    note: str = ""
+
+    def cells(self) -> list[Any]:
+        return [self.model, self.target, self.variant, self.status, self.chosen or "-",
+                _num(self.p50_ms, ".3f"), _num(self.speedup, ".2f", "x"), _num(self.drop_pp, ".2f"),
+                _num(self.size_bytes / 1e6 if self.size_bytes is not None else None, ".3f"),
+                self.threads or "-", _num(self.seconds, ".1f"), self.note]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    rows: tuple[Row, ...]
+    mode: str  # "sequential" | "ray (<address>)"
+    wall_seconds: float
+
+
+def _num(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Read and check ``sweep.toml``; ConfigError naming the first thing wrong."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    from dlopt.config import CompileConfig
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read sweep {path}: {first_line(exc)}") from exc
+    unknown = sorted(set(data) - {"sweep", "options", "variants"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {unknown}; a sweep has [sweep], [options] and [variants.NAME]")
+    head = data.get("sweep")
+    if not isinstance(head, dict):
+        raise ConfigError(f"{path}: no [sweep] table with models and targets")
+    unknown = sorted(set(head) - {"models", "targets", "out", "targets-file"})
+    if unknown:
+        raise ConfigError(f"{path}: [sweep] has unknown keys {unknown}; known: models, targets, out, targets-file")
+    here = path.parent
+    models, targets = head.get("models"), head.get("targets", ["cpu"])
+    for key, value in (("models", models), ("targets", targets)):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{path}: [sweep] {key} must be a non-empty list of strings")
+    model_paths = [(here / m) for m in models]
+    for m in model_paths:
+        if not m.exists():
+            raise ConfigError(f"{path}: model {m} does not exist")
+    stems = [m.stem for m in model_paths]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(f"{path}: two models share a file name ({', '.join(sorted(stems))}); their outputs "
+                          f"would collide in OUT/<model stem>/: rename one")
+    out = here / head.get("out", f"{path.stem}-out")
+    targets_file = here / head["targets-file"] if "targets-file" in head else None
+    known = {f.name for f in fields(CompileConfig)} - _NOT_OPTIONS
+
+    def options(table: Any, where: str) -> dict[str, Any]:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {where} must be a table of compile options")
+        result = {}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{path}: {where} has unknown option {key!r}; known: {', '.join(sorted(known))}")
+            result[name] = str(here / value) if name in _PATH_OPTIONS and isinstance(value, str) else value
+        return result
+
+    common = options(data.get("options", {}), "[options]")
+    variants = data.get("variants", {"default": {}})
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(f"{path}: [variants] must hold at least one [variants.NAME] table")
+    variant_options = {name: {**common, **options(v, f"[variants.{name}]")} for name, v in variants.items()}
+    for name, opts in variant_options.items():  # a bad value fails now, not in the middle of the night
+        try:
+            CompileConfig(model=model_paths[0], **opts)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: [variants.{name}]: {first_line(exc)}") from exc
+        except DloptError as exc:
+            raise ConfigError(f"{path}: [variants.{name}]: {exc}") from exc
+    from dlopt.profiles import resolve_target
+
+    for target in targets:  # an unknown target name, too, fails before the first compile
+        resolve_target(target, targets_file)
+    entries = tuple(Entry(m, t, name, opts, out / m.stem / t / name, targets_file)
+                    for m in model_paths for t in targets for name, opts in variant_options.items())
+    return Sweep(path, out, entries)
+
+
+def complete(entry: Entry) -> dict | None:
+    """The report of an entry whose output is complete (a compile publishes it whole), else None."""
+    try:
+        report = json.loads((entry.out / "report.json").read_text())
+        manifest = json.loads((entry.out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and isinstance(manifest, dict) else None
+
+
+def compile_entry(entry: Entry) -> Row:
+    """Compile one entry; never raises (a failure is a row).  Runs in a Ray worker too."""
+    import dlopt
+    from dlopt.errors import AccuracyBudgetExceeded
+
+    start = time.perf_counter()
+    try:
+        report = dlopt.compile(entry.model, target=entry.target, out=entry.out, targets_file=entry.targets_file,
+                               **entry.options).to_dict()
+        status, note = "ok", ""
+    except AccuracyBudgetExceeded as exc:
+        report, status, note = exc.report.to_dict(), "over-budget", first_line(exc)
+    except Exception as exc:  # noqa: BLE001 - one entry's failure, whatever it is, must not stop the others
+        return _row(entry, "failed", None, time.perf_counter() - start, f"{type(exc).__name__}: {first_line(exc)}")
+    return _row(entry, status, report, time.perf_counter() - start, note)
+
+
+def _row(entry: Entry, status: str, report: dict | None, seconds: float | None, note: str = "") -> Row:
+    row = Row(entry.model.stem, entry.target, entry.variant, status, str(entry.out),
+              seconds=round(seconds, 2) if seconds is not None else None, note=note)
+    if report is None:
+        return row
+    chosen = next((c for c in report.get("candidates") or [] if c.get("chosen")), None)
+    measurement = (chosen or {}).get("measurement") or {}
+    return replace(row, chosen=report.get("chosen"), p50_ms=(measurement.get("latency") or {}).get("p50_ms"),
+                   speedup=(chosen or {}).get("speedup"), drop_pp=((chosen or {}).get("score") or {}).get("drop_pp"),
+                   size_bytes=measurement.get("size_bytes"), threads=(report.get("timing") or {}).get("threads"))
+
+
+def run_sweep(sweep: Sweep, *, ray: bool = False, address: str | None = None, num_cpus: int | None = None,
+              cpus_per_task: int = 1, on_row: Callable[[Row], None] | None = None) -> SweepResult:
+    """Run every entry not complete yet (sequentially, or as Ray tasks), write the table, return it."""
+    rows: dict[str, Row] = {}
+    todo = []
+    for entry in sweep.entries:
+        report = complete(entry)
+        if report is not None:
+            rows[entry.key] = _row(entry, "done", report, None, "complete before this run")
+            if on_row:
+                on_row(rows[entry.key])
+        else:
+            todo.append(entry)
+    _check_table_paths(sweep.out)
+    start = time.perf_counter()
+    if ray:
+        todo = [e if "threads" in e.options else replace(e, options={**e.options, "threads": cpus_per_task})
+                for e in todo]
+        results, mode = _run_ray(todo, address, num_cpus, cpus_per_task), f"ray ({address or 'local'})"
+    else:
+        results, mode = ((e, compile_entry(e)) for e in todo), "sequential"
+    for entry, row in results:
+        rows[entry.key] = row
+        if on_row:
+            on_row(row)
+    wall = round(time.perf_counter() - start, 2)
+    result = SweepResult(tuple(rows[e.key] for e in sweep.entries), mode, wall)
+    write_table(sweep, result)
+    return result
+
+
+def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
+             cpus_per_task: int) -> Iterator[tuple[Entry, Row]]:
+    """Yield (entry, row) as Ray tasks finish; a local Ray is started (and stopped) when none is running."""
+    try:
+        import ray
+    except ImportError:
+        from dlopt.errors import TargetUnavailable
+
+        raise TargetUnavailable("--ray needs Ray: pip install 'dlopt[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"--ray {address or ''}: cannot start or reach Ray: {first_line(exc)}") from exc
+    try:
+        task = ray.remote(num_cpus=cpus_per_task, max_retries=0)(compile_entry)
+        pending = {task.remote(e): e for e in entries}
+        while pending:
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            entry = pending.pop(ready)
+            try:
+                row = ray.get(ready)
+            except Exception as exc:  # noqa: BLE001 - a worker that died: that entry failed, not the sweep
+                row = _row(entry, "failed", None, None, f"Ray task failed: {first_line(exc)}")
+            yield entry, row
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _check_table_paths(out: Path) -> None:
+    """Refuse, before any compile, to replace a sweep.json/sweep.md that a sweep did not write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"sweep output {out} exists and is not a folder")
+    for name in (TABLE_JSON, TABLE_MD):
+        path = out / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise ConfigError(f"{path} is a link or not a regular file; the sweep will not write through it")
+    if (out / TABLE_JSON).is_file():
+        try:
+            ours = json.loads((out / TABLE_JSON).read_text()).get("dlopt_sweep") is not None
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ConfigError(f"{out / TABLE_JSON} exists and is not a sweep table dlopt wrote; choose another out")
+    if (out / TABLE_MD).is_file() and not (out / TABLE_MD).read_text(errors="replace").startswith("# dlopt sweep"):
+        raise ConfigError(f"{out / TABLE_MD} exists and is not a sweep table dlopt wrote; choose another out")
+
+
+def table_markdown(sweep: Sweep, result: SweepResult) -> str:
+    from tabulate import tabulate
+
+    from dlopt.report import escape_markdown
+
+    counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "done", "over-budget", "failed")}
+    lines = [f"# dlopt sweep: {escape_markdown(sweep.source.name)}", "",
+             f"{len(result.rows)} entries ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}); "
+             f"{result.mode}, {result.wall_seconds:.1f} s wall for the entries run now.", "",
+             tabulate([[escape_markdown(str(c)) for c in r.cells()] for r in result.rows], headers=HEADERS,
+                      tablefmt="github"), ""]
+    return "\n".join(lines)
+
+
+def write_table(sweep: Sweep, result: SweepResult) -> tuple[Path, Path]:
+    """OUT/sweep.json and OUT/sweep.md, each written whole."""
+    from dlopt import __version__
+
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    data = {"dlopt_sweep": 1, "dlopt_version": __version__, "sweep": str(sweep.source), "mode": result.mode,
+            "wall_seconds": result.wall_seconds, "entries": [asdict(r) for r in result.rows]}
+    paths = (sweep.out / TABLE_JSON, sweep.out / TABLE_MD)
+    for path, text in zip(paths, (json.dumps(data, indent=2) + "\n", table_markdown(sweep, result))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=sweep.out)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return paths

@@ -1,0 +1,216 @@
+"""MLflow tracking: one run per compile (or gate), optionally a registered model version.
+
+A run holds params (target, precisions, the compile's options, tool versions), metrics (the
+figures of ``dlopt.metrics_export.figures``: the chosen candidate's at top level, the original's
+and every candidate's under their key), artefacts (report.*, manifest.json and the chosen
+artefact's files under ``artifact/``) and tags (model sha256, git commit when the model or the
+working directory is in a git checkout).  It uses ``MlflowClient`` alone: the fluent API would
+add tags from its own context (and run git).  The default store is ``./mlruns``; MLflow 3 keeps
+file stores behind ``MLFLOW_ALLOW_FILE_STORE``, which is set for the duration of the call only.
+
+Guarantees: a run whose logging fails is ended FAILED, never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from dlopt.errors import ConfigError, TargetUnavailable, first_line
+
+DEFAULT_STORE = "mlruns"
+EXPERIMENT = "dlopt"
+ARTIFACT_DIR = "artifact"
+REPORT_FILES = ("report.json", "report.md", "report.html", "manifest.json")
+_PARAM_MAX = 6000  # MLflow's limit on a param value
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    artifact_uri: str
+    model_version: str | None = None  # the registered version, with --register
+
+
+def resolve_uri(uri: str | None) -> str:
+    """A tracking URI: the default ``./mlruns`` or a plain path as an absolute file: URI."""
+    if not uri:
+        return Path(DEFAULT_STORE).absolute().as_uri()
+    if "://" in uri or uri.startswith(("file:", "databricks")):
+        return uri
+    return Path(uri).absolute().as_uri()
+
+
+@contextlib.contextmanager
+def file_store_allowed(uri: str) -> Iterator[None]:
+    """Let MLflow 3 open a file: store for this call only (it refuses one by default)."""
+    key = "MLFLOW_ALLOW_FILE_STORE"
+    if not uri.startswith("file:") or key in os.environ:
+        yield
+        return
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _client(uri: str):
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise TargetUnavailable("--mlflow needs MLflow: pip install 'dlopt[mlflow]'") from None
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def run_contents(report: dict, out_dir: Path | None, *, gate_results=None) -> tuple[dict, dict, dict]:
+    """(params, metrics, tags) of a run for ``report`` (and a gate's results)."""
+    from dlopt.metrics_export import figures
+    from dlopt.targets import read_manifest
+
+    manifest = (read_manifest(Path(out_dir)) if out_dir else None) or {}
+    chosen = report.get("chosen")
+    params = {"target": (report.get("target") or {}).get("name"), "precision": report.get("precision"),
+              "chosen": chosen or "none", "dlopt_version": report.get("dlopt_version"),
+              "timing_shape": (report.get("timing") or {}).get("shape"),
+              "evaluation": (report.get("evaluation") or {}).get("source")}
+    params.update({f"option.{k}": v for k, v in (manifest.get("options") or {}).items()})
+    params.update({f"version.{k}": v for k, v in (manifest.get("versions") or {}).items()})
+    params = {k: str(v)[:_PARAM_MAX] for k, v in params.items() if v is not None}
+
+    metrics: dict[str, float] = {}
+    for f in figures(report):
+        key = "original" if f.candidate == "original" else f.candidate.replace("/", "-")
+        metrics[f"{key}.{f.name}"] = f.value
+        if f.chosen:
+            metrics[f.name] = f.value
+    tags = {"dlopt.kind": "gate" if gate_results is not None else "compile",
+            "dlopt.model_sha256": (report.get("model") or {}).get("sha256"),
+            "mlflow.runName": f"{Path(str((report.get('model') or {}).get('path') or 'model')).stem}-"
+                              f"{params.get('target', '')}",
+            "mlflow.source.git.commit": git_commit((report.get("model") or {}).get("path"))}
+    if gate_results is not None:
+        tags["dlopt.gate.passed"] = str(all(r.passed for r in gate_results)).lower()
+        for r in gate_results:
+            tags[f"dlopt.gate.{r.name}"] = r.status
+            if r.measured is not None:
+                metrics[f"gate.{r.name}.measured"] = float(r.measured)
+            if r.allowed is not None:
+                metrics[f"gate.{r.name}.allowed"] = float(r.allowed)
+    return params, metrics, {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def git_commit(model_path: str | None) -> str | None:
+    """The commit checked out where the model lives (else the working directory), read from .git."""
+    starts = [Path(model_path).absolute().parent] if model_path else []
+    for start in [*starts, Path.cwd()]:
+        for folder in (start, *start.parents):
+            git = folder / ".git"
+            if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+                text = git.read_text(errors="replace").strip()
+                git = (folder / text.removeprefix("gitdir:").strip()) if text.startswith("gitdir:") else None
+            if git is not None and git.is_dir():
+                return _head(git)
+    return None
+
+
+def _head(git: Path) -> str | None:
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head or None
+        ref = head[4:].strip()
+        for root in (git, Path((git / "commondir").read_text().strip()) if (git / "commondir").is_file() else git):
+            root = root if root.is_absolute() else git / root
+            if (root / ref).is_file():
+                return (root / ref).read_text().strip()
+            packed = root / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+def log_run(report: dict, out_dir: Path | None, *, tracking_uri: str | None = None, register: str | None = None,
+            experiment: str = EXPERIMENT, gate_results=None) -> TrackedRun:
+    """Log ``report`` (and the output folder ``out_dir``'s files) as one MLflow run."""
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_uri(tracking_uri)
+    params, metrics, tags = run_contents(report, out_dir, gate_results=gate_results)
+    if register and not report.get("chosen"):
+        raise ConfigError(f"--register {register}: the compile chose no artefact (over the accuracy budget)")
+    with file_store_allowed(uri):
+        client = _client(uri)
+        try:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            run = client.create_run(experiment_id, tags=tags)
+        except MlflowException as exc:
+            raise ConfigError(f"--mlflow {uri}: {first_line(exc)}") from exc
+        run_id, status = run.info.run_id, "FAILED"
+        try:
+            stamp = _millis(report)
+            client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
+                             params=[Param(k, v) for k, v in params.items()])
+            for path in _artifacts(out_dir, report):
+                client.log_artifact(run_id, str(path[0]), path[1])
+            version = _register(client, register, run, report) if register else None
+            status = "FINISHED"
+        except MlflowException as exc:
+            raise ConfigError(f"--mlflow {uri}: run {run_id}: {first_line(exc)}") from exc
+        finally:
+            with contextlib.suppress(MlflowException):
+                client.set_terminated(run_id, status)
+    return TrackedRun(run_id, experiment_id, uri, run.info.artifact_uri, version)
+
+
+def _artifacts(out_dir: Path | None, report: dict) -> list[tuple[Path, str | None]]:
+    """(file, artifact path) for report.*, the manifest and the chosen artefact's files."""
+    from dlopt.targets import read_manifest
+
+    if out_dir is None:
+        return []
+    out_dir = Path(out_dir)
+    files = [(out_dir / n, None) for n in REPORT_FILES if (out_dir / n).is_file()]
+    manifest = read_manifest(out_dir) or {}
+    if report.get("chosen"):
+        for name in manifest.get("files") or []:
+            path = out_dir / str(name)
+            if path.is_file() and path.resolve().parent == out_dir.resolve():
+                files.append((path, ARTIFACT_DIR))
+    return files
+
+
+def _register(client, name: str, run, report: dict) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=f"dlopt artefacts of {report.get('model', {}).get('path')}")
+    version = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id,
+        tags={"dlopt.candidate": str(report.get("chosen")),
+              "dlopt.target": str((report.get("target") or {}).get("name"))})
+    return str(version.version)
+
+
+def _millis(report: dict) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(str(report.get("created"))).timestamp() * 1000)
+    except ValueError:
+        import time
+
+        return int(time.time() * 1000)

@@ -1,0 +1,327 @@
+"""Triton Inference Server model repositories: ``REPO/NAME/config.pbtxt`` and ``REPO/NAME/N/<model>``.
+
+The config is a ``inference.ModelConfig`` protobuf, the one ``tritonclient`` ships, printed
+with protobuf's text format: Triton parses exactly that, so nothing here is a hand-written
+format.  What goes into it comes from the artefact dlopt chose (or a bundle candidate):
+
+* ORT artefacts: ``platform: "onnxruntime_onnx"``, ``model.onnx``; the thread settings the
+  compile chose as backend parameters; TensorRT or OpenVINO execution accelerators when the
+  session ships with those providers.
+* OpenVINO artefacts: ``backend: "openvino"``, ``model.xml`` + ``model.bin``, the plugin
+  properties (threads, streams, hint) as backend parameters.
+* TensorRT artefacts: ``platform: "tensorrt_plan"`` with ``model.plan`` once the engine was built
+  on the device (``build_engine.sh``); before that, the bundle's ONNX on ORT with the TensorRT
+  accelerator at the bundle's precision, which builds the engine when Triton loads the model.
+
+Guarantees: the model folder ``REPO/NAME`` appears complete or not at all (staged beside REPO and
+renamed in); an existing one is replaced only when dlopt wrote it (its ``dlopt_package.json``),
+keeping its other versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlopt.errors import ConfigError, TargetUnavailable
+
+CONFIG = "config.pbtxt"
+MARKER = "dlopt_package.json"  # what dlopt wrote into REPO/NAME; Triton ignores other files
+DEFAULT_MAX_BATCH = 8
+QUEUE_DELAY_US = 100
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
+           "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
+           "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64",
+           "bool": "TYPE_BOOL", "object": "TYPE_STRING", "str": "TYPE_STRING"}
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_OPENVINO_PARAMETERS = ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")
+_TRT_PRECISION = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
+
+
+@functools.lru_cache(maxsize=1)
+def model_config_pb2():
+    """tritonclient's ``model_config_pb2`` module (the ``inference.ModelConfig`` message).
+
+    It lives in ``tritonclient/grpc/``, whose package ``__init__`` needs grpcio; without the
+    ``grpc`` extra (which would pin an older protobuf) the module file is loaded on its own.
+    """
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("tritonclient") is None:
+        raise TargetUnavailable("Triton packaging needs tritonclient's ModelConfig protobuf: "
+                                "pip install 'dlopt[triton]'")
+    if importlib.util.find_spec("grpc") is not None:
+        return importlib.import_module("tritonclient.grpc.model_config_pb2")
+    root = Path(importlib.util.find_spec("tritonclient").submodule_search_locations[0])
+    path = root / "grpc" / "model_config_pb2.py"
+    if not path.is_file():
+        raise TargetUnavailable(f"tritonclient at {root} has no grpc/model_config_pb2.py; "
+                                f"reinstall it: pip install 'dlopt[triton]'")
+    spec = importlib.util.spec_from_file_location("dlopt._tritonclient_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """What ``write_repository`` wrote: where, under which name and version, with which config."""
+
+    repository: Path
+    name: str
+    version: int
+    config: object  # inference.ModelConfig
+    files: tuple[str, ...]  # in the version folder
+
+    @property
+    def folder(self) -> Path:
+        return self.repository / self.name
+
+    @property
+    def device_kind(self) -> str:
+        """"gpu" or "cpu": where Triton runs the model's instances."""
+        group = self.config.instance_group[0]
+        return "gpu" if group.kind == type(group).Kind.Value("KIND_GPU") else "cpu"
+
+
+def default_name(report: dict) -> str:
+    """A Triton model name from the report: the model file's stem, made safe."""
+    stem = Path(str((report.get("model") or {}).get("path") or "model")).stem
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).lstrip(".-") or "model"
+    return name[:128]
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"Triton model name {name!r} must be 1-128 letters, digits, '_', '.' or '-', "
+                          f"not starting with '.' or '-'")
+    return name
+
+
+def build_config(artifact, inputs, outputs, *, name: str, max_batch_size: int | None = None):
+    """The ``inference.ModelConfig`` for ``artifact`` (a dlopt.targets.Artifact) and its tensor specs.
+
+    ``max_batch_size``: None batches when every input and output has a symbolic first axis
+    (up to DEFAULT_MAX_BATCH), 0 never batches.
+    """
+    pb = model_config_pb2()
+    config = pb.ModelConfig(name=name)
+    batched = bool(inputs) and all(s.shape and not isinstance(s.shape[0], int) for s in (*inputs, *outputs))
+    if max_batch_size is None:
+        max_batch_size = DEFAULT_MAX_BATCH if batched else 0
+    elif max_batch_size > 0 and not batched:
+        fixed = [s.name for s in (*inputs, *outputs) if not s.shape or isinstance(s.shape[0], int)]
+        raise ConfigError(f"--max-batch-size {max_batch_size}: the model has no symbolic batch axis "
+                          f"({', '.join(fixed[:4])} have a fixed first dimension); use --max-batch-size 0")
+    config.max_batch_size = max_batch_size
+    for spec, field in [(s, config.input) for s in inputs] + [(s, config.output) for s in outputs]:
+        dims = spec.shape[1:] if max_batch_size > 0 else spec.shape
+        entry = field.add(name=spec.name, data_type=pb.DataType.Value(_data_type(spec)),
+                          dims=[d if isinstance(d, int) and d > 0 else -1 for d in dims] or [1])
+        if not dims:  # a per-sample scalar: Triton wants dims [1] reshaped to []
+            entry.reshape.SetInParent()
+    if max_batch_size > 1:
+        preferred = sorted({max(max_batch_size // 2, 1), max_batch_size} - {1})
+        config.dynamic_batching.preferred_batch_size.extend(preferred)
+        config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+    _fill_backend(config, artifact)
+    return config
+
+
+def _data_type(spec) -> str:
+    dtype = getattr(spec.dtype, "name", None) or "float32"
+    if dtype not in _DTYPES:
+        raise ConfigError(f"tensor {spec.name} has type {dtype}, which Triton has no TYPE_ for")
+    return _DTYPES[dtype]
+
+
+def _fill_backend(config, artifact) -> None:
+    """platform/backend, instance group, parameters and accelerators for the artefact's runtime."""
+    settings = artifact.settings
+    kind = "KIND_CPU"
+
+    def parameter(key: str, value) -> None:
+        config.parameters[key].string_value = str(value)
+
+    if artifact.backend == "ort":
+        config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+        providers = list(settings.get("providers") or [])
+        for key, ours in (("intra_op_thread_count", "intra_op_num_threads"),
+                          ("inter_op_thread_count", "inter_op_num_threads")):
+            if isinstance(settings.get(ours), int):
+                parameter(key, settings[ours])
+        if settings.get("execution_mode"):
+            parameter("execution_mode", 1 if settings["execution_mode"] == "ORT_PARALLEL" else 0)
+        accelerators = config.optimization.execution_accelerators
+        if "TensorrtExecutionProvider" in providers:
+            trt = accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            trt.parameters["precision_mode"] = _TRT_PRECISION.get(artifact.precision, "FP32")
+        if "OpenVINOExecutionProvider" in providers:
+            accelerators.cpu_execution_accelerator.add(name="openvino")
+        if any(p in providers for p in _GPU_PROVIDERS):
+            kind = "KIND_GPU"
+        config.default_model_filename = "model.onnx"
+    elif artifact.backend == "openvino":
+        config.backend = "openvino"
+        properties = settings.get("properties") or {}
+        for key in _OPENVINO_PARAMETERS:
+            if properties.get(key) is not None:
+                parameter(key, properties[key])
+        config.default_model_filename = "model.xml"
+    elif artifact.backend == "tensorrt":
+        kind = "KIND_GPU"
+        if _engine(artifact) is not None:
+            config.platform, config.backend = "tensorrt_plan", "tensorrt"
+            config.default_model_filename = "model.plan"
+        else:  # no engine yet: ORT builds it with its TensorRT provider when Triton loads the model
+            config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+            trt = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            trt.parameters["precision_mode"] = _TRT_PRECISION.get(artifact.precision, "FP32")
+            config.default_model_filename = "model.onnx"
+    else:
+        raise ConfigError(f"{artifact.backend}/{artifact.precision} artefacts have no Triton backend; package an "
+                          f"ort, openvino or tensorrt candidate (OUT/bundle/<backend>-<precision>), or compile for "
+                          f"a target whose backends are those")
+    group = config.instance_group.add(count=1)
+    group.kind = type(group).Kind.Value(kind)
+
+
+def _engine(artifact) -> Path | None:
+    return next((artifact.folder / f for f in ("model.plan", "model.engine") if (artifact.folder / f).is_file()),
+                None)
+
+
+def _model_files(artifact, config) -> dict[str, Path]:
+    """Version-folder name -> source file."""
+    folder = artifact.folder
+    if config.platform == "tensorrt_plan":
+        return {"model.plan": _engine(artifact)}
+    if config.backend == "openvino":
+        names = ["model.xml", "model.bin"]
+    else:
+        names = ["model.onnx", *(f for f in artifact.files if f.startswith("model.onnx") and f != "model.onnx")]
+    files = {n: folder / n for n in names}
+    missing = [n for n, p in files.items() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{folder} lacks {', '.join(missing)}, which the {artifact.backend} artefact needs; "
+                          f"recompile with dlopt")
+    return files
+
+
+def config_text(config) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)
+
+
+def read_config(path: Path):
+    """Parse a config.pbtxt with tritonclient's ModelConfig (what Triton itself does)."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(Path(path).read_text(), model_config_pb2().ModelConfig())
+
+
+def write_repository(source: Path, repository: Path, *, name: str | None = None, version: int = 1,
+                     max_batch_size: int | None = None) -> TritonModel:
+    """Write the artefact of ``source`` (a dlopt output folder or bundle candidate) into a Triton
+    model repository as ``repository/name/config.pbtxt`` and ``repository/name/version/``."""
+    from dlopt.runner import _specs
+    from dlopt.targets import read_artifact
+
+    model_config_pb2()  # fail early when tritonclient is missing
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"Triton model version must be a positive integer, got {version!r}")
+    artifact, root = read_artifact(source)
+    report = _read_json(root / "report.json") or {}
+    name = check_name(name or default_name(report))
+    inputs, outputs = _specs(artifact, root)
+    config = build_config(artifact, inputs, outputs, name=name, max_batch_size=max_batch_size)
+    files = _model_files(artifact, config)
+
+    repository = Path(repository)
+    if repository.exists() and not repository.is_dir():
+        raise ConfigError(f"Triton repository {repository} exists and is not a folder")
+    repository.mkdir(parents=True, exist_ok=True)
+    target = repository / name
+    previous = _previous_versions(target)
+    staged = Path(tempfile.mkdtemp(prefix=f".{name}.dlopt-tmp-{os.getpid()}-", dir=_staging_root(repository)))
+    try:
+        os.chmod(staged, 0o755)
+        for old in previous - {version}:  # other versions dlopt wrote stay served
+            shutil.copytree(target / str(old), staged / str(old))
+        (staged / str(version)).mkdir()
+        for dest, src in files.items():
+            shutil.copy2(src, staged / str(version) / dest)
+        (staged / CONFIG).write_text(config_text(config))
+        read_config(staged / CONFIG)  # what Triton will parse
+        marker = {"dlopt_version": report.get("dlopt_version"), "versions": sorted(previous | {version}),
+                  "source": str(Path(source).resolve()), "candidate": f"{artifact.backend}/{artifact.precision}",
+                  "model_sha256": (report.get("model") or {}).get("sha256")}
+        (staged / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _swap(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return TritonModel(repository, name, version, config, tuple(sorted(files)))
+
+
+def _previous_versions(target: Path) -> set[int]:
+    """Versions dlopt wrote in ``target``; ConfigError when ``target`` holds anything else."""
+    if not target.exists():
+        return set()
+    if target.is_symlink() or not target.is_dir():
+        raise ConfigError(f"{target} exists and is not a folder; choose another --name")
+    entries = set(os.listdir(target))
+    if not entries:
+        return set()
+    marker = _read_json(target / MARKER)
+    versions = marker.get("versions") if isinstance(marker, dict) else None
+    if not isinstance(versions, list) or not all(isinstance(v, int) for v in versions):
+        raise ConfigError(f"{target} is a Triton model dlopt did not write (no {MARKER}); "
+                          f"choose another --name or move it away")
+    unknown = sorted(entries - {CONFIG, MARKER, *map(str, versions)})
+    if unknown:
+        raise ConfigError(f"{target} holds files dlopt did not write ({', '.join(unknown[:5])}); "
+                          f"nothing was replaced")
+    return {v for v in versions if (target / str(v)).is_dir()}
+
+
+def _staging_root(repository: Path) -> Path:
+    """Where to stage: beside the repository, so a Triton polling it never sees a half-written model
+    folder; inside it only when the parent is not writable or on another filesystem (rename must work)."""
+    parent = repository.resolve().parent
+    if os.access(parent, os.W_OK) and parent.stat().st_dev == repository.stat().st_dev:
+        return parent
+    return repository
+
+
+def _swap(staged: Path, target: Path) -> None:
+    from dlopt.artifacts import signals_deferred
+
+    with signals_deferred():
+        if not target.exists():
+            os.replace(staged, target)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.dlopt-old-{os.getpid()}-", dir=staged.parent))
+        os.replace(target, old / "previous")
+        try:
+            os.replace(staged, target)
+        except BaseException:
+            os.replace(old / "previous", target)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,102 @@
+"""Sweeps: a two-model sweep as tasks of a real local Ray (2 CPUs), then resumed sequentially with a
+broken third model whose failure does not stop the others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import models
+from dlopt.errors import CompileError, ConfigError
+from dlopt.sweep import load_sweep, run_sweep
+from dlopt.sweep_cli import sweep
+
+TARGETS = """
+[targets.here]
+base = "cpu"
+backends = ["ort"]
+precisions = ["fp32"]
+"""
+
+SWEEP = """
+[sweep]
+models = [{models}]
+targets = ["here"]
+out = "nightly"
+targets-file = "targets.toml"
+
+[options]
+runs = 5
+warmup = 1
+samples = 4
+
+[variants.fp32]
+precision = "fp32"
+"""
+
+
+def _write(root, names) -> None:
+    (root / "targets.toml").write_text(TARGETS)
+    (root / "sweep.toml").write_text(SWEEP.format(models=", ".join(f'"{n}"' for n in names)))
+
+
+def test_sweep_on_ray_then_resume(tmp_path):
+    ray = pytest.importorskip("ray", reason="sweeps on Ray need ray (pip install 'dlopt[ray]')")
+    models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
+    models.save(models.outlier_mlp(), tmp_path / "mlp.onnx")
+    _write(tmp_path, ["cnn.onnx", "mlp.onnx"])
+
+    result = run_sweep(load_sweep(tmp_path / "sweep.toml"), ray=True, num_cpus=2)
+    assert not ray.is_initialized()  # the local Ray it started was stopped
+    assert result.mode == "ray (local)"
+    assert [(r.model, r.status, r.chosen, r.threads) for r in result.rows] == [
+        ("cnn", "ok", "ort/fp32", 1), ("mlp", "ok", "ort/fp32", 1)]  # one task per core, one thread each
+    table = json.loads((tmp_path / "nightly" / "sweep.json").read_text())
+    assert table["mode"] == "ray (local)" and table["wall_seconds"] == result.wall_seconds
+    for row in table["entries"]:
+        report = json.loads((tmp_path / "nightly" / row["model"] / "here" / "fp32" / "report.json").read_text())
+        chosen = next(c for c in report["candidates"] if c["chosen"])
+        assert row["p50_ms"] == chosen["measurement"]["latency"]["p50_ms"]
+        assert row["size_bytes"] == chosen["measurement"]["size_bytes"]
+    markdown = (tmp_path / "nightly" / "sweep.md").read_text()
+    assert "2 entries (2 ok); ray (local)" in markdown and "| cnn " in markdown and "| mlp " in markdown
+
+    # resume: the two finished entries are not compiled again; a broken model fails alone
+    (tmp_path / "broken.onnx").write_bytes(b"not an onnx model")
+    _write(tmp_path, ["cnn.onnx", "mlp.onnx", "broken.onnx"])
+    before = (tmp_path / "nightly" / "cnn" / "here" / "fp32" / "manifest.json").stat().st_mtime_ns
+    run = CliRunner().invoke(sweep, [str(tmp_path / "sweep.toml")])
+    assert isinstance(run.exception, CompileError) and run.exception.exit_code == 3
+    assert "1 of 3 sweep entries failed: broken/here/fp32" in str(run.exception)
+    assert (tmp_path / "nightly" / "cnn" / "here" / "fp32" / "manifest.json").stat().st_mtime_ns == before
+    rows = json.loads((tmp_path / "nightly" / "sweep.json").read_text())["entries"]
+    assert [(r["model"], r["status"]) for r in rows] == [("cnn", "done"), ("mlp", "done"), ("broken", "failed")]
+    assert "ModelError" in rows[2]["note"]
+    assert not (tmp_path / "nightly" / "broken" / "here" / "fp32").exists()  # nothing half-written
+
+
+def test_bad_sweep_files(tmp_path):
+    models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
+    _write(tmp_path, ["cnn.onnx"])
+    text = (tmp_path / "sweep.toml").read_text()
+    (tmp_path / "sweep.toml").write_text(text.replace("runs = 5", "runz = 5"))
+    with pytest.raises(ConfigError, match="unknown option 'runz'"):
+        load_sweep(tmp_path / "sweep.toml")
+    (tmp_path / "sweep.toml").write_text(text.replace("runs = 5", "runs = 0"))
+    with pytest.raises(ConfigError, match=r"\[variants.fp32\]: runs must be at least 1"):
+        load_sweep(tmp_path / "sweep.toml")
+    (tmp_path / "sweep.toml").write_text(text.replace('targets = ["here"]', 'targets = ["hear"]'))
+    with pytest.raises(ConfigError, match="unknown target 'hear'"):
+        load_sweep(tmp_path / "sweep.toml")
+    (tmp_path / "sweep.toml").write_text(text.replace('"cnn.onnx"', '"missing.onnx"'))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sweep(tmp_path / "sweep.toml")
+    (tmp_path / "sweep.toml").write_text(text)
+    (tmp_path / "nightly").mkdir()
+    (tmp_path / "nightly" / "sweep.json").write_text('{"mine": true}')
+    with pytest.raises(ConfigError, match="not a sweep table dlopt wrote"):
+        run_sweep(load_sweep(tmp_path / "sweep.toml"))
+    assert (tmp_path / "nightly" / "sweep.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in (tmp_path / "nightly").iterdir()) == ["sweep.json"]  # nothing compiled

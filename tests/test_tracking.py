@@ -1,0 +1,133 @@
+"""MLflow runs of a compile and a gate, read back from a real local store with MlflowClient."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import models
+
+pytest.importorskip("mlflow", reason="MLflow tracking needs mlflow (pip install 'dlopt[mlflow]')")
+
+import dlopt  # noqa: E402
+from dlopt.errors import ConfigError  # noqa: E402
+from dlopt.gate_cli import gate  # noqa: E402
+from dlopt.package_cli import package  # noqa: E402
+from dlopt.tracking import git_commit, log_run  # noqa: E402
+
+TARGETS = """
+[targets.here]
+base = "cpu"
+backends = ["ort"]
+precisions = ["fp32", "int8"]
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    model = models.save(models.conv_bn_relu(batch="N"), root / "cnn.onnx")
+    (root / "targets.toml").write_text(TARGETS)
+    out = root / "out"
+    report = dlopt.compile(model, target="here", targets_file=root / "targets.toml", out=out, precision="auto",
+                           samples=4, runs=5, warmup=1, max_accuracy_drop=100.0)
+    return root, out, report.to_dict()
+
+
+@pytest.fixture
+def client(monkeypatch, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 opens file stores only when asked
+    uri = (tmp_path / "mlruns").as_uri()
+    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_compile_run_read_back(compiled, client):
+    _, out, report = compiled
+    uri, mlflow = client
+    result = CliRunner().invoke(package, [str(out), "--mlflow", uri, "--register", "cnn-cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "registered cnn-cpu version 1" in result.output
+
+    [experiment] = [e for e in mlflow.search_experiments() if e.name == "dlopt"]
+    [run] = mlflow.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    data = run.data
+    chosen = next(c for c in report["candidates"] if c["chosen"])
+    key = f"{chosen['backend']}-{chosen['precision']}"
+    assert data.params["target"] == "here" and data.params["chosen"] == report["chosen"]
+    assert data.params["option.runs"] == "5" and data.params["version.onnxruntime"] == dlopt_version("onnxruntime")
+    latency = chosen["measurement"]["latency"]
+    assert data.metrics["latency_p50_ms"] == pytest.approx(latency["p50_ms"])
+    assert data.metrics["latency_p99_ms"] == pytest.approx(latency["p99_ms"])
+    assert data.metrics["speedup"] == pytest.approx(chosen["speedup"])
+    assert data.metrics["accuracy_drop_pp"] == pytest.approx(chosen["score"]["drop_pp"])
+    assert data.metrics["size_bytes"] == chosen["measurement"]["size_bytes"]
+    assert data.metrics["energy_j"] == pytest.approx(chosen["measurement"]["energy"]["joules_per_inference"])
+    assert data.metrics[f"{key}.latency_p50_ms"] == data.metrics["latency_p50_ms"]
+    assert data.metrics["original.latency_p50_ms"] == pytest.approx(report["baseline"]["latency"]["p50_ms"])
+    # every measured candidate is there, fp32 and int8
+    assert {k.split(".")[0] for k in data.metrics} >= {"original", "ort-fp32", "ort-int8"}
+    assert data.tags["dlopt.model_sha256"] == report["model"]["sha256"]
+    assert data.tags["dlopt.kind"] == "compile"
+
+    top = {f.path for f in mlflow.list_artifacts(run.info.run_id)}
+    assert {"report.json", "report.md", "manifest.json", "artifact"} <= top
+    manifest = json.loads((out / "manifest.json").read_text())
+    shipped = {f.path for f in mlflow.list_artifacts(run.info.run_id, "artifact")}
+    assert shipped == {f"artifact/{name}" for name in manifest["files"]}
+    local = mlflow.download_artifacts(run.info.run_id, "report.json", str(out.parent / "dl"))
+    assert json.loads(open(local).read())["model"]["sha256"] == report["model"]["sha256"]
+
+    [version] = mlflow.search_model_versions("name='cnn-cpu'")
+    assert (str(version.version), version.run_id) == ("1", run.info.run_id)
+    assert version.source.endswith("/artifact")
+    assert version.tags["dlopt.candidate"] == report["chosen"]
+    # a second compile of the same model registers version 2
+    again = log_run(report, out, tracking_uri=uri, register="cnn-cpu")
+    assert again.model_version == "2"
+
+
+def test_gate_run(compiled, client):
+    _, out, report = compiled
+    uri, mlflow = client
+    result = CliRunner().invoke(gate, [str(out), "--max-accuracy-drop", "100", "--max-size-mb", "0.000001",
+                                       "--mlflow", uri, "--register", "cnn-gated"])
+    assert isinstance(result.exception, Exception) and result.exception.exit_code == 1  # the size gate fails
+    assert mlflow.search_model_versions("name='cnn-gated'") == []  # what failed its gate is not registered
+    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("dlopt").experiment_id])
+    assert run.info.status == "FINISHED"  # the run records the failure; it did not fail itself
+    assert run.data.tags["dlopt.kind"] == "gate" and run.data.tags["dlopt.gate.passed"] == "false"
+    assert run.data.tags["dlopt.gate.size"] == "failed"
+    assert run.data.metrics["gate.size.measured"] == pytest.approx(
+        next(c for c in report["candidates"] if c["chosen"])["measurement"]["size_bytes"] / 1e6)
+
+
+def test_register_needs_mlflow(compiled):
+    _, out, _ = compiled
+    result = CliRunner().invoke(package, [str(out), "--register", "x", "--metrics-file", str(out.parent / "m.prom")])
+    assert isinstance(result.exception, ConfigError) and "--register NAME needs --mlflow" in str(result.exception)
+    assert not (out.parent / "m.prom").exists()
+
+
+def test_git_commit_read_from_dot_git(tmp_path):
+    """The commit tag comes from the .git of the folder holding the model (no git process is run)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    git = tmp_path / "project" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "refs" / "heads" / "main").write_text(commit + "\n")
+    (tmp_path / "project" / "models").mkdir()
+    assert git_commit(str(tmp_path / "project" / "models" / "cnn.onnx")) == commit
+    (git / "refs" / "heads" / "main").unlink()
+    (git / "packed-refs").write_text(f"# pack-refs with: peeled\n{commit} refs/heads/main\n")
+    assert git_commit(str(tmp_path / "project" / "models" / "cnn.onnx")) == commit
+
+
+def dlopt_version(module: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(module)
