@@ -221,18 +221,19 @@ def test_compress_prunes_distils_exports_compiles_and_puts_them_side_by_side(tea
                             target="host-ort", targets_file=toml, out=out, epochs=2, lr=3e-3, runs=20, precision="fp32",
                             threads=1)
     rows = {r.name: r for r in result.rows}
-    assert list(rows) == ["teacher", "pruned", "student", "compiled"]
+    assert list(rows) == ["teacher", "pruned", "student", "teacher compiled", "student compiled"]
     assert rows["student"].params == result.prune.params_after < 0.3 * rows["teacher"].params
     assert rows["teacher"].accuracy > 0.85 and rows["student"].accuracy > max(0.8, rows["pruned"].accuracy)
-    assert rows["compiled"].what.endswith("ort/fp32")
-    assert abs(rows["compiled"].accuracy - rows["student"].accuracy) < 0.01  # the same function, exported
+    assert rows["student compiled"].what == "compiled/: ort/fp32 for host-ort"
+    assert abs(rows["student compiled"].accuracy - rows["student"].accuracy) < 0.01  # the same function, exported
+    assert abs(rows["teacher compiled"].accuracy - rows["teacher"].accuracy) < 0.01
     assert all(r.latency["runs"] >= 20 for r in result.rows)
     assert rows["student"].size_bytes < rows["teacher"].size_bytes
     saved = json.loads((out / "compress.json").read_text())
     assert [r["name"] for r in saved["rows"]] == list(rows)
     assert "| teacher " in (out / "compress.md").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["compiled", "compress.json", "compress.md", "manifest.json",
-                                                     "models", "student"]
+    assert sorted(p.name for p in out.iterdir()) == ["compiled", "compiled-teacher", "compress.json", "compress.md",
+                                                     "manifest.json", "models", "student"]
     with torch.no_grad():  # the student reloads without its class; the compiled artefact serves it
         reloaded = load_module(out / "student")
         expected = result.student(x[1500:1508]).numpy()
