@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from dlopt.errors import ConfigError, OutputBusy
 
@@ -276,3 +276,28 @@ def output_lock(out: Path, *, wait: float = 0.0) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # unlink before unlocking so a waiter sees a new file, not this one
         os.close(fd)
+
+
+def write_file(path: Path, content: str | Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` whole or not at all: ``content`` is text (UTF-8) or ``f(binary_file)``.
+
+    Written beside ``path``, synced, made 0644 and renamed over it; on any error the
+    temporary file goes and ``path`` is as it was.  (``device_check.write_text`` is the
+    same for the scripts that run on a device without dlopt.)
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, str):
+                f.write(content.encode("utf-8"))
+            else:
+                content(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

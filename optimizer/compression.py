@@ -212,8 +212,6 @@ def compress(
     ``compile_options`` go to :func:`dlopt.compile`.  Returns a :class:`CompressResult`;
     its ``table()`` is what ``compress.md`` holds.
     """
-    import torch
-
     import dlopt
     from dlopt.artifacts import MANIFEST, check_output_dir, output_lock, parents_made, publish, staging_dir
     from dlopt.config import machine_cores

@@ -11,9 +11,7 @@ Guarantees: the manifest is written whole (temp file, rename) and only over a fi
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from dlopt.errors import ConfigError
@@ -103,16 +101,9 @@ def write_manifest(path: Path, document: dict) -> Path:
     path = Path(path)
     check_manifest_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(to_text(document))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from dlopt.artifacts import write_file
+
+    return write_file(path, to_text(document))
 
 
 def _ours(path: Path) -> bool:

@@ -10,7 +10,6 @@ TargetUnavailable when loaded, saying what that device needs.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -243,13 +242,6 @@ def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _write_npz(output: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from dlopt.artifacts import write_file
+
+    write_file(output, lambda f: np.savez(f, **arrays))

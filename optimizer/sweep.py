@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -319,14 +318,8 @@ def write_table(sweep: Sweep, result: SweepResult) -> tuple[Path, Path]:
     data = {"dlopt_sweep": 1, "dlopt_version": __version__, "sweep": str(sweep.source), "mode": result.mode,
             "wall_seconds": result.wall_seconds, "entries": [asdict(r) for r in result.rows]}
     paths = (sweep.out / TABLE_JSON, sweep.out / TABLE_MD)
+    from dlopt.artifacts import write_file
+
     for path, text in zip(paths, (json.dumps(data, indent=2) + "\n", table_markdown(sweep, result))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=sweep.out)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file(path, text)
     return paths
