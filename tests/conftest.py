@@ -21,3 +21,22 @@ def _private_artifact_cache():
             os.environ.pop("DLOPT_CACHE", None)
         else:
             os.environ["DLOPT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def ort_output(tmp_path_factory):
+    """(output folder, report dict) of a compile of a small CNN with a symbolic batch for an ORT-only
+    target (fp32 and int8 built), shared by the tests that publish a compile elsewhere (MLflow,
+    Prometheus): they read it and never write into it."""
+    import models
+
+    import dlopt
+
+    root = tmp_path_factory.mktemp("ort-output")
+    model = models.save(models.conv_bn_relu(batch="N"), root / "cnn.onnx")
+    (root / "targets.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n'
+                                       'precisions = ["fp32", "int8"]\n')
+    out = root / "out"
+    report = dlopt.compile(model, target="here", targets_file=root / "targets.toml", out=out, precision="auto",
+                           samples=4, runs=5, warmup=1, max_accuracy_drop=100.0)
+    return out, report.to_dict()

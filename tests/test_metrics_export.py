@@ -8,33 +8,18 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-import models
 
 prom_parser = pytest.importorskip("prometheus_client.parser",
                                   reason="metrics export needs prometheus-client (pip install 'dlopt[prometheus]')")
 
-import dlopt  # noqa: E402
 from dlopt.errors import ConfigError  # noqa: E402
 from dlopt.gate_cli import gate  # noqa: E402
 from dlopt.package_cli import package  # noqa: E402
 
-TARGETS = """
-[targets.here]
-base = "cpu"
-backends = ["ort"]
-precisions = ["fp32", "int8"]
-"""
-
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prom")
-    model = models.save(models.conv_bn_relu(batch="N"), root / "cnn.onnx")
-    (root / "targets.toml").write_text(TARGETS)
-    out = root / "out"
-    report = dlopt.compile(model, target="here", targets_file=root / "targets.toml", out=out, samples=4, runs=5,
-                           warmup=1, max_accuracy_drop=100.0)
-    return out, report.to_dict()
+def compiled(ort_output):
+    return ort_output
 
 
 def _samples(text: str) -> dict:

@@ -7,33 +7,17 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import models
-
 pytest.importorskip("mlflow", reason="MLflow tracking needs mlflow (pip install 'dlopt[mlflow]')")
 
-import dlopt  # noqa: E402
 from dlopt.errors import ConfigError  # noqa: E402
 from dlopt.gate_cli import gate  # noqa: E402
 from dlopt.package_cli import package  # noqa: E402
 from dlopt.tracking import git_commit, log_run  # noqa: E402
 
-TARGETS = """
-[targets.here]
-base = "cpu"
-backends = ["ort"]
-precisions = ["fp32", "int8"]
-"""
-
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    model = models.save(models.conv_bn_relu(batch="N"), root / "cnn.onnx")
-    (root / "targets.toml").write_text(TARGETS)
-    out = root / "out"
-    report = dlopt.compile(model, target="here", targets_file=root / "targets.toml", out=out, precision="auto",
-                           samples=4, runs=5, warmup=1, max_accuracy_drop=100.0)
-    return root, out, report.to_dict()
+def compiled(ort_output):
+    return ort_output
 
 
 @pytest.fixture
@@ -46,7 +30,7 @@ def client(monkeypatch, tmp_path):
 
 
 def test_compile_run_read_back(compiled, client):
-    _, out, report = compiled
+    out, report = compiled
     uri, mlflow = client
     result = CliRunner().invoke(package, [str(out), "--mlflow", uri, "--register", "cnn-cpu"])
     assert result.exit_code == 0, (result.output, result.exception)
@@ -92,7 +76,7 @@ def test_compile_run_read_back(compiled, client):
 
 
 def test_gate_run(compiled, client):
-    _, out, report = compiled
+    out, report = compiled
     uri, mlflow = client
     result = CliRunner().invoke(gate, [str(out), "--max-accuracy-drop", "100", "--max-size-mb", "0.000001",
                                        "--mlflow", uri, "--register", "cnn-gated"])
@@ -107,7 +91,7 @@ def test_gate_run(compiled, client):
 
 
 def test_register_needs_mlflow(compiled):
-    _, out, _ = compiled
+    out, _ = compiled
     result = CliRunner().invoke(package, [str(out), "--register", "x", "--metrics-file", str(out.parent / "m.prom")])
     assert isinstance(result.exception, ConfigError) and "--register NAME needs --mlflow" in str(result.exception)
     assert not (out.parent / "m.prom").exists()
