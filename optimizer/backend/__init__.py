@@ -1,0 +1,16 @@
+"""dlopt's backends as ONNX backends (``onnx.backend.base``), for the ONNX backend test suite.
+
+``dlopt.backend.ort``, ``dlopt.backend.openvino`` and ``dlopt.backend.tvm`` each run a
+model through one dlopt backend; ``dlopt.backend.cpu`` picks, per model, a backend of
+the ``cpu`` profile that supports it and checks its outputs against a second one.
+Each module offers ``prepare``, ``run_model`` (also as ``run``), ``run_node``,
+``supports_device`` and ``is_compatible``, as ``onnxruntime.backend`` does::
+
+    import dlopt.backend.openvino as backend
+    rep = backend.prepare(onnx_model, "CPU")
+    outputs = rep.run([x])
+
+See docs/conformance.md for how each passes the ONNX backend test suite.
+"""
+
+BACKENDS = ("ort", "openvino", "tvm", "cpu")
