@@ -385,7 +385,8 @@ def arguments(inputs: list[dict], feeds: dict[str, np.ndarray], make_tensor) -> 
     """The library's arguments in model order, each checked against the shape it was built for."""
     args = []
     for spec in inputs:
-        array = np.ascontiguousarray(feeds[spec["name"]], dtype=spec["dtype"])
+        # np.ascontiguousarray would give a 0-d input (a Clip bound) shape [1]
+        array = np.require(np.asarray(feeds[spec["name"]], dtype=spec["dtype"]), requirements="C")
         if list(array.shape) != spec["shape"]:
             raise DataError(f"input {spec['name']!r} has shape {list(array.shape)}; this TVM library was "
                             f"built for {spec['shape']}")
