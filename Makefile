@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench clean system-deps arm64-env
 
 # Debian packages the tests use: real data that works offline (Fashion-MNIST for the INT8
-# accuracy test), the aarch64 cross compiler for TVM's ARM builds, Chromium to render report.html.
-SYSTEM_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu chromium
+# accuracy test), the aarch64 cross compiler for TVM's ARM builds, Chromium to render report.html, the
+# Cortex-M cross compiler, its C library and qemu-system-arm for the microcontroller backend.
+SYSTEM_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu chromium gcc-arm-none-eabi libnewlib-arm-none-eabi \
+  qemu-system-arm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -193,6 +193,10 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
               help="Unstructured pruning: zero this fraction (e.g. 0.5) of each Conv/Gemm/MatMul layer's smallest "
                    "weights. The report gives the sparsity reached; dense backends gain compressed size, not speed "
                    "(for speed, prune channels with dlopt.prune / dlopt.compress in Python).")
+@click.option("--max-ram", type=click.IntRange(min=1), default=None, metavar="BYTES",
+              help="Microcontroller targets: fail when RAM (arena + data + stack estimate) exceeds BYTES.")
+@click.option("--max-flash", type=click.IntRange(min=1), default=None, metavar="BYTES",
+              help="Microcontroller targets: fail when flash (code + weights + data) exceeds BYTES.")
 @click.option("--no-tuning", is_flag=True, help="Build TVM candidates untuned even where a tuning database exists.")
 @click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
               help="A TVM RPC tracker: TVM candidates for a target that is not this machine are verified and timed "
@@ -204,7 +208,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, metric, runs,
             warmup, threads,
-            then_gate, no_cache, wait, tuning_db, prune, no_tuning, rpc_tracker, rpc_key, as_json, quiet, publishing):
+            then_gate, no_cache, wait, tuning_db, prune, max_ram, max_flash, no_tuning, rpc_tracker, rpc_key, as_json, quiet, publishing):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -240,6 +244,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
             search_time=search_time, wait=wait, cache=not no_cache, progress=TerminalProgress(not (quiet or as_json)),
             rpc_tracker=rpc_tracker, rpc_key=rpc_key, tuning_db=False if no_tuning else tuning_db, prune=prune,
+            max_ram=max_ram, max_flash=max_flash,
         )
     except AccuracyBudgetExceeded as exc:  # the closest model was written: show its report, then fail
         _print_report(exc.report, as_json=as_json)

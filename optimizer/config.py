@@ -67,6 +67,8 @@ class CompileConfig:
     # TVM tuning databases: a folder [default: $DLOPT_TUNING_DB or ~/.cache/dlopt/tuning], or False for none
     tuning_db: str | os.PathLike | bool | None = None
     prune: float | None = None  # zero this fraction of each layer's smallest weights (unstructured)
+    max_ram: int | None = None  # bytes of RAM a microcontroller build may use (arena + data + stack)
+    max_flash: int | None = None  # bytes of flash it may use (code + weights + data)
     # top1 | cosine | rel-error | "module:function" | f(first_outputs, labels) -> float; None: by the outputs
     metric: str | Callable | None = field(default=None, compare=False)
     # a function f(stage, done, total), True for the terminal progress bars, or None
@@ -87,6 +89,9 @@ class CompileConfig:
             cores = machine_cores()
             if not 1 <= self.threads <= cores:
                 raise ConfigError(f"threads must be between 1 and this machine's {cores} cores, got {self.threads}")
+        for name in ("max_ram", "max_flash"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} is a number of bytes, at least 1, got {getattr(self, name)}")
         if self.prune is not None and not 0 < self.prune < 1:
             raise ConfigError(f"--prune is the fraction of each layer's weights to zero, between 0 and 1 "
                               f"(exclusive), got {self.prune}")
@@ -169,6 +174,8 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "rpc_key": ((str, type(None)), "a device key"),
     "tuning_db": ((str, os.PathLike, bool, type(None)), "a folder, False or None"),
     "prune": ((numbers.Real, type(None)), "a fraction or None"),
+    "max_ram": ((numbers.Integral, type(None)), "a number of bytes or None"),
+    "max_flash": ((numbers.Integral, type(None)), "a number of bytes or None"),
 }
 
 

@@ -482,6 +482,8 @@ def _run(job: Job, notes: list[str]) -> Report:
             scored = [b for b in builds.built if b.candidate.score is not None and b.artifact is not None]
             if not scored:
                 reasons = "; ".join(f"{b.candidate.key}: {b.candidate.reason}" for b in builds.built)
+                if builds.built and all(b.candidate.status is Status.UNSUPPORTED for b in builds.built):
+                    raise ModelError(f"no backend of target {job.profile.name} supports this model ({reasons})")
                 raise CompileError(f"no backend of target {job.profile.name} produced a usable artefact ({reasons})")
             # Nothing met the budget: keep the closest so the work is not lost, and fail loudly.
             over_budget = min(scored, key=lambda b: b.candidate.score["drop_pp"]).candidate

@@ -243,7 +243,15 @@ def _install_tensorrt(mine: list[_Shipped]) -> list[str]:
             + "; run_candidates.py and `dlopt verify` do not run TensorRT engines yet (they list them as skipped)"]
 
 
-_INSTALL = {"ort": _install_ort, "openvino": _install_openvino, "tvm": _install_tvm, "tensorrt": _install_tensorrt}
+def _install_c(mine: list[_Shipped]) -> list[str]:
+    del mine
+    return ["C sources for a microcontroller: nothing to install on the device; build `model.c` and "
+            "`dlopt_kernels.c` into the firmware (see INTEGRATION.md). For the figures here: "
+            "`apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm`"]
+
+
+_INSTALL = {"ort": _install_ort, "openvino": _install_openvino, "tvm": _install_tvm, "tensorrt": _install_tensorrt,
+            "c": _install_c}
 
 
 def _dims(shape) -> str:

@@ -23,6 +23,7 @@ BACKEND_MODULES = {
     "openvino": "dlopt.targets.openvino",
     "tvm": "dlopt.targets.tvm",
     "tensorrt": "dlopt.targets.tensorrt",
+    "c": "dlopt.targets.c",
 }
 
 
