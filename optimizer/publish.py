@@ -53,6 +53,8 @@ def summary_line(report: Report) -> str:
         lat = chosen.measurement.latency
         parts.append(f"p50 {lat['p50_ms']:.3f} ms (95% CI {lat['ci_low_ms']:.3f}-{lat['ci_high_ms']:.3f}) at "
                      f"{timing.get('shape', '?')}, measured on {lat['measured_on']} ({lat['runs']} runs)")
+    elif chosen.status != "ok":  # rejected: only candidates within the budget are timed
+        parts.append("not timed (no candidate met the accuracy budget)")
     else:
         parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
                      f"(run `dlopt bench` there)")
