@@ -187,7 +187,8 @@ def build(
     tuning = ({"database": tuned, "tuned_tasks": artifact.settings.get("tuned_tasks"),
                "tasks": artifact.settings.get("tasks"), "summary": artifact.settings.get("tuning")} if tuned else None)
     base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in before + result.records],
-                     artifact_files=list(artifact.files), quantiser=_quantiser_label(who), tuning=tuning)
+                     artifact_files=list(artifact.files), quantiser=_quantiser_label(who), tuning=tuning,
+                     mcu=mcu_figures(artifact.settings))
     remote = ev.config.remote if not artifact.loadable_here and artifact.check_onnx is None else None
     if remote is not None and limit is None:
         return _on_remote(ev, backend, artifact, base, remote, result.model)
@@ -215,7 +216,9 @@ def build(
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
         return Built(replace(base, status=Status.FAILED, reason=f"could not run: {first_line(exc)}"))
     fidelity = compare(ev.reference[: len(outputs)], outputs).to_dict()
-    measurement = Measurement(None, artifact.size_bytes(), ev.accuracy(outputs))
+    # a microcontroller build's size is what it takes in flash, not its source files
+    size = (base.mcu or {}).get("flash_bytes") or artifact.size_bytes()
+    measurement = Measurement(None, size, ev.accuracy(outputs))
     cand = replace(base, ran_as=ran_as, fidelity=fidelity, measurement=measurement, reason=_where(ev, artifact))
     if too_slow:
         return Built(replace(cand, status=Status.REJECTED, reason=too_slow), artifact, outputs, result.model)
@@ -262,7 +265,40 @@ def _quantiser_label(who: str | None) -> str | None:
     return f"{package} {version(package)}{who[len(package):]}"
 
 
+def mcu_figures(settings) -> dict | None:
+    """A microcontroller build's memory and size figures and its emulator run (the C backend's settings)."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("memory"), dict):
+        return None
+    memory, figures, qemu = settings["memory"], settings.get("figures") or {}, settings.get("qemu") or {}
+    return {"mcpu": settings.get("mcpu"), "arena_bytes": memory.get("arena_bytes"),
+            "liveness_lower_bound_bytes": memory.get("liveness_lower_bound_bytes"),
+            "flash_bytes": figures.get("flash_bytes"), "ram_bytes": figures.get("ram_bytes"),
+            "sections": figures.get("sections"), "stack_estimate_bytes": figures.get("stack_estimate_bytes"),
+            "compiler": figures.get("compiler"), "undefined_symbols": figures.get("undefined_symbols"),
+            "qemu": {k: qemu.get(k) for k in ("board", "samples", "max_abs_diff", "instructions_per_run",
+                                               "instructions_note")} if qemu else None}
+
+
+def describe_mcu(mcu: dict) -> str:
+    """One clause: flash, RAM, arena against its lower bound, and the emulator check."""
+    text = f"arena {mcu['arena_bytes']} B (liveness lower bound {mcu['liveness_lower_bound_bytes']} B)"
+    if mcu.get("flash_bytes") is not None:
+        text = (f"{mcu['flash_bytes']} B flash, {mcu['ram_bytes']} B RAM for {mcu.get('mcpu')} "
+                f"({mcu.get('compiler')}); " + text)
+    qemu = mcu.get("qemu")
+    if qemu:
+        runs = qemu.get("instructions_per_run") or []
+        text += (f"; qemu {qemu['board']} gave the host's outputs on {qemu['samples']} inputs (max difference "
+                 f"{qemu['max_abs_diff']:.1e})" + (f", {max(runs):,} emulator instructions per run (a proxy, "
+                                                    f"not device latency)" if runs else ""))
+    return text
+
+
 def _where(ev: Evaluation, artifact) -> str:
+    mcu = mcu_figures(artifact.settings)
+    if mcu is not None:
+        return (f"C sources verified on this machine (host gcc build); {describe_mcu(mcu)}; a microcontroller "
+                f"build is not timed here")
     if not artifact.loadable_here:
         return (f"its {artifact.check_onnx} verified on ONNX Runtime here; not yet measured on the "
                 f"{ev.profile.name} device: run `dlopt bench` there")

@@ -55,6 +55,10 @@ def summary_line(report: Report) -> str:
                      f"{timing.get('shape', '?')}, measured on {lat['measured_on']} ({lat['runs']} runs)")
     elif chosen.status != "ok":  # rejected: only candidates within the budget are timed
         parts.append("not timed (no candidate met the accuracy budget)")
+    elif chosen.mcu:
+        from dlopt.candidates import describe_mcu
+
+        parts.append(f"a microcontroller build, not timed: {describe_mcu(chosen.mcu)}")
     else:
         parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
                      f"(run `dlopt bench` there)")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Candidate:
     float_nodes: list[dict[str, Any]] = field(default_factory=list)  # mixed precision: nodes kept in float
     quantiser: str | None = None  # who quantised it, with version ("nncf 3.4.0", "onnxruntime 1.32.0 static")
     tuning: dict[str, Any] | None = None  # TVM: {"database", "tuned_tasks", "tasks", "trials"} when one was applied
+    mcu: dict[str, Any] | None = None  # C backend: arena, liveness bound, flash/RAM, sections, qemu run
     passes: list[dict[str, Any]] = field(default_factory=list)
     artifact_files: list[str] = field(default_factory=list)
     artifact_dir: str | None = None  # where its files are in the output folder ("." = top level)

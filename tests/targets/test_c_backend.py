@@ -273,3 +273,19 @@ def test_cli_exit_codes_for_an_unsupported_op_and_a_ram_limit(tmp_path):
     assert done.returncode == 3, done.stderr
     assert "over --max-ram 1024; the liveness lower bound is 1280" in done.stderr
     assert not (tmp_path / "cnn-out").exists()
+
+
+def test_the_report_carries_the_microcontroller_figures(tmp_path):
+    model = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), model)
+    report = dlopt.compile(model, target="cortex-m7", out=tmp_path / "out", precision="fp32", samples=4)
+    mcu = report.chosen_candidate().mcu
+    assert mcu["arena_bytes"] == mcu["liveness_lower_bound_bytes"] == 1280
+    assert mcu["mcpu"] == "cortex-m7"
+    if cross_tools() is True:
+        assert mcu["flash_bytes"] == sum(mcu["sections"][k] for k in ("code", "weights_rodata", "data"))
+        assert mcu["ram_bytes"] == mcu["sections"]["bss"] + mcu["sections"]["data"] + mcu["stack_estimate_bytes"]
+        assert report.chosen_candidate().measurement.size_bytes == mcu["flash_bytes"]
+        assert f"{mcu['flash_bytes']} B flash" in report.summary and "not device latency" in report.summary
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["schema_version"] == "1.4" and saved["candidates"][-1]["mcu"]["arena_bytes"] == 1280
