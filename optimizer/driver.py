@@ -464,7 +464,7 @@ def _run(job: Job, notes: list[str]) -> Report:
     from dlopt.passes import generic_passes
     from dlopt.publish import assemble, publish_output
 
-    generic = run_pipeline(job.model, generic_passes(prune=job.config.prune))
+    generic = run_pipeline(job.model, generic_passes(prune=job.config.prune, model=job.model))
     generated = largest_generated_constant(generic.model)
     if generated > GENERATED_CONSTANT_LIMIT and job.config.precision == "auto":
         notes.append(f"only fp32 was tried: the model generates a {generated / 1e6:.0f} MB constant at run time, "

@@ -56,3 +56,21 @@ def converter_hazards(model: ir.Model) -> list[str]:
     if size > GENERATED_CONSTANT_LIMIT:
         hazards.append(f"ConstantOfShape generating {size / 1e6:.0f} MB (limit {GENERATED_CONSTANT_LIMIT >> 20} MB)")
     return hazards
+
+
+_SEQUENCE_OPS = frozenset({"SplitToSequence", "ConcatFromSequence"})
+
+
+def has_sequences(model: ir.Model) -> bool:
+    """Whether ``model`` makes or takes sequences or optionals (ops of those types, or such inputs/outputs)."""
+    if any(v.type is not None and not isinstance(v.type, ir.TensorType)
+           for v in (*model.graph.inputs, *model.graph.outputs)):
+        return True
+    return any(n.op_type.startswith(("Sequence", "Optional")) or n.op_type in _SEQUENCE_OPS
+               for n in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def has_subgraphs(model: ir.Model) -> bool:
+    """Whether ``model`` has control flow (If, Loop, Scan, SequenceMap bodies)."""
+    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for node in ir.traversal.RecursiveGraphIterator(model.graph) for attr in node.attributes.values())

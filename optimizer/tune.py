@@ -38,7 +38,7 @@ def backend_model(config: CompileConfig):
         raise ConfigError(f"TVM is not usable here: {status}")
     proto, model, info = _load(config)
     shapes = declared_shapes(tuple(input_specs(proto)), batch=config.batch, shapes=config.shapes)
-    generic = run_pipeline(model, generic_passes()).model
+    generic = run_pipeline(model, generic_passes(model=model)).model
     backend = get_backend("tvm")
     ready = run_pipeline(generic.clone(), [*backend.lowering_passes("fp32"), CheckerPass()]).model
     return profile, ready, shapes, info

@@ -37,11 +37,15 @@ __all__ = [
 ]
 
 
-def generic_passes(*, prune: float | None = None) -> list[ir.passes.PassBase]:
+def generic_passes(*, prune: float | None = None, model: ir.Model | None = None) -> list[ir.passes.PassBase]:
     """Check, infer shapes, simplify and fuse: output is standard ONNX for every backend.
 
     ``prune``: zero that fraction of each layer's smallest weights (:class:`MagnitudePrunePass`),
-    after BatchNorm folding so the zeros are the weights the backends see.
+    after BatchNorm folding so the zeros are the weights the backends see.  ``model``: the model
+    the passes are for; with control flow or sequences, onnx-ir's shape inference and identity
+    elimination are left out: the first types sequence values as tensors (ONNX Runtime then
+    refuses the model), the second lets a Scan body return one value twice, which ONNX Runtime's
+    Scan answers with uninitialised memory (found by the ONNX backend test suite, docs/conformance.md).
     """
     passes = [
         # below opset 13 per-channel quantisation cannot be expressed: convert (outputs checked) first
@@ -60,6 +64,11 @@ def generic_passes(*, prune: float | None = None) -> list[ir.passes.PassBase]:
         RemoveUnusedOpsetsPass(),
         NameFixPass(),  # unique node names: quantisation excludes nodes by name
     ]
+    if model is not None:
+        from dlopt.graph_facts import has_sequences, has_subgraphs
+
+        if has_subgraphs(model) or has_sequences(model):
+            passes = [p for p in passes if not isinstance(p, (ShapeInferencePass, IdentityEliminationPass))]
     if prune is not None:
         passes.insert(passes.index(next(p for p in passes if isinstance(p, MatMulAddToGemmPass))) + 1,
                       MagnitudePrunePass(sparsity=prune))

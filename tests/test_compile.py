@@ -190,3 +190,25 @@ def test_published_folder_loads_and_runs(compiled):
     assert max_rel_error(ref, got) <= 1e-4
     with pytest.raises(api.errors.ConfigError, match="not a dlopt output folder"):
         load_artifact(tmp)
+
+
+def test_a_model_with_sequences_compiles_and_keeps_its_sequence_types(tmp_path):
+    """onnx-ir's shape inference typed SplitToSequence's output as a tensor, and ONNX Runtime refused the
+    model ("does not match expected type (seq(tensor(float)))"): such models skip it now."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1, keepdims=1),
+             helper.make_node("ConcatFromSequence", ["seq"], ["y0"], axis=0),
+             helper.make_node("Relu", ["y0"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "t.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
+    report = api.compile(model, target="here", targets_file=tmp_path / "t.toml", out=tmp_path / "out",
+                         precision="fp32", runs=20, cache=False)
+    assert report.chosen == "ort/fp32"
+    names = [p["name"] for p in report.passes]
+    assert "ShapeInferencePass" not in names and "IdentityEliminationPass" not in names
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
+    with api.load(tmp_path / "out") as runner:
+        assert np.array_equal(runner.run({"x": x})[0], np.maximum(x, 0).T.reshape(6, 1))

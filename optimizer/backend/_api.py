@@ -37,38 +37,10 @@ PROFILE = "cpu"
 
 
 def fp32_passes(model: ir.Model | None = None) -> list[ir.passes.PassBase]:
-    """dlopt's generic passes less the opset upgrade and onnxsim (see the module docstring).
-
-    For a model with control flow (If, Loop, Scan, SequenceMap bodies) or sequences, shape
-    inference and identity elimination are left out too: the first types sequence values as
-    tensors (ORT then refuses the model), the second lets a Scan body return one value twice,
-    which ORT's Scan answers with uninitialised memory.
-    """
-    from onnx_ir.passes.common import IdentityEliminationPass, ShapeInferencePass
-
+    """dlopt's generic passes for ``model`` less the opset upgrade and onnxsim (see the module docstring)."""
     from dlopt.passes import SimplifyPass, UpgradeOpsetPass, generic_passes
 
-    left_out: tuple[type, ...] = (SimplifyPass, UpgradeOpsetPass)
-    if model is not None and (has_subgraphs(model) or has_sequences(model)):
-        left_out += (ShapeInferencePass, IdentityEliminationPass)
-    return [p for p in generic_passes() if not isinstance(p, left_out)]
-
-
-def has_sequences(model: ir.Model) -> bool:
-    """Whether ``model`` makes or takes sequences or optionals (ops of those types, or such inputs/outputs)."""
-    if any(v.type is not None and not isinstance(v.type, ir.TensorType)
-           for v in (*model.graph.inputs, *model.graph.outputs)):
-        return True
-    return any(n.op_type.startswith(("Sequence", "Optional")) or n.op_type in _SEQUENCE_OPS
-               for n in ir.traversal.RecursiveGraphIterator(model.graph))
-
-
-_SEQUENCE_OPS = frozenset({"SplitToSequence", "ConcatFromSequence"})
-
-
-def has_subgraphs(model: ir.Model) -> bool:
-    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-               for node in ir.traversal.RecursiveGraphIterator(model.graph) for attr in node.attributes.values())
+    return [p for p in generic_passes(model=model) if not isinstance(p, (SimplifyPass, UpgradeOpsetPass))]
 
 
 def optimise(model: ir.Model) -> tuple[ir.Model, list[str]]:
