@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	@$(MAKE) --no-print-directory arm64-env || echo "make arm64-env failed: the aarch64 emulation tests will be skipped"
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 # An emulated aarch64 for running the rpi5 TVM library here (dlopt.emulation): qemu-user, Debian's
 # arm64 Python with the C libraries it and the wheels load (sysroot/), PyPI's aarch64 wheels (site/;

@@ -131,8 +131,7 @@ def test_the_pruned_model_reloads_without_its_class_and_as_onnx(tmp_path):
     saved = json.loads((folder / "prune.json").read_text())
     assert saved["layers"]["stage2.0.conv1"] == ["Conv2d", 16, 8]  # out 32 -> 16, in 16 -> 8
     assert saved["report"]["params_after"] == result.report.params_after
-    # a second save replaces dlopt's own folder; a folder dlopt did not write is refused
-    result.save(folder)
+    # a folder dlopt did not write is refused before any work
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
