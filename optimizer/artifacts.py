@@ -115,9 +115,15 @@ def check_output_dir(out: Path, *, inputs: tuple[Path, ...] = ()) -> None:
 @contextlib.contextmanager
 def parents_made(out: Path) -> Iterator[None]:
     """Create the missing parents of ``out``; remove the ones made here again if the compile fails."""
-    made = [p for p in reversed(out.parents) if not p.exists()]
-    for folder in made:
-        folder.mkdir()
+    made = []
+    for folder in reversed(out.parents):
+        if folder.exists():
+            continue
+        try:
+            folder.mkdir()
+        except FileExistsError:  # there already, or another compile (a sibling output) just made it
+            continue
+        made.append(folder)
     try:
         yield
     except BaseException:

@@ -142,7 +142,8 @@ def test_another_target_is_another_folder_with_no_records(tuned):
 
 
 _CHILD = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import models, onnx_ir as ir
