@@ -183,8 +183,7 @@ def test_run_killed_with_sigkill_resumes_from_its_records(tmp_path, caplog):
 
 
 def test_sigint_stops_the_run_and_keeps_its_trials(tmp_path):
-    # 48 trials: far more than are recorded before the signal, so the run is still going when it
-    # arrives (with 12, a fast round finished the run first once: exit 0, no KeyboardInterrupt)
+    # 48 trials: far more than are recorded before the signal, so the run is still going when it arrives
     db = host_db(tmp_path / "db")
     child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS), root=str(db.root),
                                                                    threads=THREADS, trials=48)],
