@@ -19,6 +19,7 @@ place at the end; an existing folder is replaced only when dlopt wrote it.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -122,30 +123,36 @@ def _eval_arrays(eval_data) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def _top1(module, xs: list[np.ndarray], y: np.ndarray, batch: int = 500) -> float:
+    """``dlopt.distillation.accuracy`` over the evaluation arrays, the module in eval mode for the call."""
     import torch
 
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(y), batch):
-            logits = module(*(torch.from_numpy(np.ascontiguousarray(x[start:start + batch])) for x in xs))
-            correct += int((logits.argmax(-1).numpy() == y[start:start + batch]).sum())
-    return correct / len(y)
+    from dlopt.distillation import accuracy
+
+    was_training = module.training
+    module.eval()
+    try:
+        return accuracy(module, ((*(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])) for x in xs),
+                                  torch.from_numpy(y[i:i + batch])) for i in range(0, len(y), batch)))
+    finally:
+        module.train(was_training)
 
 
 def _write_npz(path: Path, names: Sequence[str], xs: list[np.ndarray], labels: np.ndarray | None = None) -> Path:
     arrays = {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, xs)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
-    with path.open("wb") as f:
-        np.savez(f, **arrays)
-    return path
+    from dlopt.artifacts import write_file
+
+    return write_file(path, lambda f: np.savez(f, **arrays))
 
 
 def _calibration(train_loader: Iterable, count: int) -> list[np.ndarray]:
+    from dlopt.distillation import split_batch
+
     parts: list[list[np.ndarray]] = []
     seen = 0
     for batch in train_loader:
-        xs = (batch,) if hasattr(batch, "shape") else tuple(batch)[:-1] if len(tuple(batch)) > 1 else tuple(batch)
+        xs, _ = split_batch(batch)
         parts.append([x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in xs])
         seen += len(parts[-1][0])
         if seen >= count:
@@ -162,18 +169,6 @@ def _lean(path: Path) -> Path:
         del node.metadata_props[:]
     onnx.save(model, str(path))
     return path
-
-
-def _ort_factory(path: Path, threads: int) -> Callable[[], Any]:
-    def make():
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return session
-    return make
 
 
 def compress(
@@ -218,7 +213,8 @@ def compress(
     from dlopt.distillation import distill
     from dlopt.exporter import export
     from dlopt.progress import TerminalProgress
-    from dlopt.pruning import _as_tuple, _input_names, prune, save_module
+    from dlopt.exporter import forward_names
+    from dlopt.pruning import _as_tuple, prune, save_module
     from dlopt.timing import time_interleaved
 
     if progress is True:
@@ -231,21 +227,19 @@ def compress(
     xs, y = _eval_arrays(eval)
     out = Path(out or f"{type(model).__name__.lower()}-compressed-{target}").resolve()
     check_output_dir(out)
-    names = _input_names(model, len(inputs))
+    names = forward_names(model, len(inputs))
     dynamic = {n: {0: "batch"} for n in names}
 
     report_progress("measure the teacher", 0, 1)
-    teacher_top1 = _top1(model.eval(), xs, y)
+    teacher_top1 = _top1(model, xs, y)
     report_progress("measure the teacher", 1, 1)
     report_progress("prune", 0, 1)
     pruned = prune(model, inputs, ratio, importance=importance, ignored_layers=ignored_layers,
                    global_pruning=global_pruning, round_to=round_to)
     report_progress("prune", 1, 1)
-    pruned_top1 = _top1(pruned.module.eval(), xs, y)
+    pruned_top1 = _top1(pruned.module, xs, y)
     logger.info("%s; top-1 %.2f%% -> %.2f%% before distillation", pruned.report.summary(), 100 * teacher_top1,
                 100 * pruned_top1)
-
-    import copy
 
     student = copy.deepcopy(pruned.module)
     try:
@@ -285,8 +279,9 @@ def compress(
                 max_accuracy_drop=max_accuracy_drop, precision=precision, batch=batch, runs=runs, threads=threads,
                 progress=progress or None, **compile_options)
         feed = {n: np.ascontiguousarray(np.repeat(x[:1], batch, axis=0), dtype=np.float32) for n, x in zip(names, xs)}
-        sessions = {name: _ort_factory(files[name], threads)() for name in ROWS}
-        runners = {name: (lambda f, s=s: s.run(None, f)) for name, s in sessions.items()}
+        from dlopt.targets.ort import OrtSession, session_settings
+
+        runners = {name: OrtSession(files[name], session_settings(threads)).run for name in ROWS}
         artefacts = {name: dlopt.load(staged / COMPILED[name], threads=threads) for name in reports}
         runners.update({f"{name} compiled": artefact.run for name, artefact in artefacts.items()})
         report_progress("time at batch %d" % batch, 0, 1)

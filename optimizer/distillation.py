@@ -76,7 +76,7 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 4.0):
                     reduction="batchmean", log_target=True) * temperature ** 2
 
 
-def _split(batch) -> tuple[tuple, Any]:
+def split_batch(batch) -> tuple[tuple, Any]:
     """(inputs, labels or None) from a loader's batch: a tensor, (x, y), or (x1, x2, ..., y) with labels last."""
     torch = _torch()
     if isinstance(batch, torch.Tensor):
@@ -124,18 +124,17 @@ def _projection(student_feature, teacher_feature):
     return torch.nn.Linear(s[-1], t[-1], bias=False)
 
 
-def _accuracy(model, loader, limit: int | None = None) -> float | None:
+def accuracy(model, batches: Iterable) -> float | None:
+    """Top-1 of ``model`` over ``(inputs..., labels)`` batches; None when they carry no labels."""
     torch = _torch()
     correct = seen = 0
     with torch.no_grad():
-        for batch in loader:
-            inputs, labels = _split(batch)
+        for batch in batches:
+            inputs, labels = split_batch(batch)
             if labels is None:
                 return None
             correct += int((model(*inputs).argmax(-1) == labels).sum())
             seen += len(labels)
-            if limit is not None and seen >= limit:
-                break
     return correct / seen if seen else None
 
 
@@ -205,7 +204,7 @@ def distill(
             sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
             batches, labelled = 0, False
             for batch in train_loader:
-                inputs, labels = _split(batch)
+                inputs, labels = split_batch(batch)
                 with torch.no_grad():
                     teacher_logits = teacher(*inputs)
                 student_logits = student(*inputs)
@@ -248,7 +247,7 @@ def distill(
                 "epoch", epoch, step, sums["loss"] / n, sums["kd"] / n,
                 sums["ce"] / n if labelled else None,
                 sums["feature"] / n if pairs else None,
-                accuracy=_accuracy(student, eval_loader) if eval_loader is not None else None,
+                accuracy=accuracy(student, eval_loader) if eval_loader is not None else None,
                 seconds=round(time.perf_counter() - start, 3))
             history.append(summary)
             logger.info("distil epoch %d/%d: loss %.4f (kd %.4f)%s, %.0f s", epoch, epochs, summary.loss,

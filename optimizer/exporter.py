@@ -70,7 +70,7 @@ def export(
     try:
         with torch.no_grad():
             expected = _flatten(module(*args))
-        names_in = list(input_names) if input_names is not None else _forward_names(module, len(args))
+        names_in = list(input_names) if input_names is not None else forward_names(module, len(args))
         names_out = list(output_names) if output_names is not None else (
             ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))])
         _check_axes(dynamic_axes, names_in, names_out)
@@ -92,7 +92,7 @@ def export(
     return path
 
 
-def _forward_names(module: Any, count: int) -> list[str]:
+def forward_names(module: Any, count: int) -> list[str]:
     """The dynamo exporter names inputs after ``forward``'s parameters; use them for both exporters."""
     try:
         params = [p.name for p in inspect.signature(module.forward).parameters.values()

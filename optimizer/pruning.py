@@ -78,12 +78,6 @@ class PruneReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "PruneReport":
-        data = dict(data)
-        data["layers"] = tuple(LayerChange(**layer) for layer in data["layers"])
-        return cls(**data)
-
     def summary(self) -> str:
         return (f"pruned {self.ratio:.0%} of channels ({self.importance} importance): parameters "
                 f"{self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.1%}), "
@@ -260,14 +254,6 @@ def prune(
 
 # -- saving and loading -------------------------------------------------------------------------------
 
-def _input_names(module, count: int) -> list[str]:
-    import inspect
-
-    params = [p.name for p in inspect.signature(module.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
-
-
 def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
                 report: PruneReport | None = None) -> Path:
     """Write ``folder``: model.pt (torch.save of the whole module: loading needs its class),
@@ -280,7 +266,7 @@ def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
     """
     import torch
 
-    from dlopt.exporter import export
+    from dlopt.exporter import export, forward_names
 
     folder = Path(folder)
     if folder.exists() and not _saved_by_us(folder):
@@ -299,7 +285,7 @@ def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
         batch = torch.export.Dim("batch", min=1)
         program = torch.export.export(module, doubled, dynamic_shapes=tuple({0: batch} for _ in doubled))
         torch.export.save(program, staged / "model.pt2")
-        names = _input_names(module, len(inputs))
+        names = forward_names(module, len(inputs))
         export(module, inputs, staged / "model.onnx", dynamic_axes={n: {0: "batch"} for n in names},
                input_names=names)
         torch.save(_tp().state_dict(module), staged / "pruned_state.pth")

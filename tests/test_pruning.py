@@ -216,9 +216,12 @@ def test_compress_prunes_distils_exports_compiles_and_puts_them_side_by_side(tea
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:1500], y[:1500]), batch_size=64,
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
     out = tmp_path / "compressed"
+    teacher.train()  # compress evaluates, prunes, distils and exports in eval mode, then leaves the mode as it was
     result = dlopt.compress(teacher, x[:1], loader, eval=(x[1500:].numpy(), y[1500:].numpy()), ratio=0.5,
                             target="host-ort", targets_file=toml, out=out, epochs=2, lr=3e-3, runs=20, precision="fp32",
                             threads=1)
+    assert teacher.training
+    teacher.eval()
     rows = {r.name: r for r in result.rows}
     assert list(rows) == ["teacher", "pruned", "student", "teacher compiled", "student compiled"]
     assert rows["student"].params == result.prune.params_after < 0.3 * rows["teacher"].params
