@@ -250,18 +250,22 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
         _print_report(exc.report, as_json=as_json)
         raise
     _print_report(report, as_json=as_json)
-    if publishing:
+
+    def record(gate_results=None) -> None:  # after the gate when there is one: a failed gate registers nothing
         from dlopt.publish_options import publish
 
-        for line in publish(report, report.output_dir, publishing):
+        for line in publish(report, report.output_dir, publishing, gate_results=gate_results):
             click.echo(line, err=as_json)
+
+    if publishing and not then_gate:
+        record()
     if then_gate:
         from dlopt.gate_cli import check_report, thresholds_from
 
         if not as_json:
             click.echo()
         check_report(report.to_dict(), thresholds_from(None, max_accuracy_drop=max_accuracy_drop),
-                     quiet=as_json)
+                     quiet=as_json, on_results=record if publishing else None)
 
 
 @main.command()

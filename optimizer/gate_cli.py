@@ -150,15 +150,9 @@ def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_m
     out_dir = folder if (folder / "manifest.json").is_file() else None
 
     def record(results) -> None:
-        from dataclasses import replace
-
         from dlopt.publish_options import publish
 
-        options = publishing
-        if publishing.register and not all(r.passed for r in results):  # never register what failed its gate
-            click.echo(f"dlopt: not registering {publishing.register}: the gate failed", err=True)
-            options = replace(publishing, register=None)
-        for line in publish(data, out_dir, options, gate_results=results):
+        for line in publish(data, out_dir, publishing, gate_results=results):
             click.echo(line, err=as_json)
 
     check_report(data, thresholds, base, junit=junit, markdown=markdown, as_json=as_json,

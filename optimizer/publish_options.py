@@ -141,6 +141,10 @@ def publish(report, out_dir: Path | None, publishing: PublishOptions, *, gate_re
     data = report.to_dict() if hasattr(report, "to_dict") else report
     out_dir = Path(out_dir) if out_dir is not None else None
     done: list[str] = []
+    register = publishing.register
+    if register is not None and gate_results is not None and not all(r.passed for r in gate_results):
+        done.append(f"mlflow: not registering {register}: the gate failed")  # never register what failed its gate
+        register = None
     if publishing.triton is not None:
         from dlopt.triton import write_repository
 
@@ -169,9 +173,9 @@ def publish(report, out_dir: Path | None, publishing: PublishOptions, *, gate_re
     if publishing.mlflow is not None:
         from dlopt.tracking import log_run
 
-        run = log_run(data, out_dir, tracking_uri=publishing.mlflow, register=publishing.register,
+        run = log_run(data, out_dir, tracking_uri=publishing.mlflow, register=register,
                       experiment=publishing.experiment, gate_results=gate_results)
         done.append(f"mlflow: run {run.run_id} in {run.tracking_uri}"
-                    + (f"; registered {publishing.register} version {run.model_version}" if run.model_version else ""))
+                    + (f"; registered {register} version {run.model_version}" if run.model_version else ""))
     return done
 

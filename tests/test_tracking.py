@@ -115,3 +115,22 @@ def dlopt_version(module: str) -> str:
     import importlib.metadata
 
     return importlib.metadata.version(module)
+
+
+def test_compile_then_gate_registers_nothing_when_the_gate_fails(tmp_path, client):
+    """`compile --gate --mlflow --register` publishes after the gate, with its results: a failed gate
+    logs its run but registers no version."""
+    import models
+    from cli import dlopt as run_cli
+
+    uri, mlflow = client
+    models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
+    (tmp_path / "dlopt.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n\n'
+                                         '[gate]\nmax-size-mb = 0.000001\n')
+    done = run_cli("compile", "cnn.onnx", "--target", "here", "--precision", "fp32", "--runs", "20", "--samples", "4",
+                   "-o", "out", "--gate", "--mlflow", uri, "--register", "cnn-compiled", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "not registering cnn-compiled: the gate failed" in done.stdout
+    assert mlflow.search_model_versions("name='cnn-compiled'") == []
+    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("dlopt").experiment_id])
+    assert run.data.tags["dlopt.gate.passed"] == "false" and run.data.tags["dlopt.gate.size"] == "failed"
