@@ -28,8 +28,6 @@ SUPPORTED_OPS = frozenset({
     "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Add", "Sub", "Mul", "Div", "Softmax",
     "Sigmoid", "Tanh", "QuantizeLinear", "DequantizeLinear", "Constant",
 })
-_ALIAS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
-_BINARY = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3}
 _INF = 3.4028234663852886e38  # FLT_MAX
 
 
