@@ -200,15 +200,27 @@ def published_entries(staged: Path) -> list[str]:
 
 def publish(staged: Path, out: Path) -> None:
     """Move a complete staged folder to ``out`` (resolved), replacing an earlier dlopt output there."""
-    with signals_deferred():
-        if not out.exists():
-            os.replace(staged, out)
-            return
+    def still_ours() -> None:
         unknown = _unknown_entries(out)
         if unknown:
             raise ConfigError(f"output folder {out} changed during the compile and now holds files dlopt "
                               f"did not write ({', '.join(unknown[:5])}); nothing was replaced")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_OLD_TAG}-{os.getpid()}-", dir=out.parent))
+
+    replace_folder(staged, out, check=still_ours)
+
+
+def replace_folder(staged: Path, out: Path, *, check: Callable[[], None] | None = None,
+                   old_dir: Path | None = None) -> None:
+    """Rename ``staged`` to ``out``; an existing ``out`` is first moved aside into ``old_dir`` (default:
+    its parent) and put back if the rename fails.  ``check`` runs (and may raise) before anything moves.
+    Signals are deferred meanwhile, so an interrupt never leaves ``out`` missing."""
+    with signals_deferred():
+        if not out.exists():
+            os.replace(staged, out)
+            return
+        if check is not None:
+            check()
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_OLD_TAG}-{os.getpid()}-", dir=old_dir or out.parent))
         os.replace(out, old / "previous")
         try:
             os.replace(staged, out)

@@ -303,21 +303,10 @@ def _staging_root(repository: Path) -> Path:
 
 
 def _swap(staged: Path, target: Path) -> None:
-    from dlopt.artifacts import signals_deferred
+    from dlopt.artifacts import replace_folder
 
-    with signals_deferred():
-        if not target.exists():
-            os.replace(staged, target)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.dlopt-old-{os.getpid()}-", dir=staged.parent))
-        os.replace(target, old / "previous")
-        try:
-            os.replace(staged, target)
-        except BaseException:
-            os.replace(old / "previous", target)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
+    # the old folder goes beside the staging folder, never into the repository Triton polls
+    replace_folder(staged, target, old_dir=staged.parent)
 
 
 def _read_json(path: Path):
