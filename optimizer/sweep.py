@@ -176,13 +176,22 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
 
 
 def complete(entry: Entry) -> dict | None:
-    """The report of an entry whose output is complete (a compile publishes it whole), else None."""
-    try:
-        report = json.loads((entry.out / "report.json").read_text())
-        manifest = json.loads((entry.out / "manifest.json").read_text())
-    except (OSError, ValueError):
+    """The report of an entry whose output is complete (a compile publishes it whole) and was built with
+    the entry's options as they are now, else None (it is compiled again)."""
+    from dlopt.report_schema import load_report
+    from dlopt.targets import read_manifest
+
+    manifest = read_manifest(entry.out)
+    if manifest is None:
         return None
-    return report if isinstance(report, dict) and isinstance(manifest, dict) else None
+    try:
+        report = load_report(entry.out / "report.json")
+    except DloptError:  # missing, damaged or of another schema
+        return None
+    recorded = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
+    if any(key in recorded and recorded[key] != value for key, value in entry.options.items()):
+        return None  # sweep.toml changed an option since
+    return report
 
 
 def compile_entry(entry: Entry) -> Row:

@@ -76,6 +76,13 @@ def test_sweep_on_ray_then_resume(tmp_path):
     assert "ModelError" in rows[2]["note"]
     assert not (tmp_path / "nightly" / "broken" / "here" / "fp32").exists()  # nothing half-written
 
+    # an option changed in sweep.toml since: the finished entries are compiled again, not "done"
+    (tmp_path / "sweep.toml").write_text(SWEEP.format(models='"cnn.onnx", "mlp.onnx"').replace("runs = 5", "runs = 6"))
+    again = run_sweep(load_sweep(tmp_path / "sweep.toml"))
+    assert [(r.model, r.status) for r in again.rows] == [("cnn", "ok"), ("mlp", "ok")]
+    manifest = json.loads((tmp_path / "nightly" / "cnn" / "here" / "fp32" / "manifest.json").read_text())
+    assert manifest["options"]["runs"] == 6
+
 
 def test_bad_sweep_files(tmp_path):
     models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
