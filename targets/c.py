@@ -160,7 +160,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
         "timing": f"not timed: the {profile.name} is not this machine; outputs verified with the host gcc build",
     }
     with tempfile.TemporaryDirectory(prefix="dlopt-c-") as tmp:
-        tools = c_verify.cross_tools()
+        tools, cross = c_verify.cross_tools(), None
         if tools is True:
             cross = c_verify.cross_compile(workdir, mcpu, Path(tmp) / "obj")
             s = cross.sections
@@ -175,7 +175,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
         _check_limits(settings, gen, max_ram, max_flash)
         qemu_ok = c_verify.qemu_tools()
         if qemu_ok is True and mcpu in c_verify.QEMU_BOARDS:
-            settings["qemu"] = _qemu_check(workdir, mcpu, gen, Path(tmp))
+            settings["qemu"] = _qemu_check(workdir, mcpu, gen, Path(tmp), cross.objects if cross else ())
         else:
             settings["qemu_unavailable"] = str(qemu_ok) if qemu_ok is not True else f"no qemu board for {mcpu}"
     (workdir / INTEGRATION).write_text(_readme(settings))
@@ -198,7 +198,7 @@ def _check_limits(settings: dict, gen, max_ram: int | None, max_flash: int | Non
                            f"over --max-flash {max_flash}")
 
 
-def _qemu_check(folder: Path, mcpu: str, gen, tmp: Path) -> dict:
+def _qemu_check(folder: Path, mcpu: str, gen, tmp: Path, objects: tuple[str, ...] = ()) -> dict:
     """Run a few seeded random inputs on the host build and under qemu; they must agree."""
     from dlopt.targets import c_verify
 
@@ -211,7 +211,7 @@ def _qemu_check(folder: Path, mcpu: str, gen, tmp: Path) -> dict:
     finally:
         host.close()
     board = c_verify.QEMU_BOARDS[mcpu][0]
-    got, counts = c_verify.run_qemu(folder, mcpu, samples, gen.inputs, gen.outputs, tmp / "qemu")
+    got, counts = c_verify.run_qemu(folder, mcpu, samples, gen.inputs, gen.outputs, tmp / "qemu", objects)
     diff = max(float(np.max(np.abs(np.asarray(e, np.float32).reshape(-1) - np.asarray(g, np.float32).reshape(-1))))
                for exp, out in zip(expected, got) for e, g in zip(exp, out))
     if not diff <= 1e-5:

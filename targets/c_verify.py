@@ -110,6 +110,7 @@ class CrossBuild:
     undefined: list[str]
     stack_bytes: int
     compiler: str
+    objects: tuple[str, ...] = ()  # the objects measured: the qemu image links these, not a rebuild
 
     def to_dict(self) -> dict:
         return {"compiler": self.compiler, "sections": self.sections, "arm_none_eabi_size": self.size_output,
@@ -151,7 +152,8 @@ def cross_compile(folder: Path, mcpu: str, build_dir: Path) -> CrossBuild:
     if bad:
         raise CompileError(f"the Cortex-M objects need symbols outside libm/libc memory functions: {', '.join(bad)}")
     return CrossBuild(sections, berkeley.strip(), undefined, _stack(build_dir), "arm-none-eabi-gcc " +
-                      _run(["arm-none-eabi-gcc", "-dumpversion"], build_dir, "arm-none-eabi-gcc").strip())
+                      _run(["arm-none-eabi-gcc", "-dumpversion"], build_dir, "arm-none-eabi-gcc").strip(),
+                      tuple(objects))
 
 
 def _stack(build_dir: Path) -> int:
@@ -253,8 +255,11 @@ CALIBRATION_INSNS = 2_000_000  # the harness's subs/bne loop
 
 
 def run_qemu(folder: Path, mcpu: str, samples: list[list[np.ndarray]], inputs: list[dict], outputs: list[dict],
-             build_dir: Path) -> tuple[list[list[np.ndarray]], list[int]]:
-    """Outputs of the Cortex-M image under qemu for each sample, and instructions per run (±40)."""
+             build_dir: Path, objects: tuple[str, ...] = ()) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Outputs of the Cortex-M image under qemu for each sample, and instructions per run (±40).
+
+    ``objects``: the library's objects as ``cross_compile`` built (and measured) them; without them
+    the sources are compiled into the image."""
     board, cpu = QEMU_BOARDS[mcpu]
     build_dir.mkdir(parents=True, exist_ok=True)
     arrays = []
@@ -275,7 +280,7 @@ def run_qemu(folder: Path, mcpu: str, samples: list[list[np.ndarray]], inputs: l
     _run(["arm-none-eabi-gcc", *cpu_flags(mcpu), *COMMON_FLAGS, "-Wno-unused-function", "-nostartfiles",
           "--specs=nano.specs", "--specs=nosys.specs", "-ffunction-sections", "-fdata-sections",
           "-Wl,--gc-sections", "-T", "link.ld", f"-I{folder}", f"-I{build_dir}", "harness.c",
-          *(str(folder / s) for s in SOURCES), "-lm", "-o", str(elf)], build_dir, "linking the qemu image")
+          *(objects or [str(folder / s) for s in SOURCES]), "-lm", "-o", str(elf)], build_dir, "linking the qemu image")
     text = _run(["qemu-system-arm", "-M", board, "-cpu", cpu, "-display", "none", "-monitor", "none",
                  "-serial", "null", "-icount", "shift=0", "-semihosting-config", "enable=on,target=native",
                  "-kernel", str(elf)], build_dir, f"qemu-system-arm -M {board}", stderr=True)
