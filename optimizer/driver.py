@@ -33,7 +33,7 @@ from dlopt.errors import AccuracyBudgetExceeded, CompileError, ConfigError, Mode
 from dlopt.evaluate import InputSpec, input_specs
 from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
 from dlopt.inputs import RandomInputs
-from dlopt.model_io import check_proto, load_ir, read_model_proto, sha256_file
+from dlopt.model_io import check_proto, decode_model_bytes, load_ir, read_model_proto, sha256_file
 from dlopt.pipeline import PipelineResult, run_pipeline
 from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile, resolve_target
@@ -85,10 +85,7 @@ class Measured:
 def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     model = config.model
     if isinstance(model, (bytes, bytearray, memoryview)):
-        try:
-            model = onnx.load_model_from_string(bytes(model))
-        except Exception as exc:  # protobuf's DecodeError and friends
-            raise ModelError(f"the bytes given as model are not a serialised ONNX model ({first_line(exc)})") from exc
+        model = decode_model_bytes(model)
     elif not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
         raise ModelError(f"model must be an .onnx path, serialised ONNX bytes or an onnx.ModelProto, "
                          f"got {type(model).__name__}")

@@ -220,11 +220,23 @@ def check_ops_known(proto: onnx.ModelProto, where: str) -> None:
         )
 
 
-def check_proto(proto: onnx.ModelProto) -> None:
-    """Validate an in-memory model (Python API users hand these over)."""
+def decode_model_bytes(data: bytes | bytearray | memoryview) -> onnx.ModelProto:
+    """A serialised ModelProto, parsed; ModelError when the bytes are not one."""
+    try:
+        return onnx.load_model_from_string(bytes(data))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"the bytes given as model are not a serialised ONNX model ({first_line(exc)})") from exc
+
+
+def check_proto(proto: onnx.ModelProto, *, interface: bool = True) -> None:
+    """Validate an in-memory model (Python API users hand these over).
+
+    ``interface=False`` accepts what only a caller that feeds the model itself can run (no inputs,
+    sequence inputs, empty tensors: the ONNX backend API's models)."""
     if not isinstance(proto, onnx.ModelProto):
         raise ModelError(f"expected an onnx.ModelProto or a path, got {type(proto).__name__}")
-    check_interface(proto, "model")
+    if interface:
+        check_interface(proto, "model")
     check_opsets(proto, "model")
     try:
         onnx.checker.check_model(proto)
