@@ -17,6 +17,10 @@ import dlopt as api
 
 # The ONNX Runtime target alone, so the ORT-specific results below do not depend on which
 # backend happens to be fastest on the machine running the tests.
+# Tests that assert which candidate ships time fewer runs than dlopt.timing.MIN_RUNS: no timing
+# difference then counts as significant, so the choice follows the precision and backend order and never
+# the noise of a shared machine (with 20 runs, a noisy CI run once shipped the original back).  The
+# policy itself is tested on frozen timings in test_selection.py.
 ORT_ONLY = '[targets.ort-cpu]\nbase = "cpu"\ndescription = "this CPU, ONNX Runtime only"\nbackends = ["ort"]\n'
 
 
@@ -25,7 +29,7 @@ def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
     (tmp / "dlopt.toml").write_text(ORT_ONLY)
     model = models.save(models.conv_bn_relu(channels=16, size=32, batch="N"), tmp / "m.onnx")
-    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp / "out", "--runs", "20", "--precision", "fp32",
+    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp / "out", "--runs", "10", "--precision", "fp32",
                    cwd=tmp)
     assert result.returncode == 0, result.stderr
     return tmp, result
@@ -94,7 +98,7 @@ def test_report_and_manifest_contents(compiled):
     assert ort_row["fidelity"]["top1_agreement"] == 1.0
     latency = ort_row["measurement"]["latency"]
     assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
-    assert latency["runs"] == 20 and latency["threads"] >= 1
+    assert latency["runs"] == 10 and latency["threads"] >= 1
     fold = next(p for p in report["passes"] if p["name"] == "FoldBatchNormPass")
     assert fold["modified"] and fold["changes"] == {"BatchNormalization": -1}
     assert [p["name"] for p in ort_row["passes"]] == ["FuseActivationForOrtPass", "CheckerPass"]
@@ -108,6 +112,8 @@ def test_report_and_manifest_contents(compiled):
     assert manifest["versions"]["onnxruntime"]
     settings = json.loads((tmp / "out" / "session_options.json").read_text())
     assert settings["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert settings["config_entries"] == {"session.x64quantprecision": "1"}  # exact int8 kernels without VNNI
+    assert "options.add_session_config_entry('session.x64quantprecision', '1')" in (tmp / "out" / "README.md").read_text()
     md = (tmp / "out" / "report.md").read_text()
     assert "| ort " in md and "FoldBatchNormPass" in md
 
@@ -168,14 +174,20 @@ def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "rpi" / "report.json").read_text())
     rows = {c["precision"]: c for c in report["candidates"] if c["backend"] == "ort"}
-    assert set(rows) == {"fp32", "fp16", "int8"}
+    # int8 flips one of the 20 random samples' top-1 (5 points) with ORT's kernels on some CPUs (no AVX-512):
+    # then the mixed-precision fallback is built and is the one to ship
+    int8_ok = rows["int8"]["status"] == "ok"
+    assert set(rows) == ({"fp32", "fp16", "int8"} if int8_ok else {"fp32", "fp16", "int8", "mixed"})
     for row in rows.values():
-        assert row["status"] == "ok" and row["measurement"]["latency"] is None
-        assert "not yet measured on the rpi5 device" in row["reason"]
+        if row["status"] == "ok":
+            assert row["measurement"]["latency"] is None
+            assert "not yet measured on the rpi5 device" in row["reason"]
+    assert rows["fp32"]["status"] == rows["fp16"]["status"] == "ok"
     assert rows["fp32"]["fidelity"]["max_rel_error"] <= 1e-4
     # nothing can be timed here, so the target's precision preference decides, within the budget
-    assert report["chosen"] == "ort/int8" and rows["int8"]["score"]["drop_pp"] <= 1.0
-    assert "precision preference" in rows["int8"]["reason"]
+    preferred = "int8" if int8_ok else "mixed"
+    assert report["chosen"] == f"ort/{preferred}" and rows[preferred]["score"]["drop_pp"] <= 1.0
+    assert "precision preference" in rows[preferred]["reason"]
     assert "not measured" in result.stdout
 
 
@@ -205,7 +217,7 @@ def test_a_model_with_sequences_compiles_and_keeps_its_sequence_types(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (tmp_path / "t.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
     report = api.compile(model, target="here", targets_file=tmp_path / "t.toml", out=tmp_path / "out",
-                         precision="fp32", runs=20, cache=False)
+                         precision="fp32", runs=10, cache=False)
     assert report.chosen == "ort/fp32"
     names = [p["name"] for p in report.passes]
     assert "ShapeInferencePass" not in names and "IdentityEliminationPass" not in names

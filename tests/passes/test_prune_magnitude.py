@@ -73,7 +73,7 @@ def test_compile_prune_reports_the_sparsity_reached_and_writes_it(tmp_path):
     onnx.save(models.conv_bn_relu(channels=16, size=16), str(model))
     out = tmp_path / "out"
     done = dlopt("compile", model, "--target", "cpu", "--precision", "fp32", "--prune", "0.5", "-o", out,
-                 "--runs", "20", "--samples", "5", "--json", "--no-cache")
+                 "--runs", "10", "--samples", "5", "--json", "--no-cache")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     record = next(p for p in report["passes"] if p["name"] == "MagnitudePrunePass")
