@@ -171,6 +171,9 @@ def open_plain(folder: Path, backend: str, threads: int | None = None):
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                                    settings.get("graph_optimization_level", "ORT_ENABLE_ALL"))
         options.enable_cpu_mem_arena = bool(settings.get("enable_cpu_mem_arena", True))
+        # exact int8 kernels on x86 CPUs without VNNI (dlopt.targets.ort.CONFIG_ENTRIES; this script needs no dlopt)
+        for key, value in dict(settings.get("config_entries", {"session.x64quantprecision": "1"})).items():
+            options.add_session_config_entry(str(key), str(value))
         have = set(ort.get_available_providers())
         providers = [p for p in settings.get("providers", []) if p in have] or ["CPUExecutionProvider"]
         session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers,

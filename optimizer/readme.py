@@ -326,6 +326,10 @@ def _ort_code(s: _Shipped, feeds: str) -> list[str]:
             f"options.graph_optimization_level = ort.GraphOptimizationLevel.{level}"]
     if settings.get("enable_cpu_mem_arena") is False:
         code.append("options.enable_cpu_mem_arena = False")
+    entries = settings.get("config_entries")
+    for key, value in (entries.items() if isinstance(entries, dict) else ()):
+        code.append(f"options.add_session_config_entry({str(key)!r}, {str(value)!r})"
+                    + ("  # exact int8 kernels on x86 CPUs without VNNI" if key == "session.x64quantprecision" else ""))
     code += [f"providers = [p for p in {providers!r} if p in ort.get_available_providers()]",
              f"session = ort.InferenceSession({s.path('model.onnx')!r}, options, providers=providers"
              + (f", disabled_optimizers={disabled!r})" if disabled else ")"),

@@ -236,6 +236,9 @@ def _session(proto: onnx.ModelProto, threads: int, folder: Path | None = None):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    from dlopt.targets.ort import apply_config_entries
+
+    apply_config_entries(options)  # exact int8 kernels on x86 CPUs without VNNI
     if proto.ByteSize() < _PROTO_LIMIT or folder is None:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     path = folder / "float.onnx"

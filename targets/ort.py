@@ -79,6 +79,23 @@ def providers_for(profile) -> list[str]:
     return list(NVIDIA_PROVIDERS if profile.device == "gpu" and profile.cuda_arch else CPU_PROVIDERS)
 
 
+# ONNX Runtime's int8 matrix kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add pairs of
+# uint8 x int8 products in 16 bits (vpmaddubsw), which saturates: on an AMD EPYC with AVX2 only (ORT 1.32)
+# static int8 Conv models were 10-15% off their own QDQ arithmetic and lost every int8 candidate to the
+# accuracy budget, while an AVX-512 VNNI machine ran the same models exactly.  This entry makes ORT use its
+# exact U8U8 kernels on such CPUs; ORT ignores it on CPUs with VNNI and on ARM, and float models have no
+# int8 kernels.  Every session dlopt opens or ships carries it: the int8 a user deploys is the int8 that
+# was verified and timed.
+CONFIG_ENTRIES = {"session.x64quantprecision": "1"}
+
+
+def apply_config_entries(options, settings: dict | None = None) -> None:
+    """Add the session config entries of ``settings`` (artefacts from before they were recorded: ours)."""
+    entries = (settings or {}).get("config_entries", CONFIG_ENTRIES)
+    for key, value in dict(entries).items():
+        options.add_session_config_entry(str(key), str(value))
+
+
 def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threads_from: str | None = None) -> dict:
     """Session settings; for ``model`` (an onnx_ir Model) that generates a huge constant,
     ORT's own constant folding is switched off: it would materialise it at session start."""
@@ -89,6 +106,7 @@ def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threa
         **({"threads_from": threads_from} if threads_from else {}),
         "inter_op_num_threads": 1,
         "execution_mode": "ORT_SEQUENTIAL",
+        "config_entries": dict(CONFIG_ENTRIES),
         "onnxruntime_version": ort.__version__,
     }
     if model is not None:
@@ -146,6 +164,7 @@ class OrtSession:
         options.execution_mode = getattr(ort.ExecutionMode, settings.get("execution_mode", "ORT_SEQUENTIAL"))
         options.enable_cpu_mem_arena = bool(settings.get("enable_cpu_mem_arena", True))
         options.log_severity_level = 4  # failures raise with their message; no coloured log line on stderr
+        apply_config_entries(options, settings)
         target = model_path if isinstance(model_path, bytes) else str(model_path)
         self._session = ort.InferenceSession(
             target, options, providers=providers_here(settings.get("providers", CPU_PROVIDERS)),

@@ -30,7 +30,11 @@ def _conv_model(seed=0) -> onnx.ModelProto:
 
 
 def _run(model_path, x):
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    from dlopt.targets.ort import apply_config_entries
+
+    options = ort.SessionOptions()
+    apply_config_entries(options)  # exact int8 kernels on x86 CPUs without VNNI
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 
