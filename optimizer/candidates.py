@@ -124,8 +124,12 @@ def precision_passes(ev: Evaluation, backend_name: str, precision: str, exclude:
                                  exclude_nodes=exclude)]
 
     def static(**extra) -> list:
+        # OpenVINO's int8 kernels on x86 CPUs without VNNI saturate with 8-bit weights (ONNX Runtime's do too,
+        # but dlopt's sessions switch those to exact kernels: targets.ort.CONFIG_ENTRIES): 7 bits there
+        reduce_range = backend_name == "openvino" and ev.profile.int8_pairs_saturate()
         return [QuantizeStaticPass(ranges=ev.ranges, exclude_nodes=exclude, op_types=recipe.op_types if recipe else None,
-                                   symmetric_activations=ev.profile.int8_symmetric, **extra)]
+                                   symmetric_activations=ev.profile.int8_symmetric, reduce_range=reduce_range,
+                                   **extra)]
 
     table: dict[str, Callable[[], list]] = {
         "fp32": list,

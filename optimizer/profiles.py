@@ -56,6 +56,12 @@ class TargetProfile:
             and set(self.cpu_flags) <= _host_cpu_flags()
         )
 
+    def int8_pairs_saturate(self) -> bool:
+        """True where int8 kernels may add u8 x s8 pairs in 16 bits and saturate: x86 CPUs without VNNI
+        (this host's flags when the target runs here, else the flags the target declares)."""
+        flags = _host_cpu_flags() if self.runs_here() else frozenset(self.cpu_flags)
+        return self.device == "cpu" and self.arch == "x86_64" and not (_VNNI_FLAGS & flags)
+
     def threads_for(self, requested: int) -> tuple[int, str]:
         """Threads an artefact for this target should run with, and where that number came from.
 
@@ -86,6 +92,8 @@ def _host_cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# int8 dot-product instructions that accumulate in 32 bits (no 16-bit saturation)
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 _CPU_PRECISIONS = ("fp32", "fp16", "int8")
 _GPU_PRECISIONS = ("fp32", "fp16", "int8")
 _X86 = "x86_64-linux-gnu"

@@ -22,6 +22,8 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
     by default; activations uint8 asymmetric (``symmetric_activations=True`` gives
     int8 symmetric, what TensorRT expects).  Nodes named in ``exclude_nodes`` stay in
     float; with ``only_nodes`` just those nodes are quantised (sensitivity ranking).
+    ``reduce_range`` quantises weights to 7 bits, which int8 kernels that add u8 x s8 pairs in
+    16 bits (OpenVINO on x86 CPUs without VNNI) cannot saturate.
     ``note`` gives how many nodes were quantised.
     """
 
@@ -34,6 +36,7 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         exclude_nodes: Sequence[str] = (),
         only_nodes: Sequence[str] = (),
         op_types: Sequence[str] | None = None,
+        reduce_range: bool = False,
     ) -> None:
         super().__init__()
         self.ranges = Path(ranges)
@@ -42,6 +45,7 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         self.exclude_nodes = tuple(exclude_nodes)
         self.only_nodes = tuple(only_nodes)  # when set, quantise these nodes and nothing else
         self.op_types = list(op_types) if op_types else None
+        self.reduce_range = reduce_range
         self.note = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -65,6 +69,7 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
                         nodes_to_quantize=list(self.only_nodes) or None,
                         op_types_to_quantize=self.op_types,
                         calibrate_method=method, calibration_cache_path=self.ranges,
+                        reduce_range=self.reduce_range,
                         extra_options={"ActivationSymmetric": self.symmetric_activations,
                                        "WeightSymmetric": True},
                     )
@@ -75,6 +80,7 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         n_quant = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
         self.note = (f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
                      + ("" if per_channel or not self.per_channel else f"; per-tensor weights (opset {opset} < 13)")
+                     + ("; 7-bit weights" if self.reduce_range else "")
                      + (f"; renamed {renamed} initializer(s) whose names the quantiser reserves" if renamed else ""))
         return ir.passes.PassResult(result, True)
 
