@@ -11,7 +11,8 @@ point leaves every finished trial there, and the next run continues from the rec
 
 Builds run in worker processes through a builder that does not import
 ``tvm.s_tir.tensor_intrin`` (about 20 s per worker, mostly CUDA intrinsics); the
-scheduled code it compiles already carries any tensorised intrinsic.
+scheduled code it compiles already carries any tensorised intrinsic.  The tuning
+process itself imports it through ``meta_schedule()``, in 3 s instead of 44.
 """
 
 from __future__ import annotations
@@ -35,6 +36,45 @@ __all__ = ["ENV_ROOT", "LOCK", "META", "RECORDS", "WORKLOADS", "TuneResult", "Tu
            "build_kernel", "default_root", "lowering_pipeline", "model_digest", "target_key", "tune", "tuning_target"]
 
 logger = logging.getLogger(__name__)
+
+
+def _cheap_stack(context: int = 1) -> list:
+    """``inspect.stack()`` without ``inspect.getmodule``, which scans every module in ``sys.modules``
+    for each frame whose file it has not mapped yet (import machinery, "<ast>"): the same frames,
+    file names, line numbers and source line."""
+    import inspect
+    import linecache
+    import sys
+
+    frame, stack = sys._getframe(1), []
+    while frame is not None:
+        filename, lineno = frame.f_code.co_filename, frame.f_lineno
+        line = linecache.getline(filename, lineno, frame.f_globals) if context else ""
+        stack.append(inspect.FrameInfo(frame, filename, lineno, frame.f_code.co_name,
+                                       [line] if line else None, 0 if line else None))
+        frame = frame.f_back
+    return stack
+
+
+def meta_schedule():
+    """``tvm.s_tir.meta_schedule``, with the tensor intrinsics a ``TuneContext`` imports already imported.
+
+    Importing ``tvm.s_tir.tensor_intrin`` parses a few hundred TVMScript functions, each taking
+    ``inspect.stack()``: 44 s on a 2-core AVX2 EPYC (cProfile: 79 of 88 s in ``inspect.getmodule``),
+    3 s with ``_cheap_stack`` in its place for the import.  Every ``dlopt tune`` paid that.
+    """
+    import inspect
+    import sys
+
+    from tvm.s_tir import meta_schedule as ms
+
+    if "tvm.s_tir.tensor_intrin" not in sys.modules:
+        saved, inspect.stack = inspect.stack, _cheap_stack
+        try:
+            import tvm.s_tir.tensor_intrin  # noqa: F401
+        finally:
+            inspect.stack = saved
+    return ms
 # /proc/cpuinfo flag -> LLVM feature: the vector ISA MetaSchedule's rules and LLVM's vectoriser use.
 _CPU_FEATURES = {
     "x86_64": {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
@@ -176,9 +216,10 @@ def tune(model, profile, *, trials: int, time_budget_s: float | None = None, db:
     ``time_budget_s`` no new round starts and the result says so.
     """
     import tvm
-    from tvm.s_tir import meta_schedule as ms
 
     from dlopt.targets import tvm as backend
+
+    ms = meta_schedule()
 
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials must be a positive integer, got {trials!r}")
@@ -245,7 +286,7 @@ class _Run:
         self._meta_at = started
 
     def tune(self, profile, threads, runner) -> None:
-        from tvm.s_tir import meta_schedule as ms
+        ms = meta_schedule()
 
         per_round = min(64, max(1, math.ceil(self.wanted / len(self.tasks))))
         # MetaSchedule's population of 512 costs ~20 s of search per round on 2 cores: small

@@ -278,12 +278,16 @@ def _in_process_builder(folder):
 
 def test_a_two_trial_metaschedule_tune_measures_on_the_remote_server(local_rpc_server, tmp_path):
     import tvm
-    from tvm.s_tir import meta_schedule as ms
 
+    from dlopt.targets.tvm_tuning import meta_schedule
+
+    ms = meta_schedule()
     loads_before = local_rpc_server.log.read_text().count("trial.so")
     started = time.perf_counter()
     database = ms.tune_tir(tvm.IRModule({"main": _matmul()}), tvm.target.Target({"kind": "llvm", "num-cores": 1}),
                            str(tmp_path / "work"), max_trials_global=2, num_trials_per_iter=2, seed=0,
+                           # random traces: what is tested is the measuring over RPC, not the search
+                           strategy="replay-trace",
                            builder=_in_process_builder(tmp_path),
                            runner=ms_runner(local_rpc_server.device, number=2, repeat=1, min_repeat_ms=0, timeout=30))
     seconds = [float(s) for record in database.get_all_tuning_records() for s in record.run_secs]

@@ -270,3 +270,14 @@ def test_time_budget_stops_between_rounds_and_says_so(tuned, tmp_path):
     assert result.stopped == "stopped at the time budget of 0.5 s"
     assert result.trials_run == 0 == db.record_count()
     assert result.trials_run < 200
+
+
+def test_meta_schedule_imports_the_tensor_intrinsics_and_leaves_inspect_as_it_was():
+    """A fresh process: ``meta_schedule()`` registers the intrinsics a TuneContext needs (3 s, not 44)."""
+    code = ("import inspect\nfrom dlopt.targets.tvm_tuning import meta_schedule\nstack = inspect.stack\n"
+            "ms = meta_schedule()\nfrom tvm import s_tir\nfrom tvm.s_tir.tensor_intrin import x86\n"
+            "assert inspect.stack is stack and ms.TuneContext\n"
+            "print(s_tir.TensorIntrin.get(x86.VNNI_DOT_16x4_INTRIN) is not None)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
