@@ -146,8 +146,12 @@ def compute_ranges(
                 raise CompileError(f"calibration failed: {first_line(exc)}") from exc
         if counts["batches"] == 0:
             raise DataError("calibration data holds no samples")
-        with quiet():
-            tensors = calibrator.compute_data()
+        try:
+            with quiet():
+                tensors = calibrator.compute_data()
+        except ValueError as exc:  # ORT's histogram methods, when no tensor of op_types was seen
+            what = f"no {', '.join(op_types)} tensors" if op_types else "no float tensors"
+            raise CompileError(f"{method} calibration found {what} to calibrate ({first_line(exc)})") from exc
         del calibrator
         save_tensors_data(tensors, cache_path)
     return RangeStats(

@@ -186,3 +186,29 @@ def test_initializer_named_like_a_quantisation_scale_is_not_reused(tmp_path):
     assert "renamed 1 initializer" in qpass.note
     x = feeds[0]
     assert max_rel_error(run_ort(model, x)[0], run_ort(result.model, x)[0]) < 0.1
+
+
+def _erf_model():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "erf",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_histogram_calibration_with_nothing_to_calibrate_is_a_compile_error_and_auto_falls_back(tmp_path):
+    """An Erf-only model: ORT's histogram calibrators raised a bare ValueError (dlopt exit 70)."""
+    import dlopt
+    from dlopt.errors import CompileError
+
+    feeds = [{"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}]
+    with pytest.raises(CompileError, match="percentile calibration found no Conv, MatMul tensors to calibrate"):
+        compute_ranges(_erf_model(), feeds, tmp_path / "r.json", method="percentile", op_types=["Conv", "MatMul"])
+    (tmp_path / "t.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
+    report = dlopt.compile(_erf_model(), target="here", targets_file=tmp_path / "t.toml", out=tmp_path / "out",
+                           runs=3, samples=4, cache=False)
+    assert report.chosen == "ort/fp32"  # int8 quantises nothing here; the simpler precision ships on a tie
+    assert any("calibration failed" in n and "min-max ranges were used instead" in n for n in report.notes)
