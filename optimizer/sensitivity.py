@@ -231,14 +231,9 @@ def _plans(float_model: ir.Model, int8_model: ir.Model) -> list[_Replay]:
 def _session(proto: onnx.ModelProto, threads: int, folder: Path | None = None):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    from dlopt.targets.ort import apply_config_entries
+    from dlopt.targets.ort import cpu_session_options
 
-    apply_config_entries(options)  # exact int8 kernels on x86 CPUs without VNNI
+    options = cpu_session_options(threads, level="ORT_ENABLE_BASIC")
     if proto.ByteSize() < _PROTO_LIMIT or folder is None:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     path = folder / "float.onnx"

@@ -70,11 +70,9 @@ def _max_rel_error(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
     specs = input_specs(before)
     shapes = {s.name: s.concrete_shape() for s in specs}
     feed = RandomInputs.for_model(before, specs).feed(shapes, np.random.default_rng(0))
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    from dlopt.targets.ort import apply_config_entries
+    from dlopt.targets.ort import cpu_session_options
 
-    apply_config_entries(options)  # a QDQ input model: exact int8 kernels on x86 CPUs without VNNI
+    options = cpu_session_options(log_level=4)  # a QDQ input model: exact int8 kernels without VNNI too
     outputs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)
                for m in (before, after)]
     worst = 0.0

@@ -13,11 +13,9 @@ def to_proto(model) -> onnx.ModelProto:
 
 
 def run_ort(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from dlopt.targets.ort import apply_config_entries
+    from dlopt.targets.ort import cpu_session_options
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    apply_config_entries(options)  # exact int8 kernels on x86 CPUs without VNNI, as dlopt's own sessions
+    options = cpu_session_options()  # exact int8 kernels on x86 CPUs without VNNI, as dlopt's own sessions
     session = ort.InferenceSession(to_proto(model).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     return session.run(None, feeds)

@@ -30,10 +30,9 @@ def _conv_model(seed=0) -> onnx.ModelProto:
 
 
 def _run(model_path, x):
-    from dlopt.targets.ort import apply_config_entries
+    from dlopt.targets.ort import cpu_session_options
 
-    options = ort.SessionOptions()
-    apply_config_entries(options)  # exact int8 kernels on x86 CPUs without VNNI
+    options = cpu_session_options()  # exact int8 kernels on x86 CPUs without VNNI
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
