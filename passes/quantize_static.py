@@ -16,6 +16,12 @@ from dlopt.passes._ort_quant import quiet
 class QuantizeStaticPass(ir.passes.FunctionalPass):
     """Insert QuantizeLinear/DequantizeLinear pairs with ONNX Runtime's QDQ quantiser.
 
+    Guarantees: the result passes ONNX's checker, also with control flow (``If``/``Loop``/
+    ``Scan``): the main graph's ops are quantised, subgraph ops stay float, and the main
+    graph is re-sorted so that every value a subgraph reads from the outer scope is
+    produced before its ``If`` (ORT's quantiser sorts by explicit inputs only and placed
+    an ``If`` before the node producing what its branch read).
+
     Ranges come from a calibration cache written by :func:`dlopt.ranges.compute_ranges`
     on the same float model, so this pass never calibrates and can run many times
     (the mixed-precision search does).  Weights are int8, symmetric and per channel
@@ -76,12 +82,14 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
             except Exception as exc:
                 raise CompileError(f"INT8 quantisation failed: {first_line(exc)}") from exc
             quantized = onnx.load(out)
+        restored = _restore_outer_scope(quantized, proto)
         result = ir.serde.deserialize_model(quantized)
         n_quant = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
         self.note = (f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
                      + ("" if per_channel or not self.per_channel else f"; per-tensor weights (opset {opset} < 13)")
                      + ("; 7-bit weights" if self.reduce_range else "")
-                     + (f"; renamed {renamed} initializer(s) whose names the quantiser reserves" if renamed else ""))
+                     + (f"; renamed {renamed} initializer(s) whose names the quantiser reserves" if renamed else "")
+                     + (f"; {restored} subgraph(s) kept in float" if restored else ""))
         return ir.passes.PassResult(result, True)
 
 
@@ -111,6 +119,64 @@ def _rename_clashing_initializers(proto: onnx.ModelProto) -> int:
             mapping[init.name] = new
             init.name = new
     if mapping:
-        for node in graph.node:  # subgraphs keep their names: they cannot be quantised by name anyway
+        for node in _nodes_deep(graph):  # subgraphs read outer-scope initializers by name too
             node.input[:] = [mapping.get(name, name) for name in node.input]
     return len(mapping)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _nodes_deep(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from _nodes_deep(sub)
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names ``graph`` reads from enclosing scopes (not made by its own nodes, inputs or initializers)."""
+    local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    local |= {o for n in graph.node for o in n.output}
+    reads = set()
+    for node in graph.node:
+        reads.update(node.input)
+        for sub in _subgraphs(node):
+            reads |= _outer_reads(sub)
+    return reads - local - {""}
+
+
+def _restore_outer_scope(quantized: onnx.ModelProto, original: onnx.ModelProto) -> int:
+    """Make the main graph valid again for the subgraphs it holds; returns how many subgraph nodes there are.
+
+    A float initializer that only a subgraph still reads is put back (the quantiser drops
+    a weight's float copy once it has quantised it), then the main graph is sorted
+    topologically with each node's outer-scope reads counted as inputs, keeping the
+    quantiser's order wherever it was already valid.
+    """
+    graph = quantized.graph
+    holders = [n for n in graph.node if _subgraphs(n)]
+    if not holders:
+        return 0
+    reads = {id(n): set().union(*(_outer_reads(g) for g in _subgraphs(n))) for n in holders}
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    available |= {o for n in graph.node for o in n.output}
+    floats = {i.name: i for i in original.graph.initializer}
+    for name in sorted(set().union(*reads.values()) - available):
+        if name in floats:
+            graph.initializer.append(floats[name])
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        for k, node in enumerate(pending):
+            if all(i in ready for i in node.input) and reads.get(id(node), set()) <= ready:
+                break
+        else:  # a cycle or a read of a missing name: leave the order to the checker's message
+            ordered.extend(pending)
+            break
+        ordered.append(pending.pop(k))
+        ready.update(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return len(holders)

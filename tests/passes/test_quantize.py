@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -212,3 +213,58 @@ def test_histogram_calibration_with_nothing_to_calibrate_is_a_compile_error_and_
                            runs=3, samples=4, cache=False)
     assert report.chosen == "ort/fp32"  # int8 quantises nothing here; the simpler precision ships on a tie
     assert any("calibration failed" in n and "min-max ranges were used instead" in n for n in report.notes)
+
+
+def _if_model() -> onnx.ModelProto:
+    """Conv -> Relu -> ReduceMean in the main graph, then an If on a scalar ``sr`` whose branches read
+    the pooled tensor from the outer scope (Identity, or Mul by an initializer), then a MatMul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32) * 0.3, "m"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(8000, np.int64), "thr")]
+    then_g = helper.make_graph([helper.make_node("Identity", ["pooled"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Mul", ["pooled", "two"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("ReduceMean", ["r"], ["p4"], axes=[2, 3], keepdims=0, name="pool"),
+             helper.make_node("Identity", ["p4"], ["pooled"], name="id"),
+             helper.make_node("Greater", ["sr", "thr"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["branch"], then_branch=then_g, else_branch=else_g, name="if"),
+             helper.make_node("MatMul", ["branch", "m"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "if_model",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16]),
+                               helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_static_int8_of_a_model_with_an_if_on_a_scalar_input(tmp_path):
+    # ORT's quantiser sorted the If before the Identity its branches read ("Nodes in a graph must be
+    # topologically sorted"): the main graph is quantised, the branches stay float and run
+    proto = _if_model()
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32), "sr": np.array(sr, np.int64)}
+               for sr in (16000, 8000) * 6]  # both branches in the calibration data
+    compute_ranges(proto, batches, tmp_path / "calibration.json")
+    quant = QuantizeStaticPass(ranges=tmp_path / "calibration.json")
+    result = quant(ir.serde.deserialize_model(proto))
+    out = to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    counts = op_counts(result.model)
+    assert counts["If"] == 1 and counts["QuantizeLinear"] >= 3  # x, r and the If's output
+    weight_dq = {n.output[0] for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w")}
+    assert any(i in weight_dq for n in out.graph.node if n.op_type == "Conv" for i in n.input)
+    branches = [g for n in out.graph.node if n.op_type == "If" for a in n.attribute for g in [a.g]]
+    assert sorted(n.op_type for g in branches for n in g.node) == ["Identity", "Mul"]  # float, as they were
+    assert "1 subgraph(s) kept in float" in quant.note
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    for sr in (16000, 100):  # then and else branch
+        feeds = {"x": x, "sr": np.array(sr, np.int64)}
+        ref, got = run_ort(proto, feeds)[0], run_ort(result.model, feeds)[0]
+        assert max_rel_error(ref, got) < 0.05, sr
