@@ -2,7 +2,9 @@
 
 Guarantees: when :func:`export` returns, ``path`` holds a model that passes
 ``onnx.checker`` and that ONNX Runtime runs on the example inputs to the same
-outputs as the module in eval mode, within ``rtol``/``atol``.  Small models are one
+outputs as the module in eval mode, within ``rtol``/``atol``; when an input's first axis
+is symbolic, also at one more sample than the example (its rows repeated), so a batch
+the exporter fixed in a Reshape is refused, not written.  Small models are one
 self-contained file; weights too large for one protobuf go to ``<name>.data``
 beside it.  When anything fails nothing is left at ``path``.  torch is imported
 only here, inside the function, so the rest of dlopt runs without it.
@@ -23,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dlopt.errors import CompileError, ConfigError, TargetUnavailable, first_line
+from dlopt.errors import CompileError, ConfigError, ModelError, TargetUnavailable, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ def export(
 
     Raises :class:`TargetUnavailable` without torch, :class:`ConfigError` when
     ``path``'s folder is missing or ``dynamic_axes`` names neither an input nor an
-    output, :class:`CompileError`
+    output, :class:`ModelError` when the file declares a symbolic batch but does not
+    run like the module at another batch, :class:`CompileError`
     when no exporter succeeds, the result is invalid, or its outputs differ from
     torch's.
     """
@@ -81,6 +84,7 @@ def export(
                 model = _export_ir(torch, module, args, work, names_in, names_out, dynamic_axes, opset)
             files = _save_and_check(model, work / path.name)
             _verify(files[0], dict(zip(names_in, (_numpy(a) for a in args))), expected, rtol, atol)
+            _verify_other_batch(torch, module, files[0], args, names_in, rtol, atol)
             # Weights first, model last: the model file appears only once it is complete.
             for staged in reversed(files):
                 os.replace(staged, path.parent / staged.name)
@@ -193,25 +197,88 @@ def _save_and_check(model, target: Path) -> list[Path]:
     return files
 
 
-def _verify(model_path: Path, feeds: dict[str, np.ndarray], expected: list, rtol: float, atol: float) -> None:
-    """Run the written file on ONNX Runtime and compare every output with torch's."""
+def _run_ort(model_path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    try:
-        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
-        actual = session.run(None, feeds)
-    except Exception as exc:
-        raise CompileError(f"ONNX Runtime cannot run the exported model: {first_line(exc)}") from exc
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # a failing kernel is reported once, in dlopt's error
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+
+
+def _difference(actual: list, expected: list, rtol: float, atol: float) -> tuple[str | None, float]:
+    """(what differs, in words, or None; the largest absolute error) between ORT's and torch's outputs."""
     if len(actual) != len(expected):
-        raise CompileError(f"exported model has {len(actual)} outputs, the module returns {len(expected)}")
+        return f"the file has {len(actual)} outputs, the module returns {len(expected)}", float("inf")
     worst = 0.0
-    for got, want in zip(actual, (_numpy(e) for e in expected)):
+    for index, (got, want) in enumerate(zip(actual, (_numpy(e) for e in expected))):
         if got.shape != want.shape:
-            raise CompileError(f"exported output shape {list(got.shape)} differs from torch's {list(want.shape)}")
+            return (f"output {index} has shape {list(got.shape)} where torch's has {list(want.shape)}",
+                    float("inf"))
         diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
         worst = max(worst, float(diff.max(initial=0.0)))
         if not np.all(diff <= atol + rtol * np.abs(want.astype(np.float64))):
-            raise CompileError(f"exported model differs from the torch module: max abs error {worst:.3e} "
-                               f"(rtol {rtol:g}, atol {atol:g})")
+            return f"max abs error {worst:.3e} (rtol {rtol:g}, atol {atol:g})", worst
+    return None, worst
+
+
+def _verify(model_path: Path, feeds: dict[str, np.ndarray], expected: list, rtol: float, atol: float) -> None:
+    """Run the written file on ONNX Runtime and compare every output with torch's."""
+    try:
+        actual = _run_ort(model_path, feeds)
+    except Exception as exc:
+        raise CompileError(f"ONNX Runtime cannot run the exported model: {first_line(exc)}") from exc
+    problem, worst = _difference(actual, expected, rtol, atol)
+    if problem is not None:
+        raise CompileError(f"exported model differs from the torch module: {problem}")
     logger.debug("exported outputs match torch: max abs error %.3e", worst)
+
+
+def symbolic_batch_inputs(model_path: Path) -> dict[str, str]:
+    """Input name -> the name of its symbolic first axis ("?" when unnamed), for inputs whose batch is not fixed."""
+    import onnx
+
+    from dlopt.evaluate import input_specs
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return {s.name: str(s.shape[0] or "?") for s in input_specs(proto) if s.shape and not isinstance(s.shape[0], int)}
+
+
+def _verify_other_batch(torch, module, model_path: Path, args: tuple, names_in: list[str],
+                        rtol: float, atol: float) -> None:
+    """A file that declares a symbolic batch must run like the module at another batch too.
+
+    torch's exporters can fix the batch in a Reshape (``x.view(1, ...)``, ``int(x.shape[0])``,
+    or a batch of 1 that torch.export specialised) while the input still says ``batch``: such a
+    file fails, or answers ``[1, ...]``, at any other batch.  The check feeds one more sample
+    than the example, made by repeating its rows.
+    """
+    symbolic = symbolic_batch_inputs(model_path)
+    grown = [i for i, name in enumerate(names_in)
+             if name in symbolic and i < len(args) and hasattr(args[i], "shape") and args[i].dim() and len(args[i])]
+    if not grown:
+        return
+    batch = len(args[grown[0]])
+    size = batch + 1
+    bigger = list(args)
+    for i in grown:
+        rows = torch.arange(size) % len(args[i])
+        bigger[i] = torch.index_select(args[i], 0, rows)
+    names = ", ".join(f"{names_in[i]} ({symbolic[names_in[i]]})" for i in grown)
+    fix = ("write the module batch-agnostic (x.reshape(x.shape[0], ...) or x.flatten(1), not x.view(1, ...) or "
+           "int(x.shape[0])) and export with an example batch of 2 or more, or leave the batch out of dynamic_axes")
+    try:
+        with torch.no_grad():
+            expected = _flatten(module(*bigger))
+    except Exception as exc:
+        raise ModelError(f"the export declares a symbolic batch for {names}, but the module itself fails at batch "
+                         f"{size} ({first_line(exc, 150)}): {fix}") from exc
+    try:
+        actual = _run_ort(model_path, dict(zip(names_in, (_numpy(a) for a in bigger))))
+        problem, worst = _difference(actual, expected, rtol, atol)
+    except Exception as exc:
+        problem, worst = f"ONNX Runtime fails ({first_line(exc, 150)})", float("inf")
+    if problem is not None:
+        raise ModelError(f"the export declares a symbolic batch for {names} but works only at the example's batch "
+                         f"{batch}: at batch {size} {problem}; the exporter fixed the batch in the graph: {fix}")
+    logger.debug("exported outputs match torch at batch %d too: max abs error %.3e", size, worst)

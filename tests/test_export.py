@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from dlopt.errors import CompileError, ConfigError  # noqa: E402
+from dlopt.errors import CompileError, ConfigError, ModelError  # noqa: E402
 from dlopt.exporter import export  # noqa: E402
 
 
@@ -50,6 +50,17 @@ class CountsCalls(torch.nn.Module):
     def forward(self, x):
         self.calls += 1
         return self.linear(x) + float(self.calls)
+
+
+class BakesBatch(torch.nn.Module):
+    """Runs at any batch in torch, but ``int(x.shape[0])`` is a constant to the exporter: 1 at a batch-1 example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.linear(x).reshape(int(x.shape[0]), -1)
 
 
 @pytest.fixture
@@ -145,3 +156,46 @@ def test_public_name_stays_the_function():
 
     assert dlopt.export is export
     assert callable(dlopt.export)
+
+
+def test_export_that_only_runs_at_the_example_batch_is_refused(tmp_path):
+    torch.manual_seed(2)
+    module = BakesBatch()
+    assert tuple(_torch(module, torch.randn(2, 8)).shape) == (2, 4)  # torch itself takes any batch
+    with pytest.raises(ModelError) as caught:
+        export(module, torch.randn(1, 8), tmp_path / "baked.onnx", {"x": {0: "batch"}})
+    message = str(caught.value)
+    assert "\n" not in message
+    # the ORT output is [1, 8] at batch 2 (the Reshape kept the example's 1), torch's [2, 4]
+    assert "symbolic batch for x (batch)" in message and "only at the example's batch 1" in message
+    assert "at batch 2 output 0 has shape [1, 8] where torch's has [2, 4]" in message
+    assert "example batch of 2 or more" in message and "x.view(1, ...)" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_module_that_fails_at_another_batch_in_torch_is_refused(tmp_path):
+    class FlattensAll(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 4)
+
+        def forward(self, x):  # [b, 2, 4] -> [1, 8 * b]: the Linear takes only b == 1
+            return self.linear(x.reshape(1, -1))
+
+    with pytest.raises(ModelError, match=r"module itself fails at batch 2 \("):
+        export(FlattensAll(), torch.randn(1, 2, 4), tmp_path / "flat.onnx", {"x": {0: "batch"}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_symbolic_batch_is_checked_at_one_more_sample(tiny, tmp_path, caplog):
+    x = torch.randn(3, 1, 8, 8)
+    with caplog.at_level("DEBUG", logger="dlopt.exporter"):
+        path = export(tiny, x, tmp_path / "tiny.onnx", {"x": {0: "batch"}})
+    assert path.exists()
+    checked = [r.getMessage() for r in caplog.records if "at batch" in r.getMessage()]
+    assert len(checked) == 1 and checked[0].startswith("exported outputs match torch at batch 4 too")
+    # a static export declares no batch to check
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="dlopt.exporter"):
+        export(BakesBatch(), torch.randn(1, 8), tmp_path / "static.onnx")
+    assert not [r for r in caplog.records if "at batch" in r.getMessage()]
