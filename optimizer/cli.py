@@ -177,6 +177,9 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
                    "per-sample cosine similarity with the original's outputs].")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
               help="Timed runs per model, interleaved with the others.")
+@click.option("--timing-budget", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              metavar="SECONDS", help="Seconds the interleaved timing of all models may take together; past it "
+              "each gets fewer runs than --runs (never under 20), and the report and summary say so.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
 @click.option("--gate", "then_gate", is_flag=True,
@@ -207,6 +210,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @publish_options
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, metric, runs,
+            timing_budget,
             warmup, threads,
             then_gate, no_cache, wait, tuning_db, prune, max_ram, max_flash, no_tuning, rpc_tracker, rpc_key, as_json, quiet, publishing):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
@@ -239,7 +243,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
     try:
         report = dlopt.compile(
             model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
-            runs=runs, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples, batch=batch,
+            runs=runs, timing_budget_s=timing_budget, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples, batch=batch,
             shapes=dict(parse_shape(text) for text in shapes) or None, metric=metric,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
             search_time=search_time, wait=wait, cache=not no_cache, progress=TerminalProgress(not (quiet or as_json)),

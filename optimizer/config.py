@@ -49,6 +49,9 @@ class CompileConfig:
     samples: int | None = None  # random feeds (default 20), or at most this many --eval samples (10000)
     runs: int = 100
     warmup: int = 10
+    # seconds the interleaved timing of all candidates may take together; past it each gets fewer runs
+    # (never under dlopt.timing.MIN_RUNS) and the report says so; the default is dlopt.timing.TIMING_BUDGET_S
+    timing_budget_s: float = 30.0
     threads: int | None = None
     seed: int = 0
     calib: Any = None
@@ -85,6 +88,9 @@ class CompileConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be 0 or more, got {self.warmup}")
+        if not (math.isfinite(self.timing_budget_s) and self.timing_budget_s > 0):
+            raise ConfigError(f"timing budget must be a finite number of seconds above 0 (--timing-budget), "
+                              f"got {self.timing_budget_s}")
         if self.threads is not None:
             cores = machine_cores()
             if not 1 <= self.threads <= cores:
@@ -159,6 +165,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "samples": ((numbers.Integral, type(None)), "an integer or None"),
     "runs": ((numbers.Integral,), "an integer"),
     "warmup": ((numbers.Integral,), "an integer"),
+    "timing_budget_s": ((numbers.Real,), "a number of seconds"),
     "threads": ((numbers.Integral, type(None)), "an integer or None"),
     "batch": ((numbers.Integral, type(None)), "an integer or None"),
     "shapes": ((Mapping, type(None)), "a dict of input name -> shape"),

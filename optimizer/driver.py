@@ -414,6 +414,7 @@ def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
         config = job.config
         timings = time_interleaved({k: r.run for k, r in runners.items()}, job.timing_feed, runs=config.runs,
                                    warmup=config.warmup, threads=config.thread_count, meters=meters,
+                                   max_seconds=config.timing_budget_s,
                                    progress=lambda d, t: _progress(config, "timing (interleaved)", d, t))
     finally:
         for runner in opened:

@@ -34,6 +34,9 @@ RESOLUTION_MS = 0.005
 # range, and two equal models' ranges separate one time in ten): fewer runs only ever tie.
 MIN_RUNS = 20
 Z95 = 1.959964
+# Seconds the interleaved timing of all finalists may take together (CompileConfig.timing_budget_s,
+# --timing-budget): a set too slow for the runs asked gets fewer, never under MIN_RUNS, and says so.
+TIMING_BUDGET_S = 30.0
 
 
 class Runner(abc.ABC):
@@ -115,17 +118,29 @@ class Timing:
     runs: int
     warmup: int
     threads: int
+    runs_requested: int | None = None  # what was asked for; more than ``runs`` when the timing budget cut them
+    budget_s: float | None = None  # the timing budget the runs were fitted into
 
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
+    @property
+    def cut(self) -> str | None:
+        """Says so when the timing budget left fewer runs than were asked for (None when it did not)."""
+        if self.runs_requested is None or self.runs >= self.runs_requested:
+            return None
+        return (f"{self.runs} of {self.runs_requested} runs: the timing budget of {self.budget_s:g} s was reached; "
+                f"--timing-budget S to change")
+
     @classmethod
-    def from_samples(cls, ms: np.ndarray, rounds: list[np.ndarray], *, warmup: int, threads: int) -> "Timing":
+    def from_samples(cls, ms: np.ndarray, rounds: list[np.ndarray], *, warmup: int, threads: int,
+                     runs_requested: int | None = None, budget_s: float | None = None) -> "Timing":
         low, high = median_interval(ms)
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         medians = np.array([np.median(r) for r in rounds if len(r)])
         cv = float(np.std(medians) / np.mean(medians)) if len(medians) > 1 and np.mean(medians) > 0 else 0.0
-        return cls(float(p50), float(p90), float(p99), float(ms.mean()), low, high, cv, int(len(ms)), warmup, threads)
+        return cls(float(p50), float(p90), float(p99), float(ms.mean()), low, high, cv, int(len(ms)), warmup, threads,
+                   runs_requested, budget_s)
 
 
 def median_interval(samples: np.ndarray, z: float = Z95) -> tuple[float, float]:
@@ -154,19 +169,21 @@ def time_interleaved(
     runs: int,
     warmup: int,
     threads: int,
-    max_seconds: float = 30.0,
+    max_seconds: float = TIMING_BUDGET_S,
     progress: Callable[[int, int], None] | None = None,
     meters: Mapping[str, object] | None = None,
 ) -> dict[str, Timing]:
     """Time every runner on ``feed`` in rotating round-robin blocks; ``runs`` timed runs each.
 
     Slow sets get fewer runs (at least MIN_RUNS each) so the whole comparison stays within
-    about ``max_seconds``; the result says how many were timed.  ``meters`` (energy
-    accounts, context managers) wrap each runner's timed blocks.
+    about ``max_seconds``; each Timing says how many were timed of how many asked for
+    (``Timing.cut``).  ``meters`` (energy accounts, context managers) wrap each runner's
+    timed blocks.
     """
     names = list(runners)
     if not names:
         return {}
+    requested = runs
     first = {}
     for name in names:  # one run each: the cost of a round, and the first-run effects out of the way
         start = time.perf_counter()
@@ -201,5 +218,6 @@ def time_interleaved(
         done += count
         if progress is not None:
             progress(done, runs)
-    return {name: Timing.from_samples(np.concatenate(samples[name]), samples[name], warmup=warmup, threads=threads)
+    return {name: Timing.from_samples(np.concatenate(samples[name]), samples[name], warmup=warmup, threads=threads,
+                                      runs_requested=requested, budget_s=max_seconds)
             for name in names}
