@@ -12,6 +12,9 @@ stream into batches.  What iteration guarantees, whatever the source:
   (a remainder is dropped); otherwise every batch holds ``batch_size`` samples except
   possibly the last (``batch_size=None``: the source's own batches, unchanged);
 - at most ``limit`` samples are read from the source, and no more are pulled;
+- each input's samples are items along its batch axis or whole tensors as fed
+  (:mod:`dlopt.layout`); a source with whole-tensor samples yields one sample per feed;
+- inputs given as ``constants`` need not be in the source and are added to every feed;
 - anything else raises :class:`dlopt.errors.DataError` with a one-line message that
   names the input, the source's batch (0-based, as the source delivered it) and the
   sample range it was found in; mismatches end with what the model expects.
@@ -25,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dlopt.errors import ConfigError, DataError
+from dlopt.layout import ITEM, Layout, layout_of, sample_kind
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +49,14 @@ def fixed_batch(specs: Sequence) -> int | None:
 
 
 def shape_mismatch(spec, shape: tuple[int, ...]) -> bool:
-    """Whether ``shape`` (first axis = samples) breaks the rank or a fixed later dimension of ``spec``."""
-    if not spec.shape:  # shape unknown to the model (no shape info): nothing to check
-        return False
-    if len(shape) != len(spec.shape):
+    """Whether ``shape`` (first axis = samples) is neither items nor whole tensors of ``spec`` (dlopt.layout)."""
+    from dlopt.layout import batch_axes
+
+    try:
+        sample_kind(spec, tuple(shape), batch_axes([spec])[spec.name], "")
+    except DataError:
         return True
-    return any(isinstance(d, int) and d > 0 and d != s for d, s in zip(spec.shape[1:], shape[1:]))
+    return False
 
 
 def positive(name: str, value: int | None) -> int | None:
@@ -70,8 +76,11 @@ class CalibrationDataset:
     """
 
     def __init__(self, specs: Sequence, *, where: str, batch_size: int | None = None,
-                 limit: int | None = None) -> None:
-        self.specs = list(specs)
+                 limit: int | None = None, constants: dict[str, np.ndarray] | None = None) -> None:
+        self.all_specs = list(specs)
+        self.constants = dict(constants or {})
+        self.specs = [s for s in self.all_specs if s.name not in self.constants]
+        self.layout: Layout | None = None  # known from file headers, else from the first chunk
         self.where = where  # how messages name the source: a path, "DataLoader", ...
         self.limit = positive("limit", limit)
         requested = positive("batch_size", batch_size)
@@ -110,11 +119,15 @@ class CalibrationDataset:
 
     def iter_with_labels(self) -> Iterator[tuple[Feed, np.ndarray | None]]:
         """Checked batches with their labels (None when the source has none), in step."""
-        batches = _Rebatch(self.batch_size, keep_remainder=not self.fixed_batch)
+        batches = None
         seen = count = 0
         labelled = None
         for index, (feed, labels) in enumerate(self._chunks()):
             rows = self._check_names(feed, index)
+            if self.layout is None:
+                self.set_layout({n: a.shape for n, a in feed.items()}, at=f"in batch {index}")
+            if batches is None:
+                batches = _Rebatch(self.batch_size, keep_remainder=not self.fixed_batch)
             if labelled is not None and labelled != (labels is not None):
                 raise DataError(f"{self.where}: batch {index} {'has no' if labelled else 'has'} labels but earlier "
                                 f"batches {'do' if labelled else 'do not'}")
@@ -125,18 +138,34 @@ class CalibrationDataset:
                 labels = None if labels is None else labels[:take]
             self._check_values(feed, labels, index, seen, take)
             seen += take
-            for batch in batches.add(feed, labels, take):
+            for batch, batch_labels in batches.add(feed, labels, take):
                 count += 1
-                yield batch
+                yield self._model_feed(batch), batch_labels
             if self.limit is not None and seen >= self.limit:
                 break  # pull nothing more: a generator may be expensive or endless
-        for batch in batches.finish():
+        for batch, batch_labels in (batches.finish() if batches is not None else ()):
             count += 1
-            yield batch
+            yield self._model_feed(batch), batch_labels
         self._usable(seen)  # raises for an empty source or one short of a fixed batch
         self.samples = seen - (seen % self.batch_size if self.fixed_batch else 0)
         self.has_labels = bool(labelled)
         self._batch_count = count
+
+    def set_layout(self, shapes: dict[str, tuple[int, ...]], at: str = "") -> None:
+        """Fix how samples of arrays of ``shapes`` (first axis = samples) map onto the inputs."""
+        self.layout = layout_of(self.all_specs, shapes, self.where, expected(self.all_specs), at)
+        if self.layout.per_sample:  # whole tensors as fed: one sample per feed, never batched together
+            self.batch_size, self.fixed_batch = 1, False
+
+    def _model_feed(self, batch: Feed) -> Feed:
+        feed = self.layout.feed(batch) if self.layout is not None else dict(batch)
+        for name, value in self.constants.items():
+            axis = self.layout.axes.get(name) if self.layout is not None else None
+            rows = len(next(iter(batch.values()))) if batch else 1
+            if axis is not None and rows > 1 and value.ndim > axis and value.shape[axis] == 1:
+                value = np.repeat(value, rows, axis=axis)  # one constant item for each sample of the batch
+            feed[name] = value
+        return feed
 
     def label_batches(self) -> list[np.ndarray]:
         """The labels of each batch, in iteration order; [] when the source has none."""
@@ -175,8 +204,9 @@ class CalibrationDataset:
                 raise DataError(f"{self.where}: {spec.name!r} in batch {index} is a {type(array).__name__}, "
                                 f"not a numpy array{expected(self.specs)}")
             if array.ndim == 0:
-                raise DataError(f"{self.where}: {spec.name!r} in batch {index} is a scalar; the first axis must count "
-                                f"samples{expected(self.specs)}")
+                raise DataError(f"{self.where}: {spec.name!r} in batch {index} is a scalar; an array holds N samples "
+                                f"along its first axis (a scalar input: N scalars, or --const {spec.name}=VALUE)"
+                                f"{expected(self.all_specs)}")
             rows.add(len(array))
         if len(rows) != 1:
             raise DataError(f"{self.where}: the inputs of batch {index} disagree on the number of samples (first axis)")
@@ -188,9 +218,11 @@ class CalibrationDataset:
             array = feed[spec.name]
             if array.dtype != spec.dtype:
                 raise DataError(f"{self.where}: {spec.name!r} is {array.dtype.name} {at}{expected(self.specs)}")
-            if shape_mismatch(spec, array.shape):
-                raise DataError(f"{self.where}: {spec.name!r} has shape {list(array.shape)} {at} "
-                                f"(first axis = samples){expected(self.specs)}")
+            kind = sample_kind(spec, array.shape, self.layout.axes.get(spec.name), self.where,
+                               expected(self.all_specs), at)
+            if kind != self.layout.kinds.get(spec.name, ITEM):
+                raise DataError(f"{self.where}: {spec.name!r} has shape {list(array.shape)} {at}, unlike the first "
+                                f"batch's samples (first axis = samples){expected(self.all_specs)}")
             if array.dtype.kind in "fc" and not np.isfinite(array).all():
                 bad = "NaN" if np.isnan(array).any() else "Inf"
                 raise DataError(f"{self.where}: {spec.name!r} contains {bad} values {at}")

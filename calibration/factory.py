@@ -17,7 +17,7 @@ from dlopt.errors import ConfigError, DataError
 
 
 def open_dataset(source, specs: Sequence, *, limit: int | None = None, batch_size: int | None = None,
-                 preprocess: ImagePreprocess | None = None) -> CalibrationDataset:
+                 preprocess: ImagePreprocess | None = None, constants: dict | None = None) -> CalibrationDataset:
     """Choose the reader by what ``source`` is; nothing heavy is read here beyond file headers.
 
     - a folder path: its images, with ``preprocess`` (required there, refused elsewhere);
@@ -28,7 +28,8 @@ def open_dataset(source, specs: Sequence, *, limit: int | None = None, batch_siz
 
     ``batch_size=None`` means 1 for files and folders and the source's own batches for
     iterables; a model with a fixed first dimension always gets batches of that size.
-    ``limit`` caps the number of samples read (e.g. ``--calib-samples``).
+    ``limit`` caps the number of samples read (e.g. ``--calib-samples``); ``constants``
+    are inputs the source need not hold, the same array in every feed (``--const``).
     """
     if isinstance(source, CalibrationDataset):
         if (limit, batch_size, preprocess) != (None, None, None):
@@ -41,10 +42,11 @@ def open_dataset(source, specs: Sequence, *, limit: int | None = None, batch_siz
             if preprocess is None:
                 raise ConfigError(f"{path} is a folder of images: pass preprocess=ImagePreprocess(size=(h, w), ...) "
                                   "to say how they become model inputs")
-            return ImageFolderDataset(path, specs, preprocess=preprocess, batch_size=batch_size, limit=limit)
+            return ImageFolderDataset(path, specs, preprocess=preprocess, batch_size=batch_size, limit=limit,
+                                      constants=constants)
         if preprocess is not None:
             raise ConfigError(f"preprocess applies to image folders; {path} is not a folder")
-        return NpzDataset(path, specs, batch_size=batch_size, limit=limit)
+        return NpzDataset(path, specs, batch_size=batch_size, limit=limit, constants=constants)
     if preprocess is not None:
         raise ConfigError("preprocess applies to image folders only")
     if isinstance(source, (Mapping, np.ndarray)) or is_tensor(source):
@@ -52,4 +54,4 @@ def open_dataset(source, specs: Sequence, *, limit: int | None = None, batch_siz
     if isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
         raise DataError(f"cannot read calibration data from a {type(source).__name__}; pass an .npz path, an image "
                         "folder, an iterable of feed dicts or a torch DataLoader (wrap a torch Dataset in one)")
-    return StreamDataset(source, specs, batch_size=batch_size, limit=limit)
+    return StreamDataset(source, specs, batch_size=batch_size, limit=limit, constants=constants)

@@ -106,9 +106,9 @@ class ImageFolderDataset(CalibrationDataset):
     """
 
     def __init__(self, folder: str | Path, specs: Sequence, *, preprocess: ImagePreprocess,
-                 batch_size: int | None = 1, limit: int | None = None) -> None:
+                 batch_size: int | None = 1, limit: int | None = None, constants: dict | None = None) -> None:
         self.folder = Path(folder)
-        super().__init__(specs, where=str(self.folder), batch_size=batch_size or 1, limit=limit)
+        super().__init__(specs, where=str(self.folder), batch_size=batch_size or 1, limit=limit, constants=constants)
         if not isinstance(preprocess, ImagePreprocess):
             raise ConfigError(f"preprocess must be an ImagePreprocess, got {type(preprocess).__name__}")
         self.preprocess = preprocess

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from numpy.lib import format as npy
 
-from dlopt.calibration.dataset import LABELS, CalibrationDataset, expected, shape_mismatch
+from dlopt.calibration.dataset import LABELS, CalibrationDataset, expected
 from dlopt.errors import DataError, first_line
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
@@ -118,9 +118,10 @@ class NpzDataset(CalibrationDataset):
     """
 
     def __init__(self, path: str | Path, specs: Sequence, *, batch_size: int | None = 32,
-                 limit: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 limit: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 constants: dict[str, np.ndarray] | None = None) -> None:
         self.path = Path(path)
-        super().__init__(specs, where=str(self.path), batch_size=batch_size or 1, limit=limit)
+        super().__init__(specs, where=str(self.path), batch_size=batch_size or 1, limit=limit, constants=constants)
         with _archive(self.path) as archive:
             self._members = self._headers(archive)
         self.has_labels = LABELS in self._members and LABELS not in {s.name for s in self.specs}
@@ -171,15 +172,12 @@ class NpzDataset(CalibrationDataset):
         counts = set()
         for spec in self.specs:
             member = self._members[spec.name]
-            if not member.shape:
-                raise DataError(f"{self.path}: {spec.name!r} is a scalar; the first axis must count samples"
-                                f"{expected(self.specs)}")
-            if member.dtype.newbyteorder("=") != spec.dtype:
-                raise DataError(f"{self.path}: {spec.name!r} is {member.dtype.name}{expected(self.specs)}")
-            if shape_mismatch(spec, member.shape):
-                raise DataError(f"{self.path}: {spec.name!r} has shape {list(member.shape)} (first axis = samples)"
-                                f"{expected(self.specs)}")
-            counts.add(member.shape[0])
+            counts.add(member.shape[0] if member.shape else None)
+        self.set_layout({s.name: self._members[s.name].shape for s in self.specs})  # a DataError names the rule
+        for spec in self.specs:
+            if self._members[spec.name].dtype.newbyteorder("=") != spec.dtype:
+                raise DataError(f"{self.path}: {spec.name!r} is {self._members[spec.name].dtype.name}"
+                                f"{expected(self.all_specs)}")
         if len(counts) != 1:
             raise DataError(f"{self.path}: arrays disagree on the number of samples (first axis)")
         samples = counts.pop()

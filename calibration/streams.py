@@ -44,9 +44,10 @@ class StreamDataset(CalibrationDataset):
     """
 
     def __init__(self, source: Iterable, specs: Sequence, *, batch_size: int | None = None,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, constants: dict | None = None) -> None:
         kind = "DataLoader" if is_dataloader(source) else type(source).__name__
-        super().__init__(specs, where=f"calibration data ({kind})", batch_size=batch_size, limit=limit)
+        super().__init__(specs, where=f"calibration data ({kind})", batch_size=batch_size, limit=limit,
+                         constants=constants)
         self._source = source
         self._one_pass = isinstance(source, Iterator)
         self._started = False

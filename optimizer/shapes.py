@@ -31,52 +31,82 @@ def parse_shape(text: str) -> tuple[str, Shape]:
     return name, shape
 
 
-def _dim_label(dim) -> str:
-    return f"{dim!r}" if isinstance(dim, str) else "unnamed"
-
-
 def declared_shapes(specs: Sequence, *, batch: int | None = None, shapes: Mapping[str, Shape] | None = None,
-                    sample_shapes: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
+                    sample_shapes: Mapping[str, Shape] | None = None,
+                    data_shapes: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
     """One concrete shape per input (see the module docstring); ConfigError when one cannot be fixed.
 
-    ``sample_shapes`` are per-sample shapes (without the batch axis) seen in the
-    evaluation data.
+    ``shapes`` maps input names to whole shapes and symbolic dim names to one size
+    (``{"seq": (64,)}`` from ``--shape seq=64``: every input using ``seq`` gets 64).
+    ``data_shapes`` are the shapes of one feed of evaluation or calibration data, as
+    fed; ``sample_shapes`` per-sample shapes without a leading batch axis.  Every dim
+    none of these fixes is listed in one error, with the flag that fixes it.
     """
+    from dlopt.layout import batch_axes
+
     shapes = dict(shapes or {})
     sample_shapes = sample_shapes or {}
+    data_shapes = data_shapes or {}
     names = {s.name for s in specs}
-    unknown = sorted(set(shapes) - names)
+    dim_names = {d for s in specs for d in s.shape if isinstance(d, str) and d}
+    by_dim = {k: v for k, v in shapes.items() if k not in names and k in dim_names}
+    unknown = sorted(set(shapes) - names - set(by_dim))
     if unknown:
-        raise ConfigError(f"--shape names {', '.join(unknown)}, which the model does not take; its inputs: "
-                          f"{', '.join(sorted(names))}")
+        raise ConfigError(f"--shape names {', '.join(unknown)}, which the model does not take as an input or a dim "
+                          f"name; its inputs: {', '.join(sorted(names))}"
+                          + (f"; its dim names: {', '.join(sorted(dim_names))}" if dim_names else ""))
+    for dim, size in by_dim.items():
+        if len(size) != 1:
+            raise ConfigError(f"--shape {dim}={'x'.join(map(str, size))}: {dim!r} is a dim name; give it one size "
+                              f"(--shape {dim}=64)")
+    axes = batch_axes(specs)
     result: dict[str, Shape] = {}
+    missing: list[tuple[object, int, object]] = []
     for spec in specs:
         if spec.name in shapes:
             result[spec.name] = _check_declared(spec, shapes[spec.name])
             continue
         dims = list(spec.shape)
+        data = data_shapes.get(spec.name)
         concrete = []
         for axis, dim in enumerate(dims):
+            is_batch = axis == axes.get(spec.name)
             if isinstance(dim, int) and dim > 0:
-                if axis == 0 and batch is not None and batch != dim and len(dims) > 1:
+                if is_batch and batch is not None and batch != dim and len(dims) > 1:
                     raise ConfigError(f"input {spec.name!r} has a fixed batch of {dim}; --batch {batch} cannot "
                                       f"apply (export the model with a dynamic batch axis)")
                 concrete.append(dim)
-            elif axis == 0:
+            elif isinstance(dim, str) and dim in by_dim:
+                concrete.append(by_dim[dim][0])
+            elif is_batch:
                 concrete.append(batch or 1)
+            elif data is not None and len(data) == len(dims):
+                concrete.append(int(data[axis]))
             elif spec.name in sample_shapes and len(sample_shapes[spec.name]) == len(dims) - 1:
                 concrete.append(int(sample_shapes[spec.name][axis - 1]))
             else:
-                raise ConfigError(
-                    f"input {spec.name!r} has symbolic dim {axis} ({_dim_label(dim)}) that sets the size of what is "
-                    f"timed: pass --shape {spec.name}={'x'.join(_hint(dims, batch))} or evaluation data with --eval")
+                missing.append((spec, axis, dim))
+                concrete.append(0)
         result[spec.name] = tuple(concrete)
+    if missing:
+        raise ConfigError(_missing_message(missing, batch, axes))
     return result
 
 
-def _hint(dims, batch) -> list[str]:
-    return [str(d) if isinstance(d, int) and d > 0 else (str(batch or 1) if i == 0 else "N")
-            for i, d in enumerate(dims)]
+def _missing_message(missing, batch, axes) -> str:
+    """Every unfixed dim at once, each with the one flag that fixes it."""
+    fixes: dict[str, list[str]] = {}
+    for spec, axis, dim in missing:
+        if isinstance(dim, str) and dim:
+            fixes.setdefault(f"--shape {dim}=N", []).append(f"{spec.name} dim {axis}")
+        else:
+            hint = "x".join(str(d) if isinstance(d, int) and d > 0 else
+                            (str(batch or 1) if i == axes.get(spec.name) else "N") for i, d in enumerate(spec.shape))
+            fixes.setdefault(f"--shape {spec.name}={hint}", []).append(f"{spec.name} dim {axis}, unnamed")
+    parts = [f"{flag} ({', '.join(uses)})" for flag, uses in fixes.items()]
+    many = len(missing) > 1
+    return (f"{len(missing)} symbolic dim{'s' if many else ''} that set{'' if many else 's'} the size of what is "
+            f"timed {'are' if many else 'is'} not fixed: pass {'; '.join(parts)}, or evaluation data with --eval")
 
 
 def _check_declared(spec, shape: Shape) -> Shape:
@@ -95,18 +125,27 @@ def describe(shapes: Mapping[str, Shape]) -> str:
     return ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in shapes.items())
 
 
-def feed_at(shapes: Mapping[str, Shape], sample: Mapping[str, np.ndarray] | None, make_random) -> dict[str, np.ndarray]:
+def feed_at(shapes: Mapping[str, Shape], sample: Mapping[str, np.ndarray] | None, make_random,
+            axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
     """The feed timed: evaluation samples repeated or cut to the declared batch, or random data.
 
-    ``sample`` is one evaluation feed (any batch); ``make_random(shapes)`` makes a random feed.
+    ``sample`` is one evaluation feed (any batch); ``make_random(shapes)`` makes a random feed;
+    ``axes`` is each input's batch axis (dlopt.layout; axis 0 when not given).
     """
     if sample is None:
         return make_random(shapes)
     feed = {}
     for name, shape in shapes.items():
         data = np.asarray(sample[name])
-        if data.shape[1:] != tuple(shape[1:]):
+        shape = tuple(shape)
+        if data.shape == shape:
+            feed[name] = data
+            continue
+        axis = (axes or {}).get(name, 0)
+        if axis is None or data.ndim != len(shape) or data.shape[axis] == 0 or \
+                data.shape[:axis] + data.shape[axis + 1:] != shape[:axis] + shape[axis + 1:]:
             return make_random(shapes)  # --shape asked for another per-sample shape than the data has
-        reps = -(-shape[0] // max(len(data), 1))
-        feed[name] = np.ascontiguousarray(np.concatenate([data] * reps)[: shape[0]])
+        reps = -(-shape[axis] // data.shape[axis])
+        repeated = np.concatenate([data] * reps, axis=axis)
+        feed[name] = np.ascontiguousarray(np.take(repeated, np.arange(shape[axis]), axis=axis))
     return feed

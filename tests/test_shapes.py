@@ -20,8 +20,45 @@ def test_batch_defaults_to_one_and_follows_batch():
 def test_symbolic_non_batch_dim_without_shape_or_data_is_an_error_naming_it():
     with pytest.raises(ConfigError) as info:
         declared_shapes([IMG])
-    assert str(info.value) == ("input 'x' has symbolic dim 2 ('H') that sets the size of what is timed: pass "
-                               "--shape x=1x3xNxN or evaluation data with --eval")
+    assert str(info.value) == ("2 symbolic dims that set the size of what is timed are not fixed: pass --shape H=N "
+                               "(x dim 2); --shape W=N (x dim 3), or evaluation data with --eval")
+    unnamed = InputSpec("x", np.dtype("float32"), ("N", 3, None, 8))
+    with pytest.raises(ConfigError, match=r"1 symbolic dim that sets .* is not fixed: pass --shape x=1x3xNx8 "
+                                          r"\(x dim 2, unnamed\)"):
+        declared_shapes([unnamed])
+
+
+def test_a_dim_name_is_given_once_for_every_input_that_uses_it():
+    """A BERT export's three inputs share ``seq``: one --shape seq=64 fixes all three; the error lists it once."""
+    specs = [InputSpec(n, np.dtype("int64"), ("batch", "seq")) for n in ("input_ids", "attention_mask",
+                                                                          "token_type_ids")]
+    with pytest.raises(ConfigError) as info:
+        declared_shapes(specs)
+    assert str(info.value) == ("3 symbolic dims that set the size of what is timed are not fixed: pass --shape "
+                               "seq=N (input_ids dim 1, attention_mask dim 1, token_type_ids dim 1), or evaluation "
+                               "data with --eval")
+    assert declared_shapes(specs, shapes={"seq": (64,)}, batch=2) == {n.name: (2, 64) for n in specs}
+    # an input's own --shape wins over the dim name; a dim name takes one size; unknown names are refused
+    assert declared_shapes(specs, shapes={"seq": (64,), "input_ids": (1, 8)})["input_ids"] == (1, 8)
+    with pytest.raises(ConfigError, match="'seq' is a dim name; give it one size"):
+        declared_shapes(specs, shapes={"seq": (1, 64)})
+    with pytest.raises(ConfigError, match="its dim names: batch, seq"):
+        declared_shapes(specs, shapes={"sequence": (64,)})
+
+
+def test_the_batch_axis_need_not_be_first():
+    """A recurrent state [2, batch, 128] takes --batch on axis 1; a scalar input has no batch axis."""
+    specs = [InputSpec("input", np.dtype("float32"), ("batch", "samples")),
+             InputSpec("state", np.dtype("float32"), (2, "batch", 128)),
+             InputSpec("sr", np.dtype("int64"), ())]
+    shapes = declared_shapes(specs, batch=3, shapes={"samples": (576,)})
+    assert shapes == {"input": (3, 576), "state": (2, 3, 128), "sr": ()}
+    # a feed of one sample is repeated along each input's own batch axis for the timing shape
+    sample = {"input": np.ones((1, 576), np.float32), "state": np.arange(256, dtype=np.float32).reshape(2, 1, 128),
+              "sr": np.array(16000)}
+    feed = feed_at(shapes, sample, None, axes={"input": 0, "state": 1, "sr": None})
+    assert feed["state"].shape == (2, 3, 128) and np.array_equal(feed["state"][:, 2], sample["state"][:, 0])
+    assert feed["sr"].shape == () and int(feed["sr"]) == 16000
 
 
 def test_eval_data_fixes_other_dims_per_sample_not_per_chunk():

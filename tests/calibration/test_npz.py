@@ -127,7 +127,9 @@ def _write(tmp_path, case):
 @pytest.mark.parametrize("case, message", [
     ("names", r"bad.npz: missing \['x'\] and unexpected \['z'\]" + TAIL),
     ("dtype", "'x' is float64" + TAIL),
-    ("shape", r"'x' has shape \[37, 3, 5\] \(first axis = samples\)" + TAIL),
+    ("shape", r"'x' has shape \[37, 3, 5\] \(first axis = samples\); input x: float32\[N,3,4\]: each sample is "
+              r"the whole tensor as fed \(\[samples, N, 3, 4\]\) or one item along batch axis 0 \(\[samples, 3, 4\]\)"
+     + TAIL),
     ("rank", r"'x' has shape \[37, 12\]"),
     ("counts", "arrays disagree on the number of samples"),
     ("empty", "bad.npz holds no samples" + TAIL),
