@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 from dlopt import precisions
 from dlopt.precisions import Status
-from dlopt.timing import NOISY_CV, Timing, significantly_faster
+from dlopt.timing import MIN_RUNS, NOISY_CV, RESOLUTION_MS, Timing, significantly_faster
 
 # A gain smaller than this share of the slower median is within what a shared machine drifts
 # between runs: not worth the accuracy risk of a lower precision, nor a flip between compiles.
@@ -47,10 +47,42 @@ class Entry:
 class Verdict:
     chosen: str | None
     why: str
-    ties: tuple[str, ...] = ()  # candidates statistically as fast as the chosen one
+    ties: tuple[str, ...] = ()  # candidates the rule cannot tell apart from the chosen one
     reasons: Mapping[str, str] = field(default_factory=dict)  # key -> why it was not chosen
     faster_than_original: bool | None = None  # None: not timed here
     notes: tuple[str, ...] = ()
+    speed: str = ""  # the chosen one against the original, in words that agree with the interval
+
+
+def _held_together(fast: Timing, slow: Timing) -> str:
+    """Why ``fast`` does not beat ``slow`` under the rule, in words that agree with the numbers."""
+    ratio = fast.p50_ms / slow.p50_ms if slow.p50_ms > 0 else 1.0
+    if min(fast.runs, slow.runs) < MIN_RUNS:
+        return f"{ratio:.2f}x, not told apart: {min(fast.runs, slow.runs)} runs, under the {MIN_RUNS} the rule needs"
+    if not fast.ci_high_ms < slow.ci_low_ms:
+        return f"{ratio:.2f}x, not told apart: their 95% intervals overlap"
+    if fast.p50_ms > slow.p50_ms * (1 - MIN_GAIN):
+        return f"{ratio:.2f}x, a tie: under the {MIN_GAIN:.0%} gain that counts"
+    return f"{ratio:.2f}x, a tie: {(slow.p50_ms - fast.p50_ms) * 1e3:.1f} us apart, under the " \
+           f"{RESOLUTION_MS * 1e3:.0f} us timing resolution"
+
+
+def speed_words(timing: Timing, original: Timing) -> str:
+    """The candidate against the original, in words that agree with the 95% interval and name the rule."""
+    if significantly_faster(timing, original, MIN_GAIN):
+        return "significantly faster than the original"
+    if min(timing.runs, original.runs) >= MIN_RUNS and timing.ci_high_ms < original.ci_low_ms:
+        gain = 1 - timing.p50_ms / original.p50_ms
+        if gain < MIN_GAIN:
+            return f"faster than the original, but by {gain:.0%}, under the {MIN_GAIN:.0%} that counts"
+        return (f"faster than the original, but by {(original.p50_ms - timing.p50_ms) * 1e3:.1f} us, under the "
+                f"{RESOLUTION_MS * 1e3:.0f} us timing resolution")
+    if min(timing.runs, original.runs) < MIN_RUNS:
+        return (f"not shown faster than the original: {min(timing.runs, original.runs)} runs, under the "
+                f"{MIN_RUNS} the rule needs")
+    if timing.p50_ms >= original.p50_ms:
+        return "not faster than the original"
+    return "not significantly faster than the original (their 95% intervals overlap)"
 
 
 def _order(entry: Entry, backends: Sequence[str]) -> tuple[int, int]:
@@ -85,17 +117,23 @@ def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence
         if e is best:
             continue
         if e in tied:
-            reasons[e.key] = f"tie with {best.key} (within {MIN_GAIN:.0%} or the noise); the simpler precision ships"
+            fast, slow = (e, best) if e.timing.p50_ms < best.timing.p50_ms else (best, e)
+            words = _held_together(fast.timing, slow.timing)
+            kind = "tie with" if ", a tie:" in words else "not told apart from"
+            reasons[e.key] = (f"{kind} {best.key} ({e.key} at {e.timing.p50_ms / best.timing.p50_ms:.2f}x its "
+                              f"latency; {words.split(', ', 1)[1]}); the simpler precision ships")
         else:
             reasons[e.key] = (f"slower than {fastest.key} ({e.timing.p50_ms:.3f} ms vs "
                               f"{fastest.timing.p50_ms:.3f} ms)")
     ties = tuple(e.key for e in tied if e is not best)
+    all_ties = all(reasons[k].startswith("tie with") for k in ties)
     why = f"fastest within the budget ({best.timing.p50_ms:.3f} ms)" if not ties else \
-        f"tied with {', '.join(ties)} on speed; the simpler precision ships"
+        f"{'tied with' if all_ties else 'not told apart on speed from'} {', '.join(ties)}; the simpler precision ships"
     if original is None:
         return Verdict(best.key, why, ties, reasons, None, tuple(notes))
+    speed = speed_words(best.timing, original)
     if significantly_faster(best.timing, original, MIN_GAIN):
-        return Verdict(best.key, why, ties, reasons, True, tuple(notes))
+        return Verdict(best.key, why, ties, reasons, True, tuple(notes), speed)
     if significantly_faster(original, best.timing, ORIGINAL_MARGIN):
         # every candidate is slower than what the user already has: give them that back
         reasons = {**reasons, best.key: (f"slower than the original ({best.timing.p50_ms:.3f} ms vs "
@@ -104,11 +142,10 @@ def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence
                                  "ships unchanged", (), reasons, False, tuple(notes))
     fp32 = [e for e in timed if e.precision == "fp32" and not significantly_faster(original, e.timing, ORIGINAL_MARGIN)]
     if not auto or best.precision == "fp32" or not fp32:
-        return Verdict(best.key, why + "; not significantly faster than the original", ties, reasons, False,
-                       tuple(notes))
+        return Verdict(best.key, f"{why}; {speed}", ties, reasons, False, tuple(notes), speed)
     fallback = min(fp32, key=lambda e: _order(e, backends))
-    reasons = {**reasons, best.key: (f"not significantly faster than the original ({best.timing.p50_ms:.3f} ms "
-                                     f"vs {original.p50_ms:.3f} ms): not worth its lower precision")}
+    reasons = {**reasons, best.key: (f"{speed} ({best.timing.p50_ms:.3f} ms vs {original.p50_ms:.3f} ms): not worth "
+                                     f"its lower precision")}
     reasons.pop(fallback.key, None)
     return Verdict(fallback.key, "nothing was significantly faster than the original: the optimised fp32 ships",
-                   (), reasons, False, tuple(notes))
+                   (), reasons, False, tuple(notes), speed_words(fallback.timing, original))
