@@ -35,3 +35,57 @@ def test_targets_says_what_builds_here_and_why_not():
     assert data["rpi5"]["runs_here"] is False
     for reasons in (d["cannot_build"] for d in data.values()):
         assert all(isinstance(r, str) and r for r in reasons.values())
+
+
+def _weights_in_constants_and_branches():
+    """Paddle-style: the MatMul weight is a Constant node; an If's branches hold an initializer and a Constant."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 6), np.float32), "w")
+    then_b = helper.make_graph([helper.make_node("Add", ["y", "tb"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 6])],
+                               [numpy_helper.from_array(np.ones(6, np.float32), "tb")])
+    else_b = helper.make_graph([helper.make_node("Constant", [], ["eb"], value=numpy_helper.from_array(
+        np.ones((2, 6), np.float32), "eb_value")), helper.make_node("ReduceSum", ["eb"], ["es"], keepdims=0),
+        helper.make_node("Add", ["y", "es"], ["e"])], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 6])])
+    nodes = [helper.make_node("Constant", [], ["w_c"], value=w),
+             helper.make_node("Constant", [], ["k"], value_floats=[1.0, 2.0, 3.0]),
+             helper.make_node("MatMul", ["x", "w_c"], ["y"]),
+             helper.make_node("If", ["flag"], ["out"], then_branch=then_b, else_branch=else_b)]
+    return models._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                 helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 6])], [])
+
+
+def test_inspect_counts_weights_in_constant_nodes_and_subgraphs(tmp_path):
+    path = models.save(_weights_in_constants_and_branches(), tmp_path / "m.onnx")
+    result = dlopt("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    # Constant w 4*6, Constant value_floats 3, then-branch initializer 6, else-branch Constant 2*6
+    assert json.loads(result.stdout)["parameters"] == 24 + 3 + 6 + 12
+
+
+def test_inspect_target_asks_the_backend_after_the_generic_passes(tmp_path):
+    # a compile folds BatchNormalization into the Conv before asking the C backend what it lacks
+    path = models.save(models.conv_bn_relu(channels=8), tmp_path / "m.onnx")
+    before = (tmp_path / "m.onnx").read_bytes()
+    result = dlopt("inspect", path, "--target", "cortex-m7", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["ops"]["BatchNormalization"] == 1  # the histogram is the model as given
+    entry = info["backends"]["c"]
+    assert entry["available"] and "BatchNormalization" not in entry["unsupported"]
+    assert entry["unsupported"] == [] and "note" not in entry
+    assert (tmp_path / "m.onnx").read_bytes() == before
+
+
+def test_backend_support_leaves_the_proto_unchanged():
+    from dlopt.profiles import resolve_target
+    from dlopt.summary import backend_support
+
+    proto = models.conv_bn_relu(channels=8)
+    before = proto.SerializeToString()
+    assert backend_support(proto, resolve_target("cortex-m7"))["c"]["unsupported"] == []
+    assert proto.SerializeToString() == before
