@@ -20,7 +20,7 @@ import onnx_ir as ir
 from dlopt.budget import Scorer
 from dlopt.config import CompileConfig
 from dlopt.errors import DloptError, first_line
-from dlopt.evaluate import FP32_TOLERANCE, compare, top1_accuracy
+from dlopt.evaluate import Fp32Check, compare, fp32_check, top1_accuracy
 from dlopt.pipeline import run_pipeline
 from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile
@@ -230,7 +230,7 @@ def build(
         return Built(cand, artifact, outputs, result.model)
     score = ev.scorer.score(outputs).to_dict()
     status, reason = judge(precision, fidelity, score, ev.config.max_accuracy_drop,
-                           lossy_passes=ev.config.prune is not None)
+                           lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, outputs))
     cand = replace(cand, score=score, status=status, reason=reason or cand.reason)
     timed = ev.profile.runs_here() and artifact.loadable_here and status is Status.OK
     return Built(cand, artifact, outputs, result.model, factory if timed else None)
@@ -253,7 +253,7 @@ def _on_remote(ev: Evaluation, backend, artifact, base: Candidate, remote, model
     measurement = Measurement(latency, artifact.size_bytes(), ev.accuracy(outputs))
     score = ev.scorer.score(outputs).to_dict()
     status, reason = judge(base.precision, fidelity, score, ev.config.max_accuracy_drop,
-                           lossy_passes=ev.config.prune is not None)
+                           lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, outputs))
     where = f"verified and timed on {remote} (device-side timing, {timing.runs} runs)"
     cand = replace(base, fidelity=fidelity, measurement=measurement, score=score, status=status,
                    reason=reason or where)
@@ -360,20 +360,22 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
 
 
 def judge(precision: str, fidelity: dict, score: dict | None, max_drop: float, *,
-          lossy_passes: bool = False) -> tuple[Status, str]:
+          lossy_passes: bool = False, fp32: Fp32Check | None = None) -> tuple[Status, str]:
     """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget.
 
-    ``lossy_passes``: a pass meant to change the function ran (``--prune``), so fp32 is
-    judged by the budget like the other precisions.  Any precision that produces NaN/Inf
-    where the original is finite is rejected outright.
+    ``fp32`` is the fp32 rule's measure (:func:`dlopt.evaluate.fp32_check`); without it the
+    fidelity's ``max_rel_error``, never below that measure, stands in.  ``lossy_passes``: a
+    pass meant to change the function ran (``--prune``), so fp32 is judged by the budget like
+    the other precisions.  Any precision that produces NaN/Inf where the original is finite is
+    rejected outright.  Every refusal starts with the rule that refused.
     """
     if fidelity.get("non_finite"):
         return Status.REJECTED, f"produces {fidelity['non_finite']} where the original is finite"
     if precision == "original" or (precision == "fp32" and not lossy_passes):
-        if not fidelity["max_rel_error"] <= FP32_TOLERANCE:
-            return Status.REJECTED, (f"max relative error {fidelity['max_rel_error']:.2e} over the fp32 limit "
-                                     f"{FP32_TOLERANCE:.0e}")
+        check = fp32 if fp32 is not None else Fp32Check(float(fidelity["max_rel_error"]), 0)
+        if not check.passed:
+            return Status.REJECTED, check.refusal()
     elif score is not None and not score["drop_pp"] <= max_drop:
-        return Status.REJECTED, (f"{score['metric']} drops {score['drop_pp']:.2f} points, over the budget of "
-                                 f"{max_drop}")
+        return Status.REJECTED, (f"accuracy budget: {score['metric']} drops {score['drop_pp']:.2f} points, over the "
+                                 f"budget of {max_drop}")
     return Status.OK, ""

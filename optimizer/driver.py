@@ -475,6 +475,8 @@ def _run(job: Job, notes: list[str]) -> Report:
                                 auto=job.config.precision == "auto")
         if verdict.chosen == select.ORIGINAL:
             builds, measured = _with_original(job, ev, builds, measured, staged)
+        notes.extend(select.missed_budget_notes([b.candidate for b in builds.built], verdict.chosen, measured.timings,
+                                                ev.scorer.name, job.config.max_accuracy_drop))
         over_budget = None
         if verdict.chosen is None:
             scored = [b for b in builds.built if b.candidate.score is not None and b.artifact is not None]
@@ -492,10 +494,9 @@ def _run(job: Job, notes: list[str]) -> Report:
                           over_budget=over_budget is not None)
         publish_output(job, ev, builds, verdict, report, staged)
     if over_budget is not None:
-        error = AccuracyBudgetExceeded(
-            f"no candidate kept {ev.scorer.name} within {job.config.max_accuracy_drop} points "
-            f"(closest: {over_budget.key}, {over_budget.score['drop_pp']:.2f} points); it was written to {job.out} "
-            f"with its report")
+        scored = [b.candidate for b in builds.built if b.candidate.score is not None and b.artifact is not None]
+        error = AccuracyBudgetExceeded(select.over_budget_message(ev.scorer.name, job.config.max_accuracy_drop,
+                                                                  scored, job.out))
         error.report = report
         raise error
     return report

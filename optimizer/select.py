@@ -108,7 +108,7 @@ def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence
     noisy = [e.key for e in timed if e.timing.cv > NOISY_CV]
     if noisy:
         notes.append(f"the machine was noisy while timing ({', '.join(noisy)} varied more than "
-                     f"{NOISY_CV:.0%} between rounds): close results are reported as ties")
+                     f"{NOISY_CV:.0%} between rounds): close results are not told apart")
     fastest = min(timed, key=lambda e: e.timing.p50_ms)
     tied = [e for e in timed if not significantly_faster(fastest.timing, e.timing, MIN_GAIN)]
     best = min(tied, key=lambda e: _order(e, backends))
@@ -149,3 +149,65 @@ def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence
     reasons.pop(fallback.key, None)
     return Verdict(fallback.key, "nothing was significantly faster than the original: the optimised fp32 ships",
                    (), reasons, False, tuple(notes), speed_words(fallback.timing, original))
+
+
+# -- what the budget refused, and how to let the task decide ---------------------------------------
+
+TASK_METRIC = "--metric module:function"
+BUDGET_RULE = "accuracy budget:"  # how candidates.judge starts a refusal by the budget
+
+
+def _drop(candidate) -> float:
+    return float((candidate.score or {}).get("drop_pp", float("inf")))
+
+
+def over_budget_message(metric: str, max_drop: float, scored: Sequence, out) -> str:
+    """The one line when nothing shipped: the closest candidates and the rule that refused each.
+
+    ``scored``: candidates (``key``, ``score``, ``reason``) that ran and were scored.  A
+    candidate closest on the metric may have been refused by another rule (the fp32 check):
+    the line says which, instead of calling a 0.01-point drop over a 1-point budget.
+    """
+    near = sorted(scored, key=_drop)[:3]
+    closest = near[0]
+    refusals = "; ".join(f"{c.key}: {c.reason}" for c in near if c.reason)
+    line = (f"no candidate kept {metric} within {max_drop} points and passed its checks (closest: {closest.key}, "
+            f"{_drop(closest):.2f} points){'; ' + refusals if refusals else ''}; {closest.key} was written to {out} "
+            f"with its report")
+    if any((c.reason or "").startswith(BUDGET_RULE) for c in near):
+        line += f"; if {metric} is not what your task measures, let a task metric decide: {TASK_METRIC}"
+    return line
+
+
+def missed_budget_notes(candidates: Sequence, chosen: str | None, timings: Mapping[str, Timing], metric: str,
+                        max_drop: float) -> list[str]:
+    """A note when a lower precision than the one that ships (int8, fp16, ...) missed the budget.
+
+    It says by how much each missed and, when it was timed in the same interleaved run, how
+    fast it was against what shipped; candidates outside the budget are normally not timed
+    (the measure stage times only what could ship), and the note says so rather than guess
+    from a first run.  It names the flag that lets the task's own metric decide.
+    """
+    shipped = next((c for c in candidates if c.key == chosen), None)
+    if shipped is None:
+        return []
+    missed = [c for c in candidates if c.status is Status.REJECTED and (c.reason or "").startswith(BUDGET_RULE)
+              and precisions.rank(c.precision) > precisions.rank(shipped.precision)]
+    if not missed:
+        return []
+    base = timings.get(chosen)
+    parts, untimed = [], []
+    for c in sorted(missed, key=_drop):
+        text = f"{c.key} by {_drop(c) - max_drop:.2f} points ({metric} -{_drop(c):.2f})"
+        timing = timings.get(c.key)
+        if timing is not None and base is not None and timing.p50_ms > 0:
+            text += f", {base.p50_ms / timing.p50_ms:.2f}x the speed of {chosen} in the same interleaved run"
+        else:
+            untimed.append(c.key)
+        parts.append(text)
+    note = f"missed the accuracy budget of {max_drop} points: {'; '.join(parts)}"
+    if untimed:
+        note += (f"; {', '.join(untimed)} {'was' if len(untimed) == 1 else 'were'} not timed (only candidates "
+                 f"within the budget are), so how much faster {'it' if len(untimed) == 1 else 'they'} would run "
+                 f"than {chosen} is not known")
+    return [f"{note}; if {metric} is a proxy your task does not feel, let a task metric decide: {TASK_METRIC}"]
