@@ -1,0 +1,126 @@
+"""Calibration memory does not grow with the sample count: one batch of activations at a time.
+
+Each measurement runs in a child process (its own ``ru_maxrss``) on a model whose
+activations are large: 8 Conv+Relu at 1x16x256x256, 4 MiB a tensor, 68 MiB of float
+tensors per batch.  Before streaming, the histogram methods held 8 batches of every
+tensor (+657 MiB here); the bound is the model + one batch of activations + 300 MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dlopt.calibration.collect import collect_ranges
+
+C, S, LAYERS = 16, 256, 8
+ACTIVATIONS_MB = (2 * LAYERS + 1) * C * S * S * 4 / 2**20  # x, then each Conv and Relu output
+HEADROOM_MB = 300
+FEW, MANY = 4, 16
+GROWTH_MB = 24  # what 12 more samples may add: allocator noise, never a batch (68 MiB)
+
+
+def large_activation_model(channels: int = C, size: int = S, layers: int = LAYERS) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((rng.standard_normal((channels, channels, 3, 3)) * 0.1)
+                                             .astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "large_activations",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, channels, size, size])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+_CHILD = """
+import json, resource, sys, tempfile
+from pathlib import Path
+import numpy as np
+import onnxruntime  # imported before the baseline, as in a compile
+from dlopt.calibration.collect import collect_ranges
+
+model, method, samples = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+def batches():
+    rng = np.random.default_rng(1)
+    for _ in range(samples):
+        yield {"x": rng.standard_normal((1, %(C)d, %(S)d, %(S)d)).astype(np.float32)}
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as tmp:
+    tensors = collect_ranges(model, batches(), method=method, workdir=Path(tmp))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_increase_mb": (after - before) / 1024, "tensors": len(tensors.data)}))
+""" % {"C": C, "S": S}
+
+
+def _peak_increase_mb(model_path, method: str, samples: int) -> float:
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(model_path), method, str(samples)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["tensors"] == 2 * LAYERS + 1
+    return result["peak_increase_mb"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_calibration_peak_does_not_grow_with_samples(tmp_path, method):
+    path = tmp_path / "model.onnx"
+    onnx.save(large_activation_model(), path)
+    model_mb = path.stat().st_size / 2**20
+    few, many = _peak_increase_mb(path, method, FEW), _peak_increase_mb(path, method, MANY)
+    assert many - few <= GROWTH_MB, (method, few, many)
+    assert many <= model_mb + ACTIVATIONS_MB + HEADROOM_MB, (method, many)
+
+
+def test_streamed_ranges_equal_one_shot_minmax_and_histograms_see_every_batch(tmp_path):
+    """One batch per collect call gives ORT's own one-shot min/max; percentile ranges cover every batch."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    model = large_activation_model(channels=4, size=16, layers=2)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 4, 16, 16)).astype(np.float32) * (1 + k)} for k in range(6)]
+    ours = collect_ranges(path, iter(feeds), method="minmax", workdir=tmp_path).data
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(model, tmp_path / "q.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                    calibration_cache_path=tmp_path / "ort.json")
+    theirs = load_tensors_data(tmp_path / "ort.json").data
+    assert set(ours) == set(theirs)
+    for name in ours:
+        np.testing.assert_allclose(ours[name].range_value, theirs[name].range_value, rtol=1e-6)
+    x_max = max(float(f["x"].max()) for f in feeds)
+    first_max = float(feeds[0]["x"].max())
+    pct = collect_ranges(path, iter(feeds), method="percentile", workdir=tmp_path).data
+    assert float(pct["x"].range_value[1]) > 2 * first_max  # later, wider batches widened the histogram
+    assert float(pct["x"].range_value[1]) <= x_max * 1.01
+
+
+def test_no_batches_is_a_data_error_and_unknown_method_too(tmp_path):
+    from dlopt.errors import DataError
+
+    path = tmp_path / "model.onnx"
+    onnx.save(large_activation_model(channels=4, size=16, layers=1), path)
+    with pytest.raises(DataError, match="no samples"):
+        collect_ranges(path, iter(()), workdir=tmp_path)
+    with pytest.raises(DataError, match="unknown calibration method"):
+        collect_ranges(path, iter(()), method="kl", workdir=tmp_path)
