@@ -3,10 +3,12 @@
 Plain post-training quantisation (every op, min-max ranges, one scale per
 activation) is right for CNNs and wrong for attention models:
 
-- a graph with attention or normalisation (Softmax, LayerNormalization, Erf/Gelu)
-  keeps those ops and the residual Adds in float: only the ops that carry weights
-  (Conv, ConvTranspose, MatMul, Gemm) are quantised, and ranges come from a
-  percentile of the activations, because a few outliers dominate min-max;
+- a graph with attention (a Softmax whose output reaches a MatMul, or a fused
+  attention op) keeps Softmax, its normalisations (LayerNormalization, Erf/Gelu)
+  and the residual Adds in float: only the ops that carry weights (Conv,
+  ConvTranspose, MatMul, Gemm) are quantised, and ranges come from a percentile
+  of the activations, because a few outliers dominate min-max. A Softmax that
+  only ends a classifier does not make a CNN an attention model;
 - a transformer (attention, and more weights in MatMul/Gemm than in convolutions)
   also gets SmoothQuant: activation outlier channels are migrated into the
   following weights before calibration (``dlopt.passes.smooth_quant``), and NNCF,
@@ -22,9 +24,13 @@ from dataclasses import asdict, dataclass
 import onnx_ir as ir
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-# Ops whose inputs an attention model keeps in float: quantising them loses more than it gains.
-_ATTENTION_MARKERS = frozenset({"Softmax", "LayerNormalization", "SkipLayerNormalization", "Erf", "Gelu",
-                                "FastGelu", "Attention", "MultiHeadAttention"})
+# Fused attention ops (ONNX opset 23, ONNX Runtime's contrib ops): attention without a visible Softmax.
+_FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                              "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention"})
+# What may sit between attention's Softmax and the MatMul with V: casts, layout, dropout, masking.
+_PASS_THROUGH = frozenset({"Cast", "Reshape", "Transpose", "Dropout", "Identity", "Squeeze", "Unsqueeze",
+                           "Flatten", "Expand", "Where", "Mul", "Div"})
+_MATMULS = frozenset({"MatMul", "Einsum"})
 SMOOTH_ALPHA = 0.5
 
 
@@ -54,9 +60,28 @@ def weights_in(model: ir.Model, op_types: tuple[str, ...]) -> int:
     return total
 
 
+def _softmax_feeds_matmul(softmax: ir.Node) -> bool:
+    frontier, seen = list(softmax.outputs), set()
+    while frontier:
+        value = frontier.pop()
+        for user, _ in value.uses():
+            if user.op_type in _MATMULS:
+                return True
+            if user.op_type in _PASS_THROUGH and user not in seen:
+                seen.add(user)
+                frontier.extend(user.outputs)
+    return False
+
+
+def has_attention(model: ir.Model) -> bool:
+    """A fused attention op, or a Softmax whose output reaches a MatMul (through casts, reshapes, dropout)."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    return any(n.op_type in _FUSED_ATTENTION for n in nodes) or any(
+        _softmax_feeds_matmul(n) for n in nodes if n.op_type == "Softmax")
+
+
 def choose(model: ir.Model, calib_method: str = "auto") -> Recipe:
-    ops = {node.op_type for node in model.graph}
-    if not ops & _ATTENTION_MARKERS:
+    if not has_attention(model):
         return Recipe("cnn", None, "minmax" if calib_method == "auto" else calib_method, None)
     transformer = weights_in(model, ("MatMul", "Gemm")) > weights_in(model, ("Conv", "ConvTranspose"))
     method = "percentile" if calib_method == "auto" else calib_method

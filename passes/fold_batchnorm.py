@@ -12,6 +12,8 @@ from dlopt.passes._rules import RulesPass
 
 logger = logging.getLogger(__name__)
 
+_NOTE_ITEMS = 5  # BatchNorms named in the note (the report's pass table); the log names all
+
 
 class FoldBatchNormPass(RulesPass):
     """Rewrite ``BatchNormalization(Conv|ConvTranspose|Gemm(x))`` as one Conv/ConvTranspose/Gemm.
@@ -46,10 +48,12 @@ class FoldBatchNormPass(RulesPass):
                 graph.initializers.pop(value.name, None)
         self.unfolded = [(bn.name or bn.outputs[0].name, _why_not(bn)) for bn in _batchnorms(model)]
         if self.unfolded:
-            left = "; ".join(f"{name}: {reason}" for name, reason in self.unfolded)
-            logger.info("FoldBatchNormPass left %d BatchNormalization(s): %s", len(self.unfolded), left)
+            left = [f"{name}: {reason}" for name, reason in self.unfolded]
+            logger.info("FoldBatchNormPass left %d BatchNormalization(s): %s", len(left), "; ".join(left))
+            more = f"; and {len(left) - _NOTE_ITEMS} more" if len(left) > _NOTE_ITEMS else ""
             folded = f"{self.note}; " if self.note else ""
-            self.note = f"{folded}{len(self.unfolded)} BatchNormalization(s) not folded: {left}"
+            self.note = (f"{folded}{len(left)} BatchNormalization(s) not folded: "
+                         f"{'; '.join(left[:_NOTE_ITEMS])}{more}")
         return result
 
 

@@ -59,3 +59,44 @@ def test_static_int8_is_skipped_when_dynamic_meets_the_budget(tmp_path):
                for n in report.notes)
     assert keys["openvino/int8"].quantiser.startswith("nncf ")
     assert report.calibration["recipe"]["kind"] == "transformer"
+
+
+def _with_softmax_head(proto):
+    """``proto`` with its logits renamed and a Softmax producing the output under the old name."""
+    from onnx import helper
+
+    out = proto.graph.output[0].name
+    producer = next(n for n in proto.graph.node if out in n.output)
+    producer.output[list(producer.output).index(out)] = out + "_raw"
+    proto.graph.node.append(helper.make_node("Softmax", [out + "_raw"], [out], axis=-1, name="head_softmax"))
+    return proto
+
+
+def test_cnn_whose_only_softmax_is_its_classifier_head_keeps_the_cnn_recipe():
+    proto = _with_softmax_head(models.conv_bn_relu())
+    model = _ir(proto)
+    assert [n.op_type for n in model.graph].count("Softmax") == 1
+    assert not recipe.has_attention(model)
+    chosen = recipe.choose(model)
+    assert (chosen.kind, chosen.op_types, chosen.calib_method) == ("cnn", None, "minmax")
+
+
+def test_softmax_reaching_a_matmul_through_pass_through_ops_is_attention():
+    from onnx import TensorProto, helper
+
+    proto = models.attention_block()
+    pv = next(n for n in proto.graph.node if n.name == "pv")
+    # Softmax -> Cast -> Dropout -> Transpose -> Transpose -> MatMul, as some exporters write it
+    pv.input[0] = "p_t2"
+    proto.graph.node.extend([
+        helper.make_node("Cast", ["p"], ["p_c"], to=TensorProto.FLOAT, name="p_cast"),
+        helper.make_node("Dropout", ["p_c"], ["p_d"], name="p_dropout"),
+        helper.make_node("Transpose", ["p_d"], ["p_t1"], perm=[0, 2, 1], name="p_t1"),
+        helper.make_node("Transpose", ["p_t1"], ["p_t2"], perm=[0, 2, 1], name="p_t2"),
+    ])
+    model = _ir(proto)
+    assert recipe.has_attention(model)
+    assert recipe.choose(model).kind == "transformer"
+    # the same block with the Softmax's path to the MatMul cut (its output feeds only an Add) is no attention
+    pv.input[0] = "n"
+    assert not recipe.has_attention(_ir(proto))
