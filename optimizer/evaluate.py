@@ -11,8 +11,8 @@ import onnx
 from dlopt.errors import ModelError
 from dlopt.fidelity import Fidelity, compare
 
-__all__ = ["FP32_TOLERANCE", "Fidelity", "Fp32Check", "InputSpec", "compare", "fp32_check", "input_specs", "output_specs",
-           "top1_accuracy"]
+__all__ = ["FP32_TOLERANCE", "Fidelity", "Fp32Check", "InputSpec", "compare", "fp32_check", "input_specs",
+           "output_specs", "top1_accuracy"]
 
 # The fp32 equivalence rule: an fp32 candidate's largest difference from the original, over the
 # output's scale (the larger of its range and its largest magnitude, over every feed), may be at most
@@ -54,8 +54,7 @@ def fp32_check(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequ
     """
     worst, worst_index = 0.0, 0
     for index in range(min((len(r) for r in reference), default=0)):
-        diff = low = high = peak = 0.0
-        seen = False
+        diff, low, high, peak = 0.0, np.inf, -np.inf, 0.0
         for ref_outs, cand_outs in zip(reference, outputs, strict=True):
             ref = np.asarray(ref_outs[index], dtype=np.float64)
             got = np.asarray(cand_outs[index], dtype=np.float64)
@@ -66,10 +65,9 @@ def fp32_check(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequ
                 continue
             r, g = ref[both], got[both]
             diff = max(diff, float(np.max(np.abs(r - g))))
-            low, high = (min(low, float(r.min())), max(high, float(r.max()))) if seen else (float(r.min()), float(r.max()))
+            low, high = min(low, float(r.min())), max(high, float(r.max()))
             peak = max(peak, float(np.max(np.abs(r))))
-            seen = True
-        scale = max(high - low, peak)
+        scale = max(high - low, peak) if high >= low else 0.0
         error = diff / scale if scale > 0 else diff
         if error > worst:
             worst, worst_index = error, index

@@ -95,7 +95,8 @@ def test_a_speedup_interval_above_one_is_never_called_not_faster():
     original = _t(11.15, spread=0.015, runs=MIN_RUNS - 5)
     low, high = _speedup_ci(few, original)
     assert round(low, 2) == 1.08 and round(high, 2) == 1.15
-    assert speed_words(few, original) == f"not shown faster than the original: 15 runs, under the {MIN_RUNS} the rule needs"
+    assert speed_words(few, original) == \
+        f"not shown faster than the original: 15 runs, under the {MIN_RUNS} the rule needs"
     # a separated interval with a 4% gain, and a 10% gain under the 5 us timing resolution
     assert speed_words(_t(9.6), _t(10.0)) == "faster than the original, but by 4%, under the 5% that counts"
     assert speed_words(_t(0.040), _t(0.0444)) == \
