@@ -208,15 +208,15 @@ def build(
 
         def factory():
             return OrtSession(artifact.folder / artifact.check_onnx, session_settings(ev.config.thread_count))
-    too_slow = None
+    slow_ms = None
     try:
         with LocalRunner(base.key, factory) as runner:
             ran_as = runner.ran_as
+            # before any evaluation: a candidate that cannot win is checked on a few feeds, never on all
             if ev.profile.runs_here() and artifact.loadable_here:
-                too_slow = _too_slow(ev, runner)
-            if too_slow:  # check correctness on a few feeds, but do not spend minutes on a loser
-                limit = min(limit or SLOW_CHECK_FEEDS, SLOW_CHECK_FEEDS)
-            outputs = ev.outputs(runner, f"{backend_name} {precision}", limit)
+                slow_ms = _too_slow(ev, runner)
+            label = f"{backend_name} {precision}"
+            outputs = _spot_check(ev, runner, label, limit) if slow_ms else ev.outputs(runner, label, limit)
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
         return Built(replace(base, status=Status.FAILED, reason=f"could not run: {first_line(exc)}"))
     fidelity = compare(ev.reference[: len(outputs)], outputs).to_dict()
@@ -224,8 +224,11 @@ def build(
     size = (base.mcu or {}).get("flash_bytes") or artifact.size_bytes()
     measurement = Measurement(None, size, ev.accuracy(outputs))
     cand = replace(base, ran_as=ran_as, fidelity=fidelity, measurement=measurement, reason=_where(ev, artifact))
-    if too_slow:
-        return Built(replace(cand, status=Status.REJECTED, reason=too_slow), artifact, outputs, result.model)
+    if slow_ms:  # rejected, so the measure stage never times it
+        reason = (f"too slow to compete: {slow_ms:.1f} ms a run, {slow_ms / ev.original_ms:.0f}x the original's "
+                  f"{ev.original_ms:.2f} ms (a candidate slower than the original never ships); checked on "
+                  f"{len(outputs)} of {len(ev.data.feeds)} feeds only, not timed")
+        return Built(replace(cand, status=Status.REJECTED, reason=reason), artifact, outputs, result.model)
     if limit is not None:
         return Built(cand, artifact, outputs, result.model)
     score = ev.scorer.score(outputs).to_dict()
@@ -311,24 +314,51 @@ def _where(ev: Evaluation, artifact) -> str:
     return ""
 
 
-# A candidate whose first run takes this many times the original's latency cannot win: it is
-# checked on a few feeds and reported as too slow instead of timed (untuned TVM on x86).
-SLOW_FACTOR = 20.0
+# A candidate slower than the original never ships (dlopt.select, rule 3), so one whose warm runs
+# take SLOW_FACTOR times the original's latency cannot win: it is checked on a few feeds, rejected as
+# too slow and never timed.  Untuned TVM on x86 ran a 416x416 YOLOX at 3 s a run and still passed
+# the earlier 20x line: built and evaluated on all 60 samples (282 s), then timed, cutting every
+# candidate's runs to 20.
+SLOW_FACTOR = 3.0
+# Below this a full evaluation and timing cost too little to skip, and a first run's noise weighs most.
+SLOW_FLOOR_MS = 20.0
+# Timed runs after a first one over the line: the fastest decides, so one hiccup never rejects.
+SLOW_TRIES = 2
 SLOW_CHECK_FEEDS = 4
-SLOW_FLOOR_MS = 100.0
+# ...and no feed after this many seconds of checking (a feed may be a batch of 32 samples).
+SLOW_CHECK_SECONDS = 10.0
 
 
-def _too_slow(ev: Evaluation, runner) -> str | None:
+def _run_ms(runner, feed) -> float:
+    start = time.perf_counter()
+    runner.run(feed)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _too_slow(ev: Evaluation, runner) -> float | None:
+    """The fastest of a few runs at the timing shape when it is over the line, else None (one run)."""
     base = ev.original_ms
     if not base:
         return None
-    start = time.perf_counter()
-    runner.run(ev.timing_feed)
-    first_ms = (time.perf_counter() - start) * 1e3
-    if first_ms <= max(SLOW_FACTOR * base, SLOW_FLOOR_MS):  # fast enough to evaluate in full anyway
-        return None
-    return (f"too slow to compete: first run {first_ms:.1f} ms, {first_ms / base:.0f}x the original's "
-            f"{base:.2f} ms (checked on {SLOW_CHECK_FEEDS} feeds only)")
+    line = max(SLOW_FACTOR * base, SLOW_FLOOR_MS)
+    best = _run_ms(runner, ev.timing_feed)  # the first run: an upper bound, first-run costs included
+    for _ in range(SLOW_TRIES):
+        if best <= line:
+            return None
+        best = min(best, _run_ms(runner, ev.timing_feed))
+    return best if best > line else None
+
+
+def _spot_check(ev: Evaluation, runner, label: str, limit: int | None) -> list:
+    """Outputs on the first few feeds only: a too-slow candidate's correctness, within seconds."""
+    feeds = ev.data.feeds[: min(limit or SLOW_CHECK_FEEDS, SLOW_CHECK_FEEDS)]
+    outputs, start = [], time.perf_counter()
+    for i, feed in enumerate(feeds):
+        if outputs and time.perf_counter() - start > SLOW_CHECK_SECONDS:
+            break
+        outputs.append(runner.run(feed))
+        ev.progress(f"{label}: outputs", i + 1, len(feeds))
+    return outputs
 
 
 def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, precision: str):

@@ -15,7 +15,7 @@ import abc
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Mapping
 
 import numpy as np
@@ -123,6 +123,11 @@ class Timing:
 
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, latency: Mapping) -> "Timing":
+        """The Timing of a report's latency object (its other keys, such as ``speedup_ci``, left out)."""
+        return cls(**{f.name: latency[f.name] for f in fields(cls) if f.name in latency})
 
     @property
     def cut(self) -> str | None:
