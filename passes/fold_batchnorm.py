@@ -41,8 +41,11 @@ class FoldBatchNormPass(RulesPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._taken = _value_names(model)
+        copies = _split_shared_producers(model, self._taken)
         params = _params_of_candidates(model)
         result = super().call(model)
+        if copies:
+            self.note += f" ({copies} producer(s) copied: their output fed several BatchNorms)"
         for graph, value in params:
             if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
                 graph.initializers.pop(value.name, None)
@@ -68,6 +71,37 @@ def _value_names(model: ir.Model) -> set[str]:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         names.update(v.name for v in (*node.inputs, *node.outputs) if v is not None)
     return names
+
+
+def _split_shared_producers(model: ir.Model, taken: set[str]) -> int:
+    """Give each BatchNorm its own copy of a Conv/ConvTranspose/Gemm whose output feeds only BatchNorms.
+
+    onnxsim merges identical convolutions (same input, same shared weight) into one that feeds
+    two BatchNorms; after a copy each folds, and the model computes as many convolutions as
+    before. Copies are made only where every BatchNorm would fold.
+    """
+    copies = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type not in _RULES or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        users = [user for user, _ in uses]
+        if (len(uses) < 2 or out.is_graph_output() or len(set(users)) != len(users)
+                or any(u.op_type != "BatchNormalization" or i != 0 for u, i in uses)):
+            continue
+        rule = _RULES[node.op_type](taken)
+        if not all(rule.check(None, node.inputs[0], out, bn.outputs[0]) for bn in users):
+            continue
+        for i, bn in enumerate(users[1:], start=1):
+            copy = ir.Node(node.domain, node.op_type, list(node.inputs), list(node.attributes.values()),
+                           num_outputs=1, name=f"{node.name}_copy{i}")
+            copy.outputs[0].name = rule._new_name(f"{out.name}_copy{i}")
+            copy.outputs[0].type, copy.outputs[0].shape = out.type, out.shape
+            node.graph.insert_after(node, copy)
+            bn.replace_input_with(0, copy.outputs[0])
+            copies += 1
+    return copies
 
 
 def _params_of_candidates(model: ir.Model) -> list[tuple[ir.Graph, ir.Value]]:

@@ -152,3 +152,28 @@ def test_what_cannot_be_folded_is_reported_with_its_reason():
     feed = {**random_feed(proto), **feeds}
     for ref, got in zip(run_ort(proto, feed), run_ort(result.model, feed), strict=True):
         assert max_rel_error(ref, got) <= 1e-5
+
+
+def test_conv_feeding_two_batchnorms_is_copied_so_both_fold():
+    proto = shared_params_model()
+    # what onnxsim makes of conv_c and conv_d (same input, same weight): one Conv feeding both BatchNorms
+    next(n for n in proto.graph.node if n.name == "bn_d").input[0] = "c"
+    proto.graph.node.remove(next(n for n in proto.graph.node if n.name == "conv_d"))
+    pass_ = FoldBatchNormPass()
+    result = pass_(ir.serde.deserialize_model(proto))
+    counts = op_counts(result.model)
+    assert "BatchNormalization" not in counts and counts["Conv"] == 5
+    assert pass_.note == "7 rewrite(s) (1 producer(s) copied: their output fed several BatchNorms)"
+    assert_same_outputs(proto, result.model, rel=1e-5)
+
+
+def test_generic_pipeline_folds_every_batchnorm_of_the_shared_params_model():
+    from dlopt.passes import generic_passes
+    from dlopt.pipeline import run_pipeline
+
+    proto = shared_params_model()
+    model = ir.serde.deserialize_model(proto)
+    result = run_pipeline(model, generic_passes(model=model))
+    record = next(r for r in result.records if r.name == "FoldBatchNormPass")
+    assert (record.ops_before["BatchNormalization"], record.ops_after.get("BatchNormalization", 0)) == (7, 0)
+    assert_same_outputs(proto, result.model, rel=1e-5)
