@@ -7,6 +7,10 @@ a target that is not this machine, say) — a skip is said, never silent, and a
 gate whose every check was skipped fails unless missing figures are allowed.
 A report is checked field by field (``dlopt.report_schema``) before any gate reads
 it, so a hand-edited or hostile file is refused with one line, not a traceback.
+Latency is judged with intervals (``dlopt.gate_timing``): a regression fails only when
+the limit is crossed and the 95% intervals of the medians separate; with both output
+folders at hand the two artefacts are re-timed interleaved here rather than compared
+across runs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.errors import ConfigError, GateFailed, first_line
+from dlopt.gate_timing import DEFAULT_RUNS, LatencyComparison, compare_latency, same_evaluation
 from dlopt.report_schema import chosen_of as _chosen, load_report, show as _show, validate_report  # noqa: F401
 
 # dlopt.toml [gate] key -> Thresholds field
@@ -117,6 +122,7 @@ class GateResult:
     detail: str
     unit: str = ""
     warning: str = ""  # something a reader must know although the gate passed (another model's baseline)
+    comparison: dict | None = None  # latency: both medians, intervals, ratio, how they were timed
 
     @property
     def passed(self) -> bool:
@@ -159,6 +165,7 @@ class _Sides:
     ref_score: dict | None  # None without a baseline: the candidate's own drop_pp is already relative
     ref_name: str
     with_baseline: bool
+    latency: LatencyComparison | None = None
 
     @property
     def key(self) -> str:
@@ -183,10 +190,19 @@ def _accuracy(s: _Sides) -> tuple[float | None, str, str]:
 
 def _latency(s: _Sides) -> tuple[float | None, str, str]:
     mine = _measure(s.cand, "measurement", "latency", "p50_ms")
-    ref = _measure(s.ref_measurement, "latency", "p50_ms")
     missing = (f"latency not measured for {s.key} (target {s.report['target'].get('name')} is not this machine)"
                if not mine else f"latency of {s.ref_name} not measured")
-    return _percent(mine, ref), f"p50 {mine} ms vs {ref} ms ({s.ref_name})", missing
+    return (s.latency.percent if s.latency else None), (s.latency.describe() if s.latency else ""), missing
+
+
+def _latency_gate(s: _Sides, allowed: float) -> GateResult:
+    """Crossing the limit fails only with separated intervals (``LatencyComparison.judge``)."""
+    measured, detail, missing = _latency(s)
+    if s.latency is None:
+        return GateResult("latency-regression", None, allowed, "skipped", missing, "%")
+    status, why = s.latency.judge(allowed)
+    return GateResult("latency-regression", measured, allowed, status, f"{detail}; {why}", "%",
+                      comparison=s.latency.to_dict())
 
 
 def _size(s: _Sides) -> tuple[float | None, str, str]:
@@ -215,15 +231,20 @@ GATES = {  # Thresholds field -> (gate name, unit, measure)
 
 
 def check(report: dict, thresholds: Thresholds, baseline: dict | None = None, *, allow_missing: bool = False,
-          allow_different_eval: bool = False) -> list[GateResult]:
+          allow_different_eval: bool = False, folders: tuple[Path | None, Path | None] = (None, None),
+          runs: int = DEFAULT_RUNS) -> list[GateResult]:
     """One result per threshold that is set, after "candidate" (was anything chosen at all) and, with a
     baseline, "baseline" (what is compared with what).  When every gate was skipped, a failed "coverage"
-    result says so unless ``allow_missing``: a gate that checked nothing must not pass a build."""
+    result says so unless ``allow_missing``: a gate that checked nothing must not pass a build.
+
+    ``folders`` are the output folders of the report and the baseline, where they are at hand: with both,
+    a latency threshold re-times the two artefacts interleaved here (``runs`` each), and evaluation data
+    at different paths is compared by content."""
     validate_report(report)
     compared = []
     if baseline is not None:
         validate_report(baseline, "the baseline report")
-        compared = [_baseline_result(report, baseline, allow_different_eval)]
+        compared = [_baseline_result(report, baseline, allow_different_eval, folders)]
     limits = {name: getattr(thresholds, name) for name in GATES if getattr(thresholds, name) is not None}
     cand = _chosen(report)
     if cand is None:
@@ -231,16 +252,21 @@ def check(report: dict, thresholds: Thresholds, baseline: dict | None = None, *,
                            "missed the accuracy budget (see the report's candidates)")] + compared + [
             GateResult(GATES[n][0], None, v, "skipped", "no chosen candidate to measure", GATES[n][1])
             for n, v in limits.items()]
+    ref = (_chosen(baseline) or {}) if baseline is not None else None
+    latency = (compare_latency(report, cand, baseline, ref, folders=folders, runs=runs)
+               if "max_latency_regression" in limits else None)
     if baseline is None:
-        sides = _Sides(report, cand, report["baseline"], None, "the original model", False)
+        sides = _Sides(report, cand, report["baseline"], None, "the original model", False, latency)
     else:
-        ref = _chosen(baseline) or {}
         name = (f"the baseline report's {baseline['chosen']}" if ref
                 else "the baseline report (it chose no candidate)")
-        sides = _Sides(report, cand, ref.get("measurement"), ref.get("score"), name, True)
+        sides = _Sides(report, cand, ref.get("measurement"), ref.get("score"), name, True, latency)
     gates = []
     for field_name, allowed in limits.items():
         gate_name, unit, measure = GATES[field_name]
+        if field_name == "max_latency_regression":
+            gates.append(_latency_gate(sides, allowed))
+            continue
         measured, detail, missing = measure(sides)
         gates.append(_gate(gate_name, measured, allowed, unit, detail, missing))
     results = [GateResult("candidate", None, None, "passed", f"{report['chosen']} was chosen"), *compared, *gates]
@@ -255,13 +281,17 @@ def _evaluation(report: dict) -> tuple[Any, Any]:
     return _measure(report, "evaluation", "source"), _measure(report, "evaluation", "feeds")
 
 
-def _baseline_result(report: dict, baseline: dict, allow_different_eval: bool) -> GateResult:
-    """Refuse a baseline whose figures are not comparable; say when it is of another model (the usual case)."""
+def _baseline_result(report: dict, baseline: dict, allow_different_eval: bool,
+                     folders: tuple[Path | None, Path | None] = (None, None)) -> GateResult:
+    """Refuse a baseline whose figures are not comparable; say when it is of another model (the usual case).
+    Evaluation data at another path counts as the same when its content is (``gate_timing.same_evaluation``)."""
     if baseline["target"]["name"] != report["target"]["name"]:
         raise ConfigError(f"the baseline report is for target {_show(baseline['target']['name'])}, this one for "
                           f"{_show(report['target']['name'])}; compare reports of the same target")
-    differences = []
+    differences, same_data = [], None
     if _evaluation(baseline) != _evaluation(report):
+        same_data = same_evaluation(report, baseline, folders)
+    if _evaluation(baseline) != _evaluation(report) and same_data is None:
         (source, feeds), (ref_source, ref_feeds) = _evaluation(report), _evaluation(baseline)
         differences.append(f"this one was evaluated on {_show(source)} ({feeds} feeds), the baseline on "
                            f"{_show(ref_source)} ({ref_feeds} feeds)")
@@ -278,6 +308,8 @@ def _baseline_result(report: dict, baseline: dict, allow_different_eval: bool) -
                            f"{sha[:12]}): the gates compare this model with that one")
     detail = (f"compared with the baseline report's {baseline['chosen']}" if baseline["chosen"]
               else "the baseline report chose no candidate: nothing to compare with")
+    if same_data:
+        detail += f"; {same_data}"
     return GateResult("baseline", None, None, "passed", detail, warning="; ".join(warnings))
 
 
@@ -357,6 +389,6 @@ def _cell(text: str) -> str:
     return printable(escape_markdown(text))  # escape_markdown keeps control characters such as ESC
 
 
-def run_gate(report: dict, thresholds: Thresholds, baseline: dict | None = None, **options: bool) -> list[GateResult]:
+def run_gate(report: dict, thresholds: Thresholds, baseline: dict | None = None, **options: Any) -> list[GateResult]:
     """What ``dlopt compile --gate`` and ``dlopt gate`` call: check, then the caller may ``enforce``."""
     return check(report, thresholds, baseline, **options)

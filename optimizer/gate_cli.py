@@ -13,6 +13,8 @@ import click
 from dlopt.publish_options import publish_options
 
 CONFIG_FILE = "dlopt.toml"
+# What `--baseline` checks when no threshold is given anywhere (the README's CI workflow passes none).
+BASELINE_DEFAULTS = {"max_accuracy_drop": "0.5", "max_latency_regression": "10%"}
 
 
 def _report_path(path: Path) -> Path:
@@ -88,12 +90,16 @@ def _write_output(option: str, path: Path, text: str) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("report", type=click.Path(path_type=Path))
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
-              help="A previous report.json (e.g. from main) to compare with, instead of this report's "
-                   "original model.")
+              help="A previous output folder or its report.json (e.g. from main) to compare with, instead of "
+                   "this report's original model.  With both folders at hand, latency is re-timed here.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed runs of each artefact when --baseline's and this report's artefacts are re-timed "
+                   "interleaved (fewer than 20 can never show a significant difference).")
 @click.option("--max-accuracy-drop", default=None, metavar="POINTS",
               help="Largest accuracy drop in percentage points of the report's score.")
 @click.option("--max-latency-regression", default=None, metavar="PERCENT",
-              help="Largest p50 slow-down, e.g. 10% (negative: must be that much faster).")
+              help="Largest p50 slow-down, e.g. 10%; it fails only when the 95% intervals of the medians "
+                   "separate too (negative: must be significantly that much faster).")
 @click.option("--max-size-mb", default=None, metavar="MB", help="Largest artefact size in MB (1e6 bytes).")
 @click.option("--max-energy-regression", default=None, metavar="PERCENT",
               help="Largest increase in joules per inference, e.g. 5%.")
@@ -109,12 +115,21 @@ def _write_output(option: str, path: Path, text: str) -> None:
                    "(default: exit 2, the figures are not comparable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the gate results as JSON.")
 @publish_options(triton=False)
-def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_mb, max_energy_regression,
+def gate(report, baseline, runs, max_accuracy_drop, max_latency_regression, max_size_mb, max_energy_regression,
          config, junit, markdown, allow_missing, allow_different_eval, as_json, publishing):
     """Check REPORT (a report.json or a dlopt output folder) against thresholds.
 
     Without --baseline, the chosen candidate is compared with the report's
     original model; with it, with the baseline report's chosen candidate.  A
+    latency regression fails only when the limit is crossed and the 95%
+    intervals of the two medians separate.  When both output folders are at
+    hand (--baseline OUT_DIR, or a report.json still in its folder), the two
+    artefacts are re-timed interleaved on this machine (--runs each); from a
+    report alone the reported intervals are compared, and the result says the
+    comparison crosses runs.  With --baseline and no threshold given (flags or
+    dlopt.toml), --max-accuracy-drop 0.5 and --max-latency-regression 10% are
+    checked.  Evaluation data at another path counts as the same when its
+    content is the same.  A
     figure the report lacks (latency of a target that is not this machine, energy)
     is reported as skipped, not passed silently; when every gate is skipped the
     gate fails (nothing was checked) unless --allow-missing.  A baseline of
@@ -139,15 +154,16 @@ def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_m
       max-latency-regression = "10%"
       max-size-mb = 25
     """
-    thresholds = thresholds_from(config, max_accuracy_drop=max_accuracy_drop,
-                                 max_latency_regression=max_latency_regression, max_size_mb=max_size_mb,
-                                 max_energy_regression=max_energy_regression)
+    thresholds = thresholds_from(config, fallback=BASELINE_DEFAULTS if baseline is not None else None,
+                                 max_accuracy_drop=max_accuracy_drop, max_latency_regression=max_latency_regression,
+                                 max_size_mb=max_size_mb, max_energy_regression=max_energy_regression)
     from dlopt.gate import load_report
+    from dlopt.gate_timing import output_folder
 
     data = load_report(_report_path(report))
     base = load_report(_report_path(baseline), f"baseline {baseline}") if baseline is not None else None
-    folder = report if report.is_dir() else report.parent  # its manifest and artefact, when there
-    out_dir = folder if (folder / "manifest.json").is_file() else None
+    out_dir = output_folder(report)  # its manifest and artefact, when there
+    folders = (out_dir, output_folder(baseline) if baseline is not None else None)
 
     def record(results) -> None:
         from dlopt.publish_options import publish
@@ -158,14 +174,15 @@ def gate(report, baseline, max_accuracy_drop, max_latency_regression, max_size_m
     check_report(data, thresholds, base, junit=junit, markdown=markdown, as_json=as_json,
                  allow_missing=allow_missing, allow_different_eval=allow_different_eval,
                  reads=[_report_path(p) for p in (report, baseline) if p is not None],
-                 on_results=record if publishing else None)
+                 on_results=record if publishing else None, folders=folders, runs=runs)
 
 
-def thresholds_from(config: Path | None, **flags):
+def thresholds_from(config: Path | None, fallback: dict | None = None, **flags):
     """Thresholds of the [gate] table in ``config`` (default ./dlopt.toml), overridden by flags.
 
     A flag the user did not give (its click default: `dlopt compile --max-accuracy-drop` defaults to 1)
     only fills a threshold the table leaves unset, so `compile --gate` honours [gate] as `gate` does.
+    ``fallback`` thresholds are used, and said on stderr, when neither flags nor the table set any threshold.
     """
     from dlopt.errors import ConfigError
     from dlopt.gate import Thresholds, load_thresholds
@@ -181,6 +198,11 @@ def thresholds_from(config: Path | None, **flags):
     if config:
         thresholds = thresholds.merged(**vars(load_thresholds(config)))
     thresholds = thresholds.merged(**flags)
+    if thresholds == Thresholds() and fallback:
+        thresholds = Thresholds(**fallback)
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fallback.items())
+        click.echo(f"dlopt: no thresholds given (flags or a [gate] table in {CONFIG_FILE}); checking {given}",
+                   err=True)
     if thresholds == Thresholds():
         raise ConfigError("no thresholds to check: pass --max-accuracy-drop, --max-latency-regression, "
                           f"--max-size-mb or --max-energy-regression, or add a [gate] table to {CONFIG_FILE}")
@@ -190,7 +212,7 @@ def thresholds_from(config: Path | None, **flags):
 def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit: Path | None = None,
                  markdown: Path | None = None, as_json: bool = False, quiet: bool = False,
                  allow_missing: bool = False, allow_different_eval: bool = False, reads: tuple | list = (),
-                 on_results=None) -> None:
+                 on_results=None, folders: tuple = (None, None), runs: int | None = None) -> None:
     """Run the gates, write JUnit/Markdown if asked, print the table, raise GateFailed on a failure.
 
     ``on_results(results)`` is called before a failure is raised (to record the results elsewhere)."""
@@ -205,8 +227,9 @@ def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit:
     if len(outputs) == 2 and (junit.absolute() == markdown.absolute()
                               or junit.exists() and markdown.exists() and junit.samefile(markdown)):
         raise ConfigError(f"--junit and --markdown are the same file ({junit}); give two paths")
+    timing = {"runs": runs} if runs is not None else {}
     results = run_gate(data, thresholds, baseline, allow_missing=allow_missing,
-                       allow_different_eval=allow_different_eval)
+                       allow_different_eval=allow_different_eval, folders=folders, **timing)
     for r in results:
         if r.warning:
             click.echo(f"dlopt: warning: {r.warning}", err=True)
@@ -216,6 +239,7 @@ def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit:
         _write_output("--markdown", markdown, to_markdown(results, data))
     if as_json:
         click.echo(json.dumps({"passed": all(r.passed for r in results),
+                               "latency": next((r.comparison for r in results if r.comparison), None),
                                "gates": [r.to_dict() for r in results]}, indent=2))
     elif not quiet:
         from tabulate import tabulate
@@ -224,6 +248,9 @@ def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit:
                  printable(r.detail)] for r in results]
         click.echo(tabulate(rows, headers=["gate", "measured", "allowed", "status", "detail"],
                             maxcolwidths=[None, None, None, None, 60]))
+        for r in results:  # the latency comparison in one unwrapped line: how it was timed matters
+            if r.comparison is not None:
+                click.echo(f"{r.name}: {r.status}: {printable(r.detail)}")
     if on_results is not None:
         on_results(results)
     enforce(results)

@@ -38,13 +38,13 @@ def _chosen(report: dict) -> dict:
 
 def edited(report: dict, *, base_p50=None, p50=None, drop=None, value=None, metric=None, size=None,
            energy=None, base_energy=None, kind="estimated") -> dict:
-    """A copy of ``report`` with the chosen candidate's (and the original's) figures replaced."""
+    """A copy of ``report`` with the chosen candidate's (and the original's) figures replaced; a p50 given
+    comes with a zero-width interval over 100 runs (a difference the gate calls significant)."""
     data = copy.deepcopy(report)
     cand = _chosen(data)
-    if base_p50 is not None:
-        data["baseline"]["latency"]["p50_ms"] = base_p50
-    if p50 is not None:
-        cand["measurement"]["latency"]["p50_ms"] = p50
+    for latency, ms in ((data["baseline"]["latency"], base_p50), (cand["measurement"]["latency"], p50)):
+        if ms is not None:
+            latency.update(p50_ms=ms, ci_low_ms=ms, ci_high_ms=ms, runs=100)
     if drop is not None:
         cand["score"]["drop_pp"] = drop
     if value is not None:
@@ -78,7 +78,8 @@ def test_latency_regression_boundary(real, p50, allowed, measured, status):
     data = edited(real, base_p50=1.0, p50=p50)
     result = gate_named(check(data, Thresholds(max_latency_regression=allowed)), "latency-regression")
     assert (result.measured, result.status) == (measured, status)
-    assert "p50 " + str(p50) + " ms vs 1.0 ms" in result.detail
+    assert "same run" in result.comparison["mode"] and f"p50 {p50:g} ms (95% CI {p50:g}-{p50:g})" in result.detail
+    assert "vs 1 ms (95% CI 1-1) for the original model" in result.detail
 
 
 @pytest.mark.parametrize("size, measured, status", [(2_000_000, 2.0, "passed"), (2_000_001, 2.000001, "failed")])
@@ -304,3 +305,129 @@ def test_compile_gate_in_one_step(tmp_path):
                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "size" in result.stdout and "passed" in result.stdout
+
+
+# -- latency is judged with intervals: cross-run from reports, re-timed interleaved from folders ----------
+def _interval(report: dict, where: str, p50: float, low: float, high: float, runs: int = 100) -> None:
+    latency = report["baseline"]["latency"] if where == "original" else _chosen(report)["measurement"]["latency"]
+    latency.update(p50_ms=p50, ci_low_ms=low, ci_high_ms=high, runs=runs)
+
+
+@pytest.mark.parametrize("cand, ref, allowed, status, separated, why", [
+    ((1.2, 1.1, 1.3), (1.0, 0.9, 1.15), 10, "passed", None, "intervals overlap: not a significant slow-down"),
+    ((1.2, 1.16, 1.3), (1.0, 0.9, 1.15), 10, "failed", "slower", "intervals separate: the slow-down is significant"),
+    ((1.05, 1.03, 1.07), (1.0, 0.98, 1.01), 10, "passed", "slower", "within the limit"),  # significant, allowed
+    ((0.9, 0.85, 0.95), (1.0, 0.96, 1.04), -5, "passed", "faster", "the speed-up is significant"),
+    ((0.9, 0.85, 1.0), (1.0, 0.96, 1.04), -5, "failed", None, "the speed-up is within the noise: intervals overlap"),
+])
+def test_latency_needs_separated_intervals_and_the_limit_crossed(real, cand, ref, allowed, status, separated, why):
+    data = copy.deepcopy(real)
+    _interval(data, "chosen", *cand)
+    _interval(data, "original", *ref)
+    result = gate_named(check(data, Thresholds(max_latency_regression=allowed)), "latency-regression")
+    assert (result.measured, result.status) == (round((cand[0] / ref[0] - 1) * 100, 2), status)
+    assert result.detail.endswith(why)
+    assert (result.comparison["mode"], result.comparison["separated"]) == ("same run", separated)
+
+
+def test_latency_from_reports_alone_is_cross_run(real):
+    main, pr = copy.deepcopy(real), copy.deepcopy(real)
+    _interval(main, "chosen", 1.0, 0.95, 1.05)
+    _interval(pr, "chosen", 1.162, 0.9, 1.4)  # the issue's +16.2% with the noise a shared machine gives
+    result = gate_named(check(pr, Thresholds(max_latency_regression=10), baseline=main), "latency-regression")
+    assert (result.measured, result.status) == (16.2, "passed")
+    assert result.detail.startswith("cross-run: each figure from its own compile")
+    assert result.comparison == {
+        "mode": "cross-run", "ratio": 1.162, "percent": 16.2, "separated": None, "note": "",
+        "candidate": {"key": real["chosen"], "p50_ms": 1.162, "ci_low_ms": 0.9, "ci_high_ms": 1.4, "runs": 100},
+        "reference": {"key": f"the baseline report's {real['chosen']}", "p50_ms": 1.0, "ci_low_ms": 0.95,
+                      "ci_high_ms": 1.05, "runs": 100}}
+    _interval(pr, "chosen", 1.162, 1.1, 1.2)
+    failed = gate_named(check(pr, Thresholds(max_latency_regression=10), baseline=main), "latency-regression")
+    assert (failed.status, failed.comparison["separated"]) == ("failed", "slower")
+    _interval(pr, "chosen", 1.162, 1.1, 1.2, runs=19)  # below MIN_RUNS an interval proves nothing
+    assert gate_named(check(pr, Thresholds(max_latency_regression=10), baseline=main),
+                      "latency-regression").status == "passed"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    """Output folders of ORT-only fp32 compiles of one tiny CNN: ``main`` and ``pr`` (the same model, eval
+    data with the same bytes at two paths), and ``slow`` (a 96-channel conv at the same input shape)."""
+    import numpy as np
+
+    import dlopt
+
+    root = tmp_path_factory.mktemp("gate-folders")
+    (root / "targets.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n')
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    for name in ("main", "pr"):
+        (root / name).mkdir()
+        np.savez(root / name / "eval.npz", x=x)  # one file's bytes at two paths
+    built = {}
+    for name, channels in (("main", 4), ("pr", 4), ("slow", 96)):
+        out = root / f"{name}-out"
+        data = root / ("main" if name == "slow" else name) / "eval.npz"
+        dlopt.compile(models.conv_bn_relu(channels=channels, size=32), target="here", targets_file=root / "targets.toml",
+                      out=out, precision="fp32", inputs=data, runs=5, warmup=1)
+        built[name] = out
+    built["root"] = root
+    return built
+
+
+def test_gate_with_baseline_folder_retimes_interleaved_and_passes_three_times(folders):
+    """The README's workflow on an unchanged model, three times, in a folder without dlopt.toml: no flake."""
+    root = folders["root"]
+    assert not (root / "dlopt.toml").exists()
+    for _ in range(3):
+        result = _gate(folders["pr"], "--baseline", folders["main"], "--runs", "30", cwd=root)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "checking --max-accuracy-drop 0.5 --max-latency-regression 10%" in result.stderr  # no thresholds given
+        assert "latency-regression: passed: re-timed interleaved on this machine (30 runs each)" in result.stdout
+    as_json = json.loads(_gate(folders["pr"], "--baseline", folders["main"] / "report.json", "--runs", "30",
+                               "--max-latency-regression", "10%", "--json", cwd=root).stdout)
+    latency = as_json["latency"]
+    assert as_json["passed"] and latency["mode"] == "re-timed interleaved" and latency["note"] == ""
+    baseline = next(g for g in as_json["gates"] if g["name"] == "baseline")
+    assert "same evaluation data at another path (sha256 " in baseline["detail"]  # eval.npz in main/ and pr/
+    assert latency["candidate"]["runs"] == latency["reference"]["runs"] == 30
+    for side in ("candidate", "reference"):
+        figures = latency[side]
+        assert 0 < figures["ci_low_ms"] <= figures["p50_ms"] <= figures["ci_high_ms"]
+    assert latency["ratio"] == pytest.approx(latency["candidate"]["p50_ms"] / latency["reference"]["p50_ms"], abs=1e-3)
+
+
+def test_gate_with_a_baseline_report_alone_says_cross_run(folders, tmp_path):
+    alone = tmp_path / "report.json"
+    alone.write_bytes((folders["main"] / "report.json").read_bytes())  # no artefact beside it
+    result = _gate(folders["pr"], "--baseline", alone, "--max-latency-regression", "10%", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    latency = json.loads(result.stdout)["latency"]
+    assert latency["mode"] == "cross-run"
+    assert latency["note"] == "not re-timed: the baseline is a report without its output folder"
+    assert latency["candidate"]["runs"] == latency["reference"]["runs"] == 5  # as reported: too few to separate
+
+
+def test_gate_fails_a_real_regression_with_separated_intervals(folders):
+    """A candidate with a 96-channel conv where main has 4: about 24 times the work at the same input."""
+    result = _gate(folders["slow"], "--baseline", folders["main"], "--runs", "30", "--max-latency-regression", "10%",
+                   "--json", cwd=folders["root"])
+    assert result.returncode == 1, result.stderr
+    latency = json.loads(result.stdout)["latency"]
+    assert latency["mode"] == "re-timed interleaved" and latency["separated"] == "slower"
+    assert latency["candidate"]["ci_low_ms"] > latency["reference"]["ci_high_ms"]
+    assert latency["percent"] > 100
+    assert "gate failed: latency-regression: measured +" in result.stderr
+    assert "the baseline report is of another model" in result.stderr  # a warning: another model's baseline
+
+
+def test_other_evaluation_bytes_are_still_refused(folders, tmp_path):
+    import numpy as np
+
+    other = copy.deepcopy(json.loads((folders["pr"] / "report.json").read_text()))
+    other["evaluation"]["source"] = str(tmp_path / "other.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros((4, 3, 32, 32), np.float32))
+    (tmp_path / "report.json").write_text(json.dumps(other))
+    result = _gate(tmp_path, "--baseline", folders["main"], "--max-accuracy-drop", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the baseline report is not comparable: this one was evaluated on" in result.stderr
