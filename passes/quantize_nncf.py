@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -156,6 +156,21 @@ def _samples(batch: dict[str, np.ndarray]) -> int:
     return int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
 
 
+class _Counted:
+    """The calibration batches, re-iterable, counting what the latest read saw (NNCF reads them)."""
+
+    def __init__(self, source: Iterable[dict[str, np.ndarray]]) -> None:
+        self.source = source
+        self.batches = self.samples = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.batches = self.samples = 0  # NNCF may stop reading at its subset size: count as it goes
+        for feed in self.source:
+            self.batches += 1
+            self.samples += _samples(feed)
+            yield feed
+
+
 class QuantizeNncfPass(ir.passes.FunctionalPass):
     """Insert QuantizeLinear/DequantizeLinear pairs with NNCF's post-training quantisation.
 
@@ -174,13 +189,15 @@ class QuantizeNncfPass(ir.passes.FunctionalPass):
     def __init__(
         self,
         *,
-        calibration: Sequence[dict[str, np.ndarray]],
+        calibration: Iterable[dict[str, np.ndarray]],
         transformer: bool = False,
         exclude_nodes: Sequence[str] = (),
         fast_bias_correction: bool = True,
     ) -> None:
         super().__init__()
-        self.calibration = list(calibration)
+        # a re-iterable source (a list, a CalibrationDataset) is read batch by batch each time NNCF
+        # needs it, never held whole; only a one-pass iterator is kept in a list
+        self.calibration = list(calibration) if isinstance(calibration, Iterator) else calibration
         self.transformer = transformer
         self.exclude_nodes = tuple(exclude_nodes)
         self.fast_bias_correction = fast_bias_correction
@@ -191,7 +208,12 @@ class QuantizeNncfPass(ir.passes.FunctionalPass):
         reason = available()
         if reason is not True:
             raise TargetUnavailable(reason)
-        if not self.calibration:
+        batches = _Counted(self.calibration)
+        try:
+            count = len(self.calibration)
+        except TypeError:  # a dataset that does not know its length until read once
+            count = sum(1 for _ in batches)
+        if not count:
             raise DataError("NNCF quantisation needs at least one calibration batch")
         try:
             nncf = _import_nncf()
@@ -206,7 +228,7 @@ class QuantizeNncfPass(ir.passes.FunctionalPass):
             folded = _prepare(proto)
             with _quiet():
                 quantized = nncf.quantize(
-                    proto, nncf.Dataset(self.calibration), subset_size=len(self.calibration),
+                    proto, nncf.Dataset(batches), subset_size=count,
                     model_type=nncf.ModelType.TRANSFORMER if self.transformer else None,
                     fast_bias_correction=self.fast_bias_correction,
                     # validate=False: nncf raises on a name it cannot match; those were dropped above anyway
@@ -217,14 +239,14 @@ class QuantizeNncfPass(ir.passes.FunctionalPass):
         result = ir.serde.deserialize_model(quantized)
 
         n_dq = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
-        samples = sum(_samples(b) for b in self.calibration)
+        samples = batches.samples
         recipe = ""
         if self.transformer:
             from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
 
             recipe = f" (transformer: SmoothQuant alpha {AdvancedSmoothQuantParameters().matmul:g} on MatMul)"
         self.note = (f"NNCF {nncf.__version__} PTQ{recipe}, {samples} calibration samples in "
-                     f"{len(self.calibration)} batches, {n_dq} DequantizeLinear, {len(excluded)} node(s) kept in float"
+                     f"{batches.batches} batches, {n_dq} DequantizeLinear, {len(excluded)} node(s) kept in float"
                      + (f"; {folded} Cast(s) of initializers folded" if folded else "")
                      # NNCF then falls back to per-tensor weights, which broke every real model tried
                      + (f"; per-tensor weights (opset {opset} < 13)" if opset < 13 else ""))

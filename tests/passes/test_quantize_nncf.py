@@ -228,3 +228,26 @@ def test_nncf_telemetry_is_off_and_writes_nothing_at_home(tmp_path):
                          cwd=tmp_path).stdout
     assert out.strip() == "True None"
     assert not (tmp_path / "intel").exists()
+
+
+def test_a_reiterable_source_is_streamed_not_held():
+    """A dataset without len (like an .npz dataset before its first read) is read batch by batch:
+    the pass keeps the source itself, counts it, and NNCF's result equals the one from a list."""
+
+    class Source:
+        reads = 0
+
+        def __iter__(self):
+            Source.reads += 1
+            yield from _batches(0, (4, 3, 16, 16))
+
+    source = Source()
+    pass_ = QuantizeNncfPass(calibration=source)
+    assert pass_.calibration is source
+    streamed = to_proto(pass_(_cnn()).model)
+    listed = to_proto(QuantizeNncfPass(calibration=_batches(0, (4, 3, 16, 16)))(_cnn()).model)
+    assert Source.reads >= 2  # counted, then read by NNCF
+    n = len(_batches(0, (4, 3, 16, 16)))
+    assert f"{4 * n} calibration samples in {n} batches" in pass_.note
+    x = _batches(5, (4, 3, 16, 16), 1)[0]
+    np.testing.assert_array_equal(run_ort(streamed, x)[0], run_ort(listed, x)[0])
