@@ -23,7 +23,9 @@ class FoldBatchNormPass(RulesPass):
     weight and bias initializers of its own under new names, so a weight or bias
     shared with other nodes (torch's exporter gives a stride-2 conv and its 1x1
     shortcut one zero bias) is folded too and the other nodes keep the original; a
-    producer without a bias gets one. Initializers the fold leaves unused are removed.
+    producer without a bias gets one; a producer whose output feeds only BatchNorms (onnxsim
+    merges twin convolutions) is copied so each folds. Initializers the fold leaves unused
+    are removed; a BatchNorm whose producer's output is also read by other ops stays.
     ``unfolded`` lists ``(node name, reason)`` for every BatchNormalization left, and
     ``note`` says how many were folded and why the rest were not.
     """
@@ -96,7 +98,7 @@ def _split_shared_producers(model: ir.Model, taken: set[str]) -> int:
         for i, bn in enumerate(users[1:], start=1):
             copy = ir.Node(node.domain, node.op_type, list(node.inputs), list(node.attributes.values()),
                            num_outputs=1, name=f"{node.name}_copy{i}")
-            copy.outputs[0].name = rule._new_name(f"{out.name}_copy{i}")
+            copy.outputs[0].name = rule.new_name(f"{out.name}_copy{i}")
             copy.outputs[0].type, copy.outputs[0].shape = out.type, out.shape
             node.graph.insert_after(node, copy)
             bn.replace_input_with(0, copy.outputs[0])
@@ -194,14 +196,14 @@ class _FoldInto:
         bias = b_value.const_value.numpy().astype(np.float64) if b_value is not None else 0.0
         fused_w = self.scale_weights(weights.astype(np.float64), scale, producer).astype(weights.dtype)
         fused_b = ((gemm_beta * bias - mean) * scale + beta).astype(weights.dtype)
-        w_name = self._new_name(f"{w_value.name}_bnfold")
-        b_name = self._new_name(f"{b_value.name if b_value is not None else w_value.name + '_bias'}_bnfold")
+        w_name = self.new_name(f"{w_value.name}_bnfold")
+        b_name = self.new_name(f"{b_value.name if b_value is not None else w_value.name + '_bias'}_bnfold")
         out = op.op(self.op_type, x, op.initializer(ir.tensor(fused_w), name=w_name),
                     op.initializer(ir.tensor(fused_b), name=b_name), **attributes)
         out.producer().name = producer.name  # it replaces the producer: reports and exclusions name it so
         return out
 
-    def _new_name(self, base: str) -> str:
+    def new_name(self, base: str) -> str:
         name, i = base, 1
         while name in self._taken:
             name, i = f"{base}_{i}", i + 1
