@@ -37,10 +37,13 @@ class EvalData:
     feeds: tuple[Feed, ...]
     labels: tuple[np.ndarray, ...]
     source: str
+    axes: dict | None = None  # each input's batch axis (dlopt.layout); None: the first
 
     @property
     def samples(self) -> int:
-        return sum(len(next(iter(f.values()))) if f else 0 for f in self.feeds)
+        from dlopt.layout import samples_in
+
+        return sum(samples_in(f, self.axes) if f else 0 for f in self.feeds)
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,16 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Batch at which latency is timed, for a symbolic first dimension [default: 1].")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=DxDx...",
-              help="Timing shape of one input, e.g. x=1x3x224x224 (repeatable). Other symbolic dims come from "
-                   "--eval data; one that neither fixes is an error.")
+              help="Timing shape of one input, e.g. x=1x3x224x224, or the size of a symbolic dim name for every "
+                   "input that uses it, e.g. seq=64 (repeatable). Other symbolic dims come from --eval (or --calib) "
+                   "data; any that nothing fixes are listed in one error.")
+@click.option("--const", "constants", multiple=True, metavar="NAME=VALUE",
+              help="An input that is the same for every sample (a sample rate: sr=16000; a zero state: state=0), "
+                   "fed with random inputs and added to --eval/--calib data that lacks it (repeatable).")
+@click.option("--mask-input", default=None, metavar="NAME",
+              help="The attention-mask input (0/1 per token) whose zeros mark padding: per-token outputs "
+                   "[batch, seq, ...] are scored on the kept tokens only [default: detected by name and values].")
+@click.option("--no-mask", is_flag=True, help="Score every output position, padding included.")
 @click.option("--metric", default=None, metavar="top1|cosine|rel-error|MODULE:FUNCTION",
               help="What the accuracy budget measures [default: top-1 for classifier logits [N, C], else the "
                    "per-sample cosine similarity with the original's outputs].")
@@ -209,7 +217,8 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @publish_options
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
-            calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, metric, runs,
+            calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, constants,
+            mask_input, no_mask, metric, runs,
             timing_budget,
             warmup, threads,
             then_gate, no_cache, wait, tuning_db, prune, max_ram, max_flash, no_tuning, rpc_tracker, rpc_key, as_json, quiet, publishing):
@@ -230,8 +239,10 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
     """
     import dlopt
     from dlopt.errors import AccuracyBudgetExceeded
-    from dlopt.shapes import parse_shape
+    from dlopt.shapes import parse_const, parse_shape
 
+    if no_mask and mask_input:
+        raise click.UsageError("--mask-input and --no-mask contradict each other; give one")
     preprocess = None
     if calib_size is not None:
         from dlopt.calibration import ImagePreprocess
@@ -245,6 +256,8 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
             model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
             runs=runs, timing_budget_s=timing_budget, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples, batch=batch,
             shapes=dict(parse_shape(text) for text in shapes) or None, metric=metric,
+            constants=dict(parse_const(text) for text in constants) or None,
+            mask_input=False if no_mask else mask_input,
             calib_method=calib_method, calib_preprocess=preprocess, max_accuracy_drop=max_accuracy_drop,
             search_time=search_time, wait=wait, cache=not no_cache, progress=TerminalProgress(not (quiet or as_json)),
             rpc_tracker=rpc_tracker, rpc_key=rpc_key, tuning_db=False if no_tuning else tuning_db, prune=prune,

@@ -64,7 +64,11 @@ class CompileConfig:
     wait: float = 0.0  # seconds to wait for another compile writing the same output folder
     targets_file: Path | None = None  # TOML with [targets.NAME] tables [default: ./dlopt.toml]
     batch: int | None = None  # timing batch for a symbolic first dim [1]
-    shapes: Mapping[str, tuple[int, ...]] | None = None  # declared timing shapes by input name
+    shapes: Mapping[str, tuple[int, ...]] | None = None  # declared timing shapes by input name, or one size by dim name
+    # inputs the same for every sample (a sample rate): a number (filling the input) or an array, by input name
+    constants: Mapping[str, Any] | None = None
+    # the attention-mask input whose zeros mark padding the per-token metric skips; None: detect; False: none
+    mask_input: str | bool | None = None
     rpc_tracker: str | None = None  # HOST:PORT of a TVM RPC tracker
     rpc_key: str | None = None  # the key its servers for the target device registered with
     # TVM tuning databases: a folder [default: $DLOPT_TUNING_DB or ~/.cache/dlopt/tuning], or False for none
@@ -169,6 +173,8 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "threads": ((numbers.Integral, type(None)), "an integer or None"),
     "batch": ((numbers.Integral, type(None)), "an integer or None"),
     "shapes": ((Mapping, type(None)), "a dict of input name -> shape"),
+    "constants": ((Mapping, type(None)), "a dict of input name -> number or array"),
+    "mask_input": ((str, bool, type(None)), "an input name, False or None"),
     "seed": ((numbers.Integral,), "an integer"),
     "calib_samples": ((numbers.Integral,), "an integer"),
     "calib_method": ((str,), "a method name"),
@@ -200,5 +206,7 @@ def _check_types(config: CompileConfig) -> None:
         if not isinstance(name, str) or not isinstance(shape, (tuple, list)) or not all(
                 isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape):
             raise ConfigError(f"shapes must map input names to tuples of positive integers, got {name!r}: {shape!r}")
+    if config.mask_input is True:
+        raise ConfigError("mask_input takes the name of the mask input, False for none, or None to detect it")
     if config.progress not in (None, True, False) and not callable(config.progress):
         raise ConfigError("progress must be True, False, None or a function f(stage, done, total)")

@@ -32,7 +32,8 @@ from dlopt.config import CompileConfig
 from dlopt.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError, first_line
 from dlopt.evaluate import InputSpec, input_specs
 from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
-from dlopt.inputs import RandomInputs
+from dlopt.inputs import RandomInputs, constant_arrays
+from dlopt.layout import batch_axes, samples_in
 from dlopt.model_io import check_proto, decode_model_bytes, load_ir, read_model_proto, sha256_file
 from dlopt.pipeline import PipelineResult, run_pipeline
 from dlopt.precisions import Status
@@ -100,13 +101,13 @@ def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     return proto, load_ir(path), info
 
 
-def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes) -> EvalData:
+def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes, constants) -> EvalData:
     if config.inputs is None:
         feeds = random.feeds(shapes, config.random_samples, config.seed)
         return EvalData(tuple(feeds), (), f"random (seed {config.seed})")
     from dlopt.calibration import open_dataset
 
-    data = open_dataset(config.inputs, specs, batch_size=32, limit=config.eval_limit)
+    data = open_dataset(config.inputs, specs, batch_size=32, limit=config.eval_limit, constants=constants)
     feeds, labels = [], []
     for feed, label in data.iter_with_labels():
         feeds.append(feed)
@@ -115,7 +116,7 @@ def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes) -> Ev
     if labels and len(labels) != len(feeds):
         labels = []
     source = str(config.inputs) if isinstance(config.inputs, (str, Path)) else type(config.inputs).__name__
-    return EvalData(tuple(feeds), tuple(labels), source)
+    return EvalData(tuple(feeds), tuple(labels), source, batch_axes(specs))
 
 
 def prepare(config: CompileConfig) -> Job:
@@ -127,23 +128,35 @@ def prepare(config: CompileConfig) -> Job:
     inputs = tuple(Path(p) for p in (info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
     check_output_dir(out, inputs=inputs)
     specs = tuple(input_specs(proto))
-    random = RandomInputs.for_model(proto, specs)
+    constants = constant_arrays(specs, config.constants, config.shapes)
+    random = RandomInputs.for_model(proto, specs, constants=constants)
     calib_data = None
     if config.calib is not None:  # open it now: names, dtypes and shapes are checked before any work
         from dlopt.calibration import open_dataset
 
-        calib_data = open_dataset(config.calib, specs, limit=config.calib_samples, preprocess=config.calib_preprocess)
+        calib_data = open_dataset(config.calib, specs, limit=config.calib_samples, preprocess=config.calib_preprocess,
+                                  constants=constants)
     if config.inputs is not None:
-        data = _eval_data(config, specs, random, None)
+        data = _eval_data(config, specs, random, None, constants)
         first = data.feeds[0] if data.feeds else None
-        samples = {n: tuple(a.shape[1:]) for n, a in (first or {}).items()}
-        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes, sample_shapes=samples)
+        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes,
+                                 data_shapes={n: np.shape(a) for n, a in (first or {}).items()})
     else:
-        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes)
-        data, first = _eval_data(config, specs, random, shapes), None
+        # symbolic dims the calibration data fixes (a re-readable source: one batch is read here)
+        seen = _first_feed(calib_data) if calib_data is not None else None
+        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes,
+                                 data_shapes={n: np.shape(a) for n, a in (seen or {}).items()})
+        data, first = _eval_data(config, specs, random, shapes, constants), None
     rng = np.random.default_rng(config.seed + 2)
-    timing_feed = feed_at(shapes, first, lambda s: random.feed(s, rng))
+    timing_feed = feed_at(shapes, first, lambda s: random.feed(s, rng), axes=batch_axes(specs))
     return Job(config, profile, proto, model, info, out, specs, data, shapes, timing_feed, random, calib_data)
+
+
+def _first_feed(dataset) -> dict | None:
+    """The first batch of a dataset that can be read twice (files, folders, lists), else None."""
+    if getattr(dataset, "_one_pass", False):
+        return None
+    return next(iter(dataset), None)
 
 
 # -- evaluate ---------------------------------------------------------------------------------------
@@ -182,9 +195,13 @@ def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) 
             original_ms = _quick_ms(runner, job.timing_feed)
     except Exception as exc:  # the user's model must run to be compared with
         random = config.inputs is None
+        fixed = [s.name for s in job.specs if s.dtype.kind in "iub" and len(s.shape) <= 1
+                 and s.name not in (config.constants or {})] if random else []
+        hint = "; pass representative data with --eval" + (
+            f" or the value of {', '.join(fixed)} with --const NAME=VALUE (random integers may choose a branch "
+            f"the model refuses)" if fixed else "") if random else ""
         raise ModelError(f"ONNX Runtime cannot run the original model on the {'random' if random else 'evaluation'} "
-                         f"inputs: {first_line(exc)}" + ("; pass representative data with --eval" if random else "")
-                         ) from exc
+                         f"inputs: {first_line(exc)}{hint}") from exc
     cache = None
     if config.cache:
         from dlopt.cache import ArtifactCache
@@ -220,7 +237,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
         start = time.perf_counter()
         with PeakRSS() as rss:
             data = tuple(data)
-        read = {"samples": sum(len(next(iter(f.values()))) for f in data if f), "batches": len(data),
+        read = {"samples": sum(samples_in(f) for f in data if f), "batches": len(data),
                 "seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(rss.peak_bytes / 2**20, 1),
                 "rss_increase_mb": round(rss.delta_bytes / 2**20, 1)}
         ev = replace(ev, calib_feeds=data)
@@ -236,7 +253,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
         # NNCF gathers its statistics inside its build: these figures are for reading the data
         return replace(ev, calibration={**read, "source": source, "recipe": ev.recipe.to_dict(),
                                         "method": "nncf (its own statistics, gathered in the build)"})
-    known = (sum(len(next(iter(f.values()))) for f in data if f) if isinstance(data, (tuple, list))
+    known = (sum(samples_in(f) for f in data if f) if isinstance(data, (tuple, list))
              else getattr(data, "samples", None))  # a dataset knows only after a first pass
     total = min(config.calib_samples, known) if known else config.calib_samples
     method = ev.recipe.calib_method

@@ -108,7 +108,7 @@ class Layout:
         feed = {}
         for name, array in batch.items():
             if self.kinds.get(name) == WHOLE:
-                feed[name] = np.ascontiguousarray(array[0])
+                feed[name] = np.array(array[0])  # not ascontiguousarray: it makes a 0-d sample 1-d
             else:
                 feed[name] = np.ascontiguousarray(np.moveaxis(array, 0, self.axes.get(name) or 0))
         return feed

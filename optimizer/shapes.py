@@ -109,6 +109,18 @@ def _missing_message(missing, batch, axes) -> str:
             f"timed {'are' if many else 'is'} not fixed: pass {'; '.join(parts)}, or evaluation data with --eval")
 
 
+def parse_const(text: str) -> tuple[str, int | float]:
+    """``sr=16000`` → ("sr", 16000); ``state=0.5`` → ("state", 0.5); a ConfigError for anything else."""
+    name, sep, value = text.partition("=")
+    try:
+        number = int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else float(value)
+    except ValueError:
+        number = None
+    if not sep or not name or number is None or number != number:
+        raise ConfigError(f"--const takes NAME=NUMBER (e.g. sr=16000), got {text!r}")
+    return name, number
+
+
 def _check_declared(spec, shape: Shape) -> Shape:
     if len(shape) != len(spec.shape):
         raise ConfigError(f"--shape {spec.name}={'x'.join(map(str, shape))} has {len(shape)} dims; input "
@@ -122,7 +134,7 @@ def _check_declared(spec, shape: Shape) -> Shape:
 
 def describe(shapes: Mapping[str, Shape]) -> str:
     """``x=1x3x224x224, mask=1x64``: how shapes are written in reports and on the terminal."""
-    return ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in shapes.items())
+    return ", ".join(f"{name}={'x'.join(map(str, shape)) or 'scalar'}" for name, shape in shapes.items())
 
 
 def feed_at(shapes: Mapping[str, Shape], sample: Mapping[str, np.ndarray] | None, make_random,
