@@ -214,6 +214,8 @@ def compare_latency(report: dict, cand: dict, baseline: dict | None, ref: dict |
             return retime(folders[0], folders[1], runs=runs)
         except DloptError as exc:
             note = f"not re-timed: {first_line(exc)}"
+        except Exception as exc:  # a runtime refusing an artefact (dlopt.load lets ORT's load errors through)
+            note = f"not re-timed: {type(exc).__name__}: {first_line(exc)}"
     elif retime_here and any(folders):  # the Python API without folders wants no note
         missing = "the baseline" if folders[0] else "this report"
         note = f"not re-timed: {missing} is a report without its output folder"
@@ -233,11 +235,16 @@ def same_evaluation(report: dict, baseline: dict, folders: tuple[Path | None, Pa
         return f"same evaluation data (sha256 {sha[:12]} in both reports)" if sha == ref_sha else None
     files = [_source_file(e.get("source"), f) for e, f in ((ev, folders[0]), (ref_ev, folders[1]))]
     if all(files):
-        digests = [_file_sha256(f) for f in files]
-        if digests[0] is not None and digests[0] == digests[1]:
-            return f"same evaluation data at another path (sha256 {digests[0][:12]} of both files)"
-        if None not in digests:
+        try:
+            if files[0].stat().st_size != files[1].stat().st_size:
+                return None  # other sizes, other bytes: no need to read them
+        except OSError:
             return None
+        digests = [_file_sha256(f) for f in files]
+        if None not in digests:
+            if digests[0] != digests[1]:
+                return None
+            return f"same evaluation data at another path (sha256 {digests[0][:12]} of both files)"
     digests = [_verify_sha256(f) if f else None for f in folders]
     if digests[0] is not None and digests[0] == digests[1]:
         return "same evaluation data at another path (the feeds kept in both verify.npz are identical)"

@@ -352,3 +352,58 @@ def test_compile_gate_takes_the_accuracy_limit_from_dlopt_toml(tmp_path):
     given = dlopt("compile", "m.onnx", "-o", "out", *fast, "--max-accuracy-drop", "0.75", cwd=tmp_path)
     row = next(line.split() for line in given.stdout.splitlines() if line.startswith("accuracy-drop"))
     assert row[:6] == ["accuracy-drop", "0", "pp", "0.75", "pp", "passed"]  # a flag given still wins
+
+
+# -- issue 22 item 7: what the gate reads beside the reports (artefacts, evaluation files) ---------
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    """An ORT-only output folder of a tiny model, to copy and spoil."""
+    import dlopt as api
+
+    root = tmp_path_factory.mktemp("gate-hostile-twin")
+    (root / "targets.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n')
+    api.compile(models.conv_bn_relu(channels=4, size=8), target="here", targets_file=root / "targets.toml",
+                out=root / "out", precision="fp32", runs=5, warmup=1)
+    return root / "out"
+
+
+def test_a_baseline_artefact_the_runtime_refuses_falls_back_to_cross_run(twin, tmp_path):
+    """ONNX Runtime refusing the baseline's model (an op of an unknown domain) is no internal error:
+    the latency is compared across runs and the note says why."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    shutil.copytree(twin, tmp_path / "base")
+    graph = helper.make_graph([helper.make_node("Bogus", ["x"], ["logits"], domain="x.y")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("x.y", 1)]),
+              tmp_path / "base" / "model.onnx")
+    result = _gate(twin, "--baseline", "base", "--max-latency-regression", "10%", "--json", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    latency = json.loads(result.stdout)["latency"]
+    assert latency["mode"] == "cross-run" and latency["note"].startswith("not re-timed: Fail: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_evaluation_sources_that_are_no_files_are_never_read(twin, tmp_path):
+    """Reports whose evaluation.source names a device and a FIFO: neither is opened (reading would never
+    end); the feeds both folders keep in verify.npz decide that the data is the same."""
+    import shutil
+
+    os.mkfifo(tmp_path / "fifo")
+    for name, source in (("a", "/dev/zero"), ("b", str(tmp_path / "fifo"))):
+        shutil.copytree(twin, tmp_path / name)
+        report = json.loads((twin / "report.json").read_text())
+        report["evaluation"]["source"] = source
+        _write(tmp_path / name / "report.json", report)
+    result = _gate("a", "--baseline", "b", *LIMITS, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    baseline = next(g for g in json.loads(result.stdout)["gates"] if g["name"] == "baseline")
+    assert baseline["detail"].endswith("same evaluation data at another path (the feeds kept in both verify.npz "
+                                       "are identical)")
+    (tmp_path / "a" / "verify.npz").unlink()  # nothing left to compare by content: refused as before
+    line = _one_error_line(_gate("a", "--baseline", "b", *LIMITS, cwd=tmp_path))
+    assert "the baseline report is not comparable: this one was evaluated on '/dev/zero'" in line
