@@ -135,14 +135,40 @@ def input_specs(model, shapes: dict | None = None) -> list[dict]:
             for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
-def relax_module(model, inputs: list[dict]):
+def static_graph(model, inputs: list[dict]):
+    """A copy of ``model`` at the build's static input shapes, its shape arithmetic folded.
+
+    Why: TVM 0.27's Relax ONNX frontend fails on the shape subgraphs transformer exports carry
+    (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``, masks built from ``Range`` over the
+    sequence length and a scalar ``ConstantOfShape``), even with static input shapes: its Gather
+    takes ``shape_of`` of a bound ``R.Shape`` ("shape_of expects a tensor input"), ConstantOfShape
+    of a 0-d shape fails in ``broadcast_to``, and symbolic extents reach Python ``and`` ("Cannot
+    use and / or / not operator to Expr", all-MiniLM-L6-v2).  The library is built for static
+    shapes anyway, so fixing the inputs to them and folding makes every such subgraph a constant.
+    """
     from onnx_ir.passes.common import InlinePass, LiftConstantsToInitializersPass
+
+    from dlopt.passes.fix_input_shapes import FixInputShapesPass
+    from dlopt.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
+
+    return ir.passes.Sequential(
+        InlinePass(),  # the frontend knows no model-local functions
+        FixInputShapesPass(shapes={i["name"]: i["shape"] for i in inputs}),
+        FoldShapeArithmeticPass(),
+        # nor Constants without a tensor ``value``
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+    )(model.clone()).model
+
+
+def relax_module(model, inputs: list[dict]):
+    return _import(static_graph(model, inputs), inputs)
+
+
+def _import(static, inputs: list[dict]):
+    """The Relax module of ``static``, a model :func:`static_graph` made."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    # The frontend knows no model-local functions, nor Constants without a tensor ``value``.
-    model = InlinePass()(model.clone()).model
-    model = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).model
-    proto = ir.serde.serialize_model(model)
+    proto = ir.serde.serialize_model(static)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):  # the frontend prints while failing
@@ -159,9 +185,9 @@ def _cuda_kept_as_source():
     return _environ(TVM_COMPILE_FORCE_FALLBACK="1")
 
 
-def _build(model, profile, library: Path, inputs: list[dict], threads: int, db=None) -> dict:
-    """Build ``library`` for ``profile`` (with the tuned schedules of ``db``, a TuningDatabase);
-    returns what the build record says about it."""
+def _build(static, profile, library: Path, inputs: list[dict], threads: int, db=None) -> dict:
+    """Build ``library`` from ``static`` (:func:`static_graph`'s) for ``profile`` (with the tuned
+    schedules of ``db``, a TuningDatabase); returns what the build record says about it."""
     import tvm
     from tvm import relax
 
@@ -175,7 +201,7 @@ def _build(model, profile, library: Path, inputs: list[dict], threads: int, db=N
     facts = {"target": json.loads(str(target)), "host": host, "linker": linker,
              "form": _FORMS.get(profile.arch, f"{profile.arch} shared library"),
              "device_needs": "the TVM runtime (apache-tvm) for this CPU"}
-    mod = relax_module(model, inputs)
+    mod = _import(static, inputs)
     pipeline = relax.get_default_pipeline(target)
     facts["tuning"] = "untuned (default Relax pipeline, no tuning database)"
     if db is not None and not gpu and db.meta() is not None:
@@ -300,8 +326,9 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
     threads_asked = threads
     threads, threads_from = profile.threads_for(threads)  # the board's cores, not this host's
     try:
+        static = static_graph(model, inputs)  # Python, whose logs are not TVM's native output
         with native_output_logged(f"building for {profile.name}"):
-            facts = _build(model, profile, workdir / LIBRARY, inputs, threads_asked, tuning)
+            facts = _build(static, profile, workdir / LIBRARY, inputs, threads_asked, tuning)
     except DloptError:
         raise
     except Exception as exc:  # TVM raises its own errors and plain Python ones alike
