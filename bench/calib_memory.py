@@ -6,6 +6,11 @@ data set either; dlopt should stream it too.  Goal: the RSS increase during
 calibration stays within the model's size + 300 MB.  Temporary files are deleted.
 
     python bench/calib_memory.py [--samples 1000] [--method minmax] [--threads N]
+
+``--synthetic`` instead measures calibration alone on a model whose activations are large
+(8 Conv+Relu at 1x16x256x256, 68 MiB of float tensors per batch), each figure in its own
+child process (ru_maxrss): dlopt.ranges.compute_ranges (8 batches per ORT collect call)
+against dlopt.calibration.collect_ranges (one batch per call), for 8 and 32 samples.
 """
 
 from __future__ import annotations
@@ -46,13 +51,67 @@ def write_calibration_npz(path: Path, name: str, samples: int, *, chunk: int = 2
     return path
 
 
+_CHILD = """
+import json, resource, sys, tempfile
+from pathlib import Path
+import numpy as np, onnx, onnxruntime
+from dlopt.ranges import compute_ranges
+from dlopt.calibration.collect import collect_ranges
+from onnx import TensorProto, helper, numpy_helper
+C, S, L = 16, 256, 8
+path, method, samples = sys.argv[1:]
+rng = np.random.default_rng(0)
+nodes, inits, prev = [], [], "x"
+for i in range(L):
+    inits.append(numpy_helper.from_array((rng.standard_normal((C, C, 3, 3)) * 0.1).astype(np.float32), f"w{i}"))
+    nodes += [helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1] * 4),
+              helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+    prev = f"r{i}"
+model = helper.make_model(helper.make_graph(
+    nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, S, S])],
+    [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, C, S, S])], inits),
+    opset_imports=[helper.make_opsetid("", 13)])
+batches = ({"x": rng.standard_normal((1, C, S, S)).astype(np.float32)} for _ in range(int(samples)))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as tmp:
+    if path == "compute_ranges":
+        compute_ranges(model, batches, Path(tmp) / "c.json", method=method)
+    else:
+        onnx.save(model, Path(tmp) / "m.onnx")
+        collect_ranges(Path(tmp) / "m.onnx", batches, method=method, workdir=Path(tmp))
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+"""
+
+
+def synthetic() -> None:
+    import json
+    import subprocess
+
+    activations = 17 * 16 * 256 * 256 * 4 / 2**20
+    print(f"8 Conv+Relu at 1x16x256x256: {activations:.0f} MiB of float tensors per batch; "
+          f"bound = model (0.1 MiB) + one batch + {HEADROOM_MB} MiB = {activations + HEADROOM_MB:.0f} MiB")
+    for method in ("minmax", "percentile"):
+        for path in ("compute_ranges", "collect_ranges"):
+            figures = []
+            for samples in (8, 32):
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-c", _CHILD, path, method, str(samples)],
+                                      capture_output=True, text=True, check=True)
+                figures.append(f"{samples} samples +{float(done.stdout.split()[-1]):.0f} MiB "
+                               f"({time.perf_counter() - start:.1f} s)")
+            print(f"  {method:10s} {path:15s} peak RSS increase: " + ", ".join(figures))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--synthetic", action="store_true", help="calibration alone on a large-activation model")
     args = parser.parse_args()
+    if args.synthetic:
+        return synthetic()
 
     import logging
 

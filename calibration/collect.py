@@ -6,7 +6,10 @@ float tensor of the model, so a call over eight batches held eight batches of al
 activations (657 MiB for a 64 MiB-per-batch model, against 108 MiB one at a time).
 Here each call reads exactly one batch: ORT then merges it into its running ranges or
 histograms and drops it, so memory holds one batch of activations whatever the sample
-count.  Kept apart from ``dataset.py`` because it imports onnxruntime.
+count.  The calibrator's session runs in ORT's priority-based order: in its default
+order the ReduceMin/ReduceMax nodes min-max calibration adds ran after the whole
+network, so every activation stayed alive until the end (+121 MiB against +10 MiB for
+the model above).  Kept apart from ``dataset.py`` because it imports onnxruntime.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ def _method(name: str):
         raise DataError(f"unknown calibration method {name!r}; choose from {', '.join(METHODS)}")
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}[name]
+
+
+def _session(path: str, providers: list[str]):
+    """ORT's calibration session (no graph optimisation, so every tensor keeps its name), in
+    priority-based order, which runs each added reduction as soon as its tensor exists."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=providers)
 
 
 def collect_ranges(
@@ -72,6 +87,7 @@ def collect_ranges(
             )
     except Exception as exc:
         raise CompileError(f"cannot prepare calibration: {first_line(exc)}") from exc
+    calibrator.infer_session = _session(calibrator.augmented_model_path, calibrator.execution_providers)
     seen = 0
     for feed in batches:
         if on_batch is not None:
