@@ -77,10 +77,17 @@ def load_metric(spec: str | UserMetric | None) -> str | UserMetric | None:
     return found
 
 
-def per_sample_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> np.ndarray:
-    """Cosine similarity of each sample (first axis) of each float output, flattened per sample."""
+def per_sample_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
+                      masks: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+    """Cosine similarity of each sample (first axis) of each float output, flattened per sample.
+
+    With ``masks`` (one ``[batch, seq]`` array per feed, 0 = padding), an output shaped
+    ``[batch, seq, ...]`` is compared on each sample's kept tokens only: padding positions
+    hold values the model's own mask hides downstream.
+    """
     values = []
-    for ref_outs, got_outs in zip(reference, outputs, strict=True):
+    for feed, (ref_outs, got_outs) in enumerate(zip(reference, outputs, strict=True)):
+        mask = masks[feed] if masks is not None else None
         for ref, got in zip(ref_outs, got_outs, strict=True):
             ref = np.asarray(ref, dtype=np.float64)
             got = np.asarray(got, dtype=np.float64)
@@ -88,24 +95,70 @@ def per_sample_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.n
                 return np.array([-1.0])
             if ref.dtype.kind != "f" or ref.size == 0:
                 continue
+            if mask is not None and ref.ndim >= 2 and ref.shape[:2] == np.shape(mask):
+                values.append(_masked_cosine(ref, got, np.asarray(mask) != 0))
+                continue
             a = ref.reshape(len(ref), -1) if ref.ndim >= 2 else ref.reshape(1, -1)
             b = got.reshape(a.shape)
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            dots = np.sum(a * b, axis=1)
-            same = np.all(a == b, axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), same.astype(np.float64))
-            values.append(np.nan_to_num(cos, nan=-1.0))
+            values.append(_cosine_rows(a, b))
     return np.concatenate(values) if values else np.array([1.0])
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    same = np.all(a == b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), same.astype(np.float64))
+    return np.nan_to_num(cos, nan=-1.0)
+
+
+def _masked_cosine(ref: np.ndarray, got: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per-sample cosine over the kept positions of ``[batch, seq, ...]`` outputs (a sample with none kept: 1)."""
+    rows = []
+    for i in range(len(ref)):
+        if not keep[i].any():
+            rows.append(1.0)
+            continue
+        a, b = ref[i][keep[i]].reshape(1, -1), got[i][keep[i]].reshape(1, -1)
+        rows.append(float(_cosine_rows(a, b)[0]))
+    return np.asarray(rows)
+
+
+def find_mask_input(specs: Sequence, feeds: Sequence[dict], choice: str | bool | None) -> str | None:
+    """The attention-mask input: ``choice`` when named (checked), none when False, else detected.
+
+    Detected: an integer or boolean input of rank 2 named like a mask whose values in the
+    evaluation feeds are all 0 or 1 (``attention_mask``; ``input_mask``).
+    """
+    if choice is False:
+        return None
+    by_name = {s.name: s for s in specs}
+    if isinstance(choice, str):
+        spec = by_name.get(choice)
+        if spec is None:
+            raise ConfigError(f"--mask-input {choice}: the model has no input {choice!r}; its inputs: "
+                              f"{', '.join(sorted(by_name))}")
+        if spec.dtype.kind not in "iub" or len(spec.shape) != 2:
+            raise ConfigError(f"--mask-input {choice}: a mask is an integer or boolean input [batch, seq]; "
+                              f"{spec.describe()} is not")
+        return choice
+    found = [s.name for s in specs if s.dtype.kind in "iub" and len(s.shape) == 2 and "mask" in s.name.lower()
+             and all(np.isin(np.asarray(f[s.name]), (0, 1)).all() for f in feeds if s.name in f)]
+    found.sort(key=lambda n: (n != "attention_mask", n))
+    return found[0] if found else None
 
 
 class Scorer:
     """Scores outputs against the original model's, with the metric fixed up front."""
 
     def __init__(self, reference: list[list[np.ndarray]], labels: list[np.ndarray],
-                 metric: str | UserMetric | None = None) -> None:
+                 metric: str | UserMetric | None = None, *, masks: Sequence[np.ndarray] | None = None,
+                 mask_name: str | None = None) -> None:
         self.reference = reference
         self.labels = labels
+        self.masks = list(masks) if masks is not None and mask_name else None
+        self.mask_name = mask_name if self.masks is not None else None
         metric = load_metric(metric)
         first = np.asarray(reference[0][0])
         if callable(metric):
@@ -121,6 +174,11 @@ class Scorer:
             self.kind, self.name = "rel-error", "max relative error"
         else:
             self.kind, self.name = "cosine", "cosine similarity (min per sample)"
+            padded = self.masks is not None and not all(np.all(np.asarray(m) != 0) for m in self.masks)
+            if padded and any(np.ndim(o) >= 2 and np.shape(o)[:2] == np.shape(self.masks[0]) for o in reference[0]):
+                self.name = f"cosine similarity (min per sample, over unmasked tokens ({self.mask_name}))"
+            else:
+                self.masks = self.mask_name = None  # no padding, or no per-token output: nothing to mask
         self.user = metric if callable(metric) else None
         self.higher_is_better = self.kind != "rel-error"
         self.original = self._value(reference)[0]
@@ -145,7 +203,7 @@ class Scorer:
             return float(compare(self.reference, outputs).top1_agreement or 0.0), ()
         if self.kind == "rel-error":
             return float(compare(self.reference, outputs).max_rel_error), ()
-        cos = per_sample_cosine(self.reference, outputs)
+        cos = per_sample_cosine(self.reference, outputs, self.masks)
         return float(cos.min()), (("mean_cosine", float(cos.mean())),)
 
     def score(self, outputs: list[list[np.ndarray]]) -> Score:

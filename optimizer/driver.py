@@ -182,7 +182,7 @@ def _quick_ms(runner: LocalRunner, feed, runs: int = 5) -> float:
 
 def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) -> Evaluation:
     """Run the original on every feed (the reference), fix the metric, calibrate when int8 is planned."""
-    from dlopt.budget import Scorer
+    from dlopt.budget import Scorer, find_mask_input
 
     config = job.config
     try:
@@ -207,8 +207,11 @@ def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) 
         from dlopt.cache import ArtifactCache
 
         cache = ArtifactCache()
-    ev = Evaluation(config, job.profile, job.data, tuple(reference), Scorer(reference, list(job.data.labels),
-                    config.metric), job.shapes, job.timing_feed, original_ms, cache=cache)
+    mask = find_mask_input(job.specs, job.data.feeds, config.mask_input)
+    scorer = Scorer(reference, list(job.data.labels), config.metric, mask_name=mask,
+                    masks=[feed[mask] for feed in job.data.feeds] if mask else None)
+    ev = Evaluation(config, job.profile, job.data, tuple(reference), scorer, job.shapes, job.timing_feed,
+                    original_ms, cache=cache)
     pairs = plan(config, job.profile, generic.model)
     if any(p is not None and precisions.get(p).calibrated for _, p in pairs):
         from dlopt import recipe

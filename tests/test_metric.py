@@ -90,5 +90,10 @@ def test_symbolic_sequence_without_shape_is_refused_naming_it(tmp_path):
     models.save(bert_like(), tmp_path / "bert.onnx")
     result = dlopt("compile", "bert.onnx", "-o", "out", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("dlopt: error: input 'input_ids' has symbolic dim 1 ('seq') that sets the size "
-                                     "of what is timed: pass --shape input_ids=1xN or evaluation data with --eval")
+    assert result.stderr.strip() == ("dlopt: error: 3 symbolic dims that set the size of what is timed are not fixed: "
+                                     "pass --shape seq=N (input_ids dim 1, token_type_ids dim 1, attention_mask dim 1), "
+                                     "or evaluation data with --eval")
+    result = dlopt("compile", "bert.onnx", "-o", "out", "--shape", "seq=16", "--precision", "fp32", "--runs", "5",
+                   "--json", cwd=tmp_path)  # one flag fixes all three
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["timing"]["shape"] == "input_ids=1x16, token_type_ids=1x16, attention_mask=1x16"
