@@ -47,8 +47,9 @@ def summary_line(report: Report) -> str:
     interval = (chosen.measurement.latency or {}).get("speedup_ci") if chosen.measurement else None
     if speed:
         ci = f" (95% CI {interval[0]:.2f}-{interval[1]:.2f})" if interval else ""
+        runs = f"{timing['cut']} (interleaved)" if timing.get("cut") else f"{timing.get('runs', '?')} interleaved runs"
         parts.append(f"{speed:.2f}x the original's speed{ci} at {timing.get('shape', '?')}, "
-                     f"{timing.get('threads', '?')} threads, {timing.get('runs', '?')} interleaved runs")
+                     f"{timing.get('threads', '?')} threads, {runs}")
     elif chosen.measurement and (chosen.measurement.latency or {}).get("measured_on"):
         lat = chosen.measurement.latency
         parts.append(f"p50 {lat['p50_ms']:.3f} ms (95% CI {lat['ci_low_ms']:.3f}-{lat['ci_high_ms']:.3f}) at "
@@ -63,7 +64,7 @@ def summary_line(report: Report) -> str:
         parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
                      f"(run `dlopt bench` there)")
     if chosen.score:
-        parts.append(f"{chosen.score['metric']} {0.0 - chosen.score['drop_pp']:+.2f} points")
+        parts.append(f"{chosen.score['metric']} {0.0 - chosen.score['drop_pp']:+.2f} points {_data_words(report)}")
     if chosen.measurement and report.baseline.size_bytes:
         size = chosen.measurement.size_bytes
         parts.append(f"size {size / report.baseline.size_bytes:.2f}x ({report.baseline.size_bytes / 1e6:.2f} MB -> "
@@ -74,10 +75,19 @@ def summary_line(report: Report) -> str:
 
         parts.append(f"not a real difference from the original (under a {ORIGINAL_MARGIN:.0%} margin or the "
                      f"{RESOLUTION_MS * 1e3:.0f} us timing resolution)" if speed < 1 else
-                     "not significantly faster than the original")
+                     (report.verdict or {}).get("speed") or "not significantly faster than the original")
     if not report.chosen:
         parts.append("OVER THE ACCURACY BUDGET")
     return "; ".join(parts)
+
+
+def _data_words(report: Report) -> str:
+    """What the verdict rests on: so many evaluation samples, or random inputs (said as such)."""
+    data = report.evaluation or {}
+    samples = data.get("samples")
+    if str(data.get("source", "")).startswith("random"):
+        return f"on {samples} random inputs (no --eval: a verdict on random data, not the task's)"
+    return f"on {samples} evaluation samples"
 
 
 def assemble(job, ev, generic, builds, measured, verdict, notes: list[str], *, over_budget: bool) -> Report:
@@ -115,14 +125,16 @@ def assemble(job, ev, generic, builds, measured, verdict, notes: list[str], *, o
                    "threads": config.thread_count, "runs": original.runs if original else None,
                    "warmup": original.warmup if original else None, "interleaved": original is not None,
                    "noise_cv": round(max([t.cv for t in measured.timings.values()] + [original.cv]), 4)
-                   if original else None}
+                   if original else None,
+                   "runs_requested": original.runs_requested if original else None,
+                   "budget_s": original.budget_s if original else None, "cut": original.cut if original else None}
     report = Report(
         model={**job.info, **summarize(job.proto, include_histogram=False)},
         target={"name": job.profile.name, "description": job.profile.description, "arch": job.profile.arch,
                 "triple": job.profile.triple, "backends": list(job.profile.backends)},
         precision=config.precision,
         evaluation={"source": ev.data.source, "feeds": len(ev.data.feeds), "samples": ev.data.samples,
-                    "labelled": bool(ev.data.labels)},
+                    "labelled": bool(ev.data.labels), **_data_hash(config.inputs)},
         baseline=Measurement(original.to_dict() if original else None, job.info["size_bytes"],
                              ev.accuracy(list(ev.reference)), measured.original_energy),
         budget={"metric": ev.scorer.name, "units": ev.scorer.units, "original": round(ev.scorer.original, 6),
@@ -137,9 +149,19 @@ def assemble(job, ev, generic, builds, measured, verdict, notes: list[str], *, o
         search=builds.search,
         notes=[*notes, *verdict.notes, *(ev.cache.warnings if ev.cache else [])],
         timing=timing_info,
-        verdict={"why": verdict.why, "ties": list(verdict.ties), "faster_than_original": verdict.faster_than_original},
+        verdict={"why": verdict.why, "ties": list(verdict.ties), "faster_than_original": verdict.faster_than_original,
+                 "speed": verdict.speed},
     )
     return replace(report, summary=summary_line(report))
+
+
+def _data_hash(inputs) -> dict:
+    """The sha256 of an --eval file, so a gate knows the same data at another path (a regular file only)."""
+    if not isinstance(inputs, (str, Path)) or not Path(inputs).is_file():
+        return {}
+    from dlopt.model_io import sha256_file
+
+    return {"sha256": sha256_file(Path(inputs))}
 
 
 def _rounded(pair):

@@ -68,7 +68,7 @@ _SCHEMA = {
     "model": ("object", {"path": "string?", "sha256": "sha256?"}),
     "target": ("object", {"name": "string"}),
     "budget": ("object", {"metric": "string?"}),
-    "evaluation": ("object?", {"source": "string?", "feeds": "count?"}),
+    "evaluation": ("object?", {"source": "string?", "feeds": "count?", "sha256": "sha256?"}),
     "baseline": ("object", _MEASUREMENT),
     "candidates": ("array", {"backend": "string", "precision": "string", "measurement": ("object?", _MEASUREMENT),
                              "score": ("object?", {"metric": "string", "value": "number", "drop_pp": "number"})}),

@@ -86,7 +86,7 @@ def test_report_and_manifest_contents(compiled):
     tmp, _ = compiled
     report = json.loads((tmp / "out" / "report.json").read_text())
     manifest = json.loads((tmp / "out" / "manifest.json").read_text())
-    assert report["schema_version"] == "1.4"
+    assert report["schema_version"] == "1.5"
     assert report["chosen"] == "ort/fp32"
     assert report["evaluation"] == {"source": "random (seed 0)", "feeds": 20, "samples": 20, "labelled": False}
     assert report["timing"]["shape"] == "x=1x3x32x32" and report["timing"]["interleaved"]

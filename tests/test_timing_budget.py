@@ -78,6 +78,11 @@ def test_a_tiny_timing_budget_cuts_the_runs_and_the_report_says_so(tmp_path):
         assert Timing.from_dict(latency).cut == ("20 of 100 runs: the timing budget of 0.001 s was reached; "
                                          "--timing-budget S to change")
     assert report["timing"]["runs"] == MIN_RUNS
+    cut = "20 of 100 runs: the timing budget of 0.001 s was reached; --timing-budget S to change"
+    assert report["timing"]["cut"] == cut
+    assert f"{cut} (interleaved)" in report["summary"]
+    # the verdict says what it rests on: here 2 random inputs, said as such
+    assert "on 2 random inputs (no --eval: a verdict on random data, not the task's)" in report["summary"]
 
 
 def test_runs_within_the_timing_budget_are_not_called_cut(tmp_path):
