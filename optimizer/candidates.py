@@ -22,6 +22,7 @@ from dlopt.config import CompileConfig
 from dlopt.errors import DloptError, first_line
 from dlopt.evaluate import Fp32Check, compare, fp32_check, top1_accuracy
 from dlopt.pipeline import run_pipeline
+from dlopt import precisions
 from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile
 from dlopt.report import Candidate, Measurement
@@ -62,7 +63,9 @@ class Evaluation:
     cache: object | None = None  # dlopt.cache.ArtifactCache, or None to always build
     calibration: dict | None = None  # what calibration did (dlopt.ranges.RangeStats + source)
     recipe: object | None = None  # dlopt.recipe.Recipe: how INT8 is made for this graph
-    calib_feeds: tuple[Feed, ...] = ()  # calibration batches, kept when a quantiser needs them again (NNCF)
+    # calibration batches when a quantiser reads them again (NNCF, SmoothQuant): a re-readable dataset
+    # (streamed again) or a tuple of feeds
+    calib_feeds: object = ()
     smoothed: object | None = None  # dlopt.pipeline.PipelineResult of SmoothQuant: what dlopt's static INT8 starts from
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -99,8 +102,6 @@ class Built:
 def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
     """Who quantises ``precision`` for this backend: NNCF for OpenVINO where it is installed
     (its placement is what OpenVINO's INT8 kernels expect), ONNX Runtime's tools elsewhere."""
-    from dlopt import precisions
-
     if not precisions.get(precision).quantised:
         return None
     if precision == "int8-dynamic":
@@ -238,7 +239,11 @@ def build(
     status, reason = judge(precision, fidelity, score, ev.config.max_accuracy_drop,
                            lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, outputs))
     cand = replace(cand, score=score, status=status, reason=reason or cand.reason)
-    timed = ev.profile.runs_here() and artifact.loadable_here and status is Status.OK
+    # a lower precision the budget refused is timed beside the finalists (never chosen: dlopt.select takes
+    # OK ones only), so the report can say how much speed the budget cost
+    missed = status is Status.REJECTED and (reason or "").startswith("accuracy budget:") and \
+        precision in precisions.REGISTRY and precisions.get(precision).quantised
+    timed = ev.profile.runs_here() and artifact.loadable_here and (status is Status.OK or missed)
     return Built(cand, artifact, outputs, result.model, factory if timed else None)
 
 

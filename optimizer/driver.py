@@ -101,10 +101,47 @@ def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
     return proto, load_ir(path), info
 
 
-def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes, constants) -> EvalData:
+# Random feeds for a classifier: one disagreement must cost at most this share of the budget.
+RANDOM_DISAGREEMENT_SHARE = 0.1
+RANDOM_SAMPLES_MAX = 2000
+RANDOM_BATCH = 32
+
+
+def random_sample_count(config: CompileConfig, proto: onnx.ModelProto) -> int:
+    """How many random samples a verdict needs: 20, or for classifier outputs [N, C] (scored by
+    top-1 agreement, 100/N points a disagreement) enough that one costs a tenth of the budget."""
+    from dlopt.evaluate import output_specs
+
+    if config.samples is not None:
+        return config.samples
+    first = output_specs(proto)[0] if proto.graph.output else None
+    classifier = first is not None and len(first.shape) == 2 and first.dtype.kind == "f" and first.shape[1] != 1
+    if not classifier or config.metric not in (None, "top1"):
+        return config.random_samples
+    budget = config.max_accuracy_drop * RANDOM_DISAGREEMENT_SHARE
+    return int(min(RANDOM_SAMPLES_MAX, max(config.random_samples, -(-100 // budget) if budget > 0 else 10**9)))
+
+
+def _random_feeds(config: CompileConfig, specs, random: RandomInputs, shapes, count: int) -> list:
+    """``count`` random samples, up to 32 to a feed where every input's batch axis is symbolic."""
+    axes = batch_axes(specs)
+    batched = all(axes[s.name] is not None and not (isinstance(s.shape[axes[s.name]], int) and s.shape[axes[s.name]] > 0)
+                  for s in specs) and specs
+    per_feed = min(RANDOM_BATCH, count) if batched and count > config.random_samples else 1
+    if per_feed == 1:
+        return random.feeds(shapes, count, config.seed)
+    wide = {s.name: tuple(per_feed if a == axes[s.name] else d for a, d in enumerate(shapes[s.name])) for s in specs}
+    feeds = random.feeds(wide, -(-count // per_feed), config.seed)
+    rest = count - per_feed * (len(feeds) - 1)
+    if rest < per_feed:  # the last feed holds only what is left
+        feeds[-1] = {s.name: np.take(feeds[-1][s.name], np.arange(rest), axis=axes[s.name]) for s in specs}
+    return feeds
+
+
+def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes, constants, count: int = 0) -> EvalData:
     if config.inputs is None:
-        feeds = random.feeds(shapes, config.random_samples, config.seed)
-        return EvalData(tuple(feeds), (), f"random (seed {config.seed})")
+        feeds = _random_feeds(config, specs, random, shapes, count or config.random_samples)
+        return EvalData(tuple(feeds), (), f"random (seed {config.seed})", batch_axes(specs))
     from dlopt.calibration import open_dataset
 
     data = open_dataset(config.inputs, specs, batch_size=32, limit=config.eval_limit, constants=constants)
@@ -146,7 +183,7 @@ def prepare(config: CompileConfig) -> Job:
         seen = _first_feed(calib_data) if calib_data is not None else None
         shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes,
                                  data_shapes={n: np.shape(a) for n, a in (seen or {}).items()})
-        data, first = _eval_data(config, specs, random, shapes, constants), None
+        data, first = _eval_data(config, specs, random, shapes, constants, random_sample_count(config, proto)), None
     rng = np.random.default_rng(config.seed + 2)
     timing_feed = feed_at(shapes, first, lambda s: random.feed(s, rng), axes=batch_axes(specs))
     return Job(config, profile, proto, model, info, out, specs, data, shapes, timing_feed, random, calib_data)
@@ -237,10 +274,16 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
 
         from dlopt.calibration.memory import PeakRSS
 
+        from dlopt.calibration import CalibrationDataset
+
         start = time.perf_counter()
         with PeakRSS() as rss:
-            data = tuple(data)
-        read = {"samples": sum(samples_in(f) for f in data if f), "batches": len(data),
+            if isinstance(data, CalibrationDataset) and not getattr(data, "_one_pass", False):
+                counts = [samples_in(f) for f in data]  # a streamed pass: NNCF and SmoothQuant read it again
+            else:  # evaluation or random feeds (in memory already), or a one-pass iterator: kept
+                data = tuple(data)
+                counts = [samples_in(f) for f in data if f]
+        read = {"samples": sum(counts), "batches": len(counts),
                 "seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(rss.peak_bytes / 2**20, 1),
                 "rss_increase_mb": round(rss.delta_bytes / 2**20, 1)}
         ev = replace(ev, calib_feeds=data)

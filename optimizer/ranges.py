@@ -2,10 +2,10 @@
 
 ONNX Runtime's ``quantize_static`` calibrates inside the call and its histogram
 calibrators (entropy, percentile) keep every intermediate output of the whole
-data set until the end: that is where calibration "eats memory".  Here the
-calibrator is fed the streamed data a few batches at a time (``collect_data``
-merges each chunk into its running ranges or histograms) and the result is saved
-as ORT's calibration cache.  Every later quantisation — the plain INT8 model and
+data set until the end: that is where calibration "eats memory".  Here
+:func:`dlopt.calibration.collect.collect_ranges` feeds the calibrator one batch at
+a time (memory: one batch of activations, whatever the sample count) and the
+result is saved as ORT's calibration cache.  Every later quantisation — the plain INT8 model and
 each step of the mixed-precision search — reuses that cache instead of
 calibrating again, and the cache ships with the artefact as its calibration table.
 """
@@ -22,9 +22,9 @@ from typing import Callable, Iterable
 import onnx
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, DataError, first_line
+from dlopt.errors import DataError
+from dlopt.layout import samples_in
 from dlopt.model_io import EXTERNAL_DATA_THRESHOLD, save_ir
-from dlopt.passes._ort_quant import quiet
 
 logger = logging.getLogger(__name__)
 
@@ -42,38 +42,6 @@ class RangeStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class _ChunkReader:
-    """Gives the calibrator ``chunk`` batches, then ends, so each collect call stays small."""
-
-    def __init__(self, batches: Iterable[dict], chunk: int, on_batch: Callable[[dict], None]) -> None:
-        self._it = iter(batches)
-        self._chunk = chunk
-        self._left = chunk
-        self._on_batch = on_batch
-        self.exhausted = False
-
-    def next_chunk(self) -> None:
-        self._left = self._chunk
-
-    def get_next(self):
-        if self._left == 0 or self.exhausted:
-            return None
-        feed = next(self._it, None)
-        if feed is None:
-            self.exhausted = True
-            return None
-        self._left -= 1
-        self._on_batch(feed)
-        return feed
-
-
-def _method(name: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]
 
 
 def _write_model(model: onnx.ModelProto | ir.Model, path: Path) -> bool:
@@ -101,12 +69,12 @@ def compute_ranges(
     *,
     method: str = "minmax",
     op_types: list[str] | None = None,
-    chunk_batches: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> RangeStats:
     """Calibrate ``model`` on ``batches`` and write ORT's calibration cache to ``cache_path``."""
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
+    from dlopt.calibration.collect import collect_ranges
     from dlopt.calibration.memory import PeakRSS
 
     if method not in METHODS:
@@ -115,7 +83,7 @@ def compute_ranges(
 
     def on_batch(feed: dict) -> None:
         counts["batches"] += 1
-        counts["samples"] += len(next(iter(feed.values())))
+        counts["samples"] += samples_in(feed)
         if progress is not None:
             progress(counts["samples"])
 
@@ -123,36 +91,8 @@ def compute_ranges(
     with tempfile.TemporaryDirectory(prefix="dlopt-calib-") as tmp, PeakRSS() as rss:
         model_path = Path(tmp) / "model.onnx"
         large = _write_model(model, model_path)
-        try:
-            with quiet():
-                calibrator = create_calibrator(
-                    model_path, op_types, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                    calibrate_method=_method(method), use_external_data_format=large,
-                    extra_options={"symmetric": False},
-                )
-        except Exception as exc:
-            raise CompileError(f"cannot prepare calibration: {first_line(exc)}") from exc
-        reader = _ChunkReader(batches, chunk_batches, on_batch)
-        while not reader.exhausted:
-            reader.next_chunk()
-            try:
-                with quiet():
-                    calibrator.collect_data(reader)
-            except DataError:
-                raise
-            except ValueError as exc:
-                if "No data is collected" in str(exc) and counts["batches"]:
-                    break  # the previous chunk ended exactly at the end of the data
-                raise CompileError(f"calibration failed: {first_line(exc)}") from exc
-        if counts["batches"] == 0:
-            raise DataError("calibration data holds no samples")
-        try:
-            with quiet():
-                tensors = calibrator.compute_data()
-        except ValueError as exc:  # ORT's histogram methods, when no tensor of op_types was seen
-            what = f"no {', '.join(op_types)} tensors" if op_types else "no float tensors"
-            raise CompileError(f"{method} calibration found {what} to calibrate ({first_line(exc)})") from exc
-        del calibrator
+        tensors = collect_ranges(model_path, batches, method=method, op_types=op_types, workdir=Path(tmp),
+                                 external_data=large, on_batch=on_batch)
         save_tensors_data(tensors, cache_path)
     return RangeStats(
         method=method, samples=counts["samples"], batches=counts["batches"],

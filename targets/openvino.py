@@ -157,7 +157,30 @@ def supports(model) -> list[str]:
             except Exception as exc:  # not an op problem: compile() reports the converter's message
                 logger.warning("OpenVINO's ONNX frontend cannot read the model: %s", _message(exc))
                 return []
-            return sorted(_unconverted(partial, producers))
+            missing = _unconverted(partial, producers)
+            if not missing:
+                return []
+            # An op the frontend has a rule for but failed to convert (a Conv inside an If branch whose
+            # input rank is unknown) is not an unsupported op: say why it failed.
+            failed = _conversion_failures(frontend, path)
+            return sorted(f"{op} (converter failed: {failed[op]})" if op in failed else op for op in missing)
+
+
+def _conversion_failures(frontend, path: Path) -> dict[str, str]:
+    """Op type -> the last line of the frontend's failure message, for ops that have a rule but failed."""
+    import re
+
+    try:
+        frontend.convert(frontend.load(str(path)))
+        return {}
+    except Exception as exc:  # OpConversionFailure's text lists each failed op with its message
+        text = str(exc)
+    failures = {}
+    for op, message in re.findall(r"^-- (\w+)-\d+ with a message:\n(.*?)(?=^-- |^Summary:|\Z)", text, re.M | re.S):
+        lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+        if lines:
+            failures.setdefault(op, lines[-1][:200])
+    return failures
 
 
 def runtime_version() -> str:

@@ -106,3 +106,18 @@ def test_help_documents_the_timing_budget():
     text = " ".join(done.stdout.split())
     assert "--timing-budget SECONDS" in text and "[default: 30.0" in text
     assert "fewer runs than --runs" in text
+
+
+def test_random_verdicts_on_classifiers_use_enough_samples_that_one_disagreement_is_a_tenth_of_the_budget(tmp_path):
+    """Without --eval a classifier is scored by top-1 agreement: 20 samples made one disagreement cost 5 points
+    against a 1-point budget; now 100 / (budget / 10) samples, batched 32 to a feed along a symbolic batch."""
+    from dlopt.config import CompileConfig
+    from dlopt.driver import prepare
+
+    model = models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
+    for budget, samples in ((1.0, 1000), (2.0, 500), (0.05, 2000)):
+        job = prepare(CompileConfig(model, out=tmp_path / "o", max_accuracy_drop=budget))
+        assert job.data.samples == samples
+        assert max(len(next(iter(f.values()))) for f in job.data.feeds) == 32
+    assert prepare(CompileConfig(model, out=tmp_path / "o", samples=7)).data.samples == 7
+    assert prepare(CompileConfig(model, out=tmp_path / "o", metric="cosine")).data.samples == 20

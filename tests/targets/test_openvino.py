@@ -206,3 +206,26 @@ def test_declared_shape_runs_on_a_static_copy_and_other_shapes_still_run(tmp_pat
     fixed = ir.serde.deserialize_model(models.conv_bn_relu(channels=16, size=32, batch=2))
     ov_backend.compile(fixed, CPU, tmp_path / "fixed", precision="fp32", threads=2, shapes={"x": (2, 3, 32, 32)})
     assert "static_shape" not in json.loads((tmp_path / "fixed" / "runtime_config.json").read_text())
+
+
+def test_an_op_that_failed_to_convert_inside_a_branch_says_why_instead_of_unsupported():
+    """A Conv in an If branch fed a tensor of unknown rank has a conversion rule: the converter failed
+    (rank unknown), which 'unsupported ops: Conv, ReduceMean' used to hide."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")
+    then_g = helper.make_graph([helper.make_node("Conv", ["h", "w"], ["t"], pads=[1] * 4),
+                                helper.make_node("ReduceMean", ["t"], ["t2"], axes=[2, 3])], "then", [],
+                               [helper.make_tensor_value_info("t2", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Reshape", ["x", "shp"], ["h"]), helper.make_node("Greater", ["sr", "thr"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+                                           helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+                                           helper.make_tensor_value_info("shp", TensorProto.INT64, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w, numpy_helper.from_array(np.array(5, np.int64), "thr")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert ov_backend.supports(model) == ["Conv (converter failed: The input data tensor's rank has to be known "
+                                          "(static))", "ReduceMean (converter failed: Unsupported input type dynamic)"]
