@@ -140,7 +140,13 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Runner:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     artifact, root = read_artifact(path)
     inputs, outputs = _specs(artifact, root)
-    session = load_session(artifact, threads=threads)
+    try:
+        session = load_session(artifact, threads=threads)
+    except DloptError:
+        raise
+    except Exception as exc:  # a runtime refusing the artefact (ORT's Fail on an unknown op): one line, exit 2
+        raise ConfigError(f"{artifact.backend}/{artifact.precision} in {path} cannot be loaded by its runtime: "
+                          f"{first_line(exc)}") from exc
     return Runner(session, folder=Path(path), backend=artifact.backend, precision=artifact.precision,
                   inputs=inputs, outputs=outputs, manifest=read_manifest(root) or {})
 

@@ -170,3 +170,22 @@ def test_run_help_explains_with_an_example():
     result = CliRunner().invoke(main, ["run", "--help"])
     assert result.exit_code == 0
     assert "Example" in result.output and "dlopt run" in result.output and "bundle/" in result.output
+
+
+def test_an_artefact_its_runtime_refuses_is_one_line_not_an_internal_error(outs, tmp_path):
+    """ORT's Fail on an op of an unknown domain escaped dlopt.load (exit 70 for `dlopt run`)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = shutil.copytree(outs["ort"], tmp_path / "copy")
+    graph = helper.make_graph([helper.make_node("Foo", ["x"], ["y"], domain="com.example")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                       helper.make_opsetid("com.example", 1)]), out / "model.onnx")
+    with pytest.raises(ConfigError, match=r"^ort/fp32 in .*copy cannot be loaded by its runtime: .*com\.example"):
+        api.load(out)
+    np.savez(tmp_path / "x.npz", x=_x(2))
+    result = dlopt("run", out, "--input", tmp_path / "x.npz", "--output", tmp_path / "y.npz")
+    assert result.returncode == 2 and "cannot be loaded by its runtime" in result.stderr
+    assert not (tmp_path / "y.npz").exists()
