@@ -74,7 +74,12 @@ def _speedup(report: Report, cand: Candidate, ties: Sequence[str]) -> str:
         return "-"
     ci = (cand.measurement.latency or {}).get("speedup_ci")
     text = f"{speed:.2f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
-    return text + (", tie" if cand.key in ties else "")
+    return text + (f", {_tie_word(cand)}" if cand.key in ties else "")
+
+
+def _tie_word(cand: Candidate) -> str:
+    """'tie' only for a gain under the 5% that counts; overlapping intervals or too few runs are 'not told apart'."""
+    return "tie" if (cand.reason or "").startswith("tie with") else "not told apart"
 
 
 def headline(report: Report) -> str:
@@ -199,7 +204,7 @@ def plot_points(report: Report) -> tuple[list[Point], list[str]]:
         role = "chosen" if c.key == report.chosen else ("ok" if c.status == "ok" else "rejected")
         speed = report.speedup(c)
         notes = [f"{speed:.2f}x"] if speed else []
-        notes += ["chosen"] if role == "chosen" else ["tie"] if c.key in ties else []
+        notes += ["chosen"] if role == "chosen" else [_tie_word(c)] if c.key in ties else []
         notes += ["written, over budget"] if role != "chosen" and (c.chosen or c.artifact_dir == ".") else []
         points.append(Point(f"{c.key} ({', '.join(notes)})" if notes else c.key, lat["p50_ms"], c.score["drop_pp"],
                             role, lat.get("ci_low_ms"), lat.get("ci_high_ms")))

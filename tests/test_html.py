@@ -176,6 +176,7 @@ def test_noise_warning_and_ties(real):
     other = next(c for c in data["candidates"] if c["measurement"] and not c["chosen"])
     key = f"{other['backend']}/{other['precision']}"
     data["verdict"]["ties"] = [key]
+    other["reason"] = f"tie with {data['chosen']} ({key} at 1.03x its latency, under the 5% that counts)"
     page = render_html(data)
     assert _paragraph(page, "noise").startswith("The machine was noisy while timing: run-to-run variation reached 25% "
                                                 "(above 10%).")
@@ -184,6 +185,9 @@ def test_noise_warning_and_ties(real):
     assert row[6].endswith(", tie")
     assert f'<tr class="tie"><td>{other["backend"]}</td>' in page
     assert f"{key} (" in "".join(_parse(page).figure_text) and ", tie)" in "".join(_parse(page).figure_text)
+    other["reason"] = f"not told apart from {data['chosen']} ({key} at 0.85x its latency; intervals overlap)"
+    assert _parse(render_html(data)).tables["candidates"][2 + data["candidates"].index(other)][6].endswith(
+        ", not told apart")  # never called a tie at 0.85x
     data["timing"]["noise_cv"] = 0.05
     assert 'id="noise"' not in render_html(data)
 
