@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from dlopt.layout import samples_in
+
 logger = logging.getLogger(__name__)
 
 Feed = Mapping[str, np.ndarray]
@@ -234,6 +236,8 @@ def _session(proto: onnx.ModelProto, threads: int, folder: Path | None = None):
     from dlopt.targets.ort import cpu_session_options
 
     options = cpu_session_options(threads, level="ORT_ENABLE_BASIC")
+    # no arena: a session kept for every quantised node would otherwise hold its largest activation
+    options.enable_cpu_mem_arena = False
     if proto.ByteSize() < _PROTO_LIMIT or folder is None:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     path = folder / "float.onnx"
@@ -270,10 +274,14 @@ def _single_node(float_model: ir.Model, plan: _Replay, node: ir.Node, feed_value
     return model
 
 
-def _slice(feed: Feed, keep: int, cut: bool) -> dict[str, np.ndarray]:
-    if not cut:
-        return dict(feed)
-    return {k: v[:keep] for k, v in feed.items()}
+def _one_sample_at_a_time(feeds: Sequence[Feed], cut: bool):
+    """Each feed's samples one by one when the batch axis can be cut, else each feed whole."""
+    for feed in feeds:
+        if not cut:
+            yield dict(feed)
+            continue
+        for i in range(samples_in(feed)):
+            yield {k: v[i:i + 1] for k, v in feed.items()}
 
 
 def _batched_inputs(model: ir.Model) -> bool:
@@ -312,11 +320,11 @@ def layer_errors(
         session = _session(proto, threads, Path(tmp))
         del proto
         names = [o.name for o in session.get_outputs()]
-        for feed in feeds[:RANK_FEEDS]:
+        for feed in _one_sample_at_a_time(feeds[:RANK_FEEDS], cut):
             if samples >= RANK_SAMPLES or (deadline is not None and time.monotonic() > deadline):
                 break
-            feed = _slice(feed, RANK_SAMPLES - samples, cut)
-            samples += len(next(iter(feed.values()))) if feed else 1
+            samples += 1 if cut else samples_in(feed)
+            # every tensor of one sample at a time: memory is one sample's activations, not a batch's
             values = dict(zip(names, session.run(None, feed)))
             values.update(feed)
             for plan in plans:
