@@ -242,7 +242,7 @@ def build(
     # a lower precision the budget refused is timed beside the finalists (never chosen: dlopt.select takes
     # OK ones only), so the report can say how much speed the budget cost
     missed = status is Status.REJECTED and (reason or "").startswith("accuracy budget:") and \
-        precision in precisions.REGISTRY and precisions.get(precision).quantised
+        precision in precisions.REGISTRY and precisions.rank(precision) > precisions.rank("fp32")
     timed = ev.profile.runs_here() and artifact.loadable_here and (status is Status.OK or missed)
     return Built(cand, artifact, outputs, result.model, factory if timed else None)
 

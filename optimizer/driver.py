@@ -497,6 +497,14 @@ def _with_original(job: Job, ev: Evaluation, builds: Builds, measured: Measured,
                     energy={**measured.energy, select.ORIGINAL: measured.original_energy}))
 
 
+def _original_can_ship(job: Job, measured: Measured) -> bool:
+    """Under ``--precision auto`` on a target that runs here with ONNX Runtime, without pruning (which
+    asked for a smaller model), the unchanged input model is the floor every compile can ship."""
+    config = job.config
+    return (config.precision == "auto" and config.prune is None and measured.original is not None
+            and "ort" in job.profile.backends and job.profile.runs_here())
+
+
 def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
     return [select.Entry(b.candidate.key, b.candidate.backend, b.candidate.precision, b.candidate.status,
                          measured.timings.get(b.candidate.key)) for b in builds.built]
@@ -536,6 +544,13 @@ def _run(job: Job, notes: list[str]) -> Report:
         measured = measure(job, ev, builds)
         verdict = select.choose(_entries(builds, measured), measured.original, job.profile.backends,
                                 auto=job.config.precision == "auto")
+        if verdict.chosen is None and _original_can_ship(job, measured):
+            # nothing optimised met the budget and its checks: the original meets any budget by definition
+            verdict = replace(verdict, chosen=select.ORIGINAL,
+                              why="no optimised candidate met the accuracy budget and its checks: the original "
+                                  "model ships unchanged")
+            notes.append("no optimised candidate met the accuracy budget and its checks; ort/original (the input "
+                         "model, unchanged) ships instead")
         if verdict.chosen == select.ORIGINAL:
             builds, measured = _with_original(job, ev, builds, measured, staged)
         notes.extend(select.missed_budget_notes([b.candidate for b in builds.built], verdict.chosen, measured.timings,

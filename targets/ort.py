@@ -197,10 +197,12 @@ def load(artifact: Artifact, *, threads: int | None = None) -> OrtSession:
 
 
 def lowering_passes(precision: str) -> list:
-    """ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions."""
+    """ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions; integer ops
+    of a model ORT quantised already get their own constants (UnshareIntegerWeightsPass)."""
     from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
+    from dlopt.passes.unshare_integer_weights import UnshareIntegerWeightsPass
 
-    return [FuseActivationForOrtPass()] if precision == "fp32" else []
+    return [FuseActivationForOrtPass()] * (precision == "fp32") + [UnshareIntegerWeightsPass()]
 
 
 class OrtBackend(Backend):
