@@ -316,3 +316,37 @@ def test_int8_that_misses_the_budget_is_named_with_its_miss_and_the_metric_flag(
     assert "not timed" not in note
     assert note.endswith("let a task metric decide: --metric module:function")
     assert note in result.stdout  # the terminal prints the report's notes above the summary line
+
+
+def test_when_no_optimised_candidate_meets_the_budget_the_original_ships(tmp_path, monkeypatch):
+    """Under --precision auto the unchanged model is the floor: a target offering only fp16 and int8, judged
+    by a metric only the original's exact outputs pass, ships ort/original with exit 0 and says why."""
+    import onnxruntime as ort
+
+    from dlopt.targets.ort import cpu_session_options
+
+    model = models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    want = ort.InferenceSession(str(model), cpu_session_options(2), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.save(tmp_path / "want.npy", want[0])
+    (tmp_path / "exact_metric.py").write_text(
+        "import numpy as np\n"
+        f"WANT = np.load({str(tmp_path / 'want.npy')!r})\n"
+        "def bit_exact(outputs, labels):\n"
+        "    got = np.concatenate([np.asarray(o) for o in outputs])\n"
+        "    return float(got.shape == WANT.shape and np.array_equal(got, WANT))\n")
+    (tmp_path / "lowp.toml").write_text('[targets.lowp]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp16", "int8"]\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = api.compile(model, target="lowp", targets_file=tmp_path / "lowp.toml", out=tmp_path / "out",
+                               inputs=tmp_path / "eval.npz", metric="exact_metric:bit_exact", runs=5, search_time=0,
+                               threads=2)
+    assert report.chosen == "ort/original"
+    statuses = {c.key: (c.status, (c.score or {}).get("drop_pp")) for c in report.candidates}
+    assert statuses["ort/fp16"] == ("rejected", 100.0) and statuses["ort/int8"] == ("rejected", 100.0)
+    assert statuses["ort/original"] == ("ok", 0.0)
+    assert "ort/original (the input model, unchanged) ships instead" in " ".join(report.notes)
+    with pytest.raises(api.errors.AccuracyBudgetExceeded):  # a precision asked for by name still fails
+        api.compile(model, target="lowp", targets_file=tmp_path / "lowp.toml", out=tmp_path / "out2",
+                          precision="int8", inputs=tmp_path / "eval.npz", metric="exact_metric:bit_exact", runs=5,
+                          search_time=0, threads=2)
