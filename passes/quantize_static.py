@@ -64,9 +64,11 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         per_channel = self.per_channel and opset >= 13  # per-channel Q/DQ (their axis) needs opset 13
         method = load_tensors_data(self.ranges).calibration_method
         activation = QuantType.QInt8 if self.symmetric_activations else QuantType.QUInt8
+        adjusted_bias = True
         with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
             out = Path(tmp) / "int8.onnx"
-            try:
+
+            def quantize(adjust: bool) -> None:
                 with quiet():
                     quantize_static(
                         proto, out, None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -77,8 +79,19 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
                         calibrate_method=method, calibration_cache_path=self.ranges,
                         reduce_range=self.reduce_range,
                         extra_options={"ActivationSymmetric": self.symmetric_activations,
-                                       "WeightSymmetric": True},
+                                       "WeightSymmetric": True, "QDQDisableWeightAdjustForInt32Bias": not adjust},
                     )
+
+            try:
+                try:
+                    quantize(adjust=True)
+                except ValueError as exc:
+                    # ORT's weight-scale adjustment for int32 biases compares a per-channel array as a scalar
+                    # (magika's int32-input classifier): quantise without that adjustment
+                    if "truth value of an array" not in str(exc):
+                        raise
+                    adjusted_bias = False
+                    quantize(adjust=False)
             except Exception as exc:
                 raise CompileError(f"INT8 quantisation failed: {first_line(exc)}") from exc
             quantized = onnx.load(out)
@@ -88,6 +101,8 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         self.note = (f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
                      + ("" if per_channel or not self.per_channel else f"; per-tensor weights (opset {opset} < 13)")
                      + ("; 7-bit weights" if self.reduce_range else "")
+                     + ("" if adjusted_bias else "; weight scales not adjusted for int32 biases (ORT's adjustment "
+                                                 "failed on this model)")
                      + (f"; renamed {renamed} initializer(s) whose names the quantiser reserves" if renamed else "")
                      + (f"; {restored} subgraph(s) kept in float" if restored else ""))
         return ir.passes.PassResult(result, True)
