@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common
 
 from dlopt.errors import CompileError, first_line
+from dlopt.passes._scope_order import sort_with_outer_reads, subgraphs
 
 # Ops whose float16 forms lose too much (reductions over many elements, exponentials)
 # or that ORT's CPU provider only has in float32; they run in float32 behind Casts.
@@ -45,7 +46,15 @@ class ConvertFloat16Pass(ir.passes.FunctionalPass):
             raise CompileError(f"FP16 conversion failed: {first_line(exc)}") from exc
         casts = sum(1 for n in converted.graph.node if n.op_type == "Cast")
         self.note = f"{casts} Cast(s)"
-        result = ir.serde.deserialize_model(converted)
-        # The converter appends the output Casts at the end of the node list.
-        ir.passes.common.TopologicalSortPass()(result)
-        return ir.passes.PassResult(result, True)
+        # The converter appends the output Casts at the end of the node list; an If branch may read one
+        # of them from the outer scope, which onnx-ir's sort does not count (silero-vad's fp16)
+        # (and adds Casts inside branches after the nodes that read them): sorted here, branches included
+        sort_with_outer_reads(converted.graph)
+        if any(subgraphs(n) for n in converted.graph.node):
+            try:
+                onnx.checker.check_model(converted)
+            except onnx.checker.ValidationError as exc:
+                # silero-vad: Casts in an If branch read tensors the converter renamed away
+                raise CompileError(f"FP16 conversion failed: ONNX Runtime's float16 converter left an invalid "
+                                   f"If/Loop branch ({first_line(exc)}); this model stays float32") from exc
+        return ir.passes.PassResult(ir.serde.deserialize_model(converted), True)

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from dlopt.errors import CompileError, first_line
 from dlopt.passes._ort_quant import quiet
+from dlopt.passes._scope_order import outer_reads, sort_with_outer_reads, subgraphs
 
 
 class QuantizeStaticPass(ir.passes.FunctionalPass):
@@ -139,27 +140,11 @@ def _rename_clashing_initializers(proto: onnx.ModelProto) -> int:
     return len(mapping)
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
-
-
 def _nodes_deep(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from _nodes_deep(sub)
-
-
-def _outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names ``graph`` reads from enclosing scopes (not made by its own nodes, inputs or initializers)."""
-    local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    local |= {o for n in graph.node for o in n.output}
-    reads = set()
-    for node in graph.node:
-        reads.update(node.input)
-        for sub in _subgraphs(node):
-            reads |= _outer_reads(sub)
-    return reads - local - {""}
 
 
 def _restore_outer_scope(quantized: onnx.ModelProto, original: onnx.ModelProto) -> int:
@@ -171,27 +156,15 @@ def _restore_outer_scope(quantized: onnx.ModelProto, original: onnx.ModelProto) 
     quantiser's order wherever it was already valid.
     """
     graph = quantized.graph
-    holders = [n for n in graph.node if _subgraphs(n)]
+    holders = [n for n in graph.node if subgraphs(n)]
     if not holders:
         return 0
-    reads = {id(n): set().union(*(_outer_reads(g) for g in _subgraphs(n))) for n in holders}
+    needed = set().union(*(outer_reads(g) for n in holders for g in subgraphs(n)))
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     available |= {o for n in graph.node for o in n.output}
     floats = {i.name: i for i in original.graph.initializer}
-    for name in sorted(set().union(*reads.values()) - available):
+    for name in sorted(needed - available):
         if name in floats:
             graph.initializer.append(floats[name])
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        for k, node in enumerate(pending):
-            if all(i in ready for i in node.input) and reads.get(id(node), set()) <= ready:
-                break
-        else:  # a cycle or a read of a missing name: leave the order to the checker's message
-            ordered.extend(pending)
-            break
-        ordered.append(pending.pop(k))
-        ready.update(node.output)
-    del graph.node[:]
-    graph.node.extend(ordered)
+    sort_with_outer_reads(graph)
     return len(holders)
