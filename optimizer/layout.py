@@ -12,7 +12,8 @@ The rule dlopt applies to every data source (``--eval``, ``--calib``, Python fee
 
 The batch axis of an input is the axis that carries the model's batch dim name (the
 symbolic name most inputs use for their first axis, e.g. ``batch``); without such a
-name it is the first axis.  A rank-0 input has none.
+name it is the first axis that is not fixed (silero-vad's anonymous ``state [2, ?, 128]``:
+axis 1), or the first axis when all are fixed.  A rank-0 input has none.
 
 When every input's samples are items, feeds are batches of samples along each batch
 axis.  When any input's samples are whole tensors, the model is fed one sample at a
@@ -47,8 +48,8 @@ def batch_axes(specs: Sequence) -> dict[str, int | None]:
             axes[spec.name] = None
         elif name is not None and name in spec.shape:
             axes[spec.name] = list(spec.shape).index(name)
-        else:
-            axes[spec.name] = 0
+        else:  # no shared name (anonymous dims): the first dim that is not fixed, never a fixed one
+            axes[spec.name] = next((i for i, d in enumerate(spec.shape) if not _fixed(d)), 0)
     return axes
 
 

@@ -351,8 +351,9 @@ def _accumulate(float_model: ir.Model, plan: _Replay, node: ir.Node, values: dic
         if ref.shape != got.shape or not np.issubdtype(ref.dtype, np.floating):
             raise ValueError(f"output {got.dtype}{got.shape} is not comparable with {ref.dtype}{ref.shape}")
         ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-        plan.sq_err += float(np.sum((got - ref) ** 2))
-        plan.sq_ref += float(np.sum(ref ** 2))
+        both = np.isfinite(ref) & np.isfinite(got)  # a -inf attention mask is -inf in both: not an error
+        plan.sq_err += float(np.sum((got[both] - ref[both]) ** 2))
+        plan.sq_ref += float(np.sum(ref[both] ** 2))
     except Exception as exc:  # replaying one node is best effort: it then ranks last
         logger.debug("sensitivity: %s (%s) not measured: %s", plan.name, plan.op_type, exc)
         plan.failed = True

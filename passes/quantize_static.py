@@ -99,6 +99,9 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         restored = _restore_outer_scope(quantized, proto)
         result = ir.serde.deserialize_model(quantized)
         n_quant = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
+        if n_quant == 0 and not self.exclude_nodes:  # silero-vad: every op it could take sits in an If branch, which stays float
+            raise CompileError("INT8 quantised nothing: no op of the main graph could take INT8"
+                               + (f" ({restored} If/Loop subgraph(s) stay float)" if restored else ""))
         self.note = (f"{n_quant} DequantizeLinear, {len(self.exclude_nodes)} node(s) kept in float"
                      + ("" if per_channel or not self.per_channel else f"; per-tensor weights (opset {opset} < 13)")
                      + ("; 7-bit weights" if self.reduce_range else "")

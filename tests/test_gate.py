@@ -389,7 +389,8 @@ def test_gate_with_baseline_folder_retimes_interleaved_and_passes_three_times(fo
     latency = as_json["latency"]
     assert as_json["passed"] and latency["mode"] == "re-timed interleaved" and latency["note"] == ""
     baseline = next(g for g in as_json["gates"] if g["name"] == "baseline")
-    assert "same evaluation data at another path (sha256 " in baseline["detail"]  # eval.npz in main/ and pr/
+    # eval.npz in main/ and pr/: the same bytes, which both reports' evaluation.sha256 says
+    assert "same evaluation data (sha256 " in baseline["detail"] and "in both reports" in baseline["detail"]
     assert latency["candidate"]["runs"] == latency["reference"]["runs"] == 30
     for side in ("candidate", "reference"):
         figures = latency[side]
@@ -427,6 +428,9 @@ def test_other_evaluation_bytes_are_still_refused(folders, tmp_path):
     other = copy.deepcopy(json.loads((folders["pr"] / "report.json").read_text()))
     other["evaluation"]["source"] = str(tmp_path / "other.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros((4, 3, 32, 32), np.float32))
+    import hashlib
+
+    other["evaluation"]["sha256"] = hashlib.sha256((tmp_path / "other.npz").read_bytes()).hexdigest()
     (tmp_path / "report.json").write_text(json.dumps(other))
     result = _gate(tmp_path, "--baseline", folders["main"], "--max-accuracy-drop", "1", cwd=tmp_path)
     assert result.returncode == 2

@@ -98,3 +98,16 @@ def test_feed_at_repeats_or_cuts_evaluation_samples_to_the_batch():
     assert feed_at({"x": (1, 2)}, sample, None)["x"].tolist() == [[0, 1]]
     made = feed_at({"x": (1, 7)}, sample, lambda s: {"x": np.zeros(s["x"])})
     assert made["x"].shape == (1, 7)
+
+
+def test_without_a_dim_name_the_batch_axis_is_the_first_dim_that_is_not_fixed():
+    """silero-vad's export names no dim: input [?, ?], state [2, ?, 128], sr []: state's batch is axis 1."""
+    from dlopt.layout import batch_axes
+
+    specs = [InputSpec("input", np.dtype("float32"), (None, None)),
+             InputSpec("state", np.dtype("float32"), (2, None, 128)),
+             InputSpec("sr", np.dtype("int64"), ()),
+             InputSpec("fixed", np.dtype("float32"), (1, 3))]
+    assert batch_axes(specs) == {"input": 0, "state": 1, "sr": None, "fixed": 0}
+    assert declared_shapes(specs[:3], shapes={"input": (1, 576)}) == {"input": (1, 576), "state": (2, 1, 128),
+                                                                      "sr": ()}

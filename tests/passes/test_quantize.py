@@ -270,3 +270,30 @@ def test_static_int8_of_a_model_with_an_if_on_a_scalar_input(tmp_path):
         feeds = {"x": x, "sr": np.array(sr, np.int64)}
         ref, got = run_ort(proto, feeds)[0], run_ort(result.model, feeds)[0]
         assert max_rel_error(ref, got) < 0.05, sr
+
+
+def test_static_int8_that_quantises_nothing_says_so_instead_of_shipping_float_as_int8(tmp_path):
+    """silero-vad: every op INT8 could take sits in an If branch (which stays float); the candidate fails
+    naming that, instead of an 'ok' int8 with 0 DequantizeLinear."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dlopt.errors import CompileError
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Greater", ["sr", "thr"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w, numpy_helper.from_array(np.array(5, np.int64), "thr")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    compute_ranges(proto, [{"x": rng.standard_normal((2, 4)).astype(np.float32), "sr": np.array(16000)}
+                           for _ in range(4)], tmp_path / "calibration.json")
+    with pytest.raises(CompileError, match=r"^INT8 quantised nothing: no op of the main graph could take INT8 "
+                                           r"\(1 If/Loop subgraph\(s\) stay float\)$"):
+        QuantizeStaticPass(ranges=tmp_path / "calibration.json")(ir.serde.deserialize_model(proto))

@@ -41,7 +41,9 @@ def test_upgrade_keeps_outputs_and_leaves_new_models_alone():
 
 def test_opset_11_model_quantises_per_channel_after_conversion(tmp_path):
     onnx.save(conv_gemm(11), tmp_path / "old.onnx")
-    result = dlopt("compile", "old.onnx", "-o", "out", "--precision", "int8", "--runs", "5", "--json", cwd=tmp_path)
+    # random inputs: 1000 samples for a classifier, where this int8 disagrees on about 1%
+    result = dlopt("compile", "old.onnx", "-o", "out", "--precision", "int8", "--runs", "5", "--json",
+                   "--max-accuracy-drop", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     upgrade = next(p for p in report["passes"] if p["name"] == "UpgradeOpsetPass")

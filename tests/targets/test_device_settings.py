@@ -31,7 +31,7 @@ def rpi5(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rpi5")
     model = models.save(models.conv_bn_relu(batch="N"), tmp / "m.onnx")
     result = dlopt("compile", model, "--target", "rpi5", "--precision", "fp32", "-o", tmp / "out", "--runs", "5",
-                   cwd=tmp)
+                   "--samples", "16", cwd=tmp)  # random feeds of one sample each (a classifier would get 1000)
     assert result.returncode == 0, result.stderr
     return tmp / "out"
 
@@ -46,7 +46,8 @@ def test_rpi5_artefacts_run_with_the_boards_four_cores(rpi5):
     # the same artefact was loaded and verified on this host, whatever its core count
     report = json.loads((rpi5 / "report.json").read_text())
     chosen = next(c for c in report["candidates"] if c["backend"] == "ort")
-    assert report["chosen"] == "ort/fp32" and chosen["fidelity"]["max_rel_error"] == 0.0
+    # BatchNorm folded in float64 by dlopt: within float rounding of ORT's own fold, not bit-identical
+    assert report["chosen"] == "ort/fp32" and chosen["fidelity"]["max_rel_error"] <= 1e-6
 
 
 def test_a_target_that_runs_here_keeps_the_requested_threads(tmp_path):
