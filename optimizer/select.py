@@ -74,7 +74,7 @@ def speed_words(timing: Timing, original: Timing) -> str:
     if min(timing.runs, original.runs) >= MIN_RUNS and timing.ci_high_ms < original.ci_low_ms:
         gain = 1 - timing.p50_ms / original.p50_ms
         if gain < MIN_GAIN:
-            return f"faster than the original, but by {gain:.0%}, under the {MIN_GAIN:.0%} that counts"
+            return f"faster than the original, but by {gain:.1%}, under the {MIN_GAIN:.0%} that counts"
         return (f"faster than the original, but by {(original.p50_ms - timing.p50_ms) * 1e3:.1f} us, under the "
                 f"{RESOLUTION_MS * 1e3:.0f} us timing resolution")
     if min(timing.runs, original.runs) < MIN_RUNS:
