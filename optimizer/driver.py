@@ -27,7 +27,7 @@ import onnx_ir as ir
 from dlopt import precisions, select
 from dlopt.artifacts import (check_output_dir, output_lock, parents_made, remove_stale_staging, resolve_output,
                              staging_dir)
-from dlopt.candidates import Built, EvalData, Evaluation, build
+from dlopt.candidates import Built, EvalData, Evaluation, build, owned
 from dlopt.config import CompileConfig
 from dlopt.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError, first_line
 from dlopt.evaluate import InputSpec, input_specs
@@ -226,7 +226,7 @@ def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) 
         with _reference_runner(job) as runner:
             reference = []
             for i, feed in enumerate(job.data.feeds):
-                reference.append(runner.run(feed))
+                reference.append(owned(runner.run(feed)))
                 _progress(config, "original: outputs", i + 1, len(job.data.feeds))
             runner.run(job.timing_feed)
             original_ms = _quick_ms(runner, job.timing_feed)

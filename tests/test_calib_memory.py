@@ -168,3 +168,44 @@ def test_sensitivity_ranking_holds_one_sample_of_activations_not_a_batch(tmp_pat
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["samples"] == 8 and result["measured"] == 2 * LAYERS - LAYERS  # every Conv ranked
     assert result["peak_increase_mb"] <= 2 * ACTIVATIONS_MB + HEADROOM_MB, result  # a batch of 8 is 8x
+
+
+_KEPT_OUTPUTS_CHILD = """
+import json, sys
+import numpy as np, onnxruntime as ort
+from dlopt.candidates import owned
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+x = np.random.default_rng(0).standard_normal((8, %(C)d, %(S)d, %(S)d)).astype(np.float32)
+kept, after = [], []
+for _ in range(4):  # four candidates evaluated one after the other, their outputs kept (as a compile does)
+    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    kept.append(owned(session.run(None, {"x": x})) if sys.argv[2] == "owned" else session.run(None, {"x": x}))
+    del session
+    after.append(rss_mb())
+print(json.dumps({"growth_mb": after[-1] - after[0]}))
+""" % {"C": C, "S": S}
+
+
+def test_kept_outputs_do_not_keep_each_candidates_session_memory(tmp_path):
+    """ONNX Runtime's outputs can live in the session's arena: kept as they are, each evaluated candidate's
+    activations stayed (PP-OCR's detector: +1 GB per ORT candidate, 5.1 GB peak); copies free them."""
+    model = large_activation_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    growth = {}
+    for how in ("raw", "owned"):
+        done = subprocess.run([sys.executable, "-c", _KEPT_OUTPUTS_CHILD, str(path), how], capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        growth[how] = json.loads(done.stdout.strip().splitlines()[-1])["growth_mb"]
+    batch_activations, output_mb = 8 * ACTIVATIONS_MB, 8 * C * S * S * 4 / 2**20
+    assert growth["owned"] < 0.25 * batch_activations, growth  # three more candidates, nothing kept but outputs
+    # the bug this guards against: each raw output held its session's arena region (here the region is about
+    # the output itself, measured +102 MiB over 3 candidates; PP-OCR's detector held about 1 GB each)
+    assert growth["raw"] - growth["owned"] >= 2.5 * output_mb, growth
