@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +161,23 @@ def retime(candidate: Path, reference: Path, *, runs: int = DEFAULT_RUNS, warmup
         ref.run(feed)  # a shape it cannot take fails here, in one line
         names = {"candidate": cand.run, "reference": ref.run}
         threads = int((cand.manifest.get("options") or {}).get("threads") or 1)
-        timings = time_interleaved(names, feed, runs=runs, warmup=warmup, threads=threads)
         cand_key, ref_key = cand.key, f"{reference_name}'s {ref.key}"
-    return LatencyComparison(RETIMED, _side(cand_key, timings["candidate"]), _side(ref_key, timings["reference"]))
+
+        def interleaved() -> LatencyComparison:
+            timings = time_interleaved(names, feed, runs=runs, warmup=warmup, threads=threads)
+            return LatencyComparison(RETIMED, _side(cand_key, timings["candidate"]),
+                                     _side(ref_key, timings["reference"]))
+
+        first = interleaved()
+        if first.separated() != "slower":
+            return first
+        # A slow-down must reproduce: a burst of load from another process during one pass made two identical
+        # 0.02 ms artefacts 1.85x apart with separated intervals; a second interleaved pass decides, and the
+        # gentler of the two is judged (a real regression shows in both)
+        second = interleaved()
+        kept = min((first, second), key=lambda c: c.ratio)
+        return replace(kept, note=f"slower in a first pass (ratio {first.ratio:.3f}); second pass ratio "
+                                  f"{second.ratio:.3f}: the gentler pass is judged")
 
 
 def _side(key: str, timing) -> Side:

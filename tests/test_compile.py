@@ -103,7 +103,8 @@ def test_report_and_manifest_contents(compiled):
     assert latency["runs"] == 10 and latency["threads"] >= 1
     fold = next(p for p in report["passes"] if p["name"] == "FoldBatchNormPass")
     assert fold["modified"] and fold["changes"] == {"BatchNormalization": -1}
-    assert [p["name"] for p in ort_row["passes"]] == ["FuseActivationForOrtPass", "CheckerPass"]
+    assert [p["name"] for p in ort_row["passes"]] == ["FuseActivationForOrtPass", "UnshareIntegerWeightsPass",
+                                                      "CheckerPass"]
     assert [c["backend"] for c in report["candidates"]] == ["ort"]
     import hashlib
 

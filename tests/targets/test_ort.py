@@ -52,8 +52,9 @@ def test_a_backend_missing_an_attribute_or_method_is_refused():
 
 def test_ort_owns_its_fusion_and_compiles_a_verified_artefact(tmp_path):
     ort = get_backend("ort")
-    assert [type(p).__name__ for p in ort.lowering_passes("fp32")] == ["FuseActivationForOrtPass"]
-    assert ort.lowering_passes("int8") == []
+    assert [type(p).__name__ for p in ort.lowering_passes("fp32")] == ["FuseActivationForOrtPass",
+                                                                         "UnshareIntegerWeightsPass"]
+    assert [type(p).__name__ for p in ort.lowering_passes("int8")] == ["UnshareIntegerWeightsPass"]
     proto = models.conv_bn_relu(channels=4, size=8)
     artifact = ort.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path, precision="fp32",
                            threads=1)
