@@ -1,9 +1,11 @@
 """A compile's (or a gate's) figures in Prometheus exposition format, written with ``prometheus-client``.
 
 ``figures(report)`` is the one list of numbers a report yields; MLflow (``dlopt.tracking``) logs
-the same list.  ``write_metrics_file`` writes it for node_exporter's textfile collector (the
-client writes a temp file and renames it, so the collector never reads half a file);
-``push_metrics`` sends it to a Pushgateway.  Units are Prometheus' base units (seconds, bytes,
+the same list.  ``write_metrics_file`` writes it for node_exporter's textfile collector through
+dlopt's own atomic writer (``artifacts.write_file``: an O_EXCL temporary file renamed over the
+path, so the collector never reads half a file and a link planted in a shared textfile folder is
+never written through; prometheus-client's ``write_to_textfile`` opens ``NAME.<pid>.<thread>``
+with a plain ``open()``); ``push_metrics`` sends it to a Pushgateway.  Units are Prometheus' base units (seconds, bytes,
 joules); labels say which model, target and candidate a figure belongs to.
 """
 
@@ -133,22 +135,26 @@ def check_metrics_path(path: Path) -> None:
 
 def _ours(path: Path) -> bool:
     """True for an empty file or one whose every metric family is dlopt's."""
-    prom = _client()
+    _client()
+    from prometheus_client.parser import text_string_to_metric_families  # not imported by the package
+
     try:
         text = path.read_text()
-        families = list(prom.parser.text_string_to_metric_families(text))
+        families = list(text_string_to_metric_families(text))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return all(f.name.startswith(PREFIX) for f in families)
 
 
 def write_metrics_file(path: Path, report: dict, gate_results=None) -> Path:
-    """Write the figures to ``path`` (atomically, by prometheus-client)."""
+    """Write the figures to ``path`` whole (temporary file and rename); only over a file dlopt wrote."""
+    from dlopt.artifacts import write_file
+
     path = Path(path)
     check_metrics_path(path)
-    registry = registry_for(report, gate_results)
+    text = _client().generate_latest(registry_for(report, gate_results)).decode("utf-8")
     try:
-        _client().write_to_textfile(str(path), registry)
+        write_file(path, text)
     except OSError as exc:
         raise ConfigError(f"--metrics-file {path} cannot be written: {exc.strerror or exc}") from exc
     return path
