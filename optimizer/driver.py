@@ -34,7 +34,8 @@ from dlopt.evaluate import InputSpec, input_specs
 from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
 from dlopt.inputs import RandomInputs, constant_arrays
 from dlopt.layout import batch_axes, samples_in
-from dlopt.model_io import check_proto, decode_model_bytes, load_ir, read_model_proto, sha256_file
+from dlopt.model_io import (check_proto, decode_model_bytes, load_ir, read_model_proto, sha256_file,
+                            with_named_dims)
 from dlopt.pipeline import PipelineResult, run_pipeline
 from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile, resolve_target
@@ -91,6 +92,7 @@ def _load(config: CompileConfig) -> tuple[onnx.ModelProto, ir.Model, dict]:
         raise ModelError(f"model must be an .onnx path, serialised ONNX bytes or an onnx.ModelProto, "
                          f"got {type(model).__name__}")
     if isinstance(model, onnx.ModelProto):
+        model = with_named_dims(model)  # Paddle's -1 sizes become symbolic dims
         check_proto(model)
         data = model.SerializeToString()
         info = {"path": None, "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}

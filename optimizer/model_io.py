@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Iterator
@@ -119,6 +120,7 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path} is not an ONNX model (protobuf parse failed)") from exc
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelError(f"{path} is not an ONNX model (no ir_version or graph)")
+    name_negative_dims(proto)
     check_interface(proto, str(path))
     _check_external_locations(proto, path.parent)
     check_opsets(proto, str(path))
@@ -145,6 +147,58 @@ _VALUE_KINDS = {"sequence_type": "a sequence", "map_type": "a map", "optional_ty
 def _shape_text(value: onnx.ValueInfoProto) -> str:
     dims = value.type.tensor_type.shape.dim
     return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
+
+
+def negative_dim_names(proto: onnx.ModelProto) -> dict[tuple[str, int], str]:
+    """The symbolic name each negative dim_value of a graph input or output gets.
+
+    Paddle's exporter writes unknown sizes as ``-1`` (an ONNX ``dim_value`` must be >= 0) or
+    as the symbolic name ``?`` on every unknown axis (which ONNX would read as one size shared
+    by all of them): axis 0 is the batch in Paddle's convention, so every such dim there shares
+    the name ``batch``; any other axis gets its own ``<value>_d<axis>``.  Names already in the
+    graph are never reused."""
+    graph = proto.graph
+    taken = {d.dim_param for v in (*graph.input, *graph.output) for d in v.type.tensor_type.shape.dim
+             if d.dim_param and d.dim_param != "?"}
+
+    def fresh(name: str) -> str:
+        candidate, n = name, 1
+        while candidate in taken:
+            candidate, n = f"{name}_{n}", n + 1
+        return candidate
+
+    batch, names = None, {}
+    for value in (*graph.input, *graph.output):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if (dim.HasField("dim_value") and dim.dim_value < 0) or dim.dim_param == "?":
+                if axis == 0:
+                    batch = batch or fresh("batch")
+                    names[value.name, axis] = batch
+                else:
+                    names[value.name, axis] = fresh(re.sub(r"\W", "_", value.name) + f"_d{axis}")
+                    taken.add(names[value.name, axis])
+    return names
+
+
+def name_negative_dims(proto: onnx.ModelProto) -> int:
+    """Replace negative dim_values and ``?`` dims of graph inputs and outputs by symbolic dims, in place
+    (see negative_dim_names); returns how many were renamed."""
+    names = negative_dim_names(proto)
+    for value in (*proto.graph.input, *proto.graph.output):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if (value.name, axis) in names:
+                dim.dim_param = names[value.name, axis]  # the oneof clears dim_value
+    return len(names)
+
+
+def with_named_dims(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` itself, or a copy with its negative dims named: a caller's proto stays as given."""
+    if not negative_dim_names(proto):
+        return proto
+    named = onnx.ModelProto()
+    named.CopyFrom(proto)
+    name_negative_dims(named)
+    return named
 
 
 def check_interface(proto: onnx.ModelProto, where: str) -> None:
@@ -258,6 +312,7 @@ def load_ir(path: Path) -> ir.Model:
     base = path.parent.resolve()
     try:
         proto = onnx.load(str(path), load_external_data=False)
+        name_negative_dims(proto)
         if _external_bytes(proto) < EXTERNAL_DATA_THRESHOLD:
             onnx.load_external_data_for_model(proto, str(base))
         else:
