@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from dlopt.errors import ModelError
 from dlopt.targets.c_codegen_int8 import Int8Ops, quantize_multiplier
-from dlopt.targets.c_program import Generated, Step, _float, _fmt, emit, prepare
+from dlopt.targets.c_program import Generated, Step, _float, _fmt, comment_text, emit, prepare
 
 __all__ = ["SUPPORTED_OPS", "generate", "prepare", "quantize_multiplier"]
 
@@ -74,8 +74,7 @@ class _Gen(Int8Ops):
         if optional is None:
             self.weights_bytes += values.size * np.dtype({"float": np.float32, "int8_t": np.int8,
                                                           "int32_t": np.int32}[ctype]).itemsize
-        safe = hint.replace("*/", "* /")
-        decl = (f"/* {safe} */\nstatic const {ctype} {cname}[{max(values.size, 1)}] = {{\n"
+        decl = (f"/* {comment_text(hint, 96)} */\nstatic const {ctype} {cname}[{max(values.size, 1)}] = {{\n"
                 f"{_fmt(values, 'float' if ctype == 'float' else 'int')}\n}};")
         self.decls.append(f"#ifdef {optional}\n{decl}\n#endif" if optional else decl)
         return cname
