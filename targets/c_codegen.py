@@ -179,7 +179,12 @@ class _Gen(Int8Ops):
                 if value is None:
                     return None, None
                 lo, hi = (float(value), hi) if i == 1 else (lo, float(value))
-        return float(max(lo, -_INF)), float(min(hi, _INF))
+        lo, hi = float(max(lo, -_INF)), float(min(hi, _INF))
+        if lo > hi and any(a.name in ("min", "max") for a in node.attribute):
+            raise ModelError(f"Clip {node.name!r}: attribute min {lo:g} is over max {hi:g}, which ONNX Runtime "
+                             f"refuses for Clip before opset 11; give min <= max")
+        # Clip-11+: min > max sets every value to max (ORT: min(max(x, lo), hi)); the kernels test lo first
+        return min(lo, hi), hi
 
     def _fuse_act(self, node):
         lo, hi, act = self._activation_after(node)
