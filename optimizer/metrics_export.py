@@ -11,6 +11,7 @@ joules); labels say which model, target and candidate a figure belongs to.
 
 from __future__ import annotations
 
+import http.client
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,4 +172,9 @@ def push_metrics(url: str, report: dict, gate_results=None, *, timeout: float = 
     try:
         prom.push_to_gateway(url, job=JOB, registry=registry, grouping_key=grouping, timeout=timeout)
     except OSError as exc:  # URLError, HTTPError, refused connections
+        raise ConfigError(f"--pushgateway {url}: cannot push the metrics: {first_line(exc)}") from exc
+    except http.client.HTTPException as exc:  # BadStatusLine and kin: something answered, not in HTTP
+        raise ConfigError(f"--pushgateway {url}: cannot push the metrics: the server's answer is not HTTP "
+                          f"({type(exc).__name__}: {first_line(exc, 80)}); is {url} a Pushgateway?") from exc
+    except ValueError as exc:  # urllib: a URL it cannot use
         raise ConfigError(f"--pushgateway {url}: cannot push the metrics: {first_line(exc)}") from exc

@@ -5,18 +5,27 @@
 ``PublishOptions`` as ``publishing`` (bad combinations fail before any work, exit 2);
 ``publish(report, out_dir, publishing)`` does what they ask and returns one line per thing done.
 Only click is imported here; each destination's library loads when it is used.
+
+Guarantees: the network steps (Pushgateway, MLflow) together take at most ``publish_timeout``
+seconds (``--publish-timeout``); each runs in a daemon thread that is abandoned at the deadline
+(MLflow's client retries with backoff inside one call, and a server that drip-feeds its answer
+resets every per-read timeout), and the error names the surface and the step it was doing.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import click
 
 MLFLOW_DEFAULT = "./mlruns"
 KSERVE_DEFAULT = "-"  # --kserve without a file: REPO/<name>-inferenceservice.yaml
+PUBLISH_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class PublishOptions:
     experiment: str = "dlopt"
     metrics_file: Path | None = None
     pushgateway: str | None = None
+    publish_timeout: float = PUBLISH_TIMEOUT_S  # the network steps together, in seconds
 
     def __bool__(self) -> bool:
         return any(v is not None for v in (self.triton, self.mlflow, self.metrics_file, self.pushgateway))
@@ -50,6 +60,8 @@ class PublishOptions:
             raise ConfigError("--triton packages a compile's artefact; a gate has none")
         if self.register is not None and self.mlflow is None:
             raise ConfigError("--register NAME needs --mlflow [TRACKING_URI] (the version is registered there)")
+        if not (isinstance(self.publish_timeout, (int, float)) and 0 < self.publish_timeout < float("inf")):
+            raise ConfigError(f"--publish-timeout must be a positive number of seconds, got {self.publish_timeout}")
         if self.max_batch_size is not None and self.max_batch_size < 0:
             raise ConfigError(f"--max-batch-size must be 0 or more, got {self.max_batch_size}")
         if self.name is not None:
@@ -99,6 +111,10 @@ def publish_options(command=None, *, triton: bool = True):
                          help="Write the figures in Prometheus text format (node_exporter textfile collector)."),
             click.option("--pushgateway", default=None, metavar="URL",
                          help="Push the figures to a Prometheus Pushgateway (job dlopt)."),
+            click.option("--publish-timeout", "publish_timeout", type=click.FloatRange(min=0, min_open=True),
+                         default=PUBLISH_TIMEOUT_S, show_default=True, metavar="SECONDS",
+                         help="Give up on --pushgateway and --mlflow (together) after this long; "
+                              "the error names the step that was still waiting."),
         ]
         if triton:
             options = [
@@ -119,7 +135,8 @@ def publish_options(command=None, *, triton: bool = True):
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
             values = {k: kwargs.pop(k) for k in ("triton", "name", "version", "max_batch_size", "kserve", "mlflow",
-                                                 "register", "experiment", "metrics_file", "pushgateway")
+                                                 "register", "experiment", "metrics_file", "pushgateway",
+                                                 "publish_timeout")
                       if k in kwargs}
             kwargs["publishing"] = PublishOptions(**values).check(triton_allowed=triton)
             return func(*args, **kwargs)
@@ -129,6 +146,62 @@ def publish_options(command=None, *, triton: bool = True):
         return wrapper
 
     return decorate(command) if command is not None else decorate
+
+
+@dataclass
+class Deadline:
+    """One time limit shared by the publish step's network steps; the clock starts at the first."""
+
+    seconds: float
+    started: float | None = field(default=None)
+
+    def left(self) -> float:
+        if self.started is None:
+            self.started = time.monotonic()
+        return self.seconds - (time.monotonic() - self.started)
+
+
+class _Doing:
+    """What a bounded step is doing now: the step calls it with a phrase; the deadline reads it."""
+
+    def __init__(self, doing: str):
+        self.now = doing
+
+    def __call__(self, doing: str) -> None:
+        self.now = doing
+
+
+def within(surface: str, deadline: Deadline, work: Callable[[Callable[[str], None]], object], *,
+           doing: str) -> object:
+    """``work(step)`` in a daemon thread, waited for until ``deadline``; its value or its exception.
+
+    ``work`` calls ``step("uploading report.md")`` as it goes; when the deadline passes first, the
+    thread is abandoned (it holds no lock and ends with the process) and TargetUnavailable names
+    ``surface`` and what it was doing."""
+    from dlopt.errors import TargetUnavailable
+
+    step, box = _Doing(doing), {}
+    left = deadline.left()
+    if left <= 0:
+        raise TargetUnavailable(f"{surface}: the {deadline.seconds:g} s of --publish-timeout were spent before it "
+                                f"started ({doing}); raise --publish-timeout")
+
+    def run() -> None:
+        try:
+            box["value"] = work(step)
+        except BaseException as exc:  # handed to the waiting thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"dlopt-publish {surface}", daemon=True)
+    thread.start()
+    thread.join(left)
+    if thread.is_alive():
+        raise TargetUnavailable(f"{surface}: no complete answer within {deadline.seconds:g} s (--publish-timeout) "
+                                f"while {step.now}; check that the server is up and answers, or raise "
+                                f"--publish-timeout")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def publish(report, out_dir: Path | None, publishing: PublishOptions, *, gate_results=None,
@@ -165,16 +238,22 @@ def publish(report, out_dir: Path | None, publishing: PublishOptions, *, gate_re
 
         write_metrics_file(publishing.metrics_file, data, gate_results)
         done.append(f"metrics: {publishing.metrics_file}")
+    deadline = Deadline(publishing.publish_timeout)  # starts with the first network step
     if publishing.pushgateway is not None:
         from dlopt.metrics_export import push_metrics
 
-        push_metrics(publishing.pushgateway, data, gate_results)
+        url = publishing.pushgateway
+        within(f"--pushgateway {url}", deadline, doing="pushing the metrics",
+               work=lambda step: push_metrics(url, data, gate_results, timeout=max(1.0, min(10.0, deadline.left()))))
         done.append(f"metrics: pushed to {publishing.pushgateway}")
     if publishing.mlflow is not None:
-        from dlopt.tracking import log_run
+        from dlopt.tracking import log_run, resolve_uri, upload_plan
 
-        run = log_run(data, out_dir, tracking_uri=publishing.mlflow, register=register,
-                      experiment=publishing.experiment, gate_results=gate_results)
+        files = upload_plan(out_dir, data)  # checked before any request: a refusal logs nothing
+        run = within(f"--mlflow {resolve_uri(publishing.mlflow)}", deadline, doing="connecting",
+                     work=lambda step: log_run(data, out_dir, tracking_uri=publishing.mlflow, register=register,
+                                               experiment=publishing.experiment, gate_results=gate_results,
+                                               step=step, files=files))
         done.append(f"mlflow: run {run.run_id} in {run.tracking_uri}"
                     + (f"; registered {register} version {run.model_version}" if run.model_version else ""))
     return done

@@ -8,16 +8,20 @@ working directory is in a git checkout).  It uses ``MlflowClient`` alone: the fl
 add tags from its own context (and run git).  The default store is ``./mlruns``; MLflow 3 keeps
 file stores behind ``MLFLOW_ALLOW_FILE_STORE``, which is set for the duration of the call only.
 
-Guarantees: a run whose logging fails is ended FAILED, never left RUNNING.
+Guarantees: a run whose logging fails is ended FAILED, never left RUNNING (unless the server
+stops answering: ``publish`` abandons the call at its deadline); only regular files that lie inside
+the output folder are uploaded (a link, or a name that leaves the folder, is refused before any run
+is created).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
 
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
 
@@ -58,6 +62,21 @@ def file_store_allowed(uri: str) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _retries_quiet() -> Iterator[None]:
+    """Keep urllib3's "Retrying (Retry(total=6...)) after connection broken" warnings (one per retry
+    of MLflow's client) off the terminal: the error, or the deadline's, says what went wrong."""
+    import logging
+
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _client(uri: str):
@@ -140,55 +159,91 @@ def _head(git: Path) -> str | None:
 
 
 def log_run(report: dict, out_dir: Path | None, *, tracking_uri: str | None = None, register: str | None = None,
-            experiment: str = EXPERIMENT, gate_results=None) -> TrackedRun:
-    """Log ``report`` (and the output folder ``out_dir``'s files) as one MLflow run."""
+            experiment: str = EXPERIMENT, gate_results=None, step: Callable[[str], None] | None = None,
+            files: list[tuple[Path, str | None]] | None = None) -> TrackedRun:
+    """Log ``report`` (and the output folder ``out_dir``'s files) as one MLflow run.
+
+    ``step(phrase)`` is told what the call is doing before each request (``publish`` names it when
+    the server stops answering); ``files`` is ``upload_plan(out_dir, report)`` when already made."""
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
+    step = step or (lambda doing: None)
     uri = resolve_uri(tracking_uri)
     params, metrics, tags = run_contents(report, out_dir, gate_results=gate_results)
     if register and not report.get("chosen"):
         raise ConfigError(f"--register {register}: the compile chose no artefact (over the accuracy budget)")
-    with file_store_allowed(uri):
+    files = upload_plan(out_dir, report) if files is None else files
+    with file_store_allowed(uri), _retries_quiet():
         client = _client(uri)
         try:
+            step(f"looking up experiment {experiment}")
             found = client.get_experiment_by_name(experiment)
+            if not found:
+                step(f"creating experiment {experiment}")
             experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            step("creating the run")
             run = client.create_run(experiment_id, tags=tags)
         except MlflowException as exc:
             raise ConfigError(f"--mlflow {uri}: {first_line(exc)}") from exc
         run_id, status = run.info.run_id, "FAILED"
         try:
             stamp = _millis(report)
+            step("logging params and metrics")
             client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
                              params=[Param(k, v) for k, v in params.items()])
-            for path in _artifacts(out_dir, report):
-                client.log_artifact(run_id, str(path[0]), path[1])
+            for path, where in files:
+                step(f"uploading {where + '/' if where else ''}{path.name}")
+                client.log_artifact(run_id, str(path), where)
+            if register:
+                step(f"registering {register}")
             version = _register(client, register, run, report) if register else None
             status = "FINISHED"
         except MlflowException as exc:
             raise ConfigError(f"--mlflow {uri}: run {run_id}: {first_line(exc)}") from exc
         finally:
+            step(f"ending run {run_id}")
             with contextlib.suppress(MlflowException):
                 client.set_terminated(run_id, status)
     return TrackedRun(run_id, experiment_id, uri, run.info.artifact_uri, version)
 
 
-def _artifacts(out_dir: Path | None, report: dict) -> list[tuple[Path, str | None]]:
-    """(file, artifact path) for report.*, the manifest and the chosen artefact's files."""
+def upload_plan(out_dir: Path | None, report: dict) -> list[tuple[Path, str | None]]:
+    """(file, artifact path) for report.*, the manifest and the chosen artefact's files.
+
+    ConfigError for one that is a link, not a regular file or outside ``out_dir`` (a folder from
+    someone else must not make dlopt upload ~/.ssh); a report file that is not there is skipped."""
     from dlopt.targets import read_manifest
 
     if out_dir is None:
         return []
     out_dir = Path(out_dir)
-    files = [(out_dir / n, None) for n in REPORT_FILES if (out_dir / n).is_file()]
+    files = [(_inside(out_dir, n), None) for n in REPORT_FILES if os.path.lexists(out_dir / n)]
     manifest = read_manifest(out_dir) or {}
     if report.get("chosen"):
-        for name in manifest.get("files") or []:
-            path = out_dir / str(name)
-            if path.is_file() and path.resolve().parent == out_dir.resolve():
-                files.append((path, ARTIFACT_DIR))
+        files += [(_inside(out_dir, str(name)), ARTIFACT_DIR) for name in manifest.get("files") or []]
     return files
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder/name`` when it is a regular file, no link on the way, that resolves inside ``folder``.
+
+    (A local twin of ``artifacts.contained_path``, which is being added; use that once it lands.)"""
+    rel = PurePosixPath(name)
+    path = Path(folder) / rel
+    refusal = (f"--mlflow: {path} is a link or not a regular file inside {folder}; dlopt uploads only the output "
+               f"folder's own files: recompile it, or remove the link")
+    if len(rel.parts) != 1 or rel.name in ("", ".", ".."):  # the run's folders are flat: report.*, artifact/*
+        raise ConfigError(refusal)
+    folder = Path(folder).resolve()
+    here = folder / rel.name
+    try:
+        mode = os.lstat(here).st_mode
+    except OSError:
+        raise ConfigError(refusal) from None
+    if not stat.S_ISREG(mode) or here.resolve().parent != folder:  # S_ISREG of lstat: no link
+        raise ConfigError(refusal)
+    return here
 
 
 def _register(client, name: str, run, report: dict) -> str:
