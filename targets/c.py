@@ -15,6 +15,7 @@ against ONNX Runtime.  Nothing is timed: the microcontroller is not this machine
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -24,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from dlopt.errors import CompileError
+from dlopt.errors import CompileError, TargetUnavailable
 from dlopt.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
 
+log = logging.getLogger(__name__)
 name = "c"
 ENTRY = "model.c"
 SETTINGS_FILE = "c_build.json"
@@ -132,6 +134,8 @@ def _readme(settings: dict) -> str:
                   f"- RAM: {figures['ram_bytes']} bytes (arena/bss {figures['bss_bytes']} + data {figures['data_bytes']}"
                   f" + stack estimate {figures['stack_bytes']})", "",
                   "```", figures["arm_none_eabi_size"], "```"]
+    elif settings.get("figures_unavailable"):
+        lines.append(f"- flash and RAM not measured: {settings['figures_unavailable']}")
     qemu = settings.get("qemu")
     if isinstance(qemu, dict):
         lines += ["", f"Ran under qemu-system-arm -M {qemu['board']} on {qemu['samples']} inputs: outputs equal the "
@@ -165,7 +169,12 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
     with tempfile.TemporaryDirectory(prefix="dlopt-c-") as tmp:
         tools, cross = c_verify.cross_tools(), None
         if tools is True:
-            cross = c_verify.cross_compile(workdir, mcpu, Path(tmp) / "obj")
+            try:
+                cross = c_verify.cross_compile(workdir, mcpu, Path(tmp) / "obj")
+            except TargetUnavailable as exc:  # e.g. arm-none-eabi-gcc without newlib: keep the host-verified C
+                tools = str(exc)
+                log.warning("no Cortex-M sizes or qemu check: %s", exc)
+        if cross is not None:
             s = cross.sections
             settings["figures"] = {
                 "code_bytes": s["code"], "rodata_bytes": s["weights_rodata"], "data_bytes": s["data"],
@@ -176,9 +185,13 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
         else:
             settings["figures_unavailable"] = str(tools)
         _check_limits(settings, gen, max_ram, max_flash)
-        qemu_ok = c_verify.qemu_tools()
+        qemu_ok = c_verify.qemu_tools() if tools is True else tools
         if qemu_ok is True and mcpu in c_verify.QEMU_BOARDS:
-            settings["qemu"] = _qemu_check(workdir, mcpu, gen, Path(tmp), cross.objects if cross else ())
+            try:
+                settings["qemu"] = _qemu_check(workdir, mcpu, gen, Path(tmp), cross.objects if cross else ())
+            except TargetUnavailable as exc:  # newlib's libraries missing for the image's link
+                settings["qemu_unavailable"] = str(exc)
+                log.warning("no qemu check: %s", exc)
         else:
             settings["qemu_unavailable"] = str(qemu_ok) if qemu_ok is not True else f"no qemu board for {mcpu}"
     (workdir / INTEGRATION).write_text(_readme(settings))

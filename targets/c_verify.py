@@ -34,6 +34,10 @@ QEMU_BOARDS = {"cortex-m4": ("mps2-an386", "cortex-m4"), "cortex-m7": ("mps2-an5
 ALLOWED_UNDEFINED = frozenset({"memcpy", "memset", "memmove", "expf", "tanhf", "rintf"})
 FORBIDDEN = re.compile(r"malloc|calloc|realloc|free|tvm", re.IGNORECASE)
 TIMEOUT = 120
+NEWLIB = "libnewlib-arm-none-eabi"
+# what arm-none-eabi-gcc prints when the C library (newlib) is not installed beside it
+_NO_LIBC = re.compile(r"\b((?:string|stdint|stdlib|stdio|math)\.h: No such file"
+                      r"|cannot read spec file '(?:nano|nosys)\.specs'|cannot find -lc(?:_nano)?\b)")
 
 
 def _run(cmd: list[str], cwd: Path, what: str, timeout: int = TIMEOUT, *, stderr: bool = False) -> str:
@@ -43,6 +47,10 @@ def _run(cmd: list[str], cwd: Path, what: str, timeout: int = TIMEOUT, *, stderr
     except subprocess.TimeoutExpired as exc:
         raise CompileError(f"{what} took over {timeout} s: {' '.join(cmd[:3])} ...") from exc
     if done.returncode != 0:
+        missing = _NO_LIBC.search(done.stderr) if cmd[0].startswith("arm-none-eabi-") else None
+        if missing:
+            raise TargetUnavailable(f"{cmd[0]} has no C library ({missing.group(1)}): install newlib "
+                                    f"(apt-get install {NEWLIB}) for Cortex-M sizes and the qemu check")
         detail = (done.stderr or done.stdout).strip().splitlines()
         raise CompileError(f"{what} failed ({cmd[0]}): {detail[0] if detail else 'exit ' + str(done.returncode)}")
     return done.stderr if stderr else done.stdout
