@@ -54,7 +54,12 @@ def runtime_version() -> str:
         done = subprocess.run([tool, "-dumpversion"], capture_output=True, text=True, check=False)
         return done.stdout.strip() or "unknown"
 
-    return f"dlopt-c {CODEGEN_VERSION}, gcc {version('gcc')}, arm-none-eabi-gcc {version('arm-none-eabi-gcc')}"
+    cross = version("arm-none-eabi-gcc")
+    if cross != "absent":  # a cached build without Cortex-M figures is not reused once newlib is installed
+        found = subprocess.run(["arm-none-eabi-gcc", "-print-file-name=libc.a"], capture_output=True, text=True,
+                               check=False).stdout.strip()
+        cross += "" if Path(found).is_absolute() else " (no newlib)"
+    return f"dlopt-c {CODEGEN_VERSION}, gcc {version('gcc')}, arm-none-eabi-gcc {cross}"
 
 
 def precisions(profile) -> tuple[str, ...]:

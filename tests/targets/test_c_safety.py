@@ -191,6 +191,9 @@ def test_a_cross_toolchain_without_newlib_keeps_the_host_verified_c(tmp_path, mo
     real = subprocess.run(["arm-none-eabi-gcc", "-c", str(probe), "-o", str(tmp_path / "probe.o")],
                           capture_output=True, text=True)
     assert real.returncode != 0 and "string.h: No such file" in real.stderr  # the condition is real
+    C.runtime_version.cache_clear()
+    assert C.runtime_version().endswith(" (no newlib)")  # in the cache key: no stale build once installed
+    C.runtime_version.cache_clear()
     assert subprocess.run([shutil.which("gcc"), "-shared", "-fPIC", str(probe), "-o", str(tmp_path / "p.so")],
                           capture_output=True).returncode == 0  # and the host compiler unaffected
     proto = _clip_models(0.0, 6.0)["conv+clip"]
