@@ -219,3 +219,20 @@ def test_a_cross_toolchain_without_newlib_keeps_the_host_verified_c(tmp_path, mo
     assert len(lines) == 1 and "string.h" in lines[0], done.stderr
     assert (tmp_path / "out" / "model.c").is_file()
     assert "figures_unavailable" in json.loads((tmp_path / "out" / "c_build.json").read_text())
+
+
+def test_the_compile_flow_verifies_hostile_names_and_runs_none_of_them(tmp_path):
+    import dlopt
+
+    markers = [tmp_path / f"marker-{k}" for k in range(3)]
+    names = [_payload(close, m, f"dl_evil_{k}") for k, (close, m) in enumerate(zip(CLOSES, markers))]
+    proto = _model(*names, "fc */ ??/\n")
+    onnx.save(proto, tmp_path / "m.onnx")
+    x = np.random.default_rng(4).standard_normal((6, 1, 4, 4)).astype(np.float32)
+    report = dlopt.compile(tmp_path / "m.onnx", target="cortex-m7", out=tmp_path / "out", precision="fp32",
+                           inputs={names[0]: x})
+    chosen = report.chosen_candidate()
+    assert chosen.backend == "c" and chosen.fidelity["max_rel_error"] <= 1e-5
+    assert not [m for m in markers if m.exists()]
+    for file in ("model.c", "model.h"):
+        assert "\\" not in (tmp_path / "out" / file).read_text()
