@@ -15,19 +15,25 @@ format.  What goes into it comes from the artefact dlopt chose (or a bundle cand
 
 Guarantees: the model folder ``REPO/NAME`` appears complete or not at all (staged beside REPO and
 renamed in); an existing one is replaced only when dlopt wrote it (its ``dlopt_package.json``),
-keeping its other versions.
+keeping its other versions.  Packaging runs into one model take turns (a lock beside it, held from
+reading the old folder to the swap), and the swap happens only if the folder is still as it was
+read.  A version is re-packaged only when its folder holds nothing but the files dlopt put there;
+a version folder, or a file in one, that is a link is refused, never followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from dlopt.errors import ConfigError, TargetUnavailable
 
@@ -43,6 +49,7 @@ _DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _OPENVINO_PARAMETERS = ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")
 _TRT_PRECISION = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
+LOCK_WAIT_S = 120.0  # another run packaging the same model copies its files meanwhile
 
 
 @functools.lru_cache(maxsize=1)
@@ -251,46 +258,123 @@ def write_repository(source: Path, repository: Path, *, name: str | None = None,
         raise ConfigError(f"Triton repository {repository} exists and is not a folder")
     repository.mkdir(parents=True, exist_ok=True)
     target = repository / name
-    previous = _previous_versions(target)
-    staged = Path(tempfile.mkdtemp(prefix=f".{name}.dlopt-tmp-{os.getpid()}-", dir=_staging_root(repository)))
-    try:
-        os.chmod(staged, 0o755)
-        for old in previous - {version}:  # other versions dlopt wrote stay served
-            shutil.copytree(target / str(old), staged / str(old))
-        (staged / str(version)).mkdir()
-        for dest, src in files.items():
-            shutil.copy2(src, staged / str(version) / dest)
-        (staged / CONFIG).write_text(config_text(config))
-        read_config(staged / CONFIG)  # what Triton will parse
-        marker = {"dlopt_version": report.get("dlopt_version"), "versions": sorted(previous | {version}),
-                  "source": str(Path(source).resolve()), "candidate": f"{artifact.backend}/{artifact.precision}",
-                  "model_sha256": (report.get("model") or {}).get("sha256")}
-        (staged / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _swap(staged, target)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+    with lock_model(target):
+        previous = _previous_versions(target)
+        _check_replaceable(target, version, previous.get(version))
+        snapshot = _snapshot(target)
+        staged = Path(tempfile.mkdtemp(prefix=f".{name}.dlopt-tmp-{os.getpid()}-", dir=_staging_root(repository)))
+        try:
+            os.chmod(staged, 0o755)
+            for old in set(previous) - {version}:  # other versions stay served, with what the user added
+                shutil.copytree(target / str(old), staged / str(old), symlinks=True)
+            (staged / str(version)).mkdir()
+            for dest, src in files.items():
+                shutil.copy2(src, staged / str(version) / dest)
+            (staged / CONFIG).write_text(config_text(config))
+            read_config(staged / CONFIG)  # what Triton will parse
+            written = {**{str(v): list(f) for v, f in previous.items() if v != version},
+                       str(version): sorted(files)}
+            marker = {"dlopt_version": report.get("dlopt_version"), "versions": sorted({*previous, version}),
+                      "files": dict(sorted(written.items(), key=lambda kv: int(kv[0]))),
+                      "source": str(Path(source).resolve()), "candidate": f"{artifact.backend}/{artifact.precision}",
+                      "model_sha256": (report.get("model") or {}).get("sha256")}
+            (staged / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            _swap(staged, target, snapshot)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
     return TritonModel(repository, name, version, config, tuple(sorted(files)))
 
 
-def _previous_versions(target: Path) -> set[int]:
-    """Versions dlopt wrote in ``target``; ConfigError when ``target`` holds anything else."""
-    if not target.exists():
-        return set()
+@contextlib.contextmanager
+def lock_model(target: Path, *, wait: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the lock on the model folder ``target`` (REPO/NAME): dlopt's output lock, a hidden file in
+    REPO (Triton reads only folders there), removed on release; waits ``wait`` seconds for another run."""
+    from dlopt.artifacts import output_lock
+    from dlopt.errors import OutputBusy
+
+    try:
+        with output_lock(Path(target).resolve(), wait=wait):
+            yield
+    except OutputBusy as exc:
+        owner = re.search(r"\(pid ([^)]*)\)", str(exc))
+        raise OutputBusy(f"another dlopt run (pid {owner[1] if owner else '?'}) is packaging {target} and held it "
+                         f"for {wait:g} s; wait for it, or choose another --name") from None
+
+
+def _previous_versions(target: Path) -> dict[int, tuple[str, ...]]:
+    """Version -> the files dlopt wrote in it, for the versions of ``target``; ConfigError when
+    ``target`` holds anything dlopt did not write there, or a version folder that is a link."""
+    if not target.exists() and not target.is_symlink():
+        return {}
     if target.is_symlink() or not target.is_dir():
         raise ConfigError(f"{target} exists and is not a folder; choose another --name")
     entries = set(os.listdir(target))
     if not entries:
-        return set()
-    marker = _read_json(target / MARKER)
+        return {}
+    marker = _read_json(target / MARKER) if _regular(target / MARKER) else None
     versions = marker.get("versions") if isinstance(marker, dict) else None
-    if not isinstance(versions, list) or not all(isinstance(v, int) for v in versions):
+    if not isinstance(versions, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
         raise ConfigError(f"{target} is a Triton model dlopt did not write (no {MARKER}); "
                           f"choose another --name or move it away")
     unknown = sorted(entries - {CONFIG, MARKER, *map(str, versions)})
-    if unknown:
-        raise ConfigError(f"{target} holds files dlopt did not write ({', '.join(unknown[:5])}); "
+    if unknown or not _regular(target / CONFIG):
+        raise ConfigError(f"{target} holds files dlopt did not write ({', '.join(unknown[:5]) or CONFIG}); "
                           f"nothing was replaced")
-    return {v for v in versions if (target / str(v)).is_dir()}
+    recorded = marker.get("files") if isinstance(marker.get("files"), dict) else {}
+    found = {}
+    for v in versions:
+        folder = target / str(v)
+        if not os.path.lexists(folder):
+            continue  # the user removed that version: it stays removed
+        mode = os.lstat(folder).st_mode
+        if not stat.S_ISDIR(mode):
+            raise ConfigError(f"{folder} is a link or not a folder; dlopt does not follow it: remove it or "
+                              f"choose another --name")
+        for entry in sorted(os.listdir(folder)):
+            if not stat.S_ISREG(os.lstat(folder / entry).st_mode):
+                raise ConfigError(f"{folder / entry} is a link or not a regular file; dlopt does not copy it "
+                                  f"into the served repository: remove it or choose another --name")
+        names = recorded.get(str(v))
+        # markers before the "files" record: dlopt's model files are model.*
+        found[v] = tuple(names) if isinstance(names, list) else tuple(
+            e for e in sorted(os.listdir(folder)) if e.startswith("model."))
+    return found
+
+
+def _check_replaceable(target: Path, version: int, ours: tuple[str, ...] | None) -> None:
+    """ConfigError when the folder of ``version`` holds files dlopt did not write there."""
+    folder = target / str(version)
+    if ours is None:
+        if os.path.lexists(folder):  # a version folder the marker does not list
+            raise ConfigError(f"{folder} exists and dlopt did not write it; nothing was changed")
+        return
+    theirs = sorted(set(os.listdir(folder)) - set(ours))
+    if theirs:
+        raise ConfigError(f"{folder} holds files dlopt did not write ({', '.join(theirs[:5])}); nothing was "
+                          f"changed: move them away, or package as another --version")
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _snapshot(target: Path) -> list[tuple] | None:
+    """What ``target`` holds, two levels deep (name, inode, size, mtime), None when it is not there:
+    compared again before the swap."""
+    rows = []
+    if not os.path.lexists(target):
+        return None
+    for top in sorted(os.listdir(target)):
+        info = os.lstat(target / top)
+        rows.append((top, info.st_ino, info.st_size, info.st_mtime_ns))
+        if stat.S_ISDIR(info.st_mode):
+            for entry in sorted(os.listdir(target / top)):
+                sub = os.lstat(target / top / entry)
+                rows.append((f"{top}/{entry}", sub.st_ino, sub.st_size, sub.st_mtime_ns))
+    return rows
 
 
 def _staging_root(repository: Path) -> Path:
@@ -302,11 +386,18 @@ def _staging_root(repository: Path) -> Path:
     return repository
 
 
-def _swap(staged: Path, target: Path) -> None:
+def _swap(staged: Path, target: Path, snapshot: list[tuple] | None) -> None:
     from dlopt.artifacts import replace_folder
 
+    def still_as_read() -> None:
+        if _snapshot(target) != snapshot:
+            raise ConfigError(f"{target} changed while dlopt packaged it (something other than dlopt wrote "
+                              f"there); nothing was replaced: package again")
+
+    if snapshot is None:
+        still_as_read()  # replace_folder checks only a folder that is there
     # the old folder goes beside the staging folder, never into the repository Triton polls
-    replace_folder(staged, target, old_dir=staged.parent)
+    replace_folder(staged, target, check=still_as_read, old_dir=staged.parent)
 
 
 def _read_json(path: Path):

@@ -1,0 +1,159 @@
+"""Triton repositories shared with people and with other packaging runs: no lost versions, no user
+files deleted, no link followed into the served repository."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+
+import pytest
+
+import models
+
+pytest.importorskip("tritonclient", reason="Triton packaging needs tritonclient (pip install 'dlopt[triton]')")
+
+import dlopt  # noqa: E402
+from dlopt.errors import ConfigError  # noqa: E402
+from dlopt.triton import MARKER, write_repository  # noqa: E402
+
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton-safety")
+    model = models.save(models.conv_bn_relu(batch="N"), root / "cnn.onnx")
+    (root / "targets.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n')
+    dlopt.compile(model, target="here", targets_file=root / "targets.toml", out=root / "out", samples=2, runs=2,
+                  warmup=0)
+    return root / "out"
+
+
+def _tree(folder) -> dict:
+    """relative path -> sha256 (or '->target' for a link) of everything under ``folder``."""
+    tree = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                tree[rel] = "->" + os.readlink(path)
+            elif os.path.isfile(path):
+                tree[rel] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            else:
+                tree[rel] = "dir"
+    return tree
+
+
+def test_concurrent_packaging_keeps_every_version(out, tmp_path):
+    """Two packaging runs into one model at once (threads: flock conflicts between open files as between
+    processes): both versions are served in every round (2 of 10 rounds lost one before the lock)."""
+    for round_ in range(ROUNDS):
+        repo = tmp_path / f"repo{round_}"
+        errors = []
+
+        def package(version):
+            try:
+                write_repository(out, repo, name="cnn", version=version)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=package, args=(v,)) for v in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        assert sorted(os.listdir(repo / "cnn")) == ["1", "2", "config.pbtxt", MARKER], round_
+        assert json.loads((repo / "cnn" / MARKER).read_text())["versions"] == [1, 2]
+        assert sorted(os.listdir(repo)) == ["cnn"]  # no lock or staging folder left in the repository
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"repo{i}" for i in range(ROUNDS)]
+
+
+def test_repackaging_a_version_keeps_files_the_user_added(out, tmp_path):
+    repo = tmp_path / "repo"
+    write_repository(out, repo, name="cnn", version=1)
+    (repo / "cnn" / "1" / "notes.txt").write_text("mine\n")
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match=r"cnn/1 holds files dlopt did not write \(notes.txt\); nothing was changed"):
+        write_repository(out, repo, name="cnn", version=1)
+    assert _tree(tmp_path) == before
+    # another version is added, and the user's file in version 1 is served on untouched
+    write_repository(out, repo, name="cnn", version=2)
+    assert (repo / "cnn" / "1" / "notes.txt").read_text() == "mine\n"
+    assert sorted(os.listdir(repo / "cnn" / "2")) == ["model.onnx"]
+    # dlopt's own files of a version are its to replace
+    (repo / "cnn" / "2" / "model.onnx").write_bytes(b"stale")
+    write_repository(out, repo, name="cnn", version=2)
+    assert (repo / "cnn" / "2" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_version_folder_that_is_a_link_is_refused(out, tmp_path, version):
+    """REPO/cnn/1 replaced by a link to a folder of secrets: its files were copied into the served
+    repository when packaging version 2."""
+    repo = tmp_path / "repo"
+    write_repository(out, repo, name="cnn", version=1)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "id_rsa").write_text("key\n")
+    shutil.rmtree(repo / "cnn" / "1")
+    (repo / "cnn" / "1").symlink_to(secrets)
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match=r"cnn/1 is a link or not a folder"):
+        write_repository(out, repo, name="cnn", version=version)
+    assert _tree(tmp_path) == before
+
+
+def test_link_inside_a_version_is_refused(out, tmp_path):
+    repo = tmp_path / "repo"
+    write_repository(out, repo, name="cnn", version=1)
+    (tmp_path / "secret").write_text("key\n")
+    (repo / "cnn" / "1" / "model.onnx").unlink()
+    (repo / "cnn" / "1" / "model.onnx").symlink_to(tmp_path / "secret")
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match=r"cnn/1/model.onnx is a link or not a regular file"):
+        write_repository(out, repo, name="cnn", version=2)
+    assert _tree(tmp_path) == before
+
+
+def test_lock_held_by_another_run_is_waited_for_then_named(out, tmp_path):
+    """A lock held longer than the wait: OutputBusy naming the holder, nothing written."""
+    from dlopt.artifacts import output_lock
+    from dlopt.errors import OutputBusy
+    from dlopt.triton import lock_model
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with output_lock((repo / "cnn").resolve()):
+        with pytest.raises(OutputBusy, match=rf"another dlopt run \(pid {os.getpid()}\) is packaging {repo}/cnn"):
+            with lock_model(repo / "cnn", wait=0.3):
+                pass
+    assert os.listdir(repo) == []
+
+
+def test_swap_only_when_the_folder_is_still_as_read(out, tmp_path):
+    """The "still ours" check before the swap (as publish() has): a file the user drops into the model
+    folder between reading it and the swap stops the swap; nothing is replaced."""
+    from dlopt.triton import _snapshot, _swap
+
+    repo = tmp_path / "repo"
+    write_repository(out, repo, name="cnn", version=1)
+    snapshot = _snapshot(repo / "cnn")
+    (repo / "cnn" / "1" / "notes.txt").write_text("mine\n")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    before = _tree(repo)
+    with pytest.raises(ConfigError, match="changed while dlopt packaged it"):
+        _swap(staged, repo / "cnn", snapshot)
+    assert _tree(repo) == before and staged.is_dir()
+    # a model folder that appeared meanwhile (it was not there when read)
+    (repo / "other").mkdir()
+    with pytest.raises(ConfigError, match="changed while dlopt packaged it"):
+        _swap(staged, repo / "other", None)
+    # an empty folder that was there is replaced
+    write_repository(out, repo, name="other", version=3)
+    assert sorted(os.listdir(repo / "other")) == ["3", "config.pbtxt", MARKER]
