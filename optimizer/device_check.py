@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -45,6 +48,9 @@ DEVICE_REPORT_SCHEMA = "1.0"
 VERIFY_MAX_FEEDS = 16
 VERIFY_MIN_SAMPLES = 16
 VERIFY_MAX_BYTES = 8 << 20  # uncompressed: a recogniser's 6625-class outputs are 1 MB a line
+# Most bytes a verify.npz may expand to when read, and a timing feed may take: 128 times what
+# dlopt writes, so a crafted file (a zip bomb, a timing shape of 2e8) is refused in one line.
+VERIFY_READ_MAX = 1 << 30
 # A device may differ from the build machine by twice the error the candidate showed there (other
 # kernels, other summation order), and never be held to less than these (relative to the output range).
 ERROR_FACTOR = 2.0
@@ -91,21 +97,75 @@ def write_verify(path: Path, *, feeds: list, reference: list, labels: list | Non
         np.savez_compressed(f, **arrays)
 
 
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, zlib.error,
+                NotImplementedError, RuntimeError, RecursionError, MemoryError)
+
+
+def read_arrays(path: Path, max_bytes: int = VERIFY_READ_MAX) -> dict:
+    """Every array of an ``.npz``, sizes checked before anything is inflated (as ``calibration/npz.py``).
+
+    The zip directory's sizes must add up to at most ``max_bytes``, and no ``.npy`` header may
+    declare more data than its zip entry holds; pickles and object arrays are refused.  So a
+    small crafted file cannot make the reader allocate gigabytes.  Raises VerifyFileError.
+    """
+    from numpy.lib import format as npy
+
+    path = Path(path)
+    if not path.is_file():  # a FIFO would block the open, a folder is no archive
+        raise VerifyFileError(f"{path} is missing or not a regular file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = [info for info in archive.infolist() if not info.is_dir()]
+            total = sum(info.file_size for info in infos)
+            if total > max_bytes:
+                raise VerifyFileError(f"{path} expands to {total} bytes, over the {max_bytes} a verify file may "
+                                      f"(a zip bomb, or not dlopt's); recompile with dlopt")
+            arrays = {}
+            for info in infos:
+                with archive.open(info) as fp:
+                    version = npy.read_magic(fp)
+                    if version not in ((1, 0), (2, 0)):
+                        raise ValueError(f"unsupported .npy version {version}")
+                    reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = reader(fp)
+                    if dtype.hasobject:
+                        raise VerifyFileError(f"{path} holds pickled data ({info.filename}); dlopt never "
+                                              f"unpickles: recompile with dlopt")
+                    declared = math.prod(shape) * dtype.itemsize
+                    if declared > info.file_size - fp.tell():
+                        raise VerifyFileError(f"{path}: {info.filename} declares {declared} bytes and holds "
+                                              f"{info.file_size - fp.tell()} (corrupt or crafted); recompile with dlopt")
+                with archive.open(info) as fp:
+                    name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                    arrays[name] = npy.read_array(fp, allow_pickle=False)
+    except VerifyFileError:
+        raise
+    except _READ_ERRORS as exc:
+        raise VerifyFileError(f"{path} is not a readable dlopt verify file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); recompile with dlopt") from exc
+    return arrays
+
+
 class VerifyData:
     """What verify.npz holds: ``feeds`` (dicts by input name), ``reference`` (output lists), ``meta``."""
 
     def __init__(self, path: Path) -> None:
+        arrays = read_arrays(path)
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {k: archive[k] for k in archive.files}
             meta = json.loads(str(arrays["meta"]))
             count, inputs, outputs = int(meta["feeds"]), list(meta["inputs"]), list(meta["outputs"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise VerifyFileError(f"{path} is not a readable dlopt verify file ({exc}); recompile with dlopt") from exc
+            if not 0 < count <= len(arrays) or not isinstance(meta.get("candidates", {}), dict):
+                raise ValueError("meta does not describe this file")
+            if not all(isinstance(e, dict) for e in meta.get("candidates", {}).values()):
+                raise ValueError("a candidate entry is not an object")
+            self.feeds = [{name: arrays[f"in_{f}_{i}"] for i, name in enumerate(inputs)} for f in range(count)]
+            self.reference = [[arrays[f"ref_{f}_{o}"] for o in range(len(outputs))] for f in range(count)]
+            self.labels = [arrays[f"labels_{f}"] for f in range(count)] if "labels_0" in arrays else None
+        except _READ_ERRORS as exc:
+            raise VerifyFileError(f"{path} is not a readable dlopt verify file ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); recompile with dlopt") from exc
         self.path, self.meta = path, meta
-        self.feeds = [{name: arrays[f"in_{f}_{i}"] for i, name in enumerate(inputs)} for f in range(count)]
-        self.reference = [[arrays[f"ref_{f}_{o}"] for o in range(len(outputs))] for f in range(count)]
-        self.labels = [arrays[f"labels_{f}"] for f in range(count)] if "labels_0" in arrays else None
+        timing_bytes(self.feeds[0], meta.get("timing_shapes"), where=str(path))  # refused here, not mid-run
 
     @property
     def candidates(self) -> dict:
@@ -143,11 +203,33 @@ def _finite(value: float) -> float | None:
     return round(float(value), 8) if np.isfinite(value) else None
 
 
+def timing_bytes(feed: dict, shapes, *, where: str) -> int:
+    """Bytes of the timing feed ``shapes`` asks for; VerifyFileError past VERIFY_READ_MAX or malformed."""
+    if not shapes:
+        return 0
+    if not isinstance(shapes, dict):
+        raise VerifyFileError(f"{where}: timing_shapes is not an object; recompile with dlopt")
+    total = 0
+    for name, array in feed.items():
+        want = shapes.get(name)
+        if not want:
+            continue
+        if not isinstance(want, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                 for d in want):
+            raise VerifyFileError(f"{where}: timing shape of {name!r} is not a list of sizes; recompile with dlopt")
+        total += want[0] * math.prod(array.shape[1:]) * array.dtype.itemsize
+    if total > VERIFY_READ_MAX:
+        raise VerifyFileError(f"{where}: the timing shapes need {total} bytes of inputs, over the "
+                              f"{VERIFY_READ_MAX} a verify file may ask for; recompile with dlopt")
+    return total
+
+
 def timing_feed(data: VerifyData, shapes: dict | None) -> dict:
     """A feed at the timed shape of the report, from the first verify feed's samples where it can be."""
     feed = data.feeds[0]
     if not shapes:
         return feed
+    timing_bytes(feed, shapes, where=str(data.path))
     made = {}
     for name, array in feed.items():
         want = shapes.get(name)
@@ -157,7 +239,54 @@ def timing_feed(data: VerifyData, shapes: dict | None) -> dict:
     return made
 
 
+def contained_path(folder: Path, name) -> Path:
+    """``folder / name`` for a candidate ``dir`` that verify.npz names, checked first: relative, no
+    ``..``, inside ``folder``, no symlink on the way; else VerifyFileError.  The standalone twin
+    of ``dlopt.artifacts.contained_path`` (run_candidates.py cannot import dlopt)."""
+    folder = Path(folder)
+
+    def refuse(why: str) -> VerifyFileError:
+        return VerifyFileError(f"{folder} names the candidate folder {name!r}, which {why}; only folders inside "
+                               f"the output are run (a crafted or damaged output: recompile it)")
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise refuse("is not a relative path")
+    pure = PurePosixPath(name)
+    if pure.is_absolute():
+        raise refuse("is absolute")
+    if ".." in pure.parts:
+        raise refuse("climbs out with '..'")
+    path = folder
+    for part in pure.parts:
+        path = path / part
+        if path.is_symlink():
+            raise refuse(f"goes through the symlink {path.relative_to(folder).as_posix()}")
+    root, real = folder.resolve(), path.resolve()
+    if real != root and root not in real.parents:
+        raise refuse("resolves outside it")
+    return path
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def clamped_threads(value, default: int) -> int:
+    """A thread or stream count read from a file, within 0 (the runtime's default) and this machine's cores:
+    a settings file asking for 400 threads must not start 400 threads."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return max(0, min(count, cores()))
+
+
 # -- the runtimes, without dlopt --------------------------------------------------------------------
+
+# The OpenVINO properties dlopt writes into runtime_config.json; no other (CACHE_DIR would write elsewhere).
+OPENVINO_PROPERTIES = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")
+
 
 def open_plain(folder: Path, backend: str, threads: int | None = None):
     """A ``run(feeds) -> list of arrays`` over the candidate in ``folder`` using only its runtime."""
@@ -166,8 +295,8 @@ def open_plain(folder: Path, backend: str, threads: int | None = None):
 
         settings = json.loads((folder / "session_options.json").read_text())
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or settings.get("intra_op_num_threads", 0))
-        options.inter_op_num_threads = int(settings.get("inter_op_num_threads", 1))
+        options.intra_op_num_threads = int(threads or clamped_threads(settings.get("intra_op_num_threads", 0), 0))
+        options.inter_op_num_threads = clamped_threads(settings.get("inter_op_num_threads", 1), 1)
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                                    settings.get("graph_optimization_level", "ORT_ENABLE_ALL"))
         options.enable_cpu_mem_arena = bool(settings.get("enable_cpu_mem_arena", True))
@@ -183,7 +312,11 @@ def open_plain(folder: Path, backend: str, threads: int | None = None):
         import openvino as ov
 
         settings = json.loads((folder / "runtime_config.json").read_text())
-        properties = dict(settings["properties"])
+        given = dict(settings["properties"])
+        properties = {k: given[k] for k in OPENVINO_PROPERTIES if k in given}
+        for key in ("INFERENCE_NUM_THREADS", "NUM_STREAMS"):
+            if key in properties:
+                properties[key] = clamped_threads(properties[key], 1 if key == "NUM_STREAMS" else 0)
         if threads:
             properties["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
@@ -205,8 +338,9 @@ def open_plain(folder: Path, backend: str, threads: int | None = None):
         arch = str((settings.get("host") or {}).get("mtriple") or "").split("-", 1)[0]
         if arch and arch != _machine():
             raise Skipped(f"a TVM library for {arch}; this machine is {_machine()}")
-        if threads or settings.get("threads"):
-            tvm.get_global_func("runtime.config_threadpool")(1, int(threads or settings["threads"]))
+        count = threads or clamped_threads(settings.get("threads"), 0)
+        if count:
+            tvm.get_global_func("runtime.config_threadpool")(1, int(count))
         main = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), tvm.cpu())["main"]
         specs = settings["inputs"]
 
@@ -243,9 +377,8 @@ class Skipped(Exception):
 
 def host_info() -> dict:
     """This machine, read before any runtime narrows the thread's CPU affinity."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"machine": _machine(), "system": platform.system(), "node": platform.node(),
-            "cores": cores, "python": platform.python_version(), "processor": _cpu_model()}
+            "cores": cores(), "python": platform.python_version(), "processor": _cpu_model()}
 
 
 def _cpu_model() -> str:
@@ -386,8 +519,15 @@ def main(argv=None) -> int:
 
     host = host_info()
 
+    try:
+        folders = {key: contained_path(args.out, entry.get("dir")) for key, entry in data.candidates.items()
+                   if not args.candidate or key in args.candidate}
+    except VerifyFileError as exc:
+        print(f"{SCRIPT}: error: {exc}", file=sys.stderr)
+        return 2
+
     def opener(key, entry):
-        return open_plain(args.out / entry["dir"], entry["backend"], args.threads), "native"
+        return open_plain(folders[key], entry.get("backend"), args.threads), "native"
 
     rows = run_candidates(data, opener, keys=args.candidate, bench=not args.verify_only, runs=args.runs,
                           warmup=args.warmup, threads=args.threads, shapes=data.meta.get("timing_shapes"), log=log)
