@@ -7,12 +7,18 @@ Safety rules (a compile must never cost a user their files):
 - the output path is resolved first, so a symlink and its target share one lock;
 - the lock file is created with O_EXCL|O_NOFOLLOW and is never a planted link;
 - staging folders carry their owner's pid, and a later run removes those whose
-  owner died (SIGKILL leaves them behind).
+  owner died (SIGKILL leaves them behind);
+- a path an output folder names for its own files (verify.npz's candidate ``dir``, the
+  manifest's ``bundle``, ``files`` and ``published``) is used only through
+  :func:`contained_path`: relative, no ``..``, inside the folder, no symlink on the way;
+- native code in a folder (a TVM ``model.so``, a C candidate's sources) is loaded only
+  after :func:`check_native_files` found it as the manifest's sha256 recorded it at publish.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -22,8 +28,8 @@ import stat
 import tempfile
 import threading
 import time
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from dlopt.errors import ConfigError, OutputBusy
 
@@ -33,6 +39,11 @@ MANIFEST = "manifest.json"
 REPORT_FILES = ("manifest.json", "report.json", "report.md", "report.html", "model.onnx", "model.onnx.data",
                 "calibration.json", "session_options.json")
 NAME_MAX = 255
+# The manifest's {path relative to the output: sha256} of every artefact file, written at publish.
+FILE_HASHES = "file_sha256"
+# Files dlopt turns into native code in its own process (TVM's model.so; a C candidate's sources,
+# built with the host gcc and loaded with ctypes).
+NATIVE_SUFFIXES = (".so", ".dylib", ".dll", ".c", ".h", ".cc", ".cpp", ".s", ".S", ".o", ".a")
 _TMP_TAG, _OLD_TAG = "dlopt-tmp", "dlopt-old"
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:dlopt-tmp|dlopt-old)-(?P<pid>\d+)-[^/]+$")
 
@@ -319,3 +330,118 @@ def write_file(path: Path, content: str | Callable[[BinaryIO], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# -- paths an output folder names, and the native code it holds ------------------------------------
+
+def contained_path(folder: Path, name, *, named_in: str = "") -> Path:
+    """``folder / name`` for a path that an output folder's own files name, checked first.
+
+    ``name`` must be a relative path (``"."`` is the folder itself) without ``..``, that
+    stays inside ``folder`` with no symlink on the way (whatever exists of it is checked;
+    the rest may be created).  Anything else is a ConfigError: such a folder was crafted
+    or damaged, and following it would read, load or move files elsewhere.  Code that
+    takes a path from an output folder (verify, bench, select, Triton, MLflow upload)
+    goes through here; ``device_check.contained_path`` is the standalone twin for
+    run_candidates.py.
+    """
+    folder = Path(folder)
+    where = f" ({named_in})" if named_in else ""
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{folder} names the path {name!r}{where}, which {why}; dlopt uses only paths inside "
+                           f"the folder it was given (a crafted or damaged output: recompile it)")
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise refuse("is not a relative path")
+    pure = PurePosixPath(name)
+    if pure.is_absolute():
+        raise refuse("is absolute")
+    if ".." in pure.parts:
+        raise refuse("climbs out with '..'")
+    path = folder
+    for part in pure.parts:
+        path = path / part
+        if path.is_symlink():
+            raise refuse(f"goes through the symlink {path.relative_to(folder).as_posix()}")
+    root = folder.resolve()
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise refuse("resolves outside it")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path, names: Iterable[str]) -> dict[str, str]:
+    """{name: sha256} of the files ``names`` (relative to ``folder``; a folder counts as all its files)."""
+    hashes = {}
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            for file in sorted(path.rglob("*")):
+                if file.is_file() and not file.is_symlink():
+                    hashes[file.relative_to(folder).as_posix()] = sha256_of(file)
+        elif path.is_file() and not path.is_symlink():
+            hashes[PurePosixPath(name).as_posix()] = sha256_of(path)
+    return hashes
+
+
+def is_native(name: str) -> bool:
+    return name.endswith(NATIVE_SUFFIXES)
+
+
+def check_native_files(root: Path, folder: Path, files: Iterable[str] = (), manifest: dict | None = None) -> None:
+    """Before dlopt loads native code from output ``root``: the candidate in ``folder`` is as published.
+
+    ``folder`` is ``root`` or one of its bundle candidates, ``files`` the candidate's files
+    (relative to ``folder``).  When it holds native code (a file named in ``files`` or lying
+    in ``folder`` with a suffix of NATIVE_SUFFIXES), each of those files must be one the
+    manifest's FILE_HASHES recorded at publish, with the same sha256.  Else a ConfigError,
+    before anything is loaded: a swapped ``model.so`` never runs its constructor.  A manifest
+    from before the hashes (dlopt 0.1.0 before issue 23) is refused the same way: recompile.
+    Candidates without native code (ONNX Runtime, OpenVINO) are not checked here (their
+    outputs are checked by ``dlopt verify``).
+    """
+    root, folder = Path(root), Path(folder)
+    if manifest is None:
+        try:
+            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            manifest = None
+    try:
+        rel = folder.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise ConfigError(f"{folder} is not inside the output {root}; dlopt loads candidates of an output "
+                          f"only from inside it") from None
+    listed = {f for f in files if isinstance(f, str)}
+    lying = {p.name for p in folder.iterdir() if is_native(p.name)} if folder.is_dir() else set()
+    names = sorted(listed | lying)
+    native = [n for n in names if is_native(n)]
+    if not native:
+        return
+    hashes = manifest.get(FILE_HASHES) if isinstance(manifest, dict) else None
+    if not isinstance(hashes, dict):
+        raise ConfigError(f"{folder} holds native code ({native[0]}) and its manifest records no file hashes "
+                          f"(written before dlopt recorded them); dlopt loads native code only after checking "
+                          f"it: recompile the model with this dlopt")
+    for name in names:
+        key = (PurePosixPath(rel.as_posix()) / name).as_posix() if rel.parts else PurePosixPath(name).as_posix()
+        path = contained_path(root, key, named_in=MANIFEST)
+        expected = hashes.get(key)
+        if not isinstance(expected, str):
+            raise ConfigError(f"{key} in {root} is not among the files its manifest hashed at publish; dlopt does "
+                              f"not load native code from a folder holding files it did not write: remove it or "
+                              f"recompile")
+        if not path.is_file():
+            raise ConfigError(f"{key} in {root} is missing or not a file; recompile the model")
+        if sha256_of(path) != expected:
+            raise ConfigError(f"{key} in {root} is not the file dlopt published there (its sha256 differs from "
+                              f"the manifest's); dlopt does not load native code that changed: recompile, or "
+                              f"restore the file")

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from dlopt import __version__, precisions
-from dlopt.artifacts import MANIFEST, publish, published_entries
+from dlopt.artifacts import FILE_HASHES, MANIFEST, file_hashes, publish, published_entries
 from dlopt.device_check import DEVICE_REPORT
 from dlopt.model_io import save_ir
 from dlopt.precisions import Status
@@ -202,8 +202,18 @@ def publish_output(job, ev, builds, verdict, report: Report, staged: Path) -> No
     # What a later run may replace; device_report.json is written later, on the device, by
     # `dlopt bench` or run_candidates.py, into this folder.
     manifest["published"] = sorted({*published_entries(staged), MANIFEST, DEVICE_REPORT})
+    # Native code (a TVM model.so, C sources) is loaded only when its files still match these.
+    manifest[FILE_HASHES] = file_hashes(staged, artefact_files(report))
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     publish(staged, job.out)
+
+
+def artefact_files(report: Report) -> list[str]:
+    """Every shipped candidate's files, relative to the output: the top-level one's (and the ONNX it
+    was built from) and each bundle folder."""
+    chosen = next(c for c in report.candidates if c.artifact_dir == ".")
+    top = [*chosen.artifact_files, *(f for f in ("model.onnx", "model.onnx.data") if f not in chosen.artifact_files)]
+    return top + sorted({c.artifact_dir for c in report.candidates if c.artifact_dir and c.artifact_dir != "."})
 
 
 def _manifest(job, report: Report, chosen: Candidate) -> dict:
