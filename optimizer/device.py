@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 from dlopt import __version__
-from dlopt.artifacts import MANIFEST, output_lock, publish, resolve_output, staging_dir
+from dlopt.artifacts import (FILE_HASHES, MANIFEST, check_native_files, contained_path, output_lock, publish,
+                             resolve_output, staging_dir)
 from dlopt.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipped, VerifyData, VerifyFileError,
-                                device_report, fastest, host_info, run_candidates, write_json,
+                                device_report, fastest, host_info, read_arrays, run_candidates, write_json,
                                 write_text)
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.targets import read_manifest
@@ -46,22 +47,23 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     manifest = read_manifest(out)
     if manifest is None or "dlopt_version" not in manifest:
         raise ConfigError(f"{out} is not a dlopt output folder (no dlopt manifest.json)")
-    try:
-        data = VerifyData(out / VERIFY_FILE)
-    except VerifyFileError as exc:
-        raise ConfigError(f"{out} has no readable {VERIFY_FILE} (written by dlopt 0.1.0 compiles from wave 2 on); "
-                          f"recompile it: {first_line(exc)}") from exc
+    data = read_verify(out)
     unknown = [k for k in keys or [] if k not in data.candidates]
     if unknown:
         raise ConfigError(f"{out} has no candidate {unknown[0]}; it has {', '.join(data.candidates)}")
+    wanted = [k for k in data.candidates if not keys or k in keys]
+    # Every folder verify.npz names stays inside the output, and native code in them is as published,
+    # before any candidate is loaded.
+    folders = {k: contained_path(out, data.candidates[k].get("dir"), named_in=VERIFY_FILE) for k in wanted}
+    for k in wanted:
+        check_native_files(out, folders[k], _candidate_files(out, folders[k], manifest), manifest)
     host = host_info()  # before any runtime narrows this thread's CPUs
     if remote is not None:
         from dlopt.targets.tvm_rpc import require
 
         require(remote)
-    wanted = [k for k in data.candidates if not keys or k in keys]
     on_remote = {k for k in wanted if remote is not None and data.candidates[k].get("backend") == "tvm"}
-    emulated = {k: _emulation_plan(out, data.candidates[k]) for k in wanted if k not in on_remote}
+    emulated = {k: _emulation_plan(folders[k], data.candidates[k]) for k in wanted if k not in on_remote}
     emulated = {k: v for k, v in emulated.items() if v is not None}
     opened = []
 
@@ -71,12 +73,12 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
         if key in on_remote:
             from dlopt.targets import get_backend, read_artifact
 
-            artifact, _ = read_artifact(out / entry["dir"])
+            artifact, _ = read_artifact(folders[key])
             session = get_backend("tvm").load_remote(artifact, remote, threads=threads)
             opened.append(session)
             return session.run, f"rpc {remote.key}", session.time
         try:
-            runner = load(out / entry["dir"], threads=threads)
+            runner = load(folders[key], threads=threads)
         except TargetUnavailable as exc:
             raise Skipped(first_line(exc)) from exc
         opened.append(runner)
@@ -109,29 +111,53 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     return report
 
 
-def _emulation_plan(out: Path, entry: dict):
+def read_verify(out: Path) -> VerifyData:
+    """The output's verify.npz, read through its size guard; a ConfigError (one line) if it cannot be."""
+    path = contained_path(out, VERIFY_FILE)
+    if not path.exists():
+        raise ConfigError(f"{out} has no {VERIFY_FILE} (written by dlopt 0.1.0 compiles from wave 2 on); recompile it")
+    try:
+        return VerifyData(path)
+    except VerifyFileError as exc:
+        raise ConfigError(first_line(exc)) from exc
+
+
+def _candidate_files(out: Path, folder: Path, manifest: dict) -> list[str]:
+    """The files of the candidate in ``folder``: the manifest's list at the top level, else the folder's."""
+    if folder.resolve() == out.resolve():
+        files = manifest.get("files")
+        return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+    return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def _emulation_plan(folder: Path, entry: dict):
     """For an aarch64 TVM library on another machine: the emulated Python, or a Skipped reason; else None."""
     if entry.get("backend") != "tvm":
         return None
     try:
-        settings = json.loads((out / entry["dir"] / "tvm_build.json").read_text())
-    except (OSError, ValueError, KeyError):
+        settings = json.loads((folder / "tvm_build.json").read_text())
+        if not isinstance(settings, dict):
+            return None
+    except (OSError, ValueError, RecursionError):
         return None
     from dlopt.emulation import aarch64_python
     from dlopt.profiles import host_arch
 
-    arch = str((settings.get("host") or {}).get("mtriple") or "").split("-", 1)[0]
+    host = settings.get("host") if isinstance(settings.get("host"), dict) else {}
+    arch = str(host.get("mtriple") or "").split("-", 1)[0]
     kind = (settings.get("target") or {}).get("kind") if isinstance(settings.get("target"), dict) else None
     if arch != "aarch64" or host_arch() == "aarch64" or kind not in (None, "llvm"):
         return None  # a CUDA library (Jetson) needs the GPU, not an emulated CPU
     python = aarch64_python()
     if isinstance(python, str):
         return Skipped(f"an aarch64 TVM library and no emulation here: {python}")
-    return str((settings.get("host") or {}).get("mcpu") or "") or None
+    return str(host.get("mcpu") or "") or None
 
 
 def _run_emulated(out: Path, key: str, plan, *, bench: bool, threads: int | None, log) -> dict:
-    """Run the output's run_candidates.py for ``key`` under qemu-aarch64; its row, labelled emulated."""
+    """Run dlopt's own run_candidates.py for ``key`` under qemu-aarch64; its row, labelled emulated.
+
+    Never the script in ``out``: that is Python written by whoever wrote the folder."""
     entry_row = {"key": key, "ran_as": EMULATED, "verified": None, "latency": None}
     if isinstance(plan, Skipped):
         return {**entry_row, "ran_as": None, "reason": f"not run here: {plan}"}
@@ -139,10 +165,8 @@ def _run_emulated(out: Path, key: str, plan, *, bench: bool, threads: int | None
     from dlopt.emulation import qemu_cpu_models, run_emulated
 
     with tempfile.TemporaryDirectory(prefix="dlopt-emulated-") as tmp:
-        script = out / SCRIPT
-        if not script.is_file():  # an output from before run_candidates.py shipped: the same code, from here
-            script = Path(tmp) / SCRIPT
-            script.write_text(script_source())
+        script = Path(tmp) / SCRIPT
+        script.write_text(script_source())
         result_file = Path(tmp) / "device_report.json"
         args = ["--out", str(out), "--candidate", key, "--report", str(result_file), "--json"]
         args += ["--runs", str(EMULATED_RUNS), "--warmup", "2"] if bench else ["--verify-only"]
@@ -193,6 +217,8 @@ def select(out: Path, key: str) -> str:
     out = resolve_output(Path(out))
     with output_lock(out):
         manifest = read_manifest(out)
+        if manifest is None or not all(isinstance(manifest.get(k), str) for k in ("backend", "precision")):
+            raise ConfigError(f"{out} is not a dlopt output folder (no dlopt manifest.json)")
         top = f"{manifest['backend']}/{manifest['precision']}"
         if key == top:
             return f"{key} is already at the top level of {out}"
@@ -201,13 +227,26 @@ def select(out: Path, key: str) -> str:
             raise ConfigError(f"{key} is not a bundle candidate of {out}; it has {', '.join(bundle) or 'none'}")
         report = json.loads((out / "report.json").read_text())
         rows = {f"{c['backend']}/{c['precision']}": c for c in report["candidates"]}
+        published, files = manifest.get("published"), manifest.get("files")
+        if not isinstance(published, list) or not isinstance(files, list):
+            raise ConfigError(f"{out / MANIFEST} lacks the files and published lists; recompile it")
+        # Every path the manifest names stays inside the output, with no symlink anywhere in what moves:
+        # a crafted manifest must not move another folder's files in (and remove that folder).
+        for name in published:
+            _no_symlinks_in(contained_path(out, name, named_in=f"{MANIFEST} published"), out)
+        for f in files:
+            if contained_path(out, f, named_in=f"{MANIFEST} files").parent != out:
+                raise ConfigError(f"{out / MANIFEST} lists {f!r} as a top-level file; recompile it")
+        new_path = contained_path(out, bundle.pop(key), named_in=f"{MANIFEST} bundle")
+        if new_path.resolve() == out or not new_path.is_dir():
+            raise ConfigError(f"{out / MANIFEST} names {new_path} for {key}, which is not a bundle folder; recompile it")
+        new_dir = new_path.relative_to(out).as_posix()
         # The top-level candidate's files, and the ONNX it was built from where that is not one of them.
-        old_files = list(manifest["files"]) + [f for f in ("model.onnx", "model.onnx.data")
-                                               if f not in manifest["files"] and (out / f).is_file()]
-        new_dir = bundle.pop(key)
-        old_dir = f"bundle/{top.replace('/', '-')}"
+        old_files = list(files) + [f for f in ("model.onnx", "model.onnx.data")
+                                   if f not in files and (out / f).is_file()]
+        old_dir = contained_path(out, f"bundle/{top.replace('/', '-')}", named_in=MANIFEST).relative_to(out).as_posix()
         with staging_dir(out) as staged:
-            for name in manifest["published"]:
+            for name in published:
                 source = out / name
                 if source.is_dir() and not source.is_symlink():
                     shutil.copytree(source, staged / name, copy_function=os.link)
@@ -228,6 +267,10 @@ def select(out: Path, key: str) -> str:
                                                           f"(it was in {new_dir}; {top} is now in {old_dir})"]
             backend, precision = key.split("/", 1)
             manifest.update(backend=backend, precision=precision, files=new_files, bundle=bundle)
+            hashes = manifest.get(FILE_HASHES)
+            if isinstance(hashes, dict):  # the published hashes follow their files (never re-hashed here)
+                moved = {f: f"{old_dir}/{f}" for f in old_files} | {f"{new_dir}/{f}": f for f in new_files}
+                manifest[FILE_HASHES] = {moved.get(k, k): v for k, v in hashes.items()}
             for name, text in (("report.json", json.dumps(report, indent=2) + "\n"),
                                (MANIFEST, json.dumps(manifest, indent=2) + "\n")):
                 (staged / name).unlink(missing_ok=True)  # a hard link: never write through it
@@ -251,15 +294,30 @@ def select(out: Path, key: str) -> str:
     return f"moved {key} to the top level of {out}; {top} is now in {old_dir}"
 
 
+def _no_symlinks_in(path: Path, out: Path) -> None:
+    """ConfigError when ``path`` is or holds a symlink (dlopt writes none; a link would be followed)."""
+    inside = path.rglob("*") if path.is_dir() and not path.is_symlink() else ()
+    link = next((p for p in (path, *inside) if p.is_symlink()), None)
+    if link is not None:
+        raise ConfigError(f"{out} holds the symlink {link.relative_to(out).as_posix()}, which dlopt never writes; "
+                          f"nothing was moved: remove it or recompile")
+
+
 def _refresh_verify_dirs(staged: Path, key: str, top: str, old_dir: str) -> None:
     """verify.npz names each candidate's folder: rewrite its meta for the new layout."""
     import numpy as np
 
     path = staged / VERIFY_FILE
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    meta = json.loads(str(arrays["meta"]))
-    meta["candidates"][key]["dir"], meta["candidates"][top]["dir"] = ".", old_dir
+    try:
+        arrays = read_arrays(path)
+        meta = json.loads(str(arrays["meta"]))
+        candidates = meta["candidates"]
+        for name, where in ((key, "."), (top, old_dir)):
+            if isinstance(candidates.get(name), dict):
+                candidates[name]["dir"] = where
+    except (VerifyFileError, KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise ConfigError(f"{path.name} of {staged.name} cannot be rewritten for the new layout: {first_line(exc)}; "
+                          f"recompile") from exc
     meta["top_level"] = key
     arrays["meta"] = np.array(json.dumps(meta))
     path.unlink()
