@@ -69,6 +69,12 @@ def verify(out, keys, threads, as_json, quiet):
     machine where the emulation is installed (`make arm64-env`).  Writes
     OUT/device_report.json; exits 1 when a candidate fails or none could be verified.
 
+    Verifying a folder runs its native code (a TVM model.so, a C candidate built
+    with gcc) in this process: only verify folders you trust.  dlopt first checks
+    every such file against the sha256 its manifest recorded when it was compiled,
+    and refuses (exit 2) a changed, added or unrecorded one, and paths in
+    verify.npz or manifest.json that lead outside OUT.
+
     \b
     Examples:
       dlopt verify build/rpi5
@@ -100,6 +106,9 @@ def bench(out, keys, threads, as_json, quiet, runs, warmup, rpc_tracker, rpc_key
     of the median); a candidate run under qemu emulation is verified and timed apart,
     and its timings are marked as emulated, never compared.  Writes
     OUT/device_report.json and adds the results to OUT/report.md and report.html.
+
+    Like `dlopt verify`, this runs the folder's native code (after checking its
+    sha256 against the manifest): only bench folders you trust.
 
     \b
     Examples:

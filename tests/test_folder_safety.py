@@ -334,3 +334,19 @@ def test_run_candidates_clamps_thread_counts_from_the_folder(out):
     grown = len(os.listdir("/proc/self/task")) - before
     assert grown <= 3 * cores() + 4, f"{grown} threads started for settings asking for 400, 3000 and 5000"
     assert time.monotonic() - started < 60
+
+
+def test_a_changed_c_source_is_refused_before_gcc_builds_and_loads_it(tmp_path):
+    """A C candidate (cortex-m7) is built with the host gcc and loaded by dlopt verify: a changed model.c
+    with a constructor would run in dlopt's process."""
+    out = tmp_path / "out"
+    api.compile(models.conv_bn_relu(channels=4, size=8), target="cortex-m7", out=out, precision="fp32", runs=5,
+                warmup=1, samples=4, cache=False)
+    assert dlopt("verify", out, "-q").returncode == 0
+    marker = tmp_path / "marker"
+    source = out / "model.c"
+    source.write_text(source.read_text() + '\n#include <stdio.h>\n__attribute__((constructor)) static void evil(void)'
+                      f' {{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    line = one_error_line(dlopt("verify", out, "-q"), 2)
+    assert line.startswith("dlopt: error: model.c in ") and "sha256 differs" in line
+    assert not marker.exists()
