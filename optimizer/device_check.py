@@ -20,6 +20,7 @@ the artefact.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -265,6 +266,46 @@ def contained_path(folder: Path, name) -> Path:
     if real != root and root not in real.parents:
         raise refuse("resolves outside it")
     return path
+
+
+# Files a runtime turns into native code (dlopt.artifacts.NATIVE_SUFFIXES; this script needs no dlopt).
+NATIVE_SUFFIXES = (".so", ".dylib", ".dll", ".c", ".h", ".cc", ".cpp", ".s", ".S", ".o", ".a")
+
+
+def check_native(out: Path, folder: Path) -> None:
+    """Before a candidate's native code (a TVM model.so) is loaded: each of its files is the one the
+    manifest's ``file_sha256`` recorded at publish; else VerifyFileError.  The standalone twin of
+    ``dlopt.artifacts.check_native_files``: a swapped library must never run its constructor."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        manifest = {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    top = folder.resolve() == out.resolve()
+    listed = manifest.get("files") if top and isinstance(manifest.get("files"), list) else []
+    present = [p.name for p in folder.iterdir() if p.is_file() or p.is_symlink()] if folder.is_dir() else []
+    names = sorted({n for n in listed if isinstance(n, str)}
+                   | {n for n in present if not top or n.endswith(NATIVE_SUFFIXES)})
+    if not any(n.endswith(NATIVE_SUFFIXES) for n in names):
+        return
+    hashes = manifest.get("file_sha256")
+    if not isinstance(hashes, dict):
+        raise VerifyFileError(f"{folder} holds native code and {out / 'manifest.json'} records no file hashes; "
+                              f"it is not loaded unchecked: recompile the model with dlopt")
+    rel = folder.resolve().relative_to(out.resolve()).as_posix()
+    for name in names:
+        key = name if rel == "." else f"{rel}/{name}"
+        path = contained_path(out, key)
+        if not isinstance(hashes.get(key), str) or not path.is_file():
+            raise VerifyFileError(f"{key} is not a file dlopt published in {out}; native code is not loaded "
+                                  f"from a folder holding files dlopt did not write: recompile")
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != hashes[key]:
+            raise VerifyFileError(f"{key} in {out} is not the file dlopt published there (its sha256 differs "
+                                  f"from the manifest's); native code that changed is not loaded: recompile")
 
 
 def cores() -> int:
@@ -522,6 +563,8 @@ def main(argv=None) -> int:
     try:
         folders = {key: contained_path(args.out, entry.get("dir")) for key, entry in data.candidates.items()
                    if not args.candidate or key in args.candidate}
+        for folder in folders.values():
+            check_native(args.out, folder)
     except VerifyFileError as exc:
         print(f"{SCRIPT}: error: {exc}", file=sys.stderr)
         return 2

@@ -210,9 +210,12 @@ def test_a_swapped_library_is_refused_and_its_constructor_never_runs(out, tmp_pa
         assert "bundle/tvm-fp32/model.so" in line and "sha256 differs" in line and "recompile" in line
     with pytest.raises(ConfigError, match="sha256 differs"):  # what dlopt.load calls first (runner.load)
         check_native_files(out, out / "bundle" / "tvm-fp32", ["model.so", "tvm_build.json"])
+    line = one_error_line(run_script(out, "--verify-only"), 2)  # the script on the device checks the same
+    assert line.startswith("run_candidates.py: error: bundle/tvm-fp32/model.so") and "sha256 differs" in line
     # -c ort/fp32 alone loads no native code: it runs
     done = dlopt("verify", out, "-q", "-c", "ort/fp32", "--json")
     assert done.returncode == 0, done.stderr
+    assert run_script(out, "--verify-only", "--candidate", "ort/fp32").returncode == 0
     assert not marker.exists()
 
 
@@ -222,6 +225,7 @@ def test_a_planted_library_beside_the_candidate_is_refused(out, tmp_path):
     shutil.copy(tmp_path / "evil" / "model.so", out / "bundle" / "tvm-fp32" / "libextra.so")
     line = one_error_line(dlopt("verify", out, "-q"), 2)
     assert "bundle/tvm-fp32/libextra.so" in line and "did not write" in line
+    assert "bundle/tvm-fp32/libextra.so is not a file dlopt published" in one_error_line(run_script(out), 2)
     assert not marker.exists()
 
 
@@ -229,6 +233,7 @@ def test_a_manifest_without_hashes_loads_no_native_code(out, tmp_path):
     rewrite_manifest(out, lambda m: m.pop(FILE_HASHES))
     line = one_error_line(dlopt("verify", out, "-q"), 2)
     assert "records no file hashes" in line and "recompile" in line
+    assert "records no file hashes" in one_error_line(run_script(out, "--verify-only"), 2)
     done = dlopt("verify", out, "-q", "-c", "ort/fp32")  # no native code: loads as before
     assert done.returncode == 0, done.stderr
 
