@@ -212,7 +212,8 @@ def upload_plan(out_dir: Path | None, report: dict) -> list[tuple[Path, str | No
     """(file, artifact path) for report.*, the manifest and the chosen artefact's files.
 
     ConfigError for one that is a link, not a regular file or outside ``out_dir`` (a folder from
-    someone else must not make dlopt upload ~/.ssh); a report file that is not there is skipped."""
+    someone else must not make dlopt upload ~/.ssh); a report file that is not there is skipped.
+    Checked by ``artifacts.contained_path``, the one check of paths an output folder names."""
     from dlopt.targets import read_manifest
 
     if out_dir is None:
@@ -226,24 +227,18 @@ def upload_plan(out_dir: Path | None, report: dict) -> list[tuple[Path, str | No
 
 
 def _inside(folder: Path, name: str) -> Path:
-    """``folder/name`` when it is a regular file, no link on the way, that resolves inside ``folder``.
+    """``folder/name`` when it is a regular file of the folder itself, reached through no link."""
+    from dlopt.artifacts import contained_path
 
-    (A local twin of ``artifacts.contained_path``, which is being added; use that once it lands.)"""
-    rel = PurePosixPath(name)
-    path = Path(folder) / rel
-    refusal = (f"--mlflow: {path} is a link or not a regular file inside {folder}; dlopt uploads only the output "
-               f"folder's own files: recompile it, or remove the link")
-    if len(rel.parts) != 1 or rel.name in ("", ".", ".."):  # the run's folders are flat: report.*, artifact/*
-        raise ConfigError(refusal)
-    folder = Path(folder).resolve()
-    here = folder / rel.name
+    path = contained_path(Path(folder), name, named_in="uploaded by --mlflow")  # relative, inside, no link
     try:
-        mode = os.lstat(here).st_mode
+        regular = stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
-        raise ConfigError(refusal) from None
-    if not stat.S_ISREG(mode) or here.resolve().parent != folder:  # S_ISREG of lstat: no link
-        raise ConfigError(refusal)
-    return here
+        regular = False
+    if not regular or len(PurePosixPath(name).parts) != 1:  # the run's folders are flat: report.*, artifact/*
+        raise ConfigError(f"--mlflow: {path} is not a regular file of {folder}; dlopt uploads only the output "
+                          f"folder's own files: recompile it")
+    return path
 
 
 def _register(client, name: str, run, report: dict) -> str:

@@ -5,6 +5,7 @@ the output folder."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 import time
@@ -146,7 +147,7 @@ def test_mlflow_uploads_nothing_from_outside_the_folder(ort_output, tmp_path):
     result = CliRunner().invoke(package, [str(copy), "--mlflow", store.as_uri()], env={"MLFLOW_ALLOW_FILE_STORE": "true"})
     message = _one_line(result.exception)
     assert isinstance(result.exception, ConfigError)
-    assert "report.md is a link or not a regular file" in message
+    assert "'report.md' (uploaded by --mlflow), which goes through the symlink report.md" in message
     uploaded = [p for p in store.rglob("*") if p.is_file() and p.read_bytes() == b"ssh-key\n"] if store.exists() else []
     assert uploaded == []
     if store.exists():
@@ -162,4 +163,15 @@ def test_mlflow_uploads_nothing_from_outside_the_folder(ort_output, tmp_path):
     model.symlink_to(secret)
     result = CliRunner().invoke(package, [str(copy), "--mlflow", store.as_uri()], env={"MLFLOW_ALLOW_FILE_STORE": "true"})
     assert isinstance(result.exception, DloptError) and "model.onnx" in str(result.exception), result.exception
+    assert not [p for p in store.rglob("*") if p.is_file() and p.read_bytes() == b"ssh-key\n"]
+
+    # and a name in the manifest that climbs out of the folder
+    model.unlink()
+    shutil.copy2(out / "model.onnx", model)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = [*manifest["files"], "../secret.txt"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(package, [str(copy), "--mlflow", store.as_uri()], env={"MLFLOW_ALLOW_FILE_STORE": "true"})
+    assert isinstance(result.exception, DloptError) and "../secret.txt" in str(result.exception), result.exception
+    assert "\n" not in str(result.exception)
     assert not [p for p in store.rglob("*") if p.is_file() and p.read_bytes() == b"ssh-key\n"]
