@@ -10,6 +10,7 @@ TargetUnavailable when loaded, saying what that device needs.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -207,6 +208,23 @@ def check_output_path(output: Path, data: Path) -> None:
             head = f.read(4)
         if head and head != b"PK\x03\x04":  # an .npz is a zip archive
             raise ConfigError(f"--output {output} exists and is not an .npz archive; dlopt will not replace it")
+        if not _written_by_us(output):
+            raise ConfigError(f"--output {output} exists and was not written by dlopt run; dlopt will not replace "
+                              f"it (remove it or give another name)")
+
+
+# The zip comment of every .npz `dlopt run` writes: the mark that lets a later run replace it.
+MARK = b"written by dlopt run"
+
+
+def _written_by_us(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.comment == MARK
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def run_npz(runner: Runner, data: Path, output: Path, *, batch_size: int | None = None,
@@ -248,6 +266,32 @@ def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _write_npz(output: Path, arrays: dict[str, np.ndarray]) -> None:
-    from dlopt.artifacts import write_file
+    """np.savez's archive with MARK as its comment, written whole or not at all; a file it replaces (one
+    an earlier run wrote) keeps its mode: predictions a user made 0600 stay private."""
+    import tempfile
+    import zipfile
 
-    write_file(output, lambda f: np.savez(f, **arrays))
+    try:
+        found = os.lstat(output)
+    except FileNotFoundError:
+        mode = 0o644
+    else:  # checked before the run too; a file that appeared since is as foreign
+        if not stat.S_ISREG(found.st_mode) or not _written_by_us(output):
+            raise ConfigError(f"--output {output} appeared while dlopt ran and was not written by dlopt run; "
+                              f"dlopt will not replace it")
+        mode = stat.S_IMODE(found.st_mode)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name, array in arrays.items():
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                        np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+                archive.comment = MARK
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

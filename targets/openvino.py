@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, TargetUnavailable, first_line
+from dlopt.errors import CompileError, ConfigError, TargetUnavailable, first_line
 from dlopt.model_io import save_ir
 from dlopt.profiles import host_arch
 from dlopt.targets.base import Artifact, Backend
@@ -317,9 +317,45 @@ class OpenVinoSession:
         return [request.get_output_tensor(i).data.copy() for i in range(self._outputs)]
 
 
+# The properties runtime_settings writes, and the values each may take; a folder from elsewhere may
+# name others (CACHE_DIR made `dlopt run` write cache blobs outside the folder): they are refused.
+_PROPERTY_VALUES = {
+    "INFERENCE_PRECISION_HINT": frozenset(_HINTS.values()) | {"f16"},
+    "PERFORMANCE_HINT": frozenset({"LATENCY", "THROUGHPUT"}),
+}
+_COUNT_PROPERTIES = ("INFERENCE_NUM_THREADS", "NUM_STREAMS")
+
+
+def checked_properties(settings: dict, source: str) -> tuple[str, dict]:
+    """The device and compile_model properties of ``settings`` (runtime_config.json): only those dlopt
+    writes, with thread and stream counts at most this host's cores."""
+    from dlopt.targets.ort import threads_from_file
+
+    device, properties = settings.get("device", DEVICE), settings.get("properties")
+    if device != DEVICE:
+        raise ConfigError(f"{source} names device {device!r}; dlopt artefacts run on {DEVICE} (fix it or compile "
+                          f"again)")
+    if not isinstance(properties, dict):
+        raise ConfigError(f"{source}: properties must be a JSON object; fix it or compile again")
+    checked = {}
+    for key, value in properties.items():
+        if key in _COUNT_PROPERTIES:
+            checked[key] = threads_from_file(value, key=key, source=source)
+        elif key in _PROPERTY_VALUES:
+            if not isinstance(value, str) or value not in _PROPERTY_VALUES[key]:
+                raise ConfigError(f"{source}: {key} {value!r} is not a value dlopt writes (one of "
+                                  f"{', '.join(sorted(_PROPERTY_VALUES[key]))}); fix it or compile again")
+            checked[key] = value
+        else:
+            raise ConfigError(f"{source} sets OpenVINO property {key!r}, which dlopt does not write; dlopt passes "
+                              f"only {', '.join([*_PROPERTY_VALUES, *_COUNT_PROPERTIES])} (remove it, or compile "
+                              f"again)")
+    return device, checked
+
+
 def load(artifact: Artifact) -> OpenVinoSession:
     settings = artifact.settings
-    device, properties = settings.get("device", DEVICE), settings["properties"]
+    device, properties = checked_properties(settings, str(artifact.folder / SETTINGS_FILE))
     compiled = _core().compile_model(str(artifact.entry_path), device, properties)
     static, shape = None, settings.get("static_shape")
     if shape:

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from dlopt.errors import ConfigError
 from dlopt.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
 
@@ -152,6 +153,16 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_from_file(value, *, key: str, source: str) -> int:
+    """A thread or stream count read from an artefact's settings file, at most this host's cores
+    (0 stays 0: the runtime's default).  A folder from elsewhere may say 3000: ORT started 3000
+    inter-op threads and took minutes to load."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{source}: {key} must be a whole number of threads (0 for the runtime's default), "
+                          f"got {value!r}; fix it or compile again")
+    return min(value, _usable_cores())
+
+
 def providers_here(wanted) -> list[str]:
     """``wanted`` less the providers this ONNX Runtime lacks, in order; the CPU one at least."""
     available = set(ort.get_available_providers())
@@ -166,17 +177,16 @@ class OrtSession:
     same order, and at most this host's cores (more threads than cores only thrash).
     """
 
-    def __init__(self, model_path: str | os.PathLike | bytes, settings: dict) -> None:
+    def __init__(self, model_path: str | os.PathLike | bytes, settings: dict, *, source: str = SETTINGS_FILE) -> None:
         options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, settings.get("graph_optimization_level", "ORT_ENABLE_ALL")
-        )
-        threads = int(settings.get("intra_op_num_threads", 0))
-        options.intra_op_num_threads = min(threads, _usable_cores()) if threads > 0 else threads
-        options.inter_op_num_threads = int(settings.get("inter_op_num_threads", 1))
-        options.execution_mode = getattr(ort.ExecutionMode, settings.get("execution_mode", "ORT_SEQUENTIAL"))
+        options.graph_optimization_level = _enum(ort.GraphOptimizationLevel, settings, "graph_optimization_level",
+                                                 "ORT_ENABLE_ALL", source)
+        for key, default in (("intra_op_num_threads", 0), ("inter_op_num_threads", 1)):
+            setattr(options, key, threads_from_file(settings.get(key, default), key=key, source=source))
+        options.execution_mode = _enum(ort.ExecutionMode, settings, "execution_mode", "ORT_SEQUENTIAL", source)
         options.enable_cpu_mem_arena = bool(settings.get("enable_cpu_mem_arena", True))
         options.log_severity_level = 4  # failures raise with their message; no coloured log line on stderr
+        _check_config_entries(settings, source)
         apply_config_entries(options, settings)
         target = model_path if isinstance(model_path, bytes) else str(model_path)
         self._session = ort.InferenceSession(
@@ -189,10 +199,29 @@ class OrtSession:
         return self._session.run(None, feeds)
 
 
+def _enum(kind, settings: dict, key: str, default: str, source: str):
+    value = settings.get(key, default)
+    if not (isinstance(value, str) and value.isupper() and isinstance(getattr(kind, value, None), kind)):
+        raise ConfigError(f"{source}: {key} {value!r} is not one of ONNX Runtime's {kind.__name__} names "
+                          f"(such as {default}); fix it or compile again")
+    return getattr(kind, value)
+
+
+def _check_config_entries(settings: dict, source: str) -> None:
+    """Only the session config entries dlopt writes: others can make ORT write files (EP context models)."""
+    entries = settings.get("config_entries", CONFIG_ENTRIES)
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{source}: config_entries must be a JSON object; fix it or compile again")
+    foreign = sorted(set(entries) - set(CONFIG_ENTRIES))
+    if foreign:
+        raise ConfigError(f"{source} sets ONNX Runtime config entry {foreign[0]!r}, which dlopt does not write; "
+                          f"dlopt passes only {', '.join(CONFIG_ENTRIES)} (remove it, or compile again)")
+
+
 def load(artifact: Artifact, *, threads: int | None = None) -> OrtSession:
     """The artefact's session; ``threads`` replaces the count it shipped with (a board's cores)."""
     settings = artifact.settings if threads is None else {**artifact.settings, "intra_op_num_threads": threads}
-    return OrtSession(artifact.entry_path, settings)
+    return OrtSession(artifact.entry_path, settings, source=str(artifact.folder / SETTINGS_FILE))
 
 
 

@@ -352,11 +352,13 @@ class TvmSession:
     its workers, is put back.
     """
 
-    def __init__(self, library: Path, settings: dict) -> None:
+    def __init__(self, library: Path, settings: dict, *, source: str = SETTINGS_FILE) -> None:
         import tvm
         from tvm.runtime.vm import VirtualMachine  # = relax.VirtualMachine, without the compiler
 
-        self._asked = int(settings.get("threads") or 0)
+        from dlopt.targets.ort import threads_from_file
+
+        self._asked = threads_from_file(settings.get("threads") or 0, key="threads", source=source)
         self._tensor = tvm.runtime.tensor
         self._inputs = settings["inputs"]
         self.input_names = [i["name"] for i in self._inputs]
@@ -428,7 +430,7 @@ def _flatten(value) -> list[np.ndarray]:
 
 
 def load(artifact: Artifact) -> TvmSession:
-    return TvmSession(artifact.entry_path, artifact.settings)
+    return TvmSession(artifact.entry_path, artifact.settings, source=str(artifact.folder / SETTINGS_FILE))
 
 
 def tuning_database(model, profile, threads: int, shapes, root: Path):
