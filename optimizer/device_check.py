@@ -119,8 +119,8 @@ def read_arrays(path: Path, max_bytes: int = VERIFY_READ_MAX) -> dict:
             infos = [info for info in archive.infolist() if not info.is_dir()]
             total = sum(info.file_size for info in infos)
             if total > max_bytes:
-                raise VerifyFileError(f"{path} expands to {total} bytes, over the {max_bytes} a verify file may "
-                                      f"(a zip bomb, or not dlopt's); recompile with dlopt")
+                raise VerifyFileError(f"{path} expands to {total} bytes, over the {max_bytes} read from a verify "
+                                      f"file (a zip bomb, or not dlopt's); recompile with dlopt")
             arrays = {}
             for info in infos:
                 with archive.open(info) as fp:
