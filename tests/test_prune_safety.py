@@ -1,0 +1,129 @@
+"""dlopt.prune and dlopt.load_module on folders and models that try to break them (issue 23, items 4 and 19):
+a crafted pruned_state.pth or model.pt2 must not run code; nested and dict outputs, ints among the outputs and
+shared parameters must not cost the classifier's classes or break the student."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import zipfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_pruning", reason="structured pruning needs torch-pruning (dlopt[prune])")
+nn = torch.nn
+
+import dlopt  # noqa: E402
+from dlopt.errors import ConfigError  # noqa: E402
+from dlopt.pruning import load_module  # noqa: E402
+
+
+class Net(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.hidden = nn.Linear(16, 32)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1)
+        return self.fc(torch.relu(self.hidden(x)))
+
+
+def _net(seed: int = 0, cls=Net, **kwargs):
+    torch.manual_seed(seed)
+    return cls(**kwargs).eval()
+
+
+def _x(batch: int = 1, seed: int = 0):
+    return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER``: the attack of item 4."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    result = dlopt.prune(_net(), _x(), 0.5)
+    return result, result.save(tmp_path / "pruned")
+
+
+# -- item 4: nothing in a saved folder is unpickled ----------------------------------------------------
+
+def test_load_module_into_rebuilds_from_tensors_and_plain_values(saved):
+    result, folder = saved
+    rebuilt = load_module(folder, into=_net(seed=3))
+    assert (rebuilt.conv.out_channels, rebuilt.bn.num_features, rebuilt.hidden.in_features,
+            rebuilt.hidden.out_features, rebuilt.fc.in_features, rebuilt.fc.out_features) == (8, 8, 8, 16, 16, 10)
+    assert sum(p.numel() for p in rebuilt.parameters()) == result.report.params_after
+    x = _x(4, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), result.module(x), atol=1e-6)
+    assert not rebuilt.training
+
+
+def test_a_crafted_pruned_state_is_refused_and_its_payload_never_runs(saved, tmp_path):
+    _, folder = saved
+    marker = tmp_path / "marker"
+    (folder / "pruned_state.pth").write_bytes(pickle.dumps({"full_state_dict": Payload(marker)}))
+    with pytest.raises(ConfigError, match=r"pruned_state\.pth holds pickled Python objects, not only tensors; "
+                                          r"dlopt does not unpickle them"):
+        load_module(folder, into=_net())
+    assert not marker.exists()
+
+
+def test_a_torch_saved_payload_is_refused_too(saved, tmp_path):
+    _, folder = saved
+    marker = tmp_path / "marker"
+    torch.save({"tensors": Payload(marker)}, folder / "pruned_state.pth")
+    with pytest.raises(ConfigError, match="dlopt does not unpickle them"):
+        load_module(folder, into=_net())
+    assert not marker.exists()
+
+
+def test_a_crafted_pt2_archive_is_refused_and_its_payload_never_runs(saved, tmp_path):
+    """torch.export.load falls back to an unrestricted unpickler for a sample-inputs file the
+    restricted one refuses: a crafted model.pt2 ran its payload before dlopt checked the archive."""
+    _, folder = saved
+    marker = tmp_path / "marker"
+    original = folder / "model.pt2"
+    crafted = io.BytesIO()
+    with zipfile.ZipFile(original) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data/sample_inputs/model.pt"):
+                buffer = io.BytesIO()
+                torch.save(Payload(marker), buffer)
+                data = buffer.getvalue()
+            dst.writestr(info, data)
+    original.write_bytes(crafted.getvalue())
+    with pytest.raises(ConfigError, match=r"model\.pt2 holds pickled Python objects"):
+        load_module(folder)
+    assert not marker.exists()
+
+
+def test_a_folder_without_the_description_is_refused(saved, tmp_path):
+    _, folder = saved
+    other = shutil.copytree(folder, tmp_path / "other")
+    (other / "prune.json").unlink()
+    with pytest.raises(ConfigError, match="not a folder written by dlopt.prune"):
+        load_module(other, into=_net())
+
+
+def test_into_an_instance_of_another_class_is_a_one_line_error(saved):
+    _, folder = saved
+    with pytest.raises(ConfigError,
+                       match=r"into \(Sequential\) does not match the saved module: it has no .bn\.bias.") as caught:
+        load_module(folder, into=nn.Sequential(nn.Linear(2, 2)))
+    assert "\n" not in str(caught.value)
