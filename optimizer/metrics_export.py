@@ -174,7 +174,8 @@ def push_metrics(url: str, report: dict, gate_results=None, *, timeout: float = 
     except OSError as exc:  # URLError, HTTPError, refused connections
         raise ConfigError(f"--pushgateway {url}: cannot push the metrics: {first_line(exc)}") from exc
     except http.client.HTTPException as exc:  # BadStatusLine and kin: something answered, not in HTTP
+        said = "".join(c if c.isprintable() else "?" for c in first_line(exc, 80))  # no terminal escapes
         raise ConfigError(f"--pushgateway {url}: cannot push the metrics: the server's answer is not HTTP "
-                          f"({type(exc).__name__}: {first_line(exc, 80)}); is {url} a Pushgateway?") from exc
+                          f"({type(exc).__name__}: {said}); is {url} a Pushgateway?") from exc
     except ValueError as exc:  # urllib: a URL it cannot use
         raise ConfigError(f"--pushgateway {url}: cannot push the metrics: {first_line(exc)}") from exc

@@ -243,8 +243,9 @@ def publish(report, out_dir: Path | None, publishing: PublishOptions, *, gate_re
         from dlopt.metrics_export import push_metrics
 
         url = publishing.pushgateway
+        # a silent server: its own 10 s socket timeout, or the deadline when that comes first (never a race)
         within(f"--pushgateway {url}", deadline, doing="pushing the metrics",
-               work=lambda step: push_metrics(url, data, gate_results, timeout=max(1.0, min(10.0, deadline.left()))))
+               work=lambda step: push_metrics(url, data, gate_results, timeout=min(10.0, deadline.left() + 1.0)))
         done.append(f"metrics: pushed to {publishing.pushgateway}")
     if publishing.mlflow is not None:
         from dlopt.tracking import log_run, resolve_uri, upload_plan

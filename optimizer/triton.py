@@ -344,9 +344,7 @@ def _previous_versions(target: Path) -> dict[int, tuple[str, ...]]:
 def _check_replaceable(target: Path, version: int, ours: tuple[str, ...] | None) -> None:
     """ConfigError when the folder of ``version`` holds files dlopt did not write there."""
     folder = target / str(version)
-    if ours is None:
-        if os.path.lexists(folder):  # a version folder the marker does not list
-            raise ConfigError(f"{folder} exists and dlopt did not write it; nothing was changed")
+    if ours is None:  # a new version (a folder the marker does not list was refused as unknown)
         return
     theirs = sorted(set(os.listdir(folder)) - set(ours))
     if theirs:
