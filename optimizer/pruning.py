@@ -23,6 +23,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -128,21 +130,107 @@ def _importance(tp, name: str):
     }[name]()
 
 
-def _output_layers(model, inputs: tuple) -> list:
-    """Leaf layers whose output tensor is (part of) the model's output: their channels are the answer."""
+def _tensors(value) -> list:
+    """Every tensor in a model's outputs: nested tuples, lists and dicts (a HuggingFace ModelOutput is
+    one); anything else (an int, None) holds no channels."""
     import torch
 
-    produced: dict[int, Any] = {}
-    hooks = [m.register_forward_hook(lambda mod, _i, out: produced.__setitem__(id(out), mod))
-             for m in model.modules() if not list(m.children())]
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
+def _forward_facts(model, inputs: tuple) -> tuple[list, Counter]:
+    """The layers whose channels reach a model output, and how often each layer with parameters runs.
+
+    Walks autograd's graph back from every output tensor to the first convolution or linear layer on
+    each path (through activations, reshapes and norms, whose channels pass through): a softmax
+    after the classifier or a dict of outputs still finds it."""
+    import torch
+
+    layers = [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    produced: dict[Any, Any] = {}
+    calls: Counter = Counter()
+
+    def record(module, _inputs, output):
+        calls[module] += 1
+        for tensor in _tensors(output):
+            if tensor.grad_fn is not None:
+                produced[tensor.grad_fn] = module
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        with torch.no_grad():
+        for param, _ in flags:
+            param.requires_grad_(True)
+        with torch.enable_grad():
             outputs = model(*inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    return [produced[id(t)] for t in flat if id(t) in produced]
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    tensors = _tensors(outputs)
+    if not tensors:
+        raise ConfigError(f"{type(model).__name__} returned no tensor (it returned {type(outputs).__name__}); prune takes a "
+                          f"model whose outputs are tensors, or tuples, lists or dicts of them")
+    found: list = []
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        module = produced.get(node)
+        if module is not None and module not in found:
+            found.append(module)
+        if module is None or not isinstance(module, _ROOTS()):
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+    return found, calls
+
+
+def _ROOTS() -> tuple:  # noqa: N802 - the layer types whose output channels torch-pruning prunes
+    import torch
+
+    return (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.Embedding)
+
+
+def _shared_layers(model, calls: Counter) -> dict:
+    """Layers that share a parameter with another or run more than once per forward pass: pruning one
+    copy of a tied weight unties it (an embedding and its tied head) and a layer applied twice
+    must keep its input and output channels equal."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rpartition(".")[0])
+    by_name = dict(model.named_modules())
+    shared = {}
+    for modules in owners.values():
+        for name in dict.fromkeys(modules) if len(set(modules)) > 1 else ():
+            others = ", ".join(n for n in dict.fromkeys(modules) if n != name)
+            shared.setdefault(by_name[name], f"shares its weight with {others}")
+    for module, count in calls.items():
+        if count > 1:
+            shared.setdefault(module, f"runs {count} times in one forward pass (its weights are shared)")
+    return shared
+
+
+def _channel_partners(graph, module) -> list:
+    """The layers whose output channels must change with ``module``'s input or output channels."""
+    pruner = graph.get_pruner_of_module(module)
+    partners = []
+    for prune_fn, count in ((getattr(pruner, "prune_out_channels", None), getattr(pruner, "get_out_channels", None)),
+                            (getattr(pruner, "prune_in_channels", None), getattr(pruner, "get_in_channels", None))):
+        if prune_fn is None or count is None or module not in graph.module2node or not count(module):
+            continue
+        try:
+            group = graph.get_pruning_group(module, prune_fn, idxs=[0])
+        except Exception:  # noqa: BLE001 - a layer torch-pruning cannot prune this way
+            continue
+        partners += [dep.target.module for dep, _ in group
+                     if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module is not module]
+    return partners
 
 
 def _layer_sizes(model) -> dict[str, tuple[str, int, int, int]]:
@@ -226,14 +314,23 @@ def prune(
             if name is None:
                 raise ConfigError(f"ignored layer {type(layer).__name__} is not a module of the model")
             protected[by_name[name]] = "in ignored_layers"
-    for layer in _output_layers(work, inputs):
+    outputs, calls = _forward_facts(work, inputs)
+    shared = _shared_layers(work, calls)
+    for layer, why in shared.items():
+        protected.setdefault(layer, why)
+    for layer in outputs:
         protected.setdefault(layer, "produces the model's output")
+    if shared:  # a tied or reused layer keeps its input channels too: the layers feeding it stay whole
+        graph = tp.DependencyGraph().build_dependency(work, example_inputs=inputs, output_transform=_tensors)
+        for layer, why in shared.items():
+            for partner in _channel_partners(graph, layer):
+                protected.setdefault(partner, f"its channels are tied to {names[layer]}, which {why}")
     macs_before, params_before = tp.utils.count_ops_and_params(work, inputs)
     before = _layer_sizes(work)
     pruner = tp.pruner.BasePruner(
         work, inputs, importance=_importance(tp, importance), global_pruning=global_pruning,
         pruning_ratio=ratio, max_pruning_ratio=max_layer_ratio, iterative_steps=iterative_steps,
-        ignored_layers=list(protected), round_to=round_to,
+        ignored_layers=list(protected), round_to=round_to, output_transform=_tensors,
     )
     for _ in range(iterative_steps):
         pruner.step()

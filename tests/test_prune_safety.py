@@ -127,3 +127,119 @@ def test_into_an_instance_of_another_class_is_a_one_line_error(saved):
                        match=r"into \(Sequential\) does not match the saved module: it has no .bn\.bias.") as caught:
         load_module(folder, into=nn.Sequential(nn.Linear(2, 2)))
     assert "\n" not in str(caught.value)
+
+
+# -- item 19: every output tensor finds its layer; shared parameters are not split -------------------
+
+class DictOut(Net):
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1)
+        h = torch.relu(self.hidden(x))
+        return {"logits": self.fc(h), "extra": {"pooled": x}}
+
+
+class NestedOut(Net):
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1)
+        h = torch.relu(self.hidden(x))
+        return (x, [(self.fc(h),)])
+
+
+class IntOut(Net):
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1)
+        return self.fc(torch.relu(self.hidden(x))), 3
+
+
+def _leaves(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [t for v in items for t in _leaves(v)]
+
+
+@pytest.mark.parametrize(("cls", "conv"), [(DictOut, 16), (NestedOut, 16), (IntOut, 8)])
+def test_the_classifier_keeps_its_classes_whatever_the_outputs_look_like(cls, conv):
+    """DictOut and NestedOut also return the pooled features: the conv's channels are an output too."""
+    model = _net(cls=cls)
+    pruned, report = dlopt.prune(model, _x(), 0.5)
+    assert (pruned.fc.out_features, pruned.hidden.out_features, pruned.conv.out_channels) == (10, 16, conv)
+    assert report.kept_whole["fc"] == "produces the model's output"
+    assert report.params_after == sum(p.numel() for p in pruned.parameters())
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in _leaves(pruned(_x(3)))]
+    assert shapes == [tuple(t.shape) for t in _leaves(model(_x(3)))]
+    assert (3, 10) in shapes
+
+
+class NoTensorOut(Net):
+    def forward(self, x):
+        return 3
+
+
+def test_a_model_with_no_tensor_output_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"^NoTensorOut returned no tensor \(it returned int\); prune takes a "
+                                          r"model whose outputs are tensors"):
+        dlopt.prune(_net(cls=NoTensorOut), _x(), 0.5)
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output head (GPT-2's wte/lm_head), a hidden Linear between."""
+
+    def __init__(self, vocab: int = 24, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, 32)
+        self.back = nn.Linear(32, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.back(torch.relu(self.mix(self.embed(ids))))))
+
+
+class TwiceUsed(nn.Module):
+    """One Linear applied twice (a weight-shared block), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.shared = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.fc(torch.relu(self.shared(torch.relu(self.shared(h)))))
+
+
+def test_tied_embedding_and_head_stay_tied_and_whole(tmp_path):
+    model = _net(cls=TiedLM)
+    ids = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(0))
+    before = sum(p.numel() for p in model.parameters())
+    assert before == 24 * 16 + 16 * 32 + 32 + 32 * 16 + 16  # 1456, the head shares the embedding's weight
+    pruned, report = dlopt.prune(model, ids, 0.5)
+    assert pruned.head.weight is pruned.embed.weight and tuple(pruned.embed.weight.shape) == (24, 16)
+    assert (pruned.mix.out_features, pruned.back.in_features, pruned.back.out_features) == (16, 16, 16)
+    after = sum(p.numel() for p in pruned.parameters())
+    assert after == report.params_after == 24 * 16 + 16 * 16 + 16 + 16 * 16 + 16  # 928: only mix/back's middle
+    assert report.kept_whole["head"].startswith("shares its weight with embed")
+    assert report.kept_whole["back"].startswith("its channels are tied to")
+    with torch.no_grad():
+        assert tuple(pruned(ids).shape) == (2, 5, 24)
+    # saved and rebuilt into a fresh instance: still one weight, still the same function
+    rebuilt = load_module(dlopt.pruning.save_module(pruned, ids, tmp_path / "lm"), into=_net(seed=5, cls=TiedLM))
+    assert rebuilt.head.weight is rebuilt.embed.weight and sum(p.numel() for p in rebuilt.parameters()) == 928
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(ids), pruned(ids))
+
+
+def test_a_linear_used_twice_is_kept_whole_and_the_student_runs():
+    model = _net(cls=TwiceUsed)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    pruned, report = dlopt.prune(model, x, 0.5)
+    assert (pruned.shared.in_features, pruned.shared.out_features) == (16, 16)
+    assert pruned.inp.out_features == 16 and pruned.fc.in_features == 16
+    assert report.kept_whole["shared"] == "runs 2 times in one forward pass (its weights are shared)"
+    assert report.params_after == sum(p.numel() for p in pruned.parameters())
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), model(x))  # nothing could be pruned without breaking the reuse
