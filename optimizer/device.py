@@ -239,7 +239,8 @@ def select(out: Path, key: str) -> str:
                 raise ConfigError(f"{out / MANIFEST} lists {f!r} as a top-level file; recompile it")
         new_path = contained_path(out, bundle.pop(key), named_in=f"{MANIFEST} bundle")
         if new_path.resolve() == out or not new_path.is_dir():
-            raise ConfigError(f"{out / MANIFEST} names {new_path} for {key}, which is not a bundle folder; recompile it")
+            raise ConfigError(f"{out / MANIFEST} names {new_path} for {key}, which is not a bundle folder; "
+                              f"recompile it")
         new_dir = new_path.relative_to(out).as_posix()
         # The top-level candidate's files, and the ONNX it was built from where that is not one of them.
         old_files = list(files) + [f for f in ("model.onnx", "model.onnx.data")

@@ -133,18 +133,24 @@ def read_arrays(path: Path, max_bytes: int = VERIFY_READ_MAX) -> dict:
                         raise VerifyFileError(f"{path} holds pickled data ({info.filename}); dlopt never "
                                               f"unpickles: recompile with dlopt")
                     declared = math.prod(shape) * dtype.itemsize
-                    if declared > info.file_size - fp.tell():
-                        raise VerifyFileError(f"{path}: {info.filename} declares {declared} bytes and holds "
-                                              f"{info.file_size - fp.tell()} (corrupt or crafted); recompile with dlopt")
+                    held = info.file_size - fp.tell()
+                    if declared > held:
+                        raise VerifyFileError(f"{path}: {info.filename} declares {declared} bytes and holds {held} "
+                                              f"(corrupt or crafted); recompile with dlopt")
                 with archive.open(info) as fp:
                     name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                     arrays[name] = npy.read_array(fp, allow_pickle=False)
     except VerifyFileError:
         raise
     except _READ_ERRORS as exc:
-        raise VerifyFileError(f"{path} is not a readable dlopt verify file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); recompile with dlopt") from exc
+        raise _unreadable(path, exc) from exc
     return arrays
+
+
+def _unreadable(path: Path, exc: BaseException) -> "VerifyFileError":
+    gist = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    return VerifyFileError(f"{path} is not a readable dlopt verify file ({type(exc).__name__}: {gist}); "
+                           f"recompile with dlopt")
 
 
 class VerifyData:
@@ -163,8 +169,7 @@ class VerifyData:
             self.reference = [[arrays[f"ref_{f}_{o}"] for o in range(len(outputs))] for f in range(count)]
             self.labels = [arrays[f"labels_{f}"] for f in range(count)] if "labels_0" in arrays else None
         except _READ_ERRORS as exc:
-            raise VerifyFileError(f"{path} is not a readable dlopt verify file ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); recompile with dlopt") from exc
+            raise _unreadable(path, exc) from exc
         self.path, self.meta = path, meta
         timing_bytes(self.feeds[0], meta.get("timing_shapes"), where=str(path))  # refused here, not mid-run
 
