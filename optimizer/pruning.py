@@ -173,25 +173,26 @@ def _forward_facts(model, inputs: tuple) -> tuple[list, Counter]:
             param.requires_grad_(flag)
     tensors = _tensors(outputs)
     if not tensors:
-        raise ConfigError(f"{type(model).__name__} returned no tensor (it returned {type(outputs).__name__}); prune takes a "
-                          f"model whose outputs are tensors, or tuples, lists or dicts of them")
+        raise ConfigError(f"{type(model).__name__} returned no tensor (it returned {type(outputs).__name__}); "
+                          f"prune takes a model whose outputs are tensors, or tuples, lists or dicts of them")
     found: list = []
-    seen: set[int] = set()
+    seen: dict[int, Any] = {}  # holds the nodes too, so no id is reused while walking
     stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         module = produced.get(node)
         if module is not None and module not in found:
             found.append(module)
-        if module is None or not isinstance(module, _ROOTS()):
+        if module is None or not isinstance(module, _root_types()):
             stack.extend(n for n, _ in node.next_functions if n is not None)
     return found, calls
 
 
-def _ROOTS() -> tuple:  # noqa: N802 - the layer types whose output channels torch-pruning prunes
+def _root_types() -> tuple:
+    """The layer types whose output channels torch-pruning prunes (norms pass channels through)."""
     import torch
 
     return (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.Embedding)

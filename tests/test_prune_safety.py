@@ -151,6 +151,11 @@ class IntOut(Net):
         return self.fc(torch.relu(self.hidden(x))), 3
 
 
+class SoftmaxOut(Net):
+    def forward(self, x):
+        return {"probs": torch.softmax(super().forward(x), dim=-1)}
+
+
 def _leaves(value):
     if isinstance(value, torch.Tensor):
         return [value]
@@ -158,7 +163,8 @@ def _leaves(value):
     return [t for v in items for t in _leaves(v)]
 
 
-@pytest.mark.parametrize(("cls", "conv"), [(DictOut, 16), (NestedOut, 16), (IntOut, 8)])
+@pytest.mark.parametrize(("cls", "conv"), [(DictOut, 16), (NestedOut, 16), (IntOut, 8),
+                                           (SoftmaxOut, 8)])
 def test_the_classifier_keeps_its_classes_whatever_the_outputs_look_like(cls, conv):
     """DictOut and NestedOut also return the pooled features: the conv's channels are an output too."""
     model = _net(cls=cls)
