@@ -14,11 +14,13 @@ by executing ``sys.executable``, which qemu-user cannot do without binfmt_misc.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +172,157 @@ def qemu_rpc_server(rpc_tracker_address, tmp_path_factory):
     with rpc_server(rpc_tracker_address, QEMU_KEY, tmp_path_factory.mktemp("rpc-qemu"), emulated=True,
                     cpu=cpu) as started:
         yield started
+
+
+# -- servers that misbehave on purpose (issue 23): threads on loopback, each stopped on exit ----------------
+
+TRACKER_MAGIC, RPC_CODE_SUCCESS = 0x2F271, 0xFF271
+HOSTILE = ("drip-feed", "never-answer", "garbage", "huge-frame")  # what both surfaces do wrong
+TRACKER_ONLY = ("not-a-dict",)
+HUGE = (1 << 31) - 1  # a 2 GiB frame announced, then zeros as fast as they are read
+
+
+def _i32(value: int) -> bytes:
+    return value.to_bytes(4, "little", signed=True)
+
+
+def _frame(value) -> bytes:
+    data = json.dumps(value).encode()
+    return _i32(len(data)) + data
+
+
+def _read_frame(conn: socket.socket) -> list:
+    size = int.from_bytes(_read(conn, 4), "little", signed=True)
+    return json.loads(_read(conn, size))
+
+
+def _read(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _drip(conn: socket.socket, data: bytes, stop: threading.Event, every_s: float = 0.5) -> None:
+    """``data`` one byte every ``every_s`` seconds: each recv gets something well within any per-recv timeout."""
+    for byte in data:
+        if stop.wait(every_s):
+            return
+        conn.sendall(bytes([byte]))
+    stop.wait()
+
+
+def _flood(conn: socket.socket, stop: threading.Event) -> None:
+    zeros = bytes(1 << 16)
+    while not stop.is_set():
+        conn.sendall(zeros)
+
+
+class Hostile:
+    """A TCP server on a free loopback port that misbehaves as ``behaviour`` says, one thread per
+    connection; ``connections`` counts the connections it accepted.  A context manager."""
+
+    def __init__(self, handle) -> None:
+        self._handle, self.connections = handle, 0
+        self._stop = threading.Event()
+        self._listen = socket.create_server((HOST, 0))
+        self.port = self._listen.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listen.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._handle(conn, self._stop)
+
+    def __enter__(self) -> "Hostile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._listen.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+def hostile_tracker(behaviour: str) -> Hostile:
+    """An RPC tracker that answers the magic and then misbehaves when asked for its summary."""
+    def handle(conn, stop):
+        _read(conn, 4)
+        if behaviour == "never-answer":
+            return stop.wait()
+        conn.sendall(_i32(TRACKER_MAGIC))
+        _read_frame(conn)
+        if behaviour == "drip-feed":
+            _drip(conn, _frame([0, {"server_info": [], "queue_info": {}, "pad": "x" * 200}]), stop)
+        elif behaviour == "garbage":
+            conn.sendall(_i32(16) + bytes(range(0xF0, 0x100)))
+        elif behaviour == "not-a-dict":
+            conn.sendall(_frame([0, [1, 2, 3]]))
+        elif behaviour == "huge-frame":
+            conn.sendall(_i32(HUGE))
+            _flood(conn, stop)
+        stop.wait()
+    return Hostile(handle)
+
+
+def faithful_tracker(key: str, server_port: int) -> Hostile:
+    """A tracker that works and hands out one server: the (hostile) RPC server at ``server_port``."""
+    def handle(conn, stop):
+        _read(conn, 4)
+        conn.sendall(_i32(TRACKER_MAGIC))
+        while not stop.is_set():
+            code = _read_frame(conn)[0]
+            if code == 6:  # SUMMARY
+                conn.sendall(_frame([0, {"server_info": [{"key": f"server:{key}", "addr": [HOST, server_port]}],
+                                         "queue_info": {key: {"free": 1, "pending": []}}}]))
+            elif code == 4:  # REQUEST
+                conn.sendall(_frame([0, [HOST, server_port, f"{key}:0.5"]]))
+            else:
+                conn.sendall(_frame(-1))
+    return Hostile(handle)
+
+
+def hostile_rpc_server(behaviour: str) -> Hostile:
+    """An RPC server that reads the client's handshake and then misbehaves."""
+    def handle(conn, stop):
+        _read(conn, 4)
+        _read(conn, int.from_bytes(_read(conn, 4), "little", signed=True))
+        key = b"server:hostile"
+        if behaviour == "never-answer":
+            stop.wait()
+        elif behaviour == "drip-feed":
+            _drip(conn, _i32(RPC_CODE_SUCCESS) + _i32(len(key)) + key + bytes(64), stop)
+        elif behaviour == "garbage":
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(range(256)))
+            stop.wait()
+        elif behaviour == "huge-frame":
+            conn.sendall(_i32(RPC_CODE_SUCCESS) + _i32(len(key)) + key + (HUGE * 1).to_bytes(8, "little"))
+            _flood(conn, stop)
+    return Hostile(handle)
+
+
+@contextlib.contextmanager
+def hostile(surface: str, behaviour: str):
+    """The ``--rpc-tracker`` address (HOST:PORT) of a misbehaving ``surface`` ("tracker" or "server":
+    a working tracker handing out a misbehaving server, key ``hostile``)."""
+    if surface == "tracker":
+        with hostile_tracker(behaviour) as tracker:
+            yield f"{HOST}:{tracker.port}"
+        return
+    with hostile_rpc_server(behaviour) as server, faithful_tracker("hostile", server.port) as tracker:
+        yield f"{HOST}:{tracker.port}"

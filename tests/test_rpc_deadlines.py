@@ -1,0 +1,84 @@
+"""Issue 23, items 13 and 21: `dlopt bench --rpc-tracker` against trackers and RPC servers that misbehave on
+purpose (drip-feed, never answer, garbage, a 2 GiB frame, a summary that is not a dict) gives up within a
+bounded time with one line naming what went wrong; a real tracker and server still work through the relay."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+import models
+from cli import dlopt
+from dlopt.errors import TargetUnavailable
+from dlopt.targets.tvm_rpc import FRAME_CAP, PACKET_CAP, TALK_TIMEOUT_S
+from rpc_servers import HOSTILE, TRACKER_ONLY, hostile, local_rpc_server, rpc_tracker_address  # noqa: F401
+
+TVM_HERE = '[targets.tvm-here]\nbase = "cpu"\nbackends = ["tvm"]\nprecisions = ["fp32"]\n'
+GIVE_UP_S = TALK_TIMEOUT_S + 25  # the deadline plus dlopt's start on a loaded 2-core machine
+
+TRACKER = {
+    "drip-feed": "did not answer (nothing complete within 10 s)",
+    "never-answer": "does not answer as a TVM RPC tracker (nothing complete within 10 s)",
+    "garbage": "answered something that is not JSON",
+    "huge-frame": f"sent a frame of 2147483647 bytes (dlopt reads at most {FRAME_CAP})",
+    "not-a-dict": "answered a summary dlopt cannot read",
+}
+SERVER = {
+    "drip-feed": "failed the session: it stopped answering: no handshake within 10 s",
+    "never-answer": "failed the session: it stopped answering: no handshake within 10 s",
+    "garbage": "failed the session: it is not a TVM RPC server (a wrong handshake)",
+    "huge-frame": f"failed the session: it announced a packet of 2147483647 bytes (dlopt accepts at most {PACKET_CAP})",
+}
+
+
+@pytest.fixture(scope="module")
+def tvm_out(tmp_path_factory):
+    """An output folder holding one TVM candidate (x86, this machine)."""
+    tmp = tmp_path_factory.mktemp("tvm-out")
+    model = models.save(models.conv_bn_relu(channels=4, size=8), tmp / "m.onnx")
+    (tmp / "dlopt.toml").write_text(TVM_HERE)
+    done = dlopt("compile", model, "--target", "tvm-here", "-o", tmp / "out", "--runs", "5", "--no-tuning", "-q",
+                 cwd=tmp, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return tmp / "out"
+
+
+def _bench(out, tracker, key, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    started = time.monotonic()
+    done = dlopt("bench", copy, "--candidate", "tvm/fp32", "--runs", "5", "--json", "--rpc-tracker", tracker,
+                 "--rpc-key", key, timeout=300)
+    return done, time.monotonic() - started
+
+
+@pytest.mark.parametrize("behaviour", HOSTILE + TRACKER_ONLY)
+def test_a_misbehaving_tracker_is_one_line_within_the_deadline(tvm_out, tmp_path, behaviour):
+    with hostile("tracker", behaviour) as tracker:
+        done, took = _bench(tvm_out, tracker, "hostile", tmp_path)
+    assert took < GIVE_UP_S, (took, done.stderr)
+    assert done.returncode == TargetUnavailable.exit_code, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and TRACKER[behaviour] in done.stderr, done.stderr
+    assert "internal error" not in done.stderr
+
+
+@pytest.mark.parametrize("behaviour", HOSTILE)
+def test_a_misbehaving_rpc_server_fails_the_candidate_within_the_deadline(tvm_out, tmp_path, behaviour):
+    with hostile("server", behaviour) as tracker:
+        done, took = _bench(tvm_out, tracker, "hostile", tmp_path)
+    assert took < GIVE_UP_S, (took, done.stderr)
+    (row,) = json.loads(done.stdout)["candidates"]
+    assert done.returncode == 1 and row["verified"] is False, done.stderr
+    assert row["reason"].startswith("failed to run: TargetUnavailable: the RPC server 'hostile' at 127.0.0.1:")
+    assert SERVER[behaviour] in row["reason"], row["reason"]
+
+
+def test_a_real_server_runs_and_times_through_the_relay(tvm_out, local_rpc_server, tmp_path):  # noqa: F811
+    done, _ = _bench(tvm_out, local_rpc_server.device.tracker, "local", tmp_path)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["candidates"]
+    assert row["ran_as"] == "rpc local" and row["verified"] is True and row["rel_error"] < 1e-5
+    assert row["latency"]["runs"] == 5 and row["latency"]["p50_ms"] > 0
