@@ -149,7 +149,11 @@ class TuningDatabase:
         return meta
 
     def _create(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:  # a file where the root (or a folder above it) should be
+            raise ConfigError(f"cannot use {self.root} as the tuning database folder "
+                              f"({exc.strerror or first_line(exc)}); give --db a folder") from exc
         for folder in (self.path.parent, self.path):
             self._check_folders(upto=folder.parent)  # nothing is created in a folder others control
             with contextlib.suppress(FileExistsError):

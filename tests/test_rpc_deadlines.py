@@ -82,3 +82,16 @@ def test_a_real_server_runs_and_times_through_the_relay(tvm_out, local_rpc_serve
     (row,) = json.loads(done.stdout)["candidates"]
     assert row["ran_as"] == "rpc local" and row["verified"] is True and row["rel_error"] < 1e-5
     assert row["latency"]["runs"] == 5 and row["latency"]["p50_ms"] > 0
+
+
+@pytest.mark.parametrize("where", ["db", "db/below"])
+def test_tune_db_on_a_file_is_one_line(tmp_path, where):
+    """Item 21: `dlopt tune --db FILE` (or a folder under a file) was FileExistsError, exit 70."""
+    model = models.save(models.conv_bn_relu(channels=4, size=8), tmp_path / "m.onnx")
+    (tmp_path / "dlopt.toml").write_text(TVM_HERE)
+    (tmp_path / "db").write_text("mine")
+    done = dlopt("tune", model, "--target", "tvm-here", "--trials", "2", "--db", tmp_path / where, cwd=tmp_path,
+                 timeout=600)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot use {tmp_path / where} as the tuning database folder" in done.stderr
+    assert "give --db a folder" in done.stderr and (tmp_path / "db").read_text() == "mine"
