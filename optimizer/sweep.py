@@ -28,8 +28,11 @@ files a sweep wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -40,6 +43,8 @@ from dlopt.errors import ConfigError, DloptError, first_line
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
 _PATH_OPTIONS = ("inputs", "calib", "targets_file", "tuning_db")
 _NOT_OPTIONS = {"model", "target", "out", "progress", "targets_file", "calib_preprocess", "metric"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # one folder name: no '/', '..', leading '.' or space
+_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is loopback, as on macOS
 HEADERS = ["model", "target", "variant", "status", "chosen", "p50 ms", "speedup", "drop pp", "size MB",
            "threads", "seconds", "note"]
 
@@ -168,11 +173,26 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             raise ConfigError(f"{path}: [variants.{name}]: {exc}") from exc
     from dlopt.profiles import resolve_target
 
+    _check_names(path, "target", targets)
+    _check_names(path, "variant", list(variants))
     for target in targets:  # an unknown target name, too, fails before the first compile
         resolve_target(target, targets_file)
     entries = tuple(Entry(m, t, name, opts, out / m.stem / t / name, targets_file)
                     for m in model_paths for t in targets for name, opts in variant_options.items())
     return Sweep(path, out, entries)
+
+
+def _check_names(path: Path, kind: str, names: list[str]) -> None:
+    """Each name is one folder of OUT/<model>/<target>/<variant>/, and no two entries share a folder."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{path}: {kind} name {name!r} cannot be a folder name under the sweep's out; use "
+                              f"letters, digits, '.', '_', '+' and '-' (no '/', '..' or leading '.')")
+        if name.casefold() in seen:  # one folder on case-insensitive file systems too
+            twice = f"{name!r} twice" if seen[name.casefold()] == name else f"{seen[name.casefold()]!r} and {name!r}"
+            raise ConfigError(f"{path}: {kind} {twice}: both entries would compile into one folder; list it once")
+        seen[name.casefold()] = name
 
 
 def complete(entry: Entry) -> dict | None:
@@ -256,20 +276,33 @@ def run_sweep(sweep: Sweep, *, ray: bool = False, address: str | None = None, nu
 
 def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
              cpus_per_task: int) -> Iterator[tuple[Entry, Row]]:
-    """Yield (entry, row) as Ray tasks finish; a local Ray is started (and stopped) when none is running."""
-    try:
-        import ray
-    except ImportError:
-        from dlopt.errors import TargetUnavailable
+    """Yield (entry, row) as Ray tasks finish; a local Ray is started (and stopped) when none is running.
 
-        raise TargetUnavailable("--ray needs Ray: pip install 'dlopt[ray]'") from None
+    A local Ray listens on loopback only: a sweep on one machine needs nothing reachable from outside."""
+    from dlopt.errors import TargetUnavailable
+    from dlopt.targets._native_output import environ
+
+    with environ(**({} if address else {_RAY_LOOPBACK_ENV: "0"})):  # read when Ray is imported
+        try:
+            import ray
+        except ImportError:
+            raise TargetUnavailable("--ray needs Ray: pip install 'dlopt[ray]'") from None
+    # Ray's notices (token authentication, ...) reach stderr through logging's last resort unless
+    # someone handles them: dlopt's -v does; otherwise the CLI keeps to its one-line output.
+    logging.getLogger("ray").addHandler(logging.NullHandler())
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError(f"--ray {address or ''}: cannot start or reach Ray: {first_line(exc)}") from exc
+            with environ(**({} if address else {_RAY_LOOPBACK_ENV: "0"})), _ray_on_loopback(not address):
+                ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False,
+                         **({} if address else {"_node_ip_address": "127.0.0.1"}))
+        except ValueError as exc:
+            raise ConfigError(f"--ray {address or ''}: {first_line(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - Ray fails to start in many ways (OSError, RuntimeError, its own)
+            where = f"reach Ray at {address}" if address else "start a local Ray"
+            raise TargetUnavailable(f"--ray: cannot {where} ({type(exc).__name__}: {first_line(exc)}); "
+                                    f"run the sweep without --ray, or check Ray with `ray status`") from exc
     try:
         task = ray.remote(num_cpus=cpus_per_task, max_retries=0)(compile_entry)
         pending = {task.remote(e): e for e in entries}
@@ -284,6 +317,23 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ray_on_loopback(local: bool) -> Iterator[None]:
+    """Ray's node address is loopback while a local Ray starts (Ray reads its flag when imported: a Ray
+    imported before the environment was set still has the other value)."""
+    try:
+        from ray._private import ray_constants
+        saved = ray_constants.ENABLE_RAY_CLUSTER
+    except (ImportError, AttributeError):  # another Ray: the environment variable alone
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = saved and not local
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _check_table_paths(out: Path) -> None:

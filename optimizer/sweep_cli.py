@@ -14,7 +14,7 @@ import click
 @click.argument("sweep_file", metavar="SWEEP.toml", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="", metavar="[ADDRESS]",
               help="Run each compile as a Ray task: on the cluster at ADDRESS, or on a local Ray started on this "
-                   "machine when no address is given [default: sequential, no Ray].")
+                   "machine, listening on loopback only, when no address is given [default: sequential, no Ray].")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None,
               help="CPUs of the local Ray [default: all cores].")
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True,
@@ -23,7 +23,8 @@ import click
 def sweep(sweep_file, ray_address, num_cpus, cpus_per_task, as_json):
     """Compile every model x target x variant of SWEEP.toml and write OUT/sweep.md and OUT/sweep.json.
 
-    Each entry is a normal compile output in OUT/<model>/<target>/<variant>/.  A rerun skips the
+    Each entry is a normal compile output in OUT/<model>/<target>/<variant>/ (target and variant
+    names are plain folder names, each listed once).  A rerun skips the
     entries whose output is complete and retries the others; one entry's failure is a row of
     the table, never the end of the sweep.  Exit 3 when an entry failed.
 
