@@ -25,6 +25,7 @@ from dlopt.pipeline import run_pipeline
 from dlopt import precisions
 from dlopt.precisions import Status
 from dlopt.profiles import TargetProfile
+from dlopt.progress import raise_if_interrupted
 from dlopt.report import Candidate, Measurement
 from dlopt.timing import LocalRunner
 
@@ -69,6 +70,7 @@ class Evaluation:
     smoothed: object | None = None  # dlopt.pipeline.PipelineResult of SmoothQuant: what dlopt's static INT8 starts from
 
     def progress(self, stage: str, done: int, total: int) -> None:
+        raise_if_interrupted()  # after every feed: an interrupt a build swallowed ends the compile here
         if self.config.progress is not None:
             self.config.progress(stage, done, total)
 
@@ -172,6 +174,7 @@ def build(
     """
     from dlopt.targets import backend_status, get_backend
 
+    raise_if_interrupted()
     status = backend_status(backend_name)
     if status is not True:
         return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status)))
@@ -179,6 +182,7 @@ def build(
     try:
         unsupported = backend.supports(model)
     except DloptError as exc:  # a runtime installed but broken is this backend's problem, not the compile's
+        raise_if_interrupted(exc)
         return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(exc)))
     if unsupported:
         return Built(Candidate(backend_name, precision, Status.UNSUPPORTED,
@@ -197,6 +201,8 @@ def build(
         result = run_pipeline(model.clone(), passes)
         artifact = _compile_cached(ev, backend, result.model, workdir, precision)
     except DloptError as exc:
+        # an interrupt inside a native build can come back as a build error (TVM: a RuntimeError)
+        raise_if_interrupted(exc)
         return Built(Candidate(backend_name, precision, Status.FAILED, reason=str(exc)))
     tuned = artifact.settings.get("tuning_db") if isinstance(artifact.settings, dict) else None
     tuning = ({"database": tuned, "tuned_tasks": artifact.settings.get("tuned_tasks"),
@@ -229,6 +235,7 @@ def build(
             label = f"{backend_name} {precision}"
             outputs = _spot_check(ev, runner, label, limit) if slow_ms else ev.outputs(runner, label, limit)
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
+        raise_if_interrupted(exc)
         return Built(replace(base, status=Status.FAILED, reason=f"could not run: {first_line(exc)}"))
     fidelity = compare(ev.reference[: len(outputs)], outputs).to_dict()
     # a microcontroller build's size is what it takes in flash, not its source files
@@ -265,6 +272,7 @@ def _on_remote(ev: Evaluation, backend, artifact, base: Candidate, remote, model
             outputs = ev.outputs(runner, f"{base.key} on {remote.key}", None)
             timing = runner.session.time(ev.timing_feed, runs=ev.config.runs, warmup=ev.config.warmup)
     except Exception as exc:  # dlopt's one-line errors and the remote runtime's own alike
+        raise_if_interrupted(exc)
         return Built(replace(base, status=Status.FAILED, reason=f"could not run on {remote}: {first_line(exc)}"))
     fidelity = compare(ev.reference, outputs).to_dict()
     latency = {**timing.to_dict(), "measured_on": str(remote), "device_key": remote.key}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import click
 
 from dlopt import __version__
 from dlopt.config import CALIB_METHODS, PRECISIONS
-from dlopt.progress import TerminalProgress
+from dlopt.progress import EXIT_INTERRUPTED, TerminalProgress, install_interrupt_handlers, interrupted
 from dlopt.publish_options import publish_options  # imports only click
 
 EXIT_INTERNAL = 70
@@ -54,15 +53,19 @@ class _Group(click.Group):
 
         try:
             return super().invoke(ctx)
-        except DloptError as exc:
-            click.echo(f"dlopt: error: {_one_line(str(exc))}", err=True)
-            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("dlopt: interrupted; nothing was written", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except Exception as exc:  # a bug in dlopt or a library: one line unless asked for more
+        except Exception as exc:
+            if interrupted() is not None:  # native code turned the interrupt into an error on its way out
+                click.echo("dlopt: interrupted; nothing was written", err=True)
+                ctx.exit(EXIT_INTERRUPTED)
+            if isinstance(exc, DloptError):
+                click.echo(f"dlopt: error: {_one_line(str(exc))}", err=True)
+                ctx.exit(exc.exit_code)
+            # a bug in dlopt or a library: one line unless asked for more
             if os.environ.get("DLOPT_DEBUG"):
                 raise
             click.echo(f"dlopt: internal error: {type(exc).__name__}: {_one_line(str(exc))[:500]} "
@@ -87,18 +90,12 @@ def main(verbose: int) -> None:
       dlopt targets
       dlopt demo
     """
-    # Ctrl-C and SIGTERM (CI cancelling a job) unwind once, so staged output is removed;
-    # later ones are ignored until that cleanup is done and the process exits.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM (CI cancelling a job) unwind once, so staged output is removed; the signal is
+    # recorded too, so a build that swallowed the interrupt still ends the compile, and one that holds
+    # on past a grace period, or a second signal, ends the process (dlopt.progress, "interrupts").
+    install_interrupt_handlers()
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _interrupt(signum, frame) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 def _print_report(report, *, as_json: bool) -> None:
@@ -188,6 +185,10 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.option("--timing-budget", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               metavar="SECONDS", help="Seconds the interleaved timing of all models may take together; past it "
               "each gets fewer runs than --runs (never under 20), and the report and summary say so.")
+@click.option("--reference-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              metavar="SECONDS", help="Seconds one run of the original model on ONNX Runtime may take while its "
+              "reference outputs are made; past it the run is stopped and the compile fails (a Loop with a huge "
+              "trip count never ends).")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
 @click.option("--gate", "then_gate", is_flag=True,
@@ -219,7 +220,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 def compile(model, target, targets_file, out, precision, inputs, calib, calib_samples, calib_method, calib_size, calib_layout,  # noqa: A001
             calib_mean, calib_std, calib_color, max_accuracy_drop, search_time, samples, batch, shapes, constants,
             mask_input, no_mask, metric, runs,
-            timing_budget,
+            timing_budget, reference_timeout,
             warmup, threads,
             then_gate, no_cache, wait, tuning_db, prune, max_ram, max_flash, no_tuning, rpc_tracker, rpc_key, as_json, quiet, publishing):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
@@ -254,7 +255,7 @@ def compile(model, target, targets_file, out, precision, inputs, calib, calib_sa
     try:
         report = dlopt.compile(
             model, target=target, targets_file=targets_file, out=out, precision=precision, inputs=inputs, samples=samples,
-            runs=runs, timing_budget_s=timing_budget, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples, batch=batch,
+            runs=runs, timing_budget_s=timing_budget, reference_timeout_s=reference_timeout, warmup=warmup, threads=threads, calib=calib, calib_samples=calib_samples, batch=batch,
             shapes=dict(parse_shape(text) for text in shapes) or None, metric=metric,
             constants=dict(parse_const(text) for text in constants) or None,
             mask_input=False if no_mask else mask_input,

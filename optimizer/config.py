@@ -52,6 +52,9 @@ class CompileConfig:
     # seconds the interleaved timing of all candidates may take together; past it each gets fewer runs
     # (never under dlopt.timing.MIN_RUNS) and the report says so; the default is dlopt.timing.TIMING_BUDGET_S
     timing_budget_s: float = 30.0
+    # seconds one ONNX Runtime run of the original model may take while its reference outputs are made: a
+    # Loop with a huge trip count never ends, and the run is stopped past it (exit 2 naming --reference-timeout)
+    reference_timeout_s: float = 600.0
     threads: int | None = None
     seed: int = 0
     calib: Any = None
@@ -92,6 +95,9 @@ class CompileConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be 0 or more, got {self.warmup}")
+        if not (math.isfinite(self.reference_timeout_s) and self.reference_timeout_s > 0):
+            raise ConfigError(f"reference timeout must be a finite number of seconds above 0 (--reference-timeout), "
+                              f"got {self.reference_timeout_s}")
         if not (math.isfinite(self.timing_budget_s) and self.timing_budget_s > 0):
             raise ConfigError(f"timing budget must be a finite number of seconds above 0 (--timing-budget), "
                               f"got {self.timing_budget_s}")
@@ -170,6 +176,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "runs": ((numbers.Integral,), "an integer"),
     "warmup": ((numbers.Integral,), "an integer"),
     "timing_budget_s": ((numbers.Real,), "a number of seconds"),
+    "reference_timeout_s": ((numbers.Real,), "a number of seconds"),
     "threads": ((numbers.Integral, type(None)), "an integer or None"),
     "batch": ((numbers.Integral, type(None)), "an integer or None"),
     "shapes": ((Mapping, type(None)), "a dict of input name -> shape"),

@@ -30,7 +30,7 @@ from dlopt.artifacts import (check_output_dir, output_lock, parents_made, remove
 from dlopt.candidates import Built, EvalData, Evaluation, build, owned
 from dlopt.config import CompileConfig
 from dlopt.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError, first_line
-from dlopt.evaluate import InputSpec, input_specs
+from dlopt.evaluate import BoundedOrtSession, InputSpec, RunTimedOut, input_specs
 from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
 from dlopt.inputs import RandomInputs, constant_arrays
 from dlopt.layout import batch_axes, samples_in
@@ -38,6 +38,7 @@ from dlopt.model_io import (check_proto, decode_model_bytes, load_ir, read_model
                             with_named_dims)
 from dlopt.pipeline import PipelineResult, run_pipeline
 from dlopt.precisions import Status
+from dlopt.progress import raise_if_interrupted, removed_on_hard_exit
 from dlopt.profiles import TargetProfile, resolve_target
 from dlopt.recipe import weights_in
 from dlopt.report import Candidate, Report
@@ -200,11 +201,17 @@ def _first_feed(dataset) -> dict | None:
 
 # -- evaluate ---------------------------------------------------------------------------------------
 
-def _reference_runner(job: Job) -> LocalRunner:
+def _reference_runner(job: Job, *, bounded: bool = False) -> LocalRunner:
+    """The original on ONNX Runtime; ``bounded``: each run stopped past ``reference_timeout_s`` (for the
+    reference outputs; the timed runs go unwrapped, and a model that made its reference outputs in time
+    runs as long at the timing shape)."""
     from dlopt.targets.ort import OrtSession, session_settings
 
     source = job.info["path"] or job.proto.SerializeToString()
     settings = session_settings(job.config.thread_count, job.model)
+    if bounded:
+        return LocalRunner("original", lambda: BoundedOrtSession(OrtSession(source, settings),
+                                                                 job.config.reference_timeout_s))
     return LocalRunner("original", lambda: OrtSession(source, settings))
 
 
@@ -224,15 +231,24 @@ def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) 
     from dlopt.budget import Scorer, find_mask_input
 
     config = job.config
+    where = "the timing shape"
     try:
-        with _reference_runner(job) as runner:
+        with _reference_runner(job, bounded=True) as runner:
             reference = []
             for i, feed in enumerate(job.data.feeds):
+                where = f"feed {i + 1} of {len(job.data.feeds)}"
                 reference.append(owned(runner.run(feed)))
                 _progress(config, "original: outputs", i + 1, len(job.data.feeds))
+            where = "the timing shape"
             runner.run(job.timing_feed)
             original_ms = _quick_ms(runner, job.timing_feed)
+    except RunTimedOut as exc:
+        raise ModelError(f"one run of the original model on ONNX Runtime ({where}) passed the "
+                         f"{config.reference_timeout_s:g} s limit and was stopped (a Loop or Scan with a huge trip "
+                         f"count never ends); if the model is really this slow, raise --reference-timeout SECONDS "
+                         f"(reference_timeout_s)") from exc
     except Exception as exc:  # the user's model must run to be compared with
+        raise_if_interrupted(exc)
         random = config.inputs is None
         fixed = [s.name for s in job.specs if s.dtype.kind in "iub" and len(s.shape) <= 1
                  and s.name not in (config.constants or {})] if random else []
@@ -318,6 +334,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
     try:
         stats = calibrate(method)
     except CompileError as exc:
+        raise_if_interrupted(exc)
         if method == "minmax" or config.calib_method != "auto":
             raise
         notes.append(f"{method} calibration failed ({exc}); min-max ranges were used instead")
@@ -360,6 +377,8 @@ def _first_samples(feeds, limit: int) -> tuple:
 
 
 def _progress(config: CompileConfig, stage: str, done: int, total: int) -> None:
+    """Report a stage's progress; every report is also where an interrupt a build swallowed ends the compile."""
+    raise_if_interrupted()
     if config.progress is not None:
         config.progress(stage, done, total)
 
@@ -546,7 +565,9 @@ def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users kno
             raise ConfigError(f"--rpc-tracker times TVM candidates of a target that is not this machine; "
                               f"{job.profile.name} has {'no TVM backend' if 'tvm' not in job.profile.backends else 'runs here'}")
         require(config.remote)
-    with parents_made(job.out), output_lock(job.out, wait=config.wait):
+    # the lock file's name is artifacts.output_lock's
+    lock = job.out.parent / f".{job.out.name}.dlopt-lock"
+    with parents_made(job.out), output_lock(job.out, wait=config.wait), removed_on_hard_exit(lock):
         inputs = tuple(Path(p) for p in (job.info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
         check_output_dir(job.out, inputs=inputs)  # again: the compile that held the lock may have written it
         notes = [f"removed {entry}, left by an earlier compile that was killed"
@@ -559,11 +580,12 @@ def _run(job: Job, notes: list[str]) -> Report:
     from dlopt.publish import assemble, publish_output
 
     generic = run_pipeline(job.model, generic_passes(prune=job.config.prune, model=job.model))
+    raise_if_interrupted()
     generated = largest_generated_constant(generic.model)
     if generated > GENERATED_CONSTANT_LIMIT and job.config.precision == "auto":
         notes.append(f"only fp32 was tried: the model generates a {generated / 1e6:.0f} MB constant at run time, "
                      f"which calibration would copy for every sample and fp16 on every run")
-    with staging_dir(job.out) as staged:
+    with staging_dir(job.out) as staged, removed_on_hard_exit(staged):
         ev = evaluate(job, generic, staged, notes)
         builds = build_all(ev, plan(job.config, job.profile, generic.model), generic.model, staged)
         measured = measure(job, ev, builds)
@@ -595,6 +617,7 @@ def _run(job: Job, notes: list[str]) -> Report:
             notes.append(f"no candidate met the accuracy budget; {over_budget.key} (closest) was written anyway")
         report = assemble(job, ev, generic, builds, measured, verdict, notes + list(builds.notes),
                           over_budget=over_budget is not None)
+        raise_if_interrupted()  # the last point where a swallowed interrupt can still stop the publish
         publish_output(job, ev, builds, verdict, report, staged)
     if over_budget is not None:
         scored = [b.candidate for b in builds.built if b.candidate.score is not None and b.artifact is not None]

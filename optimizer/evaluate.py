@@ -1,7 +1,9 @@
-"""Input specs and the comparison of a candidate's outputs with the original's."""
+"""Input specs, the comparison of a candidate's outputs with the original's, and time-bounded runs
+of the original."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -11,8 +13,8 @@ import onnx
 from dlopt.errors import ModelError
 from dlopt.fidelity import Fidelity, compare
 
-__all__ = ["FP32_TOLERANCE", "Fidelity", "Fp32Check", "InputSpec", "compare", "fp32_check", "input_specs",
-           "output_specs", "top1_accuracy"]
+__all__ = ["FP32_TOLERANCE", "BoundedOrtSession", "Fidelity", "Fp32Check", "InputSpec", "RunTimedOut", "compare",
+           "fp32_check", "input_specs", "output_specs", "top1_accuracy"]
 
 # The fp32 equivalence rule: an fp32 candidate's largest difference from the original, over the
 # output's scale (the larger of its range and its largest magnitude, over every feed), may be at most
@@ -127,3 +129,48 @@ def top1_accuracy(outputs: Iterable[np.ndarray], labels: Iterable[np.ndarray]) -
         correct += int(np.sum(pred == np.asarray(label).reshape(-1)))
         total += len(label)
     return correct / total if total else float("nan")
+
+
+class RunTimedOut(Exception):
+    """A run passed its time limit and ONNX Runtime stopped it."""
+
+
+class BoundedOrtSession:
+    """An ONNX Runtime session (``dlopt.targets.ort.OrtSession``) whose every run is stopped after
+    ``seconds``, or at once on SIGINT/SIGTERM (``RunOptions.terminate``, which ORT checks before each
+    node, a Loop body's included).  A ``Loop`` with a trip count of 2**62 otherwise runs for ever.
+
+    Each run starts a timer thread (about 0.1 ms): for making reference outputs, not for timing.
+    """
+
+    def __init__(self, session, seconds: float) -> None:
+        self.session, self.seconds = session, seconds
+        self.input_names = session.input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        from dlopt.progress import cancelled_on_interrupt, raise_if_interrupted
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the stop is reported by dlopt, not as a red ORT log line
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            options.terminate = True
+
+        timer = threading.Timer(self.seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            with cancelled_on_interrupt(lambda: setattr(options, "terminate", True)):
+                # OrtSession keeps its InferenceSession private and runs without options
+                return self.session._session.run(None, feeds, options)
+        except Exception as exc:
+            raise_if_interrupted(exc)
+            if expired.is_set():
+                raise RunTimedOut(f"stopped after {self.seconds:g} s") from exc
+            raise
+        finally:
+            timer.cancel()

@@ -68,3 +68,97 @@ def test_second_compile_into_same_folder_fails_clearly_then_waits(tmp_path):
     assert waiter.returncode == 0, err
     assert json.loads((tmp_path / "out" / "report.json").read_text())["chosen"] == "ort/fp32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out"]
+
+
+# A user metric (--metric MODULE:FUNCTION) is Python called in the middle of a candidate's build and
+# judging, so it can stand for native code: SWALLOW catches the KeyboardInterrupt the way TVM's C++
+# turns it into an ordinary error; HOLD keeps the main thread in C (PBKDF2, GIL released) for a minute
+# the way an OpenVINO or TVM build does.  The original's score is the metric's first call; the
+# candidate's is its second.
+METRIC = '''
+import hashlib, os, pathlib, signal, time
+calls = []
+
+def swallow(outputs, labels):
+    calls.append(1)
+    if len(calls) == 2:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler runs here, and its KeyboardInterrupt is caught
+        except BaseException:
+            pass
+    return 1.0
+
+def hold(outputs, labels):
+    calls.append(1)
+    if len(calls) == 2:
+        pathlib.Path("holding").write_text("")
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 80_000_000)  # about a minute in C
+    return 1.0
+'''
+
+
+def _metric_compile(tmp, metric):
+    import os
+
+    models.save(models.conv_bn_relu(channels=8, size=16), tmp / "m.onnx")
+    (tmp / "usermetric.py").write_text(METRIC)
+    (tmp / "t.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
+    return subprocess.Popen([DLOPT, "compile", "m.onnx", "-o", "out", "--precision", "fp32", "--targets-file", "t.toml",
+                             "--runs", "5", "--no-cache", "--metric", f"usermetric:{metric}"], cwd=tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))})
+
+
+def _left(tmp):
+    return sorted(p.name for p in tmp.iterdir() if p.name not in ("m.onnx", "usermetric.py", "t.toml", "holding",
+                                                                 "__pycache__"))
+
+
+def test_an_interrupt_swallowed_by_code_it_landed_in_still_ends_the_compile(tmp_path):
+    """Before: the candidate was judged, timed and published (exit 0) with both signals ignored."""
+    proc = _metric_compile(tmp_path, "swallow")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "dlopt: interrupted; nothing was written"
+    assert _left(tmp_path) == []  # no output, staging folder or lock
+
+
+def _wait_holding(tmp, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not (tmp / "holding").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the metric never ran"
+        time.sleep(0.05)
+
+
+def test_sigterm_while_native_code_holds_the_main_thread_exits_after_the_grace_period(tmp_path):
+    """Before: the handler waited for the C call (a minute here, unbounded in general)."""
+    from dlopt.progress import GRACE_S
+
+    proc = _metric_compile(tmp_path, "hold")
+    _wait_holding(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "dlopt: interrupted; nothing was written"
+    assert GRACE_S - 0.5 <= took < GRACE_S + 10, took
+    assert _left(tmp_path) == []  # the hard exit removed the staging folder and the lock
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    from dlopt.progress import GRACE_S
+
+    proc = _metric_compile(tmp_path, "hold")
+    _wait_holding(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130, err
+    assert took < GRACE_S - 1, took
+    assert _left(tmp_path) == []
