@@ -132,15 +132,22 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Runner:
     """Load a dlopt output folder, or one of its ``bundle/<backend>-<precision>/`` candidates.
 
     The artefact runs with the settings it shipped with; ``threads`` replaces their
-    thread count.  Raises ConfigError for a folder dlopt did not write and
-    TargetUnavailable for an artefact built for another device.
+    thread count (at most this machine's cores, as every count read from a settings file).
+    Loading a TVM library runs its native code: it must be the file the manifest's sha256
+    recorded at publish.  Raises ConfigError for a folder dlopt did not write (or whose
+    native files changed) and TargetUnavailable for an artefact built for another device.
     """
+    from dlopt.artifacts import check_native_files, is_native
     from dlopt.targets import load as load_session, read_artifact, read_manifest
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     artifact, root = read_artifact(path)
     inputs, outputs = _specs(artifact, root)
+    # a TVM library runs its code as it loads: only as the manifest hashed it at publish (its settings
+    # file may differ: every value read from it is checked on the way in)
+    native = [f for f in artifact.files if isinstance(f, str) and is_native(f)]
+    check_native_files(root, artifact.folder, native, read_manifest(root))
     try:
         session = load_session(artifact, threads=threads)
     except DloptError:

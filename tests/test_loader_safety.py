@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import time
 import zipfile
@@ -196,6 +197,25 @@ def test_run_replaces_its_own_output_keeping_the_mode_the_user_gave_it(out, tmp_
     with np.load(preds, allow_pickle=False) as got:
         assert list(got) == ["logits"] and got["logits"].shape == (3, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.npz", "x.npz"]  # no temporary file left
+
+
+# -- item 5 at dlopt.load: a swapped TVM library is refused before it is loaded ------------------------
+
+def test_load_refuses_a_swapped_library_and_its_constructor_never_runs(copy, tmp_path):
+    marker = tmp_path / "marker"
+    source = tmp_path / "evil.c"
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void f(void) {\n'
+                      f'  FILE *f = fopen("{marker}", "w"); if (f) {{ fputs("ran", f); fclose(f); }}\n}}\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(copy / "bundle/tvm-fp32/model.so"), str(source)],
+                   check=True, timeout=60)
+    with pytest.raises(ConfigError, match=r"bundle/tvm-fp32/model\.so in .* sha256 differs"):
+        api.load(copy / "bundle/tvm-fp32")
+    np.savez(tmp_path / "x.npz", x=_x())
+    result = dlopt("run", copy / "bundle/tvm-fp32", "-i", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "sha256 differs" in result.stderr
+    assert not marker.exists() and not (tmp_path / "y.npz").exists()
+    with api.load(copy) as runner:  # the ONNX Runtime candidate beside it loads no native code: it runs
+        assert runner.run({"x": _x()})[0].shape == (2, 10)
 
 
 if __name__ == "__main__":
