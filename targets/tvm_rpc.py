@@ -9,6 +9,12 @@ same way.  Several boards under one key share the work; the tracker queues reque
 while all of them are busy.
 
 A TVM RPC server runs whatever it is sent: use it on a trusted network only.
+
+Nothing on the network can hang dlopt or fill its memory: each exchange with the tracker
+must be complete within TALK_TIMEOUT_S (a deadline for the whole exchange, not for each
+read) and its frames are at most FRAME_CAP; TVM's native client, which has no timeout,
+reaches the server through a relay in a child process that holds the server to deadlines
+(handshake, first answer, REPLY_TIMEOUT_S per call) and to PACKET_CAP.
 """
 
 from __future__ import annotations
@@ -42,15 +48,16 @@ PACKET_CAP = 1 << 30  # a server's RPC packet (model outputs, the largest thing 
 PACKET_MIN_RATE = 256 << 10  # bytes per second: a packet begun must go on arriving
 TRACKER_MAGIC, RPC_CODE_SUCCESS, RPC_CODE_MISMATCH = 0x2F271, 0xFF271, 0xFF273  # tvm.rpc.base
 
+_BIG_CORES = 1  # TVM's ThreadGroup::AffinityMode kBig: the pool on the device's fastest cores
+_KEY = re.compile(r"[A-Za-z0-9._+-]+")  # the tracker splits keys on ':' and the handshake on spaces
+_START_TRACKER = "python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}"
+_START_SERVER = "python -m tvm.exec.rpc_server --tracker {tracker} --key {key}"
+
 
 class TrackerCode:
     """tvm.rpc.base.TrackerCode: the tracker's message codes (here without importing TVM)."""
 
     SUCCESS, REQUEST, SUMMARY = 0, 4, 6
-_BIG_CORES = 1  # TVM's ThreadGroup::AffinityMode kBig: the pool on the device's fastest cores
-_KEY = re.compile(r"[A-Za-z0-9._+-]+")  # the tracker splits keys on ':' and the handshake on spaces
-_START_TRACKER = "python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}"
-_START_SERVER = "python -m tvm.exec.rpc_server --tracker {tracker} --key {key}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ class _TrackerLink:
                                     f"--rpc-tracker") from exc
         try:
             self._sock.sendall(TRACKER_MAGIC.to_bytes(4, "little", signed=True))
-            magic = int.from_bytes(_recv_exact(self._sock, 4, deadline), "little", signed=True)
+            magic = int.from_bytes(_recv_by(self._sock, 4, lambda: deadline), "little", signed=True)
         except OSError as exc:
             self.close()
             raise TargetUnavailable(f"{device.tracker} does not answer as a TVM RPC tracker "
@@ -126,11 +133,11 @@ class _TrackerLink:
             data = json.dumps(message).encode()
             self._sock.settimeout(_left(deadline))
             self._sock.sendall(len(data).to_bytes(4, "little", signed=True) + data)
-            size = int.from_bytes(_recv_exact(self._sock, 4, deadline), "little", signed=True)
+            size = int.from_bytes(_recv_by(self._sock, 4, lambda: deadline), "little", signed=True)
             if not 0 <= size <= FRAME_CAP:
                 raise TargetUnavailable(f"{where} sent a frame of {size} bytes (dlopt reads at most {FRAME_CAP}); "
                                         f"is it a TVM RPC tracker?")
-            return json.loads(_recv_exact(self._sock, size, deadline).decode("utf-8"))
+            return json.loads(_recv_by(self._sock, size, lambda: deadline).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise TargetUnavailable(f"{where} answered something that is not JSON ({first_line(exc)}); "
                                     f"is it a TVM RPC tracker?") from exc
@@ -172,19 +179,6 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise TimeoutError("timed out")
     return left
-
-
-def _recv_exact(sock: socket.socket, size: int, deadline: float | None) -> bytes:
-    """``size`` bytes from ``sock`` by ``deadline`` (monotonic; None: no deadline)."""
-    parts, got = [], 0
-    while got < size:
-        sock.settimeout(None if deadline is None else _left(deadline))
-        chunk = sock.recv(min(size - got, 1 << 16))
-        if not chunk:
-            raise ConnectionError("the connection was closed")
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
 
 
 def _why(exc: OSError, seconds: float) -> str:
