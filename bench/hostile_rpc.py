@@ -8,7 +8,8 @@ Servers on loopback (tests/rpc_servers.py) that accept a connection and then:
 - ``garbage``: answer bytes of another protocol;
 - ``huge-frame``: announce a 2 GiB frame (a tracker's JSON frame, a server's RPC packet), then
   send zeros as fast as they are read;
-- ``not-a-dict`` (tracker only): a summary that is a list.
+- ``not-a-dict`` (tracker only): a summary that is a list;
+- ``silent-after-magic`` (tracker only): answer the protocol's magic, then nothing.
 
 Surfaces: ``rpc-tracker`` (the tracker at --rpc-tracker misbehaves) and ``rpc-server`` (a working
 tracker hands out a misbehaving server).  For each, the installed ``dlopt bench OUT --candidate

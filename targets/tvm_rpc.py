@@ -325,6 +325,10 @@ class _RelayProcess:
     port: int
     process: subprocess.Popen
 
+    def reason(self) -> str | None:
+        """Why the relay cut the connection, once it has ended; None while it runs."""
+        return self.stop() if self.process.poll() is not None else None
+
     def stop(self) -> str | None:
         """End the relay; the reason it cut the connection, if it did."""
         try:
@@ -481,10 +485,12 @@ class RemoteSession:
             self.threads = int(self._rpc.get_function("runtime.NumThreads")())
         except Exception as exc:  # TVM's remote errors carry the device's traceback
             traceback.clear_frames(exc.__traceback__)  # its frames hold the session open
+            relay = getattr(self._rpc, "dlopt_relay", None)
             self.close()
+            why = relay.reason() if relay is not None else None  # the relay cut it: a deadline or the size cap
             form = settings.get("form") or "TVM library"
             raise TargetUnavailable(f"the RPC server {device.key!r} could not load {library.name} ({form}): "
-                                    f"{first_line(exc)}") from exc
+                                    f"{why or first_line(exc)}") from exc
         logger.debug("%s loaded on %s in %.2f s (%d threads)", library.name, device,
                      time.perf_counter() - started, self.threads)
 

@@ -178,7 +178,7 @@ def qemu_rpc_server(rpc_tracker_address, tmp_path_factory):
 
 TRACKER_MAGIC, RPC_CODE_SUCCESS = 0x2F271, 0xFF271
 HOSTILE = ("drip-feed", "never-answer", "garbage", "huge-frame")  # what both surfaces do wrong
-TRACKER_ONLY = ("not-a-dict",)
+TRACKER_ONLY = ("not-a-dict", "silent-after-magic")
 HUGE = (1 << 31) - 1  # a 2 GiB frame announced, then zeros as fast as they are read
 
 
@@ -273,6 +273,7 @@ def hostile_tracker(behaviour: str) -> Hostile:
             conn.sendall(_i32(16) + bytes(range(0xF0, 0x100)))
         elif behaviour == "not-a-dict":
             conn.sendall(_frame([0, [1, 2, 3]]))
+        # "silent-after-magic": a tracker that answered the magic and then says nothing
         elif behaviour == "huge-frame":
             conn.sendall(_i32(HUGE))
             _flood(conn, stop)
