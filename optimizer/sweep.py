@@ -282,11 +282,10 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
     from dlopt.errors import TargetUnavailable
     from dlopt.targets._native_output import environ
 
-    with environ(**({} if address else {_RAY_LOOPBACK_ENV: "0"})):  # read when Ray is imported
-        try:
-            import ray
-        except ImportError:
-            raise TargetUnavailable("--ray needs Ray: pip install 'dlopt[ray]'") from None
+    try:
+        import ray
+    except ImportError:
+        raise TargetUnavailable("--ray needs Ray: pip install 'dlopt[ray]'") from None
     # Ray's notices (token authentication, ...) reach stderr through logging's last resort unless
     # someone handles them: dlopt's -v does; otherwise the CLI keeps to its one-line output.
     logging.getLogger("ray").addHandler(logging.NullHandler())
@@ -321,8 +320,8 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
 
 @contextlib.contextmanager
 def _ray_on_loopback(local: bool) -> Iterator[None]:
-    """Ray's node address is loopback while a local Ray starts (Ray reads its flag when imported: a Ray
-    imported before the environment was set still has the other value)."""
+    """Ray's node address is loopback while a local Ray starts: the flag Ray read from _RAY_LOOPBACK_ENV
+    when imported, set for the block only (the environment variable, set too, reaches Ray's processes)."""
     try:
         from ray._private import ray_constants
         saved = ray_constants.ENABLE_RAY_CLUSTER
