@@ -65,7 +65,7 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     on_remote = {k for k in wanted if remote is not None and data.candidates[k].get("backend") == "tvm"}
     emulated = {k: _emulation_plan(folders[k], data.candidates[k]) for k in wanted if k not in on_remote}
     emulated = {k: v for k, v in emulated.items() if v is not None}
-    opened = []
+    opened, unreachable = [], []
 
     def opener(key, entry):
         from dlopt.runner import load
@@ -74,9 +74,21 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
             from dlopt.targets import get_backend, read_artifact
 
             artifact, _ = read_artifact(folders[key])
-            session = get_backend("tvm").load_remote(artifact, remote, threads=threads)
+            try:
+                session = get_backend("tvm").load_remote(artifact, remote, threads=threads)
+            except TargetUnavailable as exc:  # the device, not the candidate, failed: one line, not a row
+                unreachable.append(exc)
+                raise Skipped(first_line(exc)) from exc
             opened.append(session)
-            return session.run, f"rpc {remote.key}", session.time
+
+            def run(feed):
+                try:
+                    return session.run(feed)
+                except TargetUnavailable as exc:  # the relay cut a session that stopped answering
+                    unreachable.append(exc)
+                    raise
+
+            return run, f"rpc {remote.key}", session.time
         try:
             runner = load(folders[key], threads=threads)
         except TargetUnavailable as exc:
@@ -91,6 +103,8 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     finally:
         for runner in opened:
             runner.close()
+    if unreachable:
+        raise unreachable[0]
     for key, plan in emulated.items():
         entry = data.candidates[key]
         rows.append({"key": key, "dir": entry.get("dir"), "backend": entry.get("backend"),
