@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -99,15 +100,14 @@ def hold(outputs, labels):
 
 
 def _metric_compile(tmp, metric):
-    import os
-
     models.save(models.conv_bn_relu(channels=8, size=16), tmp / "m.onnx")
     (tmp / "usermetric.py").write_text(METRIC)
     (tmp / "t.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
-    return subprocess.Popen([DLOPT, "compile", "m.onnx", "-o", "out", "--precision", "fp32", "--targets-file", "t.toml",
-                             "--runs", "5", "--no-cache", "--metric", f"usermetric:{metric}"], cwd=tmp,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))})
+    path = os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))  # where --metric imports from
+    return subprocess.Popen([DLOPT, "compile", "m.onnx", "-o", "out", "--target", "here", "--targets-file", "t.toml",
+                             "--precision", "fp32", "--runs", "5", "--no-cache", "--metric", f"usermetric:{metric}"],
+                            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": path})
 
 
 def _left(tmp):
@@ -145,6 +145,7 @@ def test_sigterm_while_native_code_holds_the_main_thread_exits_after_the_grace_p
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "dlopt: interrupted; nothing was written"
     assert GRACE_S - 0.5 <= took < GRACE_S + 10, took
+    print(f"SIGTERM during a C call: exit 130 after {took:.2f} s (grace {GRACE_S:g} s)")
     assert _left(tmp_path) == []  # the hard exit removed the staging folder and the lock
 
 
@@ -161,4 +162,5 @@ def test_a_second_signal_exits_at_once(tmp_path):
     took = time.monotonic() - sent
     assert proc.returncode == 130, err
     assert took < GRACE_S - 1, took
+    print(f"a second signal during a C call: exit 130 after {took:.2f} s")
     assert _left(tmp_path) == []
