@@ -13,8 +13,9 @@ import models
 from cli import dlopt
 
 
-def endless_loop(trips: int = 2**62) -> onnx.ModelProto:
-    """y = x + trips, one Add per iteration of a Loop whose trip count is an initializer."""
+def endless_loop(trips: int = 2**62, *, constant: bool = False) -> onnx.ModelProto:
+    """y = x + trips, one Add per iteration of a Loop whose trip count is an initializer; ``constant``:
+    the Loop counts from a constant and x is added after it (a Loop constant folding could try to run)."""
     one = helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.ones(4, np.float32)))
     body = helper.make_graph(
         [one, helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
@@ -24,15 +25,20 @@ def endless_loop(trips: int = 2**62) -> onnx.ModelProto:
          helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [4])])
-    loop = helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body, name="loop")
-    return models._model([loop], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-                         [numpy_helper.from_array(np.array(trips, np.int64), "trips"),
-                          numpy_helper.from_array(np.array(True), "cond")])
+    inits = [numpy_helper.from_array(np.array(trips, np.int64), "trips"), numpy_helper.from_array(np.array(True), "cond")]
+    if constant:
+        nodes = [helper.make_node("Loop", ["trips", "cond", "v0"], ["counted"], body=body, name="loop"),
+                 helper.make_node("Add", ["counted", "x"], ["y"], name="add")]
+        inits.append(numpy_helper.from_array(np.zeros(4, np.float32), "v0"))
+    else:
+        nodes = [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body, name="loop")]
+    return models._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
 
 
-def test_endless_loop_stops_at_the_reference_timeout(tmp_path):
-    models.save(endless_loop(), tmp_path / "loop.onnx")
+@pytest.mark.parametrize("constant", [False, True], ids=["from-input", "constant"])
+def test_endless_loop_stops_at_the_reference_timeout(tmp_path, constant):
+    models.save(endless_loop(constant=constant), tmp_path / "loop.onnx")
     start = time.monotonic()
     result = dlopt("compile", tmp_path / "loop.onnx", "-o", tmp_path / "out", "--precision", "fp32",
                    "--reference-timeout", "3", cwd=tmp_path, timeout=240)
