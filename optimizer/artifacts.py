@@ -264,6 +264,12 @@ def _open_lock(path: Path) -> int:
     return fd
 
 
+
+def lock_path(out: Path) -> Path:
+    """The lock file beside output folder ``out`` that one compile or package holds while writing it."""
+    return out.parent / f".{out.name}.dlopt-lock"
+
+
 @contextlib.contextmanager
 def output_lock(out: Path, *, wait: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` (resolved) so two compiles never write it at once.
@@ -274,7 +280,7 @@ def output_lock(out: Path, *, wait: float = 0.0) -> Iterator[None]:
     """
     import fcntl
 
-    path = out.parent / f".{out.name}.dlopt-lock"
+    path = lock_path(out)
     deadline = time.monotonic() + wait
     while True:
         fd = _open_lock(path)

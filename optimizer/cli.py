@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -26,6 +28,14 @@ EXIT_INTERNAL = 70
 
 def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _ignore_signals() -> None:
+    """The compile has unwound (its staging folder is gone): a further signal must not kill the process
+    during interpreter shutdown, which gives SIGINT back its default action (exit -2, not 130)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Group(click.Group):
@@ -54,12 +64,14 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
+            _ignore_signals()
             click.echo("dlopt: interrupted; nothing was written", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:
             if interrupted() is not None:  # native code turned the interrupt into an error on its way out
+                _ignore_signals()
                 click.echo("dlopt: interrupted; nothing was written", err=True)
                 ctx.exit(EXIT_INTERRUPTED)
             if isinstance(exc, DloptError):

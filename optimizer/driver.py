@@ -25,8 +25,8 @@ import onnx
 import onnx_ir as ir
 
 from dlopt import precisions, select
-from dlopt.artifacts import (check_output_dir, output_lock, parents_made, remove_stale_staging, resolve_output,
-                             staging_dir)
+from dlopt.artifacts import (check_output_dir, lock_path, output_lock, parents_made, remove_stale_staging,
+                             resolve_output, staging_dir)
 from dlopt.candidates import Built, EvalData, Evaluation, build, owned
 from dlopt.config import CompileConfig
 from dlopt.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError, first_line
@@ -566,7 +566,7 @@ def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users kno
                               f"{job.profile.name} has {'no TVM backend' if 'tvm' not in job.profile.backends else 'runs here'}")
         require(config.remote)
     # the lock file's name is artifacts.output_lock's
-    lock = job.out.parent / f".{job.out.name}.dlopt-lock"
+    lock = lock_path(job.out)
     with parents_made(job.out), output_lock(job.out, wait=config.wait), removed_on_hard_exit(lock):
         inputs = tuple(Path(p) for p in (job.info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
         check_output_dir(job.out, inputs=inputs)  # again: the compile that held the lock may have written it

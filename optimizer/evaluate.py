@@ -165,8 +165,7 @@ class BoundedOrtSession:
         timer.start()
         try:
             with cancelled_on_interrupt(lambda: setattr(options, "terminate", True)):
-                # OrtSession keeps its InferenceSession private and runs without options
-                return self.session._session.run(None, feeds, options)
+                return self.session.run(feeds, options)
         except Exception as exc:
             raise_if_interrupted(exc)
             if expired.is_set():

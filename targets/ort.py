@@ -195,8 +195,8 @@ class OrtSession:
         )
         self.input_names = [i.name for i in self._session.get_inputs()]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._session.run(None, feeds)
+    def run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> list[np.ndarray]:
+        return self._session.run(None, feeds, options)
 
 
 def _enum(kind, settings: dict, key: str, default: str, source: str):
