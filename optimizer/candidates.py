@@ -305,6 +305,7 @@ def mcu_figures(settings) -> dict | None:
             "flash_bytes": figures.get("flash_bytes"), "ram_bytes": figures.get("ram_bytes"),
             "sections": figures.get("sections"), "stack_estimate_bytes": figures.get("stack_estimate_bytes"),
             "compiler": figures.get("compiler"), "undefined_symbols": figures.get("undefined_symbols"),
+            "figures_unavailable": settings.get("figures_unavailable"),
             "qemu": {k: qemu.get(k) for k in ("board", "samples", "max_abs_diff", "instructions_per_run",
                                                "instructions_note")} if qemu else None}
 
@@ -315,6 +316,8 @@ def describe_mcu(mcu: dict) -> str:
     if mcu.get("flash_bytes") is not None:
         text = (f"{mcu['flash_bytes']} B flash, {mcu['ram_bytes']} B RAM for {mcu.get('mcpu')} "
                 f"({mcu.get('compiler')}); " + text)
+    elif mcu.get("figures_unavailable"):
+        text += f"; no Cortex-M sizes: {mcu['figures_unavailable']}"
     qemu = mcu.get("qemu")
     if qemu:
         runs = qemu.get("instructions_per_run") or []

@@ -219,6 +219,8 @@ def test_a_cross_toolchain_without_newlib_keeps_the_host_verified_c(tmp_path, mo
     assert len(lines) == 1 and "string.h" in lines[0], done.stderr
     assert (tmp_path / "out" / "model.c").is_file()
     assert "figures_unavailable" in json.loads((tmp_path / "out" / "c_build.json").read_text())
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "no Cortex-M sizes: arm-none-eabi-gcc has no C library" in report and "libnewlib-arm-none-eabi" in report
 
 
 def test_the_compile_flow_verifies_hostile_names_and_runs_none_of_them(tmp_path):
