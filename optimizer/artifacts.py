@@ -31,7 +31,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from dlopt.errors import ConfigError, OutputBusy
+from dlopt.errors import ConfigError, OutputBusy, first_line
 
 MANIFEST = "manifest.json"
 # What every dlopt output holds besides the artefact's own files (manifests older than
@@ -355,7 +355,8 @@ def contained_path(folder: Path, name, *, named_in: str = "") -> Path:
     where = f" ({named_in})" if named_in else ""
 
     def refuse(why: str) -> ConfigError:
-        return ConfigError(f"{folder} names the path {name!r}{where}, which {why}; dlopt uses only paths inside "
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 120 else f"{name[:100]!r}... ({len(name)} characters)"
+        return ConfigError(f"{folder} names the path {shown}{where}, which {why}; dlopt uses only paths inside "
                            f"the folder it was given (a crafted or damaged output: recompile it)")
 
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -366,15 +367,97 @@ def contained_path(folder: Path, name, *, named_in: str = "") -> Path:
     if ".." in pure.parts:
         raise refuse("climbs out with '..'")
     path = folder
-    for part in pure.parts:
-        path = path / part
-        if path.is_symlink():
-            raise refuse(f"goes through the symlink {path.relative_to(folder).as_posix()}")
-    root = folder.resolve()
-    real = path.resolve()
+    try:
+        for part in pure.parts:
+            path = path / part
+            if path.is_symlink():
+                raise refuse(f"goes through the symlink {path.relative_to(folder).as_posix()}")
+        root = folder.resolve()
+        real = path.resolve()
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES: is_symlink swallows only some of them
+        raise refuse(f"cannot be checked ({exc.strerror or type(exc).__name__})") from None
     if real != root and root not in real.parents:
         raise refuse("resolves outside it")
     return path
+
+
+# The largest settings file (manifest.json, report.json, session_options.json, ...) dlopt reads back
+# from an output folder, and how deeply its JSON may nest: a compile writes a few KB, a few levels deep.
+JSON_LIMIT = 16 << 20
+JSON_DEPTH = 64
+
+
+def read_folder_json(folder: Path, name: str, *, limit: int = JSON_LIMIT, missing_ok: bool = False):
+    """The JSON value of the file ``name`` in output folder ``folder``, read as data and bounded.
+
+    Every JSON file dlopt reads back from an output folder (manifest.json, report.json, a
+    candidate's session_options.json, runtime_config.json, tvm_build.json, c_build.json)
+    comes through here.  The path goes through :func:`contained_path` and is opened with
+    O_NOFOLLOW|O_NONBLOCK, so a symlink, a FIFO, a device or a folder is refused at once
+    (never read until memory runs out, never waited on); so are files over ``limit``
+    bytes, text that is not UTF-8 JSON, and JSON nested deeper than JSON_DEPTH.  Each
+    refusal is a one-line ConfigError naming the file.  A missing file is None when
+    ``missing_ok``, else a ConfigError too.
+    """
+    path = contained_path(folder, name)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{path} {why}; dlopt reads only the plain JSON files it wrote there "
+                           f"(a crafted or damaged output: recompile it)")
+
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise refuse("is missing") from None
+    except OSError as exc:  # ELOOP: a symlink planted after the check; EACCES; ENXIO
+        raise refuse(f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse("is not a regular file")
+        if info.st_size > limit:
+            raise refuse(f"is {info.st_size} bytes, over dlopt's limit of {limit} for a settings file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise refuse(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise refuse(f"grew over dlopt's limit of {limit} bytes for a settings file while being read")
+    try:
+        value = json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc, 120)
+        raise refuse(f"is not valid JSON ({detail})") from None
+    if _json_depth(value) > JSON_DEPTH:
+        raise refuse(f"nests deeper than {JSON_DEPTH} levels")
+    return value
+
+
+def _json_depth(value) -> int:
+    """How deeply ``value`` nests (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > JSON_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def sha256_of(path: Path) -> str:
