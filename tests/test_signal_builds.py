@@ -21,7 +21,7 @@ import pytest
 import models
 from cli import DLOPT
 
-TRIES = int(os.environ.get("DLOPT_SIGNAL_TRIES", "6"))
+TRIES = int(os.environ.get("DLOPT_SIGNAL_TRIES", "3"))  # 3 keeps make test short; the acceptance ran more
 # The signal lands this many seconds after the staging folder appears, spread over each kind's build:
 # on a loaded 2-core machine the OpenVINO build ran 1.4-3.8 s after it, NNCF's int8 1-9 s, TVM's 1-8.6 s.
 WINDOWS = {"openvino": (0.2, 3.5), "nncf": (0.5, 8.5), "tvm": (0.5, 8.5)}
