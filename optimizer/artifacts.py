@@ -65,12 +65,9 @@ def resolve_output(out: Path) -> Path:
 
 def _manifest_entries(out: Path) -> set[str] | None:
     """The top-level names a dlopt manifest in ``out`` says dlopt published, or None if it is not dlopt's."""
-    path = out / MANIFEST
-    if path.is_symlink() or not path.is_file():
-        return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        manifest = read_folder_json(out, MANIFEST, missing_ok=True)
+    except ConfigError:  # a symlink, FIFO, device or garbage: not dlopt's
         return None
     if not isinstance(manifest, dict) or not {"schema_version", "dlopt_version"} <= manifest.keys():
         return None
@@ -460,6 +457,64 @@ def _json_depth(value) -> int:
     return deepest
 
 
+def check_plain_files(folder: Path, names: Iterable[str], *, named_in: str = "") -> None:
+    """Before a loader opens the artefact files ``names`` of ``folder``: each is a contained path
+    (:func:`contained_path`: no symlink, no ``..``) to a regular file, or a folder holding only
+    regular files and folders; an ONNX file's external data files likewise.  A symlink, FIFO or
+    device among them is a one-line ConfigError (a loader would read another file, or wait
+    forever); a missing file is left to the loader, which names it."""
+    folder = Path(folder)
+    for name in dict.fromkeys(n for n in names if isinstance(n, str)):
+        path = contained_path(folder, name, named_in=named_in)
+        _check_plain(folder, path)
+        if name.endswith(".onnx") and path.is_file():
+            base = PurePosixPath(name).parent
+            for location in _external_locations(path):
+                if PurePosixPath(location).is_absolute():
+                    raise _not_plain(folder, path, f"names the absolute external data file {location!r}")
+                _check_plain(folder, contained_path(folder, (base / location).as_posix(), named_in=name))
+
+
+def _not_plain(folder: Path, path: Path, why: str) -> ConfigError:
+    return ConfigError(f"{path} {why}; dlopt loads only the plain files it wrote in {folder} and refuses "
+                       f"symlinks, FIFOs and devices there (a crafted or damaged output: recompile it)")
+
+
+def _check_plain(folder: Path, path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _not_plain(folder, path, f"cannot be checked ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(mode):
+        for base, dirs, files in os.walk(path):  # never follows links
+            for entry in (*dirs, *files):
+                _check_plain(folder, Path(base) / entry)
+    elif stat.S_ISLNK(mode):
+        raise _not_plain(folder, path, f"is a symlink (to {os.readlink(path)!r})")
+    elif not stat.S_ISREG(mode):
+        raise _not_plain(folder, path, "is not a regular file")
+
+
+def _external_locations(path: Path) -> list[str]:
+    """The external data files an ONNX file names (its own text, not yet read); [] when it does not parse
+    (the loader then says why)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # DecodeError: the loader reports it in its own words
+        return []
+    locations = []
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            locations.append(location)
+    return sorted(set(locations))
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -500,10 +555,7 @@ def check_native_files(root: Path, folder: Path, files: Iterable[str] = (), mani
     """
     root, folder = Path(root), Path(folder)
     if manifest is None:
-        try:
-            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-            manifest = None
+        manifest = read_folder_json(root, MANIFEST, missing_ok=True)
     try:
         rel = folder.resolve().relative_to(root.resolve())
     except ValueError:

@@ -168,7 +168,7 @@ def _specs(artifact, root: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     from dlopt.evaluate import input_specs, output_specs
 
     near = (artifact.folder / "model.onnx", root / "model.onnx", *sorted(root.glob("bundle/*/model.onnx")))
-    onnx_file = next((p for p in near if p.is_file()), None)
+    onnx_file = next((p for p in near if p.is_file() and not p.is_symlink()), None)  # regular files, no links
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     if onnx_file is not None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
+import os
 from pathlib import Path
 
+from dlopt.artifacts import check_plain_files, read_folder_json
 from dlopt.targets.base import Artifact, Backend, Session
 
 __all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status", "read_artifact",
@@ -69,13 +70,11 @@ def read_artifact(folder) -> tuple[Artifact, Path]:
     backend = get_backend(backend_name)
     if backend is None:
         raise TargetUnavailable(f"{backend_name} artefacts are not loaded by this version of dlopt")
-    try:
-        settings = json.loads((folder / backend.settings_file).read_text())
-        if not isinstance(settings, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
+    settings = read_folder_json(folder, backend.settings_file, missing_ok=True)
+    if not isinstance(settings, dict):
         raise ConfigError(f"{folder} lacks a readable {backend.settings_file}, which {backend_name} artefacts "
-                          f"ship with; recompile with dlopt") from exc
+                          f"ship with; recompile with dlopt")
+    check_plain_files(folder, [*files, backend.entry], named_in=f"{backend_name}/{precision}")
     return Artifact(backend_name, precision, folder, files, backend.entry, settings=settings), root
 
 
@@ -83,41 +82,51 @@ MANIFEST = "manifest.json"
 
 
 def read_manifest(folder: Path) -> dict | None:
-    """The manifest.json of ``folder`` as a dict, or None when it has no readable one."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    """The manifest.json of ``folder`` as a dict, or None when it has none (or one that is not an object).
+
+    Read through ``artifacts.read_folder_json``: a manifest.json that is a symlink, FIFO or device,
+    too large, too deep or not JSON is a one-line ConfigError, never a hang or a MemoryError."""
+    manifest = read_folder_json(folder, MANIFEST, missing_ok=True)
     return manifest if isinstance(manifest, dict) else None
 
 
 def _owning_manifest(folder: Path) -> tuple[Path, dict, str | None]:
-    """(root, manifest, bundle key): ``folder``'s own manifest (key None), or that of the output
-    whose ``bundle`` lists ``folder`` and the key it is listed under."""
+    """(root, manifest, bundle key): that of the output whose ``bundle`` lists ``folder`` and the key
+    it is listed under, else ``folder``'s own manifest (key None).
+
+    The outer output comes first: its manifest holds the sha256 of the bundle's native files, and a
+    manifest.json inside a bundle folder (dlopt never writes one there) is refused, never obeyed."""
     from dlopt.errors import ConfigError
 
-    manifest = read_manifest(folder)
-    if manifest is not None:
-        return folder, manifest, None
     resolved = folder.resolve()
     for root in list(resolved.parents)[:2]:  # bundle/<backend>-<precision>/ sits two levels down
-        parent = read_manifest(root)
-        bundle = parent.get("bundle") if parent else None
+        try:
+            parent = read_manifest(root)
+        except ConfigError:  # an unreadable manifest.json above is not an output that lists this folder
+            parent = None
+        bundle = parent.get("bundle") if parent and "dlopt_version" in parent else None
         where = resolved.relative_to(root).as_posix()
         if isinstance(bundle, dict):
             key = next((k for k, v in bundle.items() if v == where and isinstance(k, str)), None)
             if key is not None:
+                if os.path.lexists(folder / MANIFEST):
+                    raise ConfigError(f"{folder} is the bundle candidate {key} of {root} but holds a manifest.json, "
+                                      f"which dlopt never writes there; dlopt checks a bundle against the output's "
+                                      f"manifest only: remove it or recompile")
                 return root, parent, key
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return folder, manifest, None
     raise ConfigError(f"{folder} is not a dlopt output folder (no readable manifest.json) "
                       f"nor a bundle candidate listed in one")
 
 
 def _bundle_files(root: Path, key: str) -> list[str] | None:
-    """The files report.json lists for candidate ``key``, or None without a readable report."""
+    """The files report.json lists for candidate ``key``, or None without a report listing them."""
+    report = read_folder_json(root, "report.json", missing_ok=True)
     try:
-        report = json.loads((root / "report.json").read_text())
         row = next(c for c in report["candidates"] if f"{c['backend']}/{c['precision']}" == key)
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+    except (KeyError, TypeError, StopIteration):
         return None
     files = row.get("artifact_files")
     return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
