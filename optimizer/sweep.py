@@ -22,6 +22,9 @@ entry's failure is a row of the table, never the end of the sweep.  With Ray eac
 holding ``cpus_per_task`` CPUs (one by default: one task per core) and timing with that many
 threads unless its options say otherwise; without, entries run one after another.
 
+Model names (file stems), target and variant names are plain folder names, each once (case
+folded); every entry's folder resolves inside OUT before anything is compiled.
+
 Guarantees: OUT/sweep.json and OUT/sweep.md are written whole (temp file, rename), and only over
 files a sweep wrote.
 """
@@ -140,10 +143,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for m in model_paths:
         if not m.exists():
             raise ConfigError(f"{path}: model {m} does not exist")
-    stems = [m.stem for m in model_paths]
-    if len(set(stems)) != len(stems):
-        raise ConfigError(f"{path}: two models share a file name ({', '.join(sorted(stems))}); their outputs "
-                          f"would collide in OUT/<model stem>/: rename one")
+    _check_names(path, "model", [m.stem for m in model_paths], hint="a model's name is its file's stem: rename the file")
     out = here / head.get("out", f"{path.stem}-out")
     targets_file = here / head["targets-file"] if "targets-file" in head else None
     known = {f.name for f in fields(CompileConfig)} - _NOT_OPTIONS
@@ -179,20 +179,35 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         resolve_target(target, targets_file)
     entries = tuple(Entry(m, t, name, opts, out / m.stem / t / name, targets_file)
                     for m in model_paths for t in targets for name, opts in variant_options.items())
-    return Sweep(path, out, entries)
+    sweep = Sweep(path, out, entries)
+    check_entry_folders(sweep)
+    return sweep
 
 
-def _check_names(path: Path, kind: str, names: list[str]) -> None:
+def _check_names(path: Path, kind: str, names: list[str], *, hint: str = "") -> None:
     """Each name is one folder of OUT/<model>/<target>/<variant>/, and no two entries share a folder."""
     seen: dict[str, str] = {}
+    hint = f" ({hint})" if hint else ""
     for name in names:
         if not _NAME.fullmatch(name):
             raise ConfigError(f"{path}: {kind} name {name!r} cannot be a folder name under the sweep's out; use "
-                              f"letters, digits, '.', '_', '+' and '-' (no '/', '..' or leading '.')")
+                              f"letters, digits, '.', '_', '+' and '-' (no '/', '..' or leading '.'){hint}")
         if name.casefold() in seen:  # one folder on case-insensitive file systems too
             twice = f"{name!r} twice" if seen[name.casefold()] == name else f"{seen[name.casefold()]!r} and {name!r}"
-            raise ConfigError(f"{path}: {kind} {twice}: both entries would compile into one folder; list it once")
+            raise ConfigError(f"{path}: {kind} {twice}: both entries would compile into one folder; "
+                              f"{hint[2:-1] if hint else 'list it once'}")
         seen[name.casefold()] = name
+
+
+def check_entry_folders(sweep: Sweep) -> None:
+    """ConfigError unless every entry's folder resolves inside the sweep's out (names are checked when
+    read; this catches a link on the way, such as OUT/<model> pointing elsewhere, and a Sweep built by hand)."""
+    root = sweep.out.resolve()
+    for entry in sweep.entries:
+        real = entry.out.resolve()
+        if root not in real.parents:
+            raise ConfigError(f"{entry.out} resolves outside the sweep's out {sweep.out} ({real}); nothing was "
+                              f"compiled: remove the link on the way or choose another out")
 
 
 def complete(entry: Entry) -> dict | None:
@@ -246,6 +261,7 @@ def _row(entry: Entry, status: str, report: dict | None, seconds: float | None, 
 def run_sweep(sweep: Sweep, *, ray: bool = False, address: str | None = None, num_cpus: int | None = None,
               cpus_per_task: int = 1, on_row: Callable[[Row], None] | None = None) -> SweepResult:
     """Run every entry not complete yet (sequentially, or as Ray tasks), write the table, return it."""
+    check_entry_folders(sweep)  # before reading or writing any entry's folder
     rows: dict[str, Row] = {}
     todo = []
     for entry in sweep.entries:

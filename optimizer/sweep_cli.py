@@ -23,8 +23,8 @@ import click
 def sweep(sweep_file, ray_address, num_cpus, cpus_per_task, as_json):
     """Compile every model x target x variant of SWEEP.toml and write OUT/sweep.md and OUT/sweep.json.
 
-    Each entry is a normal compile output in OUT/<model>/<target>/<variant>/ (target and variant
-    names are plain folder names, each listed once).  A rerun skips the
+    Each entry is a normal compile output in OUT/<model>/<target>/<variant>/ (model file stems,
+    target and variant names are plain folder names, each listed once).  A rerun skips the
     entries whose output is complete and retries the others; one entry's failure is a row of
     the table, never the end of the sweep.  Exit 3 when an entry failed.
 

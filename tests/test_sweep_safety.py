@@ -102,3 +102,45 @@ def test_ray_failing_to_start_is_one_line(tmp_path):
     assert done.returncode == TargetUnavailable.exit_code and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "--ray: cannot start a local Ray (NotADirectoryError" in done.stderr.splitlines()[-1]
     assert "internal error" not in done.stderr and (tmp_path / "not-a-folder").read_text() == "mine"
+
+
+@pytest.mark.parametrize("file", ["...onnx", ".hidden.onnx", "a b.onnx"])
+def test_a_model_whose_name_is_not_a_plain_folder_name_is_refused(tmp_path, file):
+    """A model file named '...onnx' has the stem '..': its entries compiled into here/<variant>/, outside the
+    sweep's out (exit 0)."""
+    (tmp_path / "w").mkdir()
+    sweep = _write(tmp_path / "w")
+    os.rename(tmp_path / "w" / "m.onnx", tmp_path / "w" / file)
+    sweep.write_text(sweep.read_text().replace('"m.onnx"', f'"{file}"'))
+    before = _files(tmp_path)
+    done = dlopt("sweep", sweep)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"model name {file[:-5]!r} cannot be a folder name under the sweep's out" in done.stderr
+    assert "rename the file" in done.stderr
+    assert _files(tmp_path) == before  # nothing compiled, in or outside the folder
+
+
+def test_two_models_with_one_name_are_refused(tmp_path):
+    sweep = _write(tmp_path)
+    (tmp_path / "other").mkdir()
+    models.save(models.conv_bn_relu(channels=4, size=8), tmp_path / "other" / "M.onnx")
+    sweep.write_text(sweep.read_text().replace('"m.onnx"', '"m.onnx", "other/M.onnx"'))
+    before = _files(tmp_path)
+    done = dlopt("sweep", sweep)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "model 'm' and 'M': both entries would compile into one folder" in done.stderr
+    assert _files(tmp_path) == before
+
+
+def test_an_entry_folder_that_resolves_outside_the_sweep_is_refused(tmp_path):
+    """OUT/<model> a link to a folder elsewhere: every folder a sweep writes must resolve inside OUT."""
+    (tmp_path / "w").mkdir()
+    sweep = _write(tmp_path / "w")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "w" / "nightly").mkdir()
+    (tmp_path / "w" / "nightly" / "m").symlink_to(tmp_path / "elsewhere")
+    before = _files(tmp_path)
+    done = dlopt("sweep", sweep)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "nightly/m/here/fp32 resolves outside the sweep's out" in done.stderr
+    assert _files(tmp_path) == before and os.listdir(tmp_path / "elsewhere") == []
