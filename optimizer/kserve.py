@@ -5,13 +5,16 @@ The manifest uses KServe's v1beta1 predictor ``model`` form with the Triton serv
 the repository folder there and replace it.  Resources follow the artefact: the CPU threads the
 compile chose, memory from the artefact's size, one GPU when Triton runs it on a GPU.
 
-Guarantees: the manifest is written whole (temp file, rename) and only over a file dlopt wrote.
+Guarantees: the manifest is written whole (temp file, rename) and only over a file dlopt wrote; the
+memory estimate counts the version folder's plain files only, following no link.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 from pathlib import Path
 
 from dlopt.errors import ConfigError
@@ -36,7 +39,7 @@ def manifest(triton_model, *, storage_uri: str | None = None) -> dict:
     """The InferenceService for a ``dlopt.triton.TritonModel``."""
     config = triton_model.config
     threads = _threads(config)
-    size = sum(p.stat().st_size for p in (triton_model.folder / str(triton_model.version)).iterdir() if p.is_file())
+    size = _plain_bytes(triton_model.folder / str(triton_model.version))
     # the runtime holds the weights, its own buffers and Triton: 4x the artefact, at least 512 Mi
     memory_mi = max(MIN_MEMORY_MI, int(math.ceil(4 * size / 2**20 / 256)) * 256)
     requests = {"cpu": str(threads), "memory": f"{memory_mi}Mi"}
@@ -61,6 +64,12 @@ def manifest(triton_model, *, storage_uri: str | None = None) -> dict:
             "resources": {"requests": requests, "limits": limits},
         }}},
     }
+
+
+def _plain_bytes(folder: Path) -> int:
+    """Bytes of the regular files in ``folder``, never following a link (dlopt wrote plain files there)."""
+    sizes = (os.lstat(p) for p in Path(folder).iterdir())
+    return sum(info.st_size for info in sizes if stat.S_ISREG(info.st_mode))
 
 
 def _threads(config) -> int:

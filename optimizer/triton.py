@@ -18,7 +18,10 @@ renamed in); an existing one is replaced only when dlopt wrote it (its ``dlopt_p
 keeping its other versions.  Packaging runs into one model take turns (a lock beside it, held from
 reading the old folder to the swap), and the swap happens only if the folder is still as it was
 read.  A version is re-packaged only when its folder holds nothing but the files dlopt put there;
-a version folder, or a file in one, that is a link is refused, never followed.
+a version folder, or a file in one, that is a link is refused, never followed.  Every file taken from
+the output folder (the model files, what its manifest lists, report.json) is a plain file inside it,
+reached through no link, and opened without following one: anything else is refused before the
+repository is touched.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from dlopt.artifacts import contained_path, read_folder_json
 from dlopt.errors import ConfigError, TargetUnavailable
 
 CONFIG = "config.pbtxt"
@@ -202,21 +206,60 @@ def _fill_backend(config, artifact) -> None:
 
 
 def _engine(artifact) -> Path | None:
-    return next((artifact.folder / f for f in ("model.plan", "model.engine") if (artifact.folder / f).is_file()),
-                None)
+    return next((p for p in (_plain_file(artifact.folder, f) for f in ("model.plan", "model.engine")) if p), None)
 
 
-def _model_files(artifact, config) -> dict[str, Path]:
-    """Version-folder name -> source file."""
+def _plain_file(folder: Path, name: str, *, named_in: str = "") -> Path | None:
+    """``folder/name`` when it is a regular file inside ``folder`` reached through no link, None when it
+    is not there; ConfigError for anything else (a link, '..', an absolute path, a FIFO, a folder)."""
+    path = contained_path(folder, name, named_in=named_in)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); "
+                          f"recompile with dlopt") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{path} is not a regular file; dlopt copies only plain files into the served "
+                          f"repository (a crafted or damaged output: recompile it)")
+    return path
+
+
+def _copy_plain(src: Path, dest: Path) -> None:
+    """Copy the regular file ``src`` to the new file ``dest`` without following a link at ``src``
+    (one planted after the check is refused too) and without waiting on a FIFO."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(src, flags)
+    except OSError as exc:  # ELOOP: a link planted since the check
+        raise ConfigError(f"{src} cannot be opened as a plain file ({exc.strerror or type(exc).__name__}); "
+                          f"dlopt copies only plain files into the served repository") from None
+    with open(fd, "rb") as source:
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{src} is not a regular file; dlopt copies only plain files into the served "
+                              f"repository (a crafted or damaged output: recompile it)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "xb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    os.chmod(dest, stat.S_IMODE(info.st_mode))
+    os.utime(dest, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def _model_files(artifact, config, root: Path) -> dict[str, Path]:
+    """Version-folder name -> source file, each checked by _plain_file."""
     folder = artifact.folder
     if config.platform == "tensorrt_plan":
         return {"model.plan": _engine(artifact)}
+    listed = "manifest files" if Path(folder).resolve() == Path(root).resolve() else "report.json files"
     if config.backend == "openvino":
-        names = ["model.xml", "model.bin"]
+        names = {"model.xml": "", "model.bin": ""}
     else:
-        names = ["model.onnx", *(f for f in artifact.files if f.startswith("model.onnx") and f != "model.onnx")]
-    files = {n: folder / n for n in names}
-    missing = [n for n, p in files.items() if not p.is_file()]
+        names = {"model.onnx": "", **{f: listed for f in artifact.files
+                                      if isinstance(f, str) and f.startswith("model.onnx") and f != "model.onnx"}}
+    files = {n: _plain_file(folder, n, named_in=where) for n, where in names.items()}
+    missing = [n for n, p in files.items() if p is None]
     if missing:
         raise ConfigError(f"{folder} lacks {', '.join(missing)}, which the {artifact.backend} artefact needs; "
                           f"recompile with dlopt")
@@ -247,11 +290,12 @@ def write_repository(source: Path, repository: Path, *, name: str | None = None,
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ConfigError(f"Triton model version must be a positive integer, got {version!r}")
     artifact, root = read_artifact(source)
-    report = _read_json(root / "report.json") or {}
+    report = read_folder_json(root, "report.json", missing_ok=True)
+    report = report if isinstance(report, dict) else {}
     name = check_name(name or default_name(report))
     inputs, outputs = _specs(artifact, root)
     config = build_config(artifact, inputs, outputs, name=name, max_batch_size=max_batch_size)
-    files = _model_files(artifact, config)
+    files = _model_files(artifact, config, root)
 
     repository = Path(repository)
     if repository.exists() and not repository.is_dir():
@@ -269,7 +313,7 @@ def write_repository(source: Path, repository: Path, *, name: str | None = None,
                 shutil.copytree(target / str(old), staged / str(old), symlinks=True)
             (staged / str(version)).mkdir()
             for dest, src in files.items():
-                shutil.copy2(src, staged / str(version) / dest)
+                _copy_plain(src, staged / str(version) / dest)
             (staged / CONFIG).write_text(config_text(config))
             read_config(staged / CONFIG)  # what Triton will parse
             written = {**{str(v): list(f) for v, f in previous.items() if v != version},

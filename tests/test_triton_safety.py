@@ -157,3 +157,137 @@ def test_swap_only_when_the_folder_is_still_as_read(out, tmp_path):
     # an empty folder that was there is replaced
     write_repository(out, repo, name="other", version=3)
     assert sorted(os.listdir(repo / "other")) == ["3", "config.pbtxt", MARKER]
+
+
+# Issue 23, item 6 as the security test found it in Triton packaging: the files to copy come from the
+# output folder's manifest.files (or a bundle's report.json), so each must be a plain file inside it.
+
+@pytest.fixture(scope="module")
+def ov_out(tmp_path_factory):
+    """An OpenVINO output (a host it does not run on: shipped untimed, in seconds)."""
+    pytest.importorskip("openvino", reason="OpenVINO artefacts need openvino")
+    root = tmp_path_factory.mktemp("triton-safety-ov")
+    model = models.save(models.conv_bn_relu(batch="N"), root / "cnn.onnx")
+    (root / "targets.toml").write_text('[targets.ov]\nbase = "cpu"\nbackends = ["openvino"]\nprecisions = ["fp32"]\n'
+                                       'cpu_flags = ["dlopt-test-not-this-cpu"]\n')
+    dlopt.compile(model, target="ov", targets_file=root / "targets.toml", out=root / "out", samples=2)
+    return root / "out"
+
+
+def _copy_out(out, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    return copy
+
+
+def _list_in_manifest(out, name):
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"].append(name)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _refused(out, tmp_path, match):
+    """Packaging ``out`` raises ConfigError matching ``match``; the repository is left as it was (absent)."""
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        write_repository(out, tmp_path / "repo", name="m")
+    assert _tree(tmp_path) == before and not (tmp_path / "repo" / "m").exists()
+
+
+def test_external_data_that_is_a_link_out_of_the_folder_is_not_copied(out, tmp_path):
+    """model.onnx.data -> a secret outside, listed in manifest.files: `dlopt package --triton` exited 0 and
+    the served repository held the secret."""
+    from cli import dlopt as run_dlopt
+
+    secret = tmp_path / "secret_outside.txt"
+    secret.write_text("TOP SECRET key material\n")
+    out = _copy_out(out, tmp_path)
+    (out / "model.onnx.data").symlink_to(secret)
+    _list_in_manifest(out, "model.onnx.data")
+    _refused(out, tmp_path, r"names the path 'model.onnx.data' \(.*\), which goes through the symlink")
+    before = _tree(tmp_path)
+    done = run_dlopt("package", out, "--triton", tmp_path / "repo", "--name", "m")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "goes through the symlink model.onnx.data" in done.stderr
+    assert _tree(tmp_path) == before and not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("name", ["model.onnx.x/../../../secret", "model.onnx.x/../../secret"])
+def test_a_listed_file_that_climbs_out_is_not_copied(out, tmp_path, name):
+    (tmp_path / "secret").write_text("outside file\n")
+    out = _copy_out(out, tmp_path)
+    (out / "model.onnx.x").mkdir()
+    _list_in_manifest(out, name)
+    _refused(out, tmp_path, r"names the path .*, which climbs out with '\.\.'")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_listed_file_that_is_not_a_regular_file_is_refused(out, tmp_path, kind):
+    """A FIFO would hang the copy; a folder would fail it as an internal error."""
+    out = _copy_out(out, tmp_path)
+    if kind == "fifo":
+        os.mkfifo(out / "model.onnx.data")
+    else:
+        (out / "model.onnx.data").mkdir()
+    _list_in_manifest(out, "model.onnx.data")
+    _refused(out, tmp_path, r"model.onnx.data is not a regular file; dlopt (copies|loads) only( the)? plain files")
+
+
+def test_model_onnx_that_is_a_link_is_refused(out, tmp_path):
+    out = _copy_out(out, tmp_path)
+    real = tmp_path / "elsewhere.onnx"
+    shutil.move(out / "model.onnx", real)
+    (out / "model.onnx").symlink_to(real)
+    _refused(out, tmp_path, r"names the path 'model.onnx' .*goes through the symlink model.onnx")
+
+
+def test_report_json_that_is_a_link_is_refused(out, tmp_path):
+    """report.json names the model (the default Triton name) and goes into dlopt_package.json."""
+    out = _copy_out(out, tmp_path)
+    real = tmp_path / "report-elsewhere.json"
+    shutil.move(out / "report.json", real)
+    (out / "report.json").symlink_to(real)
+    _refused(out, tmp_path, r"names the path 'report.json', which goes through the symlink report.json")
+
+
+def test_openvino_weights_that_are_a_link_are_not_copied(ov_out, tmp_path):
+    out = _copy_out(ov_out, tmp_path)
+    shutil.move(out / "model.bin", tmp_path / "real.bin")
+    (out / "model.bin").symlink_to(tmp_path / "real.bin")
+    _refused(out, tmp_path, r"names the path 'model.bin' .*goes through the symlink model.bin")
+    # the same output with its own file packages as before
+    (out / "model.bin").unlink()
+    shutil.copy(tmp_path / "real.bin", out / "model.bin")
+    write_repository(out, tmp_path / "repo", name="m")
+    assert sorted(os.listdir(tmp_path / "repo" / "m" / "1")) == ["model.bin", "model.xml"]
+    assert not (tmp_path / "repo" / "m" / "1" / "model.bin").is_symlink()
+    assert (tmp_path / "repo" / "m" / "1" / "model.bin").read_bytes() == (tmp_path / "real.bin").read_bytes()
+
+
+def test_the_copy_itself_follows_no_link_and_waits_on_no_fifo(tmp_path):
+    """What passed the checks is opened with O_NOFOLLOW|O_NONBLOCK: a link planted after the check is refused,
+    a FIFO is refused at once (never waited on), and a plain file keeps its bytes and mode."""
+    import time
+
+    from dlopt.triton import _copy_plain, _plain_file
+
+    (tmp_path / "secret").write_text("key\n")
+    (tmp_path / "link").symlink_to(tmp_path / "secret")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "plain").write_bytes(b"weights")
+    os.chmod(tmp_path / "plain", 0o640)
+    with pytest.raises(ConfigError, match=r"link cannot be opened as a plain file"):
+        _copy_plain(tmp_path / "link", tmp_path / "dest-link")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"fifo is not a regular file"):
+        _copy_plain(tmp_path / "fifo", tmp_path / "dest-fifo")
+    assert time.monotonic() - start < 5
+    with pytest.raises(ConfigError, match=r"fifo is not a regular file"):
+        _plain_file(tmp_path, "fifo")
+    with pytest.raises(ConfigError, match=r"goes through the symlink link"):
+        _plain_file(tmp_path, "link")
+    assert _plain_file(tmp_path, "missing") is None
+    _copy_plain(_plain_file(tmp_path, "plain"), tmp_path / "v" / "plain")
+    assert (tmp_path / "v" / "plain").read_bytes() == b"weights"
+    assert oct(os.stat(tmp_path / "v" / "plain").st_mode & 0o777) == "0o640"
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "link", "plain", "secret", "v"]
