@@ -143,7 +143,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for m in model_paths:
         if not m.exists():
             raise ConfigError(f"{path}: model {m} does not exist")
-    _check_names(path, "model", [m.stem for m in model_paths], hint="a model's name is its file's stem: rename the file")
+    _check_names(path, "model", [m.stem for m in model_paths],
+                 hint="a model's name is its file's stem: rename the file")
     out = here / head.get("out", f"{path.stem}-out")
     targets_file = here / head["targets-file"] if "targets-file" in head else None
     known = {f.name for f in fields(CompileConfig)} - _NOT_OPTIONS
