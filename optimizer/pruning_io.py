@@ -2,8 +2,10 @@
 pruned_state.pth and prune.json; ``load_module`` reads them back without unpickling anything.
 
 Guarantees: nothing read from a folder is unpickled (the state is tensors and plain values read
-with ``torch.load(weights_only=True)``; a model.pt2 holding pickles is refused before torch
-reads it); a folder is replaced only when an earlier save wrote it.
+with ``torch.load(weights_only=True)``) and no native code is loaded: torch.export.load reads a
+model.pt2 rebuilt from the entries save_module writes, each checked, and any other entry (pickled
+or opaque objects, AOTInductor libraries, a name twice) is refused before torch reads anything;
+a folder is replaced only when an earlier save wrote it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,7 +94,8 @@ def load_module(folder: str | os.PathLike, *, into: Any = None):
     unpruned instance of the original class): that instance, reshaped to the pruned
     shapes and loaded with the saved weights.  Nothing in the folder is unpickled: the
     state holds tensors and plain values only, read with ``torch.load(weights_only=True)``,
-    and a model.pt2 whose archive holds pickles is refused before torch reads it.
+    and model.pt2 is read only if it holds just the entries save_module writes (see
+    :func:`_safe_pt2`).
     """
     import torch
 
@@ -99,8 +104,7 @@ def load_module(folder: str | os.PathLike, *, into: Any = None):
         raise ConfigError(f"{folder} is not a folder written by dlopt.prune (no {DESCRIPTION})")
     if into is not None:
         return _rebuilt(into, _read_state(folder / STATE)).eval()
-    data = _read_bytes(folder / "model.pt2")
-    _check_pt2(data, folder / "model.pt2")
+    data = _safe_pt2(_read_bytes(folder / "model.pt2"), folder / "model.pt2")
     try:
         return torch.export.load(io.BytesIO(data)).module()
     except Exception as exc:  # noqa: BLE001 - torch's deserialiser refusing a damaged archive
@@ -200,10 +204,30 @@ def _rebuilt(into, state: dict):
     return into
 
 
-def _check_pt2(data: bytes, path: Path) -> None:
-    """Refuse a torch.export archive torch would unpickle from: pickled weights or constants, script or
-    opaque objects, legacy files, or sample inputs the restricted unpickler refuses (torch then falls
-    back to the unrestricted one)."""
+# -- model.pt2: torch reads only the entries save_module writes, each checked ---------------------------
+
+# What torch.export.save writes for a module dlopt.prune saves (root/ left out); anything else is refused.
+_PT2_FILES = frozenset({"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
+                        "models/model.json", "data/sample_inputs/model.pt", "data/weights/model_weights_config.json",
+                        "data/constants/model_constants_config.json"})
+_PT2_REQUIRED = ("archive_format", "archive_version", "models/model.json", "data/sample_inputs/model.pt",
+                 "data/weights/model_weights_config.json", "data/constants/model_constants_config.json")
+_PT2_PAYLOADS = {"data/weights/model_weights_config.json": ("data/weights/", re.compile(r"weight_[0-9]{1,9}")),
+                 "data/constants/model_constants_config.json": ("data/constants/", re.compile(r"tensor_[0-9]{1,9}"))}
+_PT2_WRITER_OWNS = (".data/version", ".data/serialization_id", "byteorder")  # the rebuilt archive's writer writes them
+_NATIVE = re.compile(r"(^|/)data/aotinductor/|\.(so|dll|dylib|pyd)(\.[0-9.]+)?$", re.IGNORECASE)
+_PICKLED = re.compile(r"(^|/)(opaque_obj_|custom_obj_)|\.(pt|pth|pkl|pickle)$", re.IGNORECASE)
+
+
+def _safe_pt2(data: bytes, path: Path) -> bytes:
+    """``data`` rebuilt from the entries that save_module writes, each checked; what torch.export.load
+    reads is then exactly what was checked (torch's zip reader takes the first of two entries of one
+    name, ignores case and finds the central directory its own way).  Refused, naming the entry,
+    before torch reads anything: a name save_module never writes (AOTInductor libraries, any .so/.dll/
+    .dylib, opaque and custom object constants, which torch unpickles whatever use_pickle says, extra
+    files, other models, legacy pickles), a name twice, a compressed entry, a config entry with
+    use_pickle or a payload save_module does not write, and sample inputs the restricted unpickler
+    refuses (torch then falls back to the unrestricted one)."""
     import pickle
     import zipfile
 
@@ -215,32 +239,91 @@ def _check_pt2(data: bytes, path: Path) -> None:
 
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ConfigError(f"{path} is not a torch.export archive: {first_line(exc)}") from exc
+    entries: dict[str, bytes] = {}
     with archive:
-        prefixes = {n.split("/", 1)[0] for n in names}
-        formats = [n for n in names if n.endswith("/archive_format")]
-        if len(prefixes) != 1 or len(formats) != 1:  # torch's fallback reads an older layout with plain pickle
-            raise ConfigError(f"{path} is not a torch.export archive of this torch; save the module again")
-        root = prefixes.pop() + "/"
-        for name in names:
-            rest = name[len(root):]
-            if rest.startswith(("data/weights/", "data/constants/")) and rest.endswith(".pt"):
-                raise refuse(f"legacy {rest}")
-            if rest.endswith("_config.json"):
-                try:
-                    config = json.loads(archive.read(name)).get("config", {})
-                    entries = list(config.values())
-                except (ValueError, AttributeError) as exc:
-                    raise ConfigError(f"{path}: {rest} is not readable JSON: {first_line(exc)}") from exc
-                for entry in entries:
-                    if not isinstance(entry, dict) or entry.get("use_pickle") is not False:
-                        raise refuse(f"a pickled entry in {rest}")
-            elif rest.startswith("data/sample_inputs/"):
-                try:
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-                except pickle.UnpicklingError as exc:
-                    raise refuse(rest) from exc
-                except Exception as exc:  # noqa: BLE001 - torch would fall back to plain pickle on any failure
-                    raise refuse(f"{rest}: {first_line(exc)}") from exc
+        root = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
+        seen: set[str] = set()
+        for info in infos:
+            name = info.filename
+            rest = name[len(root):] if name.startswith(root) else name
+            shown = _shown(rest)
+            if rest.casefold() in seen:
+                raise ConfigError(f"{path} holds two entries named {shown}; Python and torch read different copies "
+                                  f"of a repeated name, so dlopt reads neither: save the module again")
+            seen.add(rest.casefold())
+            if _NATIVE.search(rest):
+                raise ConfigError(f"{path} holds native code ({shown}); dlopt does not load native libraries from "
+                                  f"a saved module: save the module again")
+            if _PICKLED.search(rest) and rest != "data/sample_inputs/model.pt":
+                raise refuse(shown)
+            if not (name.startswith(root) and (rest in _PT2_FILES or _payload(rest))):
+                raise ConfigError(f"{path} holds {shown}, which dlopt.prune does not write; dlopt reads only "
+                                  f"the entries torch.export.save writes for it: save the module again")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ConfigError(f"{path} holds {shown} compressed; torch.export.save stores its entries: save the "
+                                  f"module again")
+            try:
+                entries[rest] = archive.read(info)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                raise ConfigError(f"{path}: {shown} cannot be read: {first_line(exc)}") from exc
+    missing = [rest for rest in _PT2_REQUIRED if rest not in entries]
+    if missing:
+        raise ConfigError(f"{path} is not a torch.export archive of this torch (no {missing[0]}); save the module "
+                          f"again")
+    if entries.get("byteorder", sys.byteorder.encode()) != sys.byteorder.encode():
+        raise ConfigError(f"{path} was saved on a {_shown(entries['byteorder'].decode(errors='replace'))}-endian "
+                          f"machine; save the module again on this one")
+    for rest, (folder, payload) in _PT2_PAYLOADS.items():
+        try:
+            config = json.loads(entries[rest])["config"]
+            items = list(config.items())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ConfigError(f"{path}: {rest} is not a payload config torch.export.save writes: "
+                              f"{first_line(exc)}") from exc
+        for key, entry in items:
+            if not isinstance(entry, dict) or entry.get("use_pickle") is not False:
+                raise refuse(f"a pickled entry in {rest}")
+            target = entry.get("path_name")
+            if not (isinstance(target, str) and payload.fullmatch(target) and folder + target in entries
+                    and isinstance(entry.get("tensor_meta"), dict)):
+                if isinstance(target, str) and _PICKLED.search(target):
+                    raise refuse(f"{_shown(target)} in {rest}")
+                raise ConfigError(f"{path}: {rest} names {_shown(str(target))} for {_shown(str(key))}, which is not "
+                                  f"a tensor dlopt.prune saved: save the module again")
+    try:
+        torch.load(io.BytesIO(entries["data/sample_inputs/model.pt"]), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise refuse("data/sample_inputs/model.pt") from exc
+    except Exception as exc:  # noqa: BLE001 - torch would fall back to plain pickle on any failure
+        raise refuse(f"data/sample_inputs/model.pt: {first_line(exc)}") from exc
+    return _rebuilt_pt2(entries)
+
+
+def _payload(rest: str) -> bool:
+    return any(rest.startswith(folder) and payload.fullmatch(rest[len(folder):])
+               for folder, payload in _PT2_PAYLOADS.values())
+
+
+def _shown(name: str) -> str:
+    """An entry's name for a one-line message: controls and non-ASCII escaped, long names cut."""
+    text = ascii(name)[1:-1]
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _rebuilt_pt2(entries: dict[str, bytes]) -> bytes:
+    """A fresh archive holding ``entries`` once each, written by torch's own writer (which adds the version,
+    byte order and serialization id records itself)."""
+    import torch
+
+    buffer = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(buffer)
+    if hasattr(writer, "set_min_version"):
+        writer.set_min_version(6)  # as torch.export.save: the zip-format version goes to .data/version
+    for rest, data in entries.items():
+        if rest not in _PT2_WRITER_OWNS:
+            writer.write_record(rest, data, len(data))
+    writer.write_end_of_file()
+    return buffer.getvalue()

@@ -5,9 +5,13 @@ shared parameters must not cost the classifier's classes or break the student.""
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import re
 import shutil
+import subprocess
+import warnings
 import zipfile
 
 import pytest
@@ -111,6 +115,160 @@ def test_a_crafted_pt2_archive_is_refused_and_its_payload_never_runs(saved, tmp_
     with pytest.raises(ConfigError, match=r"model\.pt2 holds pickled Python objects"):
         load_module(folder)
     assert not marker.exists()
+
+
+# -- item 4, second round: a model.pt2 is read only if it holds what save_module writes -------------
+
+def _entries(folder) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(folder / "model.pt2") as archive:
+        return [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
+
+
+def _write_pt2(folder, entries) -> None:
+    """model.pt2 rewritten with ``entries`` as they are: repeated names included (zipfile warns, torch reads)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        warnings.simplefilter("ignore")
+        for name, data in entries:
+            archive.writestr(name, data)
+    (folder / "model.pt2").write_bytes(buffer.getvalue())
+
+
+def _refused(folder, pattern: str) -> str:
+    with pytest.raises(ConfigError, match=pattern) as caught:
+        load_module(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+TENSOR_META = {"dtype": 1, "sizes": [{"as_int": 8}], "requires_grad": False, "device": {"type": "cpu", "index": None},
+               "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+
+
+@pytest.mark.parametrize("path_name", ["opaque_obj_0", "custom_obj_0"])
+def test_an_opaque_or_custom_object_constant_is_refused_whatever_use_pickle_says(saved, tmp_path, path_name):
+    """torch runs pickle.loads on any opaque_obj_* constant (torch._C._pickle_load_obj on custom_obj_*) even
+    with use_pickle false: the first check looked at the flag only, and the payload ran."""
+    _, folder = saved
+    marker = tmp_path / "marker"
+    entries = []
+    for name, data in _entries(folder):
+        if name.endswith("data/constants/model_constants_config.json"):
+            config = json.loads(data)
+            config["config"]["evil"] = {"path_name": path_name, "is_param": False, "use_pickle": False,
+                                        "tensor_meta": TENSOR_META}
+            data = json.dumps(config).encode()
+            entries.append((name, data))
+            entries.append((name.replace("model_constants_config.json", path_name), pickle.dumps(Payload(marker))))
+        else:
+            entries.append((name, data))
+    _write_pt2(folder, entries)
+    message = _refused(folder, rf"model\.pt2 holds pickled Python objects \(.*{path_name}")
+    assert "dlopt does not unpickle them" in message
+    assert not marker.exists()
+
+
+def _constructor_library(tmp_path, marker) -> bytes:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the native library of the attack")
+    source = tmp_path / "evil.c"
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void f(void) '
+                      f'{{ FILE *f = fopen("{marker}", "w"); if (f) {{ fputs("ran", f); fclose(f); }} }}\n')
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "evil.so"), str(source)], check=True)
+    return (tmp_path / "evil.so").read_bytes()
+
+
+@pytest.mark.parametrize("extra", [
+    ["data/aotinductor/model/x.wrapper_metadata.json", "data/aotinductor/model/x.wrapper.so"],
+    ["data/aotinductor/m/m_wrapper_metadata.json", "data/aotinductor/m/m_wrapper.so"],
+    ["data/weights/evil.so"],
+])
+def test_native_code_in_the_archive_is_refused_and_never_loaded(saved, tmp_path, extra):
+    """torch.export.load unpacks data/aotinductor/<name>/ and dlopens its .so (AOTInductor): the library's
+    constructor wrote the marker while the first check looked only at configs and sample inputs."""
+    _, folder = saved
+    marker = tmp_path / "marker"
+    library = _constructor_library(tmp_path, marker)
+    root = _entries(folder)[0][0].split("/", 1)[0]
+    added = [(f"{root}/{name}", library if name.endswith(".so") else json.dumps({"AOTI_DEVICE_KEY": "cpu"}).encode())
+             for name in extra]
+    _write_pt2(folder, _entries(folder) + added)
+    _refused(folder, rf"model\.pt2 holds native code \({re.escape(extra[0])}\); dlopt does not load native "
+                     rf"libraries from a saved module")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("order", ["evil first", "evil last"])
+def test_an_entry_written_twice_is_refused(saved, tmp_path, order):
+    """Python's zipfile reads the last copy of a repeated name, torch's reader the first: the check read the
+    benign copy while torch unpickled the one with use_pickle true."""
+    _, folder = saved
+    marker = tmp_path / "marker"
+    evil = json.dumps({"config": {"c": {"path_name": "tensor_0", "is_param": False, "use_pickle": True,
+                                        "tensor_meta": None}}}).encode()
+    entries = []
+    for name, data in _entries(folder):
+        if name.endswith("data/constants/model_constants_config.json"):
+            entries += [(name, evil), (name, data)] if order == "evil first" else [(name, data), (name, evil)]
+            entries.append((name.replace("model_constants_config.json", "tensor_0"), pickle.dumps(Payload(marker))))
+        else:
+            entries.append((name, data))
+    _write_pt2(folder, entries)
+    _refused(folder, r"model\.pt2 holds two entries named data/constants/model_constants_config\.json; ")
+    assert not marker.exists()
+
+
+def test_names_that_differ_only_in_case_are_refused(saved):
+    """torch's zip reader looks names up without regard to case."""
+    _, folder = saved
+    entries = _entries(folder)
+    name, data = next((n, d) for n, d in entries if n.endswith("model_weights_config.json"))
+    _write_pt2(folder, [(name.replace("model_weights", "Model_Weights"), data), *entries])
+    _refused(folder, r"model\.pt2 holds (two entries named|data/weights/Model_Weights_config\.json)")
+
+
+@pytest.mark.parametrize("name", ["extra/notes.txt", "models/other.json", "data/executorch/program.pte",
+                                  "data/weights/model.pt", "data/constants/model.pt", "data/sample_inputs/other.pt",
+                                  "data/mtia/x", "xl_model_weights/model_param_config"])
+def test_an_entry_save_module_never_writes_is_refused(saved, name):
+    _, folder = saved
+    entries = _entries(folder)
+    root = entries[0][0].split("/", 1)[0]
+    _write_pt2(folder, [*entries, (f"{root}/{name}", b"{}")])
+    _refused(folder, rf"model\.pt2 holds (pickled Python objects \()?{re.escape(name)}")
+
+
+def test_an_entry_outside_the_archive_root_is_refused(saved):
+    """torch.export.load falls back to the 2.7 layout (plain pickles) when it finds a top-level 'version'."""
+    _, folder = saved
+    _write_pt2(folder, [*_entries(folder), ("version", b"1.0")])
+    _refused(folder, r"model\.pt2 holds version, which dlopt\.prune does not write")
+
+
+class WithConstants(nn.Module):
+    """A non-persistent buffer, a tensor attribute and a tensor made in forward: torch.export writes them as
+    data/constants/tensor_N."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("offset", torch.ones(3), persistent=False)
+        self.scale = torch.arange(3.0)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale + self.offset + torch.tensor([1.0, 2.0, 3.0])
+
+
+def test_tensor_constants_still_round_trip(tmp_path):
+    model = _net(cls=WithConstants)
+    folder = dlopt.pruning.save_module(model, torch.randn(1, 4), tmp_path / "constants")
+    assert sum(n.split("/")[-1].startswith("tensor_") for n, _ in _entries(folder)) == 3
+    loaded = load_module(folder)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x))
 
 
 def test_a_folder_without_the_description_is_refused(saved, tmp_path):
