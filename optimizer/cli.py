@@ -27,7 +27,9 @@ EXIT_INTERNAL = 70
 
 
 def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    from dlopt.errors import one_line
+
+    return one_line(text)  # U+2028 and other odd breaks escaped, never a second terminal line
 
 
 def _ignore_signals() -> None:
