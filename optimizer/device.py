@@ -22,10 +22,10 @@ from typing import Callable
 
 from dlopt import __version__
 from dlopt.artifacts import (FILE_HASHES, MANIFEST, check_native_files, contained_path, output_lock, publish,
-                             resolve_output, staging_dir)
-from dlopt.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipped, VerifyData, VerifyFileError,
-                                device_report, fastest, host_info, read_arrays, run_candidates, write_json,
-                                write_text)
+                             read_folder_json, resolve_output, staging_dir)
+from dlopt.device_check import (DEVICE_REPORT, SCRIPT, SETTINGS_FILES, VERIFY_FILE, Skipped, VerifyData,
+                                VerifyFileError, check_entry, check_settings, device_report, fastest, host_info,
+                                is_bundle_dir, read_arrays, run_candidates, shown, write_json, write_text)
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.targets import read_manifest
 
@@ -54,9 +54,15 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     wanted = [k for k in data.candidates if not keys or k in keys]
     # Every folder verify.npz names stays inside the output, and native code in them is as published,
     # before any candidate is loaded.
+    # And each is the folder the manifest ships that candidate in, holding that candidate: a verify.npz
+    # pointing tvm/fp32 at the top-level ONNX would call a library verified that never ran.
     folders = {k: contained_path(out, data.candidates[k].get("dir"), named_in=VERIFY_FILE) for k in wanted}
     for k in wanted:
+        _check_candidate(out, manifest, k, data.candidates[k], folders[k])
         check_native_files(out, folders[k], _candidate_files(out, folders[k], manifest), manifest)
+    report_json = read_folder_json(out, "report.json", missing_ok=True)
+    target = report_json.get("target") if isinstance(report_json, dict) else None
+    target = target if isinstance(target, dict) else {}
     host = host_info()  # before any runtime narrows this thread's CPUs
     if remote is not None:
         from dlopt.targets.tvm_rpc import require
@@ -116,7 +122,6 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     best, why = fastest(rows, top) if bench else (None, "not timed (dlopt verify)")
     report = device_report(rows, tool=f"dlopt {'bench' if bench else 'verify'} {__version__}", host=host,
                            top_level=top, best=best, why=why, runs=runs, threads=threads)
-    target = json.loads((out / "report.json").read_text()).get("target", {}) if (out / "report.json").is_file() else {}
     report["target"] = {"name": target.get("name") or data.meta.get("target"), "arch": target.get("arch")}
     report["this_machine_matches_target_arch"] = target.get("arch") == host["machine"] if target.get("arch") else None
     with output_lock(out):
@@ -136,6 +141,29 @@ def read_verify(out: Path) -> VerifyData:
         raise ConfigError(first_line(exc)) from exc
 
 
+def _check_candidate(out: Path, manifest: dict, key: str, entry: dict, folder: Path) -> None:
+    """ConfigError unless verify.npz's ``entry`` is where the manifest ships ``key`` and the folder
+    there opens as a ``key`` artefact (its backend and precision as dlopt.load reads them)."""
+    from dlopt.targets import read_artifact
+
+    try:
+        check_entry(manifest, key, entry, where=str(out / VERIFY_FILE))
+    except VerifyFileError as exc:
+        raise ConfigError(first_line(exc)) from exc
+    try:
+        artifact, _ = read_artifact(folder)  # a folder that is no artefact at all: its ConfigError, one line
+    except TargetUnavailable:
+        return  # a backend this dlopt does not load: skipped in its own row
+    if f"{artifact.backend}/{artifact.precision}" != key:
+        raise ConfigError(f"{folder} holds a {artifact.backend}/{artifact.precision} artefact, not {key} as "
+                          f"{VERIFY_FILE} and the manifest say; nothing was run (a crafted or damaged output: "
+                          f"recompile)")
+    try:  # the settings run_candidates.py would refuse are refused here too, before anything runs
+        check_settings(artifact.backend, artifact.settings, folder / SETTINGS_FILES.get(artifact.backend, ""))
+    except VerifyFileError as exc:
+        raise ConfigError(first_line(exc)) from exc
+
+
 def _candidate_files(out: Path, folder: Path, manifest: dict) -> list[str]:
     """The files of the candidate in ``folder``: the manifest's list at the top level, else the folder's."""
     if folder.resolve() == out.resolve():
@@ -149,10 +177,10 @@ def _emulation_plan(folder: Path, entry: dict):
     if entry.get("backend") != "tvm":
         return None
     try:
-        settings = json.loads((folder / "tvm_build.json").read_text())
-        if not isinstance(settings, dict):
-            return None
-    except (OSError, ValueError, RecursionError):
+        settings = read_folder_json(folder, "tvm_build.json")
+    except ConfigError:
+        return None  # its own row says why it cannot be opened
+    if not isinstance(settings, dict):
         return None
     from dlopt.emulation import aarch64_python
     from dlopt.profiles import host_arch
@@ -236,11 +264,12 @@ def select(out: Path, key: str) -> str:
         top = f"{manifest['backend']}/{manifest['precision']}"
         if key == top:
             return f"{key} is already at the top level of {out}"
-        bundle = dict(manifest.get("bundle") or {})
+        bundle = manifest.get("bundle") or {}
+        if not isinstance(bundle, dict):
+            raise ConfigError(f"{out / MANIFEST}: bundle is not a JSON object; recompile it")
+        bundle = dict(bundle)
         if key not in bundle:
             raise ConfigError(f"{key} is not a bundle candidate of {out}; it has {', '.join(bundle) or 'none'}")
-        report = json.loads((out / "report.json").read_text())
-        rows = {f"{c['backend']}/{c['precision']}": c for c in report["candidates"]}
         published, files = manifest.get("published"), manifest.get("files")
         if not isinstance(published, list) or not isinstance(files, list):
             raise ConfigError(f"{out / MANIFEST} lacks the files and published lists; recompile it")
@@ -251,15 +280,32 @@ def select(out: Path, key: str) -> str:
         for f in files:
             if contained_path(out, f, named_in=f"{MANIFEST} files").parent != out:
                 raise ConfigError(f"{out / MANIFEST} lists {f!r} as a top-level file; recompile it")
-        new_path = contained_path(out, bundle.pop(key), named_in=f"{MANIFEST} bundle")
-        if new_path.resolve() == out or not new_path.is_dir():
-            raise ConfigError(f"{out / MANIFEST} names {new_path} for {key}, which is not a bundle folder; "
-                              f"recompile it")
-        new_dir = new_path.relative_to(out).as_posix()
+        _check_bundle_dirs(out, bundle)
+        report = read_folder_json(out, "report.json")
+        if not isinstance(report, dict):
+            raise ConfigError(f"{out / 'report.json'} does not hold a JSON object; nothing was moved, recompile it")
+        rows = _report_rows(out, report, (top, key))
+        new_dir = bundle.pop(key)
         # The top-level candidate's files, and the ONNX it was built from where that is not one of them.
         old_files = list(files) + [f for f in ("model.onnx", "model.onnx.data")
                                    if f not in files and (out / f).is_file()]
-        old_dir = contained_path(out, f"bundle/{top.replace('/', '-')}", named_in=MANIFEST).relative_to(out).as_posix()
+        old_dir = f"bundle/{top.replace('/', '-')}"
+        if not is_bundle_dir(old_dir):
+            raise ConfigError(f"{out / MANIFEST} names the top-level candidate {top!r}, which makes no bundle/ folder "
+                              f"name; recompile it")
+        old_path = contained_path(out, old_dir, named_in=MANIFEST)
+        if old_path.exists() or old_path.is_symlink():
+            raise ConfigError(f"{out} already holds {old_dir}, where --select moves the top-level {top}; nothing was "
+                              f"moved: remove or rename that folder (dlopt did not write it there)")
+        unmoved = [f for f in ["bundle", *old_files] if f not in published or not (out / f).exists()]
+        if unmoved:
+            raise ConfigError(f"{out / MANIFEST} does not publish {unmoved[0]}, which --select moves; nothing was "
+                              f"moved, recompile it")
+        clash = next((p.name for p in (out / new_dir).iterdir()
+                      if p.name in published and p.name not in old_files), None)
+        if clash is not None:  # a bundle/<folder>/bundle or manifest.json would land on the output's own
+            raise ConfigError(f"{new_dir} holds {clash}, which --select would move onto the output's own; nothing "
+                              f"was moved, recompile it")
         with staging_dir(out) as staged:
             for name in published:
                 source = out / name
@@ -291,9 +337,11 @@ def select(out: Path, key: str) -> str:
                 (staged / name).unlink(missing_ok=True)  # a hard link: never write through it
                 (staged / name).write_text(text)
             _refresh_verify_dirs(staged, key, top, old_dir)
-            device = None
-            if (staged / DEVICE_REPORT).is_file():
-                device = json.loads((staged / DEVICE_REPORT).read_text())
+            try:
+                device = read_folder_json(staged, DEVICE_REPORT, missing_ok=True)
+            except ConfigError:
+                device = None  # a report that cannot be read is left out of the renderings, as no report
+            device = device if isinstance(device, dict) else None
             for name in ("report.md", "report.html"):
                 (staged / name).unlink(missing_ok=True)
             from dlopt.html import render_html
@@ -307,6 +355,34 @@ def select(out: Path, key: str) -> str:
             (staged / README).write_text(render_readme(report, manifest, staged))
             publish(staged, out)
     return f"moved {key} to the top level of {out}; {top} is now in {old_dir}"
+
+
+def _check_bundle_dirs(out: Path, bundle: dict) -> None:
+    """ConfigError unless every bundle path is ``bundle/<folder>`` exactly, each its own, each a folder
+    (no symlink): ``"bundle"`` itself would move every candidate to the top level."""
+    seen = set()
+    for name, where in bundle.items():
+        path = contained_path(out, where, named_in=f"{MANIFEST} bundle")
+        if not is_bundle_dir(where):
+            raise ConfigError(f"{out / MANIFEST} puts {name} in {shown(where)}; dlopt writes bundle/<folder> (one "
+                              f"folder under bundle/): nothing was moved, recompile it")
+        if where in seen:
+            raise ConfigError(f"{out / MANIFEST} puts two candidates in {where}; nothing was moved, recompile it")
+        seen.add(where)
+        if not path.is_dir():
+            raise ConfigError(f"{out / MANIFEST} puts {name} in {where}, which is not a folder; nothing was moved, "
+                              f"recompile it")
+
+
+def _report_rows(out: Path, report: dict, keys) -> dict:
+    """report.json's candidate rows by key; ConfigError if they or any of ``keys`` are missing."""
+    candidates = report.get("candidates")
+    rows = {f"{c.get('backend')}/{c.get('precision')}": c for c in candidates if isinstance(c, dict)} \
+        if isinstance(candidates, list) else {}
+    missing = [k for k in keys if k not in rows]
+    if missing:
+        raise ConfigError(f"{out / 'report.json'} has no row for {missing[0]}; nothing was moved, recompile it")
+    return rows
 
 
 def _no_symlinks_in(path: Path, out: Path) -> None:
