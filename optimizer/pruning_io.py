@@ -4,7 +4,9 @@ pruned_state.pth and prune.json; ``load_module`` reads them back without unpickl
 Guarantees: nothing read from a folder is unpickled (the state is tensors and plain values read
 with ``torch.load(weights_only=True)``) and no native code is loaded: torch.export.load reads a
 model.pt2 rebuilt from the entries save_module writes, each checked, and any other entry (pickled
-or opaque objects, AOTInductor libraries, a name twice) is refused before torch reads anything;
+or opaque objects, AOTInductor libraries, a name twice) or a models/model.json carrying Python (shape
+expressions sympy evaluates, guard code, names pasted into generated source, calls that are not
+torch operators) is refused before torch reads anything;
 a folder is replaced only when an earlier save wrote it.
 """
 
@@ -226,8 +228,9 @@ def _safe_pt2(data: bytes, path: Path) -> bytes:
     before torch reads anything: a name save_module never writes (AOTInductor libraries, any .so/.dll/
     .dylib, opaque and custom object constants, which torch unpickles whatever use_pickle says, extra
     files, other models, legacy pickles), a name twice, a compressed entry, a config entry with
-    use_pickle or a payload save_module does not write, and sample inputs the restricted unpickler
-    refuses (torch then falls back to the unrestricted one)."""
+    use_pickle or a payload save_module does not write, sample inputs the restricted unpickler
+    refuses (torch then falls back to the unrestricted one) and a model.json that
+    :func:`_check_program` refuses."""
     import pickle
     import zipfile
 
@@ -299,7 +302,111 @@ def _safe_pt2(data: bytes, path: Path) -> bytes:
         raise refuse("data/sample_inputs/model.pt") from exc
     except Exception as exc:  # noqa: BLE001 - torch would fall back to plain pickle on any failure
         raise refuse(f"data/sample_inputs/model.pt: {first_line(exc)}") from exc
+    _check_program(entries["models/model.json"], path)
     return _rebuilt_pt2(entries)
+
+
+# Where models/model.json reaches Python: sympy.sympify evaluates every expr_str, guards_code is exec'd,
+# forward_arg_names and pytree context keys are pasted into the forward's generated source, node targets
+# are looked up by name.  Each must look like what torch.export.save writes for a pruned module.
+_EXPR_TOKEN = re.compile(r"\s+|[0-9]{1,20}(\.[0-9]{1,20})?|'?[a-z]{1,4}[0-9]{1,9}'?|[A-Za-z]{1,20}|//|<=|>=|==|!="
+                         r"|[-+*/%(),=<>&|~]")
+_EXPR_WORDS = frozenset({"Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Mod", "FloorDiv", "CleanDiv",
+                         "CeilToInt", "FloorToInt", "ModularIndexing", "PythonMod", "Where", "Max", "Min", "Eq", "Ne",
+                         "Le", "Lt", "Ge", "Gt", "And", "Or", "Not", "True", "False", "oo", "positive", "negative",
+                         "nonnegative", "nonpositive", "integer", "real", "finite", "zero", "nonzero"})
+_TARGET = re.compile(r"torch\.ops\.[a-z][a-z0-9_]*\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|math\.trunc|torch\.sym_(not|int|"
+                     r"float|ite|max|min|sqrt)|_operator\.(eq|ne|le|ge|lt|gt|neg|pos|mul|add|sub|floordiv|mod|"
+                     r"truediv|and_|or_|getitem)")
+
+
+def _check_program(text: bytes, path: Path) -> None:
+    import keyword
+
+    import torch
+
+    def refuse(what: str):
+        return ConfigError(f"{path}: models/model.json holds {what}, which dlopt.prune does not write and torch would "
+                           f"run as Python: save the module again")
+
+    def identifiers(value, where: str):
+        if isinstance(value, str) and not (value.isidentifier() and not keyword.iskeyword(value)):
+            raise refuse(f"{where} {_shown(value[:80])!r}")
+        for item in (value if isinstance(value, list) else value.values() if isinstance(value, dict) else ()):
+            identifiers(item, where)
+
+    def walk(value):
+        if isinstance(value, list):
+            for item in value:
+                walk(item)
+            return
+        if not isinstance(value, dict):
+            return
+        expr = value.get("expr_str")
+        if expr is not None and not _plain_expr(expr):
+            raise refuse(f"the shape expression {_shown(str(expr)[:80])!r}")
+        target = value.get("target")
+        if "inputs" in value and target is not None and not (
+                isinstance(target, str) and _TARGET.fullmatch(target) and "__" not in target
+                and not (target.startswith("torch.ops.") and hasattr(type(torch.ops), target.split(".")[2]))):
+            raise refuse(f"a call of {_shown(str(target)[:80])!r}, not a torch operator")
+        signature = value.get("signature")
+        if isinstance(signature, dict) and "forward_arg_names" in signature:
+            identifiers(signature.get("forward_arg_names") or [], "the argument name")
+            for key in ("in_spec", "out_spec"):
+                if signature.get(key) is not None:
+                    _spec_names(signature[key], identifiers)
+        for item in value.values():
+            walk(item)
+
+    try:
+        program = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: models/model.json is not readable JSON: {first_line(exc)}") from exc
+    if not isinstance(program, dict) or program.get("guards_code") not in (None, []):
+        raise refuse("guard code")
+    try:
+        walk(program)
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: models/model.json is nested too deep; save the module again") from exc
+
+
+def _plain_expr(expr) -> bool:
+    """Symbols, integers, arithmetic and comparisons with sympy's and torch's shape functions: nothing
+    sympify's eval could turn into a call of anything else (no attributes, no names, no powers)."""
+    if not isinstance(expr, str) or len(expr) > 2000 or "**" in expr:
+        return False
+    position = 0
+    while position < len(expr):
+        token = _EXPR_TOKEN.match(expr, position)
+        if token is None:
+            return False
+        word = token.group()
+        if word[0].isalpha() and not word[-1].isdigit() and word not in _EXPR_WORDS:  # s77 is a symbol
+            return False
+        position = token.end()
+    return True
+
+
+def _spec_names(spec, identifiers) -> None:
+    """The dict keys and field names in a serialised pytree spec: torch pastes them into Python source."""
+    try:
+        decoded = json.loads(spec)
+    except (TypeError, ValueError, RecursionError):
+        return  # torch refuses it itself
+    stack = [decoded]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            context = node.get("context")
+            if isinstance(context, str):
+                try:
+                    identifiers(json.loads(context), "the pytree key")
+                except (ValueError, RecursionError):
+                    identifiers(context, "the pytree key")
+            stack.extend(node.get("children_spec") or [])
 
 
 def _payload(rest: str) -> bool:

@@ -247,6 +247,66 @@ def test_an_entry_outside_the_archive_root_is_refused(saved):
     _refused(folder, r"model\.pt2 holds version, which dlopt\.prune does not write")
 
 
+def _edit_program(folder, edit) -> None:
+    entries = [(n, json.dumps(edit(json.loads(d))).encode() if n.endswith("models/model.json") else d)
+               for n, d in _entries(folder)]
+    _write_pt2(folder, entries)
+
+
+def _with_expr(program, expr):
+    text = json.dumps(program)
+    assert "\"expr_str\": \"Symbol('s" in text  # save_module's dynamic batch
+    return json.loads(re.sub(r'"expr_str": "Symbol\(([^"]*)\)"', lambda m: json.dumps({"expr_str": expr})[1:-1],
+                             text, count=1))
+
+
+def test_python_in_model_json_is_refused_and_never_runs(saved, tmp_path):
+    """torch's deserializer hands every expr_str to sympy.sympify, which evals it, and execs guards_code: a
+    model.pt2 holding only the entries save_module writes still ran its payload through model.json."""
+    _, folder = saved
+    marker = tmp_path / "marker"
+    payload = f"__import__('os').system('touch {marker}') + Symbol('s1', positive=True, integer=True)"
+    _edit_program(folder, lambda program: _with_expr(program, payload))
+    _refused(folder, r"models/model\.json holds the shape expression .__import__\(.* which dlopt\.prune does not "
+                     r"write and torch would run as Python")
+    _edit_program(folder, lambda program: {**program, "guards_code": [f"__import__('os').system('touch {marker}')"]})
+    _refused(folder, r"models/model\.json holds guard code, which dlopt\.prune does not write")
+    assert not marker.exists()
+
+
+def _first_node(program, **changes):
+    program["graph_module"]["graph"]["nodes"][0].update(changes)
+    return program
+
+
+def _signature(program, **changes):
+    program["graph_module"]["module_call_graph"][0]["signature"].update(changes)
+    return program
+
+
+@pytest.mark.parametrize(("edit", "refusal"), [
+    (lambda p: _first_node(p, target="torch.os.system"), r"a call of 'torch\.os\.system', not a torch operator"),
+    (lambda p: _first_node(p, target="torch.ops.import_module.__func__.__call__"), r"a call of 'torch\.ops\.import_"),
+    (lambda p: _signature(p, forward_arg_names=["x: __import__('os').getcwd()"]), r"the argument name .x: __imp"),
+    (lambda p: _signature(p, in_spec=json.dumps([1, {"type": "builtins.dict", "context": json.dumps(["a']+[0][0"]),
+                                                     "children_spec": []}])), r"the pytree key .a'\]\+"),
+])
+def test_names_torch_turns_into_code_are_refused(saved, edit, refusal):
+    """Node targets are looked up by name, argument names and pytree keys pasted into the forward's source."""
+    _, folder = saved
+    _edit_program(folder, edit)
+    _refused(folder, r"models/model\.json holds " + refusal)
+
+
+def test_shape_expressions_save_module_writes_are_accepted():
+    from dlopt.pruning_io import _plain_expr
+
+    for expr in ["Symbol('s77', positive=True, integer=True)", "2*s77 + 1", "FloorDiv(s77, 2)", "Max(1, s0)"]:
+        assert _plain_expr(expr), expr
+    for expr in ["s1**9**9", "Symbol('s1').func", "s1 if True else s2", "lambda1", "eval('1')", "Pow(s1, 2)"]:
+        assert not _plain_expr(expr), expr
+
+
 class WithConstants(nn.Module):
     """A non-persistent buffer, a tensor attribute and a tensor made in forward: torch.export writes them as
     data/constants/tensor_N."""
@@ -261,10 +321,23 @@ class WithConstants(nn.Module):
         return self.fc(x) * self.scale + self.offset + torch.tensor([1.0, 2.0, 3.0])
 
 
-def test_tensor_constants_still_round_trip(tmp_path):
-    model = _net(cls=WithConstants)
-    folder = dlopt.pruning.save_module(model, torch.randn(1, 4), tmp_path / "constants")
-    assert sum(n.split("/")[-1].startswith("tensor_") for n, _ in _entries(folder)) == 3
+class ShapeArithmetic(nn.Module):
+    """Shapes computed from the dynamic batch: model.json holds Mul/FloorDiv expressions and _operator calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x).reshape(x.shape[0] * 3, 1)
+        return y.reshape(x.shape[0], 3) + x.shape[0] // 2
+
+
+@pytest.mark.parametrize(("cls", "constants"), [(WithConstants, 3), (ShapeArithmetic, 0)])
+def test_what_save_module_writes_still_loads(tmp_path, cls, constants):
+    model = _net(cls=cls)
+    folder = dlopt.pruning.save_module(model, torch.randn(1, 4), tmp_path / "saved")
+    assert sum(n.split("/")[-1].startswith("tensor_") for n, _ in _entries(folder)) == constants
     loaded = load_module(folder)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
