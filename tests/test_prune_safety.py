@@ -299,7 +299,7 @@ def test_names_torch_turns_into_code_are_refused(saved, edit, refusal):
 
 
 def test_shape_expressions_save_module_writes_are_accepted():
-    from dlopt.pruning_io import _plain_expr
+    from dlopt.pt2_check import _plain_expr
 
     for expr in ["Symbol('s77', positive=True, integer=True)", "2*s77 + 1", "FloorDiv(s77, 2)", "Max(1, s0)"]:
         assert _plain_expr(expr), expr
