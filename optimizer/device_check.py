@@ -149,9 +149,15 @@ def read_arrays(path: Path, max_bytes: int = VERIFY_READ_MAX) -> dict:
 
 
 def _unreadable(path: Path, exc: BaseException) -> "VerifyFileError":
-    gist = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    gist = first_words(exc)
     return VerifyFileError(f"{path} is not a readable dlopt verify file ({type(exc).__name__}: {gist}); "
                            f"recompile with dlopt")
+
+
+def first_words(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 class VerifyData:
@@ -326,11 +332,6 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(value, dict):
         raise VerifyFileError(f"{path} does not hold a JSON object; recompile")
     return value
-
-
-def first_words(exc: BaseException, limit: int = 200) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else ""
 
 
 def is_bundle_dir(value) -> bool:
