@@ -3,7 +3,7 @@
 ``verify.npz`` holds a few evaluation feeds, the original's outputs on them and, per
 shipped candidate, the error it showed when built and the error it may show on the
 device (``dlopt.device_check``).  ``run_candidates.py`` is ``dlopt/fidelity.py``,
-``dlopt/timing.py`` and ``dlopt/device_check.py`` pasted into one script, so the device
+``dlopt/timing.py``, ``dlopt/device_guard.py`` and ``dlopt/device_check.py`` pasted into one script, so the device
 check that runs without dlopt is the same code as ``dlopt verify`` and ``dlopt bench``.
 """
 
@@ -14,12 +14,12 @@ from pathlib import Path
 from dlopt import __version__
 from dlopt.device_check import SCRIPT, VERIFY_FILE, allowed_error, verify_feeds, write_verify
 
-_SOURCES = ("fidelity.py", "timing.py", "device_check.py")
+_SOURCES = ("fidelity.py", "timing.py", "device_guard.py", "device_check.py")
 _FUTURE = "from __future__ import annotations\n"
 
 
 def script_source() -> str:
-    """run_candidates.py: the three numpy-only modules, one after the other, one ``__future__`` line."""
+    """run_candidates.py: the four numpy-only modules, one after the other, one ``__future__`` line."""
     here = Path(__file__).resolve().parent
     parts = [f"#!/usr/bin/env python3\n# run_candidates.py, written by dlopt {__version__} from dlopt/"
              + ", dlopt/".join(_SOURCES) + ".\n# Needs only numpy and the runtime of each candidate; "
