@@ -219,6 +219,9 @@ class _Relay:
             self._upstream = socket.create_connection((host, port), timeout=_left(self._handshake_by))
             for sock in (self._client, self._upstream):
                 sock.settimeout(None)  # deadlines are kept with select(), in both threads
+                # an RPC session is many small request/answer packets: Nagle's algorithm would hold each
+                # header back for the peer's delayed ACK (tens of ms a call), as TVM's own sockets do not
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             return self._fail(f"cannot reach it ({self._waiting if isinstance(exc, TimeoutError) else _why(exc, 0)})")
         finally:
