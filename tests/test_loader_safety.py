@@ -9,7 +9,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -64,15 +63,13 @@ def test_ort_thread_counts_from_the_file_are_clamped_to_the_cores(copy):
     def many(s):
         s.update(intra_op_num_threads=3000, inter_op_num_threads=3000, execution_mode="ORT_PARALLEL")
     _edit(copy / "session_options.json", many)
-    before, start = _threads(), time.perf_counter()
+    before = _threads()
     with api.load(copy) as runner:
-        seconds = time.perf_counter() - start
         options = runner._session._session.get_session_options()
         assert (options.intra_op_num_threads, options.inter_op_num_threads) == (CORES, CORES)
         assert _threads() - before <= 2 * CORES + 2  # 3000 + 3000 before
         (y,) = runner.run({"x": _x()})
         assert y.shape == (2, 10)
-    assert seconds < 10
 
 
 @pytest.mark.parametrize("bad", [-5, "many", 2.5, True, None])
