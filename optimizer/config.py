@@ -159,11 +159,20 @@ def plain_name(text: str, limit: int = 100) -> str:
     return name if name.strip(".") else "model"
 
 
-def machine_cores() -> int:
+def _affinity() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+# Read once, at import: a runtime may later pin the calling thread to one core (TVM's thread pool does),
+# and the machine's cores must not shrink with it.
+_CORES = _affinity()
+
+
+def machine_cores() -> int:
+    return _CORES
 
 
 # field -> (accepted types, what to say); checked before any value is used so a wrong type is

@@ -295,7 +295,12 @@ def open_plain(folder: Path, backend: str, threads: int | None = None):
             raise Skipped(f"a TVM library for {arch}; this machine is {_machine()}")
         count = threads or clamped_threads(settings.get("threads"), 0)
         if count:
-            tvm.get_global_func("runtime.config_threadpool")(1, int(count))
+            allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+            try:
+                tvm.get_global_func("runtime.config_threadpool")(1, int(count))
+            finally:  # TVM pins the calling thread to one core; the rest of this process keeps its CPUs
+                if allowed is not None:
+                    os.sched_setaffinity(0, allowed)
         main = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), tvm.cpu())["main"]
         specs = settings["inputs"]
 

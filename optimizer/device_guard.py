@@ -175,9 +175,13 @@ def check_native(out: Path, folder: Path, manifest: dict) -> None:
                                   f"from the manifest's); native code that changed is not loaded: recompile")
 
 
+# Read once, at import: a runtime may later pin the calling thread to one core (TVM's thread pool does).
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cores() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPUs this process may run on (as it started)."""
+    return _CORES
 
 
 def clamped_threads(value, default: int) -> int:

@@ -150,7 +150,9 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
 
 
 def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from dlopt.config import machine_cores  # read at import, before any runtime pinned this thread
+
+    return machine_cores()
 
 
 def threads_from_file(value, *, key: str, source: str) -> int:
