@@ -18,7 +18,6 @@ Safety rules (a compile must never cost a user their files):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -502,26 +501,20 @@ def _external_locations(path: Path) -> list[str]:
     """The external data files an ONNX file names (its own text, not yet read); [] when it does not parse
     (the loader then says why)."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from dlopt.model_io import _external_tensors  # the walk model loading uses: subgraphs and attributes too
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # DecodeError: the loader reports it in its own words
         return []
-    locations = []
-    for tensor in _get_all_tensors(model):
-        if uses_external_data(tensor):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            locations.append(location)
-    return sorted(set(locations))
+    return sorted({info.get("location", "") for _, info in _external_tensors(model)})
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from dlopt.model_io import sha256_file  # the one file hasher (model_io imports onnx: lazily)
+
+    return sha256_file(path)
 
 
 def file_hashes(folder: Path, names: Iterable[str]) -> dict[str, str]:
