@@ -309,10 +309,10 @@ def output_lock(out: Path, *, wait: float = 0.0) -> Iterator[None]:
         os.close(fd)
 
 
-def write_file(path: Path, content: str | Callable[[BinaryIO], None]) -> Path:
+def write_file(path: Path, content: str | Callable[[BinaryIO], None], *, mode: int = 0o644) -> Path:
     """Write ``path`` whole or not at all: ``content`` is text (UTF-8) or ``f(binary_file)``.
 
-    Written beside ``path``, synced, made 0644 and renamed over it; on any error the
+    Written beside ``path``, synced, given ``mode`` and renamed over it; on any error the
     temporary file goes and ``path`` is as it was.  (``device_check.write_text`` is the
     same for the scripts that run on a device without dlopt.)
     """
@@ -326,7 +326,7 @@ def write_file(path: Path, content: str | Callable[[BinaryIO], None]) -> Path:
                 content(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

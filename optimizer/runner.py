@@ -275,8 +275,9 @@ def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray:
 def _write_npz(output: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez's archive with MARK as its comment, written whole or not at all; a file it replaces (one
     an earlier run wrote) keeps its mode: predictions a user made 0600 stay private."""
-    import tempfile
     import zipfile
+
+    from dlopt.artifacts import write_file
 
     try:
         found = os.lstat(output)
@@ -287,18 +288,12 @@ def _write_npz(output: Path, arrays: dict[str, np.ndarray]) -> None:
             raise ConfigError(f"--output {output} appeared while dlopt ran and was not written by dlopt run; "
                               f"dlopt will not replace it")
         mode = stat.S_IMODE(found.st_mode)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for name, array in arrays.items():
-                    with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
-                        np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
-                archive.comment = MARK
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+            archive.comment = MARK
+
+    write_file(output, write, mode=mode)
