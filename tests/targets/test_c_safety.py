@@ -75,17 +75,20 @@ def _compile(proto, folder: Path):
                      threads=1)
 
 
-def _matches_ort(artifact, proto, x_name: str) -> float:
-    session = C.load(artifact)  # the host build, loaded in this process: a constructor would run here
+def _run_c(artifact, feeds: list[dict]) -> list[np.ndarray]:
+    """The first output of the host build on each feed (loaded in this process: a constructor would run here)."""
+    session = C.load(artifact)
     try:
-        worst = 0.0
-        for seed in range(3):
-            x = np.random.default_rng(seed).standard_normal((1, 1, 4, 4)).astype(np.float32)
-            got, want = session.run({x_name: x})[0], run_ort(proto, {x_name: x})[0]
-            worst = max(worst, float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
-        return worst
+        return [session.run(feed)[0] for feed in feeds]
     finally:
         session.close()
+
+
+def _matches_ort(artifact, proto, x_name: str) -> float:
+    feeds = [{x_name: np.random.default_rng(seed).standard_normal((1, 1, 4, 4)).astype(np.float32)}
+             for seed in range(3)]
+    return max(float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+               for got, want in zip(_run_c(artifact, feeds), (run_ort(proto, f)[0] for f in feeds)))
 
 
 @pytest.mark.parametrize("turn", range(len(CLOSES)))
@@ -152,11 +155,7 @@ def test_clip_with_min_over_max_is_onnx_runtimes(tmp_path, lo, hi):
                 _compile(proto, tmp_path / label)
             continue
         artifact = _compile(proto, tmp_path / label.replace("+", "-"))
-        session = C.load(artifact)
-        try:
-            got = session.run({"x": x})[0]
-        finally:
-            session.close()
+        (got,) = _run_c(artifact, [{"x": x}])
         want = run_ort(proto, {"x": x})[0]
         assert np.array_equal(want, np.full_like(want, hi)), label  # ONNX: min > max gives max everywhere
         assert np.max(np.abs(got - want)) == 0.0, (label, np.max(np.abs(got - want)))
@@ -205,11 +204,8 @@ def test_a_cross_toolchain_without_newlib_keeps_the_host_verified_c(tmp_path, mo
     assert [r.getMessage() for r in caplog.records if r.name == "dlopt.targets.c"] == [
         f"no Cortex-M sizes or qemu check: {reason}"]
     x = np.random.default_rng(2).standard_normal((1, 1, 4, 4)).astype(np.float32)
-    session = C.load(artifact)
-    try:
-        assert np.max(np.abs(session.run({"x": x})[0] - run_ort(proto, {"x": x})[0])) <= 1e-5
-    finally:
-        session.close()
+    (got,) = _run_c(artifact, [{"x": x}])
+    assert np.max(np.abs(got - run_ort(proto, {"x": x})[0])) <= 1e-5
     # the CLI: the candidate ships, verified on the host build, and one line names the package
     onnx.save(_clip_models(-1.0, 3.0)["conv+clip"], tmp_path / "m.onnx")
     done = run_cli("compile", tmp_path / "m.onnx", "--target", "cortex-m4", "-o", tmp_path / "out",
