@@ -55,7 +55,9 @@ class PublishOptions:
             named = [o for o, v in (("--name", self.name), ("--max-batch-size", self.max_batch_size),
                                     ("--kserve", self.kserve)) if v is not None]
             if named:
-                raise ConfigError(f"{', '.join(named)} need --triton REPO (they describe the Triton model)")
+                listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+                verb, they = ("needs", "it describes") if len(named) == 1 else ("need", "they describe")
+                raise ConfigError(f"{listed} {verb} --triton REPO ({they} the Triton model)")
         elif not triton_allowed:
             raise ConfigError("--triton packages a compile's artefact; a gate has none")
         if self.register is not None and self.mlflow is None:

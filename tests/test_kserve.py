@@ -130,9 +130,17 @@ def test_gpu_manifest(outs, tmp_path):
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
 
 
-def test_kserve_needs_triton(outs):
-    result = CliRunner().invoke(package, [str(outs["ship"]), "--kserve", "--mlflow"])
-    assert isinstance(result.exception, ConfigError) and "need --triton" in str(result.exception)
+@pytest.mark.parametrize("given, message", [
+    (["--kserve"], "--kserve needs --triton REPO (it describes the Triton model)"),
+    (["--name", "cnn", "--kserve"], "--name and --kserve need --triton REPO (they describe the Triton model)"),
+    (["--name", "cnn", "--max-batch-size", "4", "--kserve"],
+     "--name, --max-batch-size and --kserve need --triton REPO (they describe the Triton model)"),
+])
+def test_triton_options_need_triton(tmp_path, given, message):
+    """Refused before the output folder is read (it need not exist): one line, exit 2, in English."""
+    result = CliRunner().invoke(package, [str(tmp_path / "out"), *given, "--mlflow"])
+    assert isinstance(result.exception, ConfigError) and result.exception.exit_code == 2
+    assert str(result.exception) == message
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed on this machine")
