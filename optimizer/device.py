@@ -67,6 +67,11 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     if remote is not None:
         from dlopt.targets.tvm_rpc import require
 
+        if not any(data.candidates[k].get("backend") == "tvm" for k in wanted):
+            what = f"the candidates asked for in {out} ({', '.join(wanted)}) hold" if keys else \
+                f"{out} ({', '.join(wanted)}) holds"
+            raise ConfigError(f"--rpc-tracker runs TVM libraries on the device, and {what} none; drop "
+                              f"--rpc-tracker/--rpc-key, or run `dlopt bench` on the device itself")
         require(remote)
     on_remote = {k for k in wanted if remote is not None and data.candidates[k].get("backend") == "tvm"}
     emulated = {k: _emulation_plan(folders[k], data.candidates[k]) for k in wanted if k not in on_remote}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -559,12 +559,7 @@ def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
     job = prepare(config)
     if config.remote is not None:  # a wrong tracker or key fails now, not after the builds
-        from dlopt.targets.tvm_rpc import require
-
-        if "tvm" not in job.profile.backends or job.profile.runs_here():
-            raise ConfigError(f"--rpc-tracker times TVM candidates of a target that is not this machine; "
-                              f"{job.profile.name} has {'no TVM backend' if 'tvm' not in job.profile.backends else 'runs here'}")
-        require(config.remote)
+        job = _behind_tracker(job)
     # the lock file's name is artifacts.output_lock's
     lock = lock_path(job.out)
     with parents_made(job.out), output_lock(job.out, wait=config.wait), removed_on_hard_exit(lock):
@@ -573,6 +568,31 @@ def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users kno
         notes = [f"removed {entry}, left by an earlier compile that was killed"
                  for entry in remove_stale_staging(job.out)]
         return _run(job, notes)
+
+
+@dataclass(frozen=True)
+class _MeasuredRemotely(TargetProfile):
+    """A target given with ``--rpc-tracker``: the device behind the key, never this machine, even
+    for an x86 target this machine could run (an x86 box in the farm), so its TVM candidates are
+    verified and timed there and nothing is timed here, as for a board."""
+
+    def runs_here(self) -> bool:
+        return False
+
+
+def _behind_tracker(job: Job) -> Job:
+    """The job with its target moved behind the RPC tracker, once the tracker has the key's servers."""
+    from dlopt.targets.tvm_rpc import require
+
+    profile, remote = job.profile, job.config.remote
+    if "tvm" not in profile.backends:
+        raise ConfigError(f"--rpc-tracker measures TVM libraries on the device, and target {profile.name} builds "
+                          f"none (its backends: {', '.join(profile.backends)}); drop --rpc-tracker/--rpc-key or "
+                          f"give a target with tvm among its backends")
+    require(remote)
+    if profile.runs_here():
+        profile = _MeasuredRemotely(**{f.name: getattr(profile, f.name) for f in fields(profile)})
+    return replace(job, profile=profile)
 
 
 def _run(job: Job, notes: list[str]) -> Report:
