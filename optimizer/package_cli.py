@@ -22,11 +22,14 @@ def package(out, publishing):
     \b
     Triton: REPO/NAME/config.pbtxt (tritonclient's ModelConfig) and REPO/NAME/VERSION/ with
     model.onnx (ORT), model.xml + model.bin (OpenVINO) or model.plan (a built TensorRT engine).
+    The versions of one NAME share its config.pbtxt: a version on another backend, or with other
+    inputs or outputs, is refused; give it its own --name.
 
     \b
     Examples:
       dlopt package build/resnet-cpu --triton models/ --kserve
-      dlopt package build/jetson/bundle/tensorrt-fp16 --triton models/ --name resnet --version 2
+      dlopt package build/resnet-v2 --triton models/ --name resnet --version 2
+      dlopt package build/jetson/bundle/tensorrt-fp16 --triton models/ --name resnet_jetson
       dlopt package build/resnet-cpu --mlflow --register resnet --metrics-file /var/lib/node_exporter/dlopt.prom
     """
     from dlopt.errors import ConfigError

@@ -15,7 +15,9 @@ format.  What goes into it comes from the artefact dlopt chose (or a bundle cand
 
 Guarantees: the model folder ``REPO/NAME`` appears complete or not at all (staged beside REPO and
 renamed in); an existing one is replaced only when dlopt wrote it (its ``dlopt_package.json``),
-keeping its other versions.  Packaging runs into one model take turns (a lock beside it, held from
+keeping its other versions, which a new version joins only when the one config serves them all (the
+same backend or platform and model file, the same inputs and outputs; refused before anything is
+written otherwise).  Packaging runs into one model take turns (a lock beside it, held from
 reading the old folder to the swap), and the swap happens only if the folder is still as it was
 read.  A version is re-packaged only when its folder holds nothing but the files dlopt put there;
 a version folder, or a file in one, that is a link is refused, never followed.  Every file taken from
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dlopt.artifacts import contained_path, read_folder_json
-from dlopt.errors import ConfigError, TargetUnavailable
+from dlopt.errors import ConfigError, TargetUnavailable, first_line
 
 CONFIG = "config.pbtxt"
 MARKER = "dlopt_package.json"  # what dlopt wrote into REPO/NAME; Triton ignores other files
@@ -305,6 +307,7 @@ def write_repository(source: Path, repository: Path, *, name: str | None = None,
     with lock_model(target):
         previous = _previous_versions(target)
         _check_replaceable(target, version, previous.get(version))
+        _check_joinable(target, config, version, sorted(set(previous) - {version}), artifact)
         snapshot = _snapshot(target)
         staged = Path(tempfile.mkdtemp(prefix=f".{name}.dlopt-tmp-{os.getpid()}-", dir=_staging_root(repository)))
         try:
@@ -394,6 +397,52 @@ def _check_replaceable(target: Path, version: int, ours: tuple[str, ...] | None)
     if theirs:
         raise ConfigError(f"{folder} holds files dlopt did not write ({', '.join(theirs[:5])}); nothing was "
                           f"changed: move them away, or package as another --version")
+
+
+def _check_joinable(target: Path, config, version: int, others: list[int], artifact) -> None:
+    """ConfigError when ``config`` cannot serve the versions ``others`` that stay in ``target``: Triton
+    loads every version of a model with its one config.pbtxt, so a version on another backend or
+    platform (another model file), or with other inputs or outputs, would leave the others unloadable."""
+    from google.protobuf import text_format
+
+    if not others:
+        return
+    try:
+        served = read_config(target / CONFIG)
+    except (OSError, text_format.ParseError) as exc:
+        raise ConfigError(f"{target / CONFIG} cannot be read ({first_line(exc)}); nothing was written: "
+                          f"package under another --name") from None
+    listed = ", ".join(map(str, others))
+    head = (f"Triton model {target.name} serves version{'s' if len(others) > 1 else ''} {listed}")
+    tail = "every version of a model shares its one config.pbtxt"
+    if _runtime(served) != _runtime(config):
+        suffix = f"_{artifact.backend}"
+        article = "an" if artifact.backend[:1] in "aeiou" else "a"
+        raise ConfigError(f"{head} on {_runtime(served)}, and {tail}: version {version}, {article} "
+                          f"{artifact.backend}/{artifact.precision} artefact, would need {_runtime(config)}; "
+                          f"package it under its own name (--name {target.name[:128 - len(suffix)]}{suffix}); "
+                          f"nothing was written")
+    if _signature(served) != _signature(config):
+        raise ConfigError(f"{head} with {_signature(served)}, and {tail}: version {version} takes "
+                          f"{_signature(config)}; package it under its own name (another --name); nothing was written")
+
+
+def _runtime(config) -> str:
+    """What loads the model's versions: "onnxruntime_onnx (model.onnx)", "openvino (model.xml)", ..."""
+    return f"{config.platform or config.backend} ({config.default_model_filename})"
+
+
+def _signature(config) -> str:
+    """The model's tensors as Triton checks them against each version: "x[N,3,16,16] FP32 -> y[N,10] FP32"
+    (N: the batch axis Triton adds when max_batch_size > 0)."""
+    data_type = model_config_pb2().DataType.Name
+    batch = ["N"] if config.max_batch_size > 0 else []
+
+    def tensors(field) -> str:
+        return ", ".join(f"{t.name}[{','.join([*batch, *map(str, t.dims)])}] {data_type(t.data_type)[5:]}"
+                         for t in field)
+
+    return f"{tensors(config.input)} -> {tensors(config.output)}"
 
 
 def _regular(path: Path) -> bool:

@@ -124,16 +124,21 @@ def test_tensorrt_engine_and_accelerator(built, tmp_path):
     # an ORT candidate shipped with the TensorRT provider gets the accelerator too
     ort_cfg = write_repository(outs["gpu"] / "bundle" / "ort-fp16", repo, name="cnn_ort").config
     assert [a.name for a in ort_cfg.optimization.execution_accelerators.gpu_execution_accelerator] == ["tensorrt"]
-    # once build_engine.sh has run on the device: the engine as a tensorrt_plan
+    # once build_engine.sh has run on the device: the engine as a tensorrt_plan.  Not as version 2 beside
+    # the ORT version 1 (one config.pbtxt cannot serve both), but in place of version 1
     (outs["gpu"] / "model.engine").write_bytes(b"engine bytes")
     try:
-        model = write_repository(outs["gpu"], repo, name="cnn_trt", version=2)
+        with pytest.raises(ConfigError, match=r"serves version 1 on onnxruntime_onnx \(model.onnx\).*"
+                                              r"would need tensorrt_plan \(model.plan\).*--name cnn_trt_tensorrt"):
+            write_repository(outs["gpu"], repo, name="cnn_trt", version=2)
+        model = write_repository(outs["gpu"], repo, name="cnn_trt", version=1)
     finally:
         (outs["gpu"] / "model.engine").unlink()
     cfg = read_config(repo / "cnn_trt" / "config.pbtxt")
     assert (cfg.platform, cfg.backend, cfg.default_model_filename) == ("tensorrt_plan", "tensorrt", "model.plan")
-    assert (repo / "cnn_trt" / "2" / "model.plan").read_bytes() == b"engine bytes"
-    assert (repo / "cnn_trt" / "1" / "model.onnx").is_file()  # version 1 is still served
+    assert sorted(p.name for p in (repo / "cnn_trt").iterdir()) == ["1", "config.pbtxt", "dlopt_package.json"]
+    assert sorted(p.name for p in (repo / "cnn_trt" / "1").iterdir()) == ["model.plan"]  # model.onnx replaced
+    assert (repo / "cnn_trt" / "1" / "model.plan").read_bytes() == b"engine bytes"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # staging folders beside it are gone
     _check_io(cfg, outs["gpu"] / "model.onnx")
 
@@ -162,3 +167,69 @@ def test_fixed_batch(built, tmp_path):
     assert list(cfg.output[0].dims) == [1, 10] and not cfg.HasField("dynamic_batching")
     with pytest.raises(ConfigError, match="no symbolic batch"):
         write_repository(out, tmp_path / "repo", name="fixed", max_batch_size=4)
+    # the same backend but another signature (fixed batch of 1 vs N) cannot be a version of the batched model
+    _, outs = built
+    write_repository(outs["ship"], tmp_path / "repo", name="cnn")
+    before = _files(tmp_path / "repo")
+    with pytest.raises(ConfigError) as refused:
+        write_repository(out, tmp_path / "repo", name="cnn", version=2)
+    assert str(refused.value) == (
+        "Triton model cnn serves version 1 with x[N,3,16,16] FP32 -> logits[N,10] FP32, and every version of a model "
+        "shares its one config.pbtxt: version 2 takes x[1,3,16,16] FP32 -> logits[1,10] FP32; package it under its "
+        "own name (another --name); nothing was written")
+    assert _files(tmp_path / "repo") == before
+
+
+def _files(folder) -> dict:
+    """Every file under ``folder`` (relative path -> sha256): what a refusal must leave as it was."""
+    return {str(p.relative_to(folder)): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_version_on_another_backend_is_refused(built, tmp_path):
+    """Version 1 on OpenVINO, then an ORT artefact as --version 2 of the same model: Triton loads every
+    version with the model's one config.pbtxt, so the ORT config would leave 1/model.xml unloadable."""
+    _, outs = built
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(package, [str(outs["ship"] / "bundle" / "openvino-fp32"), "--triton", str(repo),
+                                          "--name", "cnn"])
+    assert result.exit_code == 0, result.output
+    before = _files(repo)
+    result = CliRunner().invoke(package, [str(outs["ship"]), "--triton", str(repo), "--name", "cnn", "--version", "2"])
+    assert isinstance(result.exception, ConfigError) and result.exception.exit_code == 2
+    message = str(result.exception)
+    assert "\n" not in message
+    assert message == (f"Triton model cnn serves version 1 on openvino (model.xml), and every version of a model "
+                       f"shares its one config.pbtxt: version 2, an ort/fp32 artefact, would need onnxruntime_onnx "
+                       f"(model.onnx); package it under its own name (--name cnn_ort); nothing was written")
+    assert _files(repo) == before  # version 1 and its config untouched, no version 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging folder left
+    assert read_config(repo / "cnn" / "config.pbtxt").backend == "openvino"
+    # under its own name, as the message says, it is served beside the OpenVINO model
+    result = CliRunner().invoke(package, [str(outs["ship"]), "--triton", str(repo), "--name", "cnn_ort"])
+    assert result.exit_code == 0, result.output
+    assert read_config(repo / "cnn_ort" / "config.pbtxt").platform == "onnxruntime_onnx"
+    assert _files(repo / "cnn") == {k.removeprefix("cnn/"): v for k, v in before.items() if k.startswith("cnn/")}
+
+
+def test_versions_on_the_same_backend_side_by_side(built, tmp_path):
+    """Two ORT versions of one model: both versions' files stay, and the one config serves both."""
+    _, outs = built
+    repo = tmp_path / "repo"
+    write_repository(outs["ship"], repo, name="cnn", version=1)
+    v2 = write_repository(outs["ship"], repo, name="cnn", version=2)
+    assert v2.files == ("model.onnx",)
+    assert {p: sorted(f.name for f in (repo / "cnn" / p).iterdir()) for p in ("1", "2")} == {
+        "1": ["model.onnx"], "2": ["model.onnx"]}
+    assert _sha(repo / "cnn" / "1" / "model.onnx") == _sha(outs["ship"] / "model.onnx")
+    assert _sha(repo / "cnn" / "2" / "model.onnx") == _sha(outs["ship"] / "model.onnx")
+    cfg = read_config(repo / "cnn" / "config.pbtxt")
+    assert (cfg.platform, cfg.default_model_filename, cfg.max_batch_size) == ("onnxruntime_onnx", "model.onnx", 8)
+    for version in ("1", "2"):
+        _check_io(cfg, repo / "cnn" / version / "model.onnx")
+    assert json.loads((repo / "cnn" / "dlopt_package.json").read_text())["versions"] == [1, 2]
+    # OpenVINO versions too: model.xml and model.bin in each, one openvino config
+    for version in (1, 2):
+        write_repository(outs["ship"] / "bundle" / "openvino-fp32", repo, name="cnn_ov", version=version)
+    assert {p: sorted(f.name for f in (repo / "cnn_ov" / p).iterdir()) for p in ("1", "2")} == {
+        "1": ["model.bin", "model.xml"], "2": ["model.bin", "model.xml"]}
+    assert read_config(repo / "cnn_ov" / "config.pbtxt").backend == "openvino"
