@@ -216,18 +216,21 @@ def plot_points(report: Report) -> tuple[list[Point], list[str]]:
 
 def _plot_section(report: Report) -> str:
     points, missing = plot_points(report)
-    if len(points) > 1:
+    caption = ""  # only a plot drawn gets one
+    if len(points) < 2:
+        graphic = '<p class="muted">No candidate has both a latency and an accuracy score to plot.</p>'
+    else:
         try:
             graphic = draw_plot(points, budget=report.budget.get("max_drop_pp"), drop_label=_drop_label(report)).svg
         except ImportError:
             graphic = '<p class="muted">The plot needs matplotlib: pip install "dlopt[html]".</p>'
-    else:
-        graphic = '<p class="muted">No candidate has both a latency and an accuracy score to plot.</p>'
-    chosen = report.chosen_candidate() if report.chosen else None
-    caption = (f"p50 latency (log scale) against the {_drop_label(report)}; the original (hollow square, drawn on "
-               f"top) sits at its p50 and 0" + (f"; the chosen artefact, {chosen.key}, is the star." if chosen
-                                                else "; nothing was chosen."))
-    parts = [f'<figure id="latency-accuracy">{graphic}<figcaption>{escape(caption)}</figcaption></figure>']
+        else:
+            chosen = report.chosen_candidate() if report.chosen else None
+            caption = (f"p50 latency (log scale) against the {_drop_label(report)}; the original (hollow square, "
+                       f"drawn on top) sits at its p50 and 0" + (f"; the chosen artefact, {chosen.key}, is the star."
+                                                                 if chosen else "; nothing was chosen."))
+    caption = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
+    parts = [f'<figure id="latency-accuracy">{graphic}{caption}</figure>']
     if missing:
         parts.append('<p>Not measured (not plotted):</p><ul class="not-measured">'
                      + "".join(f"<li>{escape(m)}</li>" for m in missing) + "</ul>")

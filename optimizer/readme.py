@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dlopt.device_check import DEVICE_REPORT, SCRIPT, VERIFY_FILE
 from dlopt.gate import printable
+from dlopt.inputs import _MASK as MASK_NAME
 from dlopt.report import escape_markdown
 from dlopt.targets import get_backend
 
@@ -146,7 +147,8 @@ def _inside(report: dict, shipped: list[_Shipped], folder: Path) -> list[str]:
             if name == "manifest.json" or (folder / name).is_file()]
     lines += ["", *([f"Also here: {'; '.join(also)}."] if also else [])]
     if dropped:
-        lines.append(f"Not shipped ({len(dropped)} candidates rejected, failed or unavailable): see report.md.")
+        lines.append(f"Not shipped ({len(dropped)} candidate{'s' if len(dropped) != 1 else ''} rejected, failed or "
+                     "unavailable): see report.md.")
     return [*lines, ""]
 
 
@@ -275,7 +277,9 @@ def _dtype(name) -> str:
 
 
 def _feeds(inputs: list[tuple[str, str, list[int]]]) -> str:
-    return "{" + ", ".join(f"{name!r}: np.zeros({tuple(shape)!r}, {dtype!r})" for name, dtype, shape in inputs) + "}"
+    """Zeros, and ones for a mask as the compile feeds (a mask of zeros hides every token: NaN from the softmax)."""
+    return "{" + ", ".join(f"{name!r}: np.{'ones' if MASK_NAME.search(name) else 'zeros'}({tuple(shape)!r}, {dtype!r})"
+                           for name, dtype, shape in inputs) + "}"
 
 
 def _runs_with_dlopt(s: _Shipped) -> bool:
@@ -285,6 +289,7 @@ def _runs_with_dlopt(s: _Shipped) -> bool:
 
 
 def _run(report: dict, shipped: list[_Shipped]) -> list[str]:
+    arch = str((report.get("target") or {}).get("arch") or "")
     inputs = _inputs(report)
     feeds = _feeds(inputs)
     lines = ["## Run", ""]
@@ -305,14 +310,14 @@ def _run(report: dict, shipped: list[_Shipped]) -> list[str]:
             same = sum(o.backend == backend for o in shipped) > 1
             lines += [f"{_RUNTIME_NAMES[backend]} without dlopt, `{s.where}`"
                       + (f" (the other {backend} folders: same code, their path)" if same else "") + ":",
-                      *_code("python", writers[backend](s, feeds))]
+                      *_code("python", writers[backend](s, feeds, arch))]
     return [*lines, ""]
 
 
 _RUNTIME_NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO", "tvm": "TVM"}
 
 
-def _ort_code(s: _Shipped, feeds: str) -> list[str]:
+def _ort_code(s: _Shipped, feeds: str, arch: str) -> list[str]:
     settings = s.settings
     level = _enum(settings.get("graph_optimization_level"), "ORT_ENABLE_ALL")
     mode = _enum(settings.get("execution_mode"), "ORT_SEQUENTIAL")
@@ -329,7 +334,7 @@ def _ort_code(s: _Shipped, feeds: str) -> list[str]:
     entries = settings.get("config_entries")
     for key, value in (entries.items() if isinstance(entries, dict) else ()):
         code.append(f"options.add_session_config_entry({str(key)!r}, {str(value)!r})"
-                    + ("  # exact int8 kernels on x86 CPUs without VNNI" if key == "session.x64quantprecision" else ""))
+                    + (_x64_comment(arch) if key == "session.x64quantprecision" else ""))
     code += [f"providers = [p for p in {providers!r} if p in ort.get_available_providers()]",
              f"session = ort.InferenceSession({s.path('model.onnx')!r}, options, providers=providers"
              + (f", disabled_optimizers={disabled!r})" if disabled else ")"),
@@ -337,11 +342,20 @@ def _ort_code(s: _Shipped, feeds: str) -> list[str]:
     return code
 
 
+def _x64_comment(arch: str) -> str:
+    if arch in ("x86_64", "amd64", ""):
+        return "  # exact int8 kernels on x86 CPUs without VNNI"
+    return f"  # read by x86-64 builds only; ONNX Runtime on {_ARCH_NAME.sub('?', arch)} ignores it"
+
+
+_ARCH_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
 def _enum(value, default: str) -> str:
     return value if isinstance(value, str) and _ENUM.fullmatch(value) else default
 
 
-def _openvino_code(s: _Shipped, feeds: str) -> list[str]:
+def _openvino_code(s: _Shipped, feeds: str, arch: str) -> list[str]:
     settings = s.settings
     properties = {k: v for k, v in (settings.get("properties") or {}).items()
                   if isinstance(k, str) and _PROPERTY.fullmatch(k) and isinstance(v, (str, int, float, bool))}
@@ -356,7 +370,7 @@ def _openvino_code(s: _Shipped, feeds: str) -> list[str]:
     return code
 
 
-def _tvm_code(s: _Shipped, feeds: str) -> list[str]:
+def _tvm_code(s: _Shipped, feeds: str, arch: str) -> list[str]:
     settings = s.settings
     device = "tvm.cuda()" if (settings.get("target") or {}).get("kind") == "cuda" else "tvm.cpu()"
     specs = [i for i in settings.get("inputs") or [] if isinstance(i, dict)]

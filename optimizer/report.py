@@ -7,6 +7,7 @@ Markdown and terminal tables are renderings of the same dictionary.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -225,14 +226,17 @@ def device_rows(device: dict) -> list[list[Any]]:
 
 # Markdown (GitHub's, in PR comments too) read as text: no HTML, no @mention pings, no code
 # spans, links or table cells opened by a name.  ``@`` keeps its look but is followed by a
-# zero-width space, which GitHub does not link (the usual bot convention).
-_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "@": "@&#8203;", "\\": "\\\\",
+# zero-width space, which GitHub does not link (the usual bot convention).  ``>`` stays as it is
+# ("8 -> 6" reads so in the raw file too): with every ``<`` escaped it closes no tag, and only a
+# leading one (a block quote) is escaped.
+_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", "@": "@&#8203;", "\\": "\\\\",
                            "`": "\\`", "|": "\\|", "[": "\\[", "]": "\\]"})
+_QUOTE = re.compile(r"^(\s*)>")
 
 
 def escape_markdown(text: str) -> str:
     """``text`` as literal Markdown on one line, safe in a table cell; not for use inside a code span."""
-    return " ".join(str(text).splitlines()).translate(_MARKDOWN)
+    return _QUOTE.sub(r"\1\\>", " ".join(str(text).splitlines()).translate(_MARKDOWN))
 
 
 def _known(cls, raw: dict[str, Any]) -> dict[str, Any]:
