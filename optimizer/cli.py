@@ -24,6 +24,9 @@ from dlopt.progress import EXIT_INTERRUPTED, TerminalProgress, install_interrupt
 from dlopt.publish_options import publish_options  # imports only click
 
 EXIT_INTERNAL = 70
+# The reader of stdout went away (`dlopt inspect M | head -5`): end as git, cat or grep do, whom SIGPIPE
+# ends and the shell reports as 128 + 13; quietly, and with any compile unwound (nothing published).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _one_line(text: str) -> str:
@@ -38,6 +41,36 @@ def _ignore_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _closed_pipes() -> list:
+    """stdout and stderr where they are a pipe or socket nobody reads any more (poll reports an error or
+    hang-up on them): a BrokenPipeError from elsewhere (an RPC or Pushgateway socket) stays an error."""
+    import select
+
+    gone = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+                gone.append(stream)
+        except (OSError, ValueError, AttributeError):  # no real stream (closed, or a test runner's)
+            pass
+    return gone
+
+
+def _quiet_exit(streams) -> int:
+    """Point ``streams`` at /dev/null, so Python's flush at exit cannot raise a second BrokenPipeError (the
+    recipe of Python's docs, "Note on SIGPIPE"), and give the exit code.  Nothing is printed: `head`
+    asked for no more, and the pipe that broke may be stderr too (`2>&1 | head`)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in streams:
+            os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 class _Group(click.Group):
@@ -58,6 +91,10 @@ class _Group(click.Group):
         except click.exceptions.Abort:
             click.echo("dlopt: interrupted; nothing was written", err=True)
             sys.exit(130)
+        try:
+            sys.stdout.flush()  # output still buffered goes now, while a closed pipe can be answered quietly
+        except BrokenPipeError:
+            code = _quiet_exit([sys.stdout])
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
@@ -72,6 +109,8 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:
+            if isinstance(exc, BrokenPipeError) and (gone := _closed_pipes()):
+                ctx.exit(_quiet_exit(gone))
             if interrupted() is not None:  # native code turned the interrupt into an error on its way out
                 _ignore_signals()
                 click.echo("dlopt: interrupted; nothing was written", err=True)
