@@ -1,14 +1,16 @@
-# make demo / make test work from a fresh clone: they create .venv and install everything.
+# make demo / make test work from a fresh clone: both run `make setup`, which creates .venv and installs
+# everything every preset needs to build here (Python packages, cross compilers, qemu, the emulated aarch64).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-deps arm64-env
+.PHONY: setup demo test bench clean system-deps arm64-env
 
-# Debian packages the tests use: real data that works offline (Fashion-MNIST for the INT8
-# accuracy test), the aarch64 cross compiler for TVM's ARM builds, Chromium to render report.html, the
-# Cortex-M cross compiler, its C library and qemu-system-arm for the microcontroller backend.
+# Debian packages the presets and the tests use: the aarch64 cross compiler (TVM for arm64, rpi4, rpi5 and
+# the Jetsons), the Cortex-M cross compiler, its C library and qemu-system-arm (the C backend's sizes and
+# qemu check for cortex-m4/m7), real data that works offline (Fashion-MNIST for the INT8 accuracy test)
+# and Chromium to render report.html.
 SYSTEM_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu chromium gcc-arm-none-eabi libnewlib-arm-none-eabi \
   qemu-system-arm
 
@@ -19,18 +21,31 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[all,test]'
 	touch $(STAMP)
 
+# Installs the missing packages as root, or through sudo when it asks no password; otherwise it prints the
+# exact line to run and fails.
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  command -v apt-get >/dev/null || { echo "install these Debian packages by hand: $$missing"; exit 1; }; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	[ -z "$$missing" ] && exit 0; missing=$$(echo $$missing); \
+	command -v apt-get >/dev/null || { echo "system-deps: no apt-get here; install the equivalents of these Debian packages: $$missing"; exit 1; }; \
+	sudo=""; if [ "$$(id -u)" != 0 ]; then \
+	  if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else echo "system-deps: needs root; run: sudo apt-get install -y $$missing"; exit 1; fi; \
+	fi; \
+	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+	  || { echo "system-deps: apt-get failed; run: sudo apt-get install -y $$missing"; exit 1; }
 
-demo: $(STAMP)
+# Everything every preset needs here.  Best effort past the Python packages: without the Debian packages
+# the demo still runs (on this CPU), and `dlopt targets` names, per preset, what is missing and its install line.
+setup: $(STAMP)
+	@$(MAKE) --no-print-directory system-deps || echo "make setup: carrying on without them; 'dlopt targets' says which presets lose what"
+	@$(MAKE) --no-print-directory arm64-env || echo "make arm64-env failed: aarch64 TVM libraries are built but not run here"
+
+demo: setup
 	$(BIN)/dlopt demo
 
-test: $(STAMP) system-deps
-	@$(MAKE) --no-print-directory arm64-env || echo "make arm64-env failed: the aarch64 emulation tests will be skipped"
+# The tests need the Debian packages: a missing one fails here, before the suite.
+test: setup
+	@$(MAKE) --no-print-directory system-deps
 	$(BIN)/python -m pytest -q --durations=20 tests
 
 # An emulated aarch64 for running the rpi5 TVM library here (dlopt.emulation): qemu-user, Debian's

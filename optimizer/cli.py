@@ -412,24 +412,26 @@ def targets(targets_file, as_json):
       dlopt targets
     """
     from dlopt.profiles import ALIASES, all_profiles
-    from dlopt.targets import backend_status
+    from dlopt.targets import backend_status, build_limits
 
     status = {}
     rows = []
     for profile in all_profiles(targets_file).values():
-        backends = {name: backend_status(name) for name in profile.backends}
+        backends = {name: backend_status(name, profile) for name in profile.backends}
         usable = [n for n, s in backends.items() if s is True]
         why_not = {n: s for n, s in backends.items() if s is not True}
+        limited = {n: why for n in usable if (why := build_limits(n, profile))}
         aliases = [a for a, t in ALIASES.items() if t == profile.name]
         status[profile.name] = {
             "description": profile.description, "arch": profile.arch, "triple": profile.triple,
             "aliases": aliases, "backends": list(profile.backends), "precisions": list(profile.precisions),
-            "can_build": usable, "cannot_build": why_not, "runs_here": profile.runs_here(),
+            "can_build": usable, "cannot_build": why_not, "limited": limited, "runs_here": profile.runs_here(),
         }
         rows.append([
             profile.name + (f" ({', '.join(aliases)})" if aliases else ""), profile.description,
             ", ".join(usable) or "-",
-            "; ".join(f"{n}: {s}" for n, s in why_not.items()) or "-",
+            "; ".join([*(f"{n}: {s}" for n, s in why_not.items()),
+                       *(f"{n} builds with {s}" for n, s in limited.items())]) or "-",
             "yes" if profile.runs_here() else "no",
         ])
     if as_json:
@@ -437,7 +439,7 @@ def targets(targets_file, as_json):
         return
     from tabulate import tabulate
 
-    click.echo(tabulate(rows, headers=["target", "what", "builds with", "not available", "runs here"],
+    click.echo(tabulate(rows, headers=["target", "what", "builds with", "not available here", "runs here"],
                         maxcolwidths=[None, 34, 16, 48, None]))
 
 

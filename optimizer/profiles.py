@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -56,6 +57,17 @@ class TargetProfile:
             and set(self.cpu_flags) <= _host_cpu_flags()
         )
 
+    def cross_toolchain(self) -> bool | str:
+        """True when a build for this target needs no cross compiler or finds it on PATH, else what is
+        missing and the line that installs it (the one answer `dlopt targets` and the compile give)."""
+        if self.arch == host_arch():
+            return True
+        if not self.cross_compiler:
+            return f"no cross compiler for {self.arch}: set cross_compiler in a TOML target"
+        if shutil.which(self.cross_compiler):
+            return True
+        return f"{self.cross_compiler} missing ({install_line(self.cross_compiler)})"
+
     def int8_pairs_saturate(self) -> bool:
         """True where int8 kernels may add u8 x s8 pairs in 16 bits and saturate: x86 CPUs without VNNI
         (this host's flags when the target runs here, else the flags the target declares)."""
@@ -73,6 +85,20 @@ class TargetProfile:
         if self.cores is not None:
             return self.cores, f"target {self.name}: {self.cores} cores"
         return requested, f"this host (target {self.name} states no cores; set cores in a TOML target)"
+
+
+# Debian packages of the cross compilers the presets name (a bare-metal link needs newlib beside its gcc);
+# another <triple>-gcc is Debian's gcc-<triple>.  The Makefile's system-deps installs these.
+TOOLCHAIN_PACKAGES = {
+    "aarch64-linux-gnu-gcc": ("gcc-aarch64-linux-gnu",),
+    "arm-none-eabi-gcc": ("gcc-arm-none-eabi", "libnewlib-arm-none-eabi"),
+}
+
+
+def install_line(tool: str) -> str:
+    """The command that installs ``tool`` on Debian or Ubuntu."""
+    packages = TOOLCHAIN_PACKAGES.get(tool) or (f"gcc-{tool.removesuffix('-gcc')}",)
+    return f"apt-get install {' '.join(packages)}"
 
 
 def host_arch() -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 from dlopt.artifacts import check_plain_files, read_folder_json
 from dlopt.targets.base import Artifact, Backend, Session
 
-__all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status", "read_artifact",
-           "read_manifest", "load_artifact", "check_runs_here"]
+__all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status", "build_limits",
+           "read_artifact", "read_manifest", "load_artifact", "check_runs_here"]
 
 # name -> module whose ``BACKEND`` is a dlopt.targets.base.Backend.  Names a profile lists but that
 # are absent here are reported as "not implemented in this version".
@@ -36,12 +36,58 @@ def get_backend(name: str) -> Backend | None:
     return importlib.import_module(module).BACKEND
 
 
-def backend_status(name: str) -> bool | str:
-    """True when ``name`` can build here, else the reason it cannot."""
+def backend_status(name: str, profile=None) -> bool | str:
+    """True when ``name`` can build here, else the reason it cannot; with ``profile``, for that target:
+    the tools a build for it needs (a cross compiler) are on PATH, else what is missing and its install line."""
     backend = get_backend(name)
     if backend is None:
         return "not implemented in this version of dlopt"
-    return backend.available()
+    status = backend.available()
+    if status is not True or profile is None or name not in _BUILD_NEEDS:
+        return status
+    return _BUILD_NEEDS[name](profile)
+
+
+def build_limits(name: str, profile) -> str | None:
+    """What a build of ``name`` for ``profile`` goes without here, and what to install for it; None when
+    nothing.  Such a backend still builds (the C backend's host-verified sources without arm-none-eabi-gcc)."""
+    limits = _BUILD_LIMITS.get(name)
+    return limits(profile) if limits and backend_status(name, profile) is True else None
+
+
+def _c_limits(profile) -> str | None:
+    import subprocess
+
+    from dlopt.targets import c_verify
+
+    if profile.device != "mcu":
+        return None
+    tools = c_verify.cross_tools()
+    if tools is not True:
+        return f"no Cortex-M sizes or qemu check: {tools}"
+    libc = subprocess.run(["arm-none-eabi-gcc", "-print-file-name=libc.a"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    if not Path(libc).is_absolute():
+        return f"no Cortex-M sizes or qemu check: newlib missing (apt-get install {c_verify.NEWLIB})"
+    qemu = c_verify.qemu_tools()
+    if qemu is not True and profile.mcpu in c_verify.QEMU_BOARDS:
+        return f"no qemu check: {qemu}"
+    return None
+
+
+def _tvm_limits(profile) -> str | None:
+    import shutil
+
+    if profile.device == "gpu" and profile.cuda_arch and not shutil.which("nvcc"):
+        return "CUDA kernels ship as source, compiled on the device at load: nvcc missing (install the CUDA toolkit)"
+    return None
+
+
+# What a backend's build for a profile needs beyond its runtime (missing: the backend cannot build for it):
+# TVM links the library for the profile's CPU (a GPU profile's host code too) with its cross compiler.
+_BUILD_NEEDS = {"tvm": lambda profile: profile.cross_toolchain()}
+# What a build goes without when a tool is missing (it still builds).
+_BUILD_LIMITS = {"c": _c_limits, "tvm": _tvm_limits}
 
 
 def read_artifact(folder) -> tuple[Artifact, Path]:
