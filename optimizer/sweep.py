@@ -11,16 +11,23 @@
     [options]                            # every entry: dlopt.compile options (runs, samples, ...)
     runs = 50
 
+    [models.bert]                        # optional: bert.onnx's own options (data, shapes, metric, ...)
+    shapes = {input_ids = [1, 128], attention_mask = [1, 128]}
+
     [variants.fp32]                      # optional: one entry per variant, options on top of [options]
     precision = "fp32"
     [variants.auto]
     precision = "auto"
 
+An entry's options are [options], then its model's table, then its variant's, each key replacing the
+one before; a key in both a model's table and a variant is refused (neither silently wins).
+
 Each entry compiles to ``OUT/<model stem>/<target>/<variant>/`` (a normal compile output, published
 whole or not at all), so a rerun skips entries whose output is complete and retries the rest.  An
 entry's failure is a row of the table, never the end of the sweep.  With Ray each entry is a task
-holding ``cpus_per_task`` CPUs (one by default: one task per core) and timing with that many
-threads unless its options say otherwise; without, entries run one after another.
+holding ``cpus_per_task`` CPUs (one by default: one task per core); its artefact keeps the threads it
+would have without Ray (the target's cores, or the options' threads), never the task's share.
+Without Ray, entries run one after another.
 
 Model names (file stems), target and variant names are plain folder names, each once (case
 folded); every entry's folder resolves inside OUT before anything is compiled.
@@ -45,7 +52,8 @@ from dlopt.errors import ConfigError, DloptError, first_line
 
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
 _PATH_OPTIONS = ("inputs", "calib", "targets_file", "tuning_db")
-_NOT_OPTIONS = {"model", "target", "out", "progress", "targets_file", "calib_preprocess", "metric"}
+_NOT_OPTIONS = {"model", "target", "out", "progress", "targets_file", "calib_preprocess"}
+_METRIC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module:function
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # one folder name: no '/', '..', leading '.' or space
 _RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is loopback, as on macOS
 HEADERS = ["model", "target", "variant", "status", "chosen", "p50 ms", "speedup", "drop pp", "size MB",
@@ -111,13 +119,15 @@ def _num(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Read and check ``sweep.toml``; ConfigError naming the first thing wrong."""
+def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Sweep:
+    """Read and check ``sweep.toml``; ConfigError naming the first thing wrong.  ``out`` (``-o``) replaces
+    [sweep] out."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
+    from dlopt.budget import BUILTIN
     from dlopt.config import CompileConfig
 
     path = Path(path)
@@ -125,9 +135,10 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read sweep {path}: {first_line(exc)}") from exc
-    unknown = sorted(set(data) - {"sweep", "options", "variants"})
+    unknown = sorted(set(data) - {"sweep", "options", "models", "variants"})
     if unknown:
-        raise ConfigError(f"{path}: unknown tables {unknown}; a sweep has [sweep], [options] and [variants.NAME]")
+        raise ConfigError(f"{path}: unknown tables {unknown}; a sweep has [sweep], [options], [models.NAME] and "
+                          f"[variants.NAME]")
     head = data.get("sweep")
     if not isinstance(head, dict):
         raise ConfigError(f"{path}: no [sweep] table with models and targets")
@@ -145,7 +156,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             raise ConfigError(f"{path}: model {m} does not exist")
     _check_names(path, "model", [m.stem for m in model_paths],
                  hint="a model's name is its file's stem: rename the file")
-    out = here / head.get("out", f"{path.stem}-out")
+    out = Path(out) if out is not None else here / head.get("out", f"{path.stem}-out")
     targets_file = here / head["targets-file"] if "targets-file" in head else None
     known = {f.name for f in fields(CompileConfig)} - _NOT_OPTIONS
 
@@ -157,32 +168,65 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(f"{path}: {where} has unknown option {key!r}; known: {', '.join(sorted(known))}")
+            if name == "metric" and not (value in BUILTIN or (isinstance(value, str) and _METRIC.fullmatch(value))):
+                raise ConfigError(f"{path}: {where}: metric takes {', '.join(BUILTIN)} or module:function, "
+                                  f"got {value!r:.60}")
             result[name] = str(here / value) if name in _PATH_OPTIONS and isinstance(value, str) else value
         return result
 
-    common = options(data.get("options", {}), "[options]")
-    variants = data.get("variants", {"default": {}})
-    if not isinstance(variants, dict) or not variants:
-        raise ConfigError(f"{path}: [variants] must hold at least one [variants.NAME] table")
-    variant_options = {name: {**common, **options(v, f"[variants.{name}]")} for name, v in variants.items()}
-    for name, opts in variant_options.items():  # a bad value fails now, not in the middle of the night
+    def check(model: Path, opts: dict[str, Any], where: str) -> None:  # a bad value fails now, not at night
         try:
-            CompileConfig(model=model_paths[0], **opts)
+            CompileConfig(model=model, **opts)
         except TypeError as exc:
-            raise ConfigError(f"{path}: [variants.{name}]: {first_line(exc)}") from exc
+            raise ConfigError(f"{path}: {where}: {first_line(exc)}") from exc
         except DloptError as exc:
-            raise ConfigError(f"{path}: [variants.{name}]: {exc}") from exc
+            raise ConfigError(f"{path}: {where}: {exc}") from exc
+
+    common = options(data.get("options", {}), "[options]")
+    by_model = _tables(path, data, "models")
+    stems = {m.stem: m for m in model_paths}
+    for name in by_model:
+        if name not in stems:
+            raise ConfigError(f"{path}: [models.{name}] names no model of this sweep (its models: "
+                              f"{', '.join(stems)}; a model's table is named after its file's stem)")
+    model_options = {m.stem: options(by_model.get(m.stem, {}), f"[models.{m.stem}]") for m in model_paths}
+    for stem, opts in model_options.items():
+        if opts:
+            check(stems[stem], {**common, **opts}, f"[models.{stem}]")
+    variants = _tables(path, data, "variants") if "variants" in data else {"default": {}}
+    if not variants:
+        raise ConfigError(f"{path}: [variants] must hold at least one [variants.NAME] table")
+    variant_options = {name: options(v, f"[variants.{name}]") for name, v in variants.items()}
+    for name, opts in variant_options.items():
+        check(model_paths[0], {**common, **opts}, f"[variants.{name}]")
+        for stem, own in model_options.items():
+            both = sorted(set(own) & set(opts))
+            if both:
+                raise ConfigError(f"{path}: [models.{stem}] and [variants.{name}] both set {', '.join(both)}; set "
+                                  f"each in one of them (a model's table: what differs by model)")
     from dlopt.profiles import resolve_target
 
     _check_names(path, "target", targets)
-    _check_names(path, "variant", list(variants))
+    _check_names(path, "variant", list(variant_options))
     for target in targets:  # an unknown target name, too, fails before the first compile
         resolve_target(target, targets_file)
-    entries = tuple(Entry(m, t, name, opts, out / m.stem / t / name, targets_file)
+    entries = tuple(Entry(m, t, name, {**common, **model_options[m.stem], **opts}, out / m.stem / t / name,
+                          targets_file)
                     for m in model_paths for t in targets for name, opts in variant_options.items())
     sweep = Sweep(path, out, entries)
     check_entry_folders(sweep)
     return sweep
+
+
+def _tables(path: Path, data: dict, key: str) -> dict[str, dict]:
+    """The ``[key.NAME]`` tables by NAME (their options are checked by the caller)."""
+    tables = data.get(key, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: [{key}] must hold [{key}.NAME] tables")
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{key}.{name}] must be a table of compile options")
+    return tables
 
 
 def _check_names(path: Path, kind: str, names: list[str], *, hint: str = "") -> None:
@@ -275,9 +319,7 @@ def run_sweep(sweep: Sweep, *, ray: bool = False, address: str | None = None, nu
             todo.append(entry)
     _check_table_paths(sweep.out)
     start = time.perf_counter()
-    if ray:
-        todo = [e if "threads" in e.options else replace(e, options={**e.options, "threads": cpus_per_task})
-                for e in todo]
+    if ray:  # the artefact's threads are the target's, not the task's share: entries keep their options
         results, mode = _run_ray(todo, address, num_cpus, cpus_per_task), f"ray ({address or 'local'})"
     else:
         results, mode = ((e, compile_entry(e)) for e in todo), "sequential"

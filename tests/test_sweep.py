@@ -1,5 +1,6 @@
-"""Sweeps: a two-model sweep as tasks of a real local Ray (2 CPUs), then resumed sequentially with a
-broken third model whose failure does not stop the others."""
+"""Sweeps: a sweep of two unlike models (a CNN taking x, an encoder taking input_ids and attention_mask, with
+its own shapes) as tasks of a real local Ray (2 CPUs), then resumed sequentially with a broken third model
+whose failure does not stop the others."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 import models
+from dlopt.config import machine_cores
 from dlopt.errors import CompileError, ConfigError
 from dlopt.sweep import load_sweep, run_sweep
 from dlopt.sweep_cli import sweep
+from masked import token_encoder
 
 TARGETS = """
 [targets.here]
@@ -32,27 +35,32 @@ runs = 5
 warmup = 1
 samples = 4
 
+{tables}
 [variants.fp32]
 precision = "fp32"
 """
+ENCODER = '[models.encoder]\nshapes = {input_ids = [1, 32], attention_mask = [1, 32]}\n'
 
 
 def _write(root, names) -> None:
     (root / "targets.toml").write_text(TARGETS)
-    (root / "sweep.toml").write_text(SWEEP.format(models=", ".join(f'"{n}"' for n in names)))
+    (root / "sweep.toml").write_text(SWEEP.replace("{models}", ", ".join(f'"{n}"' for n in names)).replace(
+        "{tables}", ENCODER if "encoder.onnx" in names else ""))
 
 
 def test_sweep_on_ray_then_resume(tmp_path):
     ray = pytest.importorskip("ray", reason="sweeps on Ray need ray (pip install 'dlopt[ray]')")
     models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
-    models.save(models.outlier_mlp(), tmp_path / "mlp.onnx")
-    _write(tmp_path, ["cnn.onnx", "mlp.onnx"])
+    token_encoder(tmp_path / "encoder.onnx")
+    _write(tmp_path, ["cnn.onnx", "encoder.onnx"])
 
     result = run_sweep(load_sweep(tmp_path / "sweep.toml"), ray=True, num_cpus=2)
     assert not ray.is_initialized()  # the local Ray it started was stopped
     assert result.mode == "ray (local)"
+    # one task per core; each artefact (and its timing) has this machine's cores, not the task's one CPU
+    cores = machine_cores()
     assert [(r.model, r.status, r.chosen, r.threads) for r in result.rows] == [
-        ("cnn", "ok", "ort/fp32", 1), ("mlp", "ok", "ort/fp32", 1)]  # one task per core, one thread each
+        ("cnn", "ok", "ort/fp32", cores), ("encoder", "ok", "ort/fp32", cores)]
     table = json.loads((tmp_path / "nightly" / "sweep.json").read_text())
     assert table["mode"] == "ray (local)" and table["wall_seconds"] == result.wall_seconds
     for row in table["entries"]:
@@ -60,28 +68,34 @@ def test_sweep_on_ray_then_resume(tmp_path):
         chosen = next(c for c in report["candidates"] if c["chosen"])
         assert row["p50_ms"] == chosen["measurement"]["latency"]["p50_ms"]
         assert row["size_bytes"] == chosen["measurement"]["size_bytes"]
+        folder = tmp_path / "nightly" / row["model"] / "here" / "fp32"
+        assert json.loads((folder / "session_options.json").read_text())["intra_op_num_threads"] == cores
+        assert json.loads((folder / "manifest.json").read_text())["options"]["threads"] == cores
+    assert report["timing"]["shapes"] == {"input_ids": [1, 32], "attention_mask": [1, 32]}  # its own table
     markdown = (tmp_path / "nightly" / "sweep.md").read_text()
-    assert "2 entries (2 ok); ray (local)" in markdown and "| cnn " in markdown and "| mlp " in markdown
+    assert "2 entries (2 ok); ray (local)" in markdown and "| cnn " in markdown and "| encoder " in markdown
 
     # resume: the two finished entries are not compiled again; a broken model fails alone
     (tmp_path / "broken.onnx").write_bytes(b"not an onnx model")
-    _write(tmp_path, ["cnn.onnx", "mlp.onnx", "broken.onnx"])
+    _write(tmp_path, ["cnn.onnx", "encoder.onnx", "broken.onnx"])
     before = (tmp_path / "nightly" / "cnn" / "here" / "fp32" / "manifest.json").stat().st_mtime_ns
     run = CliRunner().invoke(sweep, [str(tmp_path / "sweep.toml")])
     assert isinstance(run.exception, CompileError) and run.exception.exit_code == 3
     assert "1 of 3 sweep entries failed: broken/here/fp32" in str(run.exception)
     assert (tmp_path / "nightly" / "cnn" / "here" / "fp32" / "manifest.json").stat().st_mtime_ns == before
     rows = json.loads((tmp_path / "nightly" / "sweep.json").read_text())["entries"]
-    assert [(r["model"], r["status"]) for r in rows] == [("cnn", "done"), ("mlp", "done"), ("broken", "failed")]
+    assert [(r["model"], r["status"]) for r in rows] == [("cnn", "done"), ("encoder", "done"), ("broken", "failed")]
     assert "ModelError" in rows[2]["note"]
     assert not (tmp_path / "nightly" / "broken" / "here" / "fp32").exists()  # nothing half-written
 
-    # an option changed in sweep.toml since: the finished entries are compiled again, not "done"
-    (tmp_path / "sweep.toml").write_text(SWEEP.format(models='"cnn.onnx", "mlp.onnx"').replace("runs = 5", "runs = 6"))
+    # an option changed in sweep.toml since, in cnn's own table: cnn is compiled again, encoder is still done
+    _write(tmp_path, ["cnn.onnx", "encoder.onnx"])
+    (tmp_path / "sweep.toml").write_text((tmp_path / "sweep.toml").read_text() + "[models.cnn]\nruns = 6\n")
     again = run_sweep(load_sweep(tmp_path / "sweep.toml"))
-    assert [(r.model, r.status) for r in again.rows] == [("cnn", "ok"), ("mlp", "ok")]
-    manifest = json.loads((tmp_path / "nightly" / "cnn" / "here" / "fp32" / "manifest.json").read_text())
-    assert manifest["options"]["runs"] == 6
+    assert [(r.model, r.status) for r in again.rows] == [("cnn", "ok"), ("encoder", "done")]
+    manifests = [json.loads((tmp_path / "nightly" / m / "here" / "fp32" / "manifest.json").read_text())
+                 for m in ("cnn", "encoder")]
+    assert [m["options"]["runs"] for m in manifests] == [6, 5]
 
 
 def test_bad_sweep_files(tmp_path):
