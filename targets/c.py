@@ -70,10 +70,36 @@ def supports(model) -> list[str]:
     from dlopt.targets.c_codegen import SUPPORTED_OPS
 
     missing = set()
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type not in SUPPORTED_OPS or node.domain not in ("", "ai.onnx"):
             missing.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+        elif node.op_type == "ReduceMean":
+            missing.update(filter(None, [_reduce_mean_form(node, opset)]))
     return sorted(missing)
+
+
+def _reduce_mean_form(node, opset: int) -> str | None:
+    """A label for a ReduceMean the code generator would refuse (computed axes, axes that are not one
+    block), or None; a shape known only at compile time is left to the generator."""
+    from dlopt.errors import ModelError
+    from dlopt.targets.c_codegen import mean_block
+
+    attr = node.attributes.get("axes")
+    axes = list(attr.as_ints()) if attr is not None else None
+    if opset >= 18 and len(node.inputs) > 1 and node.inputs[1] is not None:
+        if node.inputs[1].const_value is None:
+            return "ReduceMean with computed axes"
+        axes = [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
+    shape = node.inputs[0].shape
+    dims = [d if isinstance(d, int) else (1 if k == 0 else None) for k, d in enumerate(shape or ())]
+    if shape is None or None in dims:
+        return None
+    try:
+        mean_block(node.name, dims, axes)
+    except ModelError:
+        return f"ReduceMean over non-adjacent axes {axes}"
+    return None
 
 
 def build_options(config, model, profile, shapes) -> dict:

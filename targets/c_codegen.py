@@ -24,7 +24,7 @@ from dlopt.targets.c_program import Generated, Step, _float, _fmt, comment_text,
 __all__ = ["SUPPORTED_OPS", "generate", "prepare", "quantize_multiplier"]
 
 SUPPORTED_OPS = frozenset({
-    "Conv", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Gemm", "MatMul", "Flatten",
+    "Conv", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Gemm", "MatMul", "Flatten",
     "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Add", "Sub", "Mul", "Div", "Softmax",
     "Sigmoid", "Tanh", "QuantizeLinear", "DequantizeLinear", "Constant",
 })
@@ -318,6 +318,32 @@ class _Gen(Int8Ops):
         self._unary(node, x, lambda P: f"dl_gap_f32({P(x)}, {P(node.output[0])}, {shape[1]}, "
                                        f"{shape[2] * shape[3]});", inplace=False)
 
+    def op_ReduceMean(self, node) -> None:
+        x = self.act_input(node)
+        shape = self.shapes.get(x, ())
+        self.numel(x)
+        axes = self.attr(node, "axes")
+        if self._opset() >= 18:
+            if len(node.input) > 1 and node.input[1]:
+                value = self.const(node.input[1])
+                if value is None:
+                    raise ModelError(f"ReduceMean {node.name!r}: the C backend needs constant axes; export with "
+                                     f"fixed axes (x.mean((2, 3)) or adaptive_avg_pool2d(x, 1))")
+                axes = [int(a) for a in value.reshape(-1)]
+            if not axes and self.attr(node, "noop_with_empty_axes", 0):
+                self._alias(node, x)
+                return
+        outer, red, inner = mean_block(node.name, shape, axes)
+        if red == 1:  # averaging over axes of size 1: the same values, reshaped
+            self._alias(node, x)
+            return
+        self._unary(node, x, lambda P: f"dl_mean_f32({P(x)}, {P(node.output[0])}, {outer}, {red}, {inner});",
+                    inplace=False)
+
+    def _alias(self, node, x) -> None:
+        self.kind[node.output[0]] = "f"
+        self.add(node.op_type, Step(lambda P: "", [x], [node.output[0]], alias=True))
+
     def _unary(self, node, x, code, *, inplace=True) -> None:
         self.kind[node.output[0]] = "f"
         self.add(node.op_type, Step(code, [x], [node.output[0]], inplace=inplace))
@@ -407,6 +433,25 @@ class _Gen(Int8Ops):
     def op_Sub(self, node): self._binary(node, 1)
     def op_Mul(self, node): self._binary(node, 2)
     def op_Div(self, node): self._binary(node, 3)
+
+
+def mean_block(node_name: str, shape, axes) -> tuple[int, int, int]:
+    """(outer, red, inner) so that ReduceMean over ``axes`` (None or empty: all) of ``shape`` is the mean
+    over ``red`` of ``x`` viewed as [outer, red, inner]; ModelError when the reduced axes are not one
+    block (axes of size 1 do not count, so NCHW's (2, 3) and (1, 2, 3) are blocks, (1, 3) is not)."""
+    rank = len(shape)
+    if axes and any(not -rank <= int(a) < rank for a in axes):
+        raise ModelError(f"ReduceMean {node_name!r}: axes {list(axes)} are out of range for rank {rank}")
+    picked = sorted({int(a) % rank for a in axes} if axes else range(rank))
+    big = [a for a in picked if shape[a] != 1]
+    if not big:
+        return int(np.prod(shape)), 1, 1
+    kept_between = [d for d in range(big[0], big[-1] + 1) if d not in picked and shape[d] != 1]
+    if kept_between:
+        raise ModelError(f"ReduceMean {node_name!r}: the C backend averages over adjacent axes only; axes "
+                         f"{list(axes)} of shape {tuple(shape)} keep axis {kept_between[0]} between them")
+    return (int(np.prod(shape[:big[0]])), int(np.prod([shape[a] for a in big])),
+            int(np.prod(shape[big[-1] + 1:])))
 
 
 def _broadcast_block(c: np.ndarray, out_shape) -> tuple[np.ndarray, int, int]:

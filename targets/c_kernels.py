@@ -28,6 +28,7 @@ void dl_fc_f32(const float *x, const float *w, const float *b, float *y, int32_t
 void dl_maxpool_f32(const dl_pool_t *p, const float *x, float *y);
 void dl_avgpool_f32(const dl_pool_t *p, const float *x, float *y);
 void dl_gap_f32(const float *x, float *y, int32_t c, int32_t hw);
+void dl_mean_f32(const float *x, float *y, int32_t outer, int32_t red, int32_t inner);
 void dl_clip_f32(const float *x, float *y, int32_t n, float lo, float hi);
 void dl_sigmoid_f32(const float *x, float *y, int32_t n);
 void dl_tanh_f32(const float *x, float *y, int32_t n);
@@ -123,11 +124,16 @@ static void dl_pool_f32(const dl_pool_t *p, const float *x, float *y, int32_t is
 void dl_maxpool_f32(const dl_pool_t *p, const float *x, float *y) { dl_pool_f32(p, x, y, 1); }
 void dl_avgpool_f32(const dl_pool_t *p, const float *x, float *y) { dl_pool_f32(p, x, y, 0); }
 
-void dl_gap_f32(const float *x, float *y, int32_t c, int32_t hw) {
-    for (int32_t i = 0; i < c; ++i) {
-        float acc = 0.0f;
-        for (int32_t j = 0; j < hw; ++j) acc += x[(size_t)i * hw + j];
-        y[i] = acc / (float)hw;
+void dl_gap_f32(const float *x, float *y, int32_t c, int32_t hw) { dl_mean_f32(x, y, c, hw, 1); }
+
+/* x viewed as [outer, red, inner]: y[o, i] = mean over r of x[o, r, i] (ReduceMean over one block of axes) */
+void dl_mean_f32(const float *x, float *y, int32_t outer, int32_t red, int32_t inner) {
+    for (int32_t o = 0; o < outer; ++o) {
+        for (int32_t i = 0; i < inner; ++i) {
+            float acc = 0.0f;
+            for (int32_t r = 0; r < red; ++r) acc += x[((size_t)o * red + r) * inner + i];
+            y[(size_t)o * inner + i] = acc / (float)red;
+        }
     }
 }
 
