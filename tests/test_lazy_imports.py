@@ -25,3 +25,16 @@ def test_help_of_every_verb_has_an_example():
         result = runner.invoke(main, [verb, "--help"])
         assert result.exit_code == 0
         assert "Example" in result.output and f"dlopt {verb}" in result.output
+
+
+def test_onnxsim_child_does_not_import_torch(tmp_path):
+    # onnxsim's __init__ imports torch for an optional bridge simplify() never uses: 4-7 s of every
+    # SimplifyPass on a loaded 2-core machine, for 0.2 s of simplifying (dlopt.passes.simplify.main)
+    import models
+
+    source = models.save(models.foldable_constants(), tmp_path / "in.onnx")
+    probe = ("import atexit, sys; atexit.register(lambda: print(sys.modules.get('torch') is not None)); "
+             "from dlopt.passes.simplify import main; main()")
+    done = subprocess.run([sys.executable, "-c", probe, source, str(tmp_path / "out.onnx"), "--fold-limit", "1000"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False" and (tmp_path / "out.onnx").is_file()
