@@ -37,12 +37,14 @@ EMULATED_TIMEOUT_S = 600
 
 
 def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threads: int | None = None,
-                 runs: int = 100, warmup: int = 10, remote=None,
+                 runs: int = 100, warmup: int = 10, remote=None, choosing: bool = False,
                  log: Callable[[str], None] | None = None) -> dict:
     """Verify (and with ``bench``, time) the candidates of ``out``; write and return the device report.
 
     ``remote`` (a dlopt.targets.tvm_rpc.RemoteDevice): TVM libraries run on that device
-    through its RPC tracker, timed there, instead of here or under emulation."""
+    through its RPC tracker, timed there, instead of here or under emulation.  ``choosing``
+    (``bench --select``): refused before anything runs when this machine is not the target's
+    architecture, whose timings cannot choose for it."""
     out = resolve_output(Path(out))
     manifest = read_manifest(out)
     if manifest is None or "dlopt_version" not in manifest:
@@ -64,6 +66,10 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     target = report_json.get("target") if isinstance(report_json, dict) else None
     target = target if isinstance(target, dict) else {}
     host = host_info()  # before any runtime narrows this thread's CPUs
+    if choosing and target.get("arch") and target.get("arch") != host["machine"]:
+        raise ConfigError(f"--select: this machine ({host['machine']}) is not the {target.get('name')} device "
+                          f"({target.get('arch')}); timings here do not choose for it: run `dlopt bench --select` "
+                          f"there (nothing was run)")
     if remote is not None:
         from dlopt.targets.tvm_rpc import require
 
@@ -129,10 +135,25 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
                            top_level=top, best=best, why=why, runs=runs, threads=threads)
     report["target"] = {"name": target.get("name") or data.meta.get("target"), "arch": target.get("arch")}
     report["this_machine_matches_target_arch"] = target.get("arch") == host["machine"] if target.get("arch") else None
+    report["original"] = _original_note(out, top, report_json) if bench else None
     with output_lock(out):
         write_json(out / DEVICE_REPORT, report)
         rerender_reports(out, report)
     return report
+
+
+def _original_note(out: Path, top: str | None, compiled) -> str | None:
+    """One line on the original model, which bench cannot time: an output ships only what the compile
+    kept (the original's outputs are in verify.npz, the model itself is not); None when it ships."""
+    if top == "ort/original":
+        return None  # the top-level candidate is the input model, unchanged
+    baseline = compiled.get("baseline") if isinstance(compiled, dict) else None
+    latency = baseline.get("latency") if isinstance(baseline, dict) else None
+    p50 = latency.get("p50_ms") if isinstance(latency, dict) else None
+    when = (f"; the compile timed it beside them at {p50:.3f} ms p50 (report.md)" if isinstance(p50, (int, float))
+            and not isinstance(p50, bool) else "")
+    return (f"original: not in {out.name}/ (an output ships only the candidates the compile kept), so bench does "
+            f"not time it{when}")
 
 
 def read_verify(out: Path) -> VerifyData:

@@ -43,6 +43,8 @@ def _print(report: dict, as_json: bool) -> None:
     click.echo(device_heading(report))
     click.echo(tabulate(device_rows(report), headers=DEVICE_HEADERS, tablefmt="simple", maxcolwidths=[None] * 6 + [60]))
     click.echo(report["why"])
+    if report.get("original"):
+        click.echo(report["original"])
 
 
 def _exit_code(report: dict) -> int:
@@ -127,17 +129,10 @@ def bench(out, keys, threads, as_json, quiet, runs, warmup, rpc_tracker, rpc_key
 
         remote = RemoteDevice.parse(rpc_tracker, rpc_key)
     report = check_output(out, bench=True, keys=list(keys) or None, threads=threads, runs=runs, warmup=warmup,
-                          remote=remote, log=_log(quiet or as_json))
+                          remote=remote, choosing=select_fastest, log=_log(quiet or as_json))
     _print(report, as_json)
     code = _exit_code(report)
     best = report.get("fastest_verified")
     if select_fastest and code == 0 and best and best != report.get("top_level"):
-        target = report.get("target") or {}
-        if report.get("this_machine_matches_target_arch") is False:
-            from dlopt.errors import ConfigError
-
-            raise ConfigError(f"--select: this machine ({report['host']['machine']}) is not the {target.get('name')} "
-                              f"device ({target.get('arch')}); timings here do not choose for it: run "
-                              f"`dlopt bench --select` there")
         click.echo(select(out, best), err=as_json)
     sys.exit(code)
