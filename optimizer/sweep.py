@@ -183,6 +183,7 @@ def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
             raise ConfigError(f"{path}: {where}: {exc}") from exc
 
     common = options(data.get("options", {}), "[options]")
+    check(model_paths[0], common, "[options]")  # named as the table that holds the bad value
     by_model = _tables(path, data, "models")
     stems = {m.stem: m for m in model_paths}
     for name in by_model:

@@ -106,7 +106,7 @@ def test_bad_sweep_files(tmp_path):
     with pytest.raises(ConfigError, match="unknown option 'runz'"):
         load_sweep(tmp_path / "sweep.toml")
     (tmp_path / "sweep.toml").write_text(text.replace("runs = 5", "runs = 0"))
-    with pytest.raises(ConfigError, match=r"\[variants.fp32\]: runs must be at least 1"):
+    with pytest.raises(ConfigError, match=r"\[options\]: runs must be at least 1"):
         load_sweep(tmp_path / "sweep.toml")
     (tmp_path / "sweep.toml").write_text(text.replace('targets = ["here"]', 'targets = ["hear"]'))
     with pytest.raises(ConfigError, match="unknown target 'hear'"):

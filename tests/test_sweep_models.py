@@ -97,6 +97,11 @@ def test_a_bad_model_table_is_refused(tmp_path, table, message):
         load_sweep(sweep)
 
 
+def test_a_bad_global_option_is_named_as_in_options_not_in_the_model_table_checked_with_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep.toml: \[options\]: seed must be an integer, got str 'x'"):
+        load_sweep(_write(tmp_path, HEAD.replace("samples = 4", 'samples = 4\nseed = "x"') + MODEL_TABLES + VARIANTS))
+
+
 def test_a_bad_model_table_is_one_line_exit_2_before_any_compile(tmp_path):
     sweep = _write(tmp_path, HEAD + MODEL_TABLES.replace("max-accuracy-drop", "max-accuracy-dorp") + VARIANTS)
     done = dlopt("sweep", sweep)
