@@ -23,7 +23,7 @@ from typing import Callable
 
 import click
 
-MLFLOW_DEFAULT = "./mlruns"
+MLFLOW_DEFAULT = ""  # --mlflow alone: MLflow's own default store (./mlflow.db, SQLite), see tracking.resolve_uri
 KSERVE_DEFAULT = "-"  # --kserve without a file: REPO/<name>-inferenceservice.yaml
 PUBLISH_TIMEOUT_S = 60.0
 
@@ -75,6 +75,10 @@ class PublishOptions:
         for wanted, module, extra in needs:
             if wanted is not None and importlib.util.find_spec(module) is None:
                 raise TargetUnavailable(f"this needs {module}: pip install 'dlopt[{extra}]'")
+        if self.mlflow is not None:
+            from dlopt.tracking import check_store
+
+            check_store(self.mlflow)
         if self.metrics_file is not None:
             from dlopt.metrics_export import check_metrics_path
 
@@ -104,7 +108,8 @@ def publish_options(command=None, *, triton: bool = True):
         options = [
             click.option("--mlflow", "mlflow", default=None, is_flag=False, flag_value=MLFLOW_DEFAULT,
                          metavar="[TRACKING_URI]", help="Log an MLflow run (params, metrics, report, artefact) "
-                         "to TRACKING_URI [default: ./mlruns]."),
+                         "to TRACKING_URI [default: MLflow's own, ./mlflow.db (SQLite), which mlflow ui "
+                         "here opens; a path is a file store]."),
             click.option("--register", default=None, metavar="NAME",
                          help="With --mlflow: register the chosen artefact as a version of model NAME."),
             click.option("--mlflow-experiment", "experiment", default="dlopt", show_default=True,

@@ -5,8 +5,12 @@ figures of ``dlopt.metrics_export.figures``: the chosen candidate's at top level
 and every candidate's under their key), artefacts (report.*, manifest.json and the chosen
 artefact's files under ``artifact/``) and tags (model sha256, git commit when the model or the
 working directory is in a git checkout).  It uses ``MlflowClient`` alone: the fluent API would
-add tags from its own context (and run git).  The default store is ``./mlruns``; MLflow 3 keeps
-file stores behind ``MLFLOW_ALLOW_FILE_STORE``, which is set for the duration of the call only.
+add tags from its own context (and run git).  Without a URI the store is MLflow's own default
+(``mlflow.get_tracking_uri()``: ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``, a SQLite store, or
+``./mlruns`` where that already holds a file store's runs), so ``mlflow ui`` or ``MlflowClient()``
+started in the same folder reads the run with no settings.  MLflow 3 keeps file stores (a path or
+``file:`` URI given to ``--mlflow``) behind ``MLFLOW_ALLOW_FILE_STORE``, which is set for the
+duration of the call only.
 
 Guarantees: a run whose logging fails is ended FAILED, never left RUNNING (unless the server
 stops answering: ``publish`` abandons the call at its deadline); only regular files that lie inside
@@ -25,7 +29,8 @@ from typing import Callable, Iterator
 
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
 
-DEFAULT_STORE = "mlruns"
+_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
+_SQL_MODULES = ("sqlalchemy", "alembic")  # what they need beyond mlflow-skinny
 EXPERIMENT = "dlopt"
 ARTIFACT_DIR = "artifact"
 REPORT_FILES = ("report.json", "report.md", "report.html", "manifest.json")
@@ -42,12 +47,33 @@ class TrackedRun:
 
 
 def resolve_uri(uri: str | None) -> str:
-    """A tracking URI: the default ``./mlruns`` or a plain path as an absolute file: URI."""
+    """A tracking URI: MLflow's default when none is given (an absolute ``sqlite:///.../mlflow.db`` in
+    the working directory unless ``$MLFLOW_TRACKING_URI`` or an existing ``./mlruns`` says otherwise);
+    a plain path as an absolute file: URI."""
     if not uri:
-        return Path(DEFAULT_STORE).absolute().as_uri()
+        try:
+            from mlflow.tracking import get_tracking_uri
+        except ImportError:
+            raise TargetUnavailable("--mlflow needs MLflow: pip install 'dlopt[mlflow]'") from None
+        uri = get_tracking_uri()
     if "://" in uri or uri.startswith(("file:", "databricks")):
         return uri
     return Path(uri).absolute().as_uri()
+
+
+def check_store(uri: str | None) -> str:
+    """``resolve_uri(uri)``; TargetUnavailable, before any work, when that store needs libraries that are
+    not installed (MLflow's SQL stores need sqlalchemy and alembic, which mlflow-skinny leaves out)."""
+    import importlib.util
+
+    resolved = resolve_uri(uri)
+    if resolved.split(":", 1)[0].split("+", 1)[0] in _SQL_SCHEMES:
+        missing = [m for m in _SQL_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            store = resolved if uri else f"MLflow's default store {resolved}"
+            raise TargetUnavailable(f"--mlflow: {store} needs {' and '.join(missing)}: pip install 'dlopt[mlflow]', "
+                                    f"or give --mlflow a server URL or a file: store")
+    return resolved
 
 
 @contextlib.contextmanager

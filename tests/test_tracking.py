@@ -134,3 +134,82 @@ def test_compile_then_gate_registers_nothing_when_the_gate_fails(tmp_path, clien
     assert mlflow.search_model_versions("name='cnn-compiled'") == []
     [run] = mlflow.search_runs([mlflow.get_experiment_by_name("dlopt").experiment_id])
     assert run.data.tags["dlopt.gate.passed"] == "false" and run.data.tags["dlopt.gate.size"] == "failed"
+
+
+def _sql_store_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("sqlalchemy", "alembic"))
+
+
+@pytest.fixture
+def plain_cwd(monkeypatch, tmp_path):
+    """A folder of its own as the working directory, with no MLflow settings in the environment."""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.skipif(not _sql_store_installed(), reason="MLflow's SQLite store needs sqlalchemy and alembic "
+                                                       "(pip install 'dlopt[mlflow]')")
+def test_default_store_is_the_sqlite_one_mlflow_reads(compiled, plain_cwd):
+    """`--mlflow` with no URI writes ./mlflow.db, MLflow's own default store: MLflow reads it back with no
+    URI and no MLFLOW_ALLOW_FILE_STORE (a ./mlruns file store is refused by MLflow 3 without it)."""
+    import os
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out, report = compiled
+    result = CliRunner().invoke(package, [str(out), "--mlflow"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    store = f"sqlite:///{plain_cwd / 'mlflow.db'}"
+    assert f" in {store}" in result.output
+    assert (plain_cwd / "mlflow.db").is_file()
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    assert mlflow.get_tracking_uri() == store  # the artefacts beside it do not turn MLflow to a file store
+
+    client = MlflowClient()  # MLflow's default, as `mlflow ui` here would open it
+    [run] = client.search_runs([client.get_experiment_by_name("dlopt").experiment_id])
+    chosen = next(c for c in report["candidates"] if c["chosen"])
+    assert run.info.status == "FINISHED" and run.data.params["chosen"] == report["chosen"]
+    assert run.data.metrics["latency_p50_ms"] == pytest.approx(chosen["measurement"]["latency"]["p50_ms"])
+    assert run.data.metrics["speedup"] == pytest.approx(chosen["speedup"])
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"report.json", "manifest.json", "artifact"}
+    # a second run lands in the same store
+    assert CliRunner().invoke(package, [str(out), "--mlflow"]).exit_code == 0
+    assert len(client.search_runs([run.info.experiment_id])) == 2
+
+
+@pytest.mark.skipif(_sql_store_installed(), reason="sqlalchemy and alembic are installed here")
+def test_default_store_without_sqlalchemy_is_refused_first(compiled, plain_cwd):
+    """Without sqlalchemy/alembic (mlflow-skinny alone) the default SQLite store cannot open: one line
+    naming the install, before anything is done."""
+    from dlopt.errors import TargetUnavailable
+
+    out, _ = compiled
+    prom = plain_cwd / "m.prom"
+    result = CliRunner().invoke(package, [str(out), "--mlflow", "--metrics-file", str(prom)])
+    assert isinstance(result.exception, TargetUnavailable), (result.output, result.exception)
+    assert str(result.exception) == (
+        f"--mlflow: MLflow's default store sqlite:///{plain_cwd / 'mlflow.db'} needs sqlalchemy and alembic: "
+        f"pip install 'dlopt[mlflow]', or give --mlflow a server URL or a file: store")
+    assert sorted(p.name for p in plain_cwd.iterdir()) == []  # nothing written, not even the metrics file
+
+
+def test_explicit_file_store_still_works(compiled, plain_cwd, monkeypatch):
+    """A path given to --mlflow is a file store, as before (dlopt lets MLflow open it for its own call)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    out, report = compiled
+    result = CliRunner().invoke(package, [str(out), "--mlflow", "runs"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f" in {(plain_cwd / 'runs').as_uri()}" in result.output
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ and not (plain_cwd / "mlflow.db").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading a file store is the user's opt-in
+    client = MlflowClient(tracking_uri=(plain_cwd / "runs").as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("dlopt").experiment_id])
+    assert run.data.params["chosen"] == report["chosen"]
