@@ -34,7 +34,7 @@ def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
     prune.json (the report and the layer shapes).  model.pt is a pickle: dlopt never reads it.
 
     The folder is written beside its final place and renamed into it; an existing folder
-    is replaced only if an earlier save wrote it.
+    is replaced only if an earlier save wrote it; missing parent folders are created.
     """
     import torch
 
@@ -43,8 +43,10 @@ def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
     folder = Path(folder)
     if folder.exists() and not _saved_by_us(folder):
         raise ConfigError(f"{folder} exists and was not written by dlopt.prune; choose another folder")
-    if not folder.parent.is_dir():
-        raise ConfigError(f"{folder.parent} does not exist")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)  # as compile's -o: build/pruned needs no mkdir first
+    except OSError as e:
+        raise ConfigError(f"cannot create {folder.parent}: {e.strerror}") from None
     inputs = _as_tuple(example_inputs)
     was_training = module.training
     module.eval()
