@@ -175,7 +175,7 @@ def build(
     from dlopt.targets import backend_status, get_backend
 
     raise_if_interrupted()
-    status = backend_status(backend_name)
+    status = backend_status(backend_name, ev.profile)
     if status is not True:
         return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status)))
     backend = get_backend(backend_name)

@@ -112,12 +112,10 @@ def _linker(profile):
 
     if profile.arch == host_arch():
         return None, "host cc"
-    compiler = profile.cross_compiler
-    if not compiler or not shutil.which(compiler):
-        package = f"gcc-{compiler.rsplit('-gcc', 1)[0]}" if compiler else f"a {profile.arch} cross compiler"
-        raise TargetUnavailable(f"TVM needs the cross compiler {compiler or profile.arch} for {profile.name}; "
-                                f"install it (apt-get install {package})")
-    return cc.cross_compiler(compiler), compiler
+    missing = profile.cross_toolchain()  # the answer `dlopt targets` gives
+    if missing is not True:
+        raise TargetUnavailable(missing)
+    return cc.cross_compiler(profile.cross_compiler), profile.cross_compiler
 
 
 def input_specs(model, shapes: dict | None = None) -> list[dict]:

@@ -130,3 +130,16 @@ def test_a_pipe_closed_before_dlopt_writes_is_a_quiet_exit(tmp_path):
     assert (done.returncode, done.stderr) == (SIGPIPE_EXIT, "")
     done = subprocess.run(f"{DLOPT} inspect {model} | true", shell=True, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (0, "")  # the shell reports the last command's status
+
+
+def test_a_compile_without_the_cross_compiler_says_what_dlopt_targets_says(tmp_path):
+    """The compile's table names the same missing tool and install line as `dlopt targets`, from one place."""
+    model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
+    env = _only(tmp_path, "gcc")
+    result = subprocess.run([DLOPT, "compile", str(model), "--target", "rpi5", "--precision", "fp32", "--runs", "3",
+                             "-o", str(tmp_path / "out"), "--json", "-q"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {f"{c['backend']}/{c['precision']}": c for c in json.loads(result.stdout)["candidates"]}
+    assert rows["tvm/fp32"]["status"] == "unavailable", rows["tvm/fp32"]
+    assert rows["tvm/fp32"]["reason"] == _targets_json(env, tmp_path)["rpi5"]["cannot_build"]["tvm"]
