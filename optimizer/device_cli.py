@@ -95,11 +95,13 @@ def verify(out, keys, threads, as_json, quiet):
               help="Timed runs per candidate, interleaved in rounds.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
-              help="Run and time the TVM libraries on a device behind this TVM RPC tracker (with --rpc-key).")
+              help="Run and time the TVM libraries on a device behind this TVM RPC tracker (with --rpc-key); "
+                   "refused when the candidates hold no TVM library.")
 @click.option("--rpc-key", default=None, metavar="KEY", help="The key the device's RPC servers registered with.")
 @click.option("--select", "select_fastest", is_flag=True,
               help="Move the fastest verified candidate to the top level of OUT when it is significantly faster "
-                   "than the one there (the old one goes to bundle/).")
+                   "than the one there (the old one goes to bundle/).  Only on the target's own architecture: "
+                   "refused elsewhere before anything runs.")
 def bench(out, keys, threads, as_json, quiet, runs, warmup, rpc_tracker, rpc_key, select_fastest):
     """Verify, then time every verified candidate of OUT on this machine.
 
@@ -108,6 +110,9 @@ def bench(out, keys, threads, as_json, quiet, runs, warmup, rpc_tracker, rpc_key
     of the median); a candidate run under qemu emulation is verified and timed apart,
     and its timings are marked as emulated, never compared.  Writes
     OUT/device_report.json and adds the results to OUT/report.md and report.html.
+    The original model does not ship in OUT (unless it was chosen unchanged), so it
+    is not timed here: a last line says so and gives the compile's timing of it
+    (report.md has that comparison).
 
     Like `dlopt verify`, this runs the folder's native code (after checking its
     sha256 against the manifest): only bench folders you trust.
