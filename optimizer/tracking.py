@@ -90,19 +90,26 @@ def file_store_allowed(uri: str) -> Iterator[None]:
         os.environ.pop(key, None)
 
 
+_QUIET = {"urllib3.connectionpool": "ERROR", "mlflow.store.db.utils": "WARNING", "alembic": "WARNING"}
+
+
 @contextlib.contextmanager
 def _retries_quiet() -> Iterator[None]:
     """Keep urllib3's "Retrying (Retry(total=6...)) after connection broken" warnings (one per retry
-    of MLflow's client) off the terminal: the error, or the deadline's, says what went wrong."""
+    of MLflow's client) off the terminal: the error, or the deadline's, says what went wrong.  The
+    SQLite store's "Creating initial MLflow database tables..." (and alembic's migration lines) too:
+    the CLI prints the run and its store."""
     import logging
 
-    logger = logging.getLogger("urllib3.connectionpool")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = {logging.getLogger(name): level for name, level in _QUIET.items()}
+    before = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in before.items():
+            logger.setLevel(level)
 
 
 def _client(uri: str):
