@@ -35,3 +35,9 @@ def __getattr__(name: str):
 
         return importlib.import_module("dlopt.errors")
     raise AttributeError(f"module 'dlopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy names are not in globals() until first use: without this, dir(dlopt) and tab
+    # completion show none of the API (PEP 562); help(dlopt) lists what __all__ names
+    return sorted(set(__all__) | {name for name in globals() if name.startswith("__")})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dlopt.config import CompileConfig
 from dlopt.report import Report
@@ -14,6 +14,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     model: Any,
     target: str = "cpu",
     out: str | Path | None = None,
+    *,
+    progress: Callable[[str, int, int], None] | bool | None = True,
     **options: Any,
 ) -> Report:
     """Optimise ``model`` (an .onnx path or ``onnx.ModelProto``) for ``target``.
@@ -21,10 +23,17 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     Writes the artefact folder ``out`` (model, session settings, manifest.json,
     report.json, report.md) atomically and returns the :class:`Report`.
     ``options`` are the fields of :class:`dlopt.CompileConfig` (precision, inputs,
-    samples, runs, warmup, threads, seed, progress: a function or True for progress
-    bars on a terminal).  ``model`` may also be serialised ONNX bytes, and ``inputs`` a
-    dict of arrays or an iterable of feed dicts instead of an .npz path.  Raises
-    :class:`dlopt.errors.DloptError` subclasses on bad input.
+    samples, runs, warmup, threads, seed, ...).  ``model`` may also be serialised ONNX
+    bytes, and ``inputs`` a dict of arrays or an iterable of feed dicts instead of an
+    .npz path.  Raises :class:`dlopt.errors.DloptError` subclasses on bad input.
+
+    ``progress`` is what the compile says on stderr while it runs, as ``dlopt compile``
+    does: True (the default) draws a bar per stage on a terminal and, where stderr is
+    not one (a CI log, a pipe, a notebook), writes a line such as
+    ``dlopt: build tvm/fp32: done [2.8 s]`` for each stage that takes over 2 s;
+    False (or None) says nothing, like ``dlopt compile --quiet``; a function
+    ``f(stage, done, total)`` receives every step instead.  Diagnostics go to the
+    standard ``logging`` logger ``"dlopt"`` (silent below WARNING unless configured).
     """
     import dataclasses
 
@@ -43,7 +52,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     config = CompileConfig(
         model=model, target=target, out=out,
         # a path names an .npz; a dict of arrays, an iterable of feeds or a DataLoader is data itself
-        inputs=Path(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs, **options,
+        inputs=Path(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs, progress=progress, **options,
     )
     return run(config)
 
