@@ -32,8 +32,10 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     not one (a CI log, a pipe, a notebook), writes a line such as
     ``dlopt: build tvm/fp32: done [2.8 s]`` for each stage that takes over 2 s;
     False (or None) says nothing, like ``dlopt compile --quiet``; a function
-    ``f(stage, done, total)`` receives every step instead.  Diagnostics go to the
-    standard ``logging`` logger ``"dlopt"`` (silent below WARNING unless configured).
+    ``f(stage, done, total)`` receives every step instead.  The standard ``logging``
+    silences it too: ``logging.getLogger("dlopt").setLevel(logging.WARNING)``.
+    Diagnostics go to the ``"dlopt"`` loggers (``logging.basicConfig(level=logging.INFO)``
+    shows them).
     """
     import dataclasses
 

@@ -5,11 +5,15 @@ A stage reports ``progress(stage, done, total)``; a stage of one step reports
 a bar redrawn in place.  When stderr is not a terminal, a stage that runs longer
 than ``quiet_s`` gets a line every ``interval_s`` while it runs and one when it
 ends, so a CI log shows where the time goes without a line per tiny step.
+Setting the ``dlopt`` logger (or ``dlopt.progress``) above INFO silences it too, so a
+program that tunes dlopt's logging with the standard ``logging`` module quiets progress
+the same way; the root logger's level (WARNING unless configured) does not count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -33,7 +37,7 @@ class TerminalProgress:
         self._logged: dict[str, float] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
+        if not self.enabled or silenced_by_logging():
             return
         if self.tty:
             self._bar(stage, done, total)
@@ -60,6 +64,17 @@ class TerminalProgress:
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
+
+
+def silenced_by_logging() -> bool:
+    """True when a level above INFO was set on ``dlopt.progress`` or an ancestor below the root
+    (``logging.getLogger("dlopt").setLevel(logging.WARNING)``): the nearest level set decides."""
+    logger: logging.Logger | None = logging.getLogger(__name__)
+    while logger is not None and logger is not logging.root:
+        if logger.level != logging.NOTSET:
+            return logger.level > logging.INFO
+        logger = logger.parent
+    return False
 
 
 # -- interrupts -------------------------------------------------------------------------------------

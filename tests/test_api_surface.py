@@ -78,3 +78,31 @@ def test_api_logs_stage_lines_like_the_cli_when_stderr_is_piped_and_nothing_with
     # progress=False silences the stage lines (warnings, if any, still reach stderr through logging)
     off = results["off"][0][1]
     assert not [line for line in off.splitlines() if line.startswith("dlopt:") or LINE.search(line)], off
+
+
+def test_the_standard_logging_silences_progress_too():
+    import io
+    import logging
+
+    from dlopt.progress import TerminalProgress
+
+    def lines(**logger_levels) -> list[str]:
+        stream = io.StringIO()  # not a terminal: log lines, as in CI
+        progress = TerminalProgress(stream=stream, quiet_s=0.0)
+        saved = {name: logging.getLogger(name).level for name in logger_levels}
+        try:
+            for name, level in logger_levels.items():
+                logging.getLogger(name).setLevel(level)
+            progress("build ort/fp32", 0, 1)
+            progress("build ort/fp32", 1, 1)
+        finally:
+            for name, level in saved.items():
+                logging.getLogger(name).setLevel(level)
+        return [LINE.fullmatch(line)["stage"] for line in stream.getvalue().splitlines()]
+
+    assert lines() == ["build ort/fp32"]
+    assert lines(dlopt=logging.WARNING) == []
+    assert lines(**{"dlopt.progress": logging.ERROR}) == []
+    # the nearest level set decides; the root logger's WARNING default does not silence
+    assert lines(dlopt=logging.WARNING, **{"dlopt.progress": logging.INFO}) == ["build ort/fp32"]
+    assert lines(root=logging.ERROR) == ["build ort/fp32"]
