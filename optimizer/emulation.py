@@ -13,12 +13,18 @@ qemu-user translates the aarch64 code, so a run shows that the library loads and
 it computes, never how fast a board runs it.  Stdlib only: importing this costs nothing.
 
     python -m dlopt.emulation [ROOT]   # probe the environment: prints what runs, exits 1 if nothing
+    python -m dlopt.emulation serve --tracker HOST:PORT --key rpi5 [--cpu cortex-a76]
+                                       # an emulated board: a TVM RPC server registered with a tracker
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from dlopt.errors import TargetUnavailable
+from dlopt.errors import ConfigError, DloptError, TargetUnavailable, one_line
 
 ARM64_ENV_VAR = "DLOPT_ARM64_ENV"
 LABEL = "qemu-aarch64 emulation"
@@ -127,6 +133,146 @@ def run_emulated(script: Path, args: list[str], *, cwd: Path | str, timeout: flo
                                 f"(emulated code runs about 100x slower than native); allow more time") from exc
 
 
+# -- an emulated board: a TVM RPC server under qemu-aarch64 ------------------------------------------
+
+# Runs under the emulated aarch64 Python: TVM's RPC server loop (PopenRPCServerState) in this process,
+# because tvm.exec.rpc_server starts its worker by executing sys.executable, which qemu-user cannot do
+# without binfmt_misc ("Exec format error"), and its popen worker needs cloudpickle.  It prints the port
+# it bound, and ends its process group (its sessions too) when the process that started it goes.
+SERVER_LAUNCHER = """\
+import os, signal, sys, threading, time
+from tvm.rpc import server
+host, port, tracker, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+tracker_host, tracker_port = tracker.rsplit(":", 1)
+parent = os.getppid()
+def orphaned():
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=orphaned, daemon=True).start()
+state = server.PopenRPCServerState(host, port, port + 100, tracker_addr=(tracker_host.strip("[]"), int(tracker_port)),
+                                   key=key)
+print(state.port, flush=True)
+state.thread.join()
+"""
+SERVE_START_S = 180.0  # importing TVM under qemu takes seconds; registering, a few more
+
+
+def serve(tracker: str, key: str, *, host: str = "127.0.0.1", port: int = 9090, cpu: str | None = None,
+          root: Path | str | None = None, log=print, timeout: float = SERVE_START_S) -> int:
+    """An emulated aarch64 board: TVM's RPC server under qemu-aarch64, registered with the RPC tracker
+    at ``tracker`` under ``key``, until SIGINT or SIGTERM.  Says one ready line through ``log``.
+
+    Raises ConfigError (a bad address or key, an unknown CPU) or TargetUnavailable (no emulation
+    environment, no tracker, a server that did not start); returns the exit code (0: stopped).
+    """
+    from dlopt.targets.tvm_rpc import RemoteDevice, servers  # numpy: imported only for a server
+
+    device = RemoteDevice.parse(tracker, key)
+    python = aarch64_python(root)
+    if isinstance(python, str):
+        raise TargetUnavailable(python)
+    if cpu is not None and cpu not in qemu_cpu_models():
+        raise ConfigError(f"{QEMU} cannot emulate a {cpu}; it knows {', '.join(sorted(qemu_cpu_models()))}")
+    before = servers(device, timeout=10).get(key, (0, 0))[0]  # the tracker answers before anything starts
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | python.env
+    if cpu is not None:
+        env["QEMU_CPU"] = cpu
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    with tempfile.TemporaryDirectory(prefix="dlopt-board-") as folder:
+        launcher, server_log = Path(folder) / "rpc_server.py", Path(folder) / "server.log"
+        launcher.write_text(SERVER_LAUNCHER)
+        env["TMPDIR"] = folder  # the server's session folders
+        with open(server_log, "wb") as errors:
+            proc = subprocess.Popen([*python.command, str(launcher), host, str(port), device.tracker, key],
+                                    stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=env,
+                                    cwd=folder, start_new_session=True)  # Ctrl-C reaches dlopt, which ends it
+        try:
+            bound = _wait_registered(proc, device, before, timeout, stop, server_log)
+            if bound is None:
+                return 0
+            where = f"{cpu}" if cpu else "qemu's max CPU"
+            log(f"dlopt: emulated aarch64 board ready: key {key!r} with the RPC tracker at {device.tracker}, "
+                f"server on {host}:{bound} under {LABEL} ({where}); Ctrl-C stops it")
+            while not stop and proc.poll() is None:
+                time.sleep(0.2)
+            if not stop:
+                raise TargetUnavailable(f"the emulated RPC server exited with {proc.returncode}: "
+                                        f"{_last_line(server_log)}")
+            return 0
+        finally:
+            _stop_group(proc)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _wait_registered(proc: subprocess.Popen, device, before: int, timeout: float, stop: list,
+                     server_log: Path) -> int | None:
+    """The port the server bound, once the tracker lists one more server under the key; None when
+    stopped first; TargetUnavailable when the server exits or outlasts ``timeout``."""
+    from dlopt.targets.tvm_rpc import servers
+
+    deadline, line, bound = time.monotonic() + timeout, b"", None
+    while not stop:
+        if proc.poll() is not None:
+            raise TargetUnavailable(f"the emulated RPC server exited with {proc.returncode} before it registered: "
+                                    f"{_last_line(server_log)}")
+        if time.monotonic() > deadline:
+            raise TargetUnavailable(f"the emulated RPC server did not register with the tracker at "
+                                    f"{device.tracker} within {timeout:g} s: {_last_line(server_log)}")
+        if bound is None:
+            if select.select([proc.stdout], [], [], 0.2)[0]:
+                line += os.read(proc.stdout.fileno(), 256)
+                *done, line = line.split(b"\n")
+                bound = next((int(text) for text in done if text.strip().isdigit()), None)  # the launcher's port
+            continue
+        if servers(device, timeout=10).get(device.key, (0, 0))[0] > before:
+            return bound
+        time.sleep(0.2)
+    return None
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (its sessions too), SIGKILL after a grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _last_line(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1][-300:] if lines else "(no output)"
+
+
+def serve_main(argv: list[str]) -> int:
+    """``python -m dlopt.emulation serve``: errors are one line on stderr, exit 2."""
+    parser = argparse.ArgumentParser(prog="python -m dlopt.emulation serve",
+                                     description="An emulated aarch64 board: a TVM RPC server under qemu-aarch64 "
+                                                 "(make arm64-env) registered with an RPC tracker under KEY.")
+    parser.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the RPC tracker to register with")
+    parser.add_argument("--key", required=True, help="the key clients ask the tracker for (e.g. rpi5)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on [127.0.0.1; an RPC server runs whatever it is sent]")
+    parser.add_argument("--port", type=int, default=9090, help="first port to try (up to 100 more) [9090]")
+    parser.add_argument("--cpu", default=None, help="qemu CPU model to emulate, e.g. cortex-a76 [qemu's max]")
+    args = parser.parse_args(argv)
+    try:
+        return serve(args.tracker, args.key, host=args.host, port=args.port, cpu=args.cpu,
+                     log=lambda line: print(line, flush=True))
+    except DloptError as exc:
+        print(f"dlopt: error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+
+
 def _probe(argv: list[str]) -> int:
     root = Path(argv[0]) if argv else None
     with tempfile.TemporaryDirectory(prefix="dlopt-arm64-probe-") as folder:
@@ -147,4 +293,6 @@ def _probe(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        sys.exit(serve_main(sys.argv[2:]))
     sys.exit(_probe(sys.argv[1:]))

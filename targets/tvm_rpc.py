@@ -1,6 +1,6 @@
 """TVM libraries on remote devices through TVM's RPC tracker (tvmc's ``--rpc-tracker``, Relax era).
 
-A tracker (``python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190``) hands out
+A tracker (``python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190 --port-end 9191``) hands out
 RPC servers by key; each device runs one (``python -m tvm.exec.rpc_server --tracker
 HOST:9190 --key rpi5``, with ``pip install 'apache-tvm[rpc]'`` there).  dlopt builds
 here, uploads ``model.so`` into the server's session folder, loads it there and runs

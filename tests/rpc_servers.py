@@ -6,9 +6,10 @@ managers; the fixtures ``rpc_tracker_device`` (module scope) and ``local_rpc_ser
 runs in its own process group with TMPDIR in the test's folder, and the whole group is
 ended on exit (also when the test fails), so nothing is left running or lying in /tmp.
 
-The x86 server is TVM's own ``python -m tvm.exec.rpc_server``.  Under qemu-aarch64 a
-launcher runs the same server loop in-process: ``tvm.exec.rpc_server`` starts its worker
-by executing ``sys.executable``, which qemu-user cannot do without binfmt_misc.
+The x86 server is TVM's own ``python -m tvm.exec.rpc_server``; the aarch64 one is the documented
+emulated board, ``python -m dlopt.emulation serve`` (TVM's server loop in-process under
+qemu-aarch64: ``tvm.exec.rpc_server`` starts its worker by executing ``sys.executable``, which
+qemu-user cannot do without binfmt_misc).
 """
 
 from __future__ import annotations
@@ -35,17 +36,6 @@ from dlopt.targets.tvm_rpc import RemoteDevice, servers
 HOST = "127.0.0.1"
 LOCAL_KEY, QEMU_KEY = "local", "qemu-aarch64"
 
-# Runs under the emulated aarch64 Python: TVM's RPC server loop (PopenRPCServerState) in this process.
-QEMU_LAUNCHER = """\
-import sys
-from tvm.rpc import server
-host, port, tracker, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-tracker_host, tracker_port = tracker.rsplit(":", 1)
-state = server.PopenRPCServerState(host, port, port + 100, tracker_addr=(tracker_host, int(tracker_port)), key=key)
-state.thread.join()
-"""
-
-
 @dataclass(frozen=True)
 class Started:
     """A server registered with the tracker: the device to ask for, and how long it took to start."""
@@ -53,6 +43,12 @@ class Started:
     device: RemoteDevice
     startup_s: float
     log: Path
+
+
+def board_server_command(tracker: str, key: str, port: int, cpu: str | None = None) -> list[str]:
+    """The documented emulated board (docs/device-farm.md): ``python -m dlopt.emulation serve``."""
+    return [sys.executable, "-m", "dlopt.emulation", "serve", "--tracker", tracker, "--key", key, "--host", HOST,
+            "--port", str(port), *(["--cpu", cpu] if cpu else [])]
 
 
 def free_port() -> int:
@@ -123,18 +119,13 @@ def rpc_server(tracker: str, key: str, folder: Path, *, emulated: bool = False, 
     port = free_port()
     log = folder / f"server-{key}-{port}.log"
     started = time.perf_counter()
+    env = None
     if emulated:
         python = aarch64_python()
         if isinstance(python, str):
             pytest.skip(python)
-        launcher = folder / "qemu_rpc_server.py"
-        launcher.write_text(QEMU_LAUNCHER)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | python.env
-        if cpu is not None:
-            env["QEMU_CPU"] = cpu
-        command = [*python.command, str(launcher), HOST, str(port), tracker, key]
+        command = board_server_command(tracker, key, port, cpu)
     else:
-        env = None
         command = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", key,
                    "--host", HOST, "--port", str(port), "--port-end", str(port + 100)]
     device = RemoteDevice.parse(tracker, key)
