@@ -4,9 +4,9 @@ Everything is offline and seeded: the digits ship inside scikit-learn, the split
 and the training are fixed by ``seed``.  The whole run takes about a minute on two
 cores (27-76 s measured on 2-core machines, quiet to shared): importing torch,
 training (14-34 s of it), the export, and a full ``cpu`` compile that builds,
-verifies and times nine candidates.  The network has Conv + BatchNormalization blocks on purpose, so the
-report shows ``FoldBatchNormPass`` at work on a model that still scores like the
-original on held-out labelled data.
+verifies and times nine candidates.  The network has Conv + BatchNormalization
+blocks on purpose, so the report shows ``FoldBatchNormPass`` at work on a model
+that still scores like the original on held-out labelled data.
 """
 
 from __future__ import annotations
