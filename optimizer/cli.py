@@ -489,7 +489,8 @@ def run(out, data, output, batch_size, threads, as_json, quiet):
 def demo(out, as_json):
     """Train a small CNN on scikit-learn's digits, export it, compile it for cpu and report.
 
-    Needs the `demo` extra (torch, scikit-learn).  Takes seconds on two cores.
+    Needs the `demo` extra (torch, scikit-learn).  Takes about a minute on two cores
+    (training a small CNN, exporting it, then a full cpu compile).
 
     \b
     Example:

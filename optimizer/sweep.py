@@ -282,8 +282,9 @@ def compile_entry(entry: Entry) -> Row:
 
     start = time.perf_counter()
     try:
+        # the sweep logs one line per entry; the compiles' own stage lines would interleave across tasks
         report = dlopt.compile(entry.model, target=entry.target, out=entry.out, targets_file=entry.targets_file,
-                               **entry.options).to_dict()
+                               **{"progress": False, **entry.options}).to_dict()
         status, note = "ok", ""
     except AccuracyBudgetExceeded as exc:
         report, status, note = exc.report.to_dict(), "over-budget", first_line(exc)
