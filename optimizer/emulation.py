@@ -156,6 +156,7 @@ print(state.port, flush=True)
 state.thread.join()
 """
 SERVE_START_S = 180.0  # importing TVM under qemu takes seconds; registering, a few more
+TRACKER_WAIT_S = 20.0  # a tracker started just before (a script, make) takes seconds to listen
 
 
 def serve(tracker: str, key: str, *, host: str = "127.0.0.1", port: int = 9090, cpu: str | None = None,
@@ -166,7 +167,7 @@ def serve(tracker: str, key: str, *, host: str = "127.0.0.1", port: int = 9090, 
     Raises ConfigError (a bad address or key, an unknown CPU) or TargetUnavailable (no emulation
     environment, no tracker, a server that did not start); returns the exit code (0: stopped).
     """
-    from dlopt.targets.tvm_rpc import RemoteDevice, servers  # numpy: imported only for a server
+    from dlopt.targets.tvm_rpc import RemoteDevice  # numpy: imported only for a server
 
     device = RemoteDevice.parse(tracker, key)
     python = aarch64_python(root)
@@ -174,7 +175,7 @@ def serve(tracker: str, key: str, *, host: str = "127.0.0.1", port: int = 9090, 
         raise TargetUnavailable(python)
     if cpu is not None and cpu not in qemu_cpu_models():
         raise ConfigError(f"{QEMU} cannot emulate a {cpu}; it knows {', '.join(sorted(qemu_cpu_models()))}")
-    before = servers(device, timeout=10).get(key, (0, 0))[0]  # the tracker answers before anything starts
+    before = _registered(device, wait_s=TRACKER_WAIT_S)  # the tracker answers before anything starts
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | python.env
     if cpu is not None:
         env["QEMU_CPU"] = cpu
@@ -208,12 +209,25 @@ def serve(tracker: str, key: str, *, host: str = "127.0.0.1", port: int = 9090, 
                 signal.signal(sig, handler)
 
 
+def _registered(device, *, wait_s: float = 0.0) -> int:
+    """Servers the tracker lists under the device's key; a tracker not listening yet is asked again
+    for up to ``wait_s`` seconds, then its TargetUnavailable (one line) goes up."""
+    from dlopt.targets.tvm_rpc import servers
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return servers(device, timeout=10).get(device.key, (0, 0))[0]
+        except TargetUnavailable as exc:
+            if time.monotonic() > deadline or "Connection refused" not in str(exc):
+                raise
+            time.sleep(0.5)
+
+
 def _wait_registered(proc: subprocess.Popen, device, before: int, timeout: float, stop: list,
                      server_log: Path) -> int | None:
     """The port the server bound, once the tracker lists one more server under the key; None when
     stopped first; TargetUnavailable when the server exits or outlasts ``timeout``."""
-    from dlopt.targets.tvm_rpc import servers
-
     deadline, line, bound = time.monotonic() + timeout, b"", None
     while not stop:
         if proc.poll() is not None:
@@ -228,7 +242,7 @@ def _wait_registered(proc: subprocess.Popen, device, before: int, timeout: float
                 *done, line = line.split(b"\n")
                 bound = next((int(text) for text in done if text.strip().isdigit()), None)  # the launcher's port
             continue
-        if servers(device, timeout=10).get(device.key, (0, 0))[0] > before:
+        if _registered(device) > before:
             return bound
         time.sleep(0.2)
     return None
@@ -271,6 +285,8 @@ def serve_main(argv: list[str]) -> int:
     except DloptError as exc:
         print(f"dlopt: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the tracker, before any server started
+        return 130
 
 
 def _probe(argv: list[str]) -> int:
