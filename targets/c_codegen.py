@@ -401,6 +401,8 @@ class _Gen(Int8Ops):
     op_Reshape = op_Squeeze = op_Unsqueeze = op_Identity = op_Dropout = op_Flatten
 
     def _binary(self, node, code: int) -> None:
+        if self._try_int8_binary(node, code):
+            return
         a, b = node.input[0], node.input[1]
         out_shape = self.shapes.get(node.output[0], ())
         n = self.numel(node.output[0])

@@ -5,6 +5,8 @@ Guarantees:
   -> QuantizeLinear becomes one int8 kernel: int32 accumulator and bias, a per-channel Q31
   multiplier and shift (TFLite's QuantizeMultiplier), Relu as the clamp at the output zero point.
 - DQ -> MaxPool -> Q and DQ -> Reshape-like -> Q with one scale stay on the int8 bytes.
+- DQ(a), DQ(b) -> Add/Sub/Mul [-> Relu] -> Q of one shape: int8 in and out, the arithmetic per
+  element in float32 exactly as ONNX Runtime runs the QDQ graph (no float tensors in the arena).
 - Any other Q/DQ node becomes a quantise/dequantise loop (round half to even, as ONNX);
   a pattern that does not match falls back to float kernels, never to a wrong result.
 - uint8 tensors are held as int8 (value - 128, zero point - 128): the same arithmetic.
@@ -138,6 +140,30 @@ class Int8Ops:
                 return call.format("", "")
             return f"for (int32_t r = 0; r < {rows}; ++r) " + call.format(f" + r * {k}", f" + r * {n_out}")
         self.add(f"{node.op_type}[int8]", Step(code, [x], [out]))
+        return True
+
+    def _try_int8_binary(self, node, code: int) -> bool:
+        """DQ(a), DQ(b) of one shape -> Add/Sub/Mul [-> Relu] -> QuantizeLinear: one pass over the int8
+        bytes (the residual add of a ResNet), without the two float copies."""
+        dq_a, dq_b = self._dq_act(node.input[0]), self._dq_act(node.input[1])
+        if dq_a is None or dq_b is None or code not in (0, 1, 2):
+            return False
+        n = self.numel(node.output[0])
+        if self.numel(dq_a.input[0]) != n or self.numel(dq_b.input[0]) != n:
+            return False
+        relu, nxt = None, self.single_consumer(node.output[0])
+        if nxt is not None and nxt.op_type == "Relu":
+            relu, nxt = nxt, self.single_consumer(nxt.output[0])
+        if nxt is None or nxt.op_type != "QuantizeLinear":
+            return False
+        (as_, az, _), (bs, bz, _), (ys, yz, _) = self.qp(dq_a), self.qp(dq_b), self.qp(nxt)
+        a, b, out = dq_a.input[0], dq_b.input[0], nxt.output[0]
+        lo = max(-128, yz) if relu is not None else -128
+        self.skip.update(list(self.graph.node).index(m) for m in (relu, nxt) if m is not None)
+        self.kind[out], self.qparams[out] = "q", (ys, yz)
+        self.add(f"{node.op_type}[int8]", Step(
+            lambda P: f"dl_binary_s8({P(a)}, {az}, {_float(as_)}, {P(b)}, {bz}, {_float(bs)}, {P(out)}, {n}, "
+                      f"{_float(ys)}, {yz}, {lo}, 127, {code});", [a, b], [out], inplace=True))
         return True
 
     def _try_int8_pool(self, node) -> bool:

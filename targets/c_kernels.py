@@ -46,6 +46,10 @@ void dl_fc_s8(const int8_t *x, int32_t xz, const int8_t *w, const int32_t *b, co
               const int32_t *shift, const float *fscale, int8_t *y, int32_t yz, int32_t k, int32_t n,
               int32_t lo, int32_t hi);
 void dl_maxpool_s8(const dl_pool_t *p, const int8_t *x, int8_t *y);
+/* y = Q(DQ(a) op DQ(b)) element by element (op 0 add, 1 sub, 2 mul), in float32 as ONNX Runtime
+   runs the QDQ graph, clamped to [lo, hi] (a Relu before the QuantizeLinear) */
+void dl_binary_s8(const int8_t *a, int32_t az, float as, const int8_t *b, int32_t bz, float bs, int8_t *y,
+                  int32_t n, float ys, int32_t yz, int32_t lo, int32_t hi, int32_t op);
 #endif
 """
 
@@ -284,6 +288,15 @@ void dl_maxpool_s8(const dl_pool_t *p, const int8_t *x, int8_t *y) {
                 y[((size_t)c * p->oh + oy) * p->ow + ox] = (int8_t)acc;
             }
         }
+    }
+}
+
+void dl_binary_s8(const int8_t *a, int32_t az, float as, const int8_t *b, int32_t bz, float bs, int8_t *y,
+                  int32_t n, float ys, int32_t yz, int32_t lo, int32_t hi, int32_t op) {
+    for (int32_t i = 0; i < n; ++i) {
+        const float u = (float)((int32_t)a[i] - az) * as, v = (float)((int32_t)b[i] - bz) * bs;
+        const float q = rintf((op == 0 ? u + v : (op == 1 ? u - v : u * v)) / ys) + (float)yz;
+        y[i] = (int8_t)(q < (float)lo ? lo : (q > (float)hi ? hi : (int32_t)q));
     }
 }
 """
