@@ -170,6 +170,7 @@ def candidate_table(report: Report, raw: dict) -> str:
         result = c.reason or c.status
         if c.chosen:
             result = "CHOSEN" + (f": {c.reason}" if c.reason else "")
+        result += "".join(f"; {fact}" for fact in c.facts())
         rows.append([c.backend, c.precision + (f" (ran {c.ran_as})" if c.ran_as and c.ran_as != c.precision else ""),
                      _ms(lat, "p50_ms"), _interval(lat), _ms(lat, "p90_ms"), _ms(lat, "p99_ms"),
                      _speedup(report, c, ties), f"{m.size_bytes / 1e6:.3f}" if m else "-",
@@ -261,6 +262,7 @@ def _summary(r: Report) -> list[tuple[str, str]]:
           if faster is not None else []),
         *([("ties", ", ".join(verdict["ties"]) + " (speed could not be told apart from the chosen one)")]
           if verdict.get("ties") else []),
+        *([("pruning", r.pruning())] if r.pruning() else []),
         ("dlopt", f"{r.dlopt_version}, schema {r.schema_version}, {r.created}"),
     ]
 

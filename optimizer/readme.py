@@ -161,6 +161,9 @@ def _status(report: dict, s: _Shipped) -> str:
         parts.append(f"outputs verified here{runtime} (max rel error {fidelity['max_rel_error']:.1e})")
     else:
         parts.append("outputs not checked here (dlopt could not run it on this machine)")
+    tuning = (row.get("tuning") or {}).get("summary")
+    if tuning:
+        parts.append(_text(str(tuning)))  # "4 of 5 tasks tuned from <database> (64 trials)"
     latency = (row.get("measurement") or {}).get("latency") or {}
     if latency.get("p50_ms") is not None:
         timing = report.get("timing") or {}

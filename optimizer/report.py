@@ -48,6 +48,11 @@ class Candidate:
     def key(self) -> str:
         return f"{self.backend}/{self.precision}"
 
+    def facts(self) -> list[str]:
+        """How it was built, beyond backend and precision, for the tables: "4 of 5 tasks tuned from DB (64 trials)"."""
+        summary = (self.tuning or {}).get("summary")
+        return [str(summary)] if summary else []
+
 
 @dataclass
 class Report:
@@ -81,6 +86,21 @@ class Report:
         mine = (candidate.measurement.latency or {}).get("p50_ms") if candidate.measurement else None
         return round(base / mine, 3) if base and mine else None
 
+    def pruning(self) -> str | None:
+        """What ``--prune`` reached, from MagnitudePrunePass's record: "pruned 50.0% of 824,096 weights;
+        weights 0.52x compressed (deflate: 3.05 -> 1.60 MB)"; None when no pruning ran."""
+        record = next((p for p in self.passes if p.get("name") == "MagnitudePrunePass"), None)
+        if record is None:
+            return None
+        found = _PRUNED.search(str(record.get("note") or ""))
+        if not found:  # nothing large enough to prune: the pass says so
+            return f"pruning: {record.get('note') or 'nothing pruned'}"
+        share, weights, before, after = found.groups()
+        if not float(before) > 0:  # the note's sizes are in MB to two places
+            return f"pruned {share}% of {weights} weights; under 0.01 MB compressed (deflate)"
+        return (f"pruned {share}% of {weights} weights; weights {float(after) / float(before):.2f}x compressed "
+                f"(deflate: {before} -> {after} MB)")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for cand, raw in zip(self.candidates, data["candidates"]):
@@ -108,10 +128,12 @@ class Report:
     def candidate_rows(self) -> list[list[Any]]:
         rows = [["original", "fp32", _ms(self.baseline.latency, "p50_ms"), _ms(self.baseline.latency, "p99_ms"),
                  "1.00x", _mb(self.baseline.size_bytes), "-", "0.00", "baseline (ONNX Runtime)"]]
+        pruned = self.pruning()
         for c in self.candidates:
             m = c.measurement
             speed = self.speedup(c)
             verdict = ("CHOSEN" + (f": {c.reason}" if c.reason else "")) if c.chosen else (c.reason or c.status)
+            verdict += "".join(f"; {fact}" for fact in c.facts()) + (f"; {pruned}" if c.chosen and pruned else "")
             rows.append([
                 c.backend, c.precision + (f" (ran {c.ran_as})" if c.ran_as and c.ran_as != c.precision else ""),
                 _ms(m.latency, "p50_ms") if m else "-", _ms(m.latency, "p99_ms") if m else "-",
@@ -171,6 +193,7 @@ class Report:
             f"points (original: {self.budget['original'] * 100:.2f}%)",
             f"- chosen: **{esc(chosen.key) if chosen else 'none'}**"
             + (f", {self.speedup(chosen)}x the original's speed" if chosen and self.speedup(chosen) else ""),
+            *([f"- {esc(self.pruning())}"] if self.pruning() else []),
             "",
             "## Candidates",
             "",
@@ -237,6 +260,10 @@ _QUOTE = re.compile(r"^(\s*)>")
 def escape_markdown(text: str) -> str:
     """``text`` as literal Markdown on one line, safe in a table cell; not for use inside a code span."""
     return _QUOTE.sub(r"\1\\>", " ".join(str(text).splitlines()).translate(_MARKDOWN))
+
+
+# MagnitudePrunePass's note (passes/prune_magnitude.py), the one record of what it reached
+_PRUNED = re.compile(r"([\d.]+)% of their ([\d,]+) weights are zero.*?deflate-compressed ([\d.]+) -> ([\d.]+) MB")
 
 
 def _known(cls, raw: dict[str, Any]) -> dict[str, Any]:

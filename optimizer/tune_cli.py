@@ -12,21 +12,23 @@ import click
 
 
 class TuneProgress:
-    """One line for the whole run: trials done, the tuned kernels' summed best latency, time left;
-    a log line every ``interval_s`` when stderr is not a terminal (CI)."""
+    """One line for the whole run: trials done, the model's estimated latency (every kernel's best so
+    far, which only falls) against the first estimate, time left; a log line every ``interval_s`` when
+    stderr is not a terminal (CI)."""
 
     def __init__(self, enabled: bool, budget_s: float | None, interval_s: float = 10.0) -> None:
         self.enabled, self.budget_s, self.interval_s = enabled, budget_s, interval_s
         self.tty = sys.stderr.isatty()
         self.started = time.monotonic()
         self._logged = 0.0
-        self.best = None
+        self.best = self.first = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        found = re.search(r"~([\d.]+) ms", stage)
-        self.best = float(found.group(1)) if found else self.best
+        found = re.search(r"model ~([\d.]+) ms \(first ~([\d.]+) ms\)", stage)
+        if found:
+            self.best, self.first = float(found.group(1)), float(found.group(2))
         now = time.monotonic()
         elapsed = now - self.started
         left = []
@@ -36,7 +38,11 @@ class TuneProgress:
             left.append(max(0.0, self.budget_s - elapsed))
         parts = [stage.split(",")[0], f"{done}/{total} trials" if total else ""]
         if self.best is not None:
-            parts.append(f"best so far: kernels ~{self.best:.3g} ms")
+            change = (f", {self.best / self.first - 1:+.0%} since every kernel was first timed"
+                      if self.first and self.best != self.first else "")
+            parts.append(f"model ~{self.best:.3g} ms estimated{change}")
+        elif "kernels timed" in stage:
+            parts.append(stage.split(", ", 1)[1])
         if left and done:
             parts.append(f"~{_clock(min(left))} left")
         line = "dlopt: " + ", ".join(p for p in parts if p) + f" [{_clock(elapsed)}]"

@@ -212,7 +212,9 @@ def tune(model, profile, *, trials: int, time_budget_s: float | None = None, db:
 
     ``runner`` is any MetaSchedule Runner (an RPCRunner for a board); the default measures
     here.  ``progress(stage, done, total)`` is called as trials finish; ``stage`` reads
-    "tuning" or "tuning, kernels ~X ms" (the tuned kernels' summed best latency).  Past
+    "tuning, K of M kernels timed" until every task has a time, then "tuning, model ~X ms
+    (first ~Y ms)": the model's estimated latency (every task's best so far times its weight,
+    which only falls) and that estimate when every task was first timed.  Past
     ``time_budget_s`` no new round starts and the result says so.
     """
     import tvm
@@ -279,8 +281,10 @@ class _Run:
         self.tasks, self.database, self.db, self.started = tasks, database, db, started
         self.deadline = None if budget is None else started + budget
         self.budget, self.wanted, self.progress = budget, wanted, progress
-        self.done, self.stopped, self.saved_seconds = 0, None, 0.0
+        self.done, self.sent, self.stopped, self.saved_seconds = 0, 0, None, 0.0
         self.history: list[list[float]] = [[] for _ in tasks]  # best ms after each round, per task
+        self.recorded = [math.inf for _ in tasks]  # best ms the database held before this run, per task
+        self.first_estimate: float | None = None
         self.weights = [float(t.weight) for t in tasks]
         self._rng = random.Random(0)
         self._meta_at = started
@@ -298,14 +302,16 @@ class _Run:
         # a console handler on stdout); MetaSchedule's per-trial log goes to dlopt's debug log.
         search_log = logging.getLogger(f"{__name__}.search")
         contexts = [ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
-                                   search_strategy=strategy, task_name=t.task_name, logger=search_log,
+                                   search_strategy=_capped(strategy, self), task_name=t.task_name, logger=search_log,
                                    rand_state=seed, num_threads=os.cpu_count() or 1).clone()
                     for t, seed in zip(self.tasks, ms.utils.fork_seed(None, n=len(self.tasks)))]
         # Tasks with the fewest records go first, so a resumed run spends its warm-up where
         # the killed one did not get to.
         known = len(self.database)
-        counts = [len(self.database.get_top_k(self.database.commit_workload(t.mod), known))
-                  if known and self.database.has_workload(t.mod) else 0 for t in contexts]
+        tops = [self.database.get_top_k(self.database.commit_workload(t.mod), known)
+                if known and self.database.has_workload(t.mod) else [] for t in contexts]
+        counts = [len(top) for top in tops]
+        self.recorded = [min((_record_ms(r) for r in top), default=math.inf) for top in tops]
         self.pending = sorted(range(len(contexts)), key=lambda i: counts[i])
         self.progress("starting MetaSchedule", 0, self.wanted)
         with _noting_interrupts() as interrupts, _builder(profile) as builder, \
@@ -336,8 +342,13 @@ class _Run:
             self.saved_seconds += now - self._meta_at
             self._meta_at = now
         estimate = self._estimate()
-        self.progress(f"tuning, kernels ~{estimate:.6f} ms" if estimate else "tuning",
-                      min(self.done, self.wanted), self.wanted)
+        if estimate is None:
+            timed = sum(bool(h) or r < math.inf for h, r in zip(self.history, self.recorded))
+            stage = f"tuning, {timed} of {len(self.tasks)} kernels timed"
+        else:
+            self.first_estimate = self.first_estimate or estimate
+            stage = f"tuning, model ~{estimate:.6f} ms (first ~{self.first_estimate:.6f} ms)"
+        self.progress(stage, min(self.done, self.wanted), self.wanted)
 
     def next_task_id(self, scheduler) -> int:
         """MetaSchedule's gradient-based choice (warm-up round, then the task whose latency
@@ -374,8 +385,21 @@ class _Run:
             _ffi_api.TaskSchedulerJoinRunningTask(scheduler, task)
         return task
 
-    def _estimate(self) -> float:
-        return sum(w * h[-1] for w, h in zip(self.weights, self.history) if h and h[-1] < math.inf)
+    def _estimate(self) -> float | None:
+        """The whole model's latency as its kernels add up: each task's best so far (this run's or the
+        database's) times its weight; None until every task has been timed once."""
+        best = [min(h[-1] if h else math.inf, r) for h, r in zip(self.history, self.recorded)]
+        if not best or math.inf in best:
+            return None
+        return sum(w * b for w, b in zip(self.weights, best))
+
+    def take(self, candidates: list) -> list:
+        """The part of a round that fits in the trials wanted: MetaSchedule checks its global limit
+        only before a round, so a round of up to ``num_trials_per_iter`` could pass it (32 ran 33)."""
+        room = max(0, self.wanted - self.sent)
+        taken = list(candidates)[:room]
+        self.sent += len(taken)
+        return taken
 
     def result(self) -> TuneResult:
         import tvm
@@ -418,6 +442,11 @@ def _noting_interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
+def _record_ms(record) -> float:
+    secs = sorted(float(s) for s in record.run_secs or ())
+    return 1e3 * secs[len(secs) // 2] if secs else math.inf
+
+
 def _median_ms(result) -> float:
     if result.error_msg is not None or not result.run_secs:
         return math.inf
@@ -435,6 +464,38 @@ def _scheduler(run: _Run):
             return run.next_task_id(self._outer())
 
     return BudgetedGradient()
+
+
+def _capped(strategy, run: _Run):
+    """``strategy`` with each round cut to the trials ``run`` still wants (see ``_Run.take``)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
+
+    @derived_object
+    class Capped(PySearchStrategy):
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def _initialize_with_tune_context(self, context) -> None:
+            self.inner._initialize_with_tune_context(context)
+
+        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+        def post_tuning(self) -> None:
+            self.inner.post_tuning()
+
+        def generate_measure_candidates(self):
+            candidates = self.inner.generate_measure_candidates()
+            return (run.take(candidates) or None) if candidates is not None else None
+
+        def notify_runner_results(self, measure_candidates, results) -> None:
+            self.inner.notify_runner_results(measure_candidates, results)
+
+        def clone(self):
+            return Capped(self.inner.clone())
+
+    return Capped(strategy)
 
 
 def _progress_callback(run: _Run):

@@ -5,6 +5,7 @@ missing plot."""
 
 from __future__ import annotations
 
+import html
 import re
 import subprocess
 import sys
@@ -104,3 +105,29 @@ def test_a_board_page_captions_no_plot_it_does_not_draw(outputs):
     assert "No candidate has both a latency and an accuracy score to plot." in page
     assert "<figcaption>" not in page and "<svg" not in page
     assert "<figcaption>" in (outputs[0] / "report.html").read_text()  # timed here: plot and caption
+
+
+def test_a_pruned_compile_says_what_sparsity_and_compression_it_reached(tmp_path):
+    """--prune 0.5 on one 512x512 MatMul: the chosen row, report.md and report.html give the sparsity and the
+    deflate-compressed size of the weights (random weights: about 1.0 MB, half zeros about 0.55 MB)."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((512, 512)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "mm.onnx")
+    (tmp_path / "dlopt.toml").write_text('[targets.ort-here]\nbase = "cpu"\nbackends = ["ort"]\n')
+    done = dlopt("compile", tmp_path / "mm.onnx", "--target", "ort-here", "-o", tmp_path / "out", "--precision", "fp32",
+                 "--runs", "5", "--prune", "0.5", "--max-accuracy-drop", "100", "-q", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    said = re.compile(r"pruned 50\.0% of 262,144 weights; weights (0\.\d\d)x compressed \(deflate: (\d\.\d\d) -> "
+                      r"(\d\.\d\d) MB\)")
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("ort ")]  # the CLI table
+    found = said.search(row)
+    assert found and "CHOSEN" in row, row
+    ratio, before, after = map(float, found.groups())
+    assert 0.9 < before < 1.1 and 0.45 < after < 0.65 and ratio == pytest.approx(after / before, abs=0.01)
+    assert f"- {found.group(0)}" in (tmp_path / "out" / "report.md").read_text()
+    assert f"<dt>pruning</dt><dd>{html.escape(found.group(0))}</dd>" in (tmp_path / "out" / "report.html").read_text()
