@@ -3,10 +3,10 @@
 torch.onnx.export's default (dynamo) exporter writes ``adaptive_avg_pool2d(x, 1)`` as ReduceMean
 with its axes as an input (opset 18+), and folds BatchNorm into the convolutions; the C backend
 generates it (fp32, and int8 with the mean as a float island between DequantizeLinear and
-QuantizeLinear), the compile verifies the C against ONNX Runtime on the host and the Cortex-M
-image under qemu-system-arm against the host build.  ReduceMean's other forms (axes attribute
-before opset 18, keepdims 0, no axes, noop_with_empty_axes) match ONNX Runtime; forms it cannot
-generate are refused in one line naming the node."""
+QuantizeLinear and the residual adds on the int8 bytes), the compile verifies the C against ONNX
+Runtime on the host and the Cortex-M image under qemu-system-arm against the host build.
+ReduceMean's other forms (axes attribute before opset 18, keepdims 0, no axes,
+noop_with_empty_axes) match ONNX Runtime; forms it cannot generate are refused in one line."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ M7_RAM, M7_FLASH = 320 * 1024, 1024 * 1024
 M4_RAM, M4_FLASH = 128 * 1024, 512 * 1024
 TRAIN_STEPS = 60
 EVAL_SAMPLES = 200
-needs_board = pytest.mark.skipif(
-    cross_tools() is not True or qemu_tools() is not True,
-    reason=f"needs arm-none-eabi-gcc and qemu-system-arm: {cross_tools() if cross_tools() is not True else qemu_tools()}")
+_BOARD = cross_tools() if cross_tools() is not True else qemu_tools()
+needs_board = pytest.mark.skipif(_BOARD is not True, reason=f"needs arm-none-eabi-gcc and qemu-system-arm: {_BOARD}")
+needs_gcc = pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")), reason="no host C compiler (gcc)")
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def _host_run(proto, tmp_path, feeds: list[dict]):
         session.close()
 
 
-@pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")), reason="no host C compiler (gcc)")
+@needs_gcc
 @pytest.mark.parametrize("opset", [13, 18])
 def test_reduce_mean_forms_match_onnx_runtime(tmp_path, opset):
     proto = _reduce_model(opset)
@@ -247,6 +247,7 @@ def test_reduce_mean_forms_it_cannot_generate_are_refused_in_one_line():
     assert C.supports(ir.serde.deserialize_model(model)) == ["ReduceMean with computed axes"]
 
 
+@needs_gcc
 def test_int8_add_sub_mul_with_relu_match_onnx_runtime_on_the_int8_bytes(tmp_path):
     """DQ(a), DQ(b) -> Add / Sub -> Relu / Mul -> QuantizeLinear each become one int8 kernel (no float
     copies of a or b), with ONNX Runtime's results."""
@@ -271,8 +272,8 @@ def test_int8_add_sub_mul_with_relu_match_onnx_runtime_on_the_int8_bytes(tmp_pat
     shape = [1, 2, 3, 4]
     graph = helper.make_graph(nodes, "qbinary", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
                                                  for n in ("x", "y")],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("add", "sub", "mul")],
-                              inits)
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+                               for n in ("add", "sub", "mul")], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     feeds = [{n: (np.random.default_rng(seed + k).standard_normal(shape) * 2).astype(np.float32)
