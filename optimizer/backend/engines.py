@@ -13,8 +13,9 @@ or converts wrongly (``EXPAND_ALWAYS``), as their ONNX function bodies
   constant (``FoldConstantsPass``).  A run with other shapes or other values of a
   bound input builds again; builds are kept per key.
 * :class:`FallbackEngine` (the ``cpu`` profile) tries the profile's backends in order
-  and keeps, at the first run, the first one that runs the model (checked against
-  ONNX Runtime where that is not the first).
+  and keeps, at the first run, the first one whose outputs match the ONNX reference
+  implementation's where that runs the model, else the first that runs it (checked
+  against ONNX Runtime where that is not the first).
 """
 
 from __future__ import annotations
@@ -253,7 +254,8 @@ def agree(a: list, b: list, *, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
         return False
     for x, y in zip(a, b):
         if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
-            if not (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and agree(list(x), list(y))):
+            if not (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple))
+                    and agree(list(x), list(y), rtol=rtol, atol=atol)):
                 return False
             continue
         x, y = np.asarray(x), np.asarray(y)
@@ -268,15 +270,24 @@ def agree(a: list, b: list, *, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
 
 
 class FallbackEngine:
-    """The ``cpu`` profile's backends in order; the model runs on the first that works.
+    """The ``cpu`` profile's backends in order; the model runs on the first that runs it correctly.
 
     ``prepare`` drops backends whose ``supports`` check names an op they lack (after
     ``lower``).  At the first run each remaining backend is built and run in order until
-    one gives outputs.  When that is not ONNX Runtime, they are checked against ONNX
-    Runtime where it runs the model: on a disagreement ONNX Runtime's outputs are
-    taken, and it runs the model from then on.  (A vote among three engines was tried and
-    dropped: on the ONNX backend tests, wherever two engines outvoted ONNX Runtime they
-    shared the same wrong answer.)  ``chosen`` and ``reasons`` say what happened.
+    one gives outputs.  Which one keeps the model:
+
+    1. Where the ONNX reference implementation runs the model (small models,
+       ``dlopt.backend.reference``), the first backend in order whose outputs match the
+       reference's to the ONNX backend tests' tolerance: when the first to run does not
+       match, the others are built and run too.  The reference only arbitrates: its own
+       outputs are never returned.
+    2. Otherwise (no reference, or no backend matches it), the first backend that ran,
+       checked against ONNX Runtime where that is not the first: on a disagreement ONNX
+       Runtime's outputs are taken, and it runs the model from then on.  (A vote among
+       three engines was tried and dropped: on the ONNX backend tests, wherever two engines
+       outvoted ONNX Runtime they shared the same wrong answer.)
+
+    ``chosen`` and ``reasons`` say what happened.
     """
 
     def __init__(self, model: ir.Model, workdir: Path, *, threads: int) -> None:
@@ -332,6 +343,10 @@ class FallbackEngine:
             raise CompileError("no CPU backend ran this model: "
                                + "; ".join(f"{k}: {v}" for k, v in self.reasons.items()))
         self.chosen = first
+        checked = self._by_reference(first, out, feeds)
+        if checked is not None:
+            self.chosen, out = checked
+            return out
         if first != REFERENCE and REFERENCE in self.candidates:
             check = self._try(REFERENCE, feeds)
             if check is not None and not agree(out, check):
@@ -339,3 +354,24 @@ class FallbackEngine:
                 self.reasons[first] = f"outputs differ from {REFERENCE}'s"
                 self.chosen, out = REFERENCE, check
         return out
+
+    def _by_reference(self, first: str, out: list, feeds: dict) -> tuple[str, list] | None:
+        """The first backend in order whose outputs match the ONNX reference implementation's
+        (``first``'s, ``out``, already known), or None where the reference cannot run the model
+        or no backend matches it."""
+        from dlopt.backend import reference
+
+        want = reference.outputs(self.model, feeds)
+        if want is None:
+            return None
+        if reference.matches(out, want):
+            return first, out
+        self.reasons[first] = "outputs differ from the ONNX reference implementation's"
+        for name in [c for c in self.candidates if c != first]:
+            other = self._try(name, feeds)
+            if other is not None and reference.matches(other, want):
+                logger.info("cpu: %s differs from the ONNX reference implementation; %s matches it", first, name)
+                return name, other
+            if other is not None:
+                self.reasons[name] = "outputs differ from the ONNX reference implementation's"
+        return None
