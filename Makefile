@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean system-deps arm64-env
+.PHONY: setup demo test bench clean system-deps arm64-env board-server
 
 # Debian packages the presets and the tests use: the aarch64 cross compiler (TVM for arm64, rpi4, rpi5 and
 # the Jetsons), the Cortex-M cross compiler, its C library and qemu-system-arm (the C backend's sizes and
@@ -87,6 +87,12 @@ arm64-env: | $(STAMP)
 	rm -rf $(ARM64).old; if [ -e $(ARM64) ]; then mv -T $(ARM64) $(ARM64).old; fi; \
 	mv -T $$tmp $(ARM64); rm -rf $(ARM64).old; \
 	echo "built $(ARM64) in $$(( $$(date +%s) - started )) s: $$(du -sh $(ARM64) | cut -f1)"
+
+# An emulated aarch64 board for trying RPC here (docs/device-farm.md); a tracker must listen at TRACKER.
+TRACKER ?= 127.0.0.1:9190
+KEY ?= rpi5
+board-server: arm64-env
+	$(BIN)/python -m dlopt.emulation serve --tracker $(TRACKER) --key $(KEY) --cpu cortex-a76
 
 bench: $(STAMP)
 	$(BIN)/python bench/cli_startup.py

@@ -50,7 +50,8 @@ TRACKER_MAGIC, RPC_CODE_SUCCESS, RPC_CODE_MISMATCH = 0x2F271, 0xFF271, 0xFF273  
 
 _BIG_CORES = 1  # TVM's ThreadGroup::AffinityMode kBig: the pool on the device's fastest cores
 _KEY = re.compile(r"[A-Za-z0-9._+-]+")  # the tracker splits keys on ':' and the handshake on spaces
-_START_TRACKER = "python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}"
+# --port-end one past --port: TVM binds in [port, port_end), default end 9199 (a port from 9199 up hangs)
+_START_TRACKER = "python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port} --port-end {end}"
 _START_SERVER = "python -m tvm.exec.rpc_server --tracker {tracker} --key {key}"
 
 
@@ -111,7 +112,7 @@ class _TrackerLink:
         except OSError as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or first_line(exc)
             raise TargetUnavailable(f"cannot reach the RPC tracker at {device.tracker} ({reason}); start one "
-                                    f"with `{_START_TRACKER.format(port=device.port)}` or check "
+                                    f"with `{_START_TRACKER.format(port=device.port, end=device.port + 1)}` or check "
                                     f"--rpc-tracker") from exc
         try:
             self._sock.sendall(TRACKER_MAGIC.to_bytes(4, "little", signed=True))

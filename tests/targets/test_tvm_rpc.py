@@ -83,7 +83,7 @@ def test_unreachable_tracker_says_how_to_start_one():
     with pytest.raises(TargetUnavailable) as raised:
         connect(RemoteDevice(HOST, port, "rpi5"), timeout=5)
     assert str(raised.value) == (f"cannot reach the RPC tracker at {HOST}:{port} (Connection refused); start one "
-                                 f"with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}` or check "
+                                 f"with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port} --port-end {port + 1}` or check "
                                  f"--rpc-tracker")
     assert time.perf_counter() - started < 5  # no retrying for a minute as TVM's own client does
 
