@@ -414,8 +414,11 @@ def fastest(rows: list[dict], current: str | None = None):
         return None, "no candidate was verified and timed natively here"
     best = min(timed, key=lambda r: r["latency"]["p50_ms"])
     now = next((r for r in timed if r["key"] == current), None)
+    elsewhere = sorted(r["key"] for r in rows if r.get("verified") and r.get("latency") and r.get("ran_as") != "native")
     if now is None or now is best:
-        return best["key"], f"fastest verified: {best['key']} at {best['latency']['p50_ms']:.3f} ms (p50)"
+        return best["key"], (f"fastest verified: {best['key']} at {best['latency']['p50_ms']:.3f} ms (p50)"
+                             + (f" among those timed natively here (not compared: {', '.join(elsewhere)}, timed on "
+                                "another machine through RPC or emulation)" if elsewhere else ""))
     if significantly_faster(Timing(**best["latency"]), Timing(**now["latency"])):
         return best["key"], (f"{best['key']} at {best['latency']['p50_ms']:.3f} ms is significantly faster than "
                              f"{current} at {now['latency']['p50_ms']:.3f} ms (95% intervals of the median apart)")

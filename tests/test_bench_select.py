@@ -54,3 +54,20 @@ def test_bench_on_a_cpu_output_says_the_original_is_not_there(ort_output, tmp_pa
     assert done.stdout.strip().splitlines()[-1] == line
     assert json.loads((out / "device_report.json").read_text())["original"] == line
     print(done.stdout)
+
+
+def test_fastest_compares_only_native_timings_and_says_so():
+    """A bench through --rpc-tracker times the TVM library on the device and the rest here: the fastest is
+    named among the native rows only, and the line says which ran elsewhere."""
+    from dlopt.device_check import fastest
+
+    def row(key, ran_as, p50):
+        return {"key": key, "verified": True, "ran_as": ran_as,
+                "latency": {"p50_ms": p50, "ci_low_ms": p50, "ci_high_ms": p50, "runs": 100}}
+
+    rows = [row("ort/fp32", "native", 0.015), row("tvm/fp32", "rpc rpi5", 0.510)]
+    key, why = fastest(rows)
+    assert key == "ort/fp32"
+    assert why == ("fastest verified: ort/fp32 at 0.015 ms (p50) among those timed natively here (not compared: "
+                   "tvm/fp32, timed on another machine through RPC or emulation)")
+    assert fastest(rows[:1])[1] == "fastest verified: ort/fp32 at 0.015 ms (p50)"
