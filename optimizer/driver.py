@@ -610,7 +610,8 @@ def _run(job: Job, notes: list[str]) -> Report:
         builds = build_all(ev, plan(job.config, job.profile, generic.model), generic.model, staged)
         measured = measure(job, ev, builds)
         verdict = select.choose(_entries(builds, measured), measured.original, job.profile.backends,
-                                auto=job.config.precision == "auto")
+                                auto=job.config.precision == "auto",
+                                lossy=f"--prune {job.config.prune:g}" if job.config.prune else None)
         if verdict.chosen is None and _original_can_ship(job, measured):
             # nothing optimised met the budget and its checks: the original meets any budget by definition
             verdict = replace(verdict, chosen=select.ORIGINAL,

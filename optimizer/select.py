@@ -9,7 +9,9 @@ Rules, in order:
    as a tie.
 3. The chosen artefact is never slower than the original: when it does not beat
    the original, the optimised fp32 ships instead (under ``auto``) and the verdict
-   says so; when even that is slower, the original model ships unchanged.
+   says so; when even that is slower, the original model ships unchanged — unless
+   the user asked for a changed model (``--prune``): then the original is not a
+   candidate, and the artefact ships with a note that it is slower.
 4. Not timed here (a device target): the precision usually fastest on devices.
 """
 
@@ -91,8 +93,11 @@ def _order(entry: Entry, backends: Sequence[str]) -> tuple[int, int]:
 
 
 def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence[str], *,
-           auto: bool = True) -> Verdict:
-    """The verdict for ``entries``; ``original`` is the input model timed with them (None: not timed)."""
+           auto: bool = True, lossy: str | None = None) -> Verdict:
+    """The verdict for ``entries``; ``original`` is the input model timed with them (None: not timed).
+
+    ``lossy`` names an explicit request for a changed model (``--prune 0.5``): the original is then
+    not a candidate, and a chosen artefact slower than it ships with a note saying so."""
     eligible = [e for e in entries if e.status is Status.OK]
     if not eligible:
         return Verdict(None, "no candidate passed verification and the accuracy budget")
@@ -134,6 +139,11 @@ def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence
     speed = speed_words(best.timing, original)
     if significantly_faster(best.timing, original, MIN_GAIN):
         return Verdict(best.key, why, ties, reasons, True, tuple(notes), speed)
+    if lossy and significantly_faster(original, best.timing, ORIGINAL_MARGIN):
+        notes.append(f"{best.key} is slower than the original ({best.timing.p50_ms:.3f} ms vs {original.p50_ms:.3f} "
+                     f"ms) but ships: {lossy} asked for a changed model, so the original is not a candidate")
+        return Verdict(best.key, f"{why}; {speed}; shipped because {lossy} was asked for", ties, reasons, False,
+                       tuple(notes), speed)
     if significantly_faster(original, best.timing, ORIGINAL_MARGIN):
         # every candidate is slower than what the user already has: give them that back
         reasons = {**reasons, best.key: (f"slower than the original ({best.timing.p50_ms:.3f} ms vs "

@@ -133,3 +133,13 @@ def test_a_candidate_at_085x_the_fastest_is_never_a_tie():
     assert verdict.reasons["ort/int8"] == ("tie with ort/fp32 (ort/int8 at 0.97x its latency; a tie: under the 5% "
                                            "gain that counts); the simpler precision ships")
     assert verdict.why == "tied with ort/int8; the simpler precision ships"
+
+
+def test_an_explicit_prune_never_gives_back_the_original():
+    """--prune asked for a changed model: a pruned artefact slower than the original still ships, with a note."""
+    verdict = choose([_e("fp32", 12.0), _e("int8", 14.0)], _t(10.0), BACKENDS, lossy="--prune 0.5")
+    assert verdict.chosen == "ort/fp32" and verdict.faster_than_original is False
+    assert verdict.why.endswith("shipped because --prune 0.5 was asked for")
+    assert verdict.notes == ("ort/fp32 is slower than the original (12.000 ms vs 10.000 ms) but ships: --prune 0.5 "
+                             "asked for a changed model, so the original is not a candidate",)
+    assert choose([_e("fp32", 12.0)], _t(10.0), BACKENDS).chosen == ORIGINAL  # without the request it would

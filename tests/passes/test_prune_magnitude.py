@@ -79,6 +79,9 @@ def test_compile_prune_reports_the_sparsity_reached_and_writes_it(tmp_path):
     record = next(p for p in report["passes"] if p["name"] == "MagnitudePrunePass")
     assert record["modified"] and "50.0% of their" in record["note"] and "not speed" in record["note"]
     assert json.loads((out / "manifest.json").read_text())["options"]["prune"] == 0.5
+    # asked for: a pruned artefact ships even where dense kernels make it no faster than the original
+    assert report["chosen"] not in (None, "ort/original"), report["verdict"]
+    assert "original model ships" not in report["verdict"]["why"]
     if (out / "model.onnx").exists():  # an ORT or OpenVINO-from-ONNX artefact: the zeros are in it
         weights = [w for w in _weights(onnx.load(str(out / "model.onnx"))).values() if w.ndim == 4]
         assert weights and all((w == 0).mean() >= 0.5 for w in weights)
