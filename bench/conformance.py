@@ -9,6 +9,7 @@ and paths elided), and the most common causes go into the Markdown table.
     python bench/conformance.py --backends ort,openvino --json /tmp/conf/ort-ov.json
     python bench/conformance.py --backends tvm --json /tmp/conf/tvm.json --resume
     python bench/conformance.py --report /tmp/conf/ort-ov.json /tmp/conf/tvm.json --doc docs/conformance.md
+    python bench/conformance.py --backends cpu,raw-ort,raw-openvino,raw-tvm --every 3 --json /tmp/conf/third.json
 
 ``raw-ort``, ``raw-openvino`` and ``raw-tvm`` are plain wrappers around the engines without
 dlopt (bench/conformance_raw.py), to measure the raw-engine figures on the same machine.
@@ -233,6 +234,8 @@ def run(args) -> None:
     names = sorted(n for n, kind in kinds.items() if KINDS[kind] in wanted)
     if args.include:
         names = [n for n in names if re.search(args.include, n)]
+    if args.every > 1:
+        names = names[::args.every]
     if args.limit:
         names = names[:args.limit]
     for backend in args.backends.split(","):
@@ -321,6 +324,7 @@ def report(paths: list[str], doc: Path, top: int) -> str:
             lines += [f"| {b} | {other[b]['passed']} / {other[b]['total']} |" for b in order
                       if b in other and not b.startswith("raw-")]
     lines += _lift_section(results, top)
+    lines += _cpu_against_engines(results)
     ran_on = collections.Counter(c.get("ran_on") for c in results.get("cpu", {}).get("cases", {}).values()
                                  if c["status"] == "pass" and c.get("kind", "node") == "node")
     if ran_on:
@@ -357,6 +361,46 @@ def _lift_section(results: dict, top: int) -> list[str]:
             "what the gained cases failed with, without lifting |", "|---|---:|---:|---:|---|", *rows]
 
 
+ENGINES = ("raw-ort", "raw-openvino", "raw-tvm", "ort", "openvino", "tvm")
+
+
+def _engine_label(name: str) -> str:
+    return f"{name.removeprefix('raw-')} (raw)" if name.startswith("raw-") else f"{name} (dlopt.backend.{name})"
+
+
+def _cpu_against_engines(results: dict) -> list[str]:
+    """``cpu`` against each single engine (raw wrappers, dlopt's one-engine backends) case by case,
+    on the node cases all of them ran."""
+    engines = [b for b in ENGINES if b in results]
+    if "cpu" not in results or not engines:
+        return []
+    ran = lambda b: {n for n, c in results[b]["cases"].items() if c.get("kind", "node") == "node"}  # noqa: E731
+    passed = lambda b, n: results[b]["cases"][n]["status"] == "pass"  # noqa: E731
+    common = sorted(set.intersection(ran("cpu"), *(ran(b) for b in engines)))
+    if not common:
+        return []
+    union = [n for n in common if any(passed(b, n) for b in engines)]
+    rows = []
+    for b in engines:
+        lost = [n for n in common if passed(b, n) and not passed("cpu", n)]
+        rows.append(f"| {_engine_label(b)} | {sum(passed(b, n) for n in common)} | {len(lost)} |")
+    lost = [n for n in union if not passed("cpu", n)]
+    only_cpu = [n for n in common if passed("cpu", n) and n not in union]
+    lines = ["", f"## `cpu` against each engine, case by case ({len(common)} node cases)", "",
+             f"`cpu` passes {sum(passed('cpu', n) for n in common)}; the union of the engines below "
+             f"{len(union)}; `cpu` passes {len(only_cpu)} that none of them passes.", "",
+             "| engine | passed | passed there, failed through `cpu` |", "|---|---:|---:|", *rows, ""]
+    if not lost:
+        return lines + ["`cpu` passes every one of these cases that any engine passes."]
+    lines += ["Cases an engine passes and `cpu` fails (the reasons are in the notes below):", ""]
+    for n in lost:
+        info = results["cpu"]["cases"][n]
+        by = ", ".join(_engine_label(b) for b in engines if passed(b, n))
+        lines.append(f"* `{n}`: passed by {by}; `cpu` ran it on {info.get('ran_on', '-')}: "
+                     f"{cause(info).replace('|', '/')}")
+    return lines
+
+
 _TAIL = "<!-- notes: kept when the table is regenerated -->"
 
 
@@ -379,6 +423,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lift", action="store_true",
                         help="prepare(lift=False): without dlopt's lifting passes (recorded as <backend>-plain)")
     parser.add_argument("--include", help="only cases whose name matches this regular expression")
+    parser.add_argument("--every", type=int, default=1, metavar="N",
+                        help="every N-th case of the (sorted, filtered) list: a sample of the suite")
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
     parser.add_argument("--threads", type=int, default=1, help="runtime threads")

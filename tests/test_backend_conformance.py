@@ -31,8 +31,9 @@ CASES = {
                  "softmax_axis_1", "maxpool_2d_pads", "reshape_reduced_dims", "layer_normalization_2d_axis0",
                  "attention_4d_with_qk_matmul",  # the IR renames K and V
                  "nllloss_NCd1_weight",  # no converter: run as its function body
-                 # narrow types; cast_FLOAT_to_INT4 is left out: it failed once in a full fresh-clone run
-                 # (wrong int4 values) and passed alone 6 times out of 6, a flake not yet understood
+                 # narrow types; cast_FLOAT_to_INT4 is left out: its data casts -9 and 8..15, out of int4's
+                 # range, which ONNX leaves undefined (OpenVINO wraps, the data's ml_dtypes gives 0; on
+                 # 2026-12-06 it failed every time: tests/test_backend_cpu_choice.py)
                  "cast_BFLOAT16_to_FLOAT", "cast_INT4_to_FLOAT"],
     "tvm": ["abs", "reduce_sum_do_not_keepdims_example", "reshape_negative_dim", "top_k",
             "softmax_axis_0_expanded", "layer_normalization_2d_axis0", "shape",

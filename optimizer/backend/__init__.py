@@ -2,7 +2,8 @@
 
 ``dlopt.backend.ort``, ``dlopt.backend.openvino`` and ``dlopt.backend.tvm`` each run a
 model through one dlopt backend; ``dlopt.backend.cpu`` picks, per model, a backend of
-the ``cpu`` profile that supports it and checks its outputs against a second one.
+the ``cpu`` profile that runs it correctly: its outputs match the ONNX reference
+implementation's (small models) or, where that cannot run the model, ONNX Runtime's.
 Each module offers ``prepare``, ``run_model`` (also as ``run``), ``run_node``,
 ``supports_device`` and ``is_compatible``, as ``onnxruntime.backend`` does::
 

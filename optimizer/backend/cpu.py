@@ -1,5 +1,7 @@
 """ONNX backend API over the ``cpu`` profile: per model, the first of its backends (ONNX Runtime,
-OpenVINO, TVM) that supports and runs it; another backend's outputs are checked against ONNX Runtime."""
+OpenVINO, TVM) whose outputs match the ONNX reference implementation's where that runs the model
+(small models), else the first that runs it, checked against ONNX Runtime
+(``dlopt.backend.engines.FallbackEngine``)."""
 
 from dlopt.backend._api import DloptBackend, DloptRep
 
