@@ -69,6 +69,9 @@ def summary_line(report: Report) -> str:
         size = chosen.measurement.size_bytes
         parts.append(f"size {size / report.baseline.size_bytes:.2f}x ({report.baseline.size_bytes / 1e6:.2f} MB -> "
                      f"{size / 1e6:.2f} MB)")
+    pruned = report.pruning()
+    if pruned:
+        parts.append(pruned)
     if speed and (report.verdict or {}).get("faster_than_original") is False:
         from dlopt.select import ORIGINAL_MARGIN
         from dlopt.timing import RESOLUTION_MS

@@ -282,7 +282,7 @@ def test_markdown_escapes_model_and_target_names(real, tmp_path):
     text = (tmp_path / "gate.md").read_text()
     for raw in ("@everyone", "<img", "`rm`", "\n| injected", "\x1b"):
         assert raw not in text, raw
-    assert text.startswith("### dlopt gate ✅ passed: @&#8203;everyone &lt;img src=x&gt; \\`rm\\`.onnx for cpu "
+    assert text.startswith("### dlopt gate ✅ passed: @&#8203;everyone &lt;img src=x> \\`rm\\`.onnx for cpu "
                            "\\| injected \\| row \\|")
     ET.parse(tmp_path / "gate.xml")  # still well-formed XML
     assert "\x1b" not in result.stdout

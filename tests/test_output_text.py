@@ -130,4 +130,5 @@ def test_a_pruned_compile_says_what_sparsity_and_compression_it_reached(tmp_path
     ratio, before, after = map(float, found.groups())
     assert 0.9 < before < 1.1 and 0.45 < after < 0.65 and ratio == pytest.approx(after / before, abs=0.01)
     assert f"- {found.group(0)}" in (tmp_path / "out" / "report.md").read_text()
+    assert found.group(0) in done.stdout.strip().splitlines()[-1]  # the summary line says it too
     assert f"<dt>pruning</dt><dd>{html.escape(found.group(0))}</dd>" in (tmp_path / "out" / "report.html").read_text()
