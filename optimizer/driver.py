@@ -504,7 +504,8 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
 # -- measure and select -----------------------------------------------------------------------------
 
 def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
-    """Time every verified candidate that runs here together with the original, interleaved."""
+    """Time every verified candidate that runs here together with the original, interleaved, each
+    through several sessions opened in turn (timing.SESSIONS): one session's speed is not another's."""
     from dlopt.energy import EnergyAccount
 
     finalists = [b for b in builds.built if b.runner is not None]
@@ -519,7 +520,7 @@ def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
         for runner in runners.values():
             opened.append(runner.open())
         config = job.config
-        timings = time_interleaved({k: r.run for k, r in runners.items()}, job.timing_feed, runs=config.runs,
+        timings = time_interleaved(runners, job.timing_feed, runs=config.runs,
                                    warmup=config.warmup, threads=config.thread_count, meters=meters,
                                    max_seconds=config.timing_budget_s,
                                    progress=lambda d, t: _progress(config, "timing (interleaved)", d, t))
