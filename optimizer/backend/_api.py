@@ -136,10 +136,11 @@ class DloptBackend(Backend):
     target: ClassVar[str]
 
     @classmethod
-    def engine(cls, model: ir.Model, workdir: Path, *, threads: int, lift: bool = True):
+    def engine(cls, model: ir.Model, workdir: Path, *, threads: int, lift: bool = True,
+               original: ir.Model | None = None):
         from dlopt.backend.engines import engine_for
 
-        return engine_for(cls.target, model, workdir, threads=threads, lift=lift)
+        return engine_for(cls.target, model, workdir, threads=threads, lift=lift, original=original)
 
     @classmethod
     def is_compatible(cls, model: onnx.ModelProto, device: str = DEVICE, **kwargs: Any) -> bool:
@@ -165,10 +166,12 @@ class DloptBackend(Backend):
         check_device(device)
         threads = int(kwargs.get("threads") or _usable_cores())
         proto = load_model(model)
-        optimised, skipped = optimise(ir.serde.deserialize_model(proto))
+        original = ir.serde.deserialize_model(proto)  # optimise works on clones: this stays as given
+        optimised, skipped = optimise(original)
         workdir = Path(tempfile.mkdtemp(prefix=f"dlopt-backend-{cls.target}-"))
         try:
-            engine = cls.engine(optimised, workdir, threads=threads, lift=bool(kwargs.get("lift", True)))
+            engine = cls.engine(optimised, workdir, threads=threads, lift=bool(kwargs.get("lift", True)),
+                                original=original)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

@@ -230,9 +230,11 @@ def _outputs_computed(model: ir.Model) -> ir.Model:
     return model
 
 
-def engine_for(name: str, model: ir.Model, workdir: Path, *, threads: int, lift: bool = True):
+def engine_for(name: str, model: ir.Model, workdir: Path, *, threads: int, lift: bool = True,
+               original: ir.Model | None = None):
+    """``original``: the model as given, before dlopt's passes (the ``cpu`` engine's reference runs it)."""
     if name == "cpu":
-        return FallbackEngine(model, workdir, threads=threads)
+        return FallbackEngine(model, workdir, threads=threads, original=original)
     model, unsupported_ops = lower(name, model, lift=lift)
     if unsupported_ops:
         raise CompileError(f"{name} cannot run {', '.join(unsupported_ops)}")
@@ -279,7 +281,9 @@ class FallbackEngine:
     1. Where the ONNX reference implementation runs the model (small models,
        ``dlopt.backend.reference``), the first backend in order whose outputs match the
        reference's to the ONNX backend tests' tolerance: when the first to run does not
-       match, the others are built and run too.  The reference only arbitrates: its own
+       match, the others are built and run too.  The reference runs ``original``, the
+       model as given: a pass that changed its meaning (onnxscript's fold of CastLike into
+       Cast drops ``saturate=0``) is not taken as the truth.  It only arbitrates: its own
        outputs are never returned.
     2. Otherwise (no reference, or no backend matches it), the first backend that ran,
        checked against ONNX Runtime where that is not the first: on a disagreement ONNX
@@ -290,8 +294,9 @@ class FallbackEngine:
     ``chosen`` and ``reasons`` say what happened.
     """
 
-    def __init__(self, model: ir.Model, workdir: Path, *, threads: int) -> None:
+    def __init__(self, model: ir.Model, workdir: Path, *, threads: int, original: ir.Model | None = None) -> None:
         self.model, self.workdir, self.threads = model, workdir, threads
+        self.original = original if original is not None else model
         self.reasons: dict[str, str] = {}
         self.candidates: list[str] = []
         self._models: dict[str, ir.Model] = {}
@@ -361,7 +366,7 @@ class FallbackEngine:
         or no backend matches it."""
         from dlopt.backend import reference
 
-        want = reference.outputs(self.model, feeds)
+        want = reference.outputs(self.original, feeds)
         if want is None:
             return None
         if reference.matches(out, want):

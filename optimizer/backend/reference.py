@@ -2,7 +2,8 @@
 engine's arbiter between runtimes.
 
 It is the specification's own executable form (pure numpy, no kernels tuned for speed), so
-it is asked only about small models (``MAX_NODES`` nodes, ``MAX_WEIGHTS`` weight elements),
+it is asked only about small models on small inputs (``MAX_NODES`` nodes, ``MAX_ELEMENTS``
+weight elements and as many input elements: the ONNX backend tests' largest input has 98,304),
 and only to choose among the runtimes' outputs: its own outputs are never returned.
 ``matches`` holds a runtime's outputs to the ONNX backend tests' default tolerance.
 """
@@ -19,16 +20,22 @@ from dlopt.errors import first_line
 
 logger = logging.getLogger(__name__)
 
-MAX_NODES = 2000  # nodes, counted through subgraphs
-MAX_WEIGHTS = 1 << 22  # initializer elements (4M: 16 MB of float32)
+MAX_NODES = 1000  # nodes, counted through subgraphs
+MAX_ELEMENTS = 1 << 20  # initializer elements, and input elements of a run (4 MB of float32 each)
 RTOL, ATOL = 1e-3, 1e-7  # onnx.backend.test's defaults
 
 
-def _small(model: ir.Model) -> bool:
+def _elements(value) -> int:
+    if isinstance(value, (list, tuple)):
+        return sum(_elements(v) for v in value)
+    return int(np.size(value)) if value is not None else 0
+
+
+def _small(model: ir.Model, feeds: dict) -> bool:
     nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
     weights = sum(int(np.prod(v.shape.numpy())) if v.shape is not None and v.shape.is_static() else 0
                   for v in model.graph.initializers.values())
-    return nodes <= MAX_NODES and weights <= MAX_WEIGHTS
+    return nodes <= MAX_NODES and weights <= MAX_ELEMENTS and _elements(list(feeds.values())) <= MAX_ELEMENTS
 
 
 def outputs(model: ir.Model, feeds: dict) -> list | None:
@@ -37,7 +44,7 @@ def outputs(model: ir.Model, feeds: dict) -> list | None:
     from onnx.reference import ReferenceEvaluator
 
     try:
-        if not _small(model):
+        if not _small(model, feeds):
             return None
         proto = ir.serde.serialize_model(model)
         names = [v.name for v in model.graph.inputs]
