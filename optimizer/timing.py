@@ -265,16 +265,20 @@ def time_interleaved(
     by_session: dict[str, list[list[np.ndarray]]] = {name: [[]] for name in names}
     done = 0
     span = 0
+    spent = 0.0  # seconds spent opening sessions again
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         if r * spans // rounds > span:  # the next span: every Runner through a new session
             span = r * spans // rounds
-            for name in order:
-                if name in reopened:
-                    reopened[name].reopen()
-                    for _ in range(rewarm):
-                        calls[name](feed)
-                    by_session[name].append([])
+            # a session opened cheaply the first time (handed over already loaded) may open dearly now
+            if spent + sum(reopened[n].open_s for n in reopened) <= REOPEN_SHARE * max_seconds:
+                for name in order:
+                    if name in reopened:
+                        reopened[name].reopen()
+                        spent += reopened[name].open_s
+                        for _ in range(rewarm):
+                            calls[name](feed)
+                        by_session[name].append([])
         count = min(block, runs - r * block)
         for name in order:
             times = np.empty(count)

@@ -88,3 +88,17 @@ def test_sessions_dear_to_open_get_fewer_within_the_timing_budget():
     assert dear.opens == 2 and timing.sessions == 2 and timing.runs == 40
     assert elapsed < 1.5, elapsed
     dear.close()
+
+
+def test_a_session_handed_over_open_that_is_dear_to_open_again_stops_being_reopened():
+    # the gate hands time_interleaved artefacts it loaded already: their first open cost nothing here,
+    # opening again costs 0.2 s; a quarter of a 1 s budget pays one reopening, not four
+    class HandedOver(Sleeper):
+        def _open(self) -> None:
+            self.opens += 1
+            time.sleep(0 if self.opens == 1 else 0.2)
+
+    runner = HandedOver("handed", STEADY_S, STEADY_S)
+    timing = time_interleaved({"handed": runner}, {}, runs=40, warmup=2, threads=1, max_seconds=1.0)["handed"]
+    assert runner.opens == 2 and timing.sessions == 2 and timing.runs == 40
+    runner.close()
