@@ -80,7 +80,9 @@ def lower(name: str, model: ir.Model, *, lift: bool = True) -> tuple[ir.Model, l
     present = {n.op_type for n in model.graph if n.domain in ("", "ai.onnx")}
     missing = backend.supports(model)
     for _ in range(2 if lift else 0):  # a body may hold another op to expand
-        wanted = {op for op in [*missing, *(EXPAND_ALWAYS.get(name, frozenset()) & present)]
+        # a supports() entry may carry why ("NegativeLogLikelihoodLoss (converter failed: ...)")
+        ops = [op.partition(" (")[0] for op in missing]
+        wanted = {op for op in [*ops, *(EXPAND_ALWAYS.get(name, frozenset()) & present)]
                   if has_function_body(op, opset)}
         if not wanted:
             break
