@@ -87,7 +87,7 @@ def test_report_and_manifest_contents(compiled):
     tmp, _ = compiled
     report = json.loads((tmp / "out" / "report.json").read_text())
     manifest = json.loads((tmp / "out" / "manifest.json").read_text())
-    assert report["schema_version"] == "1.5"
+    assert report["schema_version"] == "1.6"
     assert report["chosen"] == "ort/fp32"
     # a classifier on random inputs: 1000 samples, 32 to a feed, so one disagreement costs 0.1 of a 1-point budget
     assert report["evaluation"] == {"source": "random (seed 0)", "feeds": 32, "samples": 1000, "labelled": False}
