@@ -47,7 +47,15 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         from onnxscript.optimizer import fold_constants
 
         before = sum(1 for _ in model.graph)
+        # onnxscript rewrites CastLike(saturate=0) as a Cast without `saturate` (onnxscript 0.7.2), which
+        # saturates float8 results the model says must not be: the attribute is put back on that Cast.
+        saturate = {node.outputs[0].name: node.attributes["saturate"].value
+                    for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                    if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and "saturate" in node.attributes}
         result = fold_constants(model, should_fold=self._should_fold)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph) if saturate else ():
+            if node.op_type == "Cast" and node.outputs[0].name in saturate and "saturate" not in node.attributes:
+                node.attributes["saturate"] = ir.AttrInt64("saturate", saturate[node.outputs[0].name])
         removed = before - sum(1 for _ in model.graph)
         self.note = f"{removed} node(s) folded" if removed > 0 else ""
         return ir.passes.PassResult(model, bool(getattr(result, "modified", removed > 0)))

@@ -46,3 +46,27 @@ def test_generic_pipeline_folds_batchnorm_and_leaves_ort_nothing_unsupported(exp
     assert counts["Conv"] == 1
     assert ort.supports(result.model) == []
     assert_same_outputs(exported, result.model, rel=1e-5)
+
+
+def test_castlike_without_saturation_keeps_it_when_folded_into_a_cast():
+    """onnxscript's folder rewrites CastLike as Cast; `saturate=0` must survive, or 500.0 -> float8e4m3fn
+    becomes 448 (saturated) where the model asks for NaN (the onnx backend case cast_no_saturate)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    like = helper.make_tensor("like", TensorProto.FLOAT8E4M3FN, [1], [0.0])
+    graph = helper.make_graph([helper.make_node("CastLike", ["x", "like"], ["y"], saturate=0)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT8E4M3FN, [3])], [like])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = ir.serde.deserialize_model(proto)
+    FoldConstantsPass()(model)
+    (node,) = list(model.graph)
+    assert node.op_type == "Cast" and node.attributes["saturate"].value == 0
+    x = np.array([1.0, 500.0, -1000.0], np.float32)
+    folded = ReferenceEvaluator(ir.serde.serialize_model(model)).run(None, {"x": x})[0]
+    original = ReferenceEvaluator(proto).run(None, {"x": x})[0]
+    assert np.array_equal(folded.view(np.uint8), original.view(np.uint8))
+    onnx.checker.check_model(ir.serde.serialize_model(model))
