@@ -387,8 +387,3 @@ def _cell(text: str) -> str:
     from dlopt.report import escape_markdown  # the one Markdown escaper (report.md uses it too)
 
     return printable(escape_markdown(text))  # escape_markdown keeps control characters such as ESC
-
-
-def run_gate(report: dict, thresholds: Thresholds, baseline: dict | None = None, **options: Any) -> list[GateResult]:
-    """What ``dlopt compile --gate`` and ``dlopt gate`` call: check, then the caller may ``enforce``."""
-    return check(report, thresholds, baseline, **options)

@@ -219,7 +219,7 @@ def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit:
     import json
 
     from dlopt.errors import ConfigError
-    from dlopt.gate import enforce, format_value, printable, run_gate, to_junit, to_markdown
+    from dlopt.gate import check, enforce, format_value, printable, to_junit, to_markdown
 
     outputs = [(o, p) for o, p in (("--junit", junit), ("--markdown", markdown)) if p is not None]
     for option, path in outputs:
@@ -228,8 +228,8 @@ def check_report(data: dict, thresholds, baseline: dict | None = None, *, junit:
                               or junit.exists() and markdown.exists() and junit.samefile(markdown)):
         raise ConfigError(f"--junit and --markdown are the same file ({junit}); give two paths")
     timing = {"runs": runs} if runs is not None else {}
-    results = run_gate(data, thresholds, baseline, allow_missing=allow_missing,
-                       allow_different_eval=allow_different_eval, folders=folders, **timing)
+    results = check(data, thresholds, baseline, allow_missing=allow_missing,
+                    allow_different_eval=allow_different_eval, folders=folders, **timing)
     for r in results:
         if r.warning:
             click.echo(f"dlopt: warning: {r.warning}", err=True)

@@ -360,7 +360,3 @@ def save_ir(model: ir.Model, path: Path) -> list[Path]:
         return [path, path.with_name(data_name)]
     ir.save(model, str(path))
     return [path]
-
-
-def model_size_bytes(files: list[Path]) -> int:
-    return sum(f.stat().st_size for f in files)

@@ -11,7 +11,7 @@ import collections
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import onnx_ir as ir
 
@@ -63,17 +63,8 @@ class PipelineResult:
     model: ir.Model
     records: list[PassRecord] = field(default_factory=list)
 
-    @property
-    def modified(self) -> bool:
-        return any(r.modified for r in self.records)
 
-
-def run_pipeline(
-    model: ir.Model,
-    passes: Sequence[ir.passes.PassBase],
-    *,
-    on_pass: Callable[[PassRecord], None] | None = None,
-) -> PipelineResult:
+def run_pipeline(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> PipelineResult:
     """Apply ``passes`` in order; a pass that fails raises CompileError naming it."""
     result = PipelineResult(model)
     for pass_ in passes:
@@ -98,6 +89,4 @@ def run_pipeline(
         )
         logger.debug("%s: modified=%s %.3fs %s", name, record.modified, seconds, record.changes())
         result.records.append(record)
-        if on_pass is not None:
-            on_pass(record)
     return result

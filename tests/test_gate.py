@@ -12,7 +12,7 @@ import pytest
 
 import models
 from dlopt.errors import ConfigError, GateFailed
-from dlopt.gate import Thresholds, check, enforce, load_report, load_thresholds, run_gate, to_junit, to_markdown
+from dlopt.gate import Thresholds, check, enforce, load_report, load_thresholds, to_junit, to_markdown
 
 # The command is not registered in dlopt.cli yet: register it on the real group (its error mapping
 # and exit codes) the way `main.add_command(gate)` will.
@@ -144,8 +144,8 @@ def test_no_chosen_candidate_fails_the_candidate_gate(real):
 def test_baseline_report_comparison(real):
     main = edited(real, p50=2.0, value=0.95, energy=1e-3)
     pr = edited(real, base_p50=9.0, p50=2.3, value=0.944, energy=1.2e-3)  # its own original must not matter
-    results = run_gate(pr, Thresholds(max_accuracy_drop=0.5, max_latency_regression=10,
-                                      max_energy_regression=25), baseline=main)
+    results = check(pr, Thresholds(max_accuracy_drop=0.5, max_latency_regression=10,
+                                   max_energy_regression=25), baseline=main)
     drop, latency, energy = (gate_named(results, n) for n in ("accuracy-drop", "latency-regression",
                                                               "energy-regression"))
     assert (drop.measured, drop.status) == (0.6, "failed")
