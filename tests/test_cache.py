@@ -19,6 +19,12 @@ def _compile(tmp_path, name, cache_root, monkeypatch):
     return dlopt.compile(models.conv_bn_relu(), out=tmp_path / name, precision="fp32", runs=3)
 
 
+def _entry_inodes(root) -> dict:
+    """Each cache entry's folder and index, as (inode, mtime) pairs: put() replaces both."""
+    return {str(p): [(s.st_ino, s.st_mtime_ns) for s in (p.stat(), (p / "entry.json").stat())]
+            for p in root.glob("*/*") if (p / "entry.json").is_file()}
+
+
 def test_damaged_entry_is_detected_and_rebuilt(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     first = _compile(tmp_path, "a", root, monkeypatch)
@@ -28,9 +34,12 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, monkeypatch):
     files = json.loads((entries[0] / "entry.json").read_text())["files"]
     assert set(files) == {"model.onnx", "session_options.json"}
 
-    # a hit gives the same artefact
+    # a hit gives the same artefact without building it again: a build ends in put(), which renames a
+    # new folder over the entry, so every entry keeping its inode shows that nothing was rebuilt
+    stored = _entry_inodes(root)
     second = _compile(tmp_path, "b", root, monkeypatch)
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert _entry_inodes(root) == stored
     assert not any("damaged" in n for n in second.notes)
 
     # corrupt the cached model: it must not be used, and the entry is rebuilt
