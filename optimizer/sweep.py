@@ -341,7 +341,7 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
 
     A local Ray listens on loopback only: a sweep on one machine needs nothing reachable from outside."""
     from dlopt.errors import TargetUnavailable
-    from dlopt.targets._native_output import environ
+    from dlopt.scoped_env import environ
 
     try:
         import ray

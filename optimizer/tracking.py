@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
+from dlopt.scoped_env import environ
 
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
 _SQL_MODULES = ("sqlalchemy", "alembic")  # what they need beyond mlflow-skinny
@@ -80,14 +81,8 @@ def check_store(uri: str | None) -> str:
 def file_store_allowed(uri: str) -> Iterator[None]:
     """Let MLflow 3 open a file: store for this call only (it refuses one by default)."""
     key = "MLFLOW_ALLOW_FILE_STORE"
-    if not uri.startswith("file:") or key in os.environ:
+    with environ(**({} if not uri.startswith("file:") or key in os.environ else {key: "true"})):
         yield
-        return
-    os.environ[key] = "true"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
 
 
 _QUIET = {"urllib3.connectionpool": "ERROR", "mlflow.store.db.utils": "WARNING", "alembic": "WARNING"}

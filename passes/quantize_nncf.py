@@ -7,7 +7,6 @@ import importlib.metadata
 import importlib.util
 import io
 import logging
-import os
 import sys
 import warnings
 from typing import Iterable, Iterator, Sequence
@@ -16,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.errors import CompileError, DataError, TargetUnavailable, first_line
+from dlopt.scoped_env import environ
 
 logger = logging.getLogger("dlopt.quantization")
 
@@ -34,20 +34,6 @@ def _version() -> str:
         return "(not installed)"
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _import_nncf():
     """Import nncf with its telemetry off.
 
@@ -58,7 +44,7 @@ def _import_nncf():
     read only during the import, so they are set only around it.
     """
     fresh = "nncf" not in sys.modules
-    with _environ(CI="true", NNCF_CI="1") if fresh else contextlib.nullcontext():
+    with environ(CI="true", NNCF_CI="1") if fresh else contextlib.nullcontext():
         import nncf
     from nncf.telemetry import decorator, wrapper
 

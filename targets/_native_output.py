@@ -1,7 +1,7 @@
-"""Native libraries (TVM's C++) write to file descriptor 2 and set up process state: keep both scoped.
+"""Native libraries (TVM's C++) write to file descriptor 2: keep it scoped.
 
 ``native_output_logged`` sends fd 2 and Python warnings to the caller's debug log for
-the block; ``environ`` changes environment variables for the block only.
+the block (``dlopt.scoped_env.environ`` scopes environment variables).
 """
 
 from __future__ import annotations
@@ -74,18 +74,3 @@ def _release_frames(exc: BaseException) -> None:
         traceback.clear_frames(exc.__traceback__)
         exc = exc.__cause__ or exc.__context__
     gc.collect()
-
-
-@contextlib.contextmanager
-def environ(**values: str):
-    """``os.environ`` with ``values`` for the block only, as it was afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -31,7 +31,8 @@ import onnx_ir as ir
 
 from dlopt.errors import CompileError, DataError, DloptError, TargetUnavailable, first_line
 from dlopt.profiles import host_arch
-from dlopt.targets._native_output import environ as _environ, native_output_logged
+from dlopt.scoped_env import environ as _environ
+from dlopt.targets._native_output import native_output_logged
 from dlopt.targets.base import Artifact, Backend
 
 logger = logging.getLogger(__name__)
