@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from dlopt.errors import ConfigError, GateFailed, first_line
+from dlopt.errors import ConfigError, GateFailed
 from dlopt.gate_timing import DEFAULT_RUNS, LatencyComparison, compare_latency, same_evaluation
 from dlopt.report_schema import chosen_of as _chosen, load_report, show as _show, validate_report  # noqa: F401
+from dlopt.toml_file import read_toml
 
 # dlopt.toml [gate] key -> Thresholds field
 TOML_KEYS = {
@@ -80,18 +81,8 @@ def parse_threshold(name: str, value: Any) -> float | None:
 
 def load_thresholds(toml_path: str | Path) -> Thresholds:
     """Thresholds from the ``[gate]`` table of a dlopt.toml (all None when it has none)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ConfigError("reading dlopt.toml needs Python 3.11+ or `pip install tomli`") from None
     path = Path(toml_path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
-        raise ConfigError(f"cannot read gate thresholds from {path}: {first_line(exc)}") from None
+    data = read_toml(path, f"gate thresholds from {path}")
     table = data.get("gate", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [gate] must be a table, e.g. [gate] max-accuracy-drop = 0.5")

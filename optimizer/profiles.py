@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from dlopt.errors import ConfigError, first_line
+from dlopt.toml_file import read_toml
 
 
 @dataclass(frozen=True)
@@ -210,16 +211,8 @@ def _user_file() -> Path | None:
 
 def load_user_profiles(path: str | Path) -> dict[str, TargetProfile]:
     """Target profiles from ``[targets.NAME]`` tables of a TOML file; ConfigError on bad entries."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read targets from {path}: {first_line(exc)}") from exc
+    data = read_toml(path, f"targets from {path}")
     table = data.get("targets", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [targets] must be a table of target tables")

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dlopt.errors import ConfigError, DloptError, first_line
+from dlopt.toml_file import read_toml
 
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
 _PATH_OPTIONS = ("inputs", "calib", "targets_file", "tuning_db")
@@ -122,19 +123,11 @@ def _num(value, spec: str, suffix: str = "") -> str:
 def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Sweep:
     """Read and check ``sweep.toml``; ConfigError naming the first thing wrong.  ``out`` (``-o``) replaces
     [sweep] out."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-
     from dlopt.budget import BUILTIN
     from dlopt.config import CompileConfig
 
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read sweep {path}: {first_line(exc)}") from exc
+    data = read_toml(path, f"sweep {path}")
     unknown = sorted(set(data) - {"sweep", "options", "models", "variants"})
     if unknown:
         raise ConfigError(f"{path}: unknown tables {unknown}; a sweep has [sweep], [options], [models.NAME] and "
