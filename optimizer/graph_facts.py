@@ -19,6 +19,12 @@ GENERATED_CONSTANT_LIMIT = 64 << 20
 CONTROL_FLOW_DEPTH_LIMIT = 8
 
 
+def op_label(node) -> str:
+    """How reports and messages name a node's operator: ``Conv`` for the default ONNX domain, else
+    ``com.microsoft.FusedConv`` (an onnx_ir node or an ONNX NodeProto)."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
 def control_flow_depth(graph: ir.Graph) -> int:
     """How deeply subgraphs (If/Loop/Scan bodies) nest in ``graph``; 0 without control flow."""
     deepest = 0

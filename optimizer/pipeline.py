@@ -16,6 +16,7 @@ from typing import Sequence
 import onnx_ir as ir
 
 from dlopt.errors import CompileError, DloptError, first_line
+from dlopt.graph_facts import op_label
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,7 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     """Count nodes by op type over the main graph and its subgraphs."""
     counts: collections.Counter[str] = collections.Counter()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        counts[key] += 1
+        counts[op_label(node)] += 1
     return dict(sorted(counts.items()))
 
 

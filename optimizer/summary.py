@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from dlopt.evaluate import input_specs, output_specs
+from dlopt.graph_facts import op_label
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +20,7 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 def _op_histogram(graph: onnx.GraphProto, counts: collections.Counter) -> None:
     for node in graph.node:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        counts[key] += 1
+        counts[op_label(node)] += 1
         for sub in _subgraphs(node):
             _op_histogram(sub, counts)
 

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.errors import CompileError, TargetUnavailable
+from dlopt.graph_facts import op_label
 from dlopt.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
 
@@ -73,7 +74,7 @@ def supports(model) -> list[str]:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type not in SUPPORTED_OPS or node.domain not in ("", "ai.onnx"):
-            missing.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+            missing.add(op_label(node))
         elif node.op_type == "ReduceMean":
             missing.update(filter(None, [_reduce_mean_form(node, opset)]))
     return sorted(missing)

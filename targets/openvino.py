@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.errors import CompileError, ConfigError, TargetUnavailable, first_line
+from dlopt.graph_facts import converter_hazards, op_label
 from dlopt.model_io import save_ir
 from dlopt.profiles import host_arch
 from dlopt.targets.base import Artifact, Backend
@@ -109,10 +110,6 @@ def _as_onnx_file(model: ir.Model, folder: Path):
             f.unlink(missing_ok=True)
 
 
-def _op_label(node: ir.Node) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-
-
 def _unconverted(ov_model, producers: dict[str, str]) -> set[str]:
     """Ops of the nodes OpenVINO's ONNX frontend left unconverted, subgraphs included."""
     missing = set()
@@ -142,13 +139,11 @@ def supports(model) -> list[str]:
     A model its converter cannot be trusted with (deep control flow, huge generated
     constants: dlopt.graph_facts) is refused before the converter sees it.
     """
-    from dlopt.graph_facts import converter_hazards
-
     hazards = converter_hazards(model)
     if hazards:
         return hazards
     _, frontend = _onnx_frontend()
-    producers = {out.name: _op_label(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    producers = {out.name: op_label(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)
                  for out in node.outputs}
     with tempfile.TemporaryDirectory(prefix="dlopt-ov-") as tmp:
         with _as_onnx_file(model, Path(tmp)) as path:

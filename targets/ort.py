@@ -12,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from dlopt.errors import ConfigError
+from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant, op_label
 from dlopt.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
 
@@ -66,7 +67,7 @@ def supports(model) -> list[str]:
         domain = node.domain or "ai.onnx"
         if ((domain, node.op_type) not in kernels and (node.domain, node.op_type) not in functions
                 and not _expands_to_function(domain, node.op_type)):
-            missing.add(node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}")
+            missing.add(op_label(node))
     return sorted(missing)
 
 
@@ -124,8 +125,6 @@ def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threa
         "onnxruntime_version": ort.__version__,
     }
     if model is not None:
-        from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
-
         if largest_generated_constant(model) > GENERATED_CONSTANT_LIMIT:
             # nor should its arena keep that tensor's memory between runs: timing holds sessions side by side
             settings.update(disabled_optimizers=["ConstantFolding"], enable_cpu_mem_arena=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from dlopt.errors import ModelError
+from dlopt.graph_facts import op_label
 from dlopt.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
 
@@ -52,10 +53,8 @@ def precisions(profile) -> tuple[str, ...]:
 def supports(model) -> list[str]:
     missing = set()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain not in ("", "ai.onnx"):
-            missing.add(f"{node.domain}.{node.op_type}")
-        elif node.op_type in UNSUPPORTED_OPS:
-            missing.add(node.op_type)
+        if node.domain not in ("", "ai.onnx") or node.op_type in UNSUPPORTED_OPS:
+            missing.add(op_label(node))
     return sorted(missing)
 
 

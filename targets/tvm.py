@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.errors import CompileError, DataError, DloptError, TargetUnavailable, first_line
+from dlopt.graph_facts import converter_hazards, op_label
 from dlopt.profiles import host_arch
 from dlopt.scoped_env import environ as _environ
 from dlopt.targets._native_output import native_output_logged
@@ -83,8 +84,6 @@ def _converters() -> frozenset[tuple[str, str]]:
 
 
 def supports(model) -> list[str]:
-    from dlopt.graph_facts import converter_hazards
-
     hazards = converter_hazards(model)  # it would fold a huge generated constant into the library
     if hazards:
         return hazards
@@ -95,7 +94,7 @@ def supports(model) -> list[str]:
         for node in ir.traversal.RecursiveGraphIterator(graph):
             domain = node.domain or "ai.onnx"
             if (domain, node.op_type) not in converters and (node.domain, node.op_type) not in functions:
-                missing.add(node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}")
+                missing.add(op_label(node))
     return sorted(missing)
 
 
