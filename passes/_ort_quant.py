@@ -1,11 +1,18 @@
-"""Quiet ONNX Runtime's quantisation tools: they print to stdout and warn on the root logger."""
+"""ONNX Runtime's quantisers, run quietly (they print to stdout and warn on the root logger) and
+through the file they insist on writing."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-from typing import Iterator
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import onnx
+
+from dlopt.errors import CompileError, first_line
 
 logger = logging.getLogger("dlopt.quantization")
 
@@ -39,3 +46,16 @@ def quiet() -> Iterator[None]:
             handler.removeFilter(advice)
         if buffer.getvalue().strip():
             logger.debug("onnxruntime.quantization: %s", buffer.getvalue().strip())
+
+
+def quantise_to_proto(quantise: Callable[[Path], None], what: str) -> onnx.ModelProto:
+    """The model ``quantise(path)`` writes (ORT's quantisers only write files), run quietly in a
+    temporary folder of its own and loaded back; any failure is CompileError ``<what> failed: <why>``."""
+    with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        try:
+            with quiet():
+                quantise(out)
+        except Exception as exc:
+            raise CompileError(f"{what} failed: {first_line(exc)}") from exc
+        return onnx.load(out)

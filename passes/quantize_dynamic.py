@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
-import onnx
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, first_line
-from dlopt.passes._ort_quant import quiet
+from dlopt.passes._ort_quant import quantise_to_proto
 
 
 class QuantizeDynamicPass(ir.passes.FunctionalPass):
@@ -37,15 +33,10 @@ class QuantizeDynamicPass(ir.passes.FunctionalPass):
         proto = ir.serde.serialize_model(model)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
         per_channel = self.per_channel and opset >= 13  # per-channel Q/DQ (their axis) needs opset 13
-        with tempfile.TemporaryDirectory(prefix="dlopt-dquant-") as tmp:
-            out = Path(tmp) / "int8.onnx"
-            try:
-                with quiet():
-                    quantize_dynamic(proto, out, op_types_to_quantize=self.op_types, per_channel=per_channel,
-                                     weight_type=QuantType.QInt8, nodes_to_exclude=list(self.exclude_nodes))
-            except Exception as exc:
-                raise CompileError(f"dynamic INT8 quantisation failed: {first_line(exc)}") from exc
-            quantized = onnx.load(out)
+        quantized = quantise_to_proto(
+            lambda out: quantize_dynamic(proto, out, op_types_to_quantize=self.op_types, per_channel=per_channel,
+                                         weight_type=QuantType.QInt8, nodes_to_exclude=list(self.exclude_nodes)),
+            "dynamic INT8 quantisation")
         n = sum(1 for node in quantized.graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
         self.note = f"{n} integer MatMul(s), {'per-channel' if per_channel else 'per-tensor'} weights"
         return ir.passes.PassResult(ir.serde.deserialize_model(quantized), n > 0)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, first_line
-from dlopt.passes._ort_quant import quiet
+from dlopt.errors import CompileError
+from dlopt.passes._ort_quant import quantise_to_proto
 from dlopt.passes._scope_order import outer_reads, sort_with_outer_reads, subgraphs
 
 
@@ -66,36 +65,33 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
         method = load_tensors_data(self.ranges).calibration_method
         activation = QuantType.QInt8 if self.symmetric_activations else QuantType.QUInt8
         adjusted_bias = True
-        with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
-            out = Path(tmp) / "int8.onnx"
 
-            def quantize(adjust: bool) -> None:
-                with quiet():
-                    quantize_static(
-                        proto, out, None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=activation, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(self.exclude_nodes),
-                        nodes_to_quantize=list(self.only_nodes) or None,
-                        op_types_to_quantize=self.op_types,
-                        calibrate_method=method, calibration_cache_path=self.ranges,
-                        reduce_range=self.reduce_range,
-                        extra_options={"ActivationSymmetric": self.symmetric_activations,
-                                       "WeightSymmetric": True, "QDQDisableWeightAdjustForInt32Bias": not adjust},
-                    )
+        def quantize(out: Path, adjust: bool) -> None:
+            quantize_static(
+                proto, out, None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=activation, weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(self.exclude_nodes),
+                nodes_to_quantize=list(self.only_nodes) or None,
+                op_types_to_quantize=self.op_types,
+                calibrate_method=method, calibration_cache_path=self.ranges,
+                reduce_range=self.reduce_range,
+                extra_options={"ActivationSymmetric": self.symmetric_activations,
+                               "WeightSymmetric": True, "QDQDisableWeightAdjustForInt32Bias": not adjust},
+            )
 
+        def quantize_adjusting_if_it_can(out: Path) -> None:
+            nonlocal adjusted_bias
             try:
-                try:
-                    quantize(adjust=True)
-                except ValueError as exc:
-                    # ORT's weight-scale adjustment for int32 biases compares a per-channel array as a scalar
-                    # (magika's int32-input classifier): quantise without that adjustment
-                    if "truth value of an array" not in str(exc):
-                        raise
-                    adjusted_bias = False
-                    quantize(adjust=False)
-            except Exception as exc:
-                raise CompileError(f"INT8 quantisation failed: {first_line(exc)}") from exc
-            quantized = onnx.load(out)
+                quantize(out, adjust=True)
+            except ValueError as exc:
+                # ORT's weight-scale adjustment for int32 biases compares a per-channel array as a scalar
+                # (magika's int32-input classifier): quantise without that adjustment
+                if "truth value of an array" not in str(exc):
+                    raise
+                adjusted_bias = False
+                quantize(out, adjust=False)
+
+        quantized = quantise_to_proto(quantize_adjusting_if_it_can, "INT8 quantisation")
         restored = _restore_outer_scope(quantized, proto)
         result = ir.serde.deserialize_model(quantized)
         n_quant = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
