@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from dlopt.errors import ConfigError, TargetUnavailable
+from dlopt.errors import ConfigError
+from dlopt.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,7 @@ class DistillResult:
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:
-        raise TargetUnavailable("distillation needs torch: pip install 'dlopt[torch]'") from exc
-    return torch
+    return require("torch", "torch", "distillation needs torch")
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float = 4.0):

@@ -15,7 +15,8 @@ import http.client
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlopt.errors import ConfigError, TargetUnavailable, first_line
+from dlopt.errors import ConfigError, first_line
+from dlopt.optional import require
 
 PREFIX = "dlopt_"
 JOB = "dlopt"
@@ -60,12 +61,7 @@ def _measurement(m: dict) -> dict:
 
 
 def _client():
-    try:
-        import prometheus_client
-    except ImportError:
-        raise TargetUnavailable("--metrics-file and --pushgateway need prometheus-client: "
-                                "pip install 'dlopt[prometheus]'") from None
-    return prometheus_client
+    return require("prometheus_client", "prometheus", "--metrics-file and --pushgateway need prometheus-client")
 
 
 def registry_for(report: dict, gate_results=None):

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from dlopt.errors import ConfigError, TargetUnavailable
+from dlopt.errors import ConfigError
+from dlopt.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,7 @@ DESCRIPTION = "prune.json"
 
 
 def _tp():
-    try:
-        import torch_pruning
-    except ImportError as exc:
-        raise TargetUnavailable("structured pruning needs torch-pruning: pip install 'dlopt[prune]'") from exc
-    return torch_pruning
+    return require("torch_pruning", "prune", "structured pruning needs torch-pruning")
 
 
 @dataclass(frozen=True)

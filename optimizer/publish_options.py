@@ -23,6 +23,8 @@ from typing import Callable
 
 import click
 
+from dlopt.optional import require
+
 MLFLOW_DEFAULT = ""  # --mlflow alone: MLflow's own default store (./mlflow.db, SQLite), see tracking.resolve_uri
 KSERVE_DEFAULT = "-"  # --kserve without a file: REPO/<name>-inferenceservice.yaml
 PUBLISH_TIMEOUT_S = 60.0
@@ -47,9 +49,7 @@ class PublishOptions:
 
     def check(self, *, triton_allowed: bool = True) -> "PublishOptions":
         """This, checked: ConfigError for options that make no sense together or cannot be met."""
-        import importlib.util
-
-        from dlopt.errors import ConfigError, TargetUnavailable
+        from dlopt.errors import ConfigError
 
         if self.triton is None:
             named = [o for o, v in (("--name", self.name), ("--max-batch-size", self.max_batch_size),
@@ -73,8 +73,8 @@ class PublishOptions:
         needs = [(self.triton, "tritonclient", "triton"), (self.mlflow, "mlflow", "mlflow"),
                  (self.metrics_file or self.pushgateway, "prometheus_client", "prometheus")]
         for wanted, module, extra in needs:
-            if wanted is not None and importlib.util.find_spec(module) is None:
-                raise TargetUnavailable(f"this needs {module}: pip install 'dlopt[{extra}]'")
+            if wanted is not None:
+                require(module, extra, f"this needs {module}", load=False)
         if self.mlflow is not None:
             from dlopt.tracking import check_store
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dlopt.errors import ConfigError, DloptError, first_line
+from dlopt.optional import require
 from dlopt.toml_file import read_toml
 
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
@@ -336,10 +337,7 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
     from dlopt.errors import TargetUnavailable
     from dlopt.scoped_env import environ
 
-    try:
-        import ray
-    except ImportError:
-        raise TargetUnavailable("--ray needs Ray: pip install 'dlopt[ray]'") from None
+    ray = require("ray", "ray", "--ray needs Ray")
     # Ray's notices (token authentication, ...) reach stderr through logging's last resort unless
     # someone handles them: dlopt's -v does; otherwise the CLI keeps to its one-line output.
     logging.getLogger("ray").addHandler(logging.NullHandler())

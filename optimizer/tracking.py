@@ -28,10 +28,12 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
+from dlopt.optional import require
 from dlopt.scoped_env import environ
 
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
 _SQL_MODULES = ("sqlalchemy", "alembic")  # what they need beyond mlflow-skinny
+_NEEDS_MLFLOW = "--mlflow needs MLflow"
 EXPERIMENT = "dlopt"
 ARTIFACT_DIR = "artifact"
 REPORT_FILES = ("report.json", "report.md", "report.html", "manifest.json")
@@ -52,11 +54,7 @@ def resolve_uri(uri: str | None) -> str:
     the working directory unless ``$MLFLOW_TRACKING_URI`` or an existing ``./mlruns`` says otherwise);
     a plain path as an absolute file: URI."""
     if not uri:
-        try:
-            from mlflow.tracking import get_tracking_uri
-        except ImportError:
-            raise TargetUnavailable("--mlflow needs MLflow: pip install 'dlopt[mlflow]'") from None
-        uri = get_tracking_uri()
+        uri = require("mlflow.tracking", "mlflow", _NEEDS_MLFLOW).get_tracking_uri()
     if "://" in uri or uri.startswith(("file:", "databricks")):
         return uri
     return Path(uri).absolute().as_uri()
@@ -108,11 +106,7 @@ def _retries_quiet() -> Iterator[None]:
 
 
 def _client(uri: str):
-    try:
-        from mlflow.tracking import MlflowClient
-    except ImportError:
-        raise TargetUnavailable("--mlflow needs MLflow: pip install 'dlopt[mlflow]'") from None
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return require("mlflow.tracking", "mlflow", _NEEDS_MLFLOW).MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def run_contents(report: dict, out_dir: Path | None, *, gate_results=None) -> tuple[dict, dict, dict]:

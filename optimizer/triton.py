@@ -42,6 +42,7 @@ from typing import Iterator
 
 from dlopt.artifacts import contained_path, read_folder_json
 from dlopt.errors import ConfigError, TargetUnavailable, first_line
+from dlopt.optional import require
 
 CONFIG = "config.pbtxt"
 MARKER = "dlopt_package.json"  # what dlopt wrote into REPO/NAME; Triton ignores other files
@@ -68,9 +69,7 @@ def model_config_pb2():
     import importlib
     import importlib.util
 
-    if importlib.util.find_spec("tritonclient") is None:
-        raise TargetUnavailable("Triton packaging needs tritonclient's ModelConfig protobuf: "
-                                "pip install 'dlopt[triton]'")
+    require("tritonclient", "triton", "Triton packaging needs tritonclient's ModelConfig protobuf", load=False)
     if importlib.util.find_spec("grpc") is not None:
         return importlib.import_module("tritonclient.grpc.model_config_pb2")
     root = Path(importlib.util.find_spec("tritonclient").submodule_search_locations[0])
