@@ -295,4 +295,4 @@ def test_the_report_carries_the_microcontroller_figures(tmp_path):
         assert report.chosen_candidate().measurement.size_bytes == mcu["flash_bytes"]
         assert f"{mcu['flash_bytes']} B flash" in report.summary and "not device latency" in report.summary
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["schema_version"] == "1.5" and saved["candidates"][-1]["mcu"]["arena_bytes"] == 1280
+    assert saved["schema_version"] == "1.6" and saved["candidates"][-1]["mcu"]["arena_bytes"] == 1280
