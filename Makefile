@@ -43,10 +43,15 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/dlopt demo
 
+# Test files run in TEST_WORKERS processes (pytest-xdist; one file stays in one process, so its shared
+# fixtures are built once): many tests wait on subprocesses, qemu and deadlines, so 3 on 2 cores is
+# about twice as fast as one.  TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 3
+
 # The tests need the Debian packages: a missing one fails here, before the suite.
 test: setup
 	@$(MAKE) --no-print-directory system-deps
-	$(BIN)/python -m pytest -q --durations=20 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 # An emulated aarch64 for running the rpi5 TVM library here (dlopt.emulation): qemu-user, Debian's
 # arm64 Python with the C libraries it and the wheels load (sysroot/), PyPI's aarch64 wheels (site/;
