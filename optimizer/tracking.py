@@ -196,7 +196,9 @@ def log_run(report: dict, out_dir: Path | None, *, tracking_uri: str | None = No
     if register and not report.get("chosen"):
         raise ConfigError(f"--register {register}: the compile chose no artefact (over the accuracy budget)")
     files = upload_plan(out_dir, report) if files is None else files
-    with file_store_allowed(uri), _retries_quiet():
+    # MLflow (3.18, with sqlalchemy) also opens its default store, ./mlflow.db, when registering a model in
+    # another one: every default it resolves during the call is the store the user named.
+    with file_store_allowed(uri), environ(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri), _retries_quiet():
         client = _client(uri)
         try:
             step(f"looking up experiment {experiment}")

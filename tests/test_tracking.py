@@ -29,11 +29,13 @@ def client(monkeypatch, tmp_path):
     return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_compile_run_read_back(compiled, client):
+def test_compile_run_read_back(compiled, client, tmp_path, monkeypatch):
     out, report = compiled
     uri, mlflow = client
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(package, [str(out), "--mlflow", uri, "--register", "cnn-cpu"])
     assert result.exit_code == 0, (result.output, result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns"]  # no ./mlflow.db from MLflow's default store
     assert "registered cnn-cpu version 1" in result.output
 
     [experiment] = [e for e in mlflow.search_experiments() if e.name == "dlopt"]
