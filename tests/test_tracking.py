@@ -26,17 +26,23 @@ def client(monkeypatch, tmp_path):
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 opens file stores only when asked
     uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # or MlflowClient's own lookups open ./mlflow.db (MLflow 3.18)
     return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_compile_run_read_back(compiled, client, tmp_path, monkeypatch):
+def test_compile_run_read_back(compiled, client, monkeypatch):
     out, report = compiled
     uri, mlflow = client
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the product's own call, as a user runs it
+    from pathlib import Path
+
+    default_store = Path.cwd() / "mlflow.db"  # MLflow's default store, resolved against this process's cwd
+    existed = default_store.exists()
     result = CliRunner().invoke(package, [str(out), "--mlflow", uri, "--register", "cnn-cpu"])
     assert result.exit_code == 0, (result.output, result.exception)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns"]  # no ./mlflow.db from MLflow's default store
+    assert default_store.exists() == existed  # registering in the named store opened no other store
     assert "registered cnn-cpu version 1" in result.output
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for this test's own client
 
     [experiment] = [e for e in mlflow.search_experiments() if e.name == "dlopt"]
     [run] = mlflow.search_runs([experiment.experiment_id])
