@@ -37,6 +37,7 @@ class PassRecord:
     ops_before: dict[str, int]
     ops_after: dict[str, int]
     note: str = ""
+    facts: dict = field(default_factory=dict)  # what the pass reached, as numbers (MagnitudePrunePass: sparsity, sizes)
 
     @property
     def nodes_before(self) -> int:
@@ -86,6 +87,7 @@ def run_pipeline(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> Pipel
             ops_before=before,
             ops_after=op_histogram(result.model),
             note=getattr(pass_, "note", "") or "",
+            facts=dict(getattr(pass_, "facts", None) or {}),
         )
         logger.debug("%s: modified=%s %.3fs %s", name, record.modified, seconds, record.changes())
         result.records.append(record)

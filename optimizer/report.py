@@ -92,14 +92,12 @@ class Report:
         record = next((p for p in self.passes if p.get("name") == "MagnitudePrunePass"), None)
         if record is None:
             return None
-        found = _PRUNED.search(str(record.get("note") or ""))
-        if not found:  # nothing large enough to prune: the pass says so
+        facts = record.get("facts") or {}
+        if not facts.get("weights"):  # nothing large enough to prune: the pass says so
             return f"pruning: {record.get('note') or 'nothing pruned'}"
-        share, weights, before, after = found.groups()
-        if not float(before) > 0:  # the note's sizes are in MB to two places
-            return f"pruned {share}% of {weights} weights; under 0.01 MB compressed (deflate)"
-        return (f"pruned {share}% of {weights} weights; weights {float(after) / float(before):.2f}x compressed "
-                f"(deflate: {before} -> {after} MB)")
+        before, after = facts["deflated_bytes_before"], facts["deflated_bytes_after"]
+        return (f"pruned {facts['sparsity']:.1%} of {facts['weights']:,} weights; weights {after / before:.2f}x "
+                f"compressed (deflate: {before / 1e6:.2f} -> {after / 1e6:.2f} MB)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -261,9 +259,6 @@ def escape_markdown(text: str) -> str:
     """``text`` as literal Markdown on one line, safe in a table cell; not for use inside a code span."""
     return _QUOTE.sub(r"\1\\>", " ".join(str(text).splitlines()).translate(_MARKDOWN))
 
-
-# MagnitudePrunePass's note (passes/prune_magnitude.py), the one record of what it reached
-_PRUNED = re.compile(r"([\d.]+)% of their ([\d,]+) weights are zero.*?deflate-compressed ([\d.]+) -> ([\d.]+) MB")
 
 
 def _known(cls, raw: dict[str, Any]) -> dict[str, Any]:

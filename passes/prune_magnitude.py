@@ -59,6 +59,7 @@ class MagnitudePrunePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.layers = []
+        self.facts = {}
         seen: set[int] = set()
         before_arrays, after_arrays = [], []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -90,8 +91,11 @@ class MagnitudePrunePass(ir.passes.InPlacePass):
         zeros = sum(layer.sparsity_after * layer.elements for layer in self.layers)
         self.sparsity = zeros / total
         low = min(layer.sparsity_after for layer in self.layers)
+        before, after = _deflated(before_arrays), _deflated(after_arrays)
+        self.facts = {"sparsity": self.sparsity, "weights": total, "deflated_bytes_before": before,
+                      "deflated_bytes_after": after}
         self.note = (f"zeroed the smallest weights of {len(self.layers)} layers: {self.sparsity:.1%} of their "
                      f"{total:,} weights are zero (lowest layer {low:.1%}); deflate-compressed "
-                     f"{_deflated(before_arrays) / 1e6:.2f} -> {_deflated(after_arrays) / 1e6:.2f} MB. "
+                     f"{before / 1e6:.2f} -> {after / 1e6:.2f} MB. "
                      f"Dense backends multiply zeros too: this gains compressed size, not speed")
         return ir.passes.PassResult(model, True)
