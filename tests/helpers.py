@@ -12,6 +12,15 @@ def to_proto(model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
 
 
+def run_session(session, feeds: list[dict]) -> list[list]:
+    """``session.run`` on each feed, the session closed afterwards whatever happens (a backend's
+    loaded artefact: C's host build, a native library)."""
+    try:
+        return [session.run(feed) for feed in feeds]
+    finally:
+        session.close()
+
+
 def run_ort(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     from dlopt.targets.ort import cpu_session_options
 

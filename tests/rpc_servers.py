@@ -51,6 +51,19 @@ def board_server_command(tracker: str, key: str, port: int, cpu: str | None = No
             "--port", str(port), *(["--cpu", cpu] if cpu else [])]
 
 
+def compile_remote(folder: Path, model, target: str, tracker: str, key: str, *extra) -> tuple[Path, dict]:
+    """``dlopt compile`` of ``model`` (a ModelProto) at fp32 with 20 timed runs, its TVM candidate measured on
+    the server registered under ``key``: (output folder, report)."""
+    import models
+    from cli import dlopt
+
+    done = dlopt("compile", models.save(model, folder / "m.onnx"), "--target", target, *extra, "-o", folder / "out",
+                 "-q", "--runs", "20", "--precision", "fp32", "--rpc-tracker", tracker, "--rpc-key", key, "--json",
+                 timeout=600)
+    assert done.returncode == 0, done.stderr
+    return folder / "out", json.loads(done.stdout)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))

@@ -26,7 +26,7 @@ from dlopt.targets.c_codegen import generate, prepare
 from dlopt.targets.c_kernels import HEADER, SOURCE
 from dlopt.targets.c_verify import HostSession, cross_tools, qemu_tools
 from cli import dlopt as run_cli
-from helpers import run_ort
+from helpers import run_ort, run_session
 
 C = get_backend("c")
 # a Cortex-M7 board of the STM32F746 class (320 KB SRAM, 1 MB flash) and a Cortex-M4 of the
@@ -164,11 +164,7 @@ def test_resnet_fp32_builds_for_cortex_m4(resnet, tmp_path):
     assert settings["qemu"]["max_abs_diff"] <= 1e-5
     assert settings["figures"]["ram_bytes"] <= M4_RAM and settings["figures"]["flash_bytes"] <= M4_FLASH
     x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    session = C.load(artifact)
-    try:
-        got = session.run({"x": x})[0]
-    finally:
-        session.close()
+    got = run_session(C.load(artifact), [{"x": x}])[0][0]
     want = run_ort(onnx.load(resnet), {"x": x})[0]
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 

@@ -10,20 +10,15 @@ import pytest
 
 import models
 from cli import dlopt
-from rpc_servers import qemu_rpc_server, rpc_tracker_address  # noqa: F401 - fixtures
+from rpc_servers import compile_remote, qemu_rpc_server, rpc_tracker_address  # noqa: F401 - fixtures
 
 MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")
 
 
 @pytest.fixture(scope="module")
 def remote_rpi5(qemu_rpc_server, tmp_path_factory):  # noqa: F811
-    tmp = tmp_path_factory.mktemp("remote")
-    model = models.save(MODEL, tmp / "m.onnx")
     tracker = qemu_rpc_server.device.tracker
-    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp / "out", "-q", "--runs", "20", "--precision", "fp32",
-                 "--rpc-tracker", tracker, "--rpc-key", "qemu-aarch64", "--json", timeout=600)
-    assert done.returncode == 0, done.stderr
-    return tmp / "out", json.loads(done.stdout), tracker
+    return (*compile_remote(tmp_path_factory.mktemp("remote"), MODEL, "rpi5", tracker, "qemu-aarch64"), tracker)
 
 
 def test_compile_times_the_tvm_candidate_on_the_remote_device(remote_rpi5):

@@ -15,7 +15,7 @@ import pytest
 
 import models
 from cli import dlopt
-from rpc_servers import LOCAL_KEY, local_rpc_server, rpc_tracker_address  # noqa: F401 - fixtures
+from rpc_servers import LOCAL_KEY, compile_remote, local_rpc_server, rpc_tracker_address  # noqa: F401 - fixtures
 
 MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")
 # An x86 box of the farm, as a team would name it: this machine's CPU, ONNX Runtime and TVM.
@@ -25,14 +25,10 @@ TARGETS = '[targets.x86-farm]\nbase = "cpu"\ndescription = "an x86 box behind th
 @pytest.fixture(scope="module")
 def remote_x86(local_rpc_server, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("remote-x86")
-    model = models.save(MODEL, tmp / "m.onnx")
     (tmp / "targets.toml").write_text(TARGETS)
     tracker = local_rpc_server.device.tracker
-    done = dlopt("compile", model, "--target", "x86-farm", "--targets-file", tmp / "targets.toml", "-o", tmp / "out",
-                 "-q", "--runs", "20", "--precision", "fp32", "--rpc-tracker", tracker, "--rpc-key", LOCAL_KEY,
-                 "--json", timeout=600)
-    assert done.returncode == 0, done.stderr
-    return tmp / "out", json.loads(done.stdout), tracker
+    return (*compile_remote(tmp, MODEL, "x86-farm", tracker, LOCAL_KEY, "--targets-file", tmp / "targets.toml"),
+            tracker)
 
 
 def test_compile_of_an_x86_target_times_its_tvm_candidate_on_the_remote_server(remote_x86):

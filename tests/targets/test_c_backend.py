@@ -15,7 +15,7 @@ from dlopt.profiles import resolve_target
 from dlopt.targets import get_backend
 from dlopt.targets.c_codegen import quantize_multiplier
 from dlopt.targets.c_verify import ALLOWED_UNDEFINED, cross_tools, qemu_tools
-from helpers import run_ort
+from helpers import run_ort, run_session
 
 C = get_backend("c")
 needs_cross = pytest.mark.skipif(cross_tools() is not True, reason=str(cross_tools()))
@@ -72,11 +72,7 @@ def test_fp32_c_matches_onnx_runtime_with_a_tight_arena(tmp_path):
     assert memory["arena_bytes"] <= 1.05 * memory["liveness_lower_bound_bytes"]
     assert settings["weights_bytes"] == 4 * (36 + 4 + 144 + 4 + 40 + 10)
     x = np.random.default_rng(1).standard_normal((6, 1, 8, 8)).astype(np.float32)
-    session = C.load(artifact)
-    try:
-        got = session.run({"x": x})[0]
-    finally:
-        session.close()
+    got = run_session(C.load(artifact), [{"x": x}])[0][0]
     want = run_ort(proto, {"x": x})[0]
     assert got.shape == want.shape == (6, 10)
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
@@ -168,11 +164,7 @@ def test_int8_kernels_agree_with_onnx_runtime_on_the_qdq_model(tmp_path):
     assert ops["Conv[int8]"] == 2 and ops["Gemm[int8]"] == 1
     assert artifact.settings["weights_bytes"] < 4 * (36 + 144 + 40)  # int8 weights, int32 bias/multipliers
     x = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
-    session = C.load(artifact)
-    try:
-        got = session.run({"x": x})[0]
-    finally:
-        session.close()
+    got = run_session(C.load(artifact), [{"x": x}])[0][0]
     want = run_ort(qdq, {"x": x})[0]
     # fixed-point requantisation (TFLite's) against ORT's float one: outputs within a few steps of
     # the softmax input's scale, the same top-1 on nearly every sample

@@ -26,7 +26,7 @@ from dlopt.errors import ModelError
 from dlopt.profiles import resolve_target
 from dlopt.targets import get_backend
 from dlopt.targets.c_verify import cross_tools
-from helpers import run_ort
+from helpers import run_ort, run_session
 
 C = get_backend("c")
 # each closes a /* comment once the preprocessor has spliced lines (phase 2) and, under -std=c99,
@@ -77,11 +77,7 @@ def _compile(proto, folder: Path):
 
 def _run_c(artifact, feeds: list[dict]) -> list[np.ndarray]:
     """The first output of the host build on each feed (loaded in this process: a constructor would run here)."""
-    session = C.load(artifact)
-    try:
-        return [session.run(feed)[0] for feed in feeds]
-    finally:
-        session.close()
+    return [outputs[0] for outputs in run_session(C.load(artifact), feeds)]
 
 
 def _matches_ort(artifact, proto, x_name: str) -> float:
