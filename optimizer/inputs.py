@@ -18,7 +18,7 @@ import onnx
 from dlopt.errors import ConfigError, ModelError, first_line
 
 DEFAULT_INT_HIGH = 10
-_MASK = re.compile(r"mask", re.IGNORECASE)
+MASK_NAME = re.compile(r"mask", re.IGNORECASE)  # an input fed ones (keep every position), also in READMEs
 _POSITION = re.compile(r"position", re.IGNORECASE)
 
 
@@ -120,7 +120,7 @@ class RandomInputs:
                 feed[spec.name] = value if value.shape == shape else np.broadcast_to(value, shape).copy()
             elif kind == "f":
                 feed[spec.name] = np.asarray(rng.standard_normal(shape)).astype(spec.dtype)
-            elif kind in "iu" and _MASK.search(spec.name):
+            elif kind in "iu" and MASK_NAME.search(spec.name):
                 feed[spec.name] = np.ones(shape, spec.dtype)
             elif kind in "iu" and _POSITION.search(spec.name) and shape:
                 feed[spec.name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(spec.dtype).copy()
@@ -128,7 +128,7 @@ class RandomInputs:
                 high = self.limits.get(spec.name, DEFAULT_INT_HIGH)
                 feed[spec.name] = rng.integers(0, max(high, 1), size=shape).astype(spec.dtype)
             elif kind == "b":
-                feed[spec.name] = np.ones(shape, bool) if _MASK.search(spec.name) else np.asarray(rng.random(shape) < 0.5)
+                feed[spec.name] = np.ones(shape, bool) if MASK_NAME.search(spec.name) else np.asarray(rng.random(shape) < 0.5)
             else:
                 raise ModelError(f"cannot make random data for input {spec.describe()}; pass --eval data.npz")
         return feed

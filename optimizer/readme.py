@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dlopt.device_check import DEVICE_REPORT, SCRIPT, VERIFY_FILE
 from dlopt.gate import printable
-from dlopt.inputs import _MASK as MASK_NAME
+from dlopt.inputs import MASK_NAME
 from dlopt.report import escape_markdown
 from dlopt.targets import get_backend
 
