@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -212,9 +213,15 @@ def run_model(name: str, zoo: Path, models_dir: Path, search_time: float, timeou
         except FileNotFoundError as e:
             return {"skipped": str(e)}
         start = time.perf_counter()
+        # Its own process group: on the time limit the whole compile goes, not only its first process.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
+                                start_new_session=True)
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+            _, stderr = proc.communicate(timeout=timeout)
+            done = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return {"skipped": f"over the {timeout:g} s limit", "wall_s": round(time.perf_counter() - start),
                     "inputs": {k: _sha(p) for k, p in inputs.items()}}
         row = {"exit": done.returncode, "wall_s": round(time.perf_counter() - start),
