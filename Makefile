@@ -53,7 +53,7 @@ test: setup
 	@$(MAKE) --no-print-directory system-deps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
-# An emulated aarch64 for running the rpi5 TVM library here (dlopt.emulation): qemu-user, Debian's
+# An emulated aarch64 for running the rpi5 TVM library here (dlopt.device.emulation): qemu-user, Debian's
 # arm64 Python with the C libraries it and the wheels load (sysroot/), PyPI's aarch64 wheels (site/;
 # TVM's runtime library only: its 240 MB compiler library is never loaded there).  apt works on a
 # private arm64 package list, so the machine's dpkg architectures and package lists stay as they are.
@@ -87,7 +87,7 @@ arm64-env: | $(STAMP)
 	$(BIN)/pip download $(ARM64_PIP) -d $$tmp/wheels $(ARM64_WHEELS); \
 	$(BIN)/pip install $(ARM64_PIP) --no-deps --no-index --target $$tmp/site $$tmp/wheels/*.whl; \
 	rm -rf $$tmp/apt $$tmp/debs $$tmp/wheels $$tmp/site/bin $$tmp/site/tvm/lib/libtvm_compiler.so; \
-	$(BIN)/python -m dlopt.emulation $$tmp; \
+	$(BIN)/python -m dlopt.device.emulation $$tmp; \
 	echo "$(ARM64_SPEC)" > $$tmp/.built; \
 	rm -rf $(ARM64).old; if [ -e $(ARM64) ]; then mv -T $(ARM64) $(ARM64).old; fi; \
 	mv -T $$tmp $(ARM64); rm -rf $(ARM64).old; \
@@ -97,7 +97,7 @@ arm64-env: | $(STAMP)
 TRACKER ?= 127.0.0.1:9190
 KEY ?= rpi5
 board-server: arm64-env
-	$(BIN)/python -m dlopt.emulation serve --tracker $(TRACKER) --key $(KEY) --cpu cortex-a76
+	$(BIN)/python -m dlopt.device.emulation serve --tracker $(TRACKER) --key $(KEY) --cpu cortex-a76
 
 bench: $(STAMP)
 	$(BIN)/python bench/cli_startup.py

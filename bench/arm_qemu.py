@@ -2,7 +2,7 @@
 
 Builds the ``rpi5`` library (Cortex-A76, NEON) with dlopt's TVM backend, runs it
 under qemu-aarch64 emulating a Cortex-A76 with Debian's arm64 Python and PyPI's
-aarch64 TVM runtime (``dlopt.emulation``), and compares its outputs with ONNX
+aarch64 TVM runtime (``dlopt.device.emulation``), and compares its outputs with ONNX
 Runtime on this host.  Prints the errors and timings; exits 1 on a mismatch, 2 when
 something it needs is missing.  Emulated timings say nothing about a real Pi 5; they
 only show it ran.
@@ -80,8 +80,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds the emulated run may take")
     args = parser.parse_args()
 
-    from dlopt.emulation import aarch64_python, qemu_cpu_models, run_emulated
-    from dlopt.errors import TargetUnavailable
+    from dlopt.device.emulation import aarch64_python, qemu_cpu_models, run_emulated
+    from dlopt.core.errors import TargetUnavailable
 
     emulated = aarch64_python()
     if isinstance(emulated, str):
@@ -89,9 +89,9 @@ def main() -> int:
         return 2
 
     from dlopt.passes import generic_passes
-    from dlopt.pipeline import run_pipeline
-    from dlopt.profiles import resolve_target
-    from dlopt.targets import tvm as backend
+    from dlopt.core.pipeline import run_pipeline
+    from dlopt.core.profiles import resolve_target
+    from dlopt.targets.tvm import backend
 
     with tempfile.TemporaryDirectory(prefix="dlopt-qemu-") as tmp:
         work = Path(tmp)

@@ -9,7 +9,7 @@ calibration stays within the model's size + 300 MB.  Temporary files are deleted
 
 ``--synthetic`` instead measures calibration alone on a model whose activations are large
 (8 Conv+Relu at 1x16x256x256, 68 MiB of float tensors per batch), each figure in its own
-child process (ru_maxrss): dlopt.ranges.compute_ranges (8 batches per ORT collect call)
+child process (ru_maxrss): dlopt.flow.ranges.compute_ranges (8 batches per ORT collect call)
 against dlopt.calibration.collect_ranges (one batch per call), for 8 and 32 samples.
 """
 
@@ -55,7 +55,7 @@ _CHILD = """
 import json, resource, sys, tempfile
 from pathlib import Path
 import numpy as np, onnx, onnxruntime
-from dlopt.ranges import compute_ranges
+from dlopt.flow.ranges import compute_ranges
 from dlopt.calibration.collect import collect_ranges
 from onnx import TensorProto, helper, numpy_helper
 C, S, L = 16, 256, 8

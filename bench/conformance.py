@@ -1,4 +1,4 @@
-"""The ONNX backend test suite against each of dlopt's ONNX backends (``dlopt.backend.*``).
+"""The ONNX backend test suite against each of dlopt's ONNX backends (``dlopt.onnx_backend.*``).
 
 Every case runs in a worker process under a supervisor: a case that passes its
 ``--timeout`` or takes the worker down (a runtime's segfault or abort) is recorded
@@ -107,7 +107,7 @@ def _worker(backend_name: str, threads: int, lift: bool, conn) -> None:
 
         module = raw_backend(backend_name)
     else:
-        module = importlib.import_module(f"dlopt.backend.{backend_name}")
+        module = importlib.import_module(f"dlopt.onnx_backend.{backend_name}")
     adapter = _Adapter(module, threads, lift)
     cases = _suite(adapter)
     conn.send("ready")
@@ -293,7 +293,7 @@ def report(paths: list[str], doc: Path, top: int) -> str:
     lines = [
         "# ONNX backend test suite: dlopt's backends",
         "",
-        f"`onnx.backend.test.BackendTest` (onnx {onnx_version}) run against `dlopt.backend.<name>`, "
+        f"`onnx.backend.test.BackendTest` (onnx {onnx_version}) run against `dlopt.onnx_backend.<name>`, "
         "which loads, checks, optimises (dlopt's generic fp32 passes) and compiles each model through "
         "dlopt's own backend code for the `cpu` profile, as `dlopt compile` does (no quantisation, no timing). "
         "One case per supervised worker process; a timeout or a crashed runtime counts as a failure.",
@@ -365,7 +365,7 @@ ENGINES = ("raw-ort", "raw-openvino", "raw-tvm", "ort", "openvino", "tvm")
 
 
 def _engine_label(name: str) -> str:
-    return f"{name.removeprefix('raw-')} (raw)" if name.startswith("raw-") else f"{name} (dlopt.backend.{name})"
+    return f"{name.removeprefix('raw-')} (raw)" if name.startswith("raw-") else f"{name} (dlopt.onnx_backend.{name})"
 
 
 def _cpu_against_engines(results: dict) -> list[str]:

@@ -40,7 +40,7 @@ def main() -> None:
     import models
 
     import dlopt
-    from dlopt.html import render_html
+    from dlopt.report.html import render_html
 
     out = args.out or Path(tempfile.mkdtemp(prefix="dlopt-html-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Microcontroller acceptance run: a digits CNN compiled for a Cortex-M in FP32 and INT8.
 
-Trains the demo's digits CNN (sklearn's load_digits, torch; dlopt.demo), exports it,
+Trains the demo's digits CNN (sklearn's load_digits, torch; dlopt.workflows.demo), exports it,
 then ``dlopt.compile(..., target=cortex-m7, precision=fp32|int8)``: the compile flow runs
 the generated C (built with the host gcc) on the whole held-out set against ONNX Runtime.
 Then it prints, per precision: flash and RAM figures with arm-none-eabi-size's output, the
@@ -27,7 +27,7 @@ def _train(out: Path, epochs: int, seed: int):
     from sklearn.model_selection import train_test_split
 
     import dlopt
-    from dlopt.demo import _digits_cnn, _train as train
+    from dlopt.workflows.demo import _digits_cnn, _train as train
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
@@ -56,8 +56,9 @@ def _ort_top1(model_path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 def run(target: str, out: Path, epochs: int, seed: int = 0) -> dict:
     import dlopt
-    from dlopt.targets import c_verify, read_artifact
-    from dlopt.targets.c import BACKEND
+    from dlopt.targets.c import verify as c_verify
+    from dlopt.targets import read_artifact
+    from dlopt.targets.c.backend import BACKEND
 
     out.mkdir(parents=True, exist_ok=True)
     model_path, x_test, y_test = _train(out, epochs, seed)
@@ -88,7 +89,7 @@ def run(target: str, out: Path, epochs: int, seed: int = 0) -> dict:
             row["top1_agreement_c_vs_ort"] = float((ort_logits.argmax(1) == c_logits.argmax(1)).mean())
             row["max_abs_logit_diff_c_vs_ort"] = float(np.max(np.abs(ort_logits - c_logits)))
             if precision == "int8":  # the same sources built with ONNX Runtime's float requantisation
-                from dlopt.targets.c_verify import HostSession
+                from dlopt.targets.c.verify import HostSession
 
                 ort_style = HostSession(folder, settings["inputs"], settings["outputs"], defines=("DLOPT_REQUANT_FLOAT",))
                 f_logits = ort_style.run({"image": x_test})[0]

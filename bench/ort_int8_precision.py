@@ -37,9 +37,9 @@ def main() -> None:
     import onnxruntime as ort
 
     from dlopt.passes.quantize_static import QuantizeStaticPass
-    from dlopt.profiles import resolve_target
-    from dlopt.ranges import compute_ranges
-    from dlopt.timing import time_interleaved
+    from dlopt.core.profiles import resolve_target
+    from dlopt.flow.ranges import compute_ranges
+    from dlopt.measure.timing import time_interleaved
     from models import export_resnet18
 
     rng = np.random.default_rng(0)

@@ -134,8 +134,8 @@ def openvino_session(path, threads, hint):
 def tvm_session(path, threads, work):
     import onnx_ir as ir
 
-    from dlopt.profiles import resolve_target
-    from dlopt.targets import tvm
+    from dlopt.core.profiles import resolve_target
+    from dlopt.targets.tvm import backend as tvm
 
     artifact = tvm.compile(ir.load(str(path)), resolve_target("cpu"), work / "tvm", precision="fp32", threads=threads)
     session = tvm.load(artifact)

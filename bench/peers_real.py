@@ -18,7 +18,7 @@ decoded lines.  Configurations, each as its users would write it:
 
 OpenVINO models are reshaped to the static benchmark shape, as an OpenVINO user timing a
 fixed shape would.  Every configuration is opened at once and timed by
-``dlopt.timing.time_interleaved`` (round-robin blocks in a rotating order), so machine
+``dlopt.measure.timing.time_interleaved`` (round-robin blocks in a rotating order), so machine
 drift falls on all alike.  Quantised peers are cached under D/peers.  Asserts nothing.
 """
 
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--dlopt-out", type=Path, default=None, help="a `dlopt compile` output folder to include")
     args = parser.parse_args()
 
-    from dlopt.timing import time_interleaved
+    from dlopt.measure.timing import time_interleaved
     from ocr_metric import exact_match_of
 
     d = (args.dir or default_dir()).expanduser()

@@ -5,7 +5,7 @@
 For each model: the library dlopt builds untuned, ``dlopt tune`` (MetaSchedule, this
 host's CPU target with its vector features and cores) for the time budget, the library
 dlopt builds with that database, and ONNX Runtime FP32 on the original model, all three
-timed interleaved in one process (dlopt.timing, 95% intervals of the median).  Prints
+timed interleaved in one process (dlopt.measure.timing, 95% intervals of the median).  Prints
 the trials, the tuning wall time, where it went and the ratios.  The models are built
 here with random weights (bench/models.py): nothing is downloaded.  A rerun with the same
 ``--db`` continues the tuning from its records.
@@ -48,11 +48,11 @@ def main() -> int:
     parser.add_argument("--models", default="cnn,resnet18")
     args = parser.parse_args()
 
-    from dlopt.config import CompileConfig
-    from dlopt.targets import tvm as backend
+    from dlopt.core.config import CompileConfig
+    from dlopt.targets.tvm import backend
     from dlopt.targets.ort import OrtSession, session_settings
-    from dlopt.timing import LocalRunner, time_interleaved
-    from dlopt.tune import backend_model, run
+    from dlopt.measure.timing import LocalRunner, time_interleaved
+    from dlopt.workflows.tune import backend_model, run
 
     from models import export_resnet18
 

@@ -4,7 +4,7 @@
 
 Issue 28: two identical compiles of a Fashion-MNIST CNN shipped different artefacts,
 because each candidate was timed through one session and a session's speed is
-bimodal.  dlopt now times each through several sessions (dlopt.timing.SESSIONS) and
+bimodal.  dlopt now times each through several sessions (dlopt.measure.timing.SESSIONS) and
 its interval spans their medians.  The models:
 
 1. the demo CNN (``dlopt demo``'s digits CNN, trained 2 epochs on scikit-learn's digits);
@@ -20,7 +20,7 @@ per model whether every run said the same.  Asserts nothing.
     python bench/verdict_repeat.py --cost 3
 
 instead compiles the demo CNN in this process 2x3 times, alternating one session per
-candidate (``dlopt.timing.SESSIONS = 1``, the timing before issue 28) with the default,
+candidate (``dlopt.measure.timing.SESSIONS = 1``, the timing before issue 28) with the default,
 and prints each compile's wall time and its interleaved-timing stage: the price of
 opening the sessions again.
 """
@@ -50,7 +50,7 @@ def demo_cnn(folder: Path) -> tuple[Path, Path]:
     from sklearn.model_selection import train_test_split
 
     import dlopt
-    from dlopt.demo import TEST_FRACTION, _digits_cnn, _train
+    from dlopt.workflows.demo import TEST_FRACTION, _digits_cnn, _train
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
@@ -113,9 +113,9 @@ def latency(report: dict, key: str) -> str:
 
 def cost(pairs: int, args) -> None:
     import dlopt
-    import dlopt.timing
+    import dlopt.measure.timing
 
-    default = dlopt.timing.SESSIONS
+    default = dlopt.measure.timing.SESSIONS
     with tempfile.TemporaryDirectory(prefix="dlopt-verdict-cost-") as tmp:
         tmp = Path(tmp)
         os.environ["DLOPT_CACHE"] = str(tmp / "cache")
@@ -124,7 +124,7 @@ def cost(pairs: int, args) -> None:
         stages: dict[int, list[float]] = {1: [], default: []}
         for i in range(2 * pairs + 1):  # the first compile fills the build cache and is not counted
             sessions = (1, default)[i % 2]
-            dlopt.timing.SESSIONS = sessions
+            dlopt.measure.timing.SESSIONS = sessions
             seen: list[float] = []
 
             def progress(stage, done, total):
@@ -142,7 +142,7 @@ def cost(pairs: int, args) -> None:
             if i:
                 walls[sessions].append(wall)
                 stages[sessions].append(timed)
-        dlopt.timing.SESSIONS = default
+        dlopt.measure.timing.SESSIONS = default
     for sessions in walls:
         print(f"sessions {sessions}: compile median {np.median(walls[sessions]):.2f} s, interleaved timing median "
               f"{np.median(stages[sessions]):.2f} s over {len(walls[sessions])} compiles")

@@ -74,7 +74,7 @@ def time_independently(original: Path, out: Path, shape: tuple[int, ...], runs: 
     """The original and the published artefact, loaded outside dlopt's compile, timed interleaved."""
     from dlopt.targets import load_artifact
     from dlopt.targets.ort import OrtSession, session_settings
-    from dlopt.timing import time_interleaved
+    from dlopt.measure.timing import time_interleaved
 
     feed = {"tokens": np.random.default_rng(1).integers(0, VOCAB, size=shape).astype(np.int64)}
     orig = OrtSession(original, session_settings(threads))

@@ -448,7 +448,7 @@ def run_one(name: str, site: Path, data: Path, quick: bool, search_time: float) 
         chosen = dlopt.load(out, threads=THREADS)
         runners["dlopt"] = chosen.run
         row["chosen_metric"] = scores["dlopt"] = round(case.score(chosen.run), 4)
-    from dlopt.timing import time_interleaved
+    from dlopt.measure.timing import time_interleaved
     feed = case.timing_feed
     timings = time_interleaved(runners, feed, runs=30 if quick else 60, warmup=5, threads=THREADS)
     row["peers"] = {k: {"p50_ms": round(t.p50_ms, 3), "metric": round(scores[k], 4)} for k, t in timings.items()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from dlopt.errors import CompileError, DataError, first_line
+from dlopt.core.errors import CompileError, DataError, first_line
 
 METHODS = ("minmax", "entropy", "percentile")
 

@@ -13,9 +13,9 @@ stream into batches.  What iteration guarantees, whatever the source:
   possibly the last (``batch_size=None``: the source's own batches, unchanged);
 - at most ``limit`` samples are read from the source, and no more are pulled;
 - each input's samples are items along its batch axis or whole tensors as fed
-  (:mod:`dlopt.layout`); a source with whole-tensor samples yields one sample per feed;
+  (:mod:`dlopt.core.layout`); a source with whole-tensor samples yields one sample per feed;
 - inputs given as ``constants`` need not be in the source and are added to every feed;
-- anything else raises :class:`dlopt.errors.DataError` with a one-line message that
+- anything else raises :class:`dlopt.core.errors.DataError` with a one-line message that
   names the input, the source's batch (0-based, as the source delivered it) and the
   sample range it was found in; mismatches end with what the model expects.
 """
@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from dlopt.errors import ConfigError, DataError
-from dlopt.layout import ITEM, Layout, layout_of, sample_kind
+from dlopt.core.errors import ConfigError, DataError
+from dlopt.core.layout import ITEM, Layout, layout_of, sample_kind
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def fixed_batch(specs: Sequence) -> int | None:
 
 
 def shape_mismatch(spec, shape: tuple[int, ...]) -> bool:
-    """Whether ``shape`` (first axis = samples) is neither items nor whole tensors of ``spec`` (dlopt.layout)."""
-    from dlopt.layout import batch_axes
+    """Whether ``shape`` (first axis = samples) is neither items nor whole tensors of ``spec`` (dlopt.core.layout)."""
+    from dlopt.core.layout import batch_axes
 
     try:
         sample_kind(spec, tuple(shape), batch_axes([spec])[spec.name], "")

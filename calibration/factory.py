@@ -13,7 +13,7 @@ from dlopt.calibration.dataset import CalibrationDataset
 from dlopt.calibration.images import ImageFolderDataset, ImagePreprocess
 from dlopt.calibration.npz import NpzDataset
 from dlopt.calibration.streams import StreamDataset, is_tensor
-from dlopt.errors import ConfigError, DataError
+from dlopt.core.errors import ConfigError, DataError
 
 
 def open_dataset(source, specs: Sequence, *, limit: int | None = None, batch_size: int | None = None,

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dlopt.calibration.dataset import CalibrationDataset, expected, shape_mismatch
-from dlopt.errors import ConfigError, DataError, first_line
+from dlopt.core.errors import ConfigError, DataError, first_line
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LAYOUTS = ("NCHW", "NHWC")
@@ -30,7 +30,7 @@ class ImagePreprocess:
     ``(value - mean) / std``; ``mean`` and ``std`` list channels in the order of
     ``color`` (B, G, R for ``"BGR"``), or hold one value for every channel.  The
     sample is laid out as ``"NCHW"`` or ``"NHWC"`` and cast to the model's dtype.
-    Bad values raise :class:`dlopt.errors.ConfigError`.
+    Bad values raise :class:`dlopt.core.errors.ConfigError`.
     """
 
     size: tuple[int, int]

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from dlopt.calibration.dataset import LABELS, CalibrationDataset, expected
-from dlopt.errors import DataError, first_line
+from dlopt.core.errors import DataError, first_line
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
 # Most bytes of array data read from one archive (4 GiB).

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from dlopt.calibration.dataset import LABELS, CalibrationDataset, expected
-from dlopt.errors import DataError
+from dlopt.core.errors import DataError
 
 
 def is_tensor(value) -> bool:

@@ -13,14 +13,14 @@ __all__ = ["compile", "export", "load", "prune", "distill", "compress", "load_mo
 
 _LAZY = {
     "compile": ("dlopt.api", "compile"),
-    "export": ("dlopt.exporter", "export"),
-    "load": ("dlopt.runner", "load"),
-    "prune": ("dlopt.pruning", "prune"),
-    "distill": ("dlopt.distillation", "distill"),
-    "compress": ("dlopt.compression", "compress"),
-    "load_module": ("dlopt.pruning", "load_module"),
-    "CompileConfig": ("dlopt.config", "CompileConfig"),
-    "Report": ("dlopt.report", "Report"),
+    "export": ("dlopt.compression.exporter", "export"),
+    "load": ("dlopt.measure.runner", "load"),
+    "prune": ("dlopt.compression.pruning", "prune"),
+    "distill": ("dlopt.compression.distillation", "distill"),
+    "compress": ("dlopt.compression.compress", "compress"),
+    "load_module": ("dlopt.compression.pruning", "load_module"),
+    "CompileConfig": ("dlopt.core.config", "CompileConfig"),
+    "Report": ("dlopt.report.data", "Report"),
 }
 
 
@@ -33,7 +33,7 @@ def __getattr__(name: str):
     if name == "errors":
         import importlib
 
-        return importlib.import_module("dlopt.errors")
+        return importlib.import_module("dlopt.core.errors")
     raise AttributeError(f"module 'dlopt' has no attribute {name!r}")
 
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from dlopt.config import CompileConfig
-from dlopt.report import Report
+from dlopt.core.config import CompileConfig
+from dlopt.report.data import Report
 
 
 def compile(  # noqa: A001 - mirrors the CLI verb
@@ -25,7 +25,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     ``options`` are the fields of :class:`dlopt.CompileConfig` (precision, inputs,
     samples, runs, warmup, threads, seed, ...).  ``model`` may also be serialised ONNX
     bytes, and ``inputs`` a dict of arrays or an iterable of feed dicts instead of an
-    .npz path.  Raises :class:`dlopt.errors.DloptError` subclasses on bad input.
+    .npz path.  Raises :class:`dlopt.core.errors.DloptError` subclasses on bad input.
 
     ``progress`` is what the compile says on stderr while it runs, as ``dlopt compile``
     does: True (the default) draws a bar per stage on a terminal and, where stderr is
@@ -39,8 +39,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     """
     import dataclasses
 
-    from dlopt.driver import compile as run
-    from dlopt.errors import ConfigError
+    from dlopt.flow.driver import compile as run
+    from dlopt.core.errors import ConfigError
 
     known = {f.name for f in dataclasses.fields(CompileConfig)} - {"model", "target", "out"}
     unknown = sorted(set(options) - known)

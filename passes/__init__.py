@@ -65,7 +65,7 @@ def generic_passes(*, prune: float | None = None, model: ir.Model | None = None)
         NameFixPass(),  # unique node names: quantisation excludes nodes by name
     ]
     if model is not None:
-        from dlopt.graph_facts import has_sequences, has_subgraphs
+        from dlopt.core.graph_facts import has_sequences, has_subgraphs
 
         if has_subgraphs(model) or has_sequences(model):
             passes = [p for p in passes if not isinstance(p, (ShapeInferencePass, IdentityEliminationPass))]

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import onnx
 
-from dlopt.errors import CompileError, first_line
+from dlopt.core.errors import CompileError, first_line
 
 logger = logging.getLogger("dlopt.quantization")
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import onnx
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, first_line
+from dlopt.core.errors import CompileError, first_line
 from dlopt.passes._scope_order import sort_with_outer_reads, subgraphs
 
 # Ops whose float16 forms lose too much (reductions over many elements, exponentials)

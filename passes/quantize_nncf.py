@@ -14,8 +14,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, DataError, TargetUnavailable, first_line
-from dlopt.scoped_env import environ
+from dlopt.core.errors import CompileError, DataError, TargetUnavailable, first_line
+from dlopt.core.scoped_env import environ
 
 logger = logging.getLogger("dlopt.quantization")
 

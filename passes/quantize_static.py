@@ -8,7 +8,7 @@ from typing import Sequence
 import onnx
 import onnx_ir as ir
 
-from dlopt.errors import CompileError
+from dlopt.core.errors import CompileError
 from dlopt.passes._ort_quant import quantise_to_proto
 from dlopt.passes._scope_order import outer_reads, sort_with_outer_reads, subgraphs
 
@@ -22,7 +22,7 @@ class QuantizeStaticPass(ir.passes.FunctionalPass):
     produced before its ``If`` (ORT's quantiser sorts by explicit inputs only and placed
     an ``If`` before the node producing what its branch read).
 
-    Ranges come from a calibration cache written by :func:`dlopt.ranges.compute_ranges`
+    Ranges come from a calibration cache written by :func:`dlopt.flow.ranges.compute_ranges`
     on the same float model, so this pass never calibrates and can run many times
     (the mixed-precision search does).  Weights are int8, symmetric and per channel
     by default; activations uint8 asymmetric (``symmetric_activations=True`` gives

@@ -20,8 +20,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from dlopt.errors import first_line
-from dlopt.model_io import has_external_tensors
+from dlopt.core.errors import first_line
+from dlopt.core.model_io import has_external_tensors
 from dlopt.passes.fold_constants import DEFAULT_FOLD_LIMIT
 
 logger = logging.getLogger(__name__)

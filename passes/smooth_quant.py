@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, ConfigError, DataError, first_line
-from dlopt.model_io import save_ir
+from dlopt.core.errors import CompileError, ConfigError, DataError, first_line
+from dlopt.core.model_io import save_ir
 
 logger = logging.getLogger(__name__)
 

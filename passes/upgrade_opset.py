@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from dlopt.errors import first_line
+from dlopt.core.errors import first_line
 
 PER_CHANNEL_OPSET = 13
 
@@ -38,7 +38,7 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
         if opset >= self.target:
             self.converted = True
             return ir.passes.PassResult(model.clone(), False)
-        from dlopt.model_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes
+        from dlopt.core.model_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 
         if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:  # one protobuf cannot hold it
             self.note = f"opset {opset} kept: the model is too large to convert in memory"
@@ -64,13 +64,13 @@ def _max_rel_error(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
     """Largest relative output difference of the two models on one random feed (ONNX Runtime)."""
     import onnxruntime as ort
 
-    from dlopt.evaluate import input_specs
-    from dlopt.inputs import RandomInputs
+    from dlopt.core.specs import input_specs
+    from dlopt.core.inputs import RandomInputs
 
     specs = input_specs(before)
     shapes = {s.name: s.concrete_shape() for s in specs}
     feed = RandomInputs.for_model(before, specs).feed(shapes, np.random.default_rng(0))
-    from dlopt.targets.ort import cpu_session_options
+    from dlopt.core.ort_sessions import cpu_session_options
 
     options = cpu_session_options(log_level=4)  # a QDQ input model: exact int8 kernels without VNNI too
     outputs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)

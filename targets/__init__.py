@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from dlopt.artifacts import check_plain_files, read_folder_json
+from dlopt.core.artifacts import check_plain_files, read_folder_json
 from dlopt.targets.base import Artifact, Backend, Session
 
 __all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status", "build_limits",
@@ -22,9 +22,9 @@ __all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "
 BACKEND_MODULES = {
     "ort": "dlopt.targets.ort",
     "openvino": "dlopt.targets.openvino",
-    "tvm": "dlopt.targets.tvm",
+    "tvm": "dlopt.targets.tvm.backend",
     "tensorrt": "dlopt.targets.tensorrt",
-    "c": "dlopt.targets.c",
+    "c": "dlopt.targets.c.backend",
 }
 
 
@@ -58,7 +58,7 @@ def build_limits(name: str, profile) -> str | None:
 def _c_limits(profile) -> str | None:
     import subprocess
 
-    from dlopt.targets import c_verify
+    from dlopt.targets.c import verify as c_verify
 
     if profile.device != "mcu":
         return None
@@ -98,7 +98,7 @@ def read_artifact(folder) -> tuple[Artifact, Path]:
     no manifest of its own: the root's manifest names it under ``bundle`` and its
     report.json lists its files.  Anything else is a ConfigError.
     """
-    from dlopt.errors import ConfigError, TargetUnavailable
+    from dlopt.core.errors import ConfigError, TargetUnavailable
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -142,7 +142,7 @@ def _owning_manifest(folder: Path) -> tuple[Path, dict, str | None]:
 
     The outer output comes first: its manifest holds the sha256 of the bundle's native files, and a
     manifest.json inside a bundle folder (dlopt never writes one there) is refused, never obeyed."""
-    from dlopt.errors import ConfigError
+    from dlopt.core.errors import ConfigError
 
     resolved = folder.resolve()
     for root in list(resolved.parents)[:2]:  # bundle/<backend>-<precision>/ sits two levels down
@@ -180,8 +180,8 @@ def _bundle_files(root: Path, key: str) -> list[str] | None:
 
 def check_runs_here(artifact: Artifact) -> None:
     """Raise TargetUnavailable, saying what the device needs, for an artefact this machine cannot run."""
-    from dlopt.errors import TargetUnavailable
-    from dlopt.profiles import host_arch
+    from dlopt.core.errors import TargetUnavailable
+    from dlopt.core.profiles import host_arch
 
     key = f"{artifact.backend}/{artifact.precision}"
     if artifact.backend == "tensorrt":

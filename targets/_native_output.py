@@ -1,7 +1,7 @@
 """Native libraries (TVM's C++) write to file descriptor 2: keep it scoped.
 
 ``native_output_logged`` sends fd 2 and Python warnings to the caller's debug log for
-the block (``dlopt.scoped_env.environ`` scopes environment variables).
+the block (``dlopt.core.scoped_env.environ`` scopes environment variables).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import traceback
 import warnings
 
-logger = logging.getLogger("dlopt.targets.tvm")
+logger = logging.getLogger("dlopt.targets.tvm.backend")
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ class Backend(abc.ABC):
     # precisions the backend converts itself from the float model (OpenVINO compresses fp16)
     own_precisions: ClassVar[tuple[str, ...]] = ()
     # False: static (QDQ) INT8 of a transformer runs no faster than its float model here, so
-    # --precision auto builds int8-dynamic instead (dlopt.recipe decides what a transformer is)
+    # --precision auto builds int8-dynamic instead (dlopt.flow.recipe decides what a transformer is)
     static_int8_for_transformers: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -110,9 +110,9 @@ class Backend(abc.ABC):
         return {}
 
     def load_remote(self, artifact: Artifact, device, *, threads: int | None = None) -> Session:
-        """A session running ``artifact`` on ``device`` (a dlopt.targets.tvm_rpc.RemoteDevice) through
+        """A session running ``artifact`` on ``device`` (a dlopt.targets.tvm.rpc.RemoteDevice) through
         TVM's RPC tracker, with ``time(feed, runs, warmup)`` measured on the device; TVM only."""
-        from dlopt.errors import TargetUnavailable
+        from dlopt.core.errors import TargetUnavailable
 
         del artifact, device, threads
         raise TargetUnavailable(f"{self.name} artefacts do not run through TVM's RPC; only TVM libraries do")

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from dlopt.errors import CompileError, ConfigError, TargetUnavailable, first_line
-from dlopt.graph_facts import converter_hazards, op_label
-from dlopt.model_io import save_ir
-from dlopt.profiles import host_arch
+from dlopt.core.errors import CompileError, ConfigError, TargetUnavailable, first_line
+from dlopt.core.graph_facts import converter_hazards, op_label
+from dlopt.core.model_io import save_ir
+from dlopt.core.profiles import host_arch
 from dlopt.targets.base import Artifact, Backend
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def supports(model) -> list[str]:
     """Ops OpenVINO's ONNX frontend has no conversion rule for (converted partially, so all are named).
 
     A model its converter cannot be trusted with (deep control flow, huge generated
-    constants: dlopt.graph_facts) is refused before the converter sees it.
+    constants: dlopt.core.graph_facts) is refused before the converter sees it.
     """
     hazards = converter_hazards(model)
     if hazards:

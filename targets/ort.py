@@ -11,9 +11,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from dlopt.errors import ConfigError
-from dlopt.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant, op_label
-from dlopt.model_io import save_ir
+from dlopt.core.errors import ConfigError
+from dlopt.core.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant, op_label
+from dlopt.core.model_io import save_ir
+from dlopt.core.ort_sessions import CONFIG_ENTRIES, apply_config_entries
 from dlopt.targets.base import Artifact, Backend
 
 name = "ort"
@@ -81,36 +82,6 @@ def providers_for(profile) -> list[str]:
     return list(NVIDIA_PROVIDERS if profile.device == "gpu" and profile.cuda_arch else CPU_PROVIDERS)
 
 
-# ONNX Runtime's int8 matrix kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add pairs of
-# uint8 x int8 products in 16 bits (vpmaddubsw), which saturates: on an AMD EPYC with AVX2 only (ORT 1.32)
-# the test suite's static int8 Conv models were 10-15% (max relative error) off their own QDQ arithmetic and
-# some int8 candidates missed the accuracy budget, while an AVX-512 VNNI machine ran the same models exactly.  This entry makes ORT use its
-# exact U8U8 kernels on such CPUs; ORT ignores it on CPUs with VNNI and on ARM, and float models have no
-# int8 kernels.  Every session dlopt opens or ships carries it: the int8 a user deploys is the int8 that
-# was verified and timed.
-CONFIG_ENTRIES = {"session.x64quantprecision": "1"}
-
-
-def apply_config_entries(options, settings: dict | None = None) -> None:
-    """Add the session config entries of ``settings`` (artefacts from before they were recorded: ours)."""
-    entries = (settings or {}).get("config_entries", CONFIG_ENTRIES)
-    for key, value in dict(entries).items():
-        options.add_session_config_entry(str(key), str(value))
-
-
-def cpu_session_options(threads: int = 0, *, level: str = "ORT_ENABLE_ALL", log_level: int = 3) -> ort.SessionOptions:
-    """Options for dlopt's own CPU sessions outside an artefact (calibration probes, sensitivity,
-    reference runs): ``threads`` intra-op threads (0: ORT's default), one inter-op thread, and
-    ``CONFIG_ENTRIES``."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = log_level
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    apply_config_entries(options)
-    return options
-
-
 def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threads_from: str | None = None) -> dict:
     """Session settings; for ``model`` (an onnx_ir Model) that generates a huge constant,
     ORT's own constant folding is switched off: it would materialise it at session start."""
@@ -149,7 +120,7 @@ def compile(model, profile, workdir: Path, *, precision: str, threads: int, shap
 
 
 def _usable_cores() -> int:
-    from dlopt.config import machine_cores  # read at import, before any runtime pinned this thread
+    from dlopt.core.config import machine_cores  # read at import, before any runtime pinned this thread
 
     return machine_cores()
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from dlopt.errors import ModelError
-from dlopt.graph_facts import op_label
-from dlopt.model_io import save_ir
+from dlopt.core.errors import ModelError
+from dlopt.core.graph_facts import op_label
+from dlopt.core.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
 
 name = "tensorrt"

@@ -22,7 +22,7 @@ def run_session(session, feeds: list[dict]) -> list[list]:
 
 
 def run_ort(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from dlopt.targets.ort import cpu_session_options
+    from dlopt.core.ort_sessions import cpu_session_options
 
     options = cpu_session_options()  # exact int8 kernels on x86 CPUs without VNNI, as dlopt's own sessions
     session = ort.InferenceSession(to_proto(model).SerializeToString(), options,

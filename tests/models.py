@@ -115,7 +115,7 @@ def outlier_mlp(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
 def attention_block(seed: int = 0, dim: int = 32, batch: int | str = "N", seq: int | str = "S") -> onnx.ModelProto:
     """LayerNorm -> Q/K/V MatMuls -> softmax(Q K^T / sqrt(d)) V -> output MatMul + residual.
 
-    What dlopt.recipe calls a transformer: attention, and every weight in a MatMul.
+    What dlopt.flow.recipe calls a transformer: attention, and every weight in a MatMul.
     """
     rng = np.random.default_rng(seed)
 

@@ -7,7 +7,7 @@ runs in its own process group with TMPDIR in the test's folder, and the whole gr
 ended on exit (also when the test fails), so nothing is left running or lying in /tmp.
 
 The x86 server is TVM's own ``python -m tvm.exec.rpc_server``; the aarch64 one is the documented
-emulated board, ``python -m dlopt.emulation serve`` (TVM's server loop in-process under
+emulated board, ``python -m dlopt.device.emulation serve`` (TVM's server loop in-process under
 qemu-aarch64: ``tvm.exec.rpc_server`` starts its worker by executing ``sys.executable``, which
 qemu-user cannot do without binfmt_misc).
 """
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from dlopt.emulation import aarch64_python, qemu_cpu_models
-from dlopt.errors import TargetUnavailable
-from dlopt.profiles import resolve_target
-from dlopt.targets.tvm_rpc import RemoteDevice, servers
+from dlopt.device.emulation import aarch64_python, qemu_cpu_models
+from dlopt.core.errors import TargetUnavailable
+from dlopt.core.profiles import resolve_target
+from dlopt.core.remote import RemoteDevice
+from dlopt.targets.tvm.rpc import servers
 
 HOST = "127.0.0.1"
 LOCAL_KEY, QEMU_KEY = "local", "qemu-aarch64"
@@ -46,8 +47,8 @@ class Started:
 
 
 def board_server_command(tracker: str, key: str, port: int, cpu: str | None = None) -> list[str]:
-    """The documented emulated board (docs/device-farm.md): ``python -m dlopt.emulation serve``."""
-    return [sys.executable, "-m", "dlopt.emulation", "serve", "--tracker", tracker, "--key", key, "--host", HOST,
+    """The documented emulated board (docs/device-farm.md): ``python -m dlopt.device.emulation serve``."""
+    return [sys.executable, "-m", "dlopt.device.emulation", "serve", "--tracker", tracker, "--key", key, "--host", HOST,
             "--port", str(port), *(["--cpu", cpu] if cpu else [])]
 
 
@@ -125,7 +126,7 @@ def rpc_server(tracker: str, key: str, folder: Path, *, emulated: bool = False, 
                timeout: float = 120.0):
     """An RPC server registered with ``tracker`` under ``key``; yields ``Started`` once it is free.
 
-    ``emulated``: the aarch64 server under qemu-aarch64 (``dlopt.emulation``), emulating
+    ``emulated``: the aarch64 server under qemu-aarch64 (``dlopt.device.emulation``), emulating
     ``cpu`` (qemu's model name; default ``max``, every extension); skips the test with the
     reason when that environment is missing.
     """

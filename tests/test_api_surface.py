@@ -84,7 +84,7 @@ def test_the_standard_logging_silences_progress_too():
     import io
     import logging
 
-    from dlopt.progress import TerminalProgress
+    from dlopt.core.progress import TerminalProgress
 
     def lines(**logger_levels) -> list[str]:
         stream = io.StringIO()  # not a terminal: log lines, as in CI
@@ -102,7 +102,7 @@ def test_the_standard_logging_silences_progress_too():
 
     assert lines() == ["build ort/fp32"]
     assert lines(dlopt=logging.WARNING) == []
-    assert lines(**{"dlopt.progress": logging.ERROR}) == []
+    assert lines(**{"dlopt.core.progress": logging.ERROR}) == []
     # the nearest level set decides; the root logger's WARNING default does not silence
-    assert lines(dlopt=logging.WARNING, **{"dlopt.progress": logging.INFO}) == ["build ort/fp32"]
+    assert lines(dlopt=logging.WARNING, **{"dlopt.core.progress": logging.INFO}) == ["build ort/fp32"]
     assert lines(root=logging.ERROR) == ["build ort/fp32"]

@@ -1,4 +1,4 @@
-"""A fixed, fast subset of the ONNX backend test suite against each dlopt backend (dlopt.backend.*).
+"""A fixed, fast subset of the ONNX backend test suite against each dlopt backend (dlopt.onnx_backend.*).
 
 The whole suite runs in bench/conformance.py (figures in docs/conformance.md); these cases
 cover what dlopt adds on top of the engines: control flow kept intact by the fp32 passes,
@@ -46,7 +46,7 @@ CASES = {
 def _suite(backend: str):
     import onnx.backend.test
 
-    module = importlib.import_module(f"dlopt.backend.{backend}")
+    module = importlib.import_module(f"dlopt.onnx_backend.{backend}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         suite = onnx.backend.test.BackendTest(module, __name__)
@@ -84,7 +84,7 @@ def test_cpu_falls_back_to_openvino_where_onnx_runtime_lacks_a_kernel():
         pytest.skip(f"openvino: {backend_status('openvino')}")
     from onnx import TensorProto, helper
 
-    import dlopt.backend.cpu as cpu
+    import dlopt.onnx_backend.cpu as cpu
 
     graph = helper.make_graph([helper.make_node("Max", ["a", "b"], ["y"])], "g",
                               [helper.make_tensor_value_info(n, TensorProto.INT16, [3]) for n in "ab"],
@@ -102,8 +102,8 @@ def test_cpu_falls_back_to_openvino_where_onnx_runtime_lacks_a_kernel():
 def test_run_node_and_a_clear_error_for_another_device():
     from onnx import helper
 
-    import dlopt.backend.ort as ort_backend
-    from dlopt.errors import ConfigError
+    import dlopt.onnx_backend.ort as ort_backend
+    from dlopt.core.errors import ConfigError
 
     node = helper.make_node("Add", ["a", "b"], ["c"])
     a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(3, np.float32)

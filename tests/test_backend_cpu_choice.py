@@ -1,4 +1,4 @@
-"""Which engine ``dlopt.backend.cpu`` keeps for a model (issue 28, item 3): the first whose
+"""Which engine ``dlopt.onnx_backend.cpu`` keeps for a model (issue 28, item 3): the first whose
 outputs match the ONNX reference implementation's, so that ``cpu`` passes wherever a raw
 engine does (docs/conformance.md compares them case by case).
 
@@ -59,7 +59,7 @@ def _run_case(case, backend):
     ("test_cast_FLOAT8E4M3FN_to_FLOAT", "ort", {}),
 ])
 def test_cpu_keeps_the_engine_that_matches_the_reference(node_cases, name, engine, reason):
-    import dlopt.backend.cpu as cpu
+    import dlopt.onnx_backend.cpu as cpu
 
     chosen, reasons = _run_case(node_cases[name], cpu)
     assert chosen == engine
@@ -72,7 +72,7 @@ def test_undefined_cast_is_the_one_exception(node_cases):
     """Float to int4 out of range is undefined in ONNX (Cast: "fixed point: undefined if OOR"):
     OpenVINO wraps 8 to -8, the reference (ml_dtypes) gives 0; no other engine takes int4,
     so OpenVINO's wrap is returned and the in-range values are exact."""
-    import dlopt.backend.cpu as cpu
+    import dlopt.onnx_backend.cpu as cpu
     from onnx.backend.test.runner import _normalize_tensor
 
     case = node_cases["test_cast_FLOAT_to_INT4"]
@@ -93,7 +93,7 @@ def test_undefined_cast_is_the_one_exception(node_cases):
 def test_reference_is_asked_only_about_small_models():
     from onnx_ir import serde
 
-    from dlopt.backend import reference
+    from dlopt.onnx_backend import reference
 
     def model(weights: int) -> onnx.ModelProto:
         w = helper.make_tensor("w", TensorProto.FLOAT, [weights], np.ones(weights, np.float32))

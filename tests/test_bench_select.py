@@ -59,7 +59,7 @@ def test_bench_on_a_cpu_output_says_the_original_is_not_there(ort_output, tmp_pa
 def test_fastest_compares_only_native_timings_and_says_so():
     """A bench through --rpc-tracker times the TVM library on the device and the rest here: the fastest is
     named among the native rows only, and the line says which ran elsewhere."""
-    from dlopt.device_check import fastest
+    from dlopt.device.device_check import fastest
 
     def row(key, ran_as, p50):
         return {"key": key, "verified": True, "ran_as": ran_as,

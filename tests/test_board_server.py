@@ -1,4 +1,4 @@
-"""The documented emulated board (docs/device-farm.md, issue 24 item 5): ``python -m dlopt.emulation
+"""The documented emulated board (docs/device-farm.md, issue 24 item 5): ``python -m dlopt.device.emulation
 serve`` registers a TVM RPC server under qemu-aarch64 with a tracker, prints one ready line, serves
 ``dlopt compile``/``dlopt bench --rpc-tracker`` and stops on Ctrl-C with nothing left running."""
 
@@ -16,8 +16,9 @@ import pytest
 
 import models
 from cli import dlopt
-from dlopt.emulation import aarch64_python
-from dlopt.targets.tvm_rpc import RemoteDevice, servers
+from dlopt.device.emulation import aarch64_python
+from dlopt.core.remote import RemoteDevice
+from dlopt.targets.tvm.rpc import servers
 from rpc_servers import HOST, board_server_command, free_port, rpc_tracker
 
 EMULATED = aarch64_python()
@@ -101,7 +102,7 @@ def _processes_below(leader: int) -> list[int]:
 
 def test_without_the_emulation_environment_it_says_what_to_run(tmp_path):
     env = {**os.environ, "DLOPT_ARM64_ENV": str(tmp_path / "none")}
-    done = subprocess.run([sys.executable, "-m", "dlopt.emulation", "serve", "--tracker", "127.0.0.1:9", "--key",
+    done = subprocess.run([sys.executable, "-m", "dlopt.device.emulation", "serve", "--tracker", "127.0.0.1:9", "--key",
                            KEY], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.strip().splitlines()
@@ -109,7 +110,7 @@ def test_without_the_emulation_environment_it_says_what_to_run(tmp_path):
 
 
 def test_a_bad_key_is_refused_before_anything_starts(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dlopt.emulation", "serve", "--tracker", "127.0.0.1:9", "--key",
+    done = subprocess.run([sys.executable, "-m", "dlopt.device.emulation", "serve", "--tracker", "127.0.0.1:9", "--key",
                            "rpi 5"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

@@ -1,9 +1,9 @@
-"""The C backend's static memory planner (dlopt.targets.c_memory)."""
+"""The C backend's static memory planner (dlopt.targets.c.memory)."""
 
 import numpy as np
 import pytest
 
-from dlopt.targets.c_memory import ALIGN, Buffer, _arena, _place, check, lower_bound, plan
+from dlopt.targets.c.memory import ALIGN, Buffer, _arena, _place, check, lower_bound, plan
 
 
 def test_a_chain_needs_two_buffers_at_a_time():

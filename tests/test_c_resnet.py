@@ -19,12 +19,12 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dlopt.errors import ModelError
-from dlopt.profiles import resolve_target
+from dlopt.core.errors import ModelError
+from dlopt.core.profiles import resolve_target
 from dlopt.targets import get_backend
-from dlopt.targets.c_codegen import generate, prepare
-from dlopt.targets.c_kernels import HEADER, SOURCE
-from dlopt.targets.c_verify import HostSession, cross_tools, qemu_tools
+from dlopt.targets.c.codegen import generate, prepare
+from dlopt.targets.c.kernels import HEADER, SOURCE
+from dlopt.targets.c.verify import HostSession, cross_tools, qemu_tools
 from cli import dlopt as run_cli
 from helpers import run_ort, run_session
 

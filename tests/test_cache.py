@@ -11,7 +11,7 @@ import pytest
 from cli import dlopt as dlopt_cli
 
 import dlopt
-from dlopt.cache import ArtifactCache
+from dlopt.flow.cache import ArtifactCache
 
 
 def _compile(tmp_path, name, cache_root, monkeypatch):
@@ -169,7 +169,7 @@ def test_group_writable_cache_is_ignored_not_used_nor_deleted(tmp_path, monkeypa
     assert built == (tmp_path / "a" / "model.onnx").read_bytes() and built != poisoned
     assert (entry / "model.onnx").read_bytes() == poisoned  # not ours to delete
     assert stat.S_IMODE(folder.stat().st_mode) == 0o775
-    warned = [r.getMessage() for r in caplog.records if r.name == "dlopt.cache" and r.levelname == "WARNING"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "dlopt.flow.cache" and r.levelname == "WARNING"]
     assert len([w for w in warned if str(folder) in w]) == 1, warned
     assert "writable by group or others (mode 775)" in warned[0]
 
@@ -206,10 +206,11 @@ def test_cache_key_covers_dlopt_own_source():
 
     import dlopt
     from dlopt import calibration, passes, targets
-    from dlopt.cache import code_fingerprint
+    from dlopt.flow.cache import code_fingerprint
 
     digest = hashlib.sha256()
     for package in (dlopt, passes, targets, calibration):
-        for source in sorted(Path(package.__file__).parent.glob("*.py")):
-            digest.update(source.name.encode() + source.read_bytes())
+        folder = Path(package.__file__).parent
+        for source in sorted(folder.rglob("*.py")):  # the sub-packages too
+            digest.update(source.relative_to(folder).as_posix().encode() + source.read_bytes())
     assert code_fingerprint() == digest.hexdigest()

@@ -120,7 +120,7 @@ def test_streamed_ranges_equal_one_shot_minmax_and_histograms_see_every_batch(tm
 
 
 def test_no_batches_is_a_data_error_and_unknown_method_too(tmp_path):
-    from dlopt.errors import DataError
+    from dlopt.core.errors import DataError
 
     path = tmp_path / "model.onnx"
     onnx.save(large_activation_model(channels=4, size=16, layers=1), path)
@@ -136,8 +136,8 @@ from pathlib import Path
 import numpy as np, onnx, onnx_ir as ir
 import onnxruntime.quantization.calibrate
 from dlopt.passes.quantize_static import QuantizeStaticPass
-from dlopt.ranges import compute_ranges
-from dlopt.sensitivity import layer_errors
+from dlopt.flow.ranges import compute_ranges
+from dlopt.flow.sensitivity import layer_errors
 
 proto = onnx.load(sys.argv[1])
 rng = np.random.default_rng(1)
@@ -173,7 +173,7 @@ def test_sensitivity_ranking_holds_one_sample_of_activations_not_a_batch(tmp_pat
 _KEPT_OUTPUTS_CHILD = """
 import json, sys
 import numpy as np, onnxruntime as ort
-from dlopt.candidates import owned
+from dlopt.flow.candidates import owned
 
 def rss_mb():
     with open("/proc/self/status") as f:

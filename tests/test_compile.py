@@ -18,7 +18,7 @@ import dlopt as api
 
 # The ONNX Runtime target alone, so the ORT-specific results below do not depend on which
 # backend happens to be fastest on the machine running the tests.
-# Tests that assert which candidate ships time fewer runs than dlopt.timing.MIN_RUNS: no timing
+# Tests that assert which candidate ships time fewer runs than dlopt.measure.timing.MIN_RUNS: no timing
 # difference then counts as significant, so the choice follows the precision and backend order and never
 # the noise of a shared machine (with 20 runs, a noisy CI run once shipped the original back).  The
 # policy itself is tested on frozen timings in test_selection.py.
@@ -246,9 +246,9 @@ def _sigmoid_head(op: str = "Sigmoid") -> onnx.ModelProto:
 
 
 def test_fp32_rule_passes_reassociation_noise_on_a_near_zero_map_and_names_itself_when_it_refuses():
-    from dlopt.candidates import judge
-    from dlopt.evaluate import FP32_TOLERANCE, compare, fp32_check
-    from dlopt.precisions import Status
+    from dlopt.flow.candidates import judge
+    from dlopt.measure.evaluate import FP32_TOLERANCE, compare, fp32_check
+    from dlopt.core.precisions import Status
 
     feed = {"x": np.random.default_rng(6).standard_normal((1, 4, 32, 32)).astype(np.float32)}
     (reference,) = run_ort(_sigmoid_head(), feed)
@@ -277,7 +277,7 @@ def test_fp32_rule_passes_reassociation_noise_on_a_near_zero_map_and_names_itsel
 def test_over_budget_message_names_the_rule_that_refused_each_near_candidate(tmp_path):
     from types import SimpleNamespace
 
-    from dlopt.select import over_budget_message
+    from dlopt.flow.select import over_budget_message
 
     def cand(key, drop, reason):
         return SimpleNamespace(key=key, score={"drop_pp": drop}, reason=reason)
@@ -324,7 +324,7 @@ def test_when_no_optimised_candidate_meets_the_budget_the_original_ships(tmp_pat
     by a metric only the original's exact outputs pass, ships ort/original with exit 0 and says why."""
     import onnxruntime as ort
 
-    from dlopt.targets.ort import cpu_session_options
+    from dlopt.core.ort_sessions import cpu_session_options
 
     model = models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
     x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)

@@ -13,7 +13,7 @@ onnx = pytest.importorskip("onnx")
 
 from click.testing import CliRunner  # noqa: E402
 
-from dlopt.cli import main  # noqa: E402
+from dlopt.cli.app import main  # noqa: E402
 
 ACCURACY_LINE = re.compile(
     r"top-1 accuracy on (\d+) held-out digits: original ([\d.]+)%, optimised ([\d.]+)%")

@@ -18,8 +18,8 @@ import models
 from cli import dlopt
 
 import dlopt as api
-from dlopt.device_check import VerifyData
-from dlopt.emulation import aarch64_python
+from dlopt.device.device_check import VerifyData
+from dlopt.device.emulation import aarch64_python
 
 AWAY = ('[targets.away]\nbase = "cpu"\nbackends = ["ort", "openvino", "tvm"]\n'
         'cpu_flags = ["dlopt-test-not-this-cpu"]\n')
@@ -123,7 +123,7 @@ def test_bench_writes_the_device_report_and_a_recompile_replaces_it(rpi5, tmp_pa
 
 
 def test_select_moves_the_fastest_verified_candidate_to_the_top(tmp_path):
-    from dlopt.device import select
+    from dlopt.workflows.verify import select
 
     toml = tmp_path / "away.toml"
     toml.write_text(AWAY)

@@ -1,4 +1,4 @@
-"""dlopt.emulation on a real qemu-aarch64: what a missing environment says, a script on the
+"""dlopt.device.emulation on a real qemu-aarch64: what a missing environment says, a script on the
 emulated aarch64, and the rpi5 TVM library run there against ONNX Runtime on this host."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlopt.emulation import ARM64_ENV_VAR, EmulatedPython, aarch64_python, arm64_env_root, run_emulated
-from dlopt.errors import TargetUnavailable
+from dlopt.device.emulation import ARM64_ENV_VAR, EmulatedPython, aarch64_python, arm64_env_root, run_emulated
+from dlopt.core.errors import TargetUnavailable
 
 EMULATED = aarch64_python()
 needs_arm64 = pytest.mark.skipif(isinstance(EMULATED, str), reason=str(EMULATED))
@@ -109,9 +109,9 @@ def test_rpi5_tvm_library_on_an_emulated_cortex_a76_matches_onnxruntime(tmp_path
     from helpers import max_rel_error, run_ort
 
     from dlopt.passes import generic_passes
-    from dlopt.pipeline import run_pipeline
-    from dlopt.profiles import resolve_target
-    from dlopt.targets import tvm as backend
+    from dlopt.core.pipeline import run_pipeline
+    from dlopt.core.profiles import resolve_target
+    from dlopt.targets.tvm import backend
 
     proto = models.conv_bn_relu(channels=8, size=16)
     # As `dlopt compile` lowers it: generic passes (BN folded into the conv), then TVM's own.

@@ -1,4 +1,4 @@
-"""dlopt.energy: the power-model estimate to the watt, labels, and real sensors where this machine has them."""
+"""dlopt.measure.energy: the power-model estimate to the watt, labels, and real sensors where this machine has them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from dlopt.energy import MIN_WINDOW_S, EnergyMeter, estimate, sensor_status
-from dlopt.profiles import resolve_target
+from dlopt.measure.energy import MIN_WINDOW_S, EnergyMeter, estimate, sensor_status
+from dlopt.core.profiles import resolve_target
 
 SENSORS = sensor_status()
 CPU_SENSOR = SENSORS["RAPL"]["readable"] or SENSORS["INA3221"]["readable"]

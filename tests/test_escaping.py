@@ -13,7 +13,7 @@ from onnx import helper
 import models
 
 import dlopt
-from dlopt.report import escape_markdown
+from dlopt.report.data import escape_markdown
 
 INPUT = "<script>alert(1)</script> @everyone `id` | x"
 FILE = "<script>@everyone`m`&.onnx"

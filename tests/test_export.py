@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from dlopt.errors import CompileError, ConfigError, ModelError  # noqa: E402
-from dlopt.exporter import export  # noqa: E402
+from dlopt.core.errors import CompileError, ConfigError, ModelError  # noqa: E402
+from dlopt.compression.exporter import export  # noqa: E402
 
 
 class Tiny(torch.nn.Module):
@@ -152,7 +152,7 @@ def test_dynamic_axes_naming_no_input_or_output_is_a_config_error(tiny, tmp_path
 
 def test_public_name_stays_the_function():
     import dlopt
-    import dlopt.exporter  # noqa: F401 - importing the module must not shadow the function
+    import dlopt.compression.exporter  # noqa: F401 - importing the module must not shadow the function
 
     assert dlopt.export is export
     assert callable(dlopt.export)
@@ -189,13 +189,13 @@ def test_module_that_fails_at_another_batch_in_torch_is_refused(tmp_path):
 
 def test_symbolic_batch_is_checked_at_one_more_sample(tiny, tmp_path, caplog):
     x = torch.randn(3, 1, 8, 8)
-    with caplog.at_level("DEBUG", logger="dlopt.exporter"):
+    with caplog.at_level("DEBUG", logger="dlopt.compression.exporter"):
         path = export(tiny, x, tmp_path / "tiny.onnx", {"x": {0: "batch"}})
     assert path.exists()
     checked = [r.getMessage() for r in caplog.records if "at batch" in r.getMessage()]
     assert len(checked) == 1 and checked[0].startswith("exported outputs match torch at batch 4 too")
     # a static export declares no batch to check
     caplog.clear()
-    with caplog.at_level("DEBUG", logger="dlopt.exporter"):
+    with caplog.at_level("DEBUG", logger="dlopt.compression.exporter"):
         export(BakesBatch(), torch.randn(1, 8), tmp_path / "static.onnx")
     assert not [r for r in caplog.records if "at batch" in r.getMessage()]

@@ -16,9 +16,9 @@ import pytest
 import dlopt
 import models
 from cli import dlopt as run_cli
-from dlopt.model_io import load_ir, save_ir
+from dlopt.core.model_io import load_ir, save_ir
 from dlopt.passes import SimplifyPass
-from dlopt.ranges import compute_ranges
+from dlopt.flow.ranges import compute_ranges
 
 EXTERNAL_DATA_ERRORS = ("external data", "not regular file", "does not exist")
 
@@ -96,7 +96,7 @@ def test_small_external_data_is_read_into_memory(cnn, tmp_path, monkeypatch):
 
 def _lazy_model(path, tmp_path, monkeypatch) -> ir.Model:
     """What load_ir keeps for a model over 1 GiB (the limit lowered here): initializers still in the file."""
-    monkeypatch.setattr("dlopt.model_io.EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr("dlopt.core.model_io.EXTERNAL_DATA_THRESHOLD", 100)
     monkeypatch.chdir(tmp_path / "elsewhere")
     model = load_ir(Path(os.path.relpath(path)))
     assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())

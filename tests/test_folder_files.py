@@ -20,8 +20,8 @@ import models
 from cli import DLOPT
 
 import dlopt as api
-from dlopt.artifacts import contained_path, read_folder_json
-from dlopt.errors import ConfigError, first_line
+from dlopt.core.artifacts import contained_path, read_folder_json
+from dlopt.core.errors import ConfigError, first_line
 
 # A CPU target that is not this machine: nothing is timed, ORT ships at the top, TVM in bundle/.
 AWAY = '[targets.away]\nbase = "cpu"\nbackends = ["ort", "tvm"]\ncpu_flags = ["dlopt-test-not-this-cpu"]\n'

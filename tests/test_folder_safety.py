@@ -27,9 +27,9 @@ import models
 from cli import dlopt
 
 import dlopt as api
-from dlopt.artifacts import FILE_HASHES, check_native_files, contained_path
-from dlopt.device_check import VERIFY_READ_MAX, VerifyFileError, read_arrays
-from dlopt.errors import ConfigError
+from dlopt.core.artifacts import FILE_HASHES, check_native_files, contained_path
+from dlopt.device.device_check import VERIFY_READ_MAX, VerifyFileError, read_arrays
+from dlopt.core.errors import ConfigError
 
 AWAY = ('[targets.away]\nbase = "cpu"\nbackends = ["ort", "tvm"]\n'
         'cpu_flags = ["dlopt-test-not-this-cpu"]\n')
@@ -103,7 +103,7 @@ def tree(folder: Path) -> dict:
 # -- item 6: one check for every path an output folder names ---------------------------------------
 
 def test_contained_path_and_its_standalone_twin_agree(tmp_path):
-    from dlopt import device_check
+    from dlopt.device import device_check
 
     folder = tmp_path / "out"
     (folder / "bundle" / "tvm-fp32").mkdir(parents=True)
@@ -129,7 +129,7 @@ def test_contained_path_and_its_standalone_twin_agree(tmp_path):
 
 
 def test_select_refuses_a_bundle_path_outside_the_output_and_moves_nothing(out, tmp_path):
-    from dlopt.device import select
+    from dlopt.workflows.verify import select
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -158,7 +158,7 @@ def test_select_refuses_a_bundle_path_outside_the_output_and_moves_nothing(out, 
 
 
 def test_select_carries_the_hashes_so_the_moved_library_still_loads(out):
-    from dlopt.device import select
+    from dlopt.workflows.verify import select
 
     hashes = json.loads((out / "manifest.json").read_text())[FILE_HASHES]
     select(out, "tvm/fp32")
@@ -322,7 +322,7 @@ def test_a_huge_timing_shape_is_refused_before_anything_runs(out):
 # -- item 15: thread counts in the files run_candidates.py reads -----------------------------------
 
 def test_run_candidates_clamps_thread_counts_from_the_folder(out):
-    from dlopt.device_check import cores, open_plain
+    from dlopt.device.device_check import cores, open_plain
 
     options = json.loads((out / "session_options.json").read_text())
     options.update(intra_op_num_threads=400, inter_op_num_threads=3000, execution_mode="ORT_PARALLEL")

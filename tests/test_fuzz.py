@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import models
 
 import dlopt
-from dlopt.errors import DloptError
+from dlopt.core.errors import DloptError
 
 MODEL = models.conv_bn_relu(channels=4, size=8).SerializeToString()
 _buffer = io.BytesIO()

@@ -1,4 +1,4 @@
-"""dlopt.gate and `dlopt gate`: each threshold at its boundary, baselines, skips, config and exit codes."""
+"""dlopt.report.gate and `dlopt gate`: each threshold at its boundary, baselines, skips, config and exit codes."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import models
-from dlopt.errors import ConfigError, GateFailed
-from dlopt.gate import Thresholds, check, enforce, load_report, load_thresholds, to_junit, to_markdown
+from dlopt.core.errors import ConfigError, GateFailed
+from dlopt.report.gate import Thresholds, check, enforce, load_report, load_thresholds, to_junit, to_markdown
 
-# The command is not registered in dlopt.cli yet: register it on the real group (its error mapping
+# The command is not registered in dlopt.cli.app yet: register it on the real group (its error mapping
 # and exit codes) the way `main.add_command(gate)` will.
-GATE = "from dlopt.cli import main; from dlopt.gate_cli import gate; main.add_command(gate); main()"
+GATE = "from dlopt.cli.app import main; from dlopt.cli.gate import gate; main.add_command(gate); main()"
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_markdown_comment(real):
     results = check(edited(real, size=3_000_000), Thresholds(max_accuracy_drop=1, max_size_mb=2))
     text = to_markdown(results, real)
     assert text.startswith(f"### dlopt gate ❌ failed: model for cpu, chosen {real['chosen']}\n")  # no code spans:
-    # report strings are escaped as Markdown text (dlopt.report.escape_markdown), which a code span would show raw
+    # report strings are escaped as Markdown text (dlopt.report.data.escape_markdown), which a code span would show raw
     assert f"| size | 3 MB | 2 MB | ❌ failed | {real['chosen']} artefact 3000000 bytes |" in text
     assert "| accuracy-drop | 0 pp | 1 pp | ✅ passed |" in text
 
@@ -275,17 +275,17 @@ def test_cli_bad_input_exits_2(real, tmp_path, args, message):
 def test_help_has_an_example():
     from click.testing import CliRunner
 
-    from dlopt.gate_cli import gate
+    from dlopt.cli.gate import gate
 
     result = CliRunner().invoke(gate, ["--help"])
     assert result.exit_code == 0 and "Example" in result.output and "dlopt gate" in result.output
 
 
 def test_gate_cli_imports_only_click():
-    probe = ("import sys; import dlopt.gate_cli; "
-             "print(','.join(m for m in ('dlopt.gate', 'tabulate', 'onnx', 'json', 'tomllib') if m in sys.modules))")
+    probe = ("import sys; import dlopt.cli.gate; "
+             "print(','.join(m for m in ('dlopt.report.gate', 'tabulate', 'onnx', 'json', 'tomllib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
-    assert "dlopt.gate" not in out and "tabulate" not in out and "onnx" not in out
+    assert "dlopt.report.gate" not in out and "tabulate" not in out and "onnx" not in out
 
 
 def test_compile_gate_in_one_step(tmp_path):

@@ -192,8 +192,8 @@ def test_a_fifo_given_as_the_report_is_refused_without_blocking(tmp_path):
 
 
 def test_api_refuses_huge_python_integers(real):
-    from dlopt.errors import ConfigError
-    from dlopt.gate import Thresholds, check
+    from dlopt.core.errors import ConfigError
+    from dlopt.report.gate import Thresholds, check
 
     data = copy.deepcopy(real)
     _chosen(data)["measurement"]["size_bytes"] = 10 ** 5000

@@ -75,7 +75,7 @@ def test_targets_file_with_a_string_for_a_list(tmp_path):
 ])
 def test_api_wrong_types_are_config_errors(tmp_path, options, message):
     import dlopt
-    from dlopt.errors import ConfigError
+    from dlopt.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         dlopt.compile(models.conv_bn_relu(channels=4, size=8), out=tmp_path / "o", **options)
@@ -85,7 +85,7 @@ def test_api_wrong_types_are_config_errors(tmp_path, options, message):
 
 def test_api_model_of_the_wrong_kind(tmp_path):
     import dlopt
-    from dlopt.errors import ModelError
+    from dlopt.core.errors import ModelError
 
     with pytest.raises(ModelError, match="model must be an .onnx path, serialised ONNX bytes or an onnx.ModelProto, "
                                          "got int"):
@@ -109,9 +109,9 @@ def test_api_accepts_bytes_a_dict_of_inputs_and_progress_true(tmp_path, capsys):
 # --- NaN never passes verification --------------------------------------------------------------
 
 def test_all_nan_outputs_fail_verification():
-    from dlopt.candidates import judge
-    from dlopt.evaluate import compare
-    from dlopt.precisions import Status
+    from dlopt.flow.candidates import judge
+    from dlopt.measure.evaluate import compare
+    from dlopt.core.precisions import Status
 
     reference = [[np.array([[1.0, 2.0, 3.0]], np.float32)], [np.array([[0.5, 0.1, 0.2]], np.float32)]]
     nan = [[np.full((1, 3), np.nan, np.float32)], [np.full((1, 3), np.nan, np.float32)]]
@@ -124,7 +124,7 @@ def test_all_nan_outputs_fail_verification():
 
 
 def test_inf_where_the_reference_is_finite_and_matching_inf_is_fine():
-    from dlopt.evaluate import compare
+    from dlopt.measure.evaluate import compare
 
     reference = [[np.array([1.0, np.inf], np.float32)]]
     assert compare(reference, [[np.array([1.0, np.inf], np.float32)]]).non_finite is None

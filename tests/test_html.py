@@ -1,4 +1,4 @@
-"""dlopt.html: a self-contained page with every candidate, the plot, escaped text; and how it looks in Chromium."""
+"""dlopt.report.html: a self-contained page with every candidate, the plot, escaped text; and how it looks in Chromium."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import models
-from dlopt.html import plot_points, render_html
-from dlopt.plot import Point, draw_plot, overlap, place_labels
-from dlopt.report import Report
+from dlopt.report.html import plot_points, render_html
+from dlopt.report.plot import Point, draw_plot, overlap, place_labels
+from dlopt.report.data import Report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -1,10 +1,10 @@
-"""Random inputs that real models can run (dlopt.inputs)."""
+"""Random inputs that real models can run (dlopt.core.inputs)."""
 
 import numpy as np
 from onnx import TensorProto, helper
 
-from dlopt.evaluate import input_specs
-from dlopt.inputs import RandomInputs, index_limits
+from dlopt.core.specs import input_specs
+from dlopt.core.inputs import RandomInputs, index_limits
 
 
 def bert_like(vocab=30, types=2, hidden=8, seq="seq"):

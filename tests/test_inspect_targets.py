@@ -82,8 +82,8 @@ def test_inspect_target_asks_the_backend_after_the_generic_passes(tmp_path):
 
 
 def test_backend_support_leaves_the_proto_unchanged():
-    from dlopt.profiles import resolve_target
-    from dlopt.summary import backend_support
+    from dlopt.core.profiles import resolve_target
+    from dlopt.report.summary import backend_support
 
     proto = models.conv_bn_relu(channels=8)
     before = proto.SerializeToString()

@@ -134,7 +134,7 @@ def _wait_holding(tmp, proc, timeout=240):
 
 def test_sigterm_while_native_code_holds_the_main_thread_exits_after_the_grace_period(tmp_path):
     """Before: the handler waited for the C call (a minute here, unbounded in general)."""
-    from dlopt.progress import GRACE_S
+    from dlopt.core.progress import GRACE_S
 
     proc = _metric_compile(tmp_path, "hold")
     _wait_holding(tmp_path, proc)
@@ -150,7 +150,7 @@ def test_sigterm_while_native_code_holds_the_main_thread_exits_after_the_grace_p
 
 
 def test_a_second_signal_exits_at_once(tmp_path):
-    from dlopt.progress import GRACE_S
+    from dlopt.core.progress import GRACE_S
 
     proc = _metric_compile(tmp_path, "hold")
     _wait_holding(tmp_path, proc)

@@ -16,9 +16,9 @@ yaml = pytest.importorskip("yaml", reason="reading the manifest back needs PyYAM
 jsonschema = pytest.importorskip("jsonschema", reason="checking the manifest needs jsonschema")
 
 import dlopt  # noqa: E402
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.package_cli import package  # noqa: E402
-from dlopt.triton import read_config  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.cli.package import package  # noqa: E402
+from dlopt.deploy.triton import read_config  # noqa: E402
 
 TARGETS = """
 [targets.ship]

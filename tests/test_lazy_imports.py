@@ -8,7 +8,7 @@ HEAVY = ["torch", "tvm", "openvino", "tensorrt", "onnxruntime", "onnx", "onnxscr
 
 
 def test_cli_import_loads_no_heavy_module():
-    probe = "import sys, dlopt, dlopt.cli; print(','.join(m for m in %r if m in sys.modules))" % HEAVY
+    probe = "import sys, dlopt, dlopt.cli.app; print(','.join(m for m in %r if m in sys.modules))" % HEAVY
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
 
@@ -16,7 +16,7 @@ def test_cli_import_loads_no_heavy_module():
 def test_help_of_every_verb_has_an_example():
     from click.testing import CliRunner
 
-    from dlopt.cli import main
+    from dlopt.cli.app import main
 
     runner = CliRunner()
     verbs = sorted(main.commands)

@@ -13,7 +13,7 @@ from cli import dlopt
 from helpers import max_rel_error, run_ort
 
 import dlopt as api
-from dlopt.errors import ConfigError, DataError, TargetUnavailable
+from dlopt.core.errors import ConfigError, DataError, TargetUnavailable
 
 # A target like this CPU that "is not this machine" (a CPU flag no host has): nothing is timed, so
 # the backend order decides what ships at the top level and every other candidate ships in bundle/.
@@ -165,7 +165,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(outs, tmp_path, ca
 def test_run_help_explains_with_an_example():
     from click.testing import CliRunner
 
-    from dlopt.cli import main
+    from dlopt.cli.app import main
 
     result = CliRunner().invoke(main, ["run", "--help"])
     assert result.exit_code == 0

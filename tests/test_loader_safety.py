@@ -20,7 +20,7 @@ import models
 from cli import dlopt
 
 import dlopt as api
-from dlopt.errors import ConfigError
+from dlopt.core.errors import ConfigError
 
 AWAY = '[targets.away]\nbase = "cpu"\nbackends = ["ort", "openvino", "tvm"]\ncpu_flags = ["dlopt-test-not-this-cpu"]\n'
 MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from dlopt.budget import Scorer, find_mask_input, per_sample_cosine
-from dlopt.errors import ConfigError
-from dlopt.evaluate import InputSpec
+from dlopt.measure.budget import Scorer, find_mask_input, per_sample_cosine
+from dlopt.core.errors import ConfigError
+from dlopt.core.specs import InputSpec
 from tests.cli import dlopt
 from tests.masked import padded_tokens, token_encoder
 

@@ -1,4 +1,4 @@
-"""The budget's metric follows the outputs (dlopt.budget), and real-shaped models compile without --eval."""
+"""The budget's metric follows the outputs (dlopt.measure.budget), and real-shaped models compile without --eval."""
 
 import json
 
@@ -7,8 +7,8 @@ import pytest
 
 import models
 from cli import dlopt
-from dlopt.budget import Scorer, per_sample_cosine
-from dlopt.errors import ConfigError
+from dlopt.measure.budget import Scorer, per_sample_cosine
+from dlopt.core.errors import ConfigError
 from test_inputs import bert_like
 
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 prom_parser = pytest.importorskip("prometheus_client.parser",
                                   reason="metrics export needs prometheus-client (pip install 'dlopt[prometheus]')")
 
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.gate_cli import gate  # noqa: E402
-from dlopt.package_cli import package  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.cli.gate import gate  # noqa: E402
+from dlopt.cli.package import package  # noqa: E402
 
 
 @pytest.fixture(scope="module")

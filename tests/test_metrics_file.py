@@ -14,8 +14,8 @@ pytest.importorskip("prometheus_client", reason="metrics export needs prometheus
 
 from cli import dlopt  # noqa: E402
 
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.package_cli import package  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.cli.package import package  # noqa: E402
 
 
 def test_the_cli_rewrites_its_own_file(ort_output, tmp_path):

@@ -71,7 +71,7 @@ def test_report_names_the_float_nodes(fallback):
 def test_search_time_zero_keeps_best_found_and_fails_clearly(tmp_path):
     rng = np.random.default_rng(2)
     np.savez(tmp_path / "eval.npz", x=rng.standard_normal((64, 16)).astype(np.float32))
-    with pytest.raises(dlopt.errors.AccuracyBudgetExceeded) as info:
+    with pytest.raises(dlopt.core.errors.AccuracyBudgetExceeded) as info:
         dlopt.compile(models.outlier_mlp(), out=tmp_path / "out", precision="int8", inputs=tmp_path / "eval.npz",
                       runs=3, max_accuracy_drop=0.5, search_time=0)
     assert "closest: ort/int8" in str(info.value)

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 import dlopt
 import models
 from cli import dlopt as run_cli
-from dlopt.errors import ModelError
+from dlopt.core.errors import ModelError
 
 
 def _graph_model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""One way to name an operator (dlopt.graph_facts.op_label): op histograms, pass records and backends'
+"""One way to name an operator (dlopt.core.graph_facts.op_label): op histograms, pass records and backends'
 unsupported-op lists all say ``Relu`` for the default domain and ``my.ops.Frob`` for any other."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from dlopt.graph_facts import op_label
-from dlopt.pipeline import op_histogram
-from dlopt.summary import summarize
-from dlopt.targets import c, ort, tensorrt
+from dlopt.core.graph_facts import op_label
+from dlopt.core.pipeline import op_histogram
+from dlopt.report.summary import summarize
+from dlopt.targets.c import backend as c
+from dlopt.targets import ort, tensorrt
 
 
 def _custom() -> onnx.ModelProto:

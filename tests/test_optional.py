@@ -1,4 +1,4 @@
-"""dlopt.optional.require: every optional-dependency guard names the extra to install, in one line.
+"""dlopt.core.optional.require: every optional-dependency guard names the extra to install, in one line.
 
 A missing package is made real for the test by ``sys.modules[name] = None``, which Python's import
 system (and ``importlib.util.find_spec``) treats as not installed."""
@@ -10,10 +10,12 @@ import sys
 
 import pytest
 
-from dlopt import distillation, metrics_export, pruning, sweep, tracking, triton
-from dlopt.errors import TargetUnavailable
-from dlopt.optional import require
-from dlopt.publish_options import PublishOptions
+from dlopt.compression import distillation, pruning
+from dlopt.deploy import metrics_export, tracking, triton
+from dlopt.workflows import sweep
+from dlopt.core.errors import TargetUnavailable
+from dlopt.core.optional import require
+from dlopt.deploy.options import PublishOptions
 
 
 def test_an_installed_module_is_returned_or_found():

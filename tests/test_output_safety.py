@@ -170,7 +170,7 @@ def test_api_default_output_name_stays_in_the_working_folder(tmp_path, monkeypat
 
 @pytest.mark.parametrize("graph_name", ["", "..", "/etc/passwd", "a\nb"])
 def test_plain_name(graph_name):
-    from dlopt.config import plain_name
+    from dlopt.core.config import plain_name
 
     name = plain_name(f"{graph_name}-cpu")
     assert name and "/" not in name and "\n" not in name and not name.startswith(".")

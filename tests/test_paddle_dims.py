@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 import dlopt
-from dlopt.model_io import negative_dim_names, with_named_dims
+from dlopt.core.model_io import negative_dim_names, with_named_dims
 from tests import models
 from tests.cli import dlopt as run_cli
 

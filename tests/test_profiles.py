@@ -9,8 +9,8 @@ import pytest
 import models
 from cli import dlopt
 
-from dlopt.errors import ConfigError
-from dlopt.profiles import PRESETS, load_user_profiles, resolve_target
+from dlopt.core.errors import ConfigError
+from dlopt.core.profiles import PRESETS, load_user_profiles, resolve_target
 
 
 def test_presets_carry_their_facts():

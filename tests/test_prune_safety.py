@@ -21,8 +21,8 @@ pytest.importorskip("torch_pruning", reason="structured pruning needs torch-prun
 nn = torch.nn
 
 import dlopt  # noqa: E402
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.pruning import load_module  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.compression.pruning import load_module  # noqa: E402
 
 
 class Net(nn.Module):
@@ -299,7 +299,7 @@ def test_names_torch_turns_into_code_are_refused(saved, edit, refusal):
 
 
 def test_shape_expressions_save_module_writes_are_accepted():
-    from dlopt.pt2_check import _plain_expr
+    from dlopt.compression.pt2_check import _plain_expr
 
     for expr in ["Symbol('s77', positive=True, integer=True)", "2*s77 + 1", "FloorDiv(s77, 2)", "Max(1, s0)"]:
         assert _plain_expr(expr), expr
@@ -336,7 +336,7 @@ class ShapeArithmetic(nn.Module):
 @pytest.mark.parametrize(("cls", "constants"), [(WithConstants, 3), (ShapeArithmetic, 0)])
 def test_what_save_module_writes_still_loads(tmp_path, cls, constants):
     model = _net(cls=cls)
-    folder = dlopt.pruning.save_module(model, torch.randn(1, 4), tmp_path / "saved")
+    folder = dlopt.compression.pruning.save_module(model, torch.randn(1, 4), tmp_path / "saved")
     assert sum(n.split("/")[-1].startswith("tensor_") for n, _ in _entries(folder)) == constants
     loaded = load_module(folder)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
@@ -464,7 +464,7 @@ def test_tied_embedding_and_head_stay_tied_and_whole(tmp_path):
     with torch.no_grad():
         assert tuple(pruned(ids).shape) == (2, 5, 24)
     # saved and rebuilt into a fresh instance: still one weight, still the same function
-    rebuilt = load_module(dlopt.pruning.save_module(pruned, ids, tmp_path / "lm"), into=_net(seed=5, cls=TiedLM))
+    rebuilt = load_module(dlopt.compression.pruning.save_module(pruned, ids, tmp_path / "lm"), into=_net(seed=5, cls=TiedLM))
     assert rebuilt.head.weight is rebuilt.embed.weight and sum(p.numel() for p in rebuilt.parameters()) == 928
     with torch.no_grad():
         assert torch.allclose(rebuilt(ids), pruned(ids))

@@ -12,9 +12,9 @@ pytest.importorskip("torch_pruning", reason="structured pruning needs torch-prun
 nn = torch.nn
 
 import dlopt  # noqa: E402
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.distillation import kd_loss  # noqa: E402
-from dlopt.pruning import load_module  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.compression.distillation import kd_loss  # noqa: E402
+from dlopt.compression.pruning import load_module  # noqa: E402
 
 
 class Block(nn.Module):

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from cli import dlopt
 
-from dlopt.errors import ConfigError, DloptError, TargetUnavailable
-from dlopt.package_cli import package
-from dlopt.publish_options import Deadline, within
+from dlopt.core.errors import ConfigError, DloptError, TargetUnavailable
+from dlopt.cli.package import package
+from dlopt.deploy.options import Deadline, within
 
 LIMIT = 3.0  # --publish-timeout in these tests
 SLACK = 4.0  # what the bounded step may take beyond it on a loaded machine (in-process)

@@ -21,8 +21,8 @@ import models
 from helpers import run_ort
 
 import dlopt
-from dlopt.profiles import resolve_target
-from dlopt.readme import TVM_FFI_VERSION, render_readme
+from dlopt.core.profiles import resolve_target
+from dlopt.report.readme import TVM_FFI_VERSION, render_readme
 from dlopt.targets import backend_status, tensorrt
 
 HOSTILE = "x|<script>alert(1)</script>```@all"

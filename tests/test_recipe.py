@@ -1,4 +1,4 @@
-"""The INT8 recipe follows what the graph contains (dlopt.recipe), and the plan follows the recipe."""
+"""The INT8 recipe follows what the graph contains (dlopt.flow.recipe), and the plan follows the recipe."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import onnx_ir as ir
 
 import models
 
-from dlopt import recipe
-from dlopt.config import CompileConfig
-from dlopt.driver import plan
-from dlopt.profiles import resolve_target
+from dlopt.flow import recipe
+from dlopt.core.config import CompileConfig
+from dlopt.flow.driver import plan
+from dlopt.core.profiles import resolve_target
 
 
 def _ir(proto) -> ir.Model:

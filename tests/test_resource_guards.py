@@ -19,10 +19,10 @@ import onnx_ir.passes.common
 import models
 from cli import dlopt as run_cli
 from dlopt.calibration.npz import NpzDataset
-from dlopt.errors import DataError
-from dlopt.evaluate import input_specs
+from dlopt.core.errors import DataError
+from dlopt.core.specs import input_specs
 from dlopt.passes import FoldConstantsPass, SimplifyPass, generic_passes
-from dlopt.pipeline import run_pipeline
+from dlopt.core.pipeline import run_pipeline
 from helpers import assert_same_outputs, to_proto
 
 

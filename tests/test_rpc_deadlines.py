@@ -12,8 +12,8 @@ import pytest
 
 import models
 from cli import dlopt
-from dlopt.errors import TargetUnavailable
-from dlopt.targets.tvm_rpc import FRAME_CAP, PACKET_CAP, TALK_TIMEOUT_S
+from dlopt.core.errors import TargetUnavailable
+from dlopt.targets.tvm.rpc import FRAME_CAP, PACKET_CAP, TALK_TIMEOUT_S
 from rpc_servers import HOSTILE, TRACKER_ONLY, hostile, local_rpc_server, rpc_tracker_address  # noqa: F401
 
 TVM_HERE = '[targets.tvm-here]\nbase = "cpu"\nbackends = ["tvm"]\nprecisions = ["fp32"]\n'

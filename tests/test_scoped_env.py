@@ -1,4 +1,4 @@
-"""dlopt.scoped_env.environ: the one scoped os.environ change (TVM's fallback, NNCF's import, MLflow's file store)."""
+"""dlopt.core.scoped_env.environ: the one scoped os.environ change (TVM's fallback, NNCF's import, MLflow's file store)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from dlopt.scoped_env import environ
-from dlopt.tracking import file_store_allowed
+from dlopt.core.scoped_env import environ
+from dlopt.deploy.tracking import file_store_allowed
 
 
 def test_values_hold_for_the_block_and_are_put_back_even_on_an_error(monkeypatch):

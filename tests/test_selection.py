@@ -1,8 +1,8 @@
-"""The choice policy (dlopt.select) on constructed timings: the rule, not the machine."""
+"""The choice policy (dlopt.flow.select) on constructed timings: the rule, not the machine."""
 
-from dlopt.precisions import Status
-from dlopt.select import MIN_GAIN, ORIGINAL, Entry, choose, speed_words
-from dlopt.timing import MIN_RUNS, Timing
+from dlopt.core.precisions import Status
+from dlopt.flow.select import MIN_GAIN, ORIGINAL, Entry, choose, speed_words
+from dlopt.measure.timing import MIN_RUNS, Timing
 
 BACKENDS = ("ort", "openvino", "tvm")
 
@@ -85,7 +85,7 @@ def test_min_gain_is_five_percent():
 
 
 def _speedup_ci(candidate, original):
-    """The interval the summary prints (dlopt.publish): original's bounds over the candidate's."""
+    """The interval the summary prints (dlopt.flow.write): original's bounds over the candidate's."""
     return original.ci_low_ms / candidate.ci_high_ms, original.ci_high_ms / candidate.ci_low_ms
 
 

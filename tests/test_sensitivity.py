@@ -13,8 +13,8 @@ import models
 from helpers import run_ort
 
 from dlopt.passes.quantize_static import QuantizeStaticPass
-from dlopt.ranges import compute_ranges
-from dlopt.sensitivity import NodeSensitivity, layer_errors, rank
+from dlopt.flow.ranges import compute_ranges
+from dlopt.flow.sensitivity import NodeSensitivity, layer_errors, rank
 
 
 def _feeds(seed: int, n: int = 4, rows: int = 8):

@@ -1,4 +1,4 @@
-"""One session's speed is not another's: a Runner is timed through several sessions, and its interval spans them.
+"""One session's speed is not another's: a BaseRunner is timed through several sessions, and its interval spans them.
 
 The runners here differ between sessions on purpose: one sleeps 0.5 ms a run in odd sessions and 2 ms in
 even ones (a session's speed is bimodal: thread placement, arena alignment), one sleeps 1 ms in every session.
@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 
-from dlopt.timing import SESSIONS, Runner, median_interval, significantly_faster, time_interleaved
+from dlopt.measure.timing import SESSIONS, BaseRunner, median_interval, significantly_faster, time_interleaved
 
 FAST_S, SLOW_S, STEADY_S = 0.0005, 0.002, 0.001
 
 
-class Sleeper(Runner):
+class Sleeper(BaseRunner):
     """Sleeps ``odd_s`` a run in its 1st, 3rd, 5th… session and ``even_s`` in the others; counts its opens."""
 
     def __init__(self, name: str, odd_s: float, even_s: float, open_s: float = 0.0) -> None:
@@ -66,7 +66,7 @@ def test_one_session_would_have_called_the_alternating_runner_faster():
 def test_the_interval_of_per_session_medians_is_their_range_with_five_sessions():
     rng = np.random.default_rng(0)
     sessions = [rng.normal(mu, 0.01, 40) for mu in (1.0, 1.0, 1.6, 1.0, 1.0)]
-    from dlopt.timing import session_interval
+    from dlopt.measure.timing import session_interval
 
     low, high = session_interval(sessions)
     medians = [np.median(s) for s in sessions]

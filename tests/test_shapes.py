@@ -1,11 +1,11 @@
-"""Declared timing shapes (dlopt.shapes): batch, --shape, eval data, and refusals."""
+"""Declared timing shapes (dlopt.core.shapes): batch, --shape, eval data, and refusals."""
 
 import numpy as np
 import pytest
 
-from dlopt.errors import ConfigError
-from dlopt.evaluate import InputSpec
-from dlopt.shapes import declared_shapes, describe, feed_at, parse_shape
+from dlopt.core.errors import ConfigError
+from dlopt.core.specs import InputSpec
+from dlopt.core.shapes import declared_shapes, describe, feed_at, parse_shape
 
 IMG = InputSpec("x", np.dtype("float32"), ("N", 3, "H", "W"))
 TOKENS = InputSpec("ids", np.dtype("int64"), ("batch", "seq"))
@@ -102,7 +102,7 @@ def test_feed_at_repeats_or_cuts_evaluation_samples_to_the_batch():
 
 def test_without_a_dim_name_the_batch_axis_is_the_first_dim_that_is_not_fixed():
     """silero-vad's export names no dim: input [?, ?], state [2, ?, 128], sr []: state's batch is axis 1."""
-    from dlopt.layout import batch_axes
+    from dlopt.core.layout import batch_axes
 
     specs = [InputSpec("input", np.dtype("float32"), (None, None)),
              InputSpec("state", np.dtype("float32"), (2, None, 128)),

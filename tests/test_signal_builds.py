@@ -25,7 +25,7 @@ TRIES = int(os.environ.get("DLOPT_SIGNAL_TRIES", "3"))  # 3 keeps make test shor
 # The signal lands this many seconds after the staging folder appears, spread over each kind's build:
 # on a loaded 2-core machine the OpenVINO build ran 1.4-3.8 s after it, NNCF's int8 1-9 s, TVM's 1-8.6 s.
 WINDOWS = {"openvino": (0.2, 3.5), "nncf": (0.5, 8.5), "tvm": (0.5, 8.5)}
-# dlopt.progress.GRACE_S, the unwinding, and a loaded machine
+# dlopt.core.progress.GRACE_S, the unwinding, and a loaded machine
 EXIT_WITHIN_S = 30.0
 TARGETS = '[targets.ov]\nbase = "cpu"\nbackends = ["openvino"]\n[targets.tv]\nbase = "cpu"\nbackends = ["tvm"]\n'
 # kind: (arguments, the candidate folder, whether the build runs once that folder exists (OpenVINO's

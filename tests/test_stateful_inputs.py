@@ -9,8 +9,8 @@ import pytest
 
 import dlopt
 from dlopt.calibration import open_dataset
-from dlopt.errors import ConfigError, DataError
-from dlopt.evaluate import input_specs
+from dlopt.core.errors import ConfigError, DataError
+from dlopt.core.specs import input_specs
 from tests.cli import dlopt as run_cli
 from tests.stateful import stateful_vad
 
@@ -95,7 +95,7 @@ def test_random_inputs_name_const_for_a_scalar_that_picks_a_failing_branch(vad, 
 
 def test_const_errors_are_one_line(vad):
     _, path, _, _ = vad
-    from dlopt.inputs import constant_arrays
+    from dlopt.core.inputs import constant_arrays
 
     specs = _specs(path)
     with pytest.raises(ConfigError, match="the model has no input 'rate'"):
@@ -104,6 +104,6 @@ def test_const_errors_are_one_line(vad):
         constant_arrays(specs, {"state": np.zeros((2, 16))})
     assert constant_arrays(specs, {"state": 0.5})["state"].shape == (2, 1, 16)
     with pytest.raises(ConfigError, match="--const takes NAME=NUMBER"):
-        from dlopt.shapes import parse_const
+        from dlopt.core.shapes import parse_const
 
         parse_const("sr=fast")

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 import models
-from dlopt.config import machine_cores
-from dlopt.errors import CompileError, ConfigError
-from dlopt.sweep import load_sweep, run_sweep
-from dlopt.sweep_cli import sweep
+from dlopt.core.config import machine_cores
+from dlopt.core.errors import CompileError, ConfigError
+from dlopt.workflows.sweep import load_sweep, run_sweep
+from dlopt.cli.sweep import sweep
 from masked import token_encoder
 
 TARGETS = """

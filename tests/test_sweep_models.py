@@ -11,9 +11,9 @@ import pytest
 
 import models
 from cli import dlopt
-from dlopt.config import machine_cores
-from dlopt.errors import ConfigError
-from dlopt.sweep import load_sweep
+from dlopt.core.config import machine_cores
+from dlopt.core.errors import ConfigError
+from dlopt.workflows.sweep import load_sweep
 from masked import padded_tokens, token_encoder
 
 TARGETS = '[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n'

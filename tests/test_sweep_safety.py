@@ -11,8 +11,8 @@ import pytest
 
 import models
 from cli import DLOPT, dlopt
-from dlopt.errors import ConfigError, TargetUnavailable
-from dlopt.sweep import load_sweep, run_sweep
+from dlopt.core.errors import ConfigError, TargetUnavailable
+from dlopt.workflows.sweep import load_sweep, run_sweep
 
 TARGETS = '[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n'
 SWEEP = """

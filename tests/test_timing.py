@@ -1,11 +1,11 @@
-"""Interleaved timing and the interval of the median (dlopt.timing)."""
+"""Interleaved timing and the interval of the median (dlopt.measure.timing)."""
 
 import time
 
 import numpy as np
 import pytest
 
-from dlopt.timing import LocalRunner, Runner, median_interval, significantly_faster, time_interleaved
+from dlopt.measure.timing import BaseRunner, LocalRunner, median_interval, significantly_faster, time_interleaved
 
 
 def test_median_interval_brackets_the_median_and_narrows_with_more_runs():
@@ -48,7 +48,7 @@ def test_slow_sets_get_fewer_runs_within_the_time_budget():
 def test_runner_lifecycle():
     opened = []
 
-    class Probe(Runner):
+    class Probe(BaseRunner):
         def _open(self):
             opened.append(self.name)
 
@@ -69,7 +69,7 @@ def test_runner_lifecycle():
 
 
 def test_too_few_runs_never_separate():
-    from dlopt.timing import Timing
+    from dlopt.measure.timing import Timing
 
     fast = Timing(1.0, 1.0, 1.0, 1.0, 0.99, 1.01, 0.0, 5, 1, 1)
     slow = Timing(2.0, 2.0, 2.0, 2.0, 1.99, 2.01, 0.0, 5, 1, 1)

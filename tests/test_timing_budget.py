@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from cli import dlopt as run_cli
 
 import dlopt
-from dlopt.errors import ConfigError
-from dlopt.timing import MIN_RUNS, Timing
+from dlopt.core.errors import ConfigError
+from dlopt.measure.timing import MIN_RUNS, Timing
 
 
 def _targets(folder, backends) -> str:
@@ -43,7 +43,7 @@ def _two_convs(channels: int, size: int) -> onnx.ModelProto:
 def test_a_candidate_far_slower_than_the_original_is_spot_checked_and_never_timed(tmp_path):
     # untuned TVM runs two 32-channel 112x112 convs about 20x slower than ONNX Runtime on x86 (measured
     # on a loaded 2-core AVX2 machine: 541 ms against 28 ms), far past the 3x line and the 20 ms floor
-    from dlopt.candidates import SLOW_CHECK_FEEDS, SLOW_FACTOR
+    from dlopt.flow.candidates import SLOW_CHECK_FEEDS, SLOW_FACTOR
 
     model = models.save(_two_convs(32, 112), tmp_path / "convs.onnx")
     seen: dict[str, list[tuple[int, int]]] = {}
@@ -111,8 +111,8 @@ def test_help_documents_the_timing_budget():
 def test_random_verdicts_on_classifiers_use_enough_samples_that_one_disagreement_is_a_tenth_of_the_budget(tmp_path):
     """Without --eval a classifier is scored by top-1 agreement: 20 samples made one disagreement cost 5 points
     against a 1-point budget; now 100 / (budget / 10) samples, batched 32 to a feed along a symbolic batch."""
-    from dlopt.config import CompileConfig
-    from dlopt.driver import prepare
+    from dlopt.core.config import CompileConfig
+    from dlopt.flow.driver import prepare
 
     model = models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
     for budget, samples in ((1.0, 1000), (2.0, 500), (0.05, 2000)):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dlopt.errors import ConfigError
-from dlopt.gate import load_thresholds
-from dlopt.profiles import load_user_profiles
-from dlopt.sweep import load_sweep
+from dlopt.core.errors import ConfigError
+from dlopt.report.gate import load_thresholds
+from dlopt.core.profiles import load_user_profiles
+from dlopt.workflows.sweep import load_sweep
 
 
 @pytest.mark.parametrize("read, what", [(load_thresholds, "gate thresholds from"),

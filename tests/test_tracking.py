@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 pytest.importorskip("mlflow", reason="MLflow tracking needs mlflow (pip install 'dlopt[mlflow]')")
 
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.gate_cli import gate  # noqa: E402
-from dlopt.package_cli import package  # noqa: E402
-from dlopt.tracking import git_commit, log_run  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.cli.gate import gate  # noqa: E402
+from dlopt.cli.package import package  # noqa: E402
+from dlopt.deploy.tracking import git_commit, log_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_default_store_is_the_sqlite_one_mlflow_reads(compiled, plain_cwd):
 def test_default_store_without_sqlalchemy_is_refused_first(compiled, plain_cwd):
     """Without sqlalchemy/alembic (mlflow-skinny alone) the default SQLite store cannot open: one line
     naming the install, before anything is done."""
-    from dlopt.errors import TargetUnavailable
+    from dlopt.core.errors import TargetUnavailable
 
     out, _ = compiled
     prom = plain_cwd / "m.prom"

@@ -17,9 +17,9 @@ import models
 pytest.importorskip("tritonclient", reason="Triton packaging needs tritonclient (pip install 'dlopt[triton]')")
 
 import dlopt  # noqa: E402
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.package_cli import package  # noqa: E402
-from dlopt.triton import model_config_pb2, read_config, write_repository  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.cli.package import package  # noqa: E402
+from dlopt.deploy.triton import model_config_pb2, read_config, write_repository  # noqa: E402
 
 TARGETS = """
 [targets.ship]

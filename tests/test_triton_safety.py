@@ -16,8 +16,8 @@ import models
 pytest.importorskip("tritonclient", reason="Triton packaging needs tritonclient (pip install 'dlopt[triton]')")
 
 import dlopt  # noqa: E402
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.triton import MARKER, write_repository  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.deploy.triton import MARKER, write_repository  # noqa: E402
 
 ROUNDS = 10
 
@@ -122,9 +122,9 @@ def test_link_inside_a_version_is_refused(out, tmp_path):
 
 def test_lock_held_by_another_run_is_waited_for_then_named(out, tmp_path):
     """A lock held longer than the wait: OutputBusy naming the holder, nothing written."""
-    from dlopt.artifacts import output_lock
-    from dlopt.errors import OutputBusy
-    from dlopt.triton import lock_model
+    from dlopt.core.artifacts import output_lock
+    from dlopt.core.errors import OutputBusy
+    from dlopt.deploy.triton import lock_model
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -136,9 +136,9 @@ def test_lock_held_by_another_run_is_waited_for_then_named(out, tmp_path):
 
 
 def test_swap_only_when_the_folder_is_still_as_read(out, tmp_path):
-    """The "still ours" check before the swap (as publish() has): a file the user drops into the model
+    """The "still ours" check before the swap (as move_into_place() has): a file the user drops into the model
     folder between reading it and the swap stops the swap; nothing is replaced."""
-    from dlopt.triton import _snapshot, _swap
+    from dlopt.deploy.triton import _snapshot, _swap
 
     repo = tmp_path / "repo"
     write_repository(out, repo, name="cnn", version=1)
@@ -269,7 +269,7 @@ def test_the_copy_itself_follows_no_link_and_waits_on_no_fifo(tmp_path):
     a FIFO is refused at once (never waited on), and a plain file keeps its bytes and mode."""
     import time
 
-    from dlopt.triton import _copy_plain, _plain_file
+    from dlopt.deploy.triton import _copy_plain, _plain_file
 
     (tmp_path / "secret").write_text("key\n")
     (tmp_path / "link").symlink_to(tmp_path / "secret")

@@ -22,8 +22,8 @@ torch = pytest.importorskip("torch")
 
 from helpers import run_ort  # noqa: E402
 
-from dlopt.profiles import resolve_target  # noqa: E402
-from dlopt.targets import tvm as backend  # noqa: E402
+from dlopt.core.profiles import resolve_target  # noqa: E402
+from dlopt.targets.tvm import backend  # noqa: E402
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 SEQ, VOCAB = 16, 50

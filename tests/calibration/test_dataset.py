@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from dlopt.calibration import CalibrationDataset
 from dlopt.calibration.dataset import expected, fixed_batch
-from dlopt.errors import DataError
-from dlopt.evaluate import InputSpec
+from dlopt.core.errors import DataError
+from dlopt.core.specs import InputSpec
 
 F32 = np.dtype(np.float32)
 

@@ -5,8 +5,8 @@ import pytest
 
 from dlopt.calibration import ImagePreprocess, NpzDataset, StreamDataset, open_dataset
 from dlopt.calibration.images import ImageFolderDataset
-from dlopt.errors import ConfigError, DataError
-from dlopt.evaluate import InputSpec
+from dlopt.core.errors import ConfigError, DataError
+from dlopt.core.specs import InputSpec
 
 SPECS = [InputSpec("x", np.dtype(np.float32), ("N", 3, 2, 2))]
 

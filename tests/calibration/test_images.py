@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dlopt.calibration import ImagePreprocess, open_dataset
-from dlopt.errors import ConfigError, DataError
-from dlopt.evaluate import InputSpec
+from dlopt.core.errors import ConfigError, DataError
+from dlopt.core.specs import InputSpec
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -5,7 +5,7 @@ import gc
 import numpy as np
 
 from dlopt.calibration import NpzDataset, PeakRSS
-from dlopt.evaluate import InputSpec
+from dlopt.core.specs import InputSpec
 
 MB = 1 << 20
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from dlopt.calibration import NpzDataset, open_dataset
-from dlopt.errors import DataError
-from dlopt.evaluate import InputSpec
+from dlopt.core.errors import DataError
+from dlopt.core.specs import InputSpec
 
 F32 = np.dtype(np.float32)
 SPECS = [InputSpec("x", F32, ("N", 3, 4)), InputSpec("ids", np.dtype(np.int64), ("N", 2))]

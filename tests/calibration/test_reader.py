@@ -11,7 +11,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 
 from dlopt.calibration import open_dataset
-from dlopt.evaluate import input_specs
+from dlopt.core.specs import input_specs
 
 
 def _conv_model(seed=0) -> onnx.ModelProto:
@@ -30,7 +30,7 @@ def _conv_model(seed=0) -> onnx.ModelProto:
 
 
 def _run(model_path, x):
-    from dlopt.targets.ort import cpu_session_options
+    from dlopt.core.ort_sessions import cpu_session_options
 
     options = cpu_session_options()  # exact int8 kernels on x86 CPUs without VNNI
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dlopt.calibration import StreamDataset, open_dataset
-from dlopt.errors import ConfigError, DataError
-from dlopt.evaluate import InputSpec
+from dlopt.core.errors import ConfigError, DataError
+from dlopt.core.specs import InputSpec
 
 F32 = np.dtype(np.float32)
 ONE = [InputSpec("x", F32, ("N", 2))]

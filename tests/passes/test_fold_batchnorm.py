@@ -169,7 +169,7 @@ def test_conv_feeding_two_batchnorms_is_copied_so_both_fold():
 
 def test_generic_pipeline_folds_every_batchnorm_of_the_shared_params_model():
     from dlopt.passes import generic_passes
-    from dlopt.pipeline import run_pipeline
+    from dlopt.core.pipeline import run_pipeline
 
     proto = shared_params_model()
     model = ir.serde.deserialize_model(proto)

@@ -8,7 +8,7 @@ import pytest
 from helpers import assert_same_outputs, op_counts
 
 from dlopt.passes import FoldConstantsPass, generic_passes
-from dlopt.pipeline import run_pipeline
+from dlopt.core.pipeline import run_pipeline
 from dlopt.targets import ort
 
 torch = pytest.importorskip("torch", reason="torch is needed to export a real module")

@@ -8,7 +8,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import models
 
-from dlopt.errors import CompileError
+from dlopt.core.errors import CompileError
 from dlopt.passes._ort_quant import quantise_to_proto
 
 

@@ -14,7 +14,7 @@ from cli import dlopt
 from helpers import random_feed, run_ort
 
 from dlopt.passes import MagnitudePrunePass, generic_passes
-from dlopt.pipeline import run_pipeline
+from dlopt.core.pipeline import run_pipeline
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

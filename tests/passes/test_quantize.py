@@ -14,7 +14,7 @@ from dlopt.passes import FoldBatchNormPass
 from dlopt.passes.fp16 import ConvertFloat16Pass
 from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
 from dlopt.passes.quantize_static import QuantizeStaticPass
-from dlopt.ranges import compute_ranges
+from dlopt.flow.ranges import compute_ranges
 
 
 def _conv_model() -> ir.Model:
@@ -205,7 +205,7 @@ def test_histogram_calibration_with_nothing_to_calibrate_is_a_compile_error_and_
     Since the recipe calls a graph attention only when a Softmax feeds a MatMul, auto gives it
     min-max ranges, which need nothing of the kind."""
     import dlopt
-    from dlopt.errors import CompileError
+    from dlopt.core.errors import CompileError
 
     feeds = [{"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}]
     with pytest.raises(CompileError, match="percentile calibration found no Conv, MatMul tensors to calibrate"):
@@ -277,7 +277,7 @@ def test_static_int8_that_quantises_nothing_says_so_instead_of_shipping_float_as
     naming that, instead of an 'ok' int8 with 0 DequantizeLinear."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from dlopt.errors import CompileError
+    from dlopt.core.errors import CompileError
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [],

@@ -17,10 +17,10 @@ pytest.importorskip("nncf", reason="nncf is not installed (pip install dlopt[nnc
 
 from helpers import run_ort, to_proto  # noqa: E402
 
-from dlopt.errors import CompileError, DataError  # noqa: E402
+from dlopt.core.errors import CompileError, DataError  # noqa: E402
 from dlopt.passes import generic_passes  # noqa: E402
 from dlopt.passes.quantize_nncf import QuantizeNncfPass, available  # noqa: E402
-from dlopt.pipeline import run_pipeline  # noqa: E402
+from dlopt.core.pipeline import run_pipeline  # noqa: E402
 
 
 def _model(nodes, x_shape, y_shape, inits, opset: int = 17) -> onnx.ModelProto:

@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import max_rel_error, op_counts, run_ort, to_proto
 
-from dlopt.errors import CompileError, ConfigError, DataError
+from dlopt.core.errors import CompileError, ConfigError, DataError
 from dlopt.passes.quantize_static import QuantizeStaticPass
 from dlopt.passes.smooth_quant import SmoothQuantPass
-from dlopt.ranges import compute_ranges
+from dlopt.flow.ranges import compute_ranges
 
 D, S = 64, 16
 HOT = [5, 37]  # LayerNorm channels with outliers, like BERT's

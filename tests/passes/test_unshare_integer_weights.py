@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dlopt.passes import generic_passes
 from dlopt.passes.unshare_integer_weights import UnshareIntegerWeightsPass
-from dlopt.pipeline import run_pipeline
+from dlopt.core.pipeline import run_pipeline
 
 H, I, T = 16, 8, 5
 

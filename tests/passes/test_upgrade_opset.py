@@ -61,7 +61,7 @@ def test_opset_11_model_quantises_per_channel_after_conversion(tmp_path):
 
 
 def test_quantiser_falls_back_to_per_tensor_below_opset_13(tmp_path):
-    from dlopt.ranges import compute_ranges
+    from dlopt.flow.ranges import compute_ranges
 
     old = conv_gemm(11)
     rng = np.random.default_rng(1)

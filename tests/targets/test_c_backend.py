@@ -10,11 +10,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dlopt
-from dlopt.errors import CompileError, ModelError
-from dlopt.profiles import resolve_target
+from dlopt.core.errors import CompileError, ModelError
+from dlopt.core.profiles import resolve_target
 from dlopt.targets import get_backend
-from dlopt.targets.c_codegen import quantize_multiplier
-from dlopt.targets.c_verify import ALLOWED_UNDEFINED, cross_tools, qemu_tools
+from dlopt.targets.c.codegen import quantize_multiplier
+from dlopt.targets.c.verify import ALLOWED_UNDEFINED, cross_tools, qemu_tools
 from helpers import run_ort, run_session
 
 C = get_backend("c")

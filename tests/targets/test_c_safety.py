@@ -22,10 +22,10 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dlopt.errors import ModelError
-from dlopt.profiles import resolve_target
+from dlopt.core.errors import ModelError
+from dlopt.core.profiles import resolve_target
 from dlopt.targets import get_backend
-from dlopt.targets.c_verify import cross_tools
+from dlopt.targets.c.verify import cross_tools
 from helpers import run_ort, run_session
 
 C = get_backend("c")
@@ -192,12 +192,12 @@ def test_a_cross_toolchain_without_newlib_keeps_the_host_verified_c(tmp_path, mo
     assert subprocess.run([shutil.which("gcc"), "-shared", "-fPIC", str(probe), "-o", str(tmp_path / "p.so")],
                           capture_output=True).returncode == 0  # and the host compiler unaffected
     proto = _clip_models(0.0, 6.0)["conv+clip"]
-    with caplog.at_level("WARNING", logger="dlopt.targets.c"):
+    with caplog.at_level("WARNING", logger="dlopt.targets.c.backend"):
         artifact = _compile(proto, tmp_path / "c")
     reason = artifact.settings["figures_unavailable"]
     assert "libnewlib-arm-none-eabi" in reason and "string.h" in reason and "\n" not in reason
     assert "figures" not in artifact.settings and "qemu" not in artifact.settings
-    assert [r.getMessage() for r in caplog.records if r.name == "dlopt.targets.c"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "dlopt.targets.c.backend"] == [
         f"no Cortex-M sizes or qemu check: {reason}"]
     x = np.random.default_rng(2).standard_normal((1, 1, 4, 4)).astype(np.float32)
     (got,) = _run_c(artifact, [{"x": x}])

@@ -17,8 +17,8 @@ import models
 from cli import dlopt
 from helpers import random_feed, run_ort
 
-from dlopt.errors import ConfigError
-from dlopt.profiles import resolve_target
+from dlopt.core.errors import ConfigError
+from dlopt.core.profiles import resolve_target
 from dlopt.targets import ort, tensorrt
 
 

@@ -15,8 +15,8 @@ pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino 
 import models  # noqa: E402
 from helpers import max_rel_error, run_ort  # noqa: E402
 
-from dlopt.errors import CompileError  # noqa: E402
-from dlopt.profiles import host_arch, resolve_target  # noqa: E402
+from dlopt.core.errors import CompileError  # noqa: E402
+from dlopt.core.profiles import host_arch, resolve_target  # noqa: E402
 from dlopt.targets import openvino as ov_backend  # noqa: E402
 
 CPU = resolve_target("cpu")
@@ -103,7 +103,7 @@ def test_without_the_explicit_hint_openvino_would_run_fp32_ir_in_bf16(built):
 def test_int8_and_mixed_from_qdq_match_onnxruntime_and_report_what_ran(tmp_path):
     from dlopt.passes import FoldBatchNormPass
     from dlopt.passes.quantize_static import QuantizeStaticPass
-    from dlopt.ranges import compute_ranges
+    from dlopt.flow.ranges import compute_ranges
 
     model = FoldBatchNormPass()(_conv_model()).model
     ranges = tmp_path / "calibration.json"

@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 
 import models
-from dlopt.profiles import resolve_target
+from dlopt.core.profiles import resolve_target
 from dlopt.targets import BACKEND_MODULES, get_backend
 from dlopt.targets.base import Artifact, Backend
 from helpers import max_rel_error, random_feed, run_ort
@@ -85,7 +85,7 @@ def test_dlopt_sessions_and_shipped_settings_run_int8_exactly(tmp_path):
     """On an AVX2 EPYC, ORT's default kernels gave 1,048,544 for 2,072,640 here; with the settings dlopt ships
     (session.x64quantprecision) every session it opens, and the device script's, is exact.  (On CPUs with
     VNNI both are exact: this guards the machines without it.)"""
-    from dlopt.device_check import open_plain
+    from dlopt.device.device_check import open_plain
     from dlopt.targets.ort import OrtSession, session_settings
 
     model, w = _saturating_matmul()

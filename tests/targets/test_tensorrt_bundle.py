@@ -15,8 +15,8 @@ from onnx import helper
 import models
 from cli import dlopt
 
-from dlopt.errors import ModelError
-from dlopt.profiles import resolve_target
+from dlopt.core.errors import ModelError
+from dlopt.core.profiles import resolve_target
 from dlopt.targets import tensorrt
 
 

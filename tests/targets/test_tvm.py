@@ -22,10 +22,10 @@ import models  # noqa: E402
 from cli import dlopt  # noqa: E402
 from helpers import max_rel_error, random_feed, run_ort  # noqa: E402
 
-from dlopt.errors import CompileError, DataError, TargetUnavailable  # noqa: E402
-from dlopt.profiles import resolve_target  # noqa: E402
+from dlopt.core.errors import CompileError, DataError, TargetUnavailable  # noqa: E402
+from dlopt.core.profiles import resolve_target  # noqa: E402
 from dlopt.targets import Artifact  # noqa: E402
-from dlopt.targets import tvm as backend  # noqa: E402
+from dlopt.targets.tvm import backend  # noqa: E402
 
 EM_AARCH64, ET_DYN = 183, 3
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
@@ -175,7 +175,7 @@ def test_tvm_native_warnings_stay_off_the_terminal(tmp_path):
     assert "BlockBuilder" not in quiet.stderr and "Warning" not in quiet.stderr, quiet.stderr
     debug = dlopt("-vv", *args, "-o", "debug", cwd=tmp_path)  # kept, at debug level
     assert debug.returncode == 0, debug.stderr
-    assert re.search(r"DEBUG dlopt\.targets\.tvm: TVM wrote while building for tvm-cpu:\n.*"
+    assert re.search(r"DEBUG dlopt\.targets\.tvm\.backend: TVM wrote while building for tvm-cpu:\n.*"
                      r"BlockBuilder destroyed with remaining blocks!", debug.stderr), debug.stderr[-3000:]
 
 
@@ -258,7 +258,7 @@ def test_dlopt_compile_verifies_the_tvm_candidate(tmp_path, monkeypatch):
     import dlopt
     from dlopt import targets
 
-    monkeypatch.setitem(targets.BACKEND_MODULES, "tvm", "dlopt.targets.tvm")
+    monkeypatch.setitem(targets.BACKEND_MODULES, "tvm", "dlopt.targets.tvm.backend")
     report = dlopt.compile(models.conv_bn_relu(), target="cpu", out=tmp_path / "o", precision="fp32", runs=5)
     (tvm,) = [c for c in report.candidates if c.backend == "tvm" and c.precision == "fp32"]
     assert tvm.status == "ok", tvm.reason

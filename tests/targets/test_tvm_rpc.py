@@ -1,4 +1,4 @@
-"""dlopt.targets.tvm_rpc on a real TVM RPC tracker and servers on loopback: an x86 server, an aarch64
+"""dlopt.targets.tvm.rpc on a real TVM RPC tracker and servers on loopback: an x86 server, an aarch64
 one under qemu-aarch64, and MetaSchedule's RPC runner measuring on the remote server."""
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from helpers import max_rel_error, run_ort  # noqa: E402
 from rpc_servers import (HOST, free_port, local_rpc_server, qemu_rpc_server,  # noqa: E402,F401
                          rpc_tracker_address)
 
-from dlopt.errors import ConfigError, DataError, TargetUnavailable  # noqa: E402
-from dlopt.profiles import resolve_target  # noqa: E402
-from dlopt.targets import tvm as backend  # noqa: E402
-from dlopt.targets.tvm_rpc import RemoteDevice, connect, ms_runner, remote_session, servers  # noqa: E402
-from dlopt.timing import Timing, time_interleaved  # noqa: E402
+from dlopt.core.errors import ConfigError, DataError, TargetUnavailable  # noqa: E402
+from dlopt.core.profiles import resolve_target  # noqa: E402
+from dlopt.targets.tvm import backend  # noqa: E402
+from dlopt.core.remote import RemoteDevice  # noqa: E402
+from dlopt.targets.tvm.rpc import connect, ms_runner, remote_session, servers  # noqa: E402
+from dlopt.measure.timing import Timing, time_interleaved  # noqa: E402
 
 MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")
 CROSS = "aarch64-linux-gnu-gcc"
@@ -134,7 +135,7 @@ def test_remote_run_equals_the_local_session_and_times_on_the_device(local_rpc_s
             assert got.shape == want.shape == (batch, 10)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         feed = {"x": _x(1, 2)}
-        timing = remote.time(feed, runs=40, warmup=3)
+        timing = Timing.from_device(remote.time_ms(feed, runs=40, warmup=3), warmup=3, threads=remote.threads)
         assert isinstance(timing, Timing)
         assert (timing.runs, timing.warmup, timing.threads) == (40, 3, 1)
         assert 0 < timing.p50_ms <= timing.p90_ms <= timing.p99_ms
@@ -150,7 +151,7 @@ def test_remote_run_equals_the_local_session_and_times_on_the_device(local_rpc_s
                                             r"for \[1, 3, 16, 16\]$"):
             remote.run({"x": np.zeros((1, 3, 8, 8), np.float32)})
         with pytest.raises(DataError, match=r"^missing input 'x'; the library takes x$"):
-            remote.time({}, runs=5, warmup=0)
+            remote.time_ms({}, runs=5, warmup=0)
         with pytest.raises(TargetUnavailable, match=rf"^all 1 RPC server\(s\) with key 'local' at "
                                                     rf"{HOST}:\d+ stayed busy for 1 s; try again later or add devices$"):
             connect(local_rpc_server.device, timeout=1)  # this session holds the only one
@@ -172,7 +173,7 @@ def test_a_session_dropped_without_close_frees_the_server(local_rpc_server, libr
     try:
         remote = remote_session(local_rpc_server.device, artifact.entry_path, artifact.settings, timeout=30)
         remote.run({"x": _x(2, seed=3)})
-        remote.time({"x": _x(1, seed=3)}, runs=3, warmup=1)
+        remote.time_ms({"x": _x(1, seed=3)}, runs=3, warmup=1)
         del remote
         _wait_free(local_rpc_server.device)
     finally:
@@ -211,7 +212,7 @@ def test_rpi5_library_runs_on_the_emulated_aarch64_server_like_onnxruntime(qemu_
         (want,) = run_ort(MODEL, {"x": x})
         assert got.shape == (4, 10)
         assert max_rel_error(want, got) <= 1e-4
-        timing = remote.time({"x": x[:1]}, runs=10, warmup=1)
+        timing = Timing.from_device(remote.time_ms({"x": x[:1]}, runs=10, warmup=1), warmup=1, threads=remote.threads)
         assert timing.runs == 10 and timing.p50_ms > 0
     print(f"\nqemu-aarch64 server: start-up {qemu_rpc_server.startup_s:.1f} s, tiny conv model p50 "
           f"{timing.p50_ms * 1e3:.0f} us emulated, max rel error {max_rel_error(want, got):.1e}")
@@ -279,7 +280,7 @@ def _in_process_builder(folder):
 def test_a_two_trial_metaschedule_tune_measures_on_the_remote_server(local_rpc_server, tmp_path):
     import tvm
 
-    from dlopt.targets.tvm_tuning import meta_schedule
+    from dlopt.targets.tvm.tuning import meta_schedule
 
     ms = meta_schedule()
     loads_before = local_rpc_server.log.read_text().count("trial.so")

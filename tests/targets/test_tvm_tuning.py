@@ -22,9 +22,9 @@ pytest.importorskip("psutil", reason="MetaSchedule needs psutil (install dlopt[t
 import models  # noqa: E402
 from helpers import random_feed, run_ort  # noqa: E402
 
-from dlopt.errors import ConfigError  # noqa: E402
-from dlopt.profiles import _host_cpu_flags, resolve_target  # noqa: E402
-from dlopt.targets import tvm_tuning as tt  # noqa: E402
+from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.core.profiles import _host_cpu_flags, resolve_target  # noqa: E402
+from dlopt.targets.tvm import tuning as tt  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -98,7 +98,7 @@ def test_tuned_build_applies_records_and_matches_onnxruntime(tuned):
     import tvm
     from tvm import relax
 
-    from dlopt.targets import tvm as backend
+    from dlopt.targets.tvm import backend
 
     db, result, _ = tuned
     model = tiny()
@@ -128,7 +128,7 @@ def test_second_tune_with_the_same_trials_runs_none(tuned):
 
 def test_another_target_is_another_folder_with_no_records(tuned):
     """MetaSchedule matches records by kernel only (apache/tvm #15549): one folder per target."""
-    from dlopt.targets import tvm as backend
+    from dlopt.targets.tvm import backend
 
     db, _, _ = tuned
     for other in (tt.tuning_target(resolve_target("rpi5"), THREADS), {**db.target, "num-cores": 1}):
@@ -147,8 +147,8 @@ signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import models, onnx_ir as ir
-from dlopt.profiles import resolve_target
-from dlopt.targets import tvm_tuning as tt
+from dlopt.core.profiles import resolve_target
+from dlopt.targets.tvm import tuning as tt
 model = ir.serde.deserialize_model(models.conv_bn_relu(channels=8, size=16))
 profile = resolve_target("cpu")
 db = tt.TuningDatabase(Path({root!r}), tt.model_digest(model), tt.tuning_target(profile, {threads}))
@@ -173,7 +173,7 @@ def test_run_killed_with_sigkill_resumes_from_its_records(tmp_path, caplog):
     kept = (db.path / tt.RECORDS).read_bytes()
     recorded = kept.count(b"\n")
     assert 3 <= recorded < trials
-    with caplog.at_level(logging.INFO, logger="dlopt.targets.tvm_tuning"):
+    with caplog.at_level(logging.INFO, logger="dlopt.targets.tvm.tuning"):
         resumed = tt.tune(tiny(), resolve_target("cpu"), trials=trials, db=db, threads=THREADS)
     assert resumed.trials_in_db == db.record_count() >= trials
     now = (db.path / tt.RECORDS).read_bytes()
@@ -216,7 +216,7 @@ def test_torn_last_line_is_dropped_when_writing_and_skipped_when_reading(tuned, 
     records.write_bytes(whole + whole.splitlines(keepends=True)[-1][:40])  # a line cut by SIGKILL
     assert len(copy.snapshot()) == result.trials_in_db  # read-only: skipped, the file untouched
     assert records.read_bytes() != whole
-    with caplog.at_level(logging.WARNING, logger="dlopt.targets.tvm_tuning"), copy.writing() as database:
+    with caplog.at_level(logging.WARNING, logger="dlopt.targets.tvm.tuning"), copy.writing() as database:
         assert len(database) == result.trials_in_db
     assert records.read_bytes() == whole
     assert "unfinished last line" in caplog.text and "40 bytes" in caplog.text
@@ -274,7 +274,7 @@ def test_time_budget_stops_between_rounds_and_says_so(tuned, tmp_path):
 
 def test_meta_schedule_imports_the_tensor_intrinsics_and_leaves_inspect_as_it_was():
     """A fresh process: ``meta_schedule()`` registers the intrinsics a TuneContext needs (3 s, not 44)."""
-    code = ("import inspect\nfrom dlopt.targets.tvm_tuning import meta_schedule\nstack = inspect.stack\n"
+    code = ("import inspect\nfrom dlopt.targets.tvm.tuning import meta_schedule\nstack = inspect.stack\n"
             "ms = meta_schedule()\nfrom tvm import s_tir\nfrom tvm.s_tir.tensor_intrin import x86\n"
             "assert inspect.stack is stack and ms.TuneContext\n"
             "print(s_tir.TensorIntrin.get(x86.VNNI_DOT_16x4_INTRIN) is not None)\n")

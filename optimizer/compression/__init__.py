@@ -1,0 +1,1 @@
+"""Pruning, distillation, PyTorch export and ``dlopt.compress``."""

@@ -1,0 +1,1 @@
+"""Where a finished output goes next: Triton, KServe, MLflow and Prometheus."""

@@ -1,0 +1,438 @@
+"""Build one (backend, precision) candidate from the float model and judge it.
+
+Every candidate sees the same :class:`Evaluation` (feeds, reference outputs,
+metric, declared timing shape), fixed before the first one is built.  ``build``
+compiles a candidate into its own folder, runs it, compares it with the original
+and scores it against the budget; it does not time it: timing happens once, for
+all finalists together, in the driver's measure stage (``dlopt.measure.timing``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from dlopt.measure.budget import Scorer
+from dlopt.core.config import CompileConfig
+from dlopt.core.errors import DloptError, first_line
+from dlopt.measure.evaluate import Fp32Check, compare, fp32_check, top1_accuracy
+from dlopt.core.pipeline import run_pipeline
+from dlopt.core import precisions
+from dlopt.core.precisions import Status
+from dlopt.core.profiles import TargetProfile
+from dlopt.core.progress import raise_if_interrupted
+from dlopt.report.data import Candidate, Measurement
+from dlopt.measure.timing import LocalRunner, Timing
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The evaluation feeds every model sees, their labels when known, and where they came from."""
+
+    feeds: tuple[Feed, ...]
+    labels: tuple[np.ndarray, ...]
+    source: str
+    axes: dict | None = None  # each input's batch axis (dlopt.core.layout); None: the first
+
+    @property
+    def samples(self) -> int:
+        from dlopt.core.layout import samples_in
+
+        return sum(samples_in(f, self.axes) if f else 0 for f in self.feeds)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What every candidate is measured with; built once, before the first candidate."""
+
+    config: CompileConfig
+    profile: TargetProfile
+    data: EvalData
+    reference: tuple[list[np.ndarray], ...]  # the original's outputs, feed by feed
+    scorer: Scorer
+    shapes: dict[str, tuple[int, ...]]  # the declared timing shape of each input
+    timing_feed: Feed
+    original_ms: float | None  # a quick estimate of the original's latency, to spot hopeless candidates
+    ranges: Path | None = None  # calibration table for int8
+    cache: object | None = None  # dlopt.flow.cache.ArtifactCache, or None to always build
+    calibration: dict | None = None  # what calibration did (dlopt.flow.ranges.RangeStats + source)
+    recipe: object | None = None  # dlopt.flow.recipe.Recipe: how INT8 is made for this graph
+    # calibration batches when a quantiser reads them again (NNCF, SmoothQuant): a re-readable dataset
+    # (streamed again) or a tuple of feeds
+    calib_feeds: object = ()
+    smoothed: object | None = None  # dlopt.core.pipeline.PipelineResult of SmoothQuant: what dlopt's static INT8 starts from
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        raise_if_interrupted()  # after every feed: an interrupt a build swallowed ends the compile here
+        if self.config.progress is not None:
+            self.config.progress(stage, done, total)
+
+    def outputs(self, runner, label: str, limit: int | None = None) -> list:
+        feeds = self.data.feeds[:limit] if limit else self.data.feeds
+        outputs = []
+        for i, feed in enumerate(feeds):
+            outputs.append(owned(runner.run(feed)))
+            self.progress(f"{label}: outputs", i + 1, len(feeds))
+        return outputs
+
+    def accuracy(self, outputs: list) -> float | None:
+        if not self.data.labels or len(outputs) != len(self.data.labels):
+            return None
+        from dlopt.measure.budget import is_classifier_output
+
+        if not outputs or not is_classifier_output(outputs[0][0]):  # labels for a user metric, not classes
+            return None
+        return top1_accuracy((o[0] for o in outputs), self.data.labels)
+
+
+@dataclass(frozen=True)
+class Built:
+    candidate: Candidate
+    artifact: object | None = None
+    outputs: list | None = None
+    model: ir.Model | None = None  # the ONNX model after its passes (what the backend compiled)
+    runner: Callable[[], LocalRunner] | None = None  # opens a runner on it here (timed ones only)
+
+
+def owned(outputs) -> list[np.ndarray]:
+    """Copies of a run's outputs that own their memory.  ONNX Runtime's numpy outputs can live in the
+    session's arena and keep all of it alive (a 640x640 detector at batch 16: about 1 GB per kept ORT
+    candidate, 5.1 GB by the end of a compile); kept outputs must not hold sessions' memory."""
+    return [np.array(o, copy=True) for o in outputs]
+
+
+def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
+    """Who quantises ``precision`` for this backend: NNCF for OpenVINO where it is installed
+    (its placement is what OpenVINO's INT8 kernels expect), ONNX Runtime's tools elsewhere."""
+    if not precisions.get(precision).quantised:
+        return None
+    if precision == "int8-dynamic":
+        return "onnxruntime dynamic"
+    from dlopt.passes import quantize_nncf
+
+    if backend_name == "openvino" and ev.calib_feeds and quantize_nncf.available() is True:
+        return "nncf"
+    return "onnxruntime static"
+
+
+def precision_passes(ev: Evaluation, backend_name: str, precision: str, exclude: tuple[str, ...],
+                     only: tuple[str, ...] = ()) -> list:
+    """The passes that turn the float model into ``precision`` (table, not if-chains at call sites)."""
+    from dlopt.passes.fp16 import ConvertFloat16Pass
+    from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
+    from dlopt.passes.quantize_static import QuantizeStaticPass
+
+    recipe = ev.recipe
+    if quantiser(ev, backend_name, precision) == "nncf":
+        from dlopt.passes.quantize_nncf import QuantizeNncfPass
+
+        return [QuantizeNncfPass(calibration=ev.calib_feeds, transformer=bool(recipe and recipe.transformer),
+                                 exclude_nodes=exclude)]
+
+    def static(**extra) -> list:
+        # OpenVINO's int8 kernels on x86 CPUs without VNNI saturate with 8-bit weights (ONNX Runtime's do too,
+        # but dlopt's sessions switch those to exact kernels: targets.ort.CONFIG_ENTRIES): 7 bits there
+        reduce_range = backend_name == "openvino" and ev.profile.int8_pairs_saturate()
+        return [QuantizeStaticPass(ranges=ev.ranges, exclude_nodes=exclude, op_types=recipe.op_types if recipe else None,
+                                   symmetric_activations=ev.profile.int8_symmetric, reduce_range=reduce_range,
+                                   **extra)]
+
+    table: dict[str, Callable[[], list]] = {
+        "fp32": list,
+        "original": list,  # the input model as it came
+        "fp16": lambda: [ConvertFloat16Pass()],
+        "int8": static,
+        "mixed": lambda: static(only_nodes=only),
+        "int8-dynamic": lambda: [QuantizeDynamicPass()],
+        "bf16": list,  # a runtime setting of the backend, not a graph change
+    }
+    return table[precision]()
+
+
+def build(
+    ev: Evaluation,
+    backend_name: str,
+    precision: str,
+    model: ir.Model,
+    workdir: Path,
+    *,
+    exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+    limit: int | None = None,
+) -> Built:
+    """Compile, run, compare and score one candidate.
+
+    ``limit`` evaluates on the first feeds only (the mixed-precision search's quick
+    trials); such a candidate is scored but never judged or published.
+    """
+    from dlopt.targets import backend_status, get_backend
+
+    raise_if_interrupted()
+    status = backend_status(backend_name, ev.profile)
+    if status is not True:
+        return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status)))
+    backend = get_backend(backend_name)
+    try:
+        unsupported = backend.supports(model)
+    except DloptError as exc:  # a runtime installed but broken is this backend's problem, not the compile's
+        raise_if_interrupted(exc)
+        return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(exc)))
+    if unsupported:
+        return Built(Candidate(backend_name, precision, Status.UNSUPPORTED,
+                               reason=f"unsupported ops: {', '.join(unsupported)}"))
+    try:
+        # A backend that converts a precision itself (OpenVINO compresses weights to fp16) gets the float model.
+        from onnx_ir.passes.common import CheckerPass
+
+        own = precision in backend.own_precisions
+        who = None if own else quantiser(ev, backend_name, precision)
+        before = []
+        if who == "onnxruntime static" and ev.smoothed is not None:  # calibrated on the smoothed model
+            model, before = ev.smoothed.model, list(ev.smoothed.records)
+        passes = [*([] if own else precision_passes(ev, backend_name, precision, exclude, only)),
+                  *backend.lowering_passes(precision), CheckerPass()]
+        result = run_pipeline(model.clone(), passes)
+        artifact = _compile_cached(ev, backend, result.model, workdir, precision)
+    except DloptError as exc:
+        # an interrupt inside a native build can come back as a build error (TVM: a RuntimeError)
+        raise_if_interrupted(exc)
+        return Built(Candidate(backend_name, precision, Status.FAILED, reason=str(exc)))
+    tuned = artifact.settings.get("tuning_db") if isinstance(artifact.settings, dict) else None
+    tuning = ({"database": tuned, "tuned_tasks": artifact.settings.get("tuned_tasks"),
+               "tasks": artifact.settings.get("tasks"), "summary": artifact.settings.get("tuning")} if tuned else None)
+    base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in before + result.records],
+                     artifact_files=list(artifact.files), quantiser=_quantiser_label(who), tuning=tuning,
+                     mcu=mcu_figures(artifact.settings))
+    remote = ev.config.remote if not artifact.loadable_here and artifact.check_onnx is None else None
+    if remote is not None and limit is None:
+        return _on_remote(ev, backend, artifact, base, remote, result.model)
+    if not artifact.loadable_here and artifact.check_onnx is None:
+        return Built(replace(base, measurement=Measurement(None, artifact.size_bytes()),
+                             reason=f"built for {ev.profile.name}; cannot run on this machine, not verified here; "
+                                    f"not yet measured on the device: run `dlopt verify` and `dlopt bench` there"), artifact, model=result.model)
+    if artifact.loadable_here:
+        def factory():
+            return backend.load(artifact)
+    else:  # verify the ONNX the device will build from; the device's own runtime is timed there
+        from dlopt.targets.ort import OrtSession, session_settings
+
+        def factory():
+            return OrtSession(artifact.folder / artifact.check_onnx, session_settings(ev.config.thread_count))
+    slow_ms = None
+    try:
+        with LocalRunner(base.key, factory) as runner:
+            ran_as = runner.ran_as
+            # before any evaluation: a candidate that cannot win is checked on a few feeds, never on all
+            if ev.profile.runs_here() and artifact.loadable_here:
+                slow_ms = _too_slow(ev, runner)
+            label = f"{backend_name} {precision}"
+            outputs = _spot_check(ev, runner, label, limit) if slow_ms else ev.outputs(runner, label, limit)
+    except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
+        raise_if_interrupted(exc)
+        return Built(replace(base, status=Status.FAILED, reason=f"could not run: {first_line(exc)}"))
+    fidelity = compare(ev.reference[: len(outputs)], outputs).to_dict()
+    # a microcontroller build's size is what it takes in flash, not its source files
+    size = (base.mcu or {}).get("flash_bytes") or artifact.size_bytes()
+    measurement = Measurement(None, size, ev.accuracy(outputs))
+    cand = replace(base, ran_as=ran_as, fidelity=fidelity, measurement=measurement, reason=_where(ev, artifact))
+    if slow_ms:  # rejected, so the measure stage never times it
+        reason = (f"too slow to compete: {slow_ms:.1f} ms a run, {slow_ms / ev.original_ms:.0f}x the original's "
+                  f"{ev.original_ms:.2f} ms (a candidate slower than the original never ships); checked on "
+                  f"{len(outputs)} of {len(ev.data.feeds)} feeds only, not timed")
+        return Built(replace(cand, status=Status.REJECTED, reason=reason), artifact, outputs, result.model)
+    if limit is not None:
+        return Built(cand, artifact, outputs, result.model)
+    score = ev.scorer.score(outputs).to_dict()
+    status, reason = judge(precision, fidelity, score, ev.config.max_accuracy_drop,
+                           lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, outputs))
+    cand = replace(cand, score=score, status=status, reason=reason or cand.reason)
+    # a lower precision the budget refused is timed beside the finalists (never chosen: dlopt.flow.select takes
+    # OK ones only), so the report can say how much speed the budget cost
+    missed = status is Status.REJECTED and (reason or "").startswith("accuracy budget:") and \
+        precision in precisions.REGISTRY and precisions.rank(precision) > precisions.rank("fp32")
+    timed = ev.profile.runs_here() and artifact.loadable_here and (status is Status.OK or missed)
+    return Built(cand, artifact, outputs, result.model, factory if timed else None)
+
+
+def _on_remote(ev: Evaluation, backend, artifact, base: Candidate, remote, model) -> Built:
+    """Verify and time a candidate on the device behind an RPC tracker (TVM libraries only).
+
+    Its latency is the device's own (measured there by TVM's time evaluator, no network in
+    it) and is never set against the original's, which ran on this machine.
+    """
+    try:
+        with LocalRunner(base.key, lambda: backend.load_remote(artifact, remote)) as runner:
+            outputs = ev.outputs(runner, f"{base.key} on {remote.key}", None)
+            per_run = runner.session.time_ms(ev.timing_feed, runs=ev.config.runs, warmup=ev.config.warmup)
+            timing = Timing.from_device(per_run, warmup=ev.config.warmup, threads=runner.session.threads)
+    except Exception as exc:  # dlopt's one-line errors and the remote runtime's own alike
+        raise_if_interrupted(exc)
+        return Built(replace(base, status=Status.FAILED, reason=f"could not run on {remote}: {first_line(exc)}"))
+    fidelity = compare(ev.reference, outputs).to_dict()
+    latency = {**timing.to_dict(), "measured_on": str(remote), "device_key": remote.key}
+    measurement = Measurement(latency, artifact.size_bytes(), ev.accuracy(outputs))
+    score = ev.scorer.score(outputs).to_dict()
+    status, reason = judge(base.precision, fidelity, score, ev.config.max_accuracy_drop,
+                           lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, outputs))
+    where = f"verified and timed on {remote} (device-side timing, {timing.runs} runs)"
+    cand = replace(base, fidelity=fidelity, measurement=measurement, score=score, status=status,
+                   reason=reason or where)
+    return Built(cand, artifact, outputs, model)
+
+
+def _quantiser_label(who: str | None) -> str | None:
+    if who is None:
+        return None
+    from importlib.metadata import version
+
+    package = who.split()[0]
+    return f"{package} {version(package)}{who[len(package):]}"
+
+
+def mcu_figures(settings) -> dict | None:
+    """A microcontroller build's memory and size figures and its emulator run (the C backend's settings)."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("memory"), dict):
+        return None
+    memory, figures, qemu = settings["memory"], settings.get("figures") or {}, settings.get("qemu") or {}
+    return {"mcpu": settings.get("mcpu"), "arena_bytes": memory.get("arena_bytes"),
+            "liveness_lower_bound_bytes": memory.get("liveness_lower_bound_bytes"),
+            "flash_bytes": figures.get("flash_bytes"), "ram_bytes": figures.get("ram_bytes"),
+            "sections": figures.get("sections"), "stack_estimate_bytes": figures.get("stack_estimate_bytes"),
+            "compiler": figures.get("compiler"), "undefined_symbols": figures.get("undefined_symbols"),
+            "figures_unavailable": settings.get("figures_unavailable"),
+            "qemu": {k: qemu.get(k) for k in ("board", "samples", "max_abs_diff", "instructions_per_run",
+                                               "instructions_note")} if qemu else None}
+
+
+def describe_mcu(mcu: dict) -> str:
+    """One clause: flash, RAM, arena against its lower bound, and the emulator check."""
+    text = f"arena {mcu['arena_bytes']} B (liveness lower bound {mcu['liveness_lower_bound_bytes']} B)"
+    if mcu.get("flash_bytes") is not None:
+        text = (f"{mcu['flash_bytes']} B flash, {mcu['ram_bytes']} B RAM for {mcu.get('mcpu')} "
+                f"({mcu.get('compiler')}); " + text)
+    elif mcu.get("figures_unavailable"):
+        text += f"; no Cortex-M sizes: {mcu['figures_unavailable']}"
+    qemu = mcu.get("qemu")
+    if qemu:
+        runs = qemu.get("instructions_per_run") or []
+        text += (f"; qemu {qemu['board']} gave the host's outputs on {qemu['samples']} inputs (max difference "
+                 f"{qemu['max_abs_diff']:.1e})" + (f", {max(runs):,} emulator instructions per run (a proxy, "
+                                                    f"not device latency)" if runs else ""))
+    return text
+
+
+def _where(ev: Evaluation, artifact) -> str:
+    mcu = mcu_figures(artifact.settings)
+    if mcu is not None:
+        return (f"C sources verified on this machine (host gcc build); {describe_mcu(mcu)}; a microcontroller "
+                f"build is not timed here")
+    if not artifact.loadable_here:
+        return (f"its {artifact.check_onnx} verified on ONNX Runtime here; not yet measured on the "
+                f"{ev.profile.name} device: run `dlopt bench` there")
+    if not ev.profile.runs_here():
+        return f"outputs verified on this machine; not yet measured on the {ev.profile.name} device: run `dlopt bench` there"
+    return ""
+
+
+# A candidate slower than the original never ships (dlopt.flow.select, rule 3), so one whose warm runs
+# take SLOW_FACTOR times the original's latency cannot win: it is checked on a few feeds, rejected as
+# too slow and never timed.  Untuned TVM on x86 ran a 416x416 YOLOX at 3 s a run and still passed
+# the earlier 20x line: built and evaluated on all 60 samples (282 s), then timed, cutting every
+# candidate's runs to 20.
+SLOW_FACTOR = 3.0
+# Below this a full evaluation and timing cost too little to skip, and a first run's noise weighs most.
+SLOW_FLOOR_MS = 20.0
+# Timed runs after a first one over the line: the fastest decides, so one hiccup never rejects.
+SLOW_TRIES = 2
+SLOW_CHECK_FEEDS = 4
+# ...and no feed after this many seconds of checking (a feed may be a batch of 32 samples).
+SLOW_CHECK_SECONDS = 10.0
+
+
+def _run_ms(runner, feed) -> float:
+    start = time.perf_counter()
+    runner.run(feed)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _too_slow(ev: Evaluation, runner) -> float | None:
+    """The fastest of a few runs at the timing shape when it is over the line, else None (one run)."""
+    base = ev.original_ms
+    if not base:
+        return None
+    line = max(SLOW_FACTOR * base, SLOW_FLOOR_MS)
+    best = _run_ms(runner, ev.timing_feed)  # the first run: an upper bound, first-run costs included
+    for _ in range(SLOW_TRIES):
+        if best <= line:
+            return None
+        best = min(best, _run_ms(runner, ev.timing_feed))
+    return best if best > line else None
+
+
+def _spot_check(ev: Evaluation, runner, label: str, limit: int | None) -> list:
+    """Outputs on the first few feeds only: a too-slow candidate's correctness, within seconds."""
+    feeds = ev.data.feeds[: min(limit or SLOW_CHECK_FEEDS, SLOW_CHECK_FEEDS)]
+    outputs, start = [], time.perf_counter()
+    for i, feed in enumerate(feeds):
+        if outputs and time.perf_counter() - start > SLOW_CHECK_SECONDS:
+            break
+        outputs.append(owned(runner.run(feed)))
+        ev.progress(f"{label}: outputs", i + 1, len(feeds))
+    return outputs
+
+
+def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, precision: str):
+    """``backend.compile``, or a verified copy of the same build from the artefact cache."""
+    import dataclasses
+
+    from dlopt import __version__
+    from dlopt.core.model_io import initializer_bytes
+    from dlopt.targets import Artifact
+
+    options = backend.build_options(ev.config, model, ev.profile, ev.shapes)
+    key = None
+    if ev.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
+        from dlopt.flow.cache import code_fingerprint, make_key
+
+        version = backend.runtime_version()
+        key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
+                       precision, repr(ev.profile), str(ev.config.thread_count), __version__, code_fingerprint(),
+                       version, repr(sorted(ev.shapes.items())), repr(sorted((k, v) for k, v in options.items() if k.startswith("cache:"))))
+        meta = ev.cache.get(key, workdir)
+        if meta is not None:
+            return Artifact(folder=workdir, **meta)
+    artifact = backend.compile(model, ev.profile, workdir, precision=precision, threads=ev.config.thread_count,
+                               shapes=ev.shapes, **{k: v for k, v in options.items() if not k.startswith("cache:")})
+    if key is not None:
+        meta = {k: v for k, v in dataclasses.asdict(artifact).items() if k != "folder"}
+        ev.cache.put(key, workdir, artifact.files, meta)
+    return artifact
+
+
+def judge(precision: str, fidelity: dict, score: dict | None, max_drop: float, *,
+          lossy_passes: bool = False, fp32: Fp32Check | None = None) -> tuple[Status, str]:
+    """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget.
+
+    ``fp32`` is the fp32 rule's measure (:func:`dlopt.measure.evaluate.fp32_check`); without it the
+    fidelity's ``max_rel_error``, never below that measure, stands in.  ``lossy_passes``: a
+    pass meant to change the function ran (``--prune``), so fp32 is judged by the budget like
+    the other precisions.  Any precision that produces NaN/Inf where the original is finite is
+    rejected outright.  Every refusal starts with the rule that refused.
+    """
+    if fidelity.get("non_finite"):
+        return Status.REJECTED, f"produces {fidelity['non_finite']} where the original is finite"
+    if precision == "original" or (precision == "fp32" and not lossy_passes):
+        check = fp32 if fp32 is not None else Fp32Check(float(fidelity["max_rel_error"]), 0)
+        if not check.passed:
+            return Status.REJECTED, check.refusal()
+    elif score is not None and not score["drop_pp"] <= max_drop:
+        return Status.REJECTED, (f"accuracy budget: {score['metric']} drops {score['drop_pp']:.2f} points, over the "
+                                 f"budget of {max_drop}")
+    return Status.OK, ""

@@ -1,0 +1,1 @@
+"""Plain C for microcontrollers: code generation, kernels, memory planning, verification."""

@@ -1,0 +1,1 @@
+"""Apache TVM: the backend, RPC boards, MetaSchedule tuning and its database."""
