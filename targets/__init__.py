@@ -181,37 +181,12 @@ def _bundle_files(root: Path, key: str) -> list[str] | None:
 def check_runs_here(artifact: Artifact) -> None:
     """Raise TargetUnavailable, saying what the device needs, for an artefact this machine cannot run."""
     from dlopt.core.errors import TargetUnavailable
-    from dlopt.core.profiles import host_arch
 
-    key = f"{artifact.backend}/{artifact.precision}"
-    if artifact.backend == "tensorrt":
-        # The bundle holds the ONNX and the script that builds the engine on the device; no engine yet.
-        raise TargetUnavailable(
-            f"{key} in {artifact.folder} is a TensorRT engine-build bundle: build the engine on the device "
-            f"(./build_engine.sh, needs TensorRT's trtexec) and run it there; dlopt does not run TensorRT engines")
-    if artifact.backend == "tvm":
-        settings = artifact.settings
-        target, host = settings.get("target"), settings.get("host")
-        kind = target.get("kind") if isinstance(target, dict) else None
-        arch = str(host.get("mtriple") or "").split("-", 1)[0] if isinstance(host, dict) else ""
-        form, needs = settings.get("form") or "TVM library", settings.get("device_needs") or "the TVM runtime"
-        if kind not in (None, "llvm"):
-            raise TargetUnavailable(f"{key} in {artifact.folder} is a {kind} library ({form}); dlopt runs TVM "
-                                    f"libraries on the CPU only: run it on a device with {needs}")
-        if arch and arch != host_arch():
-            raise TargetUnavailable(f"{key} in {artifact.folder} is an {form} built for another device "
-                                    f"(this machine is {host_arch()}); run it on a device with {needs}")
-    status = backend_status(artifact.backend)
-    if status is not True:
-        raise TargetUnavailable(f"{key} in {artifact.folder} cannot run here: {status}")
-
-
-# How each backend's shipped settings take another thread count.
-_THREAD_SETTINGS = {
-    "ort": lambda s, n: {**s, "intra_op_num_threads": n},
-    "openvino": lambda s, n: {**s, "properties": {**s.get("properties", {}), "INFERENCE_NUM_THREADS": n}},
-    "tvm": lambda s, n: {**s, "threads": n},
-}
+    backend = get_backend(artifact.backend)
+    if backend is None:
+        raise TargetUnavailable(f"{artifact.backend}/{artifact.precision} in {artifact.folder} cannot run here: "
+                                f"not implemented in this version of dlopt")
+    backend.check_runs_here(artifact)
 
 
 def load_artifact(folder, *, threads: int | None = None):
@@ -230,6 +205,7 @@ def load(artifact: Artifact, *, threads: int | None = None):
     from dataclasses import replace
 
     check_runs_here(artifact)
-    if threads is not None and artifact.backend in _THREAD_SETTINGS:
-        artifact = replace(artifact, settings=_THREAD_SETTINGS[artifact.backend](artifact.settings, threads))
-    return get_backend(artifact.backend).load(artifact)
+    backend = get_backend(artifact.backend)
+    if threads is not None:
+        artifact = replace(artifact, settings=backend.with_threads(artifact.settings, threads))
+    return backend.load(artifact)

@@ -109,6 +109,67 @@ class Backend(abc.ABC):
         del config, model, profile, shapes
         return {}
 
+    # -- what the rest of dlopt asks a backend, so that no code outside targets/ names one ---------------
+
+    runtime_name: ClassVar[str] = ""  # its runtime in the output README ("ONNX Runtime"); "" for none
+    dlopt_extra: ClassVar[str | None] = None  # dlopt's pip extra that installs the runtime, if one does
+    checked_elsewhere: ClassVar[str] = ""  # where its outputs are verified when not on itself (" on ONNX Runtime")
+    unbuilt_note: ClassVar[str] = ""  # what a device still does before timing it ("engine not built yet; ")
+    prefers_nncf: ClassVar[bool] = False  # INT8 through NNCF (its own quantiser) when NNCF is installed
+    # INT8 weights in 7 bits where the target's int8 kernels may saturate (OpenVINO's x86 kernels without VNNI)
+    reduce_range_where_saturating: ClassVar[bool] = False
+    tunable: ClassVar[bool] = False  # `dlopt tune` writes tuning records that its compile reads
+    runs_over_rpc: ClassVar[bool] = False  # `--rpc-tracker` runs its artefacts on the device (load_remote)
+
+    def with_threads(self, settings: dict, threads: int) -> dict:
+        """``settings`` (its settings file) running on ``threads`` threads; unchanged where it has no count."""
+        del threads
+        return settings
+
+    def check_runs_here(self, artifact: Artifact) -> None:
+        """Raise TargetUnavailable, saying what the device needs, when this machine cannot run ``artifact``."""
+        from dlopt.core.errors import TargetUnavailable
+
+        status = self.available()
+        if status is not True:
+            raise TargetUnavailable(f"{artifact.backend}/{artifact.precision} in {artifact.folder} cannot run "
+                                    f"here: {status}")
+
+    def runs_with_dlopt(self, settings: dict) -> bool:
+        """True when ``dlopt.load`` on the device runs a candidate shipped with ``settings``."""
+        del settings
+        return True
+
+    def install_lines(self, shipped: list, text) -> list[str]:
+        """The output README's lines installing the runtime of ``shipped`` (its candidates of this backend:
+        ``key``, ``settings``, ``path(name)``); ``text`` escapes prose from the folder."""
+        del text
+        return [f"{self.runtime_name or self.name} ({', '.join(s.key for s in shipped)}): `pip install numpy` "
+                f"and the runtime this backend loads"]
+
+    def plain_code(self, shipped, feeds: str, arch: str) -> list[str] | None:
+        """Python running the candidate ``shipped`` with its runtime alone (``feeds``: a Python literal of the
+        inputs; ``arch``: the target's), or None where there is none."""
+        del shipped, feeds, arch
+        return None
+
+    def readme_verify(self, shipped: list, verify_file: str, script: str) -> list[str]:
+        """The output README's paragraph on verifying ``shipped`` (its candidates of this backend) beyond
+        ``dlopt verify`` and ``script``; none by default."""
+        del shipped, verify_file, script
+        return []
+
+    def fill_triton(self, config, artifact: Artifact, plain_file) -> str:
+        """Fill Triton's ``config`` (an inference.ModelConfig) for ``artifact``: platform/backend, default
+        model file, parameters, accelerators; returns the instance kind (KIND_CPU, KIND_GPU).
+        ``plain_file(name)`` is the artefact's file as a checked Path, or None when absent."""
+        from dlopt.core.errors import ConfigError
+
+        del config, plain_file
+        raise ConfigError(f"{artifact.backend}/{artifact.precision} artefacts have no Triton backend; package an "
+                          f"ort, openvino or tensorrt candidate (OUT/bundle/<backend>-<precision>), or compile for "
+                          f"a target whose backends are those")
+
     def load_remote(self, artifact: Artifact, device, *, threads: int | None = None) -> Session:
         """A session running ``artifact`` on ``device`` (a dlopt.targets.tvm.rpc.RemoteDevice) through
         TVM's RPC tracker, with ``time(feed, runs, warmup)`` measured on the device; TVM only."""

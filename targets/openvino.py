@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,7 @@ from dlopt.core.errors import CompileError, ConfigError, TargetUnavailable, firs
 from dlopt.core.graph_facts import converter_hazards, op_label
 from dlopt.core.model_io import save_ir
 from dlopt.core.profiles import host_arch
+from dlopt.targets import snippets
 from dlopt.targets.base import Artifact, Backend
 
 logger = logging.getLogger(__name__)
@@ -363,11 +365,59 @@ def load(artifact: Artifact) -> OpenVinoSession:
     return OpenVinoSession(compiled, static, shape)
 
 
+# -- the output README and Triton ---------------------------------------------------------------------
+
+_PROPERTY = re.compile(r"[A-Z][A-Z0-9_]*")
+_TRITON_PARAMETERS = ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")
+
+
+def install_lines(shipped: list, text) -> list[str]:
+    del text
+    versions = {str(s.settings.get("openvino_version", "")).split("-", 1)[0] for s in shipped}
+    return [f"OpenVINO ({', '.join(s.key for s in shipped)}): `pip install openvino"
+            f"{'==' + snippets.version(v) if snippets.version(v) else ''} numpy`" for v in sorted(versions)]
+
+
+def plain_code(s, feeds: str, arch: str) -> list[str]:
+    del arch
+    settings = s.settings
+    properties = {k: v for k, v in (settings.get("properties") or {}).items()
+                  if isinstance(k, str) and _PROPERTY.fullmatch(k) and isinstance(v, (str, int, float, bool))}
+    code = ["import numpy as np", "import openvino as ov", "core = ov.Core()",
+            f"model = core.read_model({s.path('model.xml')!r})"]
+    static = settings.get("static_shape")
+    if isinstance(static, dict) and static:
+        code.append(f"model.reshape({ {str(k): [int(d) for d in v] for k, v in static.items()}!r})"
+                    "  # the static shape it was timed at runs faster")
+    code += [f"compiled = core.compile_model(model, {str(settings.get('device', 'CPU'))!r}, {properties!r})",
+             f"outs = list(compiled({feeds}).values())"]
+    return code
+
+
+def fill_triton(config, artifact: Artifact, plain_file) -> str:
+    """Triton's openvino backend with the plugin properties (threads, streams, hint) as parameters."""
+    del plain_file
+    config.backend = "openvino"
+    properties = artifact.settings.get("properties") or {}
+    for key in _TRITON_PARAMETERS:
+        if properties.get(key) is not None:
+            config.parameters[key].string_value = str(properties[key])
+    config.default_model_filename = "model.xml"
+    return "KIND_CPU"
+
+
 class OpenVinoBackend(Backend):
     name, entry, settings_file, own_precisions = name, ENTRY, SETTINGS_FILE, OWN_PRECISIONS
+    runtime_name, dlopt_extra = "OpenVINO", "openvino"
+    prefers_nncf = reduce_range_where_saturating = True
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     compile, load = staticmethod(compile), staticmethod(load)
+    install_lines, plain_code, fill_triton = staticmethod(install_lines), staticmethod(plain_code), \
+        staticmethod(fill_triton)
+
+    def with_threads(self, settings: dict, threads: int) -> dict:
+        return {**settings, "properties": {**settings.get("properties", {}), "INFERENCE_NUM_THREADS": threads}}
 
 
 BACKEND = OpenVinoBackend()

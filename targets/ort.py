@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dlopt.core.errors import ConfigError
 from dlopt.core.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant, op_label
 from dlopt.core.model_io import save_ir
 from dlopt.core.ort_sessions import CONFIG_ENTRIES, apply_config_entries
+from dlopt.targets import snippets
 from dlopt.targets.base import Artifact, Backend
 
 name = "ort"
@@ -206,12 +208,101 @@ def lowering_passes(precision: str) -> list:
     return [FuseActivationForOrtPass()] * (precision == "fp32") + [UnshareIntegerWeightsPass()]
 
 
+# -- the output README and Triton ---------------------------------------------------------------------
+
+_GPU = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+_ENUM = re.compile(r"ORT_[A-Z_]+")
+_ARCH_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+TRITON_TRT_PRECISION = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}  # Triton's TensorRT precision_mode
+
+
+def install_lines(shipped: list, text) -> list[str]:
+    del text
+    lines = []
+    for version in dict.fromkeys(s.settings.get("onnxruntime_version") for s in shipped):
+        ours = [s for s in shipped if s.settings.get("onnxruntime_version") == version]
+        gpu = any(_GPU & set(s.settings.get("providers") or []) for s in ours)
+        pinned = f"=={snippets.version(version)}" if snippets.version(version) else ""
+        package = ("onnxruntime-gpu" if gpu else "onnxruntime") + pinned
+        why = (" (the TensorRT and CUDA providers the sessions ask for first; a provider the build lacks is "
+               "skipped)" if gpu else "")
+        lines.append(f"ONNX Runtime ({', '.join(s.key for s in ours)}): `pip install {package} numpy`{why}")
+    return lines
+
+
+def plain_code(s, feeds: str, arch: str) -> list[str]:
+    settings = s.settings
+    level = _enum_name(settings.get("graph_optimization_level"), "ORT_ENABLE_ALL")
+    mode = _enum_name(settings.get("execution_mode"), "ORT_SEQUENTIAL")
+    providers = [p for p in settings.get("providers") or ["CPUExecutionProvider"] if isinstance(p, str)]
+    disabled = [d for d in settings.get("disabled_optimizers") or [] if isinstance(d, str)]
+    code = ["import numpy as np", "import onnxruntime as ort",
+            "options = ort.SessionOptions()  # as session_options.json",
+            f"options.intra_op_num_threads = {int(settings.get('intra_op_num_threads', 0))}",
+            f"options.inter_op_num_threads = {int(settings.get('inter_op_num_threads', 1))}",
+            f"options.execution_mode = ort.ExecutionMode.{mode}",
+            f"options.graph_optimization_level = ort.GraphOptimizationLevel.{level}"]
+    if settings.get("enable_cpu_mem_arena") is False:
+        code.append("options.enable_cpu_mem_arena = False")
+    entries = settings.get("config_entries")
+    for key, value in (entries.items() if isinstance(entries, dict) else ()):
+        code.append(f"options.add_session_config_entry({str(key)!r}, {str(value)!r})"
+                    + (_x64_comment(arch) if key == "session.x64quantprecision" else ""))
+    code += [f"providers = [p for p in {providers!r} if p in ort.get_available_providers()]",
+             f"session = ort.InferenceSession({s.path('model.onnx')!r}, options, providers=providers"
+             + (f", disabled_optimizers={disabled!r})" if disabled else ")"),
+             f"outs = session.run(None, {feeds})"]
+    return code
+
+
+def _x64_comment(arch: str) -> str:
+    if arch in ("x86_64", "amd64", ""):
+        return "  # exact int8 kernels on x86 CPUs without VNNI"
+    return f"  # read by x86-64 builds only; ONNX Runtime on {_ARCH_NAME.sub('?', arch)} ignores it"
+
+
+def _enum_name(value, default: str) -> str:
+    return value if isinstance(value, str) and _ENUM.fullmatch(value) else default
+
+
+def fill_triton(config, artifact: Artifact, plain_file) -> str:
+    """Triton's onnxruntime backend with the compile's thread settings; TensorRT or OpenVINO accelerators
+    where the session ships with those providers."""
+    del plain_file
+    settings = artifact.settings
+    config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+    providers = list(settings.get("providers") or [])
+    for key, ours in (("intra_op_thread_count", "intra_op_num_threads"),
+                      ("inter_op_thread_count", "inter_op_num_threads")):
+        if isinstance(settings.get(ours), int):
+            config.parameters[key].string_value = str(settings[ours])
+    if settings.get("execution_mode"):
+        config.parameters["execution_mode"].string_value = str(1 if settings["execution_mode"] == "ORT_PARALLEL"
+                                                               else 0)
+    accelerators = config.optimization.execution_accelerators
+    if "TensorrtExecutionProvider" in providers:
+        trt = accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters["precision_mode"] = TRITON_TRT_PRECISION.get(artifact.precision, "FP32")
+    if "OpenVINOExecutionProvider" in providers:
+        accelerators.cpu_execution_accelerator.add(name="openvino")
+    config.default_model_filename = "model.onnx"
+    return "KIND_GPU" if any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) \
+        else "KIND_CPU"
+
+
 class OrtBackend(Backend):
     name, entry, settings_file = name, ENTRY, SETTINGS_FILE
+    runtime_name = "ONNX Runtime"
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     lowering_passes = staticmethod(lowering_passes)
     compile, load = staticmethod(compile), staticmethod(load)
+    install_lines, plain_code, fill_triton = staticmethod(install_lines), staticmethod(plain_code), \
+        staticmethod(fill_triton)
+
+    def with_threads(self, settings: dict, threads: int) -> dict:
+        return {**settings, "intra_op_num_threads": threads}
+
     # all-MiniLM-L6-v2 on ORT 1.32 CPU, 8x64, 2 threads: FP32 49.9 ms, dynamic per-channel INT8
     # 29.7 ms, static QDQ (smoothed, 9 of 96 nodes kept float to meet the budget) 41.2 ms: dynamic
     # first, static only when dynamic misses the budget

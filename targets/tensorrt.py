@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from dlopt.core.errors import ModelError
+from dlopt.core.errors import ModelError, TargetUnavailable
 from dlopt.core.graph_facts import op_label
 from dlopt.core.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
@@ -183,11 +183,73 @@ def load(artifact: Artifact):
 
 
 
+def check_runs_here(artifact: Artifact) -> None:
+    # The bundle holds the ONNX and the script that builds the engine on the device; no engine yet.
+    raise TargetUnavailable(
+        f"{artifact.backend}/{artifact.precision} in {artifact.folder} is a TensorRT engine-build bundle: build the "
+        f"engine on the device (./build_engine.sh, needs TensorRT's trtexec) and run it there; dlopt does not run "
+        f"TensorRT engines")
+
+
+# -- the output README and Triton ---------------------------------------------------------------------
+
+def _dims(shape) -> str:
+    return "x".join(str(int(d)) for d in shape) if isinstance(shape, list) else "?"
+
+
+def install_lines(shipped: list, text) -> list[str]:
+    folders = ", ".join(f"`{s.path('build_engine.sh')}`" for s in shipped)
+    settings = shipped[0].settings  # every precision is built for the same shapes
+    shapes = [f"{text(n)} from {_dims(p.get('min'))} to {_dims(p.get('max'))} (tuned for {_dims(p.get('opt'))})"
+              for n, p in (settings.get("optimization_profile") or {}).items()]
+    shapes += [f"{text(n)} at {_dims(shape)} only" for n, shape in (settings.get("static_shapes") or {}).items()]
+    verb = "each call" if len(shipped) > 1 else "calls"
+    return [f"TensorRT ({', '.join(s.key for s in shipped)}), on a Jetson from JetPack: {folders} {verb} `trtexec` "
+            "(/usr/src/tensorrt/bin/trtexec; set TRTEXEC for another), which writes model.engine beside it"
+            + (f"; the engine takes {', '.join(shapes)}" if shapes else "")
+            + "; run_candidates.py and `dlopt verify` do not run TensorRT engines yet (they list them as skipped)"]
+
+
+def readme_verify(shipped: list, verify_file: str, script: str) -> list[str]:
+    return [f"Build the TensorRT engine{'s' if len(shipped) > 1 else ''} first ("
+            + ", ".join(f"`{s.path('build_engine.sh')}`" for s in shipped) + "); "
+            "`trtexec --loadEngine=model.engine` in its folder times it alone.  Checking an engine's "
+            f"outputs against {verify_file} is not automated yet: {script} and `dlopt verify` skip TensorRT "
+            "candidates (their ONNX was verified on ONNX Runtime when built).", ""]
+
+
+def fill_triton(config, artifact: Artifact, plain_file) -> str:
+    """``model.plan`` on Triton's TensorRT platform once the engine was built on the device; before that the
+    bundle's ONNX on ORT with the TensorRT accelerator, which builds the engine when Triton loads it."""
+    from dlopt.targets.ort import TRITON_TRT_PRECISION
+
+    if triton_engine(plain_file) is not None:
+        config.platform, config.backend = "tensorrt_plan", "tensorrt"
+        config.default_model_filename = "model.plan"
+    else:
+        config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+        trt = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters["precision_mode"] = TRITON_TRT_PRECISION.get(artifact.precision, "FP32")
+        config.default_model_filename = "model.onnx"
+    return "KIND_GPU"
+
+
+def triton_engine(plain_file) -> Path | None:
+    """The engine built on the device (model.plan or model.engine), or None."""
+    return next((p for p in (plain_file(f) for f in ("model.plan", "model.engine")) if p), None)
+
+
 class TensorRtBackend(Backend):
     name, entry, settings_file = name, "model.onnx", "tensorrt_build.json"
+    checked_elsewhere, unbuilt_note = " on ONNX Runtime", "engine not built yet; "
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     compile, load = staticmethod(compile), staticmethod(load)
+    check_runs_here, install_lines = staticmethod(check_runs_here), staticmethod(install_lines)
+    readme_verify, fill_triton = staticmethod(readme_verify), staticmethod(fill_triton)
+
+    def runs_with_dlopt(self, settings: dict) -> bool:
+        return False
 
 
 BACKEND = TensorRtBackend()

@@ -22,7 +22,8 @@ from helpers import run_ort
 
 import dlopt
 from dlopt.core.profiles import resolve_target
-from dlopt.report.readme import TVM_FFI_VERSION, render_readme
+from dlopt.report.readme import render_readme
+from dlopt.targets.tvm.facts import TVM_FFI_VERSION
 from dlopt.targets import backend_status, tensorrt
 
 HOSTILE = "x|<script>alert(1)</script>```@all"

@@ -26,17 +26,11 @@ from pathlib import Path
 
 from dlopt.device.device_check import DEVICE_REPORT, SCRIPT, VERIFY_FILE
 from dlopt.report.gate import printable
-from dlopt.core.inputs import MASK_NAME
 from dlopt.report.data import escape_markdown
 from dlopt.targets import get_backend
+from dlopt.targets.snippets import dtype as _dtype, feeds_literal as _feeds, version as _version
 
 README = "README.md"
-# apache-tvm-ffi 0.1.15 crashes when TVM writes JSON; pyproject.toml pins this release.
-TVM_FFI_VERSION = "0.1.14.post1"
-NVIDIA_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
-_ENUM = re.compile(r"ORT_[A-Z_]+")
-_PROPERTY = re.compile(r"[A-Z][A-Z0-9_]*")
 # Files beside the candidates, in the order the README names them, and what each is for.
 _OTHER_FILES = {
     "report.md": "how each candidate was built, checked and chosen (also report.html, report.json)",
@@ -57,6 +51,11 @@ class _Shipped:
     @property
     def backend(self) -> str:
         return self.row["backend"]
+
+    @property
+    def owner(self):
+        """Its backend (dlopt.targets.base.Backend), None for one this version does not know."""
+        return get_backend(self.backend)
 
     @property
     def key(self) -> str:
@@ -157,7 +156,7 @@ def _status(report: dict, s: _Shipped) -> str:
     parts = ["**chosen**"] if row.get("chosen") else []
     fidelity = row.get("fidelity") or {}
     if fidelity.get("max_rel_error") is not None:
-        runtime = " on ONNX Runtime" if s.backend == "tensorrt" else ""
+        runtime = s.owner.checked_elsewhere if s.owner else ""
         parts.append(f"outputs verified here{runtime} (max rel error {fidelity['max_rel_error']:.1e})")
     else:
         parts.append("outputs not checked here (dlopt could not run it on this machine)")
@@ -171,7 +170,7 @@ def _status(report: dict, s: _Shipped) -> str:
         parts.append(f"measured here: p50 {latency['p50_ms']:.3f} ms{speed} at {_text(str(timing.get('shape')))}, "
                      f"{timing.get('threads')} threads")
     else:
-        engine = "engine not built yet; " if s.backend == "tensorrt" else ""
+        engine = s.owner.unbuilt_note if s.owner else ""
         parts.append(f"{engine}not yet measured on the device; run `dlopt bench` there")
     return "; ".join(parts)
 
@@ -186,8 +185,9 @@ def _size(size) -> str:
 
 def _install(manifest: dict, shipped: list[_Shipped]) -> list[str]:
     backends = list(dict.fromkeys(s.backend for s in shipped))
-    runnable = [s.backend for s in shipped if s.backend in ("openvino", "tvm") and _runs_with_dlopt(s)]
-    extras = list(dict.fromkeys(runnable))  # dlopt's extras for the runtimes it can load
+    # dlopt's extras for the runtimes it can load
+    extras = list(dict.fromkeys(s.owner.dlopt_extra for s in shipped if s.owner and s.owner.dlopt_extra
+                                and _runs_with_dlopt(s)))
     package = f"dlopt[{','.join(extras)}]" if extras else "dlopt"
     version = _version(manifest.get("dlopt_version"))
     lines = ["## Install on the device", "",
@@ -196,71 +196,9 @@ def _install(manifest: dict, shipped: list[_Shipped]) -> list[str]:
              "- or only numpy and the runtime, enough for the code below and `python3 run_candidates.py`:"]
     for backend in backends:
         mine = [s for s in shipped if s.backend == backend]
-        lines += [f"  - {line}" for line in _INSTALL[backend](mine)]
+        if mine[0].owner is not None:
+            lines += [f"  - {line}" for line in mine[0].owner.install_lines(mine, _text)]
     return [*lines, ""]
-
-
-def _version(value) -> str | None:
-    return value if isinstance(value, str) and _VERSION.fullmatch(value) else None
-
-
-def _install_ort(mine: list[_Shipped]) -> list[str]:
-    lines = []
-    for version in dict.fromkeys(s.settings.get("onnxruntime_version") for s in mine):
-        ours = [s for s in mine if s.settings.get("onnxruntime_version") == version]
-        gpu = any(NVIDIA_PROVIDERS & set(s.settings.get("providers") or []) for s in ours)
-        pinned = f"=={_version(version)}" if _version(version) else ""
-        package = ("onnxruntime-gpu" if gpu else "onnxruntime") + pinned
-        why = (" (the TensorRT and CUDA providers the sessions ask for first; a provider the build lacks is "
-               "skipped)" if gpu else "")
-        lines.append(f"ONNX Runtime ({', '.join(s.key for s in ours)}): `pip install {package} numpy`{why}")
-    return lines
-
-
-def _install_openvino(mine: list[_Shipped]) -> list[str]:
-    versions = {str(s.settings.get("openvino_version", "")).split("-", 1)[0] for s in mine}
-    return [f"OpenVINO ({', '.join(s.key for s in mine)}): `pip install openvino"
-            f"{'==' + _version(v) if _version(v) else ''} numpy`" for v in sorted(versions)]
-
-
-def _install_tvm(mine: list[_Shipped]) -> list[str]:
-    lines = []
-    for s in mine:
-        version = _version(s.settings.get("tvm_version"))
-        needs = s.settings.get("device_needs")
-        lines.append(f"TVM ({s.key}, {_text(str(s.settings.get('form', 'a shared library')))}): "
-                     f"`pip install apache-tvm{'==' + version if version else ''} apache-tvm-ffi=={TVM_FFI_VERSION} "
-                     "numpy`; `export TVM_USE_RUNTIME_LIB=1` loads only TVM's runtime library, no compiler"
-                     + (f"; needs {_text(str(needs))}" if needs else ""))
-    return lines
-
-
-def _install_tensorrt(mine: list[_Shipped]) -> list[str]:
-    folders = ", ".join(f"`{s.path('build_engine.sh')}`" for s in mine)
-    settings = mine[0].settings  # every precision is built for the same shapes
-    shapes = [f"{_text(n)} from {_dims(p.get('min'))} to {_dims(p.get('max'))} (tuned for {_dims(p.get('opt'))})"
-              for n, p in (settings.get("optimization_profile") or {}).items()]
-    shapes += [f"{_text(n)} at {_dims(shape)} only" for n, shape in (settings.get("static_shapes") or {}).items()]
-    verb = "each call" if len(mine) > 1 else "calls"
-    return [f"TensorRT ({', '.join(s.key for s in mine)}), on a Jetson from JetPack: {folders} {verb} `trtexec` "
-            "(/usr/src/tensorrt/bin/trtexec; set TRTEXEC for another), which writes model.engine beside it"
-            + (f"; the engine takes {', '.join(shapes)}" if shapes else "")
-            + "; run_candidates.py and `dlopt verify` do not run TensorRT engines yet (they list them as skipped)"]
-
-
-def _install_c(mine: list[_Shipped]) -> list[str]:
-    del mine
-    return ["C sources for a microcontroller: nothing to install on the device; build `model.c` and "
-            "`dlopt_kernels.c` into the firmware (see INTEGRATION.md). For the figures here: "
-            "`apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm`"]
-
-
-_INSTALL = {"ort": _install_ort, "openvino": _install_openvino, "tvm": _install_tvm, "tensorrt": _install_tensorrt,
-            "c": _install_c}
-
-
-def _dims(shape) -> str:
-    return "x".join(str(int(d)) for d in shape) if isinstance(shape, list) else "?"
 
 
 # -- run --------------------------------------------------------------------------------------------
@@ -275,20 +213,8 @@ def _inputs(report: dict) -> list[tuple[str, str, list[int]]]:
     return [(name, _dtype(dtypes.get(name)), [int(d) for d in shape]) for name, shape in shapes.items()]
 
 
-def _dtype(name) -> str:
-    return name if isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name) else "float32"
-
-
-def _feeds(inputs: list[tuple[str, str, list[int]]]) -> str:
-    """Zeros, and ones for a mask as the compile feeds (a mask of zeros hides every token: NaN from the softmax)."""
-    return "{" + ", ".join(f"{name!r}: np.{'ones' if MASK_NAME.search(name) else 'zeros'}({tuple(shape)!r}, {dtype!r})"
-                           for name, dtype, shape in inputs) + "}"
-
-
 def _runs_with_dlopt(s: _Shipped) -> bool:
-    if s.backend == "tvm":
-        return (s.settings.get("target") or {}).get("kind") == "llvm"
-    return s.backend in ("ort", "openvino")
+    return s.owner is not None and s.owner.runs_with_dlopt(s.settings)
 
 
 def _run(report: dict, shipped: list[_Shipped]) -> list[str]:
@@ -306,102 +232,25 @@ def _run(report: dict, shipped: list[_Shipped]) -> list[str]:
                   *_code("python", ["import numpy as np", "import dlopt",
                                     f"with dlopt.load({first.where!r}) as r:{note}", f"    outs = r.run({feeds})"])]
     plain = {s.backend: s for s in reversed(shipped)}  # the first folder of each backend
-    writers = {"ort": _ort_code, "openvino": _openvino_code, "tvm": _tvm_code}
     for backend in dict.fromkeys(s.backend for s in shipped):
-        if backend in writers:
-            s = plain[backend]
+        s = plain[backend]
+        code = s.owner.plain_code(s, feeds, arch) if s.owner else None
+        if code:
             same = sum(o.backend == backend for o in shipped) > 1
-            lines += [f"{_RUNTIME_NAMES[backend]} without dlopt, `{s.where}`"
+            lines += [f"{s.owner.runtime_name or backend} without dlopt, `{s.where}`"
                       + (f" (the other {backend} folders: same code, their path)" if same else "") + ":",
-                      *_code("python", writers[backend](s, feeds, arch))]
+                      *_code("python", code)]
     return [*lines, ""]
-
-
-_RUNTIME_NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO", "tvm": "TVM"}
-
-
-def _ort_code(s: _Shipped, feeds: str, arch: str) -> list[str]:
-    settings = s.settings
-    level = _enum(settings.get("graph_optimization_level"), "ORT_ENABLE_ALL")
-    mode = _enum(settings.get("execution_mode"), "ORT_SEQUENTIAL")
-    providers = [p for p in settings.get("providers") or ["CPUExecutionProvider"] if isinstance(p, str)]
-    disabled = [d for d in settings.get("disabled_optimizers") or [] if isinstance(d, str)]
-    code = ["import numpy as np", "import onnxruntime as ort",
-            "options = ort.SessionOptions()  # as session_options.json",
-            f"options.intra_op_num_threads = {int(settings.get('intra_op_num_threads', 0))}",
-            f"options.inter_op_num_threads = {int(settings.get('inter_op_num_threads', 1))}",
-            f"options.execution_mode = ort.ExecutionMode.{mode}",
-            f"options.graph_optimization_level = ort.GraphOptimizationLevel.{level}"]
-    if settings.get("enable_cpu_mem_arena") is False:
-        code.append("options.enable_cpu_mem_arena = False")
-    entries = settings.get("config_entries")
-    for key, value in (entries.items() if isinstance(entries, dict) else ()):
-        code.append(f"options.add_session_config_entry({str(key)!r}, {str(value)!r})"
-                    + (_x64_comment(arch) if key == "session.x64quantprecision" else ""))
-    code += [f"providers = [p for p in {providers!r} if p in ort.get_available_providers()]",
-             f"session = ort.InferenceSession({s.path('model.onnx')!r}, options, providers=providers"
-             + (f", disabled_optimizers={disabled!r})" if disabled else ")"),
-             f"outs = session.run(None, {feeds})"]
-    return code
-
-
-def _x64_comment(arch: str) -> str:
-    if arch in ("x86_64", "amd64", ""):
-        return "  # exact int8 kernels on x86 CPUs without VNNI"
-    return f"  # read by x86-64 builds only; ONNX Runtime on {_ARCH_NAME.sub('?', arch)} ignores it"
-
-
-_ARCH_NAME = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def _enum(value, default: str) -> str:
-    return value if isinstance(value, str) and _ENUM.fullmatch(value) else default
-
-
-def _openvino_code(s: _Shipped, feeds: str, arch: str) -> list[str]:
-    settings = s.settings
-    properties = {k: v for k, v in (settings.get("properties") or {}).items()
-                  if isinstance(k, str) and _PROPERTY.fullmatch(k) and isinstance(v, (str, int, float, bool))}
-    code = ["import numpy as np", "import openvino as ov", "core = ov.Core()",
-            f"model = core.read_model({s.path('model.xml')!r})"]
-    static = settings.get("static_shape")
-    if isinstance(static, dict) and static:
-        code.append(f"model.reshape({ {str(k): [int(d) for d in v] for k, v in static.items()}!r})"
-                    "  # the static shape it was timed at runs faster")
-    code += [f"compiled = core.compile_model(model, {str(settings.get('device', 'CPU'))!r}, {properties!r})",
-             f"outs = list(compiled({feeds}).values())"]
-    return code
-
-
-def _tvm_code(s: _Shipped, feeds: str, arch: str) -> list[str]:
-    settings = s.settings
-    device = "tvm.cuda()" if (settings.get("target") or {}).get("kind") == "cuda" else "tvm.cpu()"
-    specs = [i for i in settings.get("inputs") or [] if isinstance(i, dict)]
-    built = [(str(i.get("name")), _dtype(i.get("dtype")), [int(d) for d in i.get("shape", [])]) for i in specs]
-    code = ["import os", "os.environ.setdefault('TVM_USE_RUNTIME_LIB', '1')  # TVM's runtime library only"]
-    if settings.get("threads"):
-        threads = int(settings["threads"])
-        code.append(f"os.environ.setdefault('TVM_NUM_THREADS', '{threads}')  # tvm_build.json's threads")
-    code += ["import numpy as np", "import tvm", "from tvm.runtime.vm import VirtualMachine",
-             f"dev = {device}",
-             f"main = VirtualMachine(tvm.runtime.load_module({s.path('model.so')!r}), dev)['main']",
-             f"feeds = {_feeds(built) if built else feeds}  # the shapes it was built for",
-             f"outs = main(*[tvm.runtime.tensor(feeds[n], dev) for n in {[name for name, _, _ in built]!r}])"
-             "  # a tensor (.numpy()) or a tuple of them"]
-    return code
 
 
 # -- verify and benchmark ---------------------------------------------------------------------------
 
 def _verify(shipped: list[_Shipped]) -> list[str]:
     lines = ["## Verify and benchmark", ""]
-    trt = [s for s in shipped if s.backend == "tensorrt"]
-    if trt:
-        lines += [f"Build the TensorRT engine{'s' if len(trt) > 1 else ''} first ("
-                  + ", ".join(f"`{s.path('build_engine.sh')}`" for s in trt) + "); "
-                  "`trtexec --loadEngine=model.engine` in its folder times it alone.  Checking an engine's "
-                  f"outputs against {VERIFY_FILE} is not automated yet: {SCRIPT} and `dlopt verify` skip TensorRT "
-                  "candidates (their ONNX was verified on ONNX Runtime when built).", ""]
+    for backend in dict.fromkeys(s.backend for s in shipped):
+        mine = [s for s in shipped if s.backend == backend]
+        if mine[0].owner is not None:
+            lines += mine[0].owner.readme_verify(mine, VERIFY_FILE, SCRIPT)
     lines += _code("sh", [
         f"dlopt verify .            # every candidate against {VERIFY_FILE}: the original model's outputs",
         f"dlopt bench . --select    # times the verified ones into {DEVICE_REPORT}; --select puts the fastest "

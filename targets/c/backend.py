@@ -284,5 +284,13 @@ class CBackend(Backend):
     build_options = staticmethod(build_options)
     compile, load = staticmethod(compile), staticmethod(load)
 
+    def runs_with_dlopt(self, settings: dict) -> bool:
+        return False  # dlopt.load runs the sources through the host's gcc; the device runs the firmware
+
+    def install_lines(self, shipped: list, text) -> list[str]:
+        return ["C sources for a microcontroller: nothing to install on the device; build `model.c` and "
+                "`dlopt_kernels.c` into the firmware (see INTEGRATION.md). For the figures here: "
+                "`apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm`"]
+
 
 BACKEND = CBackend()

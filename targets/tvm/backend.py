@@ -35,6 +35,7 @@ from dlopt.core.profiles import host_arch
 from dlopt.core.scoped_env import environ as _environ
 from dlopt.targets._native_output import native_output_logged
 from dlopt.targets.base import Artifact, Backend
+from dlopt.targets.tvm import facts
 
 logger = logging.getLogger(__name__)
 name = "tvm"
@@ -463,10 +464,20 @@ def load_remote(artifact: Artifact, device, *, threads: int | None = None):
 
 class TvmBackend(Backend):
     name, entry, settings_file = name, ENTRY, SETTINGS_FILE
+    runtime_name, dlopt_extra, tunable, runs_over_rpc = "TVM", "tvm", True, True
+    runs_with_dlopt = staticmethod(facts.runs_with_dlopt)
+    install_lines, plain_code = staticmethod(facts.install_lines), staticmethod(facts.plain_code)
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     compile, load, load_remote = staticmethod(compile), staticmethod(load), staticmethod(load_remote)
     build_options = staticmethod(build_options)
+
+    def check_runs_here(self, artifact: Artifact) -> None:
+        facts.check_runs_here(artifact)
+        super().check_runs_here(artifact)
+
+    def with_threads(self, settings: dict, threads: int) -> dict:
+        return {**settings, "threads": threads}
 
 
 BACKEND = TvmBackend()
