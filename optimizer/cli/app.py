@@ -154,21 +154,16 @@ def main(verbose: int) -> None:
 def _print_report(report, *, as_json: bool) -> None:
     from tabulate import tabulate
 
+    from dlopt.report import sections
+
     if as_json:
         click.echo(report.to_json(), nl=False)
         return
     click.echo(tabulate(report.pass_rows(), headers=report.PASS_HEADERS))
     click.echo()
     click.echo(tabulate(report.candidate_rows(), headers=report.CANDIDATE_HEADERS))
-    if report.float_node_rows():
-        click.echo()
-        click.echo(tabulate(report.float_node_rows(), headers=report.FLOAT_NODE_HEADERS))
-    if report.calibration:
-        c = report.calibration
-        click.echo(f"\ncalibration: {c['samples']} samples from {c['source']} ({c['method']}), {c['seconds']} s, "
-                   f"peak RSS {c['peak_rss_mb']} MB (+{c['rss_increase_mb']} MB)")
-    for note in report.notes:
-        click.echo(f"note: {note}")
+    for line in sections.terminal(report):  # the report's sections (dlopt.report.sections): calibration, notes, ...
+        click.echo(line)
     click.echo(f"\n{report.summary}; artefacts in {report.output_dir}")
 
 

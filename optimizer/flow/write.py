@@ -24,6 +24,7 @@ from dlopt.core.artifacts import FILE_HASHES, MANIFEST, file_hashes, move_into_p
 from dlopt.device.device_check import DEVICE_REPORT
 from dlopt.core.model_io import save_ir
 from dlopt.core.precisions import Status
+from dlopt.report import sections
 from dlopt.report.data import Candidate, Measurement, Report
 from dlopt.core.shapes import describe
 from dlopt.report.summary import summarize
@@ -132,7 +133,8 @@ def assemble(job, ev, generic, builds, measured, verdict, notes: list[str], *, o
                    if original else None,
                    "runs_requested": original.runs_requested if original else None,
                    "budget_s": original.budget_s if original else None, "cut": original.cut if original else None}
-    report = Report(
+    report = Report.with_sections(
+        sections.collect(job, ev, builds),
         model={**job.info, **summarize(job.proto, include_histogram=False)},
         target={"name": job.profile.name, "description": job.profile.description, "arch": job.profile.arch,
                 "triple": job.profile.triple, "backends": list(job.profile.backends)},
@@ -149,7 +151,6 @@ def assemble(job, ev, generic, builds, measured, verdict, notes: list[str], *, o
         output_dir=str(job.out),
         dlopt_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        calibration=ev.calibration,
         search=builds.search,
         notes=[*notes, *verdict.notes, *(ev.cache.warnings if ev.cache else [])],
         timing=timing_info,

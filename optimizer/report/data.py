@@ -7,10 +7,13 @@ Markdown and terminal tables are renderings of the same dictionary.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from dlopt.report import sections
+from dlopt.report.sections import pruning
+from dlopt.report.sections.base import escape_markdown, markdown_table
 
 SCHEMA_VERSION = "1.6"
 
@@ -76,6 +79,8 @@ class Report:
     verdict: dict[str, Any] | None = None  # why the chosen one, ties, faster than the original?
     summary: str = ""  # the one honest line: what shipped, how much faster, at what cost
     schema_version: str = SCHEMA_VERSION
+    # the fields of registered sections (dlopt.report.sections) that have no field above; written at the top level
+    extra_sections: dict[str, Any] = field(default_factory=dict)
 
     # -- derived figures ------------------------------------------------------------
     def chosen_candidate(self) -> Candidate | None:
@@ -87,22 +92,24 @@ class Report:
         return round(base / mine, 3) if base and mine else None
 
     def pruning(self) -> str | None:
-        """What ``--prune`` reached, from MagnitudePrunePass's record: "pruned 50.0% of 824,096 weights;
-        weights 0.52x compressed (deflate: 3.05 -> 1.60 MB)"; None when no pruning ran."""
-        record = next((p for p in self.passes if p.get("name") == "MagnitudePrunePass"), None)
-        if record is None:
-            return None
-        facts = record.get("facts") or {}
-        if not facts.get("weights"):  # nothing large enough to prune: the pass says so
-            return f"pruning: {record.get('note') or 'nothing pruned'}"
-        before, after = facts["deflated_bytes_before"], facts["deflated_bytes_after"]
-        return (f"pruned {facts['sparsity']:.1%} of {facts['weights']:,} weights; weights {after / before:.2f}x "
-                f"compressed (deflate: {before / 1e6:.2f} -> {after / 1e6:.2f} MB)")
+        """What ``--prune`` reached (dlopt.report.sections.pruning); None when no pruning ran."""
+        return pruning.text(self.passes)
+
+    def section(self, key: str) -> Any:
+        """The value of a section's top-level field, a field of its own or one in ``extra_sections``."""
+        return getattr(self, key) if key in _FIELDS else self.extra_sections.get(key)
+
+    @classmethod
+    def with_sections(cls, values: dict[str, Any], **known: Any) -> "Report":
+        """A report from its fields and the sections' values (dlopt.report.sections.collect)."""
+        extra = {k: v for k, v in values.items() if k not in _FIELDS}
+        return cls(**known, **{k: v for k, v in values.items() if k in _FIELDS}, extra_sections=extra)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for cand, raw in zip(self.candidates, data["candidates"]):
             raw["speedup"] = self.speedup(cand)
+        data.update(data.pop("extra_sections"))
         return data
 
     def to_json(self) -> str:
@@ -111,7 +118,8 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
         """Read a 1.x report; fields a later minor version added are ignored (docs/report-schema.md)."""
-        data = _known(cls, data)
+        extra = {s.key: data[s.key] for s in sections.SECTIONS if s.key and s.key not in _FIELDS and s.key in data}
+        data = {**_known(cls, data), "extra_sections": extra}
         data["baseline"] = Measurement(**_known(Measurement, data["baseline"]))
         cands = []
         for raw in data["candidates"]:
@@ -144,16 +152,6 @@ class Report:
     CANDIDATE_HEADERS = ["backend", "precision", "p50 ms", "p99 ms", "speedup", "size MB",
                          "max rel err", "drop pp", "result"]
 
-    def float_node_rows(self) -> list[list[Any]]:
-        def error(n: dict) -> str:
-            value = n.get("error", n.get("nmse"))  # "nmse": reports written before the per-layer ranking
-            return "-" if value is None else f"{value:.2e}"
-
-        return [[c.key, n["name"], n["op_type"], error(n), f"feeds {n['feeds']}" if n.get("feeds") else "sensitive"]
-                for c in self.candidates for n in c.float_nodes]
-
-    FLOAT_NODE_HEADERS = ["candidate", "node kept in float", "op", "own INT8 output error (nmse)", "why"]
-
     def pass_rows(self) -> list[list[Any]]:
         rows = []
         scoped = [("", p) for p in self.passes] + [
@@ -171,14 +169,8 @@ class Report:
         """report.md; every string that came from the model, its paths or the config is escaped.
 
         ``device``: a device_report.json written by ``dlopt bench`` or run_candidates.py."""
-        from tabulate import tabulate
-
-        esc = escape_markdown
+        esc, table = escape_markdown, markdown_table
         chosen = self.chosen_candidate()
-
-        def table(rows: list[list[Any]], headers: list[str]) -> str:
-            return tabulate([[esc(str(v)) for v in row] for row in rows], headers=headers, tablefmt="github")
-
         lines = [
             f"# dlopt report: {esc(Path(self.model.get('path') or 'model').name)} "
             f"for {esc(str(self.target['name']))}",
@@ -191,18 +183,13 @@ class Report:
             f"points (original: {self.budget['original'] * 100:.2f}%)",
             f"- chosen: **{esc(chosen.key) if chosen else 'none'}**"
             + (f", {self.speedup(chosen)}x the original's speed" if chosen and self.speedup(chosen) else ""),
-            *([f"- {esc(self.pruning())}"] if self.pruning() else []),
+            *[f"- {esc(line)}" for _, line in sections.facts(self)],
             "",
             "## Candidates",
             "",
             table(self.candidate_rows(), self.CANDIDATE_HEADERS),
             "",
-            *(["## Layers kept in float", "", table(self.float_node_rows(), self.FLOAT_NODE_HEADERS), ""]
-              if self.float_node_rows() else []),
-            *([f"Calibration: {self.calibration['samples']} samples from {esc(str(self.calibration['source']))} "
-               f"({esc(str(self.calibration['method']))}), {self.calibration['seconds']} s, process peak RSS "
-               f"{self.calibration['peak_rss_mb']} MB (+{self.calibration['rss_increase_mb']} MB).", ""]
-              if self.calibration else []),
+            *sections.markdown(self, sections.BODY),
             "## Passes",
             "",
             table(self.pass_rows(), self.PASS_HEADERS),
@@ -210,8 +197,7 @@ class Report:
         if device:
             lines += ["", "## Measured on the device", "", esc(device_heading(device)), "",
                       table(device_rows(device), DEVICE_HEADERS), "", esc(str(device.get("why") or ""))]
-        if self.notes:
-            lines += ["", "## Notes", "", *[f"- {esc(n)}" for n in self.notes]]
+        lines += sections.markdown(self, sections.END)
         return "\n".join(lines) + "\n"
 
 
@@ -245,20 +231,7 @@ def device_rows(device: dict) -> list[list[Any]]:
     return rows
 
 
-# Markdown (GitHub's, in PR comments too) read as text: no HTML, no @mention pings, no code
-# spans, links or table cells opened by a name.  ``@`` keeps its look but is followed by a
-# zero-width space, which GitHub does not link (the usual bot convention).  ``>`` stays as it is
-# ("8 -> 6" reads so in the raw file too): with every ``<`` escaped it closes no tag, and only a
-# leading one (a block quote) is escaped.
-_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", "@": "@&#8203;", "\\": "\\\\",
-                           "`": "\\`", "|": "\\|", "[": "\\[", "]": "\\]"})
-_QUOTE = re.compile(r"^(\s*)>")
-
-
-def escape_markdown(text: str) -> str:
-    """``text`` as literal Markdown on one line, safe in a table cell; not for use inside a code span."""
-    return _QUOTE.sub(r"\1\\>", " ".join(str(text).splitlines()).translate(_MARKDOWN))
-
+_FIELDS = {f.name for f in fields(Report)} - {"extra_sections"}
 
 
 def _known(cls, raw: dict[str, Any]) -> dict[str, Any]:

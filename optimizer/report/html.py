@@ -13,8 +13,10 @@ from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
+from dlopt.report import sections
 from dlopt.report.plot import Point, draw_plot
 from dlopt.report.data import Candidate, Report
+from dlopt.report.sections.base import html_table as _table
 from dlopt.measure.timing import NOISY_CV
 
 CSS = """
@@ -141,20 +143,6 @@ def _energy_notes(keys: list[str], energies: list[dict | None]) -> str:
     return f'<details class="energy" open><summary>Energy sources</summary><ul>{"".join(items)}</ul></details>{why}'
 
 
-def _table(headers: list[str], rows: list[list[Any]], *, numeric: set[int] = frozenset(), text: int | None = None,
-           table_id: str | None = None, classes: list[str] | None = None) -> str:
-    """``numeric`` columns align right; the ``text`` column (a sentence per row) gets room to breathe."""
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    kind = {**{j: ' class="num"' for j in numeric}, **({text: ' class="text"'} if text is not None else {})}
-    body = []
-    for i, row in enumerate(rows):
-        css = f' class="{escape(classes[i])}"' if classes else ""
-        cells = "".join(f"<td{kind.get(j, '')}>{escape(str(v))}</td>" for j, v in enumerate(row))
-        body.append(f"<tr{css}>{cells}</tr>")
-    ident = f' id="{escape(table_id)}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
 def candidate_table(report: Report, raw: dict) -> str:
     ties = (report.verdict or {}).get("ties") or []
     headers = ["backend", "precision", "p50 ms", "p50 95% CI ms", "p90 ms", "p99 ms", "speedup (95% CI)",
@@ -262,7 +250,7 @@ def _summary(r: Report) -> list[tuple[str, str]]:
           if faster is not None else []),
         *([("ties", ", ".join(verdict["ties"]) + " (speed could not be told apart from the chosen one)")]
           if verdict.get("ties") else []),
-        *([("pruning", r.pruning())] if r.pruning() else []),
+        *sections.facts(r),
         ("dlopt", f"{r.dlopt_version}, schema {r.schema_version}, {r.created}"),
     ]
 
@@ -284,13 +272,7 @@ def render_html(report: dict, device: dict | None = None) -> str:
         "<h2>Candidates</h2>", candidate_table(r, report),
         "<h2>Latency and accuracy</h2>", _plot_section(r),
     ]
-    if r.float_node_rows():
-        body += ["<h2>Layers kept in float</h2>",
-                 _table(r.FLOAT_NODE_HEADERS, r.float_node_rows(), numeric={3}, table_id="float")]
-    if r.calibration:
-        c = r.calibration
-        body.append(f"<p>Calibration: {escape(str(c.get('samples')))} samples from {escape(str(c.get('source')))} "
-                    f"({escape(str(c.get('method')))}), {escape(str(c.get('seconds')))} s.</p>")
+    body += sections.html(r, sections.BODY)
     body += ["<h2>Passes</h2>", _table(r.PASS_HEADERS, r.pass_rows(), numeric={2}, table_id="passes")]
     if device:
         from dlopt.report.data import DEVICE_HEADERS, device_heading, device_rows
@@ -298,8 +280,7 @@ def render_html(report: dict, device: dict | None = None) -> str:
         body += ["<h2>Measured on the device</h2>", f"<p>{escape(device_heading(device))}</p>",
                  _table(DEVICE_HEADERS, device_rows(device), numeric={5}, table_id="device"),
                  f"<p>{escape(str(device.get('why') or ''))}</p>"]
-    if r.notes:
-        body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{escape(n)}</li>" for n in r.notes) + "</ul>"]
+    body += sections.html(r, sections.END)
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.core.errors import ConfigError, first_line
+from dlopt.report import sections
 
 SCHEMA_MAJOR = "1"
 REQUIRED_KEYS = ("schema_version", "model", "target", "baseline", "budget", "candidates", "chosen")
@@ -108,7 +109,7 @@ def validate_report(data: Any, what: str = "report") -> dict[str, Any]:
         raise ConfigError(f"{what} is not a dlopt report this version can read (schema {_show(version)}; "
                           f"reads {SCHEMA_MAJOR}.x): regenerate it with this dlopt")
     try:
-        _check_fields(data, _SCHEMA)
+        _check_fields(data, {**_SCHEMA, **sections.schema()})
     except _Invalid as exc:
         raise ConfigError(f"{what} is not a dlopt report: {exc}") from None
     if data["chosen"] is not None and chosen_of(data) is None:
