@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from dlopt.core.errors import first_line
+from dlopt.core.ort_sessions import cpu_session_options
 
 PER_CHANNEL_OPSET = 13
 
@@ -70,7 +71,6 @@ def _max_rel_error(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
     specs = input_specs(before)
     shapes = {s.name: s.concrete_shape() for s in specs}
     feed = RandomInputs.for_model(before, specs).feed(shapes, np.random.default_rng(0))
-    from dlopt.core.ort_sessions import cpu_session_options
 
     options = cpu_session_options(log_level=4)  # a QDQ input model: exact int8 kernels without VNNI too
     outputs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)

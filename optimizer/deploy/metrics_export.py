@@ -15,6 +15,7 @@ import http.client
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlopt.core.artifacts import write_file
 from dlopt.core.errors import ConfigError, first_line
 from dlopt.core.optional import require
 
@@ -145,8 +146,6 @@ def _ours(path: Path) -> bool:
 
 def write_metrics_file(path: Path, report: dict, gate_results=None) -> Path:
     """Write the figures to ``path`` whole (temporary file and rename); only over a file dlopt wrote."""
-    from dlopt.core.artifacts import write_file
-
     path = Path(path)
     check_metrics_path(path)
     text = _client().generate_latest(registry_for(report, gate_results)).decode("utf-8")

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
+from dlopt.core.artifacts import contained_path
 from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.core.optional import require
 from dlopt.core.scoped_env import environ
+from dlopt.deploy.metrics_export import figures
 
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
 _SQL_MODULES = ("sqlalchemy", "alembic")  # what they need beyond mlflow-skinny
@@ -111,7 +113,6 @@ def _client(uri: str):
 
 def run_contents(report: dict, out_dir: Path | None, *, gate_results=None) -> tuple[dict, dict, dict]:
     """(params, metrics, tags) of a run for ``report`` (and a gate's results)."""
-    from dlopt.deploy.metrics_export import figures
     from dlopt.targets import read_manifest
 
     manifest = (read_manifest(Path(out_dir)) if out_dir else None) or {}
@@ -252,8 +253,6 @@ def upload_plan(out_dir: Path | None, report: dict) -> list[tuple[Path, str | No
 
 def _inside(folder: Path, name: str) -> Path:
     """``folder/name`` when it is a regular file of the folder itself, reached through no link."""
-    from dlopt.core.artifacts import contained_path
-
     path = contained_path(Path(folder), name, named_in="uploaded by --mlflow")  # relative, inside, no link
     try:
         regular = stat.S_ISREG(os.lstat(path).st_mode)

@@ -34,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from dlopt.core.errors import ConfigError, DloptError, TargetUnavailable, one_line
+from dlopt.core.remote import RemoteDevice
 
 ARM64_ENV_VAR = "DLOPT_ARM64_ENV"
 LABEL = "qemu-aarch64 emulation"
@@ -167,8 +168,6 @@ def serve(tracker: str, key: str, *, host: str = "127.0.0.1", port: int = 9090, 
     Raises ConfigError (a bad address or key, an unknown CPU) or TargetUnavailable (no emulation
     environment, no tracker, a server that did not start); returns the exit code (0: stopped).
     """
-    from dlopt.core.remote import RemoteDevice  # numpy: imported only for a server
-
     device = RemoteDevice.parse(tracker, key)
     python = aarch64_python(root)
     if isinstance(python, str):

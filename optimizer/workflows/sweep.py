@@ -48,8 +48,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dlopt.core.errors import ConfigError, DloptError, first_line
+from dlopt import __version__
+from dlopt.core.artifacts import write_file
+from dlopt.core.config import CompileConfig
+from dlopt.core.errors import AccuracyBudgetExceeded, ConfigError, DloptError, TargetUnavailable, first_line
 from dlopt.core.optional import require
+from dlopt.core.profiles import resolve_target
+from dlopt.core.scoped_env import environ
 from dlopt.core.toml_file import read_toml
 
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
@@ -125,7 +130,6 @@ def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
     """Read and check ``sweep.toml``; ConfigError naming the first thing wrong.  ``out`` (``-o``) replaces
     [sweep] out."""
     from dlopt.measure.budget import BUILTIN
-    from dlopt.core.config import CompileConfig
 
     path = Path(path)
     data = read_toml(path, f"sweep {path}")
@@ -199,7 +203,6 @@ def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
             if both:
                 raise ConfigError(f"{path}: [models.{stem}] and [variants.{name}] both set {', '.join(both)}; set "
                                   f"each in one of them (a model's table: what differs by model)")
-    from dlopt.core.profiles import resolve_target
 
     _check_names(path, "target", targets)
     _check_names(path, "variant", list(variant_options))
@@ -272,7 +275,6 @@ def complete(entry: Entry) -> dict | None:
 def compile_entry(entry: Entry) -> Row:
     """Compile one entry; never raises (a failure is a row).  Runs in a Ray worker too."""
     import dlopt
-    from dlopt.core.errors import AccuracyBudgetExceeded
 
     start = time.perf_counter()
     try:
@@ -334,9 +336,6 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
     """Yield (entry, row) as Ray tasks finish; a local Ray is started (and stopped) when none is running.
 
     A local Ray listens on loopback only: a sweep on one machine needs nothing reachable from outside."""
-    from dlopt.core.errors import TargetUnavailable
-    from dlopt.core.scoped_env import environ
-
     ray = require("ray", "ray", "--ray needs Ray")
     # Ray's notices (token authentication, ...) reach stderr through logging's last resort unless
     # someone handles them: dlopt's -v does; otherwise the CLI keeps to its one-line output.
@@ -422,13 +421,10 @@ def table_markdown(sweep: Sweep, result: SweepResult) -> str:
 
 def write_table(sweep: Sweep, result: SweepResult) -> tuple[Path, Path]:
     """OUT/sweep.json and OUT/sweep.md, each written whole."""
-    from dlopt import __version__
-
     sweep.out.mkdir(parents=True, exist_ok=True)
     data = {"dlopt_sweep": 1, "dlopt_version": __version__, "sweep": str(sweep.source), "mode": result.mode,
             "wall_seconds": result.wall_seconds, "entries": [asdict(r) for r in result.rows]}
     paths = (sweep.out / TABLE_JSON, sweep.out / TABLE_MD)
-    from dlopt.core.artifacts import write_file
 
     for path, text in zip(paths, (json.dumps(data, indent=2) + "\n", table_markdown(sweep, result))):
         write_file(path, text)
