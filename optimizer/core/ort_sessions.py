@@ -3,6 +3,11 @@ sensitivity, pass checks) and the config entries every ORT session dlopt makes c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime
+
 # ONNX Runtime's int8 matrix kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add pairs of
 # uint8 x int8 products in 16 bits (vpmaddubsw), which saturates: on an AMD EPYC with AVX2 only (ORT 1.32)
 # the test suite's static int8 Conv models were 10-15% (max relative error) off their own QDQ arithmetic and
