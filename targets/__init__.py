@@ -14,8 +14,9 @@ from pathlib import Path
 from dlopt.core.artifacts import check_plain_files, read_folder_json
 from dlopt.targets.base import Artifact, Backend, Session
 
-__all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "get_backend", "backend_status", "build_limits",
-           "read_artifact", "read_manifest", "load_artifact", "check_runs_here"]
+__all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "REFERENCE_BACKEND", "get_backend", "backend_status",
+           "build_limits", "read_artifact", "read_manifest", "load_artifact", "check_runs_here", "tunable_backend",
+           "runs_over_rpc", "plain_runtime"]
 
 # name -> module whose ``BACKEND`` is a dlopt.targets.base.Backend.  Names a profile lists but that
 # are absent here are reported as "not implemented in this version".
@@ -26,6 +27,34 @@ BACKEND_MODULES = {
     "tensorrt": "dlopt.targets.tensorrt",
     "c": "dlopt.targets.c.backend",
 }
+
+
+# The backend dlopt builds the original model with, to time every candidate against and check the others'
+# outputs by: ONNX Runtime, a core dependency.
+REFERENCE_BACKEND = "ort"
+
+
+def tunable_backend(profile) -> str | None:
+    """The first of ``profile``'s backends that `dlopt tune` tunes (its Backend's ``tunable``), else None."""
+    return next((n for n in profile.backends if (b := get_backend(n)) is not None and b.tunable), None)
+
+
+def runs_over_rpc(name) -> bool:
+    """True when ``--rpc-tracker`` runs ``name``'s artefacts on the device (its Backend's ``runs_over_rpc``)."""
+    backend = get_backend(name) if isinstance(name, str) else None
+    return backend is not None and backend.runs_over_rpc
+
+
+def plain_runtime(name) -> type | str | None:
+    """The class of ``name``'s companion module (how run_candidates.py opens its candidates with the runtime
+    alone), or the reason the script does not run them; None for a name this version does not know."""
+    backend = get_backend(name) if isinstance(name, str) else None
+    if backend is None:
+        return None
+    if backend.plain_runtime is None:
+        return backend.not_run_by_script
+    module, _, cls = backend.plain_runtime.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def get_backend(name: str) -> Backend | None:

@@ -121,6 +121,11 @@ class Backend(abc.ABC):
     tunable: ClassVar[bool] = False  # `dlopt tune` writes tuning records that its compile reads
     runs_over_rpc: ClassVar[bool] = False  # `--rpc-tracker` runs its artefacts on the device (load_remote)
 
+    # Its companion module for run_candidates.py and `dlopt verify` ("module:Class", numpy and the runtime
+    # only: see dlopt.targets.ort_plain), or why the script does not run its candidates.
+    plain_runtime: ClassVar[str | None] = None
+    not_run_by_script: ClassVar[str] = "unknown backend"
+
     def with_threads(self, settings: dict, threads: int) -> dict:
         """``settings`` (its settings file) running on ``threads`` threads; unchanged where it has no count."""
         del threads
@@ -134,6 +139,12 @@ class Backend(abc.ABC):
         if status is not True:
             raise TargetUnavailable(f"{artifact.backend}/{artifact.precision} in {artifact.folder} cannot run "
                                     f"here: {status}")
+
+    def library_cpu(self, settings: dict) -> tuple[str, str] | None:
+        """(arch, mcpu) of a native CPU library shipped with ``settings``, which `dlopt verify` can run under
+        an emulated CPU of that arch; None where the artefact is no such library."""
+        del settings
+        return None
 
     def runs_with_dlopt(self, settings: dict) -> bool:
         """True when ``dlopt.load`` on the device runs a candidate shipped with ``settings``."""

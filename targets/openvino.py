@@ -409,6 +409,7 @@ def fill_triton(config, artifact: Artifact, plain_file) -> str:
 class OpenVinoBackend(Backend):
     name, entry, settings_file, own_precisions = name, ENTRY, SETTINGS_FILE, OWN_PRECISIONS
     runtime_name, dlopt_extra = "OpenVINO", "openvino"
+    plain_runtime = "dlopt.targets.openvino_plain:OpenVinoPlain"
     prefers_nncf = reduce_range_where_saturating = True
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)

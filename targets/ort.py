@@ -293,6 +293,7 @@ def fill_triton(config, artifact: Artifact, plain_file) -> str:
 class OrtBackend(Backend):
     name, entry, settings_file = name, ENTRY, SETTINGS_FILE
     runtime_name = "ONNX Runtime"
+    plain_runtime = "dlopt.targets.ort_plain:OrtPlain"
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     lowering_passes = staticmethod(lowering_passes)

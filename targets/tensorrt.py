@@ -242,6 +242,7 @@ def triton_engine(plain_file) -> Path | None:
 class TensorRtBackend(Backend):
     name, entry, settings_file = name, "model.onnx", "tensorrt_build.json"
     checked_elsewhere, unbuilt_note = " on ONNX Runtime", "engine not built yet; "
+    not_run_by_script = "build the engine with build_engine.sh and time it with trtexec --loadEngine=model.engine"
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)
     compile, load = staticmethod(compile), staticmethod(load)

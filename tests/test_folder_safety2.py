@@ -182,17 +182,20 @@ def test_run_candidates_runs_openvino_on_the_cpu_only(tmp_path, settings, why):
 
 def test_the_standalone_allow_lists_are_dlopts():
     from dlopt.targets import openvino, ort
+    from dlopt.targets.openvino_plain import OpenVinoPlain
+    from dlopt.targets.ort_plain import OrtPlain
 
-    assert device_check.ORT_CONFIG_ENTRIES == ort.CONFIG_ENTRIES
-    assert device_check.OPENVINO_DEVICE == openvino.DEVICE
-    assert set(device_check.OPENVINO_VALUES) | set(device_check.OPENVINO_COUNTS) == set(
+    assert device_check.plain_runtime("ort") is OrtPlain and device_check.plain_runtime("openvino") is OpenVinoPlain
+    assert OrtPlain.CONFIG_ENTRIES == ort.CONFIG_ENTRIES
+    assert OpenVinoPlain.DEVICE == openvino.DEVICE
+    assert set(OpenVinoPlain.VALUES) | set(OpenVinoPlain.COUNTS) == set(
         openvino._PROPERTY_VALUES) | set(openvino._COUNT_PROPERTIES)
-    assert {k: set(v) for k, v in device_check.OPENVINO_VALUES.items()} == {
+    assert {k: set(v) for k, v in OpenVinoPlain.VALUES.items()} == {
         k: set(v) for k, v in openvino._PROPERTY_VALUES.items()}
     import onnxruntime
 
     assert all(isinstance(getattr(onnxruntime.GraphOptimizationLevel, name), onnxruntime.GraphOptimizationLevel)
-               for name in device_check.ORT_LEVELS)
+               for name in OrtPlain.LEVELS)
 
 
 # -- item 5: JSON files run_candidates.py reads are small regular files ------------------------------

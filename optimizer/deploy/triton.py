@@ -2,16 +2,11 @@
 
 The config is a ``inference.ModelConfig`` protobuf, the one ``tritonclient`` ships, printed
 with protobuf's text format: Triton parses exactly that, so nothing here is a hand-written
-format.  What goes into it comes from the artefact dlopt chose (or a bundle candidate):
-
-* ORT artefacts: ``platform: "onnxruntime_onnx"``, ``model.onnx``; the thread settings the
-  compile chose as backend parameters; TensorRT or OpenVINO execution accelerators when the
-  session ships with those providers.
-* OpenVINO artefacts: ``backend: "openvino"``, ``model.xml`` + ``model.bin``, the plugin
-  properties (threads, streams, hint) as backend parameters.
-* TensorRT artefacts: ``platform: "tensorrt_plan"`` with ``model.plan`` once the engine was built
-  on the device (``build_engine.sh``); before that, the bundle's ONNX on ORT with the TensorRT
-  accelerator at the bundle's precision, which builds the engine when Triton loads the model.
+format.  What goes into it comes from the artefact dlopt chose (or a bundle candidate), filled in by
+its backend (``fill_triton`` of its class in dlopt.targets): ORT artefacts on Triton's onnxruntime
+platform with the compile's thread settings and the execution accelerators its providers name,
+OpenVINO IR on the openvino backend with the plugin properties, a TensorRT bundle as ``model.plan``
+once the engine was built on the device (before that, its ONNX on ORT with the TensorRT accelerator).
 
 Guarantees: the model folder ``REPO/NAME`` appears complete or not at all (staged beside REPO and
 renamed in); an existing one is replaced only when dlopt wrote it (its ``dlopt_package.json``),
@@ -43,6 +38,7 @@ from typing import Iterator
 from dlopt.core.artifacts import contained_path, read_folder_json
 from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.core.optional import require
+from dlopt.targets import get_backend
 
 CONFIG = "config.pbtxt"
 MARKER = "dlopt_package.json"  # what dlopt wrote into REPO/NAME; Triton ignores other files
@@ -53,9 +49,7 @@ _DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64
            "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
            "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64",
            "bool": "TYPE_BOOL", "object": "TYPE_STRING", "str": "TYPE_STRING"}
-_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-_OPENVINO_PARAMETERS = ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")
-_TRT_PRECISION = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
+_ENGINE_FILES = ("model.plan", "model.engine")  # a TensorRT engine built on the device, served as model.plan
 LOCK_WAIT_S = 120.0  # another run packaging the same model copies its files meanwhile
 
 
@@ -156,58 +150,14 @@ def _data_type(spec) -> str:
 
 
 def _fill_backend(config, artifact) -> None:
-    """platform/backend, instance group, parameters and accelerators for the artefact's runtime."""
-    settings = artifact.settings
-    kind = "KIND_CPU"
-
-    def parameter(key: str, value) -> None:
-        config.parameters[key].string_value = str(value)
-
-    if artifact.backend == "ort":
-        config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
-        providers = list(settings.get("providers") or [])
-        for key, ours in (("intra_op_thread_count", "intra_op_num_threads"),
-                          ("inter_op_thread_count", "inter_op_num_threads")):
-            if isinstance(settings.get(ours), int):
-                parameter(key, settings[ours])
-        if settings.get("execution_mode"):
-            parameter("execution_mode", 1 if settings["execution_mode"] == "ORT_PARALLEL" else 0)
-        accelerators = config.optimization.execution_accelerators
-        if "TensorrtExecutionProvider" in providers:
-            trt = accelerators.gpu_execution_accelerator.add(name="tensorrt")
-            trt.parameters["precision_mode"] = _TRT_PRECISION.get(artifact.precision, "FP32")
-        if "OpenVINOExecutionProvider" in providers:
-            accelerators.cpu_execution_accelerator.add(name="openvino")
-        if any(p in providers for p in _GPU_PROVIDERS):
-            kind = "KIND_GPU"
-        config.default_model_filename = "model.onnx"
-    elif artifact.backend == "openvino":
-        config.backend = "openvino"
-        properties = settings.get("properties") or {}
-        for key in _OPENVINO_PARAMETERS:
-            if properties.get(key) is not None:
-                parameter(key, properties[key])
-        config.default_model_filename = "model.xml"
-    elif artifact.backend == "tensorrt":
-        kind = "KIND_GPU"
-        if _engine(artifact) is not None:
-            config.platform, config.backend = "tensorrt_plan", "tensorrt"
-            config.default_model_filename = "model.plan"
-        else:  # no engine yet: ORT builds it with its TensorRT provider when Triton loads the model
-            config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
-            trt = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-            trt.parameters["precision_mode"] = _TRT_PRECISION.get(artifact.precision, "FP32")
-            config.default_model_filename = "model.onnx"
-    else:
-        raise ConfigError(f"{artifact.backend}/{artifact.precision} artefacts have no Triton backend; package an "
-                          f"ort, openvino or tensorrt candidate (OUT/bundle/<backend>-<precision>), or compile for "
-                          f"a target whose backends are those")
+    """platform/backend, instance group, parameters and accelerators: the artefact's backend fills them in."""
+    backend = get_backend(artifact.backend)
+    if backend is None:
+        raise ConfigError(f"{artifact.backend}/{artifact.precision} artefacts are not loaded by this version of "
+                          f"dlopt; package a candidate of a backend it knows")
+    kind = backend.fill_triton(config, artifact, lambda name: _plain_file(artifact.folder, name))
     group = config.instance_group.add(count=1)
     group.kind = type(group).Kind.Value(kind)
-
-
-def _engine(artifact) -> Path | None:
-    return next((p for p in (_plain_file(artifact.folder, f) for f in ("model.plan", "model.engine")) if p), None)
 
 
 def _plain_file(folder: Path, name: str, *, named_in: str = "") -> Path | None:
@@ -251,10 +201,10 @@ def _copy_plain(src: Path, dest: Path) -> None:
 def _model_files(artifact, config, root: Path) -> dict[str, Path]:
     """Version-folder name -> source file, each checked by _plain_file."""
     folder = artifact.folder
-    if config.platform == "tensorrt_plan":
-        return {"model.plan": _engine(artifact)}
+    if config.default_model_filename == "model.plan":  # an engine built on the device: model.plan or .engine
+        return {"model.plan": next(p for p in (_plain_file(folder, f) for f in _ENGINE_FILES) if p)}
     listed = "manifest files" if Path(folder).resolve() == Path(root).resolve() else "report.json files"
-    if config.backend == "openvino":
+    if config.default_model_filename == "model.xml":  # IR: the graph and its weights
         names = {"model.xml": "", "model.bin": ""}
     else:
         names = {"model.onnx": "", **{f: listed for f in artifact.files

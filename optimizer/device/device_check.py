@@ -34,11 +34,10 @@ from pathlib import Path
 import numpy as np
 
 try:  # inside dlopt; in run_candidates.py these names are defined above this module
-    from dlopt.device.device_guard import (JSON_MAX_BYTES, NATIVE_SUFFIXES, OPENVINO_COUNTS, OPENVINO_DEVICE,
-                                    OPENVINO_VALUES, ORT_CONFIG_ENTRIES, ORT_LEVELS, SETTINGS_FILES, VerifyFileError,
-                                    check_entry, check_native, check_settings, checked_settings, clamped_threads,
-                                    contained_path, cores, first_words, is_bundle_dir, read_json, read_json_object,
-                                    shown)
+    from dlopt.device.device_guard import (JSON_MAX_BYTES, NATIVE_SUFFIXES, VerifyFileError, check_entry,
+                                           check_native, check_settings, checked_settings, clamped_threads,
+                                           contained_path, cores, first_words, is_bundle_dir, plain_runtime,
+                                           read_json, read_json_object, shown)
     from dlopt.measure.fidelity import compare
     from dlopt.measure.timing import Timing, significantly_faster, time_interleaved
 except ImportError:  # pragma: no cover - the standalone script
@@ -246,87 +245,22 @@ def timing_feed(data: VerifyData, shapes: dict | None) -> dict:
 
 
 def open_plain(folder: Path, backend: str, threads: int | None = None):
-    """A ``run(feeds) -> list of arrays`` over the candidate in ``folder`` using only its runtime."""
-    if backend == "ort":
-        import onnxruntime as ort
-
-        settings = checked_settings(folder, backend)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or clamped_threads(settings.get("intra_op_num_threads", 0), 0))
-        options.inter_op_num_threads = clamped_threads(settings.get("inter_op_num_threads", 1), 1)
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                                   settings.get("graph_optimization_level", "ORT_ENABLE_ALL"))
-        options.enable_cpu_mem_arena = bool(settings.get("enable_cpu_mem_arena", True))
-        for key, value in settings.get("config_entries", ORT_CONFIG_ENTRIES).items():
-            options.add_session_config_entry(str(key), str(value))
-        have = set(ort.get_available_providers())
-        providers = [p for p in settings.get("providers", []) if p in have] or ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers,
-                                       disabled_optimizers=settings.get("disabled_optimizers") or None)
-        return lambda feeds: session.run(None, feeds)
-    if backend == "openvino":
-        import openvino as ov
-
-        settings = checked_settings(folder, backend)
-        properties = dict(settings["properties"])
-        for key in OPENVINO_COUNTS:
-            if key in properties:
-                properties[key] = clamped_threads(properties[key], 1 if key == "NUM_STREAMS" else 0)
-        if threads:
-            properties["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
-        model = core.read_model(str(folder / "model.xml"))
-        if settings.get("static_shape"):
-            model.reshape({k: list(v) for k, v in settings["static_shape"].items()})
-        request = core.compile_model(model, OPENVINO_DEVICE, properties).create_infer_request()
-        count = len(request.model_outputs)
-
-        def run_ov(feeds):
-            request.infer(feeds)
-            return [request.get_output_tensor(i).data.copy() for i in range(count)]
-        return run_ov
-    if backend == "tvm":
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
-        settings = checked_settings(folder, backend)
-        arch = str((settings.get("host") or {}).get("mtriple") or "").split("-", 1)[0]
-        if arch and arch != _machine():
-            raise Skipped(f"a TVM library for {arch}; this machine is {_machine()}")
-        count = threads or clamped_threads(settings.get("threads"), 0)
-        if count:
-            allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-            try:
-                tvm.get_global_func("runtime.config_threadpool")(1, int(count))
-            finally:  # TVM pins the calling thread to one core; the rest of this process keeps its CPUs
-                if allowed is not None:
-                    os.sched_setaffinity(0, allowed)
-        main = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), tvm.cpu())["main"]
-        specs = settings["inputs"]
-
-        def run_tvm(feeds):
-            n = len(next(iter(feeds.values())))
-            if n > 1 and all(s.get("dynamic_batch") for s in specs):  # built for batch 1: sample by sample
-                parts = [run_tvm({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
-                return [np.concatenate(p, axis=0) for p in zip(*parts)]
-            out = main(*[tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]], dtype=s["dtype"]))
-                         for s in specs])
-            return _flatten(out)
-        return run_tvm
-    raise Skipped(f"{backend} candidates are not run by this script: "
-                  + ("build the engine with build_engine.sh and time it with trtexec --loadEngine=model.engine"
-                     if backend == "tensorrt" else "unknown backend"))
+    """A ``run(feeds) -> list of arrays`` over the candidate in ``folder`` using only its runtime (its
+    backend's companion module: ``plain_runtime``)."""
+    plain = plain_runtime(backend)
+    if not isinstance(plain, type):
+        raise Skipped(f"{backend} candidates are not run by this script: {plain or 'unknown backend'}")
+    runtime = plain.runtime()
+    settings = checked_settings(folder, backend)
+    reason = plain.not_here(settings, _machine())
+    if reason:
+        raise Skipped(reason)
+    return plain.open(runtime, folder, settings, threads, clamped_threads)
 
 
 def _machine() -> str:
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
-def _flatten(value) -> list:
-    if hasattr(value, "numpy"):
-        return [value.numpy()]
-    return [array for item in value for array in _flatten(item)]
 
 
 class Skipped(Exception):
@@ -489,7 +423,7 @@ def main(argv=None) -> int:
         for key, folder in folders.items():
             check_entry(manifest, key, data.candidates[key], where=str(args.out / VERIFY_FILE))
             check_native(args.out, folder, manifest)
-            if data.candidates[key].get("backend") in SETTINGS_FILES:  # refused up front, not as a failed row
+            if isinstance(plain_runtime(data.candidates[key].get("backend")), type):  # refused up front, not as a failed row
                 checked_settings(folder, data.candidates[key]["backend"])
     except VerifyFileError as exc:
         print(f"{SCRIPT}: error: {exc}", file=sys.stderr)

@@ -3,31 +3,57 @@
 ``verify.npz`` holds a few evaluation feeds, the original's outputs on them and, per
 shipped candidate, the error it showed when built and the error it may show on the
 device (``dlopt.device.device_check``).  ``run_candidates.py`` is ``dlopt/measure/fidelity.py``,
-``dlopt/measure/timing.py``, ``dlopt/device/device_guard.py`` and ``dlopt/device/device_check.py`` pasted into one script, so the device
-check that runs without dlopt is the same code as ``dlopt verify`` and ``dlopt bench``.
+``dlopt/measure/timing.py``, ``dlopt/device/device_guard.py``, each backend's companion module
+(``dlopt/targets/ort_plain.py``, ...: how its candidates open with the runtime alone) with their table
+by backend name, and ``dlopt/device/device_check.py``, pasted into one script, so the device check that
+runs without dlopt is the same code as ``dlopt verify`` and ``dlopt bench``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from dlopt import __version__
 from dlopt.device.device_check import SCRIPT, VERIFY_FILE, allowed_error, verify_feeds, write_verify
+from dlopt.targets import BACKEND_MODULES, get_backend
 
 _SOURCES = ("measure/fidelity.py", "measure/timing.py", "device/device_guard.py", "device/device_check.py")
 _FUTURE = "from __future__ import annotations\n"
 
 
+def _companions() -> tuple[list[tuple[str, Path]], str]:
+    """(shown name, file) of each registered backend's companion module, and the PLAIN_RUNTIMES line naming
+    its class (or the reason the script does not run that backend) per backend."""
+    files, table = [], []
+    for name in BACKEND_MODULES:
+        backend = get_backend(name)
+        if backend is None:
+            continue
+        if backend.plain_runtime is None:
+            table.append(f"{name!r}: {backend.not_run_by_script!r}")
+            continue
+        module, _, cls = backend.plain_runtime.partition(":")
+        files.append(("/".join(module.split(".")) + ".py", Path(importlib.util.find_spec(module).origin)))
+        table.append(f"{name!r}: {cls}")
+    return files, "PLAIN_RUNTIMES = {" + ", ".join(table) + "}\n"
+
+
 def script_source() -> str:
-    """run_candidates.py: the four numpy-only modules, one after the other, one ``__future__`` line."""
+    """run_candidates.py: the numpy-only modules, one after the other, one ``__future__`` line."""
     here = Path(__file__).resolve().parent.parent  # the dlopt package
-    parts = [f"#!/usr/bin/env python3\n# run_candidates.py, written by dlopt {__version__} from dlopt/"
-             + ", dlopt/".join(_SOURCES) + ".\n# Needs only numpy and the runtime of each candidate; "
+    companions, table = _companions()
+    sources = [(f"dlopt/{name}", here / name) for name in _SOURCES]
+    sources[-1:-1] = companions
+    parts = [f"#!/usr/bin/env python3\n# run_candidates.py, written by dlopt {__version__} from "
+             + ", ".join(shown for shown, _ in sources) + ".\n# Needs only numpy and the runtime of each candidate; "
              "`python3 run_candidates.py --help`.\n" + _FUTURE]
-    for name in _SOURCES:
-        text = (here / name).read_text()
-        parts.append(f"\n# ---- dlopt/{name} " + "-" * max(0, 80 - len(name) - 15) + "\n"
-                     + text.replace(_FUTURE, "", 1))
+    for shown, path in sources:
+        if shown.endswith("device_check.py"):
+            parts.append("\n# ---- each backend's companion by name (dlopt.targets.BACKEND_MODULES) " + "-" * 7
+                         + "\n" + table)
+        parts.append(f"\n# ---- {shown} " + "-" * max(0, 80 - len(shown) - 9) + "\n"
+                     + path.read_text().replace(_FUTURE, "", 1))
     return "".join(parts)
 
 

@@ -5,8 +5,9 @@ thread counts within the cores, and only the runtime settings dlopt writes.
 
 Two lives, like ``device_check``: imported as ``dlopt.device.device_guard`` inside dlopt, and pasted into
 each output's ``run_candidates.py`` before ``device_check.py`` (so it imports only the standard
-library).  The twins of ``dlopt.core.artifacts.contained_path``/``check_native_files`` and of the
-backends' settings checks, because that script cannot import dlopt.
+library).  The twins of ``dlopt.core.artifacts.contained_path``/``check_native_files``, because that
+script cannot import dlopt; what each runtime may be asked is its backend's companion module's
+(``dlopt.targets.ort_plain``, ...: ``plain_runtime``), pasted in after this one.
 """
 
 from __future__ import annotations
@@ -196,49 +197,32 @@ def clamped_threads(value, default: int) -> int:
 
 # -- the runtimes, without dlopt --------------------------------------------------------------------
 
-# What dlopt writes into a candidate's settings file, and nothing else reaches a runtime (twins of
-# dlopt.targets.ort.CONFIG_ENTRIES and dlopt.targets.openvino's DEVICE and property values; this script
-# needs no dlopt).  ORT's ep.context_* entries would write model files wherever they say, OpenVINO's
-# CACHE_DIR cache blobs.
-ORT_CONFIG_ENTRIES = {"session.x64quantprecision": "1"}  # exact int8 kernels on x86 CPUs without VNNI
-ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_LAYOUT", "ORT_ENABLE_ALL")
-OPENVINO_DEVICE = "CPU"
-OPENVINO_VALUES = {"INFERENCE_PRECISION_HINT": ("f32", "bf16", "f16"), "PERFORMANCE_HINT": ("LATENCY", "THROUGHPUT")}
-OPENVINO_COUNTS = ("INFERENCE_NUM_THREADS", "NUM_STREAMS")
-SETTINGS_FILES = {"ort": "session_options.json", "openvino": "runtime_config.json", "tvm": "tvm_build.json"}
+def plain_runtime(backend) -> type | str | None:
+    """The companion class that opens ``backend``'s candidates with the runtime alone (``OrtPlain``, ...), the
+    reason this script does not run them, or None for a backend it does not know.  In run_candidates.py the
+    companions and their table (PLAIN_RUNTIMES) are pasted above; inside dlopt, each backend's class names
+    its companion (dlopt.targets.plain_runtime)."""
+    if not isinstance(backend, str):
+        return None
+    table = globals().get("PLAIN_RUNTIMES")
+    if table is not None:
+        return table.get(backend)
+    from dlopt.targets import plain_runtime as of_backend
+
+    return of_backend(backend)
 
 
 def check_settings(backend: str, settings: dict, source) -> None:
     """VerifyFileError (one line) unless ``settings`` asks ``backend``'s runtime only for what dlopt writes."""
-    def refuse(what: str) -> VerifyFileError:
-        return VerifyFileError(f"{source} {what}, which dlopt does not write (remove it, or recompile)")
-
-    if backend == "ort":
-        entries = settings.get("config_entries", ORT_CONFIG_ENTRIES)
-        if not isinstance(entries, dict):
-            raise refuse("has config_entries that are not a JSON object")
-        foreign = sorted(set(entries) - set(ORT_CONFIG_ENTRIES))
-        if foreign:
-            raise refuse(f"sets ONNX Runtime config entry {shown(foreign[0])}")
-        level = settings.get("graph_optimization_level", "ORT_ENABLE_ALL")
-        if level not in ORT_LEVELS:
-            raise refuse(f"sets graph_optimization_level {shown(level)}")
-    elif backend == "openvino":
-        device, properties = settings.get("device", OPENVINO_DEVICE), settings.get("properties")
-        if device != OPENVINO_DEVICE:
-            raise refuse(f"names device {shown(device)} (dlopt artefacts run on {OPENVINO_DEVICE})")
-        if not isinstance(properties, dict):
-            raise refuse("has properties that are not a JSON object")
-        for key, value in properties.items():
-            if key not in OPENVINO_VALUES and key not in OPENVINO_COUNTS:
-                raise refuse(f"sets OpenVINO property {shown(key)}")
-            if key in OPENVINO_VALUES and value not in OPENVINO_VALUES[key]:
-                raise refuse(f"sets {key} {shown(value)}")
+    plain = plain_runtime(backend)
+    what = plain.refusal(settings, shown) if isinstance(plain, type) else None
+    if what:
+        raise VerifyFileError(f"{source} {what}, which dlopt does not write (remove it, or recompile)")
 
 
 def checked_settings(folder: Path, backend: str) -> dict:
     """The settings file of the ``backend`` candidate in ``folder``, read safely and checked."""
-    source = folder / SETTINGS_FILES[backend]
+    source = folder / plain_runtime(backend).settings_file
     settings = read_json_object(source)
     check_settings(backend, settings, source)
     return settings

@@ -26,20 +26,21 @@ def backend_model(config: CompileConfig):
     from dlopt.core.pipeline import run_pipeline
     from dlopt.core.profiles import resolve_target
     from dlopt.core.shapes import declared_shapes
-    from dlopt.targets import backend_status, get_backend
+    from dlopt.targets import backend_status, get_backend, tunable_backend
 
     profile = resolve_target(config.target, config.targets_file)
-    if "tvm" not in profile.backends:
+    name = tunable_backend(profile)
+    if name is None:
         raise ConfigError(f"target {profile.name} has no TVM backend ({', '.join(profile.backends)}); nothing to tune")
     if profile.device != "cpu":
         raise ConfigError(f"tuning covers CPU targets; {profile.name} is a {profile.device} target")
-    status = backend_status("tvm")
+    status = backend_status(name)
     if status is not True:
         raise ConfigError(f"TVM is not usable here: {status}")
     proto, model, info = _load(config)
     shapes = declared_shapes(tuple(input_specs(proto)), batch=config.batch, shapes=config.shapes)
     generic = run_pipeline(model, generic_passes(model=model)).model
-    backend = get_backend("tvm")
+    backend = get_backend(name)
     ready = run_pipeline(generic.clone(), [*backend.lowering_passes("fp32"), CheckerPass()]).model
     return profile, ready, shapes, info
 

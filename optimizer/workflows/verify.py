@@ -23,12 +23,12 @@ from typing import Callable
 from dlopt import __version__
 from dlopt.core.artifacts import (FILE_HASHES, MANIFEST, check_native_files, contained_path, output_lock, move_into_place,
                              read_folder_json, resolve_output, staging_dir)
-from dlopt.device.device_check import (DEVICE_REPORT, SCRIPT, SETTINGS_FILES, VERIFY_FILE, Skipped, VerifyData,
+from dlopt.device.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipped, VerifyData,
                                 VerifyFileError, check_entry, check_settings, device_report, fastest, host_info,
                                 is_bundle_dir, read_arrays, run_candidates, shown, write_json, write_text)
 from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.measure.timing import Timing
-from dlopt.targets import read_manifest
+from dlopt.targets import get_backend, read_manifest, runs_over_rpc
 
 from dlopt.device.emulation import LABEL as EMULATED  # "qemu-aarch64 emulation" (a stdlib-only module)
 # Emulated runs: the verify feeds and a few timed runs (a Cortex-A76 library under qemu is
@@ -74,13 +74,13 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     if remote is not None:
         from dlopt.targets.tvm.rpc import require
 
-        if not any(data.candidates[k].get("backend") == "tvm" for k in wanted):
+        if not any(runs_over_rpc(data.candidates[k].get("backend")) for k in wanted):
             what = f"the candidates asked for in {out} ({', '.join(wanted)}) hold" if keys else \
                 f"{out} ({', '.join(wanted)}) holds"
             raise ConfigError(f"--rpc-tracker runs TVM libraries on the device, and {what} none; drop "
                               f"--rpc-tracker/--rpc-key, or run `dlopt bench` on the device itself")
         require(remote)
-    on_remote = {k for k in wanted if remote is not None and data.candidates[k].get("backend") == "tvm"}
+    on_remote = {k for k in wanted if remote is not None and runs_over_rpc(data.candidates[k].get("backend"))}
     emulated = {k: _emulation_plan(folders[k], data.candidates[k]) for k in wanted if k not in on_remote}
     emulated = {k: v for k, v in emulated.items() if v is not None}
     opened, unreachable = [], []
@@ -89,11 +89,11 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
         from dlopt.measure.runner import load
 
         if key in on_remote:
-            from dlopt.targets import get_backend, read_artifact
+            from dlopt.targets import read_artifact
 
             artifact, _ = read_artifact(folders[key])
             try:
-                session = get_backend("tvm").load_remote(artifact, remote, threads=threads)
+                session = get_backend(artifact.backend).load_remote(artifact, remote, threads=threads)
             except TargetUnavailable as exc:  # the device, not the candidate, failed: one line, not a row
                 unreachable.append(exc)
                 raise Skipped(first_line(exc)) from exc
@@ -190,7 +190,7 @@ def _check_candidate(out: Path, manifest: dict, key: str, entry: dict, folder: P
                           f"{VERIFY_FILE} and the manifest say; nothing was run (a crafted or damaged output: "
                           f"recompile)")
     try:  # the settings run_candidates.py would refuse are refused here too, before anything runs
-        check_settings(artifact.backend, artifact.settings, folder / SETTINGS_FILES.get(artifact.backend, ""))
+        check_settings(artifact.backend, artifact.settings, folder / get_backend(artifact.backend).settings_file)
     except VerifyFileError as exc:
         raise ConfigError(first_line(exc)) from exc
 
@@ -205,10 +205,11 @@ def _candidate_files(out: Path, folder: Path, manifest: dict) -> list[str]:
 
 def _emulation_plan(folder: Path, entry: dict):
     """For an aarch64 TVM library on another machine: the emulated Python, or a Skipped reason; else None."""
-    if entry.get("backend") != "tvm":
+    backend = get_backend(entry.get("backend")) if isinstance(entry.get("backend"), str) else None
+    if backend is None:
         return None
     try:
-        settings = read_folder_json(folder, "tvm_build.json")
+        settings = read_folder_json(folder, backend.settings_file)
     except ConfigError:
         return None  # its own row says why it cannot be opened
     if not isinstance(settings, dict):
@@ -216,15 +217,13 @@ def _emulation_plan(folder: Path, entry: dict):
     from dlopt.device.emulation import aarch64_python
     from dlopt.core.profiles import host_arch
 
-    host = settings.get("host") if isinstance(settings.get("host"), dict) else {}
-    arch = str(host.get("mtriple") or "").split("-", 1)[0]
-    kind = (settings.get("target") or {}).get("kind") if isinstance(settings.get("target"), dict) else None
-    if arch != "aarch64" or host_arch() == "aarch64" or kind not in (None, "llvm"):
-        return None  # a CUDA library (Jetson) needs the GPU, not an emulated CPU
+    arch, mcpu = backend.library_cpu(settings) or ("", "")  # none for a CUDA library (Jetson): it needs the GPU
+    if arch != "aarch64" or host_arch() == "aarch64":
+        return None
     python = aarch64_python()
     if isinstance(python, str):
-        return Skipped(f"an aarch64 TVM library and no emulation here: {python}")
-    return str(host.get("mcpu") or "") or None
+        return Skipped(f"an aarch64 {backend.runtime_name} library and no emulation here: {python}")
+    return mcpu or None
 
 
 def _run_emulated(out: Path, key: str, plan, *, bench: bool, threads: int | None, log) -> dict:

@@ -465,7 +465,8 @@ def load_remote(artifact: Artifact, device, *, threads: int | None = None):
 class TvmBackend(Backend):
     name, entry, settings_file = name, ENTRY, SETTINGS_FILE
     runtime_name, dlopt_extra, tunable, runs_over_rpc = "TVM", "tvm", True, True
-    runs_with_dlopt = staticmethod(facts.runs_with_dlopt)
+    plain_runtime = "dlopt.targets.tvm.plain:TvmPlain"
+    runs_with_dlopt, library_cpu = staticmethod(facts.runs_with_dlopt), staticmethod(facts.library_cpu)
     install_lines, plain_code = staticmethod(facts.install_lines), staticmethod(facts.plain_code)
     available, runtime_version = staticmethod(available), staticmethod(runtime_version)
     precisions, supports = staticmethod(precisions), staticmethod(supports)

@@ -27,6 +27,15 @@ def check_runs_here(artifact) -> None:
                                 f"(this machine is {host_arch()}); run it on a device with {needs}")
 
 
+def library_cpu(settings: dict) -> tuple[str, str] | None:
+    """(arch, mcpu) of a CPU library; None for a CUDA one."""
+    host = settings.get("host") if isinstance(settings.get("host"), dict) else {}
+    kind = (settings.get("target") or {}).get("kind") if isinstance(settings.get("target"), dict) else None
+    if kind not in (None, "llvm"):
+        return None
+    return str(host.get("mtriple") or "").split("-", 1)[0], str(host.get("mcpu") or "")
+
+
 def runs_with_dlopt(settings: dict) -> bool:
     return (settings.get("target") or {}).get("kind") == "llvm"
 
