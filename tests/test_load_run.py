@@ -189,3 +189,20 @@ def test_an_artefact_its_runtime_refuses_is_one_line_not_an_internal_error(outs,
     result = dlopt("run", out, "--input", tmp_path / "x.npz", "--output", tmp_path / "y.npz")
     assert result.returncode == 2 and "cannot be loaded by its runtime" in result.stderr
     assert not (tmp_path / "y.npz").exists()
+
+
+def test_the_loaded_runner_is_the_timing_runner_and_is_timed_through_fresh_sessions(outs):
+    """One runner concept: what dlopt.load returns is a BaseRunner (lifecycle, inputs, checks, ran_as);
+    time_interleaved takes it as it is and opens the artefact afresh between spans."""
+    from dlopt.measure.timing import BaseRunner, time_interleaved
+
+    runner = api.load(outs["ort"], threads=1)
+    assert isinstance(runner, BaseRunner) and runner.name == runner.key == "ort/fp32" and runner.ran_as == "fp32"
+    first = runner._session
+    timing = time_interleaved({"ort": runner}, {"x": _x(1)}, runs=20, warmup=2, threads=1, sessions=2)["ort"]
+    assert (timing.runs, timing.sessions) == (20, 2) and timing.p50_ms > 0
+    assert runner._session is not first and repr(runner).endswith("(open)>")
+    runner.close()
+    assert repr(runner).endswith("(closed)>")
+    with pytest.raises(ConfigError, match="is closed; dlopt.load"):
+        runner.run({"x": _x(1)})

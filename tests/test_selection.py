@@ -143,3 +143,60 @@ def test_an_explicit_prune_never_gives_back_the_original():
     assert verdict.notes == ("ort/fp32 is slower than the original (12.000 ms vs 10.000 ms) but ships: --prune 0.5 "
                              "asked for a changed model, so the original is not a candidate",)
     assert choose([_e("fp32", 12.0)], _t(10.0), BACKENDS).chosen == ORIGINAL  # without the request it would
+
+
+# -- when nothing met the budget: the policy on frozen values (dlopt.flow.select) ---------------------
+
+def _candidate(key, status, drop=None, reason=""):
+    from dlopt.report.data import Candidate
+
+    backend, precision = key.split("/")
+    score = None if drop is None else {"metric": "top-1 accuracy", "drop_pp": drop}
+    return Candidate(backend, precision, status, reason=reason, score=score)
+
+
+def test_the_original_is_the_floor_when_it_can_ship():
+    from dlopt.flow.select import Verdict, original_floor
+
+    nothing = Verdict(None, "no candidate met the budget")
+    verdict, notes = original_floor(nothing, can_ship=True)
+    assert verdict.chosen == ORIGINAL and verdict.why.endswith("the original model ships unchanged")
+    assert notes == ["no optimised candidate met the accuracy budget and its checks; ort/original (the input "
+                     "model, unchanged) ships instead"]
+    assert original_floor(nothing, can_ship=False) == (nothing, [])
+    chosen = Verdict("ort/fp32", "fastest")
+    assert original_floor(chosen, can_ship=True) == (chosen, [])
+
+
+def test_the_closest_scored_and_built_candidate_is_written_over_the_budget():
+    import pytest
+
+    from dlopt.core.errors import CompileError, ModelError
+    from dlopt.flow.select import Verdict, closest_over_budget
+
+    cands = [_candidate("ort/int8", Status.REJECTED, 4.0, "accuracy budget: ..."),
+             _candidate("ort/fp16", Status.REJECTED, 1.5, "accuracy budget: ..."),
+             _candidate("tvm/fp16", Status.REJECTED, 0.5, "accuracy budget: ..."),  # closest, but no artefact
+             _candidate("openvino/fp32", Status.FAILED, None, "could not run")]
+    out = closest_over_budget(Verdict(None, "none"), cands, {"ort/int8", "ort/fp16", "openvino/fp32"}, "cpu")
+    assert (out.verdict.chosen, out.verdict.why) == ("ort/fp16", "closest to the budget; no candidate met it")
+    assert out.closest.key == "ort/fp16" and [c.key for c in out.scored] == ["ort/int8", "ort/fp16"]
+    assert out.notes == ("no candidate met the accuracy budget; ort/fp16 (closest) was written anyway",)
+    met = closest_over_budget(Verdict("ort/fp32", "fastest"), cands, set(), "cpu")
+    assert (met.verdict.chosen, met.closest, met.notes) == ("ort/fp32", None, ())
+    with pytest.raises(CompileError, match=r"^no backend of target cpu produced a usable artefact "
+                                           r"\(openvino/fp32: could not run\)$"):
+        closest_over_budget(Verdict(None, "none"), cands[3:], {"openvino/fp32"}, "cpu")
+    unsupported = [_candidate("ort/fp32", Status.UNSUPPORTED, None, "unsupported ops: Foo")]
+    with pytest.raises(ModelError, match=r"^no backend of target cpu supports this model"):
+        closest_over_budget(Verdict(None, "none"), unsupported, set(), "cpu")
+
+
+def test_the_driver_plans_once_and_leaves_the_fallback_to_select():
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parent.parent / "optimizer" / "flow" / "driver.py").read_text()
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "plan"]
+    assert len(calls) == 1
+    assert "closest to the budget" not in source and "ships unchanged" not in source

@@ -23,6 +23,8 @@ class Sleeper(BaseRunner):
         self.odd_s, self.even_s, self.open_cost = odd_s, even_s, open_s
         self.opens = 0
 
+    ran_as = None  # a required property of every runner
+
     def _open(self) -> None:
         self.opens += 1
         time.sleep(self.open_cost)

@@ -49,6 +49,8 @@ def test_runner_lifecycle():
     opened = []
 
     class Probe(BaseRunner):
+        ran_as = None
+
         def _open(self):
             opened.append(self.name)
 
@@ -76,3 +78,52 @@ def test_too_few_runs_never_separate():
     assert not significantly_faster(fast, slow)
     assert significantly_faster(Timing(1.0, 1.0, 1.0, 1.0, 0.99, 1.01, 0.0, 20, 1, 1),
                                 Timing(2.0, 2.0, 2.0, 2.0, 1.99, 2.01, 0.0, 20, 1, 1))
+
+
+def test_ran_as_is_required_of_every_runner():
+    class NoRanAs(BaseRunner):
+        def _open(self):
+            pass
+
+        def _run(self, feeds):
+            return []
+
+    with pytest.raises(TypeError, match="ran_as"):
+        NoRanAs("n")
+
+
+def test_the_base_runner_checks_feeds_against_its_inputs():
+    """Input metadata and checks live in the base class: any runner given ``inputs`` refuses a wrong feed
+    in one line (the same DataError ``dlopt.load``'s runner raises), before its runtime sees it."""
+    from dlopt.core.errors import DataError
+    from dlopt.measure.runner import TensorSpec
+
+    seen = []
+    spec = TensorSpec("x", np.dtype("float32"), ("N", 3))
+    local = LocalRunner("ort/fp32", lambda: type("S", (), {"run": lambda self, f: seen.append(f) or [1]})(),
+                        inputs=[spec])
+    with local:
+        with pytest.raises(DataError, match=r"^input 'x' has shape \[2, 4\]; dimension 1 must be 3; ort/fp32 "
+                                            r"takes x: float32\[N,3\]$"):
+            local.run({"x": np.zeros((2, 4), np.float32)})
+        with pytest.raises(DataError, match="^missing input 'x'"):
+            local.run({})
+        assert seen == []
+        assert local.run({"x": np.zeros((2, 3), np.float32)}) == [1] and len(seen) == 1
+
+
+def test_quick_estimates_and_interleaved_timing_take_runners():
+    from dlopt.measure.timing import CallableRunner, as_runner, quick_ms, run_ms
+
+    calls = []
+
+    def sleep(feed):
+        calls.append(1)
+        time.sleep(0.002)
+
+    runner = as_runner("s", sleep)
+    assert isinstance(runner, CallableRunner) and not runner.reopens and runner.ran_as is None
+    with runner:
+        assert 1.9 <= run_ms(runner, {}) < 50
+        assert 1.9 <= quick_ms(runner, {}, runs=3) < 50
+    assert len(calls) == 4

@@ -27,7 +27,7 @@ from dlopt.core.precisions import Status
 from dlopt.core.profiles import TargetProfile
 from dlopt.core.progress import raise_if_interrupted
 from dlopt.report.data import Candidate, Measurement
-from dlopt.measure.timing import LocalRunner, Timing
+from dlopt.measure.timing import LocalRunner, Timing, run_ms
 
 Feed = dict[str, np.ndarray]
 
@@ -167,30 +167,73 @@ def build(
     only: tuple[str, ...] = (),
     limit: int | None = None,
 ) -> Built:
-    """Compile, run, compare and score one candidate.
+    """Compile, run, compare and judge one candidate: four steps, each returning a frozen value.
 
     ``limit`` evaluates on the first feeds only (the mixed-precision search's quick
-    trials); such a candidate is scored but never judged or published.
+    trials); such a candidate is compared but never scored, judged or published.
     """
+    compiled = compile_candidate(ev, backend_name, precision, model, workdir, exclude=exclude, only=only)
+    if isinstance(compiled, Built):  # unavailable, unsupported or failed to build: nothing to run
+        return compiled
+    ran = run_candidate(ev, compiled, limit)
+    if isinstance(ran, Built):  # could not run, or cannot run on this machine
+        return ran
+    return judge_candidate(ev, ran, compare_candidate(ev, ran, limit), limit)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """Step 1: a candidate compiled (or copied from the artefact cache) into its folder."""
+
+    candidate: Candidate  # Status.OK, with its passes, files, quantiser, tuning and MCU figures
+    backend: object  # dlopt.targets.Backend
+    artifact: object  # dlopt.targets.Artifact
+    model: ir.Model  # the ONNX model after its passes (what the backend compiled)
+
+
+@dataclass(frozen=True)
+class Ran:
+    """Step 2: a compiled candidate's outputs on the evaluation feeds, here or on the device."""
+
+    compiled: Compiled
+    outputs: list
+    ran_as: str | None = None
+    where: str = ""  # where it was verified (and timed), for the report's reason
+    slow_ms: float | None = None  # over the too-slow line: checked on a few feeds only, never timed
+    latency: dict | None = None  # measured on the device itself (remote); None: timed by the measure stage
+    factory: Callable[[], object] | None = None  # opens a session on it here
+
+
+def _refused(ev: Evaluation, backend_name: str, precision: str, model: ir.Model):
+    """(the candidate as unavailable or unsupported, None) or (None, the backend that can take the model)."""
     from dlopt.targets import backend_status, get_backend
 
-    raise_if_interrupted()
     status = backend_status(backend_name, ev.profile)
     if status is not True:
-        return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status)))
+        return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status))), None
     backend = get_backend(backend_name)
     try:
         unsupported = backend.supports(model)
     except DloptError as exc:  # a runtime installed but broken is this backend's problem, not the compile's
         raise_if_interrupted(exc)
-        return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(exc)))
+        return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(exc))), None
     if unsupported:
         return Built(Candidate(backend_name, precision, Status.UNSUPPORTED,
-                               reason=f"unsupported ops: {', '.join(unsupported)}"))
+                               reason=f"unsupported ops: {', '.join(unsupported)}")), None
+    return None, backend
+
+
+def compile_candidate(ev: Evaluation, backend_name: str, precision: str, model: ir.Model, workdir: Path, *,
+                      exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> Compiled | Built:
+    """Step 1, build: the precision's passes, the backend's lowering and its compile (or the cache's copy)."""
+    from onnx_ir.passes.common import CheckerPass
+
+    raise_if_interrupted()
+    refused, backend = _refused(ev, backend_name, precision, model)
+    if refused is not None:
+        return refused
     try:
         # A backend that converts a precision itself (OpenVINO compresses weights to fp16) gets the float model.
-        from onnx_ir.passes.common import CheckerPass
-
         own = precision in backend.own_precisions
         who = None if own else quantiser(ev, backend_name, precision)
         before = []
@@ -210,21 +253,21 @@ def build(
     base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in before + result.records],
                      artifact_files=list(artifact.files), quantiser=_quantiser_label(who), tuning=tuning,
                      mcu=mcu_figures(artifact.settings))
+    return Compiled(base, backend, artifact, result.model)
+
+
+def run_candidate(ev: Evaluation, compiled: Compiled, limit: int | None) -> Ran | Built:
+    """Step 2, run: the outputs on the evaluation feeds, on the device behind ``--remote`` or here."""
+    base, artifact = compiled.candidate, compiled.artifact
     remote = ev.config.remote if not artifact.loadable_here and artifact.check_onnx is None else None
     if remote is not None and limit is None:
-        return _on_remote(ev, backend, artifact, base, remote, result.model)
+        return _run_remote(ev, compiled, remote)
     if not artifact.loadable_here and artifact.check_onnx is None:
         return Built(replace(base, measurement=Measurement(None, artifact.size_bytes()),
                              reason=f"built for {ev.profile.name}; cannot run on this machine, not verified here; "
-                                    f"not yet measured on the device: run `dlopt verify` and `dlopt bench` there"), artifact, model=result.model)
-    if artifact.loadable_here:
-        def factory():
-            return backend.load(artifact)
-    else:  # verify the ONNX the device will build from; the device's own runtime is timed there
-        from dlopt.targets.ort import OrtSession, session_settings
-
-        def factory():
-            return OrtSession(artifact.folder / artifact.check_onnx, session_settings(ev.config.thread_count))
+                                    f"not yet measured on the device: run `dlopt verify` and `dlopt bench` there"),
+                     artifact, model=compiled.model)
+    factory = _session_factory(ev, compiled)
     slow_ms = None
     try:
         with LocalRunner(base.key, factory) as runner:
@@ -232,41 +275,31 @@ def build(
             # before any evaluation: a candidate that cannot win is checked on a few feeds, never on all
             if ev.profile.runs_here() and artifact.loadable_here:
                 slow_ms = _too_slow(ev, runner)
-            label = f"{backend_name} {precision}"
+            label = f"{base.backend} {base.precision}"
             outputs = _spot_check(ev, runner, label, limit) if slow_ms else ev.outputs(runner, label, limit)
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
         raise_if_interrupted(exc)
         return Built(replace(base, status=Status.FAILED, reason=f"could not run: {first_line(exc)}"))
-    fidelity = compare(ev.reference[: len(outputs)], outputs).to_dict()
-    # a microcontroller build's size is what it takes in flash, not its source files
-    size = (base.mcu or {}).get("flash_bytes") or artifact.size_bytes()
-    measurement = Measurement(None, size, ev.accuracy(outputs))
-    cand = replace(base, ran_as=ran_as, fidelity=fidelity, measurement=measurement, reason=_where(ev, artifact))
-    if slow_ms:  # rejected, so the measure stage never times it
-        reason = (f"too slow to compete: {slow_ms:.1f} ms a run, {slow_ms / ev.original_ms:.0f}x the original's "
-                  f"{ev.original_ms:.2f} ms (a candidate slower than the original never ships); checked on "
-                  f"{len(outputs)} of {len(ev.data.feeds)} feeds only, not timed")
-        return Built(replace(cand, status=Status.REJECTED, reason=reason), artifact, outputs, result.model)
-    if limit is not None:
-        return Built(cand, artifact, outputs, result.model)
-    score = ev.scorer.score(outputs).to_dict()
-    status, reason = judge(precision, fidelity, score, ev.config.max_accuracy_drop,
-                           lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, outputs))
-    cand = replace(cand, score=score, status=status, reason=reason or cand.reason)
-    # a lower precision the budget refused is timed beside the finalists (never chosen: dlopt.flow.select takes
-    # OK ones only), so the report can say how much speed the budget cost
-    missed = status is Status.REJECTED and (reason or "").startswith("accuracy budget:") and \
-        precision in precisions.REGISTRY and precisions.rank(precision) > precisions.rank("fp32")
-    timed = ev.profile.runs_here() and artifact.loadable_here and (status is Status.OK or missed)
-    return Built(cand, artifact, outputs, result.model, factory if timed else None)
+    return Ran(compiled, outputs, ran_as, _where(ev, artifact), slow_ms, factory=factory)
 
 
-def _on_remote(ev: Evaluation, backend, artifact, base: Candidate, remote, model) -> Built:
+def _session_factory(ev: Evaluation, compiled: Compiled) -> Callable[[], object]:
+    """Opens the artefact here; one the device builds itself: the ONNX it builds from, on ONNX Runtime."""
+    backend, artifact = compiled.backend, compiled.artifact
+    if artifact.loadable_here:
+        return lambda: backend.load(artifact)
+    from dlopt.targets.ort import OrtSession, session_settings
+
+    return lambda: OrtSession(artifact.folder / artifact.check_onnx, session_settings(ev.config.thread_count))
+
+
+def _run_remote(ev: Evaluation, compiled: Compiled, remote) -> Ran | Built:
     """Verify and time a candidate on the device behind an RPC tracker (TVM libraries only).
 
     Its latency is the device's own (measured there by TVM's time evaluator, no network in
     it) and is never set against the original's, which ran on this machine.
     """
+    base, backend, artifact = compiled.candidate, compiled.backend, compiled.artifact
     try:
         with LocalRunner(base.key, lambda: backend.load_remote(artifact, remote)) as runner:
             outputs = ev.outputs(runner, f"{base.key} on {remote.key}", None)
@@ -275,16 +308,43 @@ def _on_remote(ev: Evaluation, backend, artifact, base: Candidate, remote, model
     except Exception as exc:  # dlopt's one-line errors and the remote runtime's own alike
         raise_if_interrupted(exc)
         return Built(replace(base, status=Status.FAILED, reason=f"could not run on {remote}: {first_line(exc)}"))
-    fidelity = compare(ev.reference, outputs).to_dict()
     latency = {**timing.to_dict(), "measured_on": str(remote), "device_key": remote.key}
-    measurement = Measurement(latency, artifact.size_bytes(), ev.accuracy(outputs))
-    score = ev.scorer.score(outputs).to_dict()
-    status, reason = judge(base.precision, fidelity, score, ev.config.max_accuracy_drop,
-                           lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, outputs))
-    where = f"verified and timed on {remote} (device-side timing, {timing.runs} runs)"
-    cand = replace(base, fidelity=fidelity, measurement=measurement, score=score, status=status,
-                   reason=reason or where)
-    return Built(cand, artifact, outputs, model)
+    return Ran(compiled, outputs, where=f"verified and timed on {remote} (device-side timing, {timing.runs} runs)",
+               latency=latency)
+
+
+def compare_candidate(ev: Evaluation, ran: Ran, limit: int | None) -> Candidate:
+    """Step 3, compare: fidelity against the original, size, accuracy and (for a full run) the score."""
+    base, artifact = ran.compiled.candidate, ran.compiled.artifact
+    fidelity = compare(ev.reference[: len(ran.outputs)], ran.outputs).to_dict()
+    # a microcontroller build's size is what it takes in flash, not its source files
+    size = (base.mcu or {}).get("flash_bytes") or artifact.size_bytes()
+    measurement = Measurement(ran.latency, size, ev.accuracy(ran.outputs))
+    score = None if ran.slow_ms or limit is not None else ev.scorer.score(ran.outputs).to_dict()
+    return replace(base, ran_as=ran.ran_as, fidelity=fidelity, measurement=measurement, score=score,
+                   reason=ran.where)
+
+
+def judge_candidate(ev: Evaluation, ran: Ran, cand: Candidate, limit: int | None) -> Built:
+    """Step 4, judge: too slow, the fp32 rule or the accuracy budget; and whether the measure stage times it."""
+    compiled = ran.compiled
+    if ran.slow_ms:  # rejected, so the measure stage never times it
+        reason = (f"too slow to compete: {ran.slow_ms:.1f} ms a run, {ran.slow_ms / ev.original_ms:.0f}x the "
+                  f"original's {ev.original_ms:.2f} ms (a candidate slower than the original never ships); checked "
+                  f"on {len(ran.outputs)} of {len(ev.data.feeds)} feeds only, not timed")
+        return Built(replace(cand, status=Status.REJECTED, reason=reason), compiled.artifact, ran.outputs,
+                     compiled.model)
+    if limit is not None:
+        return Built(cand, compiled.artifact, ran.outputs, compiled.model)
+    status, reason = judge(cand.precision, cand.fidelity, cand.score, ev.config.max_accuracy_drop,
+                           lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, ran.outputs))
+    cand = replace(cand, status=status, reason=reason or cand.reason)
+    # a lower precision the budget refused is timed beside the finalists (never chosen: dlopt.flow.select takes
+    # OK ones only), so the report can say how much speed the budget cost
+    missed = status is Status.REJECTED and (reason or "").startswith("accuracy budget:") and \
+        cand.precision in precisions.REGISTRY and precisions.rank(cand.precision) > precisions.rank("fp32")
+    timed = ev.profile.runs_here() and compiled.artifact.loadable_here and (status is Status.OK or missed)
+    return Built(cand, compiled.artifact, ran.outputs, compiled.model, ran.factory if timed else None)
 
 
 def _quantiser_label(who: str | None) -> str | None:
@@ -356,23 +416,17 @@ SLOW_CHECK_FEEDS = 4
 SLOW_CHECK_SECONDS = 10.0
 
 
-def _run_ms(runner, feed) -> float:
-    start = time.perf_counter()
-    runner.run(feed)
-    return (time.perf_counter() - start) * 1e3
-
-
 def _too_slow(ev: Evaluation, runner) -> float | None:
     """The fastest of a few runs at the timing shape when it is over the line, else None (one run)."""
     base = ev.original_ms
     if not base:
         return None
     line = max(SLOW_FACTOR * base, SLOW_FLOOR_MS)
-    best = _run_ms(runner, ev.timing_feed)  # the first run: an upper bound, first-run costs included
+    best = run_ms(runner, ev.timing_feed)  # the first run: an upper bound, first-run costs included
     for _ in range(SLOW_TRIES):
         if best <= line:
             return None
-        best = min(best, _run_ms(runner, ev.timing_feed))
+        best = min(best, run_ms(runner, ev.timing_feed))
     return best if best > line else None
 
 

@@ -45,7 +45,7 @@ from dlopt.core.profiles import TargetProfile, resolve_target
 from dlopt.flow.recipe import weights_in
 from dlopt.report.data import Candidate, Report
 from dlopt.core.shapes import declared_shapes, feed_at
-from dlopt.measure.timing import LocalRunner, Timing, time_interleaved
+from dlopt.measure.timing import LocalRunner, Timing, quick_ms, time_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -217,18 +217,7 @@ def _reference_runner(job: Job, *, bounded: bool = False) -> LocalRunner:
     return LocalRunner("original", lambda: OrtSession(source, settings))
 
 
-def _quick_ms(runner: LocalRunner, feed, runs: int = 5) -> float:
-    import time
-
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner.run(feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
-
-
-def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) -> Evaluation:
+def evaluate(job: Job, generic: PipelineResult, pairs, staged: Path, notes: list[str]) -> Evaluation:
     """Run the original on every feed (the reference), fix the metric, calibrate when int8 is planned."""
     from dlopt.measure.budget import Scorer, find_mask_input
 
@@ -243,7 +232,7 @@ def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) 
                 _progress(config, "original: outputs", i + 1, len(job.data.feeds))
             where = "the timing shape"
             runner.run(job.timing_feed)
-            original_ms = _quick_ms(runner, job.timing_feed)
+            original_ms = quick_ms(runner, job.timing_feed)
     except RunTimedOut as exc:
         raise ModelError(f"one run of the original model on ONNX Runtime ({where}) passed the "
                          f"{config.reference_timeout_s:g} s limit and was stopped (a Loop or Scan with a huge trip "
@@ -271,7 +260,6 @@ def evaluate(job: Job, generic: PipelineResult, staged: Path, notes: list[str]) 
                     masks=[feed[mask] for feed in job.data.feeds] if mask else None)
     ev = Evaluation(config, job.profile, job.data, tuple(reference), scorer, job.shapes, job.timing_feed,
                     original_ms, cache=cache)
-    pairs = plan(config, job.profile, generic.model)
     if any(p is not None and precisions.get(p).calibrated for _, p in pairs):
         from dlopt.flow import recipe
 
@@ -609,44 +597,31 @@ def _run(job: Job, notes: list[str]) -> Report:
         notes.append(f"only fp32 was tried: the model generates a {generated / 1e6:.0f} MB constant at run time, "
                      f"which calibration would copy for every sample and fp16 on every run")
     with staging_dir(job.out) as staged, removed_on_hard_exit(staged):
-        ev = evaluate(job, generic, staged, notes)
-        builds = build_all(ev, plan(job.config, job.profile, generic.model), generic.model, staged)
+        pairs = plan(job.config, job.profile, generic.model)
+        ev = evaluate(job, generic, pairs, staged, notes)
+        builds = build_all(ev, pairs, generic.model, staged)
         measured = measure(job, ev, builds)
         verdict = select.choose(_entries(builds, measured), measured.original, job.profile.backends,
                                 auto=job.config.precision == "auto",
                                 lossy=f"--prune {job.config.prune:g}" if job.config.prune else None)
-        if verdict.chosen is None and _original_can_ship(job, measured):
-            # nothing optimised met the budget and its checks: the original meets any budget by definition
-            verdict = replace(verdict, chosen=select.ORIGINAL,
-                              why="no optimised candidate met the accuracy budget and its checks: the original "
-                                  "model ships unchanged")
-            notes.append("no optimised candidate met the accuracy budget and its checks; ort/original (the input "
-                         "model, unchanged) ships instead")
+        verdict, floor = select.original_floor(verdict, _original_can_ship(job, measured))
+        notes.extend(floor)
         if verdict.chosen == select.ORIGINAL:
             builds, measured = _with_original(job, ev, builds, measured, staged)
-        notes.extend(select.missed_budget_notes([b.candidate for b in builds.built], verdict.chosen, measured.timings,
+        candidates = [b.candidate for b in builds.built]
+        notes.extend(select.missed_budget_notes(candidates, verdict.chosen, measured.timings,
                                                 ev.scorer.name, job.config.max_accuracy_drop))
-        over_budget = None
-        if verdict.chosen is None:
-            scored = [b for b in builds.built if b.candidate.score is not None and b.artifact is not None]
-            if not scored:
-                reasons = "; ".join(f"{b.candidate.key}: {b.candidate.reason}" for b in builds.built)
-                if builds.built and all(b.candidate.status is Status.UNSUPPORTED for b in builds.built):
-                    raise ModelError(f"no backend of target {job.profile.name} supports this model ({reasons})")
-                raise CompileError(f"no backend of target {job.profile.name} produced a usable artefact ({reasons})")
-            # Nothing met the budget: keep the closest so the work is not lost, and fail loudly.
-            over_budget = min(scored, key=lambda b: b.candidate.score["drop_pp"]).candidate
-            verdict = replace(verdict, chosen=over_budget.key,
-                              why="closest to the budget; no candidate met it")
-            notes.append(f"no candidate met the accuracy budget; {over_budget.key} (closest) was written anyway")
+        fallback = select.closest_over_budget(verdict, candidates, {b.candidate.key for b in builds.built
+                                                                    if b.artifact is not None}, job.profile.name)
+        verdict = fallback.verdict
+        notes.extend(fallback.notes)
         report = assemble(job, ev, generic, builds, measured, verdict, notes + list(builds.notes),
-                          over_budget=over_budget is not None)
+                          over_budget=fallback.closest is not None)
         raise_if_interrupted()  # the last point where a swallowed interrupt can still stop the publish
         write_output(job, ev, builds, verdict, report, staged)
-    if over_budget is not None:
-        scored = [b.candidate for b in builds.built if b.candidate.score is not None and b.artifact is not None]
+    if fallback.closest is not None:
         error = AccuracyBudgetExceeded(select.over_budget_message(ev.scorer.name, job.config.max_accuracy_drop,
-                                                                  scored, job.out))
+                                                                  fallback.scored, job.out))
         error.report = report
         raise error
     return report

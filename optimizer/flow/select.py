@@ -17,10 +17,11 @@ Rules, in order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from dlopt.core import precisions
+from dlopt.core.errors import CompileError, ModelError
 from dlopt.core.precisions import Status
 from dlopt.measure.timing import MIN_RUNS, NOISY_CV, RESOLUTION_MS, Timing, significantly_faster
 
@@ -159,6 +160,47 @@ def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence
     reasons.pop(fallback.key, None)
     return Verdict(fallback.key, "nothing was significantly faster than the original: the optimised fp32 ships",
                    (), reasons, False, tuple(notes), speed_words(fallback.timing, original))
+
+
+# -- when nothing met the budget: the original's floor, else the closest, written and failed loudly --
+
+def original_floor(verdict: Verdict, can_ship: bool) -> tuple[Verdict, list[str]]:
+    """Nothing optimised met the budget and its checks: the original meets any budget by definition, so
+    it ships where it ``can_ship`` (the driver's ``_original_can_ship``); else the verdict stands."""
+    if verdict.chosen is not None or not can_ship:
+        return verdict, []
+    return (replace(verdict, chosen=ORIGINAL, why="no optimised candidate met the accuracy budget and its checks: "
+                                                  "the original model ships unchanged"),
+            ["no optimised candidate met the accuracy budget and its checks; ort/original (the input model, "
+             "unchanged) ships instead"])
+
+
+@dataclass(frozen=True)
+class OverBudget:
+    """The verdict after :func:`closest_over_budget`; ``closest`` is None when a candidate met the budget."""
+
+    verdict: Verdict
+    closest: object | None = None  # the candidate written anyway, the compile then failing
+    scored: tuple = ()  # every candidate that was built, ran and was scored: the error's line names the nearest
+    notes: tuple[str, ...] = ()
+
+
+def closest_over_budget(verdict: Verdict, candidates: Sequence, built: frozenset[str] | set[str],
+                        target: str) -> OverBudget:
+    """Nothing was chosen: keep the scored candidate closest to the budget (of those ``built``, by key) so
+    the work is not lost; with none scored, ModelError when no backend supports the model, else CompileError."""
+    if verdict.chosen is not None:
+        return OverBudget(verdict)
+    scored = tuple(c for c in candidates if c.score is not None and c.key in built)
+    if not scored:
+        reasons = "; ".join(f"{c.key}: {c.reason}" for c in candidates)
+        if candidates and all(c.status is Status.UNSUPPORTED for c in candidates):
+            raise ModelError(f"no backend of target {target} supports this model ({reasons})")
+        raise CompileError(f"no backend of target {target} produced a usable artefact ({reasons})")
+    closest = min(scored, key=lambda c: c.score["drop_pp"])
+    return OverBudget(replace(verdict, chosen=closest.key, why="closest to the budget; no candidate met it"),
+                      closest, scored,
+                      (f"no candidate met the accuracy budget; {closest.key} (closest) was written anyway",))
 
 
 # -- what the budget refused, and how to let the task decide ---------------------------------------

@@ -1,9 +1,9 @@
 """Run a compiled artefact: ``dlopt.load(out)`` and ``dlopt run OUT --input data.npz --output preds.npz``.
 
-A :class:`Runner` is open from ``load`` until ``close`` (or the end of a ``with``
-block).  It runs the artefact with the settings it shipped with (session options,
-OpenVINO properties, TVM thread pool), checks every feed before the runtime sees it,
-and says in one line what was wrong.  Artefacts built for another device raise
+A :class:`Runner` (a :class:`dlopt.measure.timing.BaseRunner`: lifecycle, input metadata and
+input checks) is open from ``load`` until ``close`` (or the end of a ``with`` block).  It runs
+the artefact with the settings it shipped with (session options, OpenVINO properties, TVM
+thread pool), checks every feed before the runtime sees it, and says in one line what was wrong.  Artefacts built for another device raise
 TargetUnavailable when loaded, saying what that device needs.
 """
 
@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from dlopt.core.errors import ConfigError, DataError, DloptError, first_line
+from dlopt.measure.timing import BaseRunner
 
 Feed = dict[str, np.ndarray]
 
@@ -37,20 +38,25 @@ class TensorSpec:
         return f"{self.name}: {dtype}[{','.join(map(str, self.shape))}]"
 
 
-class Runner:
-    """A loaded artefact: ``run(feeds) -> list of arrays``, ``inputs``/``outputs``, ``close()``."""
+class Runner(BaseRunner):
+    """A loaded artefact: ``run(feeds) -> list of arrays``, ``inputs``/``outputs``, ``close()``.
+
+    Open from ``dlopt.load`` on (``open()`` after ``close()`` loads the artefact again: a new session,
+    which is how ``time_interleaved`` samples the spread between sessions).
+    """
 
     def __init__(self, session, *, folder: Path, backend: str, precision: str, inputs: list[TensorSpec],
-                 outputs: list[TensorSpec], manifest: dict) -> None:
-        self._session = session
+                 outputs: list[TensorSpec], manifest: dict, reload: Callable[[], object] | None = None) -> None:
+        super().__init__(f"{backend}/{precision}", inputs=inputs, outputs=outputs)
+        self._session, self._reload = session, reload
+        self._is_open = session is not None
         self.folder, self.backend, self.precision = folder, backend, precision
-        self.inputs, self.outputs = inputs, outputs
         self.manifest = manifest  # of the output folder the artefact belongs to
 
     @property
     def key(self) -> str:
         """The candidate's key in report.json ("ort/fp32")."""
-        return f"{self.backend}/{self.precision}"
+        return self.name
 
     @property
     def ran_as(self) -> str:
@@ -69,9 +75,9 @@ class Runner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs for ``feeds`` ({input name: array}), in the order of ``outputs``."""
-        if self._session is None:
-            raise ConfigError(f"the runner of {self.folder} is closed; dlopt.load() it again")
-        feeds = self._checked(feeds)
+        return super().run(feeds)
+
+    def _run(self, feeds: Feed) -> list[np.ndarray]:
         try:
             return [np.asarray(out) for out in self._session.run(feeds)]
         except DloptError:
@@ -80,51 +86,20 @@ class Runner:
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
             raise DataError(f"{self.key} could not run feeds of shape {shapes}: {first_line(exc)}") from exc
 
-    def _checked(self, feeds) -> Feed:
-        if not isinstance(feeds, Mapping):
-            raise DataError(f"feeds must be a dict of arrays keyed by input name, got a {type(feeds).__name__}"
-                            f"{self._expects()}")
-        names = [s.name for s in self.inputs]
-        unknown = [k for k in feeds if k not in names]
-        if unknown:
-            raise DataError(f"unknown input {unknown[0]!r}{self._expects()}")
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise DataError(f"missing input {missing[0]!r}{self._expects()}")
-        checked = {}
-        for spec in self.inputs:
-            value = feeds[spec.name]
-            if not isinstance(value, np.ndarray):
-                raise DataError(f"input {spec.name!r} is a {type(value).__name__}, not a numpy array"
-                                f"{self._expects()}")
-            if spec.dtype is not None and value.dtype != spec.dtype:
-                raise DataError(f"input {spec.name!r} is {value.dtype.name}; the artefact takes {spec.dtype.name} "
-                                f"(convert with .astype){self._expects()}")
-            if spec.shape and value.ndim != len(spec.shape):
-                raise DataError(f"input {spec.name!r} has {value.ndim} dimensions {list(value.shape)}; the artefact "
-                                f"takes {len(spec.shape)}{self._expects()}")
-            bad = [i for i, d in enumerate(spec.shape) if isinstance(d, int) and d != value.shape[i]]
-            if bad:
-                raise DataError(f"input {spec.name!r} has shape {list(value.shape)}; dimension {bad[0]} must be "
-                                f"{spec.shape[bad[0]]}{self._expects()}")
-            checked[spec.name] = value
-        return checked
+    def _not_open(self) -> Exception:
+        return ConfigError(f"the runner of {self.folder} is closed; dlopt.load() it again")
 
-    def _expects(self) -> str:
-        return f"; {self.key} takes " + ", ".join(s.describe() for s in self.inputs)
+    def _open(self) -> None:
+        if self._reload is None:
+            raise self._not_open()
+        self._session = self._reload()
 
-    def close(self) -> None:
-        """Release the runtime session (and its threads); idempotent."""
+    def _close(self) -> None:
+        """Release the runtime session (and its threads)."""
         self._session = None
 
-    def __enter__(self) -> "Runner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        state = "closed" if self._session is None else "open"
+        state = "open" if self._is_open else "closed"
         return f"<dlopt.Runner {self.key} {self.folder} ({state})>"
 
 
@@ -147,16 +122,19 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Runner:
     # a TVM library runs its code as it loads: only as the manifest hashed it at publish (its settings
     # file may differ: every value read from it is checked on the way in)
     native = [f for f in artifact.files if isinstance(f, str) and is_native(f)]
-    check_native_files(root, artifact.folder, native, read_manifest(root))
-    try:
-        session = load_session(artifact, threads=threads)
-    except DloptError:
-        raise
-    except Exception as exc:  # a runtime refusing the artefact (ORT's Fail on an unknown op): one line, exit 2
-        raise ConfigError(f"{artifact.backend}/{artifact.precision} in {path} cannot be loaded by its runtime: "
-                          f"{first_line(exc)}") from exc
-    return Runner(session, folder=Path(path), backend=artifact.backend, precision=artifact.precision,
-                  inputs=inputs, outputs=outputs, manifest=read_manifest(root) or {})
+
+    def session():  # checked again at every opening: a session opened afresh loads the files afresh
+        check_native_files(root, artifact.folder, native, read_manifest(root))
+        try:
+            return load_session(artifact, threads=threads)
+        except DloptError:
+            raise
+        except Exception as exc:  # a runtime refusing the artefact (ORT's Fail on an unknown op): one line, exit 2
+            raise ConfigError(f"{artifact.backend}/{artifact.precision} in {path} cannot be loaded by its runtime: "
+                              f"{first_line(exc)}") from exc
+
+    return Runner(session(), folder=Path(path), backend=artifact.backend, precision=artifact.precision,
+                  inputs=inputs, outputs=outputs, manifest=read_manifest(root) or {}, reload=session)
 
 
 def _specs(artifact, root: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

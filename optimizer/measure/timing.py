@@ -27,6 +27,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+try:  # inside dlopt; run_candidates.py (this file pasted into a script) may have no dlopt to import
+    from dlopt.core.errors import DataError
+except ImportError:  # pragma: no cover - the standalone script
+    class DataError(ValueError):
+        """A feed the runner cannot take."""
+
 Feed = dict[str, np.ndarray]
 
 # Above this run-to-run variation the report warns that the machine is too noisy to decide.
@@ -54,16 +60,27 @@ REOPEN_SHARE = 0.25
 
 
 class BaseRunner(abc.ABC):
-    """Runs feeds through one artefact: ``open`` → ``run``… → ``close`` (a context manager too).
+    """Runs feeds through one artefact (Polygraphy's runner): ``open`` → ``run``… → ``close`` (a context manager too).
 
-    Subclasses implement ``_open``/``_run``/``_close``; the public methods keep the
+    ``inputs``/``outputs`` say what it takes and gives (specs with ``name``, ``dtype``, ``shape`` and
+    ``describe()``; symbolic dimensions are strings): when ``inputs`` is known, every feed is checked
+    against it before the runtime sees it, and a wrong one is refused in one line (DataError).
+    Subclasses implement ``_open``/``_run``/``_close`` and ``ran_as``; the public methods keep the
     lifecycle honest (run before open is an error, close is idempotent).
     """
 
-    def __init__(self, name: str) -> None:
+    reopens = True  # time_interleaved may close it and open a new session between spans
+
+    def __init__(self, name: str, *, inputs=(), outputs=()) -> None:
         self.name = name
+        self.inputs, self.outputs = list(inputs), list(outputs)
         self._is_open = False
         self.open_s = 0.0  # seconds the last open took: the price of timing through another session
+
+    @property
+    @abc.abstractmethod
+    def ran_as(self) -> str | None:
+        """The precision the runtime executes in, where it says (None: it does not)."""
 
     def open(self) -> "BaseRunner":
         if not self._is_open:
@@ -80,8 +97,8 @@ class BaseRunner(abc.ABC):
 
     def run(self, feeds: Feed) -> list[np.ndarray]:
         if not self._is_open:
-            raise RuntimeError(f"runner {self.name} is not open")
-        return self._run(feeds)
+            raise self._not_open()
+        return self._run(self.checked(feeds) if self.inputs else feeds)
 
     def close(self) -> None:
         if self._is_open:
@@ -93,6 +110,43 @@ class BaseRunner(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def checked(self, feeds) -> Feed:
+        """``feeds`` when they match ``inputs`` (names, numpy arrays, dtypes, ranks, fixed sizes), else DataError."""
+        if not isinstance(feeds, Mapping):
+            raise DataError(f"feeds must be a dict of arrays keyed by input name, got a {type(feeds).__name__}"
+                            f"{self._expects()}")
+        names = [s.name for s in self.inputs]
+        unknown = [k for k in feeds if k not in names]
+        if unknown:
+            raise DataError(f"unknown input {unknown[0]!r}{self._expects()}")
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise DataError(f"missing input {missing[0]!r}{self._expects()}")
+        checked = {}
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            if not isinstance(value, np.ndarray):
+                raise DataError(f"input {spec.name!r} is a {type(value).__name__}, not a numpy array"
+                                f"{self._expects()}")
+            if spec.dtype is not None and value.dtype != spec.dtype:
+                raise DataError(f"input {spec.name!r} is {value.dtype.name}; the artefact takes {spec.dtype.name} "
+                                f"(convert with .astype){self._expects()}")
+            if spec.shape and value.ndim != len(spec.shape):
+                raise DataError(f"input {spec.name!r} has {value.ndim} dimensions {list(value.shape)}; the artefact "
+                                f"takes {len(spec.shape)}{self._expects()}")
+            bad = [i for i, d in enumerate(spec.shape) if isinstance(d, int) and d != value.shape[i]]
+            if bad:
+                raise DataError(f"input {spec.name!r} has shape {list(value.shape)}; dimension {bad[0]} must be "
+                                f"{spec.shape[bad[0]]}{self._expects()}")
+            checked[spec.name] = value
+        return checked
+
+    def _expects(self) -> str:
+        return f"; {self.name} takes " + ", ".join(s.describe() for s in self.inputs)
+
+    def _not_open(self) -> Exception:
+        return RuntimeError(f"runner {self.name} is not open")
 
     @abc.abstractmethod
     def _open(self) -> None: ...
@@ -107,8 +161,8 @@ class BaseRunner(abc.ABC):
 class LocalRunner(BaseRunner):
     """A runner on this machine around a session factory (a backend's ``load``)."""
 
-    def __init__(self, name: str, factory: Callable[[], object]) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, factory: Callable[[], object], **specs) -> None:
+        super().__init__(name, **specs)
         self._factory = factory
         self.session = None
 
@@ -124,6 +178,42 @@ class LocalRunner(BaseRunner):
 
     def _close(self) -> None:
         self.session = None  # its worker threads go with it and stop competing with the next
+
+
+class CallableRunner(BaseRunner):
+    """A bare ``run(feed)`` callable as a runner: one session, nothing to open again."""
+
+    reopens = False
+
+    def __init__(self, name: str, call: Callable[[Feed], object]) -> None:
+        super().__init__(name)
+        self._call = call
+
+    @property
+    def ran_as(self) -> str | None:
+        return None
+
+    def _open(self) -> None:
+        pass
+
+    def _run(self, feeds: Feed):
+        return self._call(feeds)
+
+
+def as_runner(name: str, runner: "BaseRunner | Callable[[Feed], object]") -> BaseRunner:
+    return runner if isinstance(runner, BaseRunner) else CallableRunner(name, runner)
+
+
+def run_ms(runner: BaseRunner, feed: Feed) -> float:
+    """Milliseconds of one run of an open runner (a quick estimate's unit, no interval)."""
+    start = time.perf_counter()
+    runner.run(feed)
+    return (time.perf_counter() - start) * 1e3
+
+
+def quick_ms(runner: BaseRunner, feed: Feed, runs: int = 5) -> float:
+    """The median of ``runs`` runs of an open runner: a quick estimate, not a timing to compare on."""
+    return float(np.median([run_ms(runner, feed) for _ in range(runs)]))
 
 
 @dataclass(frozen=True)
@@ -230,10 +320,10 @@ def time_interleaved(
 ) -> dict[str, Timing]:
     """Time every runner on ``feed`` in rotating round-robin blocks; ``runs`` timed runs each.
 
-    A :class:`BaseRunner` (rather than a bare callable) is timed through ``sessions`` (default
-    ``SESSIONS``) sessions: the rounds fall into that many spans, and between spans each BaseRunner
-    is closed and opened again, so its interval includes the spread between sessions; ``runs``
-    stays the total per runner.  A bare callable is one session.  Slow sets get fewer runs (at
+    A :class:`BaseRunner` is timed through ``sessions`` (default ``SESSIONS``) sessions: the rounds
+    fall into that many spans, and between spans each runner is closed and opened again, so its
+    interval includes the spread between sessions; ``runs`` stays the total per runner.  A bare
+    callable becomes a :class:`CallableRunner`: one session.  Slow sets get fewer runs (at
     least MIN_RUNS each) and sessions dear to open get fewer sessions, so the whole comparison
     stays within about ``max_seconds``; each Timing says how many runs were timed of how many
     asked for (``Timing.cut``) and in how many sessions.  ``meters`` (energy accounts, context
@@ -242,10 +332,11 @@ def time_interleaved(
     names = list(runners)
     if not names:
         return {}
-    reopened = {name: r for name, r in runners.items() if isinstance(r, BaseRunner)}
-    for runner in reopened.values():
+    runners = {name: as_runner(name, r) for name, r in runners.items()}
+    for runner in runners.values():
         runner.open()  # idempotent: the caller's open stands
-    calls = {name: (r.run if isinstance(r, BaseRunner) else r) for name, r in runners.items()}
+    reopened = {name: r for name, r in runners.items() if r.reopens}
+    calls = {name: r.run for name, r in runners.items()}
     requested = runs
     first = {}
     for name in names:  # one run each: the cost of a round, and the first-run effects out of the way

@@ -172,7 +172,7 @@ def _interleaved(candidate: Path, reference: Path, *, runs: int, warmup: int, re
     import contextlib
 
     import dlopt
-    from dlopt.measure.timing import LocalRunner, time_interleaved
+    from dlopt.measure.timing import time_interleaved
 
     with contextlib.ExitStack() as stack:
         order = (reference, candidate) if reference_first else (candidate, reference)
@@ -183,19 +183,10 @@ def _interleaved(candidate: Path, reference: Path, *, runs: int, warmup: int, re
         if theirs != [(s.name, s.dtype) for s in cand.inputs]:
             raise ConfigError(f"{reference_name} takes other inputs ({', '.join(s.describe() for s in ref.inputs)})")
         ref.run(feed)  # a shape it cannot take fails here, in one line
-
-        def sessions(path: Path):  # the artefact loaded above first, then loaded afresh: one session is not another
-            first = [loaded[path]]
-            return lambda: first.pop() if first else dlopt.load(path)
-
-        names = {"candidate": LocalRunner("candidate", sessions(candidate)),
-                 "reference": LocalRunner("reference", sessions(reference))}
+        # the artefacts as loaded above first, then loaded afresh by their runners: one session is not another
         threads = int((cand.manifest.get("options") or {}).get("threads") or 1)
-        try:
-            timings = time_interleaved(names, feed, runs=runs, warmup=warmup, threads=threads)
-        finally:
-            for runner in names.values():
-                runner.close()
+        timings = time_interleaved({"candidate": cand, "reference": ref}, feed, runs=runs, warmup=warmup,
+                                   threads=threads)
         return LatencyComparison(RETIMED, _side(cand.key, timings["candidate"]),
                                  _side(f"{reference_name}'s {ref.key}", timings["reference"]))
 
