@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from dlopt.core.artifacts import MANIFEST, check_output_dir, move_into_place, output_lock, parents_made, staging_dir
 from dlopt.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -207,41 +208,99 @@ def compress(
     ``compile_options`` go to :func:`dlopt.compile`.  Returns a :class:`CompressResult`;
     its ``table()`` is what ``compress.md`` holds.
     """
-    import dlopt
-    from dlopt.core.artifacts import MANIFEST, check_output_dir, output_lock, parents_made, move_into_place, staging_dir
+    options = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "train_loader", "eval")}
+    job = _prepare(model, example_inputs, eval, **options)
+    pruned = _prune(job)
+    distilled = _distill(job, pruned, train_loader)
+    with parents_made(job.out), output_lock(job.out), staging_dir(job.out) as staged, \
+            tempfile.TemporaryDirectory(prefix="dlopt-compress-") as scratch:
+        files = _export(job, pruned, distilled, staged)
+        reports = _compile(job, files, train_loader, staged, Path(scratch))
+        timings = _measure(job, files, reports, staged)
+        result = _write(job, pruned, distilled, files, reports, timings, staged)
+        move_into_place(staged, job.out)
+    return result
+
+
+# -- the stages, each returning a frozen value --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """What every stage reads: the teacher, its inputs and evaluation arrays, the output folder, the options."""
+
+    model: Any
+    inputs: tuple
+    names: list[str]  # the ONNX input names
+    xs: list[np.ndarray]
+    y: np.ndarray
+    out: Path
+    threads: int
+    progress: Callable[[str, int, int], None] | bool | None  # what dlopt.compile gets
+    options: dict  # compress()'s keyword arguments (ratio, epochs, target, ...)
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(stage, done, total)
+
+    def step(self, stage: str, work: Callable[[], Any]) -> Any:
+        """``work()`` between a 0/1 and a 1/1 progress report for ``stage``."""
+        self.report(stage, 0, 1)
+        value = work()
+        self.report(stage, 1, 1)
+        return value
+
+
+@dataclass(frozen=True)
+class Pruned:
+    result: Any  # dlopt.compression.pruning.PruneResult
+    teacher_top1: float
+    top1: float
+
+
+@dataclass(frozen=True)
+class Distilled:
+    result: Any  # dlopt.compression.distillation.DistillResult
+    top1: float
+
+
+def _prepare(model, example_inputs, eval_data, *, threads, batch, runs, out, target, progress, **options) -> Job:
     from dlopt.core.config import machine_cores
-    from dlopt.compression.distillation import distill
-    from dlopt.compression.exporter import export
     from dlopt.core.progress import TerminalProgress
     from dlopt.compression.exporter import forward_names
-    from dlopt.compression.pruning import _as_tuple, prune, save_module
-    from dlopt.measure.timing import time_interleaved
+    from dlopt.compression.pruning import _as_tuple
 
     if progress is True:
         progress = TerminalProgress()
-    report_progress = progress or (lambda stage, done, total: None)
     threads = int(threads or machine_cores())
     inputs = _as_tuple(example_inputs)
     if batch < 1 or runs < 1:
         raise ConfigError("batch and runs must be at least 1")
-    xs, y = _eval_arrays(eval)
+    xs, y = _eval_arrays(eval_data)
     out = Path(out or f"{type(model).__name__.lower()}-compressed-{target}").resolve()
     check_output_dir(out)
-    names = forward_names(model, len(inputs))
-    dynamic = {n: {0: "batch"} for n in names}
+    return Job(model, inputs, forward_names(model, len(inputs)), xs, y, out, threads, progress,
+               {**options, "batch": batch, "runs": runs, "target": target})
 
-    report_progress("measure the teacher", 0, 1)
-    teacher_top1 = _top1(model, xs, y)
-    report_progress("measure the teacher", 1, 1)
-    report_progress("prune", 0, 1)
-    pruned = prune(model, inputs, ratio, importance=importance, ignored_layers=ignored_layers,
-                   global_pruning=global_pruning, round_to=round_to)
-    report_progress("prune", 1, 1)
-    pruned_top1 = _top1(pruned.module, xs, y)
+
+def _prune(job: Job) -> Pruned:
+    from dlopt.compression.pruning import prune
+
+    o = job.options
+    teacher_top1 = job.step("measure the teacher", lambda: _top1(job.model, job.xs, job.y))
+    pruned = job.step("prune", lambda: prune(job.model, job.inputs, o["ratio"], importance=o["importance"],
+                                             ignored_layers=o["ignored_layers"], global_pruning=o["global_pruning"],
+                                             round_to=o["round_to"]))
+    top1 = _top1(pruned.module, job.xs, job.y)
     logger.info("%s; top-1 %.2f%% -> %.2f%% before distillation", pruned.report.summary(), 100 * teacher_top1,
-                100 * pruned_top1)
+                100 * top1)
+    return Pruned(pruned, teacher_top1, top1)
 
-    student = copy.deepcopy(pruned.module)
+
+def _distill(job: Job, pruned: Pruned, train_loader: Iterable) -> Distilled:
+    from dlopt.compression.distillation import distill
+
+    o, epochs = job.options, job.options["epochs"]
+    student = copy.deepcopy(pruned.result.module)
     try:
         steps = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
@@ -249,73 +308,101 @@ def compress(
 
     def on_event(event) -> None:
         if event.kind == "step" and steps:
-            report_progress(f"distil epoch {event.epoch}/{epochs}", (event.step - 1) % steps + 1, steps)
+            job.report(f"distil epoch {event.epoch}/{epochs}", (event.step - 1) % steps + 1, steps)
 
-    distilled = distill(model, student, train_loader, epochs=epochs, temperature=temperature, alpha=alpha,
-                        feature_pairs=feature_pairs, lr=lr, callbacks=[on_event], threads=threads)
-    student_top1 = _top1(distilled.student, xs, y)
+    distilled = distill(job.model, student, train_loader, epochs=epochs, temperature=o["temperature"],
+                        alpha=o["alpha"], feature_pairs=o["feature_pairs"], lr=o["lr"], callbacks=[on_event],
+                        threads=job.threads)
+    return Distilled(distilled, _top1(distilled.student, job.xs, job.y))
 
-    with parents_made(out), output_lock(out), staging_dir(out) as staged, \
-            tempfile.TemporaryDirectory(prefix="dlopt-compress-") as scratch:
-        scratch = Path(scratch)
-        (staged / "models").mkdir()
-        files = {}
-        for name, module in (("teacher", model), ("pruned", pruned.module)):
-            report_progress(f"export {name}", 0, 1)
-            files[name] = _lean(export(module, inputs, staged / "models" / f"{name}.onnx", dynamic_axes=dynamic,
-                                       input_names=names))
-            report_progress(f"export {name}", 1, 1)
-        report_progress("save student", 0, 1)
-        save_module(distilled.student, inputs, staged / "student", report=pruned.report)
-        files["student"] = _lean(Path(shutil.copyfile(staged / "student" / "model.onnx",
-                                                      staged / "models" / "student.onnx")))
-        report_progress("save student", 1, 1)
-        eval_npz = _write_npz(scratch / "eval.npz", names, xs, y)
-        calib_npz = _write_npz(scratch / "calib.npz", names, _calibration(train_loader, calib_samples))
-        reports = {}
-        for name in ("teacher", "student"):  # both compiled alike: the speed-up is the pruning's, not the compiler's
-            reports[name] = dlopt.compile(
-                files[name], target=target, out=staged / COMPILED[name], inputs=eval_npz, calib=calib_npz,
-                max_accuracy_drop=max_accuracy_drop, precision=precision, batch=batch, runs=runs, threads=threads,
-                progress=progress or None, **compile_options)
-        feed = {n: np.ascontiguousarray(np.repeat(x[:1], batch, axis=0), dtype=np.float32) for n, x in zip(names, xs)}
-        from dlopt.targets.ort import OrtSession, session_settings
 
-        runners = {name: OrtSession(files[name], session_settings(threads)).run for name in ROWS}
-        artefacts = {name: dlopt.load(staged / COMPILED[name], threads=threads) for name in reports}
-        runners.update({f"{name} compiled": artefact.run for name, artefact in artefacts.items()})
-        report_progress("time at batch %d" % batch, 0, 1)
-        try:
-            timings = time_interleaved(runners, feed, runs=runs, warmup=10, threads=threads)
-        finally:
-            for artefact in artefacts.values():
-                artefact.close()
-        report_progress("time at batch %d" % batch, 1, 1)
-        import onnxruntime
+def _export(job: Job, pruned: Pruned, distilled: Distilled, staged: Path) -> dict[str, Path]:
+    """models/teacher.onnx, pruned.onnx and student.onnx (symbolic batch), and student/ saved whole."""
+    from dlopt.compression.exporter import export
+    from dlopt.compression.pruning import save_module
 
-        stats = {
-            "teacher": (pruned.report.params_before, pruned.report.macs_before, teacher_top1, "original"),
-            "pruned": (pruned.report.params_after, pruned.report.macs_after, pruned_top1,
-                       f"{ratio:.0%} of channels pruned, no distillation"),
-            "student": (pruned.report.params_after, pruned.report.macs_after, student_top1,
-                        f"pruned, distilled {epochs} epoch(s)"),
-        }
-        rows = [Row(name, what, params, macs, files[name].stat().st_size, timings[name].to_dict(), top1)
-                for name, (params, macs, top1, what) in stats.items()]
-        for name, report in reports.items():
-            chosen = report.chosen_candidate()
-            params, macs, _, _ = stats[name]
-            rows.append(Row(f"{name} compiled", f"{COMPILED[name]}/: {chosen.key} for {target}", params, macs,
-                            chosen.measurement.size_bytes, timings[f"{name} compiled"].to_dict(),
-                            chosen.measurement.accuracy))
-        result = CompressResult(distilled.student, rows, pruned.report, distilled.history, reports, out,
-                                timing={"batch": batch, "threads": threads, "runs": timings["teacher"].runs,
-                                        "ort": onnxruntime.__version__, "eval_samples": int(len(y))})
-        (staged / "compress.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        (staged / "compress.md").write_text(f"# dlopt.compress: {type(model).__name__} for {target}\n\n"
-                                            f"{result.table()}\n{pruned.report.table()}\n")
-        (staged / MANIFEST).write_text(json.dumps({
-            "schema_version": "1.0", "dlopt_version": dlopt.__version__, "kind": "compress",
-            "published": sorted(os.listdir(staged)) + [MANIFEST]}, indent=2) + "\n")
-        move_into_place(staged, out)
+    (staged / "models").mkdir()
+    dynamic = {n: {0: "batch"} for n in job.names}
+    files = {}
+    for name, module in (("teacher", job.model), ("pruned", pruned.result.module)):
+        files[name] = job.step(f"export {name}", lambda module=module, name=name: _lean(export(
+            module, job.inputs, staged / "models" / f"{name}.onnx", dynamic_axes=dynamic, input_names=job.names)))
+
+    def student() -> Path:
+        save_module(distilled.result.student, job.inputs, staged / "student", report=pruned.result.report)
+        return _lean(Path(shutil.copyfile(staged / "student" / "model.onnx", staged / "models" / "student.onnx")))
+
+    files["student"] = job.step("save student", student)
+    return files
+
+
+def _compile(job: Job, files: dict[str, Path], train_loader: Iterable, staged: Path, scratch: Path) -> dict:
+    """The teacher and the student compiled alike: the speed-up is the pruning's, not the compiler's."""
+    import dlopt
+
+    o = job.options
+    eval_npz = _write_npz(scratch / "eval.npz", job.names, job.xs, job.y)
+    calib_npz = _write_npz(scratch / "calib.npz", job.names, _calibration(train_loader, o["calib_samples"]))
+    return {name: dlopt.compile(files[name], target=o["target"], out=staged / COMPILED[name], inputs=eval_npz,
+                                calib=calib_npz, max_accuracy_drop=o["max_accuracy_drop"], precision=o["precision"],
+                                batch=o["batch"], runs=o["runs"], threads=job.threads, progress=job.progress or None,
+                                **o["compile_options"])
+            for name in ("teacher", "student")}
+
+
+def _measure(job: Job, files: dict[str, Path], reports: dict, staged: Path) -> dict:
+    """Every ONNX model and compiled artefact timed in one interleaved run, each through its runner."""
+    import dlopt
+    from dlopt.measure.timing import LocalRunner, time_interleaved
+    from dlopt.targets.ort import OrtSession, session_settings
+
+    batch = job.options["batch"]
+    feed = {n: np.ascontiguousarray(np.repeat(x[:1], batch, axis=0), dtype=np.float32)
+            for n, x in zip(job.names, job.xs)}
+    # the exported models on ONNX Runtime, the compiled ones as dlopt.load opens them
+    runners = {name: LocalRunner(name, lambda path=files[name]: OrtSession(path, session_settings(job.threads)))
+               for name in ROWS}
+    runners.update({f"{name} compiled": dlopt.load(staged / COMPILED[name], threads=job.threads) for name in reports})
+    job.report("time at batch %d" % batch, 0, 1)
+    try:
+        timings = time_interleaved(runners, feed, runs=job.options["runs"], warmup=10, threads=job.threads)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    job.report("time at batch %d" % batch, 1, 1)
+    return timings
+
+
+def _write(job: Job, pruned: Pruned, distilled: Distilled, files: dict[str, Path], reports: dict, timings: dict,
+           staged: Path) -> CompressResult:
+    """compress.json, compress.md and the manifest, into the staging folder."""
+    import onnxruntime
+
+    import dlopt
+
+    report, epochs, target = pruned.result.report, job.options["epochs"], job.options["target"]
+    stats = {
+        "teacher": (report.params_before, report.macs_before, pruned.teacher_top1, "original"),
+        "pruned": (report.params_after, report.macs_after, pruned.top1,
+                   f"{job.options['ratio']:.0%} of channels pruned, no distillation"),
+        "student": (report.params_after, report.macs_after, distilled.top1, f"pruned, distilled {epochs} epoch(s)"),
+    }
+    rows = [Row(name, what, params, macs, files[name].stat().st_size, timings[name].to_dict(), top1)
+            for name, (params, macs, top1, what) in stats.items()]
+    for name, compiled in reports.items():
+        chosen = compiled.chosen_candidate()
+        params, macs, _, _ = stats[name]
+        rows.append(Row(f"{name} compiled", f"{COMPILED[name]}/: {chosen.key} for {target}", params, macs,
+                        chosen.measurement.size_bytes, timings[f"{name} compiled"].to_dict(),
+                        chosen.measurement.accuracy))
+    result = CompressResult(distilled.result.student, rows, report, distilled.result.history, reports, job.out,
+                            timing={"batch": job.options["batch"], "threads": job.threads,
+                                    "runs": timings["teacher"].runs, "ort": onnxruntime.__version__,
+                                    "eval_samples": int(len(job.y))})
+    (staged / "compress.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (staged / "compress.md").write_text(f"# dlopt.compress: {type(job.model).__name__} for {target}\n\n"
+                                        f"{result.table()}\n{report.table()}\n")
+    (staged / MANIFEST).write_text(json.dumps({
+        "schema_version": "1.0", "dlopt_version": dlopt.__version__, "kind": "compress",
+        "published": sorted(os.listdir(staged)) + [MANIFEST]}, indent=2) + "\n")
     return result
