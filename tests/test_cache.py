@@ -11,7 +11,7 @@ import pytest
 from cli import dlopt as dlopt_cli
 
 import dlopt
-from dlopt.flow.cache import ArtifactCache
+from dlopt.flow.cache import ArtifactCache, CacheEventKind
 
 
 def _compile(tmp_path, name, cache_root, monkeypatch):
@@ -91,7 +91,7 @@ def test_created_root_and_entry_folders_are_private(tmp_path):
     for folder in (cache.root, entry.parent, entry):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     assert cache.get(KEY, tmp_path / "dest") == META
-    assert (tmp_path / "dest" / "a.bin").read_bytes() == b"honest" and cache.events == [f"cache hit {KEY[:12]}"]
+    assert (tmp_path / "dest" / "a.bin").read_bytes() == b"honest" and [(e.kind, str(e)) for e in cache.events] == [(CacheEventKind.HIT, f"cache hit {KEY[:12]}")]
 
 
 def test_planted_traversal_name_writes_nothing_outside(tmp_path):
@@ -113,7 +113,7 @@ def test_planted_traversal_name_writes_nothing_outside(tmp_path):
     assert not dest.exists() or list(dest.iterdir()) == []
     assert (tmp_path / "src" / "pwned.sh").read_bytes() == payload  # outside the entry: not deleted
     assert not entry.exists()  # the entry itself is ours and damaged: removed so it is rebuilt
-    assert "is not a map of plain file names" in cache.events[-1] and "damaged" in cache.events[-1]
+    assert "is not a map of plain file names" in cache.events[-1].message and cache.events[-1].kind is CacheEventKind.DAMAGED
 
 
 @pytest.mark.parametrize("index", [
@@ -128,7 +128,7 @@ def test_index_of_the_wrong_shape_is_damaged(tmp_path, index):
     cache, entry = _stored(tmp_path)
     (entry / "entry.json").write_text(json.dumps(index))
     assert cache.get(KEY, tmp_path / "dest") is None
-    assert not entry.exists() and "damaged (entry.json: " in cache.events[-1]
+    assert not entry.exists() and "damaged (entry.json: " in cache.events[-1].message
 
 
 def test_symlinked_file_in_an_entry_is_refused(tmp_path):
@@ -139,7 +139,7 @@ def test_symlinked_file_in_an_entry_is_refused(tmp_path):
     (entry / "a.bin").symlink_to(outside)
     assert cache.get(KEY, tmp_path / "dest") is None
     assert not (tmp_path / "dest" / "a.bin").exists()
-    assert outside.read_bytes() == b"honest" and "damaged (a.bin: " in cache.events[-1]
+    assert outside.read_bytes() == b"honest" and "damaged (a.bin: " in cache.events[-1].message
 
 
 def _poison(entry):
@@ -175,9 +175,10 @@ def test_group_writable_cache_is_ignored_not_used_nor_deleted(tmp_path, monkeypa
 
     cache = ArtifactCache(root)
     assert cache.get(key, tmp_path / "dest") is None and not (tmp_path / "dest").exists()
-    assert cache.events == [f"cache {loosened} {folder} ignored (writable by group or others (mode 775)); "
-                            "built afresh without it"]
-    assert cache.warnings == cache.events
+    assert [(e.kind, e.message) for e in cache.events] == [
+        (CacheEventKind.IGNORED, f"cache {loosened} {folder} ignored (writable by group or others (mode 775)); "
+                                 "built afresh without it")]
+    assert cache.warnings == [e.message for e in cache.events]
 
 
 def test_malformed_indexes_are_rebuilt_and_the_compile_exits_0(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ shape is treated as damaged: the entry is deleted and rebuilt.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 import json
@@ -28,6 +29,7 @@ import re
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -69,16 +71,31 @@ def make_key(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
+class CacheEventKind(enum.Enum):
+    HIT = "hit"  # an entry restored whole
+    DAMAGED = "damaged"  # an entry whose files no longer match its index: deleted, rebuilt
+    IGNORED = "ignored"  # a root, folder or entry others can write: not used
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    kind: CacheEventKind
+    message: str  # one line, as the report shows it
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ArtifactCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
-        self.events: list[str] = []  # what happened, for the report
+        self.events: list[CacheEvent] = []  # what happened, for the report
         self._warned: set[Path] = set()
 
     @property
     def warnings(self) -> list[str]:
         """The events a report should show: everything but plain hits."""
-        return [e for e in self.events if not e.startswith("cache hit")]
+        return [e.message for e in self.events if e.kind is not CacheEventKind.HIT]
 
     def _entry(self, key: str) -> Path:
         if not _SHA256.fullmatch(key):
@@ -98,7 +115,8 @@ class ArtifactCache:
         if path not in self._warned:
             self._warned.add(path)
             logger.warning("ignoring the artefact cache %s %s: %s; building afresh", what, path, why)
-            self.events.append(f"cache {what} {path} ignored ({why}); built afresh without it")
+            self.events.append(CacheEvent(CacheEventKind.IGNORED,
+                                          f"cache {what} {path} ignored ({why}); built afresh without it"))
         return False
 
     def _trusted_entry(self, entry: Path) -> bool | None:
@@ -135,12 +153,13 @@ class ArtifactCache:
             for path in written:  # nothing half-restored is left for the build to trip on
                 path.unlink(missing_ok=True)
             return self._damaged(key, entry, damaged)
-        self.events.append(f"cache hit {key[:12]}")
+        self.events.append(CacheEvent(CacheEventKind.HIT, f"cache hit {key[:12]}"))
         return index["meta"]
 
     def _damaged(self, key: str, entry: Path, what: list[str]) -> None:
         logger.warning("cache entry %s is damaged (%s); rebuilding", key[:12], ", ".join(what))
-        self.events.append(f"cache entry {key[:12]} was damaged ({', '.join(what)}) and rebuilt")
+        self.events.append(CacheEvent(CacheEventKind.DAMAGED,
+                                      f"cache entry {key[:12]} was damaged ({', '.join(what)}) and rebuilt"))
         shutil.rmtree(entry, ignore_errors=True)  # ours alone (checked), so safe to delete
         return None
 
