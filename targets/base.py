@@ -121,6 +121,12 @@ class Backend(abc.ABC):
     tunable: ClassVar[bool] = False  # `dlopt tune` writes tuning records that its compile reads
     runs_over_rpc: ClassVar[bool] = False  # `--rpc-tracker` runs its artefacts on the device (load_remote)
 
+    # Its compile needs the inputs themselves (static shapes, constant shape operands): the ONNX backend
+    # adapter (dlopt.onnx_backend) builds it at the first run, per input shapes.
+    compiles_per_input_shapes: ClassVar[bool] = False
+    # Ops it converts wrongly although ONNX defines them by a function body, which it runs right: the ONNX
+    # backend adapter expands them first.
+    expand_function_ops: ClassVar[frozenset[str]] = frozenset()
     # Its companion module for run_candidates.py and `dlopt verify` ("module:Class", numpy and the runtime
     # only: see dlopt.targets.ort_plain), or why the script does not run its candidates.
     plain_runtime: ClassVar[str | None] = None
@@ -139,6 +145,12 @@ class Backend(abc.ABC):
         if status is not True:
             raise TargetUnavailable(f"{artifact.backend}/{artifact.precision} in {artifact.folder} cannot run "
                                     f"here: {status}")
+
+    def built_inputs(self, settings: dict) -> list[dict] | None:
+        """The inputs (name, dtype, shape, dynamic_batch) an artefact shipped with ``settings`` was built for, where
+        its shapes are fixed at build time (a TVM library); None where the model's own inputs hold."""
+        del settings
+        return None
 
     def library_cpu(self, settings: dict) -> tuple[str, str] | None:
         """(arch, mcpu) of a native CPU library shipped with ``settings``, which `dlopt verify` can run under

@@ -1,7 +1,7 @@
 """Engines: a dlopt backend's compiled model as a function of feeds.
 
 Before any build, ``lower`` writes out the ops a backend lacks (its ``supports`` check),
-or converts wrongly (``EXPAND_ALWAYS``), as their ONNX function bodies
+or converts wrongly (its ``expand_function_ops``), as their ONNX function bodies
 (``ExpandFunctionOpsPass``).
 
 * :class:`CompiledEngine` (ONNX Runtime) and :class:`OpenVinoEngine` compile once, in
@@ -26,21 +26,20 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.core.errors import CompileError, TargetUnavailable, first_line
+from dlopt.targets import REFERENCE_BACKEND, backend_status, get_backend
 
 logger = logging.getLogger(__name__)
 
-# Backends whose compile needs the inputs themselves (static shapes, constant shape operands).
-SPECIALISING = frozenset({"tvm"})
-REFERENCE = "ort"  # the cpu engine checks another backend's outputs against this one
-# Ops a backend converts wrongly although ONNX defines them by a function body, which it runs
-# right (ONNX backend tests, onnx 1.23): TVM's Relax frontend takes ONNX Attention for ORT's
-# contrib Attention, returns only Y of LayerNormalization and fails RMSNormalization on axis 0.
-EXPAND_ALWAYS = {"tvm": frozenset({"Attention", "LayerNormalization", "RMSNormalization"})}
+REFERENCE = REFERENCE_BACKEND  # the cpu engine checks another backend's outputs against this one
+
+
+def _specialising(name: str) -> bool:
+    """Whether backend ``name``'s compile needs the inputs themselves (its ``compiles_per_input_shapes``)."""
+    backend = get_backend(name)
+    return backend is not None and backend.compiles_per_input_shapes
 
 
 def _backend(name: str):
-    from dlopt.targets import backend_status, get_backend
-
     status = backend_status(name)
     if status is not True:
         raise TargetUnavailable(f"{name}: {status}")
@@ -82,7 +81,7 @@ def lower(name: str, model: ir.Model, *, lift: bool = True) -> tuple[ir.Model, l
     for _ in range(2 if lift else 0):  # a body may hold another op to expand
         # a supports() entry may carry why ("NegativeLogLikelihoodLoss (converter failed: ...)")
         ops = [op.partition(" (")[0] for op in missing]
-        wanted = {op for op in [*ops, *(EXPAND_ALWAYS.get(name, frozenset()) & present)]
+        wanted = {op for op in [*ops, *(backend.expand_function_ops & present)]
                   if has_function_body(op, opset)}
         if not wanted:
             break
@@ -240,7 +239,7 @@ def engine_for(name: str, model: ir.Model, workdir: Path, *, threads: int, lift:
     model, unsupported_ops = lower(name, model, lift=lift)
     if unsupported_ops:
         raise CompileError(f"{name} cannot run {', '.join(unsupported_ops)}")
-    if name in SPECIALISING:
+    if _specialising(name):
         return SpecialisingEngine(name, model, workdir / name, threads=threads, lift=lift)
     return _engine_class(name)(name, model, workdir / name, threads=threads)
 
@@ -249,7 +248,7 @@ _ENGINES = {"ort": OrtEngine, "openvino": OpenVinoEngine}
 
 
 def _engine_class(name: str) -> type:
-    return SpecialisingEngine if name in SPECIALISING else _ENGINES.get(name, CompiledEngine)
+    return SpecialisingEngine if _specialising(name) else _ENGINES.get(name, CompiledEngine)
 
 
 def agree(a: list, b: list, *, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
