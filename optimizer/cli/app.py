@@ -159,6 +159,8 @@ def _print_report(report, *, as_json: bool) -> None:
     if as_json:
         click.echo(report.to_json(), nl=False)
         return
+    for line in sections.terminal(report, (sections.HEAD,)):
+        click.echo(line)
     click.echo(tabulate(report.pass_rows(), headers=report.PASS_HEADERS))
     click.echo()
     click.echo(tabulate(report.candidate_rows(), headers=report.CANDIDATE_HEADERS))

@@ -175,6 +175,7 @@ class Report:
             f"# dlopt report: {esc(Path(self.model.get('path') or 'model').name)} "
             f"for {esc(str(self.target['name']))}",
             "",
+            *sections.markdown(self, sections.HEAD),
             f"- model sha256: {esc(str(self.model.get('sha256', '-')))}",
             f"- inputs: {esc(', '.join(self.model.get('inputs', [])))}",
             f"- evaluated on: {esc(str(self.evaluation.get('source')))} ({self.evaluation.get('feeds')} feeds), "

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from dlopt.report import sections
 from dlopt.report.plot import Point, draw_plot
 from dlopt.report.data import Candidate, Report
 from dlopt.report.sections.base import html_table as _table
-from dlopt.measure.timing import NOISY_CV
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
@@ -94,30 +93,6 @@ def headline(report: Report) -> str:
     speed = report.speedup(chosen)
     return f"chosen {chosen.key}" + (f"; {speed:.2f}x the original's speed" if speed else "") + (
         "" if report.chosen else "; OVER THE ACCURACY BUDGET")
-
-
-def timing_line(report: Report) -> tuple[str, str | None]:
-    """(how latency was timed, a warning when the machine was too noisy to trust close results)."""
-    timing = report.timing or {}
-    base = report.baseline.latency or {}
-    shape = timing.get("shape") or ", ".join(f"{k}={'x'.join(map(str, v))}"
-                                             for k, v in (timing.get("shapes") or {}).items())
-    runs, warmup = timing.get("runs", base.get("runs")), timing.get("warmup", base.get("warmup"))
-    if runs is None:
-        return f"Timing: not measured here (built for {report.target.get('name')})" + (
-            f", shape {shape}" if shape else "") + ".", None
-    parts = [f"shape {shape}" if shape else "shape not recorded (a report older than schema 1.1)",
-             f"{timing.get('threads', base.get('threads', '?'))} threads",
-             f"{runs} runs per model after {warmup} warm-up"
-             + (", interleaved with the original in round-robin blocks" if timing.get("interleaved") else "")]
-    cv = timing.get("noise_cv")
-    if cv is not None:
-        parts.append(f"noise (run-to-run cv) {cv * 100:.1f}%")
-    warning = None
-    if cv is not None and cv > NOISY_CV:
-        warning = (f"The machine was noisy while timing: run-to-run variation reached {cv * 100:.0f}% "
-                   f"(above {NOISY_CV * 100:.0f}%). Close results are ties; rerun on a quiet machine to separate them.")
-    return "Timing: " + "; ".join(parts) + ".", warning
 
 
 def format_energy(energy: dict | None) -> str:
@@ -260,13 +235,11 @@ def render_html(report: dict, device: dict | None = None) -> str:
     r = Report.from_dict(report)
     model_name = Path(r.model.get("path") or "model").name
     title = f"dlopt report: {model_name} for {r.target.get('name')}"
-    timing, warning = timing_line(r)
     over = " over" if r.chosen is None and r.chosen_candidate() is not None else ""
     body = [
         f"<h1>{escape(title)}</h1>",
         f'<p class="headline{over}" id="summary">{escape(headline(r))}</p>',
-        f'<p class="timing" id="timing">{escape(timing)}</p>',
-        *([f'<p class="warning" id="noise">{escape(warning)}</p>'] if warning else []),
+        *sections.html(r, sections.HEAD),
         '<dl class="summary">' + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in _summary(r))
         + "</dl>",
         "<h2>Candidates</h2>", candidate_table(r, report),

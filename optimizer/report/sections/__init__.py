@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from dlopt.report.sections.base import BODY, END, FACTS, Section
+from dlopt.report.sections.base import BODY, END, FACTS, HEAD, Section
 from dlopt.report.sections.calibration import Calibration
 from dlopt.report.sections.float_nodes import FloatNodes
 from dlopt.report.sections.notes import Notes
 from dlopt.report.sections.pruning import Pruning
+from dlopt.report.sections.timing import Timing
 
 SECTIONS: list[Section] = [
+    Timing(),
     Pruning(),
     FloatNodes(),
     Calibration(),
@@ -51,10 +53,11 @@ def html(report, slot: str) -> list[str]:
     return [part for s in in_slot(slot) for part in s.html(report)]
 
 
-def terminal(report) -> list[str]:
-    """What the CLI prints after the candidate table, before the summary line."""
-    return [line for slot in (BODY, END) for s in in_slot(slot) for line in s.terminal(report)]
+def terminal(report, slots: tuple[str, ...] = (BODY, END)) -> list[str]:
+    """What the CLI prints: (HEAD,) before the pass table; (BODY, END) after the candidate table, before the
+    summary line."""
+    return [line for slot in slots for s in in_slot(slot) for line in s.terminal(report)]
 
 
-__all__ = ["BODY", "END", "FACTS", "SECTIONS", "Section", "collect", "facts", "html", "in_slot", "markdown",
+__all__ = ["BODY", "END", "FACTS", "HEAD", "SECTIONS", "Section", "collect", "facts", "html", "in_slot", "markdown",
            "schema", "terminal"]

@@ -18,15 +18,16 @@ from tabulate import tabulate
 if TYPE_CHECKING:
     from dlopt.report.data import Report
 
-FACTS, BODY, END = "facts", "body", "end"
+HEAD, FACTS, BODY, END = "head", "facts", "body", "end"
 
 
 class Section:
     """One part of the report; subclasses override what they render.
 
-    ``slot`` says where its renderings go, the same place in every rendering:
-    ``facts``: one line among the report's facts (a bullet at the top of report.md, a row of report.html's
-    summary list), from ``fact``; ``body``: after the candidate tables; ``end``: after everything else.
+    ``slot`` says where its renderings go, the same place in every rendering: ``head``: under the title
+    (report.html: under the headline; the terminal: before the pass table); ``facts``: one line among the
+    report's facts (a bullet at the top of report.md, a row of report.html's summary list), from ``fact``;
+    ``body``: after the candidate tables; ``end``: after everything else.
     """
 
     key: ClassVar[str | None] = None  # the top-level report.json field it owns; None: it renders others' fields
@@ -45,13 +46,13 @@ class Section:
     def fact(self, report: "Report") -> str | None:  # slot "facts"
         return None
 
-    def markdown(self, report: "Report") -> list[str]:  # lines of report.md (slots "body" and "end")
+    def markdown(self, report: "Report") -> list[str]:  # lines of report.md (slots "head", "body" and "end")
         return []
 
-    def html(self, report: "Report") -> list[str]:  # elements of report.html (slots "body" and "end")
+    def html(self, report: "Report") -> list[str]:  # elements of report.html (slots "head", "body" and "end")
         return []
 
-    def terminal(self, report: "Report") -> list[str]:  # lines `dlopt compile` prints (slots "body" and "end")
+    def terminal(self, report: "Report") -> list[str]:  # lines `dlopt compile` prints (slots "head", "body", "end")
         return []
 
 
