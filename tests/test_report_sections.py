@@ -105,3 +105,13 @@ def test_the_calibration_line_is_one_line_in_three_renderings():
     assert validate_report(json.loads(report.to_json()))  # the schema entry accepts what a compile writes
     with pytest.raises(ConfigError, match=r"calibration\.samples must be an integer between 0 and 2\*\*63"):
         validate_report({**json.loads(report.to_json()), "calibration": {**calib, "samples": "32"}})
+
+
+def test_renderers_read_a_section_only_through_the_registry(monkeypatch):
+    """Without Calibration in SECTIONS no rendering says a word of calibration: none reads the field itself."""
+    report = _calibrated({"samples": 32, "source": "calib.npz", "method": "minmax", "seconds": 0.1,
+                          "peak_rss_mb": 1.0, "rss_increase_mb": 0.0})
+    assert "alibration" in report.to_markdown() and "alibration" in render_html(report.to_dict())
+    monkeypatch.setattr(sections, "SECTIONS", [s for s in sections.SECTIONS if s.key != "calibration"])
+    assert "alibration" not in report.to_markdown() + render_html(report.to_dict()) + "".join(sections.terminal(report))
+    assert report.to_dict()["calibration"]["samples"] == 32  # the field is still written: Report keeps it
