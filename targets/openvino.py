@@ -58,14 +58,6 @@ _KERNEL_PRECISIONS = frozenset({"f32", "bf16", "f16", "i8", "u8"})
 _COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "GroupConvolution"})
 
 
-def available() -> bool | str:
-    # find_spec, not import: importing OpenVINO takes ~0.6 s and `dlopt targets` asks every backend.
-    # A present but broken install surfaces as TargetUnavailable when the backend is first used.
-    if importlib.util.find_spec("openvino") is None:
-        return "openvino is not installed; install dlopt[openvino]"
-    return True
-
-
 @lru_cache(maxsize=1)
 def _ov():
     try:
@@ -86,19 +78,6 @@ def _onnx_frontend():
     # Once per process; the manager owns the frontend's shared library, so both are kept.
     manager = _ov().frontend.FrontEndManager()
     return manager, manager.load_by_framework("onnx")
-
-
-def precisions(profile) -> tuple[str, ...]:
-    # OpenVINO also runs on ARM CPUs, but dlopt does not target OpenVINO there yet; GPUs and
-    # microcontrollers are other backends' job.  An empty tuple skips this backend.
-    if profile.device != "cpu" or profile.arch != "x86_64":
-        return ()
-    offered = ("fp32", "fp16", "int8", "mixed")
-    # bf16 only when the profile is this machine and its CPU has bf16 kernels (AMX, AVX512-BF16):
-    # anywhere else the candidate could be neither verified nor timed.
-    if profile.runs_here() and "BF16" in _core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
-        offered += ("bf16",)
-    return offered
 
 
 @contextlib.contextmanager
@@ -135,34 +114,6 @@ def _unconverted(ov_model, producers: dict[str, str]) -> set[str]:
     return missing
 
 
-def supports(model) -> list[str]:
-    """Ops OpenVINO's ONNX frontend has no conversion rule for (converted partially, so all are named).
-
-    A model its converter cannot be trusted with (deep control flow, huge generated
-    constants: dlopt.core.graph_facts) is refused before the converter sees it.
-    """
-    hazards = converter_hazards(model)
-    if hazards:
-        return hazards
-    _, frontend = _onnx_frontend()
-    producers = {out.name: op_label(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)
-                 for out in node.outputs}
-    with tempfile.TemporaryDirectory(prefix="dlopt-ov-") as tmp:
-        with _as_onnx_file(model, Path(tmp)) as path:
-            try:
-                partial = frontend.convert_partially(frontend.load(str(path)))
-            except Exception as exc:  # not an op problem: compile() reports the converter's message
-                logger.warning("OpenVINO's ONNX frontend cannot read the model: %s", _message(exc))
-                return []
-            missing = _unconverted(partial, producers)
-            if not missing:
-                return []
-            # An op the frontend has a rule for but failed to convert (a Conv inside an If branch whose
-            # input rank is unknown) is not an unsupported op: say why it failed.
-            failed = _conversion_failures(frontend, path)
-            return sorted(f"{op} (converter failed: {failed[op]})" if op in failed else op for op in missing)
-
-
 def _conversion_failures(frontend, path: Path) -> dict[str, str]:
     """Op type -> the last line of the frontend's failure message, for ops that have a rule but failed."""
     import re
@@ -178,12 +129,6 @@ def _conversion_failures(frontend, path: Path) -> dict[str, str]:
         if lines:
             failures.setdefault(op, lines[-1][:200])
     return failures
-
-
-def runtime_version() -> str:
-    from importlib import metadata
-
-    return metadata.version("openvino")
 
 
 def runtime_settings(precision: str, threads: int, static_shape: dict | None = None) -> dict:
@@ -232,36 +177,6 @@ def _message(exc: BaseException) -> str:
     lines = [line.strip(" -").rstrip(".") for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("Check ", "FrontEnd API failed", "Summary"))]
     return "; ".join(useful[:2]) if useful else first_line(exc)
-
-
-def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
-    """Convert ``model`` to OpenVINO IR in ``workdir``; int8/mixed models arrive as QDQ ONNX."""
-    if precision not in _HINTS:
-        raise CompileError(f"openvino cannot build precision {precision!r}; it builds {', '.join(_HINTS)}")
-    ov = _ov()
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        with _as_onnx_file(model, workdir) as path:
-            with _root_logger_kept():
-                converted = ov.convert_model(str(path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
-            # save_model compresses weights to f16 by default: only the fp16 candidate asks for it.
-            ov.save_model(converted, str(workdir / "model.xml"), compress_to_fp16=precision == "fp16")
-    except Exception as exc:
-        raise CompileError(f"OpenVINO could not convert the model: {_message(exc)}") from exc
-    static = shapes if shapes and _symbolic_inputs(model) else None
-    threads, _ = profile.threads_for(threads)  # the board's cores, not this host's
-    settings = runtime_settings(precision, threads, static)
-    (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    return Artifact(
-        backend=name,
-        precision=precision,
-        folder=workdir,
-        files=["model.xml", "model.bin", SETTINGS_FILE],
-        entry="model.xml",
-        settings=settings,
-        # IR is portable across x86-64 CPUs: a CPU profile of this host's ISA can be verified here.
-        loadable_here=profile.runs_here() or (profile.device == "cpu" and profile.arch == host_arch()),
-    )
 
 
 def executed_precisions(compiled) -> set[str]:
@@ -350,60 +265,10 @@ def checked_properties(settings: dict, source: str) -> tuple[str, dict]:
     return device, checked
 
 
-def load(artifact: Artifact) -> OpenVinoSession:
-    settings = artifact.settings
-    device, properties = checked_properties(settings, str(artifact.folder / SETTINGS_FILE))
-    compiled = _core().compile_model(str(artifact.entry_path), device, properties)
-    static, shape = None, settings.get("static_shape")
-    if shape:
-        model = _core().read_model(str(artifact.entry_path))
-        try:
-            model.reshape({k: list(v) for k, v in shape.items()})
-            static = _core().compile_model(model, device, properties)
-        except Exception as exc:  # a model that cannot take the shape runs dynamic, as before
-            logger.debug("OpenVINO could not compile %s for %s: %s", artifact.entry_path, shape, first_line(exc))
-    return OpenVinoSession(compiled, static, shape)
-
-
 # -- the output README and Triton ---------------------------------------------------------------------
 
 _PROPERTY = re.compile(r"[A-Z][A-Z0-9_]*")
 _TRITON_PARAMETERS = ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")
-
-
-def install_lines(shipped: list, text) -> list[str]:
-    del text
-    versions = {str(s.settings.get("openvino_version", "")).split("-", 1)[0] for s in shipped}
-    return [f"OpenVINO ({', '.join(s.key for s in shipped)}): `pip install openvino"
-            f"{'==' + snippets.version(v) if snippets.version(v) else ''} numpy`" for v in sorted(versions)]
-
-
-def plain_code(s, feeds: str, arch: str) -> list[str]:
-    del arch
-    settings = s.settings
-    properties = {k: v for k, v in (settings.get("properties") or {}).items()
-                  if isinstance(k, str) and _PROPERTY.fullmatch(k) and isinstance(v, (str, int, float, bool))}
-    code = ["import numpy as np", "import openvino as ov", "core = ov.Core()",
-            f"model = core.read_model({s.path('model.xml')!r})"]
-    static = settings.get("static_shape")
-    if isinstance(static, dict) and static:
-        code.append(f"model.reshape({ {str(k): [int(d) for d in v] for k, v in static.items()}!r})"
-                    "  # the static shape it was timed at runs faster")
-    code += [f"compiled = core.compile_model(model, {str(settings.get('device', 'CPU'))!r}, {properties!r})",
-             f"outs = list(compiled({feeds}).values())"]
-    return code
-
-
-def fill_triton(config, artifact: Artifact, plain_file) -> str:
-    """Triton's openvino backend with the plugin properties (threads, streams, hint) as parameters."""
-    del plain_file
-    config.backend = "openvino"
-    properties = artifact.settings.get("properties") or {}
-    for key in _TRITON_PARAMETERS:
-        if properties.get(key) is not None:
-            config.parameters[key].string_value = str(properties[key])
-    config.default_model_filename = "model.xml"
-    return "KIND_CPU"
 
 
 class OpenVinoBackend(Backend):
@@ -411,14 +276,135 @@ class OpenVinoBackend(Backend):
     runtime_name, dlopt_extra = "OpenVINO", "openvino"
     plain_runtime = "dlopt.targets.openvino_plain:OpenVinoPlain"
     prefers_nncf = reduce_range_where_saturating = True
-    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
-    precisions, supports = staticmethod(precisions), staticmethod(supports)
-    compile, load = staticmethod(compile), staticmethod(load)
-    install_lines, plain_code, fill_triton = staticmethod(install_lines), staticmethod(plain_code), \
-        staticmethod(fill_triton)
 
     def with_threads(self, settings: dict, threads: int) -> dict:
         return {**settings, "properties": {**settings.get("properties", {}), "INFERENCE_NUM_THREADS": threads}}
+
+    def available(self) -> bool | str:
+        # find_spec, not import: importing OpenVINO takes ~0.6 s and `dlopt targets` asks every backend.
+        # A present but broken install surfaces as TargetUnavailable when the backend is first used.
+        if importlib.util.find_spec("openvino") is None:
+            return "openvino is not installed; install dlopt[openvino]"
+        return True
+
+    def precisions(self, profile) -> tuple[str, ...]:
+        # OpenVINO also runs on ARM CPUs, but dlopt does not target OpenVINO there yet; GPUs and
+        # microcontrollers are other backends' job.  An empty tuple skips this backend.
+        if profile.device != "cpu" or profile.arch != "x86_64":
+            return ()
+        offered = ("fp32", "fp16", "int8", "mixed")
+        # bf16 only when the profile is this machine and its CPU has bf16 kernels (AMX, AVX512-BF16):
+        # anywhere else the candidate could be neither verified nor timed.
+        if profile.runs_here() and "BF16" in _core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
+            offered += ("bf16",)
+        return offered
+
+    def supports(self, model) -> list[str]:
+        """Ops OpenVINO's ONNX frontend has no conversion rule for (converted partially, so all are named).
+
+        A model its converter cannot be trusted with (deep control flow, huge generated
+        constants: dlopt.core.graph_facts) is refused before the converter sees it.
+        """
+        hazards = converter_hazards(model)
+        if hazards:
+            return hazards
+        _, frontend = _onnx_frontend()
+        producers = {out.name: op_label(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                     for out in node.outputs}
+        with tempfile.TemporaryDirectory(prefix="dlopt-ov-") as tmp:
+            with _as_onnx_file(model, Path(tmp)) as path:
+                try:
+                    partial = frontend.convert_partially(frontend.load(str(path)))
+                except Exception as exc:  # not an op problem: compile() reports the converter's message
+                    logger.warning("OpenVINO's ONNX frontend cannot read the model: %s", _message(exc))
+                    return []
+                missing = _unconverted(partial, producers)
+                if not missing:
+                    return []
+                # An op the frontend has a rule for but failed to convert (a Conv inside an If branch whose
+                # input rank is unknown) is not an unsupported op: say why it failed.
+                failed = _conversion_failures(frontend, path)
+                return sorted(f"{op} (converter failed: {failed[op]})" if op in failed else op for op in missing)
+
+    def runtime_version(self) -> str:
+        from importlib import metadata
+
+        return metadata.version("openvino")
+
+    def compile(self, model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
+        """Convert ``model`` to OpenVINO IR in ``workdir``; int8/mixed models arrive as QDQ ONNX."""
+        if precision not in _HINTS:
+            raise CompileError(f"openvino cannot build precision {precision!r}; it builds {', '.join(_HINTS)}")
+        ov = _ov()
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            with _as_onnx_file(model, workdir) as path:
+                with _root_logger_kept():
+                    converted = ov.convert_model(str(path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
+                # save_model compresses weights to f16 by default: only the fp16 candidate asks for it.
+                ov.save_model(converted, str(workdir / "model.xml"), compress_to_fp16=precision == "fp16")
+        except Exception as exc:
+            raise CompileError(f"OpenVINO could not convert the model: {_message(exc)}") from exc
+        static = shapes if shapes and _symbolic_inputs(model) else None
+        threads, _ = profile.threads_for(threads)  # the board's cores, not this host's
+        settings = runtime_settings(precision, threads, static)
+        (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        return Artifact(
+            backend=name,
+            precision=precision,
+            folder=workdir,
+            files=["model.xml", "model.bin", SETTINGS_FILE],
+            entry="model.xml",
+            settings=settings,
+            # IR is portable across x86-64 CPUs: a CPU profile of this host's ISA can be verified here.
+            loadable_here=profile.runs_here() or (profile.device == "cpu" and profile.arch == host_arch()),
+        )
+
+    def load(self, artifact: Artifact) -> OpenVinoSession:
+        settings = artifact.settings
+        device, properties = checked_properties(settings, str(artifact.folder / SETTINGS_FILE))
+        compiled = _core().compile_model(str(artifact.entry_path), device, properties)
+        static, shape = None, settings.get("static_shape")
+        if shape:
+            model = _core().read_model(str(artifact.entry_path))
+            try:
+                model.reshape({k: list(v) for k, v in shape.items()})
+                static = _core().compile_model(model, device, properties)
+            except Exception as exc:  # a model that cannot take the shape runs dynamic, as before
+                logger.debug("OpenVINO could not compile %s for %s: %s", artifact.entry_path, shape, first_line(exc))
+        return OpenVinoSession(compiled, static, shape)
+
+    def install_lines(self, shipped: list, text) -> list[str]:
+        del text
+        versions = {str(s.settings.get("openvino_version", "")).split("-", 1)[0] for s in shipped}
+        return [f"OpenVINO ({', '.join(s.key for s in shipped)}): `pip install openvino"
+                f"{'==' + snippets.version(v) if snippets.version(v) else ''} numpy`" for v in sorted(versions)]
+
+    def plain_code(self, s, feeds: str, arch: str) -> list[str]:
+        del arch
+        settings = s.settings
+        properties = {k: v for k, v in (settings.get("properties") or {}).items()
+                      if isinstance(k, str) and _PROPERTY.fullmatch(k) and isinstance(v, (str, int, float, bool))}
+        code = ["import numpy as np", "import openvino as ov", "core = ov.Core()",
+                f"model = core.read_model({s.path('model.xml')!r})"]
+        static = settings.get("static_shape")
+        if isinstance(static, dict) and static:
+            code.append(f"model.reshape({ {str(k): [int(d) for d in v] for k, v in static.items()}!r})"
+                        "  # the static shape it was timed at runs faster")
+        code += [f"compiled = core.compile_model(model, {str(settings.get('device', 'CPU'))!r}, {properties!r})",
+                 f"outs = list(compiled({feeds}).values())"]
+        return code
+
+    def fill_triton(self, config, artifact: Artifact, plain_file) -> str:
+        """Triton's openvino backend with the plugin properties (threads, streams, hint) as parameters."""
+        del plain_file
+        config.backend = "openvino"
+        properties = artifact.settings.get("properties") or {}
+        for key in _TRITON_PARAMETERS:
+            if properties.get(key) is not None:
+                config.parameters[key].string_value = str(properties[key])
+        config.default_model_filename = "model.xml"
+        return "KIND_CPU"
 
 
 BACKEND = OpenVinoBackend()

@@ -24,19 +24,6 @@ ENTRY = "model.onnx"
 SETTINGS_FILE = "session_options.json"
 
 
-def available() -> bool | str:
-    return True  # a core dependency
-
-
-def runtime_version() -> str:
-    return ort.__version__
-
-
-def precisions(profile) -> tuple[str, ...]:
-    del profile  # the CPU provider runs every precision dlopt builds (fp16 behind Casts where needed)
-    return ("fp32", "fp16", "int8", "mixed", "int8-dynamic")
-
-
 @lru_cache(maxsize=1)
 def _cpu_kernels() -> frozenset[tuple[str, str]]:
     from onnxruntime.capi import _pybind_state
@@ -60,18 +47,6 @@ def _expands_to_function(domain: str, op_type: str) -> bool:
         return False
     schema = onnx.defs.get_schema(op_type, domain="" if domain == "ai.onnx" else domain)
     return schema.has_function or schema.has_context_dependent_function
-
-
-def supports(model) -> list[str]:
-    kernels = _cpu_kernels() | _LOAD_TIME_OPS
-    functions = {(f.domain, f.name) for f in model.functions.values()}
-    missing = set()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        domain = node.domain or "ai.onnx"
-        if ((domain, node.op_type) not in kernels and (node.domain, node.op_type) not in functions
-                and not _expands_to_function(domain, node.op_type)):
-            missing.add(op_label(node))
-    return sorted(missing)
 
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
@@ -102,23 +77,6 @@ def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threa
             # nor should its arena keep that tensor's memory between runs: timing holds sessions side by side
             settings.update(disabled_optimizers=["ConstantFolding"], enable_cpu_mem_arena=False)
     return settings
-
-
-def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
-    del shapes  # ORT artefacts are portable ONNX with their symbolic dims
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = save_ir(model, workdir / "model.onnx")
-    threads, threads_from = profile.threads_for(threads)
-    settings = session_settings(threads, model, providers=providers_for(profile), threads_from=threads_from)
-    (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    return Artifact(
-        backend=name,
-        precision=precision,
-        folder=workdir,
-        files=[f.name for f in files] + [SETTINGS_FILE],
-        entry="model.onnx",
-        settings=settings,
-    )
 
 
 def _usable_cores() -> int:
@@ -192,67 +150,12 @@ def _check_config_entries(settings: dict, source: str) -> None:
                           f"dlopt passes only {', '.join(CONFIG_ENTRIES)} (remove it, or compile again)")
 
 
-def load(artifact: Artifact, *, threads: int | None = None) -> OrtSession:
-    """The artefact's session; ``threads`` replaces the count it shipped with (a board's cores)."""
-    settings = artifact.settings if threads is None else {**artifact.settings, "intra_op_num_threads": threads}
-    return OrtSession(artifact.entry_path, settings, source=str(artifact.folder / SETTINGS_FILE))
-
-
-
-def lowering_passes(precision: str) -> list:
-    """ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions; integer ops
-    of a model ORT quantised already get their own constants (UnshareIntegerWeightsPass)."""
-    from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
-    from dlopt.passes.unshare_integer_weights import UnshareIntegerWeightsPass
-
-    return [FuseActivationForOrtPass()] * (precision == "fp32") + [UnshareIntegerWeightsPass()]
-
-
 # -- the output README and Triton ---------------------------------------------------------------------
 
 _GPU = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 _ENUM = re.compile(r"ORT_[A-Z_]+")
 _ARCH_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 TRITON_TRT_PRECISION = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}  # Triton's TensorRT precision_mode
-
-
-def install_lines(shipped: list, text) -> list[str]:
-    del text
-    lines = []
-    for version in dict.fromkeys(s.settings.get("onnxruntime_version") for s in shipped):
-        ours = [s for s in shipped if s.settings.get("onnxruntime_version") == version]
-        gpu = any(_GPU & set(s.settings.get("providers") or []) for s in ours)
-        pinned = f"=={snippets.version(version)}" if snippets.version(version) else ""
-        package = ("onnxruntime-gpu" if gpu else "onnxruntime") + pinned
-        why = (" (the TensorRT and CUDA providers the sessions ask for first; a provider the build lacks is "
-               "skipped)" if gpu else "")
-        lines.append(f"ONNX Runtime ({', '.join(s.key for s in ours)}): `pip install {package} numpy`{why}")
-    return lines
-
-
-def plain_code(s, feeds: str, arch: str) -> list[str]:
-    settings = s.settings
-    level = _enum_name(settings.get("graph_optimization_level"), "ORT_ENABLE_ALL")
-    mode = _enum_name(settings.get("execution_mode"), "ORT_SEQUENTIAL")
-    providers = [p for p in settings.get("providers") or ["CPUExecutionProvider"] if isinstance(p, str)]
-    disabled = [d for d in settings.get("disabled_optimizers") or [] if isinstance(d, str)]
-    code = ["import numpy as np", "import onnxruntime as ort",
-            "options = ort.SessionOptions()  # as session_options.json",
-            f"options.intra_op_num_threads = {int(settings.get('intra_op_num_threads', 0))}",
-            f"options.inter_op_num_threads = {int(settings.get('inter_op_num_threads', 1))}",
-            f"options.execution_mode = ort.ExecutionMode.{mode}",
-            f"options.graph_optimization_level = ort.GraphOptimizationLevel.{level}"]
-    if settings.get("enable_cpu_mem_arena") is False:
-        code.append("options.enable_cpu_mem_arena = False")
-    entries = settings.get("config_entries")
-    for key, value in (entries.items() if isinstance(entries, dict) else ()):
-        code.append(f"options.add_session_config_entry({str(key)!r}, {str(value)!r})"
-                    + (_x64_comment(arch) if key == "session.x64quantprecision" else ""))
-    code += [f"providers = [p for p in {providers!r} if p in ort.get_available_providers()]",
-             f"session = ort.InferenceSession({s.path('model.onnx')!r}, options, providers=providers"
-             + (f", disabled_optimizers={disabled!r})" if disabled else ")"),
-             f"outs = session.run(None, {feeds})"]
-    return code
 
 
 def _x64_comment(arch: str) -> str:
@@ -265,41 +168,10 @@ def _enum_name(value, default: str) -> str:
     return value if isinstance(value, str) and _ENUM.fullmatch(value) else default
 
 
-def fill_triton(config, artifact: Artifact, plain_file) -> str:
-    """Triton's onnxruntime backend with the compile's thread settings; TensorRT or OpenVINO accelerators
-    where the session ships with those providers."""
-    del plain_file
-    settings = artifact.settings
-    config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
-    providers = list(settings.get("providers") or [])
-    for key, ours in (("intra_op_thread_count", "intra_op_num_threads"),
-                      ("inter_op_thread_count", "inter_op_num_threads")):
-        if isinstance(settings.get(ours), int):
-            config.parameters[key].string_value = str(settings[ours])
-    if settings.get("execution_mode"):
-        config.parameters["execution_mode"].string_value = str(1 if settings["execution_mode"] == "ORT_PARALLEL"
-                                                               else 0)
-    accelerators = config.optimization.execution_accelerators
-    if "TensorrtExecutionProvider" in providers:
-        trt = accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        trt.parameters["precision_mode"] = TRITON_TRT_PRECISION.get(artifact.precision, "FP32")
-    if "OpenVINOExecutionProvider" in providers:
-        accelerators.cpu_execution_accelerator.add(name="openvino")
-    config.default_model_filename = "model.onnx"
-    return "KIND_GPU" if any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) \
-        else "KIND_CPU"
-
-
 class OrtBackend(Backend):
     name, entry, settings_file = name, ENTRY, SETTINGS_FILE
     runtime_name = "ONNX Runtime"
     plain_runtime = "dlopt.targets.ort_plain:OrtPlain"
-    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
-    precisions, supports = staticmethod(precisions), staticmethod(supports)
-    lowering_passes = staticmethod(lowering_passes)
-    compile, load = staticmethod(compile), staticmethod(load)
-    install_lines, plain_code, fill_triton = staticmethod(install_lines), staticmethod(plain_code), \
-        staticmethod(fill_triton)
 
     def with_threads(self, settings: dict, threads: int) -> dict:
         return {**settings, "intra_op_num_threads": threads}
@@ -308,6 +180,117 @@ class OrtBackend(Backend):
     # 29.7 ms, static QDQ (smoothed, 9 of 96 nodes kept float to meet the budget) 41.2 ms: dynamic
     # first, static only when dynamic misses the budget
     static_int8_for_transformers = False
+
+    def available(self) -> bool | str:
+        return True  # a core dependency
+
+    def runtime_version(self) -> str:
+        return ort.__version__
+
+    def precisions(self, profile) -> tuple[str, ...]:
+        del profile  # the CPU provider runs every precision dlopt builds (fp16 behind Casts where needed)
+        return ("fp32", "fp16", "int8", "mixed", "int8-dynamic")
+
+    def supports(self, model) -> list[str]:
+        kernels = _cpu_kernels() | _LOAD_TIME_OPS
+        functions = {(f.domain, f.name) for f in model.functions.values()}
+        missing = set()
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            domain = node.domain or "ai.onnx"
+            if ((domain, node.op_type) not in kernels and (node.domain, node.op_type) not in functions
+                    and not _expands_to_function(domain, node.op_type)):
+                missing.add(op_label(node))
+        return sorted(missing)
+
+    def compile(self, model, profile, workdir: Path, *, precision: str, threads: int, shapes=None) -> Artifact:
+        del shapes  # ORT artefacts are portable ONNX with their symbolic dims
+        workdir.mkdir(parents=True, exist_ok=True)
+        files = save_ir(model, workdir / "model.onnx")
+        threads, threads_from = profile.threads_for(threads)
+        settings = session_settings(threads, model, providers=providers_for(profile), threads_from=threads_from)
+        (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        return Artifact(
+            backend=name,
+            precision=precision,
+            folder=workdir,
+            files=[f.name for f in files] + [SETTINGS_FILE],
+            entry="model.onnx",
+            settings=settings,
+        )
+
+    def load(self, artifact: Artifact, *, threads: int | None = None) -> OrtSession:
+        """The artefact's session; ``threads`` replaces the count it shipped with (a board's cores)."""
+        settings = artifact.settings if threads is None else {**artifact.settings, "intra_op_num_threads": threads}
+        return OrtSession(artifact.entry_path, settings, source=str(artifact.folder / SETTINGS_FILE))
+
+    def lowering_passes(self, precision: str) -> list:
+        """ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions; integer ops
+        of a model ORT quantised already get their own constants (UnshareIntegerWeightsPass)."""
+        from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
+        from dlopt.passes.unshare_integer_weights import UnshareIntegerWeightsPass
+
+        return [FuseActivationForOrtPass()] * (precision == "fp32") + [UnshareIntegerWeightsPass()]
+
+    def install_lines(self, shipped: list, text) -> list[str]:
+        del text
+        lines = []
+        for version in dict.fromkeys(s.settings.get("onnxruntime_version") for s in shipped):
+            ours = [s for s in shipped if s.settings.get("onnxruntime_version") == version]
+            gpu = any(_GPU & set(s.settings.get("providers") or []) for s in ours)
+            pinned = f"=={snippets.version(version)}" if snippets.version(version) else ""
+            package = ("onnxruntime-gpu" if gpu else "onnxruntime") + pinned
+            why = (" (the TensorRT and CUDA providers the sessions ask for first; a provider the build lacks is "
+                   "skipped)" if gpu else "")
+            lines.append(f"ONNX Runtime ({', '.join(s.key for s in ours)}): `pip install {package} numpy`{why}")
+        return lines
+
+    def plain_code(self, s, feeds: str, arch: str) -> list[str]:
+        settings = s.settings
+        level = _enum_name(settings.get("graph_optimization_level"), "ORT_ENABLE_ALL")
+        mode = _enum_name(settings.get("execution_mode"), "ORT_SEQUENTIAL")
+        providers = [p for p in settings.get("providers") or ["CPUExecutionProvider"] if isinstance(p, str)]
+        disabled = [d for d in settings.get("disabled_optimizers") or [] if isinstance(d, str)]
+        code = ["import numpy as np", "import onnxruntime as ort",
+                "options = ort.SessionOptions()  # as session_options.json",
+                f"options.intra_op_num_threads = {int(settings.get('intra_op_num_threads', 0))}",
+                f"options.inter_op_num_threads = {int(settings.get('inter_op_num_threads', 1))}",
+                f"options.execution_mode = ort.ExecutionMode.{mode}",
+                f"options.graph_optimization_level = ort.GraphOptimizationLevel.{level}"]
+        if settings.get("enable_cpu_mem_arena") is False:
+            code.append("options.enable_cpu_mem_arena = False")
+        entries = settings.get("config_entries")
+        for key, value in (entries.items() if isinstance(entries, dict) else ()):
+            code.append(f"options.add_session_config_entry({str(key)!r}, {str(value)!r})"
+                        + (_x64_comment(arch) if key == "session.x64quantprecision" else ""))
+        code += [f"providers = [p for p in {providers!r} if p in ort.get_available_providers()]",
+                 f"session = ort.InferenceSession({s.path('model.onnx')!r}, options, providers=providers"
+                 + (f", disabled_optimizers={disabled!r})" if disabled else ")"),
+                 f"outs = session.run(None, {feeds})"]
+        return code
+
+    def fill_triton(self, config, artifact: Artifact, plain_file) -> str:
+        """Triton's onnxruntime backend with the compile's thread settings; TensorRT or OpenVINO accelerators
+        where the session ships with those providers."""
+        del plain_file
+        settings = artifact.settings
+        config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+        providers = list(settings.get("providers") or [])
+        for key, ours in (("intra_op_thread_count", "intra_op_num_threads"),
+                          ("inter_op_thread_count", "inter_op_num_threads")):
+            if isinstance(settings.get(ours), int):
+                config.parameters[key].string_value = str(settings[ours])
+        if settings.get("execution_mode"):
+            config.parameters["execution_mode"].string_value = str(1 if settings["execution_mode"] == "ORT_PARALLEL"
+                                                                   else 0)
+        accelerators = config.optimization.execution_accelerators
+        if "TensorrtExecutionProvider" in providers:
+            trt = accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            trt.parameters["precision_mode"] = TRITON_TRT_PRECISION.get(artifact.precision, "FP32")
+        if "OpenVINOExecutionProvider" in providers:
+            accelerators.cpu_execution_accelerator.add(name="openvino")
+        config.default_model_filename = "model.onnx"
+        return "KIND_GPU" if any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) \
+            else "KIND_CPU"
 
 
 BACKEND = OrtBackend()

@@ -117,7 +117,7 @@ def test_rpi5_tvm_library_on_an_emulated_cortex_a76_matches_onnxruntime(tmp_path
     # As `dlopt compile` lowers it: generic passes (BN folded into the conv), then TVM's own.
     model = run_pipeline(ir.serde.deserialize_model(proto),
                          generic_passes() + backend.BACKEND.lowering_passes("fp32")).model
-    artifact = backend.compile(model, resolve_target("rpi5"), tmp_path / "rpi5", precision="fp32", threads=4)
+    artifact = backend.BACKEND.compile(model, resolve_target("rpi5"), tmp_path / "rpi5", precision="fp32", threads=4)
     library = artifact.entry_path.read_bytes()
     assert int.from_bytes(library[18:20], "little") == 183  # ELF e_machine: aarch64
     feeds = np.random.default_rng(0).standard_normal((3, 1, 3, 16, 16)).astype(np.float32)

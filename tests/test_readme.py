@@ -267,7 +267,7 @@ def test_a_hostile_input_name_is_text_in_prose_and_a_literal_in_code(request, na
 
 def test_tensorrt_readme_txt_says_what_verifies_the_engine_and_what_does_not(tmp_path):
     model = ir.serde.deserialize_model(models.conv_bn_relu())
-    artifact = tensorrt.compile(model, resolve_target("jetson-orin"), tmp_path, precision="int8", threads=1)
+    artifact = tensorrt.BACKEND.compile(model, resolve_target("jetson-orin"), tmp_path, precision="int8", threads=1)
     text = (tmp_path / "README.txt").read_text()
     assert "README.txt" in artifact.files
     assert "verify.npz" in text and "two levels up for a bundle/ candidate" in text

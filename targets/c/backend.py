@@ -41,45 +41,6 @@ REFERENCE = "reference.onnx"
 INTEGRATION = "INTEGRATION.md"  # not README.md: a compile's output folder has its own
 
 
-def available() -> bool | str:
-    if not (shutil.which("gcc") or shutil.which("cc")):
-        return "no host C compiler (gcc) to verify the generated C; install gcc"
-    return True
-
-
-@lru_cache(maxsize=1)
-def runtime_version() -> str:
-    def version(tool: str) -> str:
-        if not shutil.which(tool):
-            return "absent"
-        done = subprocess.run([tool, "-dumpversion"], capture_output=True, text=True, check=False)
-        return done.stdout.strip() or "unknown"
-
-    cross = version("arm-none-eabi-gcc")
-    if cross != "absent":  # a cached build without Cortex-M figures is not reused once newlib is installed
-        found = subprocess.run(["arm-none-eabi-gcc", "-print-file-name=libc.a"], capture_output=True, text=True,
-                               check=False).stdout.strip()
-        cross += "" if Path(found).is_absolute() else " (no newlib)"
-    return f"dlopt-c {CODEGEN_VERSION}, gcc {version('gcc')}, arm-none-eabi-gcc {cross}"
-
-
-def precisions(profile) -> tuple[str, ...]:
-    return ("fp32", "int8") if profile.device == "mcu" else ()
-
-
-def supports(model) -> list[str]:
-    from dlopt.targets.c.codegen import SUPPORTED_OPS
-
-    missing = set()
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in SUPPORTED_OPS or node.domain not in ("", "ai.onnx"):
-            missing.add(op_label(node))
-        elif node.op_type == "ReduceMean":
-            missing.update(filter(None, [_reduce_mean_form(node, opset)]))
-    return sorted(missing)
-
-
 def _reduce_mean_form(node, opset: int) -> str | None:
     """A label for a ReduceMean the code generator would refuse (computed axes, axes that are not one
     block), or None; a shape known only at compile time is left to the generator."""
@@ -101,15 +62,6 @@ def _reduce_mean_form(node, opset: int) -> str | None:
     except ModelError:
         return f"ReduceMean over non-adjacent axes {axes}"
     return None
-
-
-def build_options(config, model, profile, shapes) -> dict:
-    """--max-ram / --max-flash (bytes) from the config; they enter the cache key so a cached
-    build is checked against the limits it was asked for."""
-    del model, profile, shapes
-    limits = {k: getattr(config, k, None) for k in ("max_ram", "max_flash")}
-    return {**{k: v for k, v in limits.items() if v is not None},
-            **{f"cache:{k}": v for k, v in limits.items() if v is not None}}
 
 
 def _support_files(mcpu: str) -> dict[str, str]:
@@ -176,63 +128,6 @@ def _readme(settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None,
-            max_ram: int | None = None, max_flash: int | None = None) -> Artifact:
-    from dlopt.targets.c import verify as c_verify
-    from dlopt.targets.c.codegen import generate, prepare
-    from dlopt.targets.c.kernels import HEADER, SOURCE
-
-    del threads  # one core, no threads
-    mcpu = profile.mcpu or "cortex-m7"
-    gen = generate(prepare(ir.serde.serialize_model(model), shapes),
-                   header_note=f" for {profile.name} ({precision})")
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = {"model.c": gen.model_c, "model.h": gen.model_h, "dlopt_kernels.c": SOURCE, "dlopt_kernels.h": HEADER,
-             **_support_files(mcpu)}
-    for file, text in files.items():
-        (workdir / file).write_text(text)
-    reference = [f.name for f in save_ir(model, workdir / REFERENCE)]  # the graph the C computes, for ORT
-    settings = {
-        "target": profile.name, "mcpu": mcpu, "precision": precision, "codegen_version": CODEGEN_VERSION,
-        "entry_point": "dlopt_model_run", "inputs": gen.inputs, "outputs": gen.outputs, "ops": gen.ops,
-        "memory": gen.plan.to_dict(), "weights_bytes": gen.weights_bytes,
-        "timing": f"not timed: the {profile.name} is not this machine; outputs verified with the host gcc build",
-    }
-    with tempfile.TemporaryDirectory(prefix="dlopt-c-") as tmp:
-        tools, cross = c_verify.cross_tools(), None
-        if tools is True:
-            try:
-                cross = c_verify.cross_compile(workdir, mcpu, Path(tmp) / "obj")
-            except TargetUnavailable as exc:  # e.g. arm-none-eabi-gcc without newlib: keep the host-verified C
-                tools = str(exc)
-                log.warning("no Cortex-M sizes or qemu check: %s", exc)
-        if cross is not None:
-            s = cross.sections
-            settings["figures"] = {
-                "code_bytes": s["code"], "rodata_bytes": s["weights_rodata"], "data_bytes": s["data"],
-                "bss_bytes": s["bss"], "stack_bytes": cross.stack_bytes,
-                "flash_bytes": s["code"] + s["weights_rodata"] + s["data"],
-                "ram_bytes": s["data"] + s["bss"] + cross.stack_bytes,
-                **cross.to_dict(), "note": "the library's objects; libm functions it calls are not counted"}
-        else:
-            settings["figures_unavailable"] = str(tools)
-        _check_limits(settings, gen, max_ram, max_flash)
-        qemu_ok = c_verify.qemu_tools() if tools is True else tools
-        if qemu_ok is True and mcpu in c_verify.QEMU_BOARDS:
-            try:
-                settings["qemu"] = _qemu_check(workdir, mcpu, gen, Path(tmp), cross.objects if cross else ())
-            except TargetUnavailable as exc:  # newlib's libraries missing for the image's link
-                settings["qemu_unavailable"] = str(exc)
-                log.warning("no qemu check: %s", exc)
-        else:
-            settings["qemu_unavailable"] = str(qemu_ok) if qemu_ok is not True else f"no qemu board for {mcpu}"
-    (workdir / INTEGRATION).write_text(_readme(settings))
-    (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    names = [*files, *reference, INTEGRATION, SETTINGS_FILE]
-    return Artifact(backend=name, precision=precision, folder=workdir, files=names, entry=ENTRY,
-                    loadable_here=True, settings=settings)
-
-
 def _check_limits(settings: dict, gen, max_ram: int | None, max_flash: int | None) -> None:
     figures = settings.get("figures")
     ram = figures["ram_bytes"] if figures else gen.plan.arena
@@ -271,18 +166,8 @@ def _qemu_check(folder: Path, mcpu: str, gen, tmp: Path, objects: tuple[str, ...
                                  "not device latency"}
 
 
-def load(artifact: Artifact):
-    from dlopt.targets.c.verify import HostSession
-
-    return HostSession(artifact.folder, artifact.settings["inputs"], artifact.settings["outputs"])
-
-
 class CBackend(Backend):
     name, entry, settings_file = name, ENTRY, SETTINGS_FILE
-    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
-    precisions, supports = staticmethod(precisions), staticmethod(supports)
-    build_options = staticmethod(build_options)
-    compile, load = staticmethod(compile), staticmethod(load)
 
     def runs_with_dlopt(self, settings: dict) -> bool:
         return False  # dlopt.load runs the sources through the host's gcc; the device runs the firmware
@@ -291,6 +176,110 @@ class CBackend(Backend):
         return ["C sources for a microcontroller: nothing to install on the device; build `model.c` and "
                 "`dlopt_kernels.c` into the firmware (see INTEGRATION.md). For the figures here: "
                 "`apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm`"]
+
+    def available(self) -> bool | str:
+        if not (shutil.which("gcc") or shutil.which("cc")):
+            return "no host C compiler (gcc) to verify the generated C; install gcc"
+        return True
+
+    @lru_cache(maxsize=1)
+    def runtime_version(self) -> str:
+        def version(tool: str) -> str:
+            if not shutil.which(tool):
+                return "absent"
+            done = subprocess.run([tool, "-dumpversion"], capture_output=True, text=True, check=False)
+            return done.stdout.strip() or "unknown"
+
+        cross = version("arm-none-eabi-gcc")
+        if cross != "absent":  # a cached build without Cortex-M figures is not reused once newlib is installed
+            found = subprocess.run(["arm-none-eabi-gcc", "-print-file-name=libc.a"], capture_output=True, text=True,
+                                   check=False).stdout.strip()
+            cross += "" if Path(found).is_absolute() else " (no newlib)"
+        return f"dlopt-c {CODEGEN_VERSION}, gcc {version('gcc')}, arm-none-eabi-gcc {cross}"
+
+    def precisions(self, profile) -> tuple[str, ...]:
+        return ("fp32", "int8") if profile.device == "mcu" else ()
+
+    def supports(self, model) -> list[str]:
+        from dlopt.targets.c.codegen import SUPPORTED_OPS
+
+        missing = set()
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type not in SUPPORTED_OPS or node.domain not in ("", "ai.onnx"):
+                missing.add(op_label(node))
+            elif node.op_type == "ReduceMean":
+                missing.update(filter(None, [_reduce_mean_form(node, opset)]))
+        return sorted(missing)
+
+    def build_options(self, config, model, profile, shapes) -> dict:
+        """--max-ram / --max-flash (bytes) from the config; they enter the cache key so a cached
+        build is checked against the limits it was asked for."""
+        del model, profile, shapes
+        limits = {k: getattr(config, k, None) for k in ("max_ram", "max_flash")}
+        return {**{k: v for k, v in limits.items() if v is not None},
+                **{f"cache:{k}": v for k, v in limits.items() if v is not None}}
+
+    def compile(self, model, profile, workdir: Path, *, precision: str, threads: int, shapes=None,
+                max_ram: int | None = None, max_flash: int | None = None) -> Artifact:
+        from dlopt.targets.c import verify as c_verify
+        from dlopt.targets.c.codegen import generate, prepare
+        from dlopt.targets.c.kernels import HEADER, SOURCE
+
+        del threads  # one core, no threads
+        mcpu = profile.mcpu or "cortex-m7"
+        gen = generate(prepare(ir.serde.serialize_model(model), shapes),
+                       header_note=f" for {profile.name} ({precision})")
+        workdir.mkdir(parents=True, exist_ok=True)
+        files = {"model.c": gen.model_c, "model.h": gen.model_h, "dlopt_kernels.c": SOURCE, "dlopt_kernels.h": HEADER,
+                 **_support_files(mcpu)}
+        for file, text in files.items():
+            (workdir / file).write_text(text)
+        reference = [f.name for f in save_ir(model, workdir / REFERENCE)]  # the graph the C computes, for ORT
+        settings = {
+            "target": profile.name, "mcpu": mcpu, "precision": precision, "codegen_version": CODEGEN_VERSION,
+            "entry_point": "dlopt_model_run", "inputs": gen.inputs, "outputs": gen.outputs, "ops": gen.ops,
+            "memory": gen.plan.to_dict(), "weights_bytes": gen.weights_bytes,
+            "timing": f"not timed: the {profile.name} is not this machine; outputs verified with the host gcc build",
+        }
+        with tempfile.TemporaryDirectory(prefix="dlopt-c-") as tmp:
+            tools, cross = c_verify.cross_tools(), None
+            if tools is True:
+                try:
+                    cross = c_verify.cross_compile(workdir, mcpu, Path(tmp) / "obj")
+                except TargetUnavailable as exc:  # e.g. arm-none-eabi-gcc without newlib: keep the host-verified C
+                    tools = str(exc)
+                    log.warning("no Cortex-M sizes or qemu check: %s", exc)
+            if cross is not None:
+                s = cross.sections
+                settings["figures"] = {
+                    "code_bytes": s["code"], "rodata_bytes": s["weights_rodata"], "data_bytes": s["data"],
+                    "bss_bytes": s["bss"], "stack_bytes": cross.stack_bytes,
+                    "flash_bytes": s["code"] + s["weights_rodata"] + s["data"],
+                    "ram_bytes": s["data"] + s["bss"] + cross.stack_bytes,
+                    **cross.to_dict(), "note": "the library's objects; libm functions it calls are not counted"}
+            else:
+                settings["figures_unavailable"] = str(tools)
+            _check_limits(settings, gen, max_ram, max_flash)
+            qemu_ok = c_verify.qemu_tools() if tools is True else tools
+            if qemu_ok is True and mcpu in c_verify.QEMU_BOARDS:
+                try:
+                    settings["qemu"] = _qemu_check(workdir, mcpu, gen, Path(tmp), cross.objects if cross else ())
+                except TargetUnavailable as exc:  # newlib's libraries missing for the image's link
+                    settings["qemu_unavailable"] = str(exc)
+                    log.warning("no qemu check: %s", exc)
+            else:
+                settings["qemu_unavailable"] = str(qemu_ok) if qemu_ok is not True else f"no qemu board for {mcpu}"
+        (workdir / INTEGRATION).write_text(_readme(settings))
+        (workdir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        names = [*files, *reference, INTEGRATION, SETTINGS_FILE]
+        return Artifact(backend=name, precision=precision, folder=workdir, files=names, entry=ENTRY,
+                        loadable_here=True, settings=settings)
+
+    def load(self, artifact: Artifact):
+        from dlopt.targets.c.verify import HostSession
+
+        return HostSession(artifact.folder, artifact.settings["inputs"], artifact.settings["outputs"])
 
 
 BACKEND = CBackend()

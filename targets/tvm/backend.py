@@ -52,27 +52,6 @@ _BIG_CORES, _ONE_CORE_PER_THREAD = 1, -2  # TVM's ThreadGroup::AffinityMode kBig
 
 
 @lru_cache(maxsize=1)
-def available() -> bool | str:
-    from importlib import metadata
-
-    # find_spec, not import: importing TVM costs ~400 MB and a second, and a model every TVM check
-    # refuses should not pay for it.  A broken install surfaces when the backend is first used.
-    try:
-        ffi_version = metadata.version("apache-tvm-ffi")
-    except metadata.PackageNotFoundError:
-        return "apache-tvm is not installed; install dlopt[tvm]"
-    if importlib.util.find_spec("tvm") is None:
-        return "apache-tvm is not installed; install dlopt[tvm]"
-    if ffi_version.startswith("0.1.15"):
-        return f"apache-tvm-ffi {ffi_version} crashes when TVM writes JSON; install apache-tvm-ffi==0.1.14.post1"
-    return True
-
-
-def precisions(profile) -> tuple[str, ...]:
-    return ("fp32",) if profile.device in ("cpu", "gpu") else ()
-
-
-@lru_cache(maxsize=1)
 def _converters() -> frozenset[tuple[str, str]]:
     try:
         from tvm.relax.frontend.onnx import onnx_frontend
@@ -82,29 +61,6 @@ def _converters() -> frozenset[tuple[str, str]]:
 
     ops = set(onnx_frontend._get_convert_map()) | {"If"}  # If is converted outside the map
     return frozenset({("ai.onnx", op) for op in ops} | {("com.microsoft", op) for op in ops & _CONTRIB})
-
-
-def supports(model) -> list[str]:
-    hazards = converter_hazards(model)  # it would fold a huge generated constant into the library
-    if hazards:
-        return hazards
-    converters = _converters()
-    functions = {(f.domain, f.name) for f in model.functions.values()}  # inlined before conversion
-    missing = set()
-    for graph in (model.graph, *model.functions.values()):
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            domain = node.domain or "ai.onnx"
-            if (domain, node.op_type) not in converters and (node.domain, node.op_type) not in functions:
-                missing.add(op_label(node))
-    return sorted(missing)
-
-
-def runtime_version() -> str:
-    from importlib import metadata
-
-    import tvm
-
-    return f"tvm {tvm.__version__}, apache-tvm-ffi {metadata.version('apache-tvm-ffi')}"
 
 
 def _linker(profile):
@@ -311,35 +267,6 @@ def _packer(source: bytes, fatbin: bytes):
     return pack
 
 
-def compile(model, profile, workdir: Path, *, precision: str, threads: int, shapes=None,  # noqa: A001
-            tuning=None) -> Artifact:
-    """``tuning``: the TuningDatabase of this model and target (``build_options`` finds it); when it
-    holds records, they schedule the kernels (the build record says how many)."""
-    import tvm
-
-    if precision not in precisions(profile):
-        raise CompileError(f"TVM builds {', '.join(precisions(profile)) or 'nothing'} for {profile.name}, "
-                           f"not {precision}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    inputs = input_specs(model, shapes)
-    threads_asked = threads
-    threads, threads_from = profile.threads_for(threads)  # the board's cores, not this host's
-    try:
-        static = static_graph(model, inputs)  # Python, whose logs are not TVM's native output
-        with native_output_logged(f"building for {profile.name}"):
-            facts = _build(static, profile, workdir / LIBRARY, inputs, threads_asked, tuning)
-    except DloptError:
-        raise
-    except Exception as exc:  # TVM raises its own errors and plain Python ones alike
-        raise CompileError(f"TVM could not build {profile.name}: {first_line(exc)}") from exc
-    settings = {**facts, "tvm_version": tvm.__version__, "inputs": inputs,
-                "outputs": [v.name for v in model.graph.outputs], "threads": threads, "threads_from": threads_from}
-    (workdir / BUILD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    return Artifact(backend=name, precision=precision, folder=workdir, files=[LIBRARY, BUILD_FILE],
-                    entry=LIBRARY, loadable_here=profile.device == "cpu" and profile.runs_here(),
-                    settings=settings)
-
-
 class TvmSession:
     """A Relax VM over the library, running ``main`` on the inputs in model order.
 
@@ -428,38 +355,11 @@ def _flatten(value) -> list[np.ndarray]:
     return [array for item in value for array in _flatten(item)]
 
 
-def load(artifact: Artifact) -> TvmSession:
-    return TvmSession(artifact.entry_path, artifact.settings, source=str(artifact.folder / SETTINGS_FILE))
-
-
 def tuning_database(model, profile, threads: int, shapes, root: Path):
     """The TuningDatabase for this model (as the backend receives it) and ``profile``'s target."""
     from dlopt.targets.tvm.tuning import TuningDatabase, model_digest, tuning_target
 
     return TuningDatabase(Path(root), model_digest(model, shapes), tuning_target(profile, threads))
-
-
-def build_options(config, model, profile, shapes) -> dict:
-    """What compile() takes besides the model: the matching tuning database, and (for the artefact
-    cache key only, never passed on) its state, so tuning more rebuilds."""
-    from dlopt.targets.tvm.tuning import default_root
-
-    if config.tuning_db is False or profile.device != "cpu":
-        return {}
-    root = Path(config.tuning_db) if isinstance(config.tuning_db, (str, os.PathLike)) else default_root()
-    try:
-        db = tuning_database(model, profile, config.thread_count, shapes, root)
-        state = f"{db.path}:{db.record_count()}" if db.meta() is not None else "none"
-    except DloptError as exc:  # an unusable database folder: built untuned, and said why
-        logger.warning("tuning database not used: %s", exc)
-        return {}
-    return {"tuning": db, "cache:tuning": state}
-
-
-def load_remote(artifact: Artifact, device, *, threads: int | None = None):
-    from dlopt.targets.tvm.rpc import remote_session
-
-    return remote_session(device, artifact.entry_path, artifact.settings, threads=threads)
 
 
 class TvmBackend(Backend):
@@ -473,10 +373,6 @@ class TvmBackend(Backend):
     expand_function_ops = frozenset({"Attention", "LayerNormalization", "RMSNormalization"})
     runs_with_dlopt, library_cpu = staticmethod(facts.runs_with_dlopt), staticmethod(facts.library_cpu)
     install_lines, plain_code = staticmethod(facts.install_lines), staticmethod(facts.plain_code)
-    available, runtime_version = staticmethod(available), staticmethod(runtime_version)
-    precisions, supports = staticmethod(precisions), staticmethod(supports)
-    compile, load, load_remote = staticmethod(compile), staticmethod(load), staticmethod(load_remote)
-    build_options = staticmethod(build_options)
 
     def check_runs_here(self, artifact: Artifact) -> None:
         facts.check_runs_here(artifact)
@@ -487,6 +383,98 @@ class TvmBackend(Backend):
 
     def built_inputs(self, settings: dict) -> list[dict] | None:
         return settings.get("inputs")
+
+    @lru_cache(maxsize=1)
+    def available(self) -> bool | str:
+        from importlib import metadata
+
+        # find_spec, not import: importing TVM costs ~400 MB and a second, and a model every TVM check
+        # refuses should not pay for it.  A broken install surfaces when the backend is first used.
+        try:
+            ffi_version = metadata.version("apache-tvm-ffi")
+        except metadata.PackageNotFoundError:
+            return "apache-tvm is not installed; install dlopt[tvm]"
+        if importlib.util.find_spec("tvm") is None:
+            return "apache-tvm is not installed; install dlopt[tvm]"
+        if ffi_version.startswith("0.1.15"):
+            return f"apache-tvm-ffi {ffi_version} crashes when TVM writes JSON; install apache-tvm-ffi==0.1.14.post1"
+        return True
+
+    def precisions(self, profile) -> tuple[str, ...]:
+        return ("fp32",) if profile.device in ("cpu", "gpu") else ()
+
+    def supports(self, model) -> list[str]:
+        hazards = converter_hazards(model)  # it would fold a huge generated constant into the library
+        if hazards:
+            return hazards
+        converters = _converters()
+        functions = {(f.domain, f.name) for f in model.functions.values()}  # inlined before conversion
+        missing = set()
+        for graph in (model.graph, *model.functions.values()):
+            for node in ir.traversal.RecursiveGraphIterator(graph):
+                domain = node.domain or "ai.onnx"
+                if (domain, node.op_type) not in converters and (node.domain, node.op_type) not in functions:
+                    missing.add(op_label(node))
+        return sorted(missing)
+
+    def runtime_version(self) -> str:
+        from importlib import metadata
+
+        import tvm
+
+        return f"tvm {tvm.__version__}, apache-tvm-ffi {metadata.version('apache-tvm-ffi')}"
+
+    def compile(self, model, profile, workdir: Path, *, precision: str, threads: int, shapes=None,  # noqa: A001
+                tuning=None) -> Artifact:
+        """``tuning``: the TuningDatabase of this model and target (``build_options`` finds it); when it
+        holds records, they schedule the kernels (the build record says how many)."""
+        import tvm
+
+        if precision not in self.precisions(profile):
+            raise CompileError(f"TVM builds {', '.join(self.precisions(profile)) or 'nothing'} for {profile.name}, "
+                               f"not {precision}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        inputs = input_specs(model, shapes)
+        threads_asked = threads
+        threads, threads_from = profile.threads_for(threads)  # the board's cores, not this host's
+        try:
+            static = static_graph(model, inputs)  # Python, whose logs are not TVM's native output
+            with native_output_logged(f"building for {profile.name}"):
+                facts = _build(static, profile, workdir / LIBRARY, inputs, threads_asked, tuning)
+        except DloptError:
+            raise
+        except Exception as exc:  # TVM raises its own errors and plain Python ones alike
+            raise CompileError(f"TVM could not build {profile.name}: {first_line(exc)}") from exc
+        settings = {**facts, "tvm_version": tvm.__version__, "inputs": inputs,
+                    "outputs": [v.name for v in model.graph.outputs], "threads": threads, "threads_from": threads_from}
+        (workdir / BUILD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        return Artifact(backend=name, precision=precision, folder=workdir, files=[LIBRARY, BUILD_FILE],
+                        entry=LIBRARY, loadable_here=profile.device == "cpu" and profile.runs_here(),
+                        settings=settings)
+
+    def load(self, artifact: Artifact) -> TvmSession:
+        return TvmSession(artifact.entry_path, artifact.settings, source=str(artifact.folder / SETTINGS_FILE))
+
+    def build_options(self, config, model, profile, shapes) -> dict:
+        """What compile() takes besides the model: the matching tuning database, and (for the artefact
+        cache key only, never passed on) its state, so tuning more rebuilds."""
+        from dlopt.targets.tvm.tuning import default_root
+
+        if config.tuning_db is False or profile.device != "cpu":
+            return {}
+        root = Path(config.tuning_db) if isinstance(config.tuning_db, (str, os.PathLike)) else default_root()
+        try:
+            db = tuning_database(model, profile, config.thread_count, shapes, root)
+            state = f"{db.path}:{db.record_count()}" if db.meta() is not None else "none"
+        except DloptError as exc:  # an unusable database folder: built untuned, and said why
+            logger.warning("tuning database not used: %s", exc)
+            return {}
+        return {"tuning": db, "cache:tuning": state}
+
+    def load_remote(self, artifact: Artifact, device, *, threads: int | None = None):
+        from dlopt.targets.tvm.rpc import remote_session
+
+        return remote_session(device, artifact.entry_path, artifact.settings, threads=threads)
 
 
 BACKEND = TvmBackend()

@@ -51,14 +51,14 @@ def test_rpi5_artefacts_run_with_the_boards_four_cores(rpi5):
 
 
 def test_a_target_that_runs_here_keeps_the_requested_threads(tmp_path):
-    artifact = ort.compile(_ir(models.conv_bn_relu()), resolve_target("cpu"), tmp_path, precision="fp32", threads=1)
+    artifact = ort.BACKEND.compile(_ir(models.conv_bn_relu()), resolve_target("cpu"), tmp_path, precision="fp32", threads=1)
     settings = json.loads((tmp_path / "session_options.json").read_text())
     assert (settings["intra_op_num_threads"], settings["threads_from"]) == (1, "this host")
     assert artifact.settings == settings
 
 
 def test_a_target_without_cores_keeps_the_requested_threads_and_says_so(tmp_path):
-    ort.compile(_ir(models.conv_bn_relu()), resolve_target("arm64"), tmp_path, precision="fp32", threads=3)
+    ort.BACKEND.compile(_ir(models.conv_bn_relu()), resolve_target("arm64"), tmp_path, precision="fp32", threads=3)
     settings = json.loads((tmp_path / "session_options.json").read_text())
     assert settings["intra_op_num_threads"] == 3
     assert settings["threads_from"] == "this host (target arm64 states no cores; set cores in a TOML target)"
@@ -73,17 +73,17 @@ def test_preset_cores():
 
 def test_jetson_ort_lists_tensorrt_cuda_cpu_and_loads_here_with_what_exists(tmp_path):
     proto = models.conv_bn_relu()
-    artifact = ort.compile(_ir(proto), resolve_target("jetson"), tmp_path, precision="fp32", threads=1)
+    artifact = ort.BACKEND.compile(_ir(proto), resolve_target("jetson"), tmp_path, precision="fp32", threads=1)
     settings = json.loads((tmp_path / "session_options.json").read_text())
     assert settings["providers"] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert (settings["intra_op_num_threads"], settings["threads_from"]) == (12, "target jetson-orin: 12 cores")
     wanted = [p for p in settings["providers"] if p in onnxruntime.get_available_providers()]
-    session = ort.load(artifact)
+    session = ort.BACKEND.load(artifact)
     assert session._session.get_providers() == wanted
     # 12 threads asked, at most this host's cores used; an explicit count replaces them
     usable = len(os.sched_getaffinity(0))
     assert session._session.get_session_options().intra_op_num_threads == min(12, usable)
-    assert ort.load(artifact, threads=1)._session.get_session_options().intra_op_num_threads == 1
+    assert ort.BACKEND.load(artifact, threads=1)._session.get_session_options().intra_op_num_threads == 1
     feed = random_feed(proto)
     np.testing.assert_allclose(session.run(feed)[0], run_ort(proto, feed)[0], rtol=1e-5, atol=1e-6)
 
@@ -92,7 +92,7 @@ def test_user_target_with_its_own_cores(tmp_path):
     path = tmp_path / "dlopt.toml"
     path.write_text('[targets.board]\nbase = "jetson-orin"\ndescription = "Orin NX"\ncores = 6\n')
     board = resolve_target("board", path)
-    ort.compile(_ir(models.conv_bn_relu()), board, tmp_path / "a", precision="fp32", threads=1)
+    ort.BACKEND.compile(_ir(models.conv_bn_relu()), board, tmp_path / "a", precision="fp32", threads=1)
     settings = json.loads((tmp_path / "a" / "session_options.json").read_text())
     assert (settings["intra_op_num_threads"], settings["threads_from"]) == (6, "target board: 6 cores")
 
@@ -108,7 +108,7 @@ def test_user_target_cores_must_be_a_positive_integer(tmp_path, value):
 
 
 def _bundle(tmp_path, proto, shapes, precision="fp16"):
-    tensorrt.compile(_ir(proto), resolve_target("jetson"), tmp_path, precision=precision, threads=1, shapes=shapes)
+    tensorrt.BACKEND.compile(_ir(proto), resolve_target("jetson"), tmp_path, precision=precision, threads=1, shapes=shapes)
     script = (tmp_path / "build_engine.sh").read_text()
     assert subprocess.run(["sh", "-n", str(tmp_path / "build_engine.sh")]).returncode == 0
     return script, json.loads((tmp_path / "tensorrt_build.json").read_text())

@@ -46,8 +46,8 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openvino")
     out = {}
     for precision in ("fp32", "fp16"):
-        artifact = ov_backend.compile(_conv_model(), CPU, tmp / precision, precision=precision, threads=2)
-        out[precision] = artifact, ov_backend.load(artifact)
+        artifact = ov_backend.BACKEND.compile(_conv_model(), CPU, tmp / precision, precision=precision, threads=2)
+        out[precision] = artifact, ov_backend.BACKEND.load(artifact)
     return out
 
 
@@ -79,10 +79,10 @@ def test_fp16_stores_f16_weights_and_stays_close(built):
 
 @needs_x86
 def test_bf16_candidate_runs_in_bf16(tmp_path):
-    if "bf16" not in ov_backend.precisions(CPU):
+    if "bf16" not in ov_backend.BACKEND.precisions(CPU):
         pytest.skip("this CPU has no bf16 support (AMX / AVX512-BF16), so OpenVINO offers no bf16 candidate")
-    artifact = ov_backend.compile(_conv_model(), CPU, tmp_path, precision="bf16", threads=2)
-    session = ov_backend.load(artifact)
+    artifact = ov_backend.BACKEND.compile(_conv_model(), CPU, tmp_path, precision="bf16", threads=2)
+    session = ov_backend.BACKEND.load(artifact)
     assert artifact.settings["properties"]["INFERENCE_PRECISION_HINT"] == "bf16"
     assert session.ran_as == "bf16"
     error = _worst_error(models.conv_bn_relu(channels=16, size=32, batch="N"), session, _feeds(3))
@@ -92,7 +92,7 @@ def test_bf16_candidate_runs_in_bf16(tmp_path):
 @needs_x86
 def test_without_the_explicit_hint_openvino_would_run_fp32_ir_in_bf16(built):
     """Why the hint is never left implicit: on bf16-capable CPUs the default is bf16."""
-    if "bf16" not in ov_backend.precisions(CPU):
+    if "bf16" not in ov_backend.BACKEND.precisions(CPU):
         pytest.skip("the implicit bf16 default only exists on CPUs with bf16 support")
     artifact, _ = built["fp32"]
     compiled = ov_backend._core().compile_model(str(artifact.entry_path), "CPU", {})
@@ -113,8 +113,8 @@ def test_int8_and_mixed_from_qdq_match_onnxruntime_and_report_what_ran(tmp_path)
     # dlopt's own OpenVINO candidates get them
     reduce_range = CPU.int8_pairs_saturate()
     qdq = QuantizeStaticPass(ranges=ranges, reduce_range=reduce_range)(model).model
-    artifact = ov_backend.compile(qdq, CPU, tmp_path / "int8", precision="int8", threads=2)
-    session = ov_backend.load(artifact)
+    artifact = ov_backend.BACKEND.compile(qdq, CPU, tmp_path / "int8", precision="int8", threads=2)
+    session = ov_backend.BACKEND.load(artifact)
     assert artifact.settings["properties"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert ov_backend.executed_precisions(session.compiled) == {"i8"}
     assert session.ran_as == "int8"
@@ -123,7 +123,7 @@ def test_int8_and_mixed_from_qdq_match_onnxruntime_and_report_what_ran(tmp_path)
 
     conv = next(n.name for n in model.graph if n.op_type == "Conv")
     mixed = QuantizeStaticPass(ranges=ranges, only_nodes=[conv], reduce_range=reduce_range)(model).model  # dense layer stays float
-    session = ov_backend.load(ov_backend.compile(mixed, CPU, tmp_path / "mixed", precision="mixed", threads=2))
+    session = ov_backend.BACKEND.load(ov_backend.BACKEND.compile(mixed, CPU, tmp_path / "mixed", precision="mixed", threads=2))
     assert ov_backend.executed_precisions(session.compiled) == {"i8", "f32"}
     assert session.ran_as == "mixed"
     assert _worst_error(mixed, session, _feeds(5)) <= 1e-3
@@ -147,21 +147,21 @@ def _custom_op_model(nested: bool):
 
 
 def test_supports_names_ops_the_onnx_frontend_cannot_convert():
-    assert ov_backend.supports(_conv_model()) == []
-    assert ov_backend.supports(_custom_op_model(nested=False)) == ["com.example.Foo"]
-    assert ov_backend.supports(_custom_op_model(nested=True)) == ["com.example.Foo"]
+    assert ov_backend.BACKEND.supports(_conv_model()) == []
+    assert ov_backend.BACKEND.supports(_custom_op_model(nested=False)) == ["com.example.Foo"]
+    assert ov_backend.BACKEND.supports(_custom_op_model(nested=True)) == ["com.example.Foo"]
 
 
 def test_compile_turns_a_converter_failure_into_a_compile_error(tmp_path):
     with pytest.raises(CompileError, match="com.example.Foo"):
-        ov_backend.compile(_custom_op_model(nested=False), CPU, tmp_path, precision="fp32", threads=1)
+        ov_backend.BACKEND.compile(_custom_op_model(nested=False), CPU, tmp_path, precision="fp32", threads=1)
     assert list(tmp_path.iterdir()) == []  # the ONNX handed to the converter is gone
 
 
 def test_precisions_only_for_x86_cpu_profiles():
     for target in ("arm64", "rpi5", "jetson-orin", "nvidia-gpu", "cortex-m7"):
-        assert ov_backend.precisions(resolve_target(target)) == (), target
-    assert set(ov_backend.precisions(resolve_target("x86-avx2"))) >= {"fp32", "fp16", "int8", "mixed"}
+        assert ov_backend.BACKEND.precisions(resolve_target(target)) == (), target
+    assert set(ov_backend.BACKEND.precisions(resolve_target("x86-avx2"))) >= {"fp32", "fp16", "int8", "mixed"}
 
 
 @needs_x86
@@ -185,8 +185,8 @@ def test_the_converter_leaves_the_root_logger_as_it_was(tmp_path):
     root = logging.getLogger()
     before = (root.level, list(root.filters), list(root.handlers))
     with pytest.raises(CompileError):
-        ov_backend.compile(_custom_op_model(nested=False), CPU, tmp_path, precision="fp32", threads=1)
-    ov_backend.compile(ir.serde.deserialize_model(models.conv_bn_relu()), CPU, tmp_path / "ok", precision="fp32",
+        ov_backend.BACKEND.compile(_custom_op_model(nested=False), CPU, tmp_path, precision="fp32", threads=1)
+    ov_backend.BACKEND.compile(ir.serde.deserialize_model(models.conv_bn_relu()), CPU, tmp_path / "ok", precision="fp32",
                        threads=1)
     assert (root.level, list(root.filters), list(root.handlers)) == before
 
@@ -194,17 +194,17 @@ def test_the_converter_leaves_the_root_logger_as_it_was(tmp_path):
 @needs_x86
 def test_declared_shape_runs_on_a_static_copy_and_other_shapes_still_run(tmp_path):
     model = _conv_model()  # batch "N"
-    artifact = ov_backend.compile(model, CPU, tmp_path, precision="fp32", threads=2, shapes={"x": (2, 3, 32, 32)})
+    artifact = ov_backend.BACKEND.compile(model, CPU, tmp_path, precision="fp32", threads=2, shapes={"x": (2, 3, 32, 32)})
     settings = json.loads((tmp_path / "runtime_config.json").read_text())
     assert settings["static_shape"] == {"x": [2, 3, 32, 32]}
-    session = ov_backend.load(artifact)
+    session = ov_backend.BACKEND.load(artifact)
     assert session._static is not None
     for batch in (2, 5):  # the declared shape (static copy) and another (dynamic model)
         feed = _feeds(3, 1, batch)[0]
         assert max_rel_error(run_ort(model, feed)[0], session.run(feed)[0]) < 1e-4
     # a model without symbolic dims has nothing to make static
     fixed = ir.serde.deserialize_model(models.conv_bn_relu(channels=16, size=32, batch=2))
-    ov_backend.compile(fixed, CPU, tmp_path / "fixed", precision="fp32", threads=2, shapes={"x": (2, 3, 32, 32)})
+    ov_backend.BACKEND.compile(fixed, CPU, tmp_path / "fixed", precision="fp32", threads=2, shapes={"x": (2, 3, 32, 32)})
     assert "static_shape" not in json.loads((tmp_path / "fixed" / "runtime_config.json").read_text())
 
 
@@ -227,5 +227,5 @@ def test_an_op_that_failed_to_convert_inside_a_branch_says_why_instead_of_unsupp
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [w, numpy_helper.from_array(np.array(5, np.int64), "thr")])
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
-    assert ov_backend.supports(model) == ["Conv (converter failed: The input data tensor's rank has to be known "
+    assert ov_backend.BACKEND.supports(model) == ["Conv (converter failed: The input data tensor's rank has to be known "
                                           "(static))", "ReduceMean (converter failed: Unsupported input type dynamic)"]

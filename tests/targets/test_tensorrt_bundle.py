@@ -67,15 +67,15 @@ def test_fp16_bundle_and_report_says_what_was_not_measured(jetson):
 
 def test_supports_names_ops_the_parser_lacks():
     model = models.conv_bn_relu()
-    assert tensorrt.supports(ir.serde.deserialize_model(model)) == []
+    assert tensorrt.BACKEND.supports(ir.serde.deserialize_model(model)) == []
     model.graph.node.append(helper.make_node("NonZero", ["logits"], ["nz"]))
     model.graph.node.append(helper.make_node("FusedConv", ["x", "w"], ["fc"], domain="com.microsoft"))
-    assert tensorrt.supports(ir.serde.deserialize_model(model)) == ["NonZero", "com.microsoft.FusedConv"]
+    assert tensorrt.BACKEND.supports(ir.serde.deserialize_model(model)) == ["NonZero", "com.microsoft.FusedConv"]
 
 
 def test_precisions_only_for_gpu_targets():
-    assert tensorrt.precisions(resolve_target("jetson-orin")) == ("fp16", "int8", "mixed")
-    assert tensorrt.precisions(resolve_target("rpi5")) == ()
+    assert tensorrt.BACKEND.precisions(resolve_target("jetson-orin")) == ("fp16", "int8", "mixed")
+    assert tensorrt.BACKEND.precisions(resolve_target("rpi5")) == ()
 
 
 def _one_input_model(input_name: str) -> onnx.ModelProto:
@@ -111,7 +111,7 @@ def test_input_name_trtexec_cannot_parse_is_refused(tmp_path, name, bad):
     model = ir.serde.deserialize_model(_one_input_model(name))
     workdir = tmp_path / "w"
     with pytest.raises(ModelError) as err:
-        tensorrt.compile(model, resolve_target("nvidia-gpu"), workdir, precision="fp16", threads=1)
+        tensorrt.BACKEND.compile(model, resolve_target("nvidia-gpu"), workdir, precision="fp16", threads=1)
     assert str(err.value) == (f"input {name!r} cannot be passed to trtexec --shapes: its name contains {bad}; "
                               "rename the input to build a TensorRT bundle")
     assert not workdir.exists()  # refused before anything was written

@@ -37,7 +37,7 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA
 
 def build(proto, target: str, folder, threads: int = 2) -> Artifact:
     profile = resolve_target(target) if isinstance(target, str) else target
-    return backend.compile(ir.serde.deserialize_model(proto), profile, folder, precision="fp32", threads=threads)
+    return backend.BACKEND.compile(ir.serde.deserialize_model(proto), profile, folder, precision="fp32", threads=threads)
 
 
 def fatbin_entries(data: bytes) -> list[tuple[int, int]]:
@@ -59,12 +59,12 @@ def test_available_and_precisions():
 
     from dlopt.targets import get_backend
 
-    assert backend.available() is True
+    assert backend.BACKEND.available() is True
     assert get_backend("tvm") is backend.BACKEND and backend.BACKEND.entry == "model.so"
     assert backend.BACKEND.runtime_version().startswith(f"tvm {tvm.__version__}, apache-tvm-ffi ")
-    assert backend.precisions(resolve_target("cpu")) == ("fp32",)
-    assert backend.precisions(resolve_target("jetson-orin")) == ("fp32",)
-    assert backend.precisions(resolve_target("cortex-m7")) == ()
+    assert backend.BACKEND.precisions(resolve_target("cpu")) == ("fp32",)
+    assert backend.BACKEND.precisions(resolve_target("jetson-orin")) == ("fp32",)
+    assert backend.BACKEND.precisions(resolve_target("cortex-m7")) == ()
 
 
 def test_host_library_matches_onnxruntime(tmp_path):
@@ -74,7 +74,7 @@ def test_host_library_matches_onnxruntime(tmp_path):
     record = json.loads((tmp_path / "tvm_build.json").read_text())
     assert record["form"] == "x86_64 shared library" or record["host"]["mtriple"].startswith("aarch64")
     assert record["tuning"].startswith("untuned")
-    session = backend.load(artifact)
+    session = backend.BACKEND.load(artifact)
     assert session.input_names == ["x"]
     for seed in range(5):
         feed = random_feed(proto, seed)
@@ -89,7 +89,7 @@ def test_weights_live_in_the_library(tmp_path):
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(artifact.entry_path, alone / "model.so")  # no params file, no ONNX next to it
-    session = backend.load(Artifact("tvm", "fp32", alone, ["model.so"], "model.so", settings=artifact.settings))
+    session = backend.BACKEND.load(Artifact("tvm", "fp32", alone, ["model.so"], "model.so", settings=artifact.settings))
     feed = random_feed(proto, 7)
     assert max_rel_error(run_ort(proto, feed)[0], session.run(feed)[0]) <= 1e-4
 
@@ -105,7 +105,7 @@ def test_functions_symbolic_batch_and_several_outputs(tmp_path):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)],
                               functions=[double])
     proto.ir_version = 8
-    session = backend.load(build(proto, "cpu", tmp_path))
+    session = backend.BACKEND.load(build(proto, "cpu", tmp_path))
     feed = {"x": np.array([[-2.0, -1.0, 0.5, 3.0]], np.float32)}  # symbolic N compiled as 1
     outputs = session.run(feed)
     assert len(outputs) == 2
@@ -130,7 +130,7 @@ def _in_new_thread(work):
 def test_thread_count_reaches_the_runtime(tmp_path):
     artifact = build(models.conv_bn_relu(), "cpu", tmp_path, threads=1)
     environ, affinity = dict(os.environ), os.sched_getaffinity(0)
-    got = _in_new_thread(lambda: {"threads": backend.load(artifact).threads, "affinity": os.sched_getaffinity(0)})
+    got = _in_new_thread(lambda: {"threads": backend.BACKEND.load(artifact).threads, "affinity": os.sched_getaffinity(0)})
     assert got == {"threads": 1, "affinity": affinity}  # TVM pinned a 1-thread pool's caller to one core
     assert dict(os.environ) == environ  # no TVM_NUM_THREADS left behind
 
@@ -141,7 +141,7 @@ def test_a_session_sets_up_the_pool_of_each_thread_that_runs_it(tmp_path):
 
     proto = models.conv_bn_relu()
     environ, affinity = dict(os.environ), os.sched_getaffinity(0)
-    session = backend.load(build(proto, "cpu", tmp_path, threads=2))
+    session = backend.BACKEND.load(build(proto, "cpu", tmp_path, threads=2))
     feed = random_feed(proto, 1)
     got = _in_new_thread(lambda: {"out": session.run(feed)[0], "affinity": os.sched_getaffinity(0),
                                   "threads": int(tvm.get_global_func("runtime.NumThreads")())})
@@ -189,7 +189,7 @@ def test_a_failed_build_leaves_fd_2_and_the_environment_as_they_were(tmp_path):
 
 
 def test_supports_names_ops_without_a_converter():
-    assert backend.supports(ir.serde.deserialize_model(models.conv_bn_relu())) == []
+    assert backend.BACKEND.supports(ir.serde.deserialize_model(models.conv_bn_relu())) == []
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Relu", ["r"], ["c"], domain="com.example"),
          helper.make_node("Det", ["c"], ["y"])],
@@ -197,7 +197,7 @@ def test_supports_names_ops_without_a_converter():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     # the frontend ignores domains: a custom Relu must not pass for ONNX's
-    assert backend.supports(ir.serde.deserialize_model(proto)) == ["Det", "com.example.Relu"]
+    assert backend.BACKEND.supports(ir.serde.deserialize_model(proto)) == ["Det", "com.example.Relu"]
 
 
 def test_missing_cross_compiler_says_which_package(tmp_path):
@@ -268,9 +268,9 @@ def test_dlopt_compile_verifies_the_tvm_candidate(tmp_path, monkeypatch):
 
 def test_dynamic_batch_is_served_sample_by_sample(tmp_path):
     proto = models.conv_bn_relu(batch="N")
-    artifact = backend.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path,
+    artifact = backend.BACKEND.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path,
                                precision="fp32", threads=1)
-    session = backend.load(artifact)
+    session = backend.BACKEND.load(artifact)
     x = np.random.default_rng(4).standard_normal((5, 3, 16, 16)).astype(np.float32)
     (got,) = session.run({"x": x})
     assert got.shape == (5, 10)
@@ -288,8 +288,8 @@ def test_symbolic_sequence_dim_takes_the_declared_shape(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 4])], [numpy_helper.from_array(w, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    artifact = backend.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path, precision="fp32",
+    artifact = backend.BACKEND.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path, precision="fp32",
                                threads=1, shapes={"x": (4, 5, 8)})
     x = rng.standard_normal((3, 5, 8)).astype(np.float32)  # batch 3 served sample by sample
-    got = backend.load(artifact).run({"x": x})[0]
+    got = backend.BACKEND.load(artifact).run({"x": x})[0]
     assert got.shape == (3, 5, 4) and np.abs(got - x @ w).max() < 1e-4

@@ -42,10 +42,10 @@ def _x(batch: int, seed: int) -> np.ndarray:
 def libraries(tmp_path_factory):
     """profile name -> TVM artefact of MODEL (built for batch 1, served sample by sample)."""
     folder = tmp_path_factory.mktemp("tvm-libraries")
-    built = {"cpu": backend.compile(ir.serde.deserialize_model(MODEL), resolve_target("cpu"), folder / "cpu",
+    built = {"cpu": backend.BACKEND.compile(ir.serde.deserialize_model(MODEL), resolve_target("cpu"), folder / "cpu",
                                     precision="fp32", threads=1)}
     if shutil.which(CROSS):
-        built["rpi5"] = backend.compile(ir.serde.deserialize_model(MODEL), resolve_target("rpi5"), folder / "rpi5",
+        built["rpi5"] = backend.BACKEND.compile(ir.serde.deserialize_model(MODEL), resolve_target("rpi5"), folder / "rpi5",
                                         precision="fp32", threads=1)
     return built
 
@@ -125,7 +125,7 @@ def test_unknown_key_lists_the_keys_the_tracker_knows(local_rpc_server, rpc_trac
 
 def test_remote_run_equals_the_local_session_and_times_on_the_device(local_rpc_server, libraries):
     artifact = libraries["cpu"]
-    local = backend.load(artifact)
+    local = backend.BACKEND.load(artifact)
     with remote_session(local_rpc_server.device, artifact.entry_path, artifact.settings, timeout=30) as remote:
         assert remote.input_names == ["x"] and remote.threads == 1  # the build's threads setting
         for batch, seed in ((1, 0), (3, 1)):  # batch 3 runs sample by sample, as TvmSession does
