@@ -12,7 +12,8 @@ from dlopt.core.config import CompileConfig
 from dlopt.core.precisions import Status
 from dlopt.core.profiles import resolve_target
 from dlopt.flow import candidates
-from dlopt.flow.candidates import Compiled, EvalData, Evaluation, Ran, compare_candidate, judge_candidate
+from dlopt.flow.candidates import Compiled, Ran, compare_candidate, judge_candidate
+from dlopt.flow.evaluation import EvalData, Evaluation
 from dlopt.measure.budget import Scorer
 from dlopt.report.data import Candidate
 from dlopt.targets.base import Artifact

@@ -127,3 +127,15 @@ def test_quick_estimates_and_interleaved_timing_take_runners():
         assert 1.9 <= run_ms(runner, {}) < 50
         assert 1.9 <= quick_ms(runner, {}, runs=3) < 50
     assert len(calls) == 4
+
+
+def test_what_fits_the_timing_budget_is_a_function_of_values():
+    from dlopt.measure.timing import RunPlan, fit_budget
+
+    assert fit_budget(0.001, 100, 10, 5, 0.0, 30.0) == RunPlan(100, 10, 10, 5, 2)
+    # opening costs 0.2 s a time: a quarter of a 1 s budget pays one reopening (two sessions)
+    assert fit_budget(0.001, 40, 2, 5, 0.2, 1.0) == RunPlan(40, 2, 4, 2, 2)
+    # 10 ms a round cannot give 1000 runs in 0.5 s: 49 runs, one warm-up run, blocks of 4
+    assert fit_budget(0.01, 1000, 10, 1, 0.0, 0.5) == RunPlan(49, 1, 4, 1, 10)
+    # never under MIN_RUNS, however slow
+    assert fit_budget(1.0, 100, 10, 1, 0.0, 0.5).runs == 20

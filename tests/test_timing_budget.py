@@ -43,7 +43,7 @@ def _two_convs(channels: int, size: int) -> onnx.ModelProto:
 def test_a_candidate_far_slower_than_the_original_is_spot_checked_and_never_timed(tmp_path):
     # untuned TVM runs two 32-channel 112x112 convs about 20x slower than ONNX Runtime on x86 (measured
     # on a loaded 2-core AVX2 machine: 541 ms against 28 ms), far past the 3x line and the 20 ms floor
-    from dlopt.flow.candidates import SLOW_CHECK_FEEDS, SLOW_FACTOR
+    from dlopt.flow.evaluation import SLOW_CHECK_FEEDS, SLOW_FACTOR
 
     model = models.save(_two_convs(32, 112), tmp_path / "convs.onnx")
     seen: dict[str, list[tuple[int, int]]] = {}

@@ -1,95 +1,30 @@
 """Build one (backend, precision) candidate from the float model and judge it.
 
-Every candidate sees the same :class:`Evaluation` (feeds, reference outputs,
-metric, declared timing shape), fixed before the first one is built.  ``build``
-compiles a candidate into its own folder, runs it, compares it with the original
-and scores it against the budget; it does not time it: timing happens once, for
-all finalists together, in the driver's measure stage (``dlopt.measure.timing``).
+Every candidate sees the same :class:`dlopt.flow.evaluation.Evaluation` (feeds, reference
+outputs, metric, declared timing shape), fixed before the first one is built.  ``build`` takes
+four steps, each returning a frozen value: compile (into its own folder, or from the cache) ->
+run (its outputs, here or on the device) -> compare (fidelity, size, score) -> judge (its status).
+It does not time a candidate: timing happens once, for all finalists together, in the driver's
+measure stage (``dlopt.measure.timing``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx_ir as ir
 
-from dlopt.measure.budget import Scorer
-from dlopt.core.config import CompileConfig
 from dlopt.core.errors import DloptError, first_line
-from dlopt.measure.evaluate import Fp32Check, compare, fp32_check, top1_accuracy
+from dlopt.measure.evaluate import Fp32Check, compare, fp32_check
 from dlopt.core.pipeline import run_pipeline
 from dlopt.core import precisions
 from dlopt.core.precisions import Status
-from dlopt.core.profiles import TargetProfile
 from dlopt.core.progress import raise_if_interrupted
 from dlopt.report.data import Candidate, Measurement
-from dlopt.measure.timing import LocalRunner, Timing, run_ms
-
-Feed = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class EvalData:
-    """The evaluation feeds every model sees, their labels when known, and where they came from."""
-
-    feeds: tuple[Feed, ...]
-    labels: tuple[np.ndarray, ...]
-    source: str
-    axes: dict | None = None  # each input's batch axis (dlopt.core.layout); None: the first
-
-    @property
-    def samples(self) -> int:
-        from dlopt.core.layout import samples_in
-
-        return sum(samples_in(f, self.axes) if f else 0 for f in self.feeds)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """What every candidate is measured with; built once, before the first candidate."""
-
-    config: CompileConfig
-    profile: TargetProfile
-    data: EvalData
-    reference: tuple[list[np.ndarray], ...]  # the original's outputs, feed by feed
-    scorer: Scorer
-    shapes: dict[str, tuple[int, ...]]  # the declared timing shape of each input
-    timing_feed: Feed
-    original_ms: float | None  # a quick estimate of the original's latency, to spot hopeless candidates
-    ranges: Path | None = None  # calibration table for int8
-    cache: object | None = None  # dlopt.flow.cache.ArtifactCache, or None to always build
-    calibration: dict | None = None  # what calibration did (dlopt.flow.ranges.RangeStats + source)
-    recipe: object | None = None  # dlopt.flow.recipe.Recipe: how INT8 is made for this graph
-    # calibration batches when a quantiser reads them again (NNCF, SmoothQuant): a re-readable dataset
-    # (streamed again) or a tuple of feeds
-    calib_feeds: object = ()
-    smoothed: object | None = None  # dlopt.core.pipeline.PipelineResult of SmoothQuant: what dlopt's static INT8 starts from
-
-    def progress(self, stage: str, done: int, total: int) -> None:
-        raise_if_interrupted()  # after every feed: an interrupt a build swallowed ends the compile here
-        if self.config.progress is not None:
-            self.config.progress(stage, done, total)
-
-    def outputs(self, runner, label: str, limit: int | None = None) -> list:
-        feeds = self.data.feeds[:limit] if limit else self.data.feeds
-        outputs = []
-        for i, feed in enumerate(feeds):
-            outputs.append(owned(runner.run(feed)))
-            self.progress(f"{label}: outputs", i + 1, len(feeds))
-        return outputs
-
-    def accuracy(self, outputs: list) -> float | None:
-        if not self.data.labels or len(outputs) != len(self.data.labels):
-            return None
-        from dlopt.measure.budget import is_classifier_output
-
-        if not outputs or not is_classifier_output(outputs[0][0]):  # labels for a user metric, not classes
-            return None
-        return top1_accuracy((o[0] for o in outputs), self.data.labels)
+from dlopt.flow.evaluation import Evaluation, owned, spot_check, too_slow  # noqa: F401 - owned: tests/test_calib_memory
+from dlopt.measure.timing import LocalRunner, Timing
 
 
 @dataclass(frozen=True)
@@ -98,14 +33,7 @@ class Built:
     artifact: object | None = None
     outputs: list | None = None
     model: ir.Model | None = None  # the ONNX model after its passes (what the backend compiled)
-    runner: Callable[[], LocalRunner] | None = None  # opens a runner on it here (timed ones only)
-
-
-def owned(outputs) -> list[np.ndarray]:
-    """Copies of a run's outputs that own their memory.  ONNX Runtime's numpy outputs can live in the
-    session's arena and keep all of it alive (a 640x640 detector at batch 16: about 1 GB per kept ORT
-    candidate, 5.1 GB by the end of a compile); kept outputs must not hold sessions' memory."""
-    return [np.array(o, copy=True) for o in outputs]
+    runner: Callable[[], object] | None = None  # opens a session on it here (timed ones only)
 
 
 def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
@@ -274,9 +202,9 @@ def run_candidate(ev: Evaluation, compiled: Compiled, limit: int | None) -> Ran 
             ran_as = runner.ran_as
             # before any evaluation: a candidate that cannot win is checked on a few feeds, never on all
             if ev.profile.runs_here() and artifact.loadable_here:
-                slow_ms = _too_slow(ev, runner)
+                slow_ms = too_slow(ev, runner)
             label = f"{base.backend} {base.precision}"
-            outputs = _spot_check(ev, runner, label, limit) if slow_ms else ev.outputs(runner, label, limit)
+            outputs = spot_check(ev, runner, label, limit) if slow_ms else ev.outputs(runner, label, limit)
     except Exception as exc:  # a runtime refusing the artefact is a result, not a crash
         raise_if_interrupted(exc)
         return Built(replace(base, status=Status.FAILED, reason=f"could not run: {first_line(exc)}"))
@@ -399,47 +327,6 @@ def _where(ev: Evaluation, artifact) -> str:
     if not ev.profile.runs_here():
         return f"outputs verified on this machine; not yet measured on the {ev.profile.name} device: run `dlopt bench` there"
     return ""
-
-
-# A candidate slower than the original never ships (dlopt.flow.select, rule 3), so one whose warm runs
-# take SLOW_FACTOR times the original's latency cannot win: it is checked on a few feeds, rejected as
-# too slow and never timed.  Untuned TVM on x86 ran a 416x416 YOLOX at 3 s a run and still passed
-# the earlier 20x line: built and evaluated on all 60 samples (282 s), then timed, cutting every
-# candidate's runs to 20.
-SLOW_FACTOR = 3.0
-# Below this a full evaluation and timing cost too little to skip, and a first run's noise weighs most.
-SLOW_FLOOR_MS = 20.0
-# Timed runs after a first one over the line: the fastest decides, so one hiccup never rejects.
-SLOW_TRIES = 2
-SLOW_CHECK_FEEDS = 4
-# ...and no feed after this many seconds of checking (a feed may be a batch of 32 samples).
-SLOW_CHECK_SECONDS = 10.0
-
-
-def _too_slow(ev: Evaluation, runner) -> float | None:
-    """The fastest of a few runs at the timing shape when it is over the line, else None (one run)."""
-    base = ev.original_ms
-    if not base:
-        return None
-    line = max(SLOW_FACTOR * base, SLOW_FLOOR_MS)
-    best = run_ms(runner, ev.timing_feed)  # the first run: an upper bound, first-run costs included
-    for _ in range(SLOW_TRIES):
-        if best <= line:
-            return None
-        best = min(best, run_ms(runner, ev.timing_feed))
-    return best if best > line else None
-
-
-def _spot_check(ev: Evaluation, runner, label: str, limit: int | None) -> list:
-    """Outputs on the first few feeds only: a too-slow candidate's correctness, within seconds."""
-    feeds = ev.data.feeds[: min(limit or SLOW_CHECK_FEEDS, SLOW_CHECK_FEEDS)]
-    outputs, start = [], time.perf_counter()
-    for i, feed in enumerate(feeds):
-        if outputs and time.perf_counter() - start > SLOW_CHECK_SECONDS:
-            break
-        outputs.append(owned(runner.run(feed)))
-        ev.progress(f"{label}: outputs", i + 1, len(feeds))
-    return outputs
 
 
 def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, precision: str):

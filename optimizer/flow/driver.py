@@ -28,7 +28,8 @@ from dlopt.core import precisions
 from dlopt.flow import select
 from dlopt.core.artifacts import (check_output_dir, lock_path, output_lock, parents_made, remove_stale_staging,
                              resolve_output, staging_dir)
-from dlopt.flow.candidates import Built, EvalData, Evaluation, build, owned
+from dlopt.flow.candidates import Built, build
+from dlopt.flow.evaluation import EvalData, Evaluation, owned
 from dlopt.core.config import CompileConfig
 from dlopt.core.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError, first_line
 from dlopt.core.specs import InputSpec, input_specs

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from dlopt.flow.candidates import Built, Evaluation, build
+from dlopt.flow.candidates import Built, build
+from dlopt.flow.evaluation import Evaluation
 from dlopt.core.precisions import Status
 from dlopt.flow.sensitivity import NodeSensitivity, layer_errors, quantized_nodes, rank, tensor_names
 

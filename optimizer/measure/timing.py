@@ -306,6 +306,49 @@ def significantly_faster(a: Timing, b: Timing, min_gain: float = 0.0) -> bool:
             and a.p50_ms <= b.p50_ms * (1 - min_gain) and b.p50_ms - a.p50_ms >= RESOLUTION_MS)
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What fits the timing budget: runs and warm-up runs per runner, runs per block, sessions (spans)."""
+
+    runs: int
+    warmup: int
+    block: int
+    spans: int
+    rewarm: int  # untimed runs of each new session: its first-run effects
+
+
+def fit_budget(round_s: float, runs: int, warmup: int, sessions: int, opening_s: float,
+               max_seconds: float) -> RunPlan:
+    """``round_s``: one run of every runner; ``opening_s``: opening every reopening runner once more.
+    Sessions dear to open get fewer (at most REOPEN_SHARE of the budget goes on opening); a slow set gets
+    fewer runs, never under MIN_RUNS."""
+    block = max(1, min(10, runs // 10))
+    spans = max(1, min(sessions, math.ceil(runs / block)))
+    while spans > 1 and (spans - 1) * opening_s > REOPEN_SHARE * max_seconds:
+        spans -= 1
+    rewarm = max(2, warmup // spans)
+    left = max_seconds - (spans - 1) * opening_s
+    if round_s * (warmup + runs + (spans - 1) * rewarm) > left:
+        scale = left / (round_s * (warmup + runs + (spans - 1) * rewarm))
+        runs = max(min(runs, MIN_RUNS), int(runs * scale))  # fewer could never show a difference
+        warmup = min(warmup, max(1, int(warmup * scale)))
+        block = max(1, min(10, runs // 10))
+        spans = min(spans, math.ceil(runs / block))
+    return RunPlan(runs, warmup, block, spans, rewarm)
+
+
+def _next_sessions(runners: Mapping[str, BaseRunner], feed: Feed, rewarm: int, by_session: dict) -> float:
+    """Each runner through a new session, warmed by ``rewarm`` untimed runs; the seconds opening took."""
+    spent = 0.0
+    for name, runner in runners.items():
+        runner.reopen()
+        spent += runner.open_s
+        for _ in range(rewarm):
+            runner.run(feed)
+        by_session[name].append([])
+    return spent
+
+
 def time_interleaved(
     runners: Mapping[str, "Callable[[Feed], object] | BaseRunner"],
     feed: Feed,
@@ -338,25 +381,11 @@ def time_interleaved(
     reopened = {name: r for name, r in runners.items() if r.reopens}
     calls = {name: r.run for name, r in runners.items()}
     requested = runs
-    first = {}
-    for name in names:  # one run each: the cost of a round, and the first-run effects out of the way
-        start = time.perf_counter()
-        calls[name](feed)
-        first[name] = time.perf_counter() - start
-    per_round_all = sum(first.values())
-    block = max(1, min(10, runs // 10))
-    spans = max(1, min(SESSIONS if sessions is None else sessions, math.ceil(runs / block))) if reopened else 1
-    opening = sum(r.open_s for r in reopened.values())  # seconds to open every BaseRunner once more
-    while spans > 1 and (spans - 1) * opening > REOPEN_SHARE * max_seconds:
-        spans -= 1
-    rewarm = max(2, warmup // spans)  # untimed runs of each new session: its first-run effects
-    left = max_seconds - (spans - 1) * opening
-    if per_round_all * (warmup + runs + (spans - 1) * rewarm) > left:
-        scale = left / (per_round_all * (warmup + runs + (spans - 1) * rewarm))
-        runs = max(min(runs, MIN_RUNS), int(runs * scale))  # fewer could never show a difference
-        warmup = min(warmup, max(1, int(warmup * scale)))
-        block = max(1, min(10, runs // 10))
-        spans = min(spans, math.ceil(runs / block))
+    # one run each: the cost of a round, and the first-run effects out of the way
+    round_s = sum(run_ms(runners[name], feed) for name in names) / 1e3
+    fit = fit_budget(round_s, runs, warmup, (SESSIONS if sessions is None else sessions) if reopened else 1,
+                     sum(r.open_s for r in reopened.values()), max_seconds)
+    runs, warmup, block, spans = fit.runs, fit.warmup, fit.block, fit.spans
     for _ in range(warmup):
         for name in names:
             calls[name](feed)
@@ -372,13 +401,7 @@ def time_interleaved(
             span = r * spans // rounds
             # a session opened cheaply the first time (handed over already loaded) may open dearly now
             if spent + sum(reopened[n].open_s for n in reopened) <= REOPEN_SHARE * max_seconds:
-                for name in order:
-                    if name in reopened:
-                        reopened[name].reopen()
-                        spent += reopened[name].open_s
-                        for _ in range(rewarm):
-                            calls[name](feed)
-                        by_session[name].append([])
+                spent += _next_sessions({n: reopened[n] for n in order if n in reopened}, feed, fit.rewarm, by_session)
         count = min(block, runs - r * block)
         for name in order:
             times = np.empty(count)
