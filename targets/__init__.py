@@ -72,51 +72,15 @@ def backend_status(name: str, profile=None) -> bool | str:
     if backend is None:
         return "not implemented in this version of dlopt"
     status = backend.available()
-    if status is not True or profile is None or name not in _BUILD_NEEDS:
+    if status is not True or profile is None:
         return status
-    return _BUILD_NEEDS[name](profile)
+    return backend.build_needs(profile)
 
 
 def build_limits(name: str, profile) -> str | None:
     """What a build of ``name`` for ``profile`` goes without here, and what to install for it; None when
     nothing.  Such a backend still builds (the C backend's host-verified sources without arm-none-eabi-gcc)."""
-    limits = _BUILD_LIMITS.get(name)
-    return limits(profile) if limits and backend_status(name, profile) is True else None
-
-
-def _c_limits(profile) -> str | None:
-    import subprocess
-
-    from dlopt.targets.c import verify as c_verify
-
-    if profile.device != "mcu":
-        return None
-    tools = c_verify.cross_tools()
-    if tools is not True:
-        return f"no Cortex-M sizes or qemu check: {tools}"
-    libc = subprocess.run(["arm-none-eabi-gcc", "-print-file-name=libc.a"], capture_output=True, text=True,
-                          check=False).stdout.strip()
-    if not Path(libc).is_absolute():
-        return f"no Cortex-M sizes or qemu check: newlib missing (apt-get install {c_verify.NEWLIB})"
-    qemu = c_verify.qemu_tools()
-    if qemu is not True and profile.mcpu in c_verify.QEMU_BOARDS:
-        return f"no qemu check: {qemu}"
-    return None
-
-
-def _tvm_limits(profile) -> str | None:
-    import shutil
-
-    if profile.device == "gpu" and profile.cuda_arch and not shutil.which("nvcc"):
-        return "CUDA kernels ship as source, compiled on the device at load: nvcc missing (install the CUDA toolkit)"
-    return None
-
-
-# What a backend's build for a profile needs beyond its runtime (missing: the backend cannot build for it):
-# TVM links the library for the profile's CPU (a GPU profile's host code too) with its cross compiler.
-_BUILD_NEEDS = {"tvm": lambda profile: profile.cross_toolchain()}
-# What a build goes without when a tool is missing (it still builds).
-_BUILD_LIMITS = {"c": _c_limits, "tvm": _tvm_limits}
+    return get_backend(name).build_limits(profile) if backend_status(name, profile) is True else None
 
 
 def read_artifact(folder) -> tuple[Artifact, Path]:

@@ -132,6 +132,18 @@ class Backend(abc.ABC):
     plain_runtime: ClassVar[str | None] = None
     not_run_by_script: ClassVar[str] = "unknown backend"
 
+    def build_needs(self, profile) -> bool | str:
+        """True when a build for ``profile`` finds what it needs beyond the runtime (a cross compiler), else
+        what is missing and its install line: the backend cannot build for it."""
+        del profile
+        return True
+
+    def build_limits(self, profile) -> str | None:
+        """What a build for ``profile`` goes without when a tool is missing (it still builds), and what to
+        install for it; None when nothing."""
+        del profile
+        return None
+
     def with_threads(self, settings: dict, threads: int) -> dict:
         """``settings`` (its settings file) running on ``threads`` threads; unchanged where it has no count."""
         del threads

@@ -172,6 +172,25 @@ class CBackend(Backend):
     def runs_with_dlopt(self, settings: dict) -> bool:
         return False  # dlopt.load runs the sources through the host's gcc; the device runs the firmware
 
+    def build_limits(self, profile) -> str | None:
+        """Without arm-none-eabi-gcc (and newlib) the sources are verified on the host only: no Cortex-M sizes,
+        no qemu check; without qemu-system-arm no qemu check."""
+        from dlopt.targets.c import verify as c_verify
+
+        if profile.device != "mcu":
+            return None
+        tools = c_verify.cross_tools()
+        if tools is not True:
+            return f"no Cortex-M sizes or qemu check: {tools}"
+        libc = subprocess.run(["arm-none-eabi-gcc", "-print-file-name=libc.a"], capture_output=True, text=True,
+                              check=False).stdout.strip()
+        if not Path(libc).is_absolute():
+            return f"no Cortex-M sizes or qemu check: newlib missing (apt-get install {c_verify.NEWLIB})"
+        qemu = c_verify.qemu_tools()
+        if qemu is not True and profile.mcpu in c_verify.QEMU_BOARDS:
+            return f"no qemu check: {qemu}"
+        return None
+
     def install_lines(self, shipped: list, text) -> list[str]:
         return ["C sources for a microcontroller: nothing to install on the device; build `model.c` and "
                 "`dlopt_kernels.c` into the firmware (see INTEGRATION.md). For the figures here: "

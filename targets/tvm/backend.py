@@ -381,6 +381,15 @@ class TvmBackend(Backend):
     def with_threads(self, settings: dict, threads: int) -> dict:
         return {**settings, "threads": threads}
 
+    def build_needs(self, profile) -> bool | str:
+        # the library is linked for the profile's CPU (a GPU profile's host code too) with its cross compiler
+        return profile.cross_toolchain()
+
+    def build_limits(self, profile) -> str | None:
+        if profile.device == "gpu" and profile.cuda_arch and not shutil.which("nvcc"):
+            return "CUDA kernels ship as source, compiled on the device at load: nvcc missing (install the CUDA toolkit)"
+        return None
+
     def built_inputs(self, settings: dict) -> list[dict] | None:
         return settings.get("inputs")
 
