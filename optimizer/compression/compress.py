@@ -208,6 +208,7 @@ def compress(
     ``compile_options`` go to :func:`dlopt.compile`.  Returns a :class:`CompressResult`;
     its ``table()`` is what ``compress.md`` holds.
     """
+    # the keyword arguments (compile_options among them), for the stages to read
     options = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "train_loader", "eval")}
     job = _prepare(model, example_inputs, eval, **options)
     pruned = _prune(job)
