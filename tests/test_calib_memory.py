@@ -173,7 +173,7 @@ def test_sensitivity_ranking_holds_one_sample_of_activations_not_a_batch(tmp_pat
 _KEPT_OUTPUTS_CHILD = """
 import json, sys
 import numpy as np, onnxruntime as ort
-from dlopt.flow.candidates import owned
+from dlopt.flow.evaluation import owned
 
 def rss_mb():
     with open("/proc/self/status") as f:

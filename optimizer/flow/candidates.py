@@ -23,7 +23,7 @@ from dlopt.core import precisions
 from dlopt.core.precisions import Status
 from dlopt.core.progress import raise_if_interrupted
 from dlopt.report.data import Candidate, Measurement
-from dlopt.flow.evaluation import Evaluation, owned, spot_check, too_slow  # noqa: F401 - owned: tests/test_calib_memory
+from dlopt.flow.evaluation import Evaluation, spot_check, too_slow
 from dlopt.measure.timing import LocalRunner, Timing
 
 
