@@ -96,15 +96,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dlopt-qemu-") as tmp:
         work = Path(tmp)
         proto = model(args.model, work)
-        if backend.available() is not True:  # also imports TVM, so the build time is the build's
-            print(f"TVM backend unavailable: {backend.available()}")
+        if backend.BACKEND.available() is not True:  # also imports TVM, so the build time is the build's
+            print(f"TVM backend unavailable: {backend.BACKEND.available()}")
             return 2
         # dlopt's generic passes first, as `dlopt compile` runs them (constant folding, BN folding, ...).
         passes = generic_passes() + backend.BACKEND.lowering_passes("fp32")
         optimised = run_pipeline(ir.serde.deserialize_model(proto), passes).model
         profile = resolve_target("rpi5")
         started = time.perf_counter()
-        artifact = backend.compile(optimised, profile, work / "rpi5", precision="fp32",
+        artifact = backend.BACKEND.compile(optimised, profile, work / "rpi5", precision="fp32",
                                    threads=args.threads)
         build_s = time.perf_counter() - started
         inputs = artifact.settings["inputs"]

@@ -137,8 +137,9 @@ def tvm_session(path, threads, work):
     from dlopt.core.profiles import resolve_target
     from dlopt.targets.tvm import backend as tvm
 
-    artifact = tvm.compile(ir.load(str(path)), resolve_target("cpu"), work / "tvm", precision="fp32", threads=threads)
-    session = tvm.load(artifact)
+    artifact = tvm.BACKEND.compile(ir.load(str(path)), resolve_target("cpu"), work / "tvm", precision="fp32",
+                                   threads=threads)
+    session = tvm.BACKEND.load(artifact)
     return session.run
 
 

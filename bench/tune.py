@@ -66,8 +66,8 @@ def main() -> int:
             config = CompileConfig(model=path, target="cpu", threads=args.threads, tuning_db=str(db))
             profile, model, shapes, _ = backend_model(config)
             started = time.perf_counter()
-            plain = backend.compile(model, profile, work / f"{name}-untuned", precision="fp32", threads=args.threads,
-                                    shapes=shapes)
+            plain = backend.BACKEND.compile(model, profile, work / f"{name}-untuned", precision="fp32",
+                                            threads=args.threads, shapes=shapes)
             untuned_build_s = time.perf_counter() - started
 
             def progress(stage, done, total, _last=[0.0]):  # noqa: B006 - a log line every 30 s
@@ -78,13 +78,13 @@ def main() -> int:
             result = run(config, trials=args.trials, time_budget_s=minutes * 60, progress=progress)
             print(f"{name}: {result.summary()}", flush=True)
             started = time.perf_counter()
-            tuned = backend.compile(model, profile, work / f"{name}-tuned", precision="fp32", threads=args.threads,
-                                    shapes=shapes, tuning=backend.tuning_database(model, profile, args.threads,
-                                                                                  shapes, db))
+            tuned = backend.BACKEND.compile(model, profile, work / f"{name}-tuned", precision="fp32",
+                                            threads=args.threads, shapes=shapes,
+                                            tuning=backend.tuning_database(model, profile, args.threads, shapes, db))
             tuned_build_s = time.perf_counter() - started
             feed = {k: np.random.default_rng(0).standard_normal(v).astype(np.float32) for k, v in shapes.items()}
-            runners = {"untuned": LocalRunner("untuned", lambda a=plain: backend.load(a)),
-                       "tuned": LocalRunner("tuned", lambda a=tuned: backend.load(a)),
+            runners = {"untuned": LocalRunner("untuned", lambda a=plain: backend.BACKEND.load(a)),
+                       "tuned": LocalRunner("tuned", lambda a=tuned: backend.BACKEND.load(a)),
                        "ort": LocalRunner("ort", lambda: OrtSession(str(path), session_settings(args.threads)))}
             for r in runners.values():
                 r.open()

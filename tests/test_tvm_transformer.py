@@ -113,10 +113,10 @@ def test_the_shape_arithmetic_is_folded_before_import(proto):
 
 
 def test_tvm_build_matches_onnxruntime_on_padded_batches(proto, tmp_path):
-    artifact = backend.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path,
+    artifact = backend.BACKEND.compile(ir.serde.deserialize_model(proto), resolve_target("cpu"), tmp_path,
                                precision="fp32", threads=2, shapes=SHAPES)
     assert [i["shape"] for i in artifact.settings["inputs"]] == [[1, SEQ]] * 3
-    session = backend.load(artifact)
+    session = backend.BACKEND.load(artifact)
     feeds = padded_feeds(batch=3)  # a batch-1 library, served sample by sample
     (expected,), (got,) = run_ort(proto, feeds), session.run(feeds)
     assert got.shape == expected.shape == (3, SEQ, 32)
@@ -136,7 +136,7 @@ def test_dlopt_compile_keeps_a_tvm_fp32_candidate(proto, tmp_path):
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
                     reason="aarch64-linux-gnu-gcc not installed (apt-get install gcc-aarch64-linux-gnu)")
 def test_rpi5_gets_an_aarch64_tvm_library(proto, tmp_path):
-    artifact = backend.compile(ir.serde.deserialize_model(proto), resolve_target("rpi5"), tmp_path,
+    artifact = backend.BACKEND.compile(ir.serde.deserialize_model(proto), resolve_target("rpi5"), tmp_path,
                                precision="fp32", threads=4, shapes=SHAPES)
     data = artifact.entry_path.read_bytes()
     assert artifact.settings["form"] == "aarch64 shared library (NEON)" and data[:4] == b"\x7fELF"

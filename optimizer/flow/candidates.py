@@ -25,6 +25,7 @@ from dlopt.core.progress import raise_if_interrupted
 from dlopt.report.data import Candidate, Measurement
 from dlopt.flow.evaluation import Evaluation, spot_check, too_slow
 from dlopt.measure.timing import LocalRunner, Timing
+from dlopt.targets import get_backend
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
         return "onnxruntime dynamic"
     from dlopt.passes import quantize_nncf
 
-    if backend_name == "openvino" and ev.calib_feeds and quantize_nncf.available() is True:
+    if get_backend(backend_name).prefers_nncf and ev.calib_feeds and quantize_nncf.available() is True:
         return "nncf"
     return "onnxruntime static"
 
@@ -67,7 +68,7 @@ def precision_passes(ev: Evaluation, backend_name: str, precision: str, exclude:
     def static(**extra) -> list:
         # OpenVINO's int8 kernels on x86 CPUs without VNNI saturate with 8-bit weights (ONNX Runtime's do too,
         # but dlopt's sessions switch those to exact kernels: targets.ort.CONFIG_ENTRIES): 7 bits there
-        reduce_range = backend_name == "openvino" and ev.profile.int8_pairs_saturate()
+        reduce_range = get_backend(backend_name).reduce_range_where_saturating and ev.profile.int8_pairs_saturate()
         return [QuantizeStaticPass(ranges=ev.ranges, exclude_nodes=exclude, op_types=recipe.op_types if recipe else None,
                                    symmetric_activations=ev.profile.int8_symmetric, reduce_range=reduce_range,
                                    **extra)]

@@ -47,6 +47,7 @@ from dlopt.flow.recipe import weights_in
 from dlopt.report.data import Candidate, Report
 from dlopt.core.shapes import declared_shapes, feed_at
 from dlopt.measure.timing import LocalRunner, Timing, quick_ms, time_interleaved
+from dlopt.targets import REFERENCE_BACKEND, runs_over_rpc
 
 logger = logging.getLogger(__name__)
 
@@ -525,7 +526,8 @@ def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
 
 def _with_original(job: Job, ev: Evaluation, builds: Builds, measured: Measured, staged: Path):
     """Add the input model itself as an ORT artefact (timed already: it is the original)."""
-    original = build(replace(ev, cache=None), "ort", "original", job.model, staged / "candidates" / "ort-original")
+    original = build(replace(ev, cache=None), REFERENCE_BACKEND, "original", job.model,
+                     staged / "candidates" / f"{REFERENCE_BACKEND}-original")
     if original.candidate.status is not Status.OK:
         raise CompileError(f"could not ship the original model: {original.candidate.reason}")
     return (replace(builds, built=(*builds.built, original)),
@@ -538,7 +540,7 @@ def _original_can_ship(job: Job, measured: Measured) -> bool:
     asked for a smaller model), the unchanged input model is the floor every compile can ship."""
     config = job.config
     return (config.precision == "auto" and config.prune is None and measured.original is not None
-            and "ort" in job.profile.backends and job.profile.runs_here())
+            and REFERENCE_BACKEND in job.profile.backends and job.profile.runs_here())
 
 
 def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
@@ -577,7 +579,7 @@ def _behind_tracker(job: Job) -> Job:
     from dlopt.targets.tvm.rpc import require
 
     profile, remote = job.profile, job.config.remote
-    if "tvm" not in profile.backends:
+    if not any(runs_over_rpc(name) for name in profile.backends):
         raise ConfigError(f"--rpc-tracker measures TVM libraries on the device, and target {profile.name} builds "
                           f"none (its backends: {', '.join(profile.backends)}); drop --rpc-tracker/--rpc-key or "
                           f"give a target with tvm among its backends")

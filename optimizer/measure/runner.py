@@ -21,6 +21,7 @@ import numpy as np
 
 from dlopt.core.errors import ConfigError, DataError, DloptError, first_line
 from dlopt.measure.timing import BaseRunner
+from dlopt.targets import get_backend
 
 Feed = dict[str, np.ndarray]
 
@@ -156,7 +157,8 @@ def _specs(artifact, root: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
             raise ConfigError(f"{onnx_file} is not a readable ONNX model: {first_line(exc)}") from exc
         inputs = [_spec(s) for s in input_specs(proto)]
         outputs = [_spec(s) for s in output_specs(proto)]
-    built = artifact.settings.get("inputs") if artifact.backend == "tvm" else None
+    backend = get_backend(artifact.backend)
+    built = backend.built_inputs(artifact.settings) if backend is not None else None
     if isinstance(built, list):  # static shapes; a symbolic batch is served sample by sample
         symbolic = {s.name: s.shape[0] for s in inputs if s.shape}
         inputs = [TensorSpec(i["name"], np.dtype(i["dtype"]),

@@ -44,7 +44,7 @@ def test_generic_pipeline_folds_batchnorm_and_leaves_ort_nothing_unsupported(exp
     counts = op_counts(result.model)
     assert "BatchNormalization" not in counts and "CastLike" not in counts and "Constant" not in counts
     assert counts["Conv"] == 1
-    assert ort.supports(result.model) == []
+    assert ort.BACKEND.supports(result.model) == []
     assert_same_outputs(exported, result.model, rel=1e-5)
 
 
