@@ -11,21 +11,17 @@ from pathlib import Path
 
 import click
 
-_COMMON = [
-    click.argument("out", type=click.Path(path_type=Path)),
-    click.option("-c", "--candidate", "keys", multiple=True, metavar="KEY",
-                 help="Only this candidate (e.g. ort/int8, tvm/fp32); repeatable [default: all]."),
-    click.option("--threads", type=click.IntRange(min=1), default=None,
-                 help="Threads for every candidate [default: what each shipped with, at most this machine's cores]."),
-    click.option("--json", "as_json", is_flag=True, help="Print the device report as JSON on stdout."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr."),
-]
+from dlopt.cli.options import OUTPUT, TIMING, TVM, order
+
+# verify's and bench's own wording of the shared options
+_THREADS = {"help": "Threads for every candidate [default: what each shipped with, at most this machine's cores]."}
+_JSON = {"help": "Print the device report as JSON on stdout."}
+_QUIET = {"help": "No progress lines on stderr."}
 
 
-def _options(func):
-    for decorator in reversed(_COMMON):
-        func = decorator(func)
-    return func
+def _candidates(func):
+    return click.option("-c", "--candidate", "keys", multiple=True, metavar="KEY",
+                        help="Only this candidate (e.g. ort/int8, tvm/fp32); repeatable [default: all].")(func)
 
 
 def _log(quiet: bool):
@@ -60,8 +56,12 @@ def _exit_code(report: dict) -> int:
 
 
 @click.command()
-@_options
-def verify(out, keys, threads, as_json, quiet):
+@order("keys", "threads", "as_json", "quiet")
+@click.argument("out", type=click.Path(path_type=Path))
+@_candidates
+@TIMING("threads", threads=_THREADS)
+@OUTPUT("as_json", "quiet", as_json=_JSON, quiet=_QUIET)
+def verify(out, keys, timing, output):
     """Check every candidate of OUT against its verify.npz on this machine.
 
     Each candidate runs the feeds of OUT/verify.npz (a few evaluation inputs and the
@@ -84,25 +84,27 @@ def verify(out, keys, threads, as_json, quiet):
     """
     from dlopt.workflows.verify import check_output
 
-    report = check_output(out, bench=False, keys=list(keys) or None, threads=threads, log=_log(quiet or as_json))
-    _print(report, as_json)
+    report = check_output(out, bench=False, keys=list(keys) or None, threads=timing.threads,
+                          log=_log(output.quiet or output.as_json))
+    _print(report, output.as_json)
     sys.exit(_exit_code(report))
 
 
 @click.command()
-@_options
-@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Timed runs per candidate, interleaved in rounds.")
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
-              help="Run and time the TVM libraries on a device behind this TVM RPC tracker (with --rpc-key); "
-                   "refused when the candidates hold no TVM library.")
-@click.option("--rpc-key", default=None, metavar="KEY", help="The key the device's RPC servers registered with.")
+@order("keys", "threads", "as_json", "quiet", "runs", "warmup", "rpc_tracker", "rpc_key", "select_fastest")
+@click.argument("out", type=click.Path(path_type=Path))
+@_candidates
+@TIMING("threads", "runs", "warmup", threads=_THREADS, warmup={"help": None},
+        runs={"help": "Timed runs per candidate, interleaved in rounds."})
+@OUTPUT("as_json", "quiet", as_json=_JSON, quiet=_QUIET)
+@TVM("rpc_tracker", "rpc_key", rpc_key={"help": "The key the device's RPC servers registered with."},
+     rpc_tracker={"help": "Run and time the TVM libraries on a device behind this TVM RPC tracker (with --rpc-key); "
+                          "refused when the candidates hold no TVM library."})
 @click.option("--select", "select_fastest", is_flag=True,
               help="Move the fastest verified candidate to the top level of OUT when it is significantly faster "
                    "than the one there (the old one goes to bundle/).  Only on the target's own architecture: "
                    "refused elsewhere before anything runs.")
-def bench(out, keys, threads, as_json, quiet, runs, warmup, rpc_tracker, rpc_key, select_fastest):
+def bench(out, keys, timing, output, tvm, select_fastest):
     """Verify, then time every verified candidate of OUT on this machine.
 
     The candidates that run here natively are timed in one interleaved run at the
@@ -124,20 +126,13 @@ def bench(out, keys, threads, as_json, quiet, runs, warmup, rpc_tracker, rpc_key
       dlopt bench build/rpi5 --rpc-tracker farm:9190 --rpc-key rpi5
     """
     from dlopt.workflows.verify import check_output, select
-    from dlopt.core.errors import ConfigError
 
-    remote = None
-    if (rpc_tracker is None) != (rpc_key is None):
-        raise ConfigError("--rpc-tracker and --rpc-key go together: the tracker and the key of the device's servers")
-    if rpc_tracker is not None:
-        from dlopt.core.remote import RemoteDevice
-
-        remote = RemoteDevice.parse(rpc_tracker, rpc_key)
-    report = check_output(out, bench=True, keys=list(keys) or None, threads=threads, runs=runs, warmup=warmup,
-                          remote=remote, choosing=select_fastest, log=_log(quiet or as_json))
-    _print(report, as_json)
+    report = check_output(out, bench=True, keys=list(keys) or None, threads=timing.threads, runs=timing.runs,
+                          warmup=timing.warmup, remote=tvm.remote(), choosing=select_fastest,
+                          log=_log(output.quiet or output.as_json))
+    _print(report, output.as_json)
     code = _exit_code(report)
     best = report.get("fastest_verified")
     if select_fastest and code == 0 and best and best != report.get("top_level"):
-        click.echo(select(out, best), err=as_json)
+        click.echo(select(out, best), err=output.as_json)
     sys.exit(code)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from dlopt.cli.options import OUTPUT, TIMING, order
 from dlopt.deploy.options import publish_options
 
 CONFIG_FILE = "dlopt.toml"
@@ -88,13 +89,14 @@ def _write_output(option: str, path: Path, text: str) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@order("baseline", "runs", "max_accuracy_drop", "max_latency_regression", "max_size_mb", "max_energy_regression",
+       "config", "junit", "markdown", "allow_missing", "allow_different_eval", "as_json")
 @click.argument("report", type=click.Path(path_type=Path))
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
               help="A previous output folder or its report.json (e.g. from main) to compare with, instead of "
                    "this report's original model.  With both folders at hand, latency is re-timed here.")
-@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Timed runs of each artefact when --baseline's and this report's artefacts are re-timed "
-                   "interleaved (fewer than 20 can never show a significant difference).")
+@TIMING("runs", runs={"default": 50, "help": "Timed runs of each artefact when --baseline's and this report's "
+                      "artefacts are re-timed interleaved (fewer than 20 can never show a significant difference)."})
 @click.option("--max-accuracy-drop", default=None, metavar="POINTS",
               help="Largest accuracy drop in percentage points of the report's score.")
 @click.option("--max-latency-regression", default=None, metavar="PERCENT",
@@ -113,10 +115,10 @@ def _write_output(option: str, path: Path, text: str) -> None:
 @click.option("--allow-different-eval", is_flag=True,
               help="Compare with a --baseline evaluated on other data or with another accuracy metric "
                    "(default: exit 2, the figures are not comparable).")
-@click.option("--json", "as_json", is_flag=True, help="Print the gate results as JSON.")
+@OUTPUT("as_json", as_json={"help": "Print the gate results as JSON."})
 @publish_options(triton=False)
-def gate(report, baseline, runs, max_accuracy_drop, max_latency_regression, max_size_mb, max_energy_regression,
-         config, junit, markdown, allow_missing, allow_different_eval, as_json, publishing):
+def gate(report, baseline, timing, max_accuracy_drop, max_latency_regression, max_size_mb, max_energy_regression,
+         config, junit, markdown, allow_missing, allow_different_eval, output, publishing):
     """Check REPORT (a report.json or a dlopt output folder) against thresholds.
 
     Without --baseline, the chosen candidate is compared with the report's
@@ -169,12 +171,12 @@ def gate(report, baseline, runs, max_accuracy_drop, max_latency_regression, max_
         from dlopt.deploy.options import deploy
 
         for line in deploy(data, out_dir, publishing, gate_results=results):
-            click.echo(line, err=as_json)
+            click.echo(line, err=output.as_json)
 
-    check_report(data, thresholds, base, junit=junit, markdown=markdown, as_json=as_json,
+    check_report(data, thresholds, base, junit=junit, markdown=markdown, as_json=output.as_json,
                  allow_missing=allow_missing, allow_different_eval=allow_different_eval,
                  reads=[_report_path(p) for p in (report, baseline) if p is not None],
-                 on_results=record if publishing else None, folders=folders, runs=runs)
+                 on_results=record if publishing else None, folders=folders, runs=timing.runs)
 
 
 def thresholds_from(config: Path | None, fallback: dict | None = None, **flags):

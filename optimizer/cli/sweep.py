@@ -9,11 +9,15 @@ from pathlib import Path
 
 import click
 
+from dlopt.cli.options import OUTPUT, order
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@order("out", "ray_address", "num_cpus", "cpus_per_task", "as_json")
 @click.argument("sweep_file", metavar="SWEEP.toml", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Folder of the entries and the table [default: [sweep] out, else <file stem>-out beside it].")
+@OUTPUT("out", "as_json", as_json={"help": "Print the table as JSON."},
+        out={"type": click.Path(path_type=Path, file_okay=False),
+             "help": "Folder of the entries and the table [default: [sweep] out, else <file stem>-out beside it]."})
 @click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="", metavar="[ADDRESS]",
               help="Run each compile as a Ray task: on the cluster at ADDRESS, or on a local Ray started on this "
                    "machine, listening on loopback only, when no address is given [default: sequential, no Ray].")
@@ -22,8 +26,7 @@ import click
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPUs Ray reserves for each task (how many compile at once); artefacts keep the target's "
                    "threads (this machine's cores for cpu, or the options' threads), whatever the share.")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def sweep(sweep_file, out, ray_address, num_cpus, cpus_per_task, as_json):
+def sweep(sweep_file, output, ray_address, num_cpus, cpus_per_task):
     """Compile every model x target x variant of SWEEP.toml and write OUT/sweep.md and OUT/sweep.json.
 
     Each entry is a normal compile output in OUT/<model>/<target>/<variant>/ (model file stems,
@@ -68,18 +71,18 @@ def sweep(sweep_file, out, ray_address, num_cpus, cpus_per_task, as_json):
     from dlopt.core.errors import CompileError
     from dlopt.workflows.sweep import HEADERS, load_sweep, run_sweep
 
-    spec = load_sweep(sweep_file, out=out)
-    if not as_json:
+    spec = load_sweep(sweep_file, out=output.out)
+    if not output.as_json:
         click.echo(f"{len(spec.entries)} entries -> {spec.out}", err=True)
 
     def progress(row):
-        if not as_json:
+        if not output.as_json:
             click.echo(f"{row.model}/{row.target}/{row.variant}: {row.status}"
                        + (f" ({row.note})" if row.note and row.status == "failed" else ""), err=True)
 
     result = run_sweep(spec, ray=ray_address is not None, address=ray_address or None, num_cpus=num_cpus,
                        cpus_per_task=cpus_per_task, on_row=progress)
-    if as_json:
+    if output.as_json:
         click.echo(json.dumps({"mode": result.mode, "wall_seconds": result.wall_seconds,
                                "entries": [asdict(r) for r in result.rows]}, indent=2))
     else:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from dlopt.cli.options import OUTPUT, TARGET, TIMING, TVM, order
+
 
 class TuneProgress:
     """One line for the whole run: trials done, the model's estimated latency (every kernel's best so
@@ -59,28 +61,27 @@ def _clock(seconds: float) -> str:
 
 
 @click.command()
+@order("target", "targets_file", "trials", "time_budget", "db", "rpc_tracker", "rpc_key", "threads", "batch", "shapes",
+       "as_json", "quiet")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-t", "--target", default="cpu", show_default=True, help="A target name (see `dlopt targets`).")
-@click.option("--targets-file", type=click.Path(path_type=Path), default=None,
-              help="TOML file with [targets.NAME] tables [default: ./dlopt.toml if present].")
+@TARGET(target={"help": "A target name (see `dlopt targets`)."},
+        targets_file={"type": click.Path(path_type=Path),
+                      "help": "TOML file with [targets.NAME] tables [default: ./dlopt.toml if present]."})
 @click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
               help="Trials the database should hold for this model and target in all (a rerun adds only the rest).")
 @click.option("--time-budget", default=None, metavar="DURATION",
               help="Stop starting new rounds after this long (90s, 30m, 1h30m); what was measured is kept.")
 @click.option("--db", "db", type=click.Path(path_type=Path), default=None,
               help="Root of the tuning databases [default: $DLOPT_TUNING_DB or ~/.cache/dlopt/tuning].")
-@click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
-              help="Measure on a device behind this TVM RPC tracker (builds stay here).")
-@click.option("--rpc-key", default=None, metavar="KEY", help="The key the device's RPC servers registered with.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads the tuned library will run with (part of the target) [default: all cores; a board: its cores].")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch for a symbolic first dimension [1]; "
-              "use the same as `dlopt compile`.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=DxDx...", help="Shape of an input; as in `dlopt compile`.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def tune(model, target, targets_file, trials, time_budget, db, rpc_tracker, rpc_key, threads, batch, shapes,
-         as_json, quiet):
+@TVM("rpc_tracker", "rpc_key", rpc_key={"help": "The key the device's RPC servers registered with."},
+     rpc_tracker={"help": "Measure on a device behind this TVM RPC tracker (builds stay here)."})
+@TIMING("threads", "batch", "shapes",
+        threads={"help": "Threads the tuned library will run with (part of the target) [default: all cores; "
+                         "a board: its cores]."},
+        batch={"help": "Batch for a symbolic first dimension [1]; use the same as `dlopt compile`."},
+        shapes={"help": "Shape of an input; as in `dlopt compile`."})
+@OUTPUT("as_json", "quiet", as_json={"help": "Print the result as JSON on stdout."})
+def tune(model, target, trials, time_budget, db, tvm, timing, output):
     """Tune MODEL's TVM kernels for a target with MetaSchedule, into a tuning database.
 
     The database is kept per model and per target (CPU model, features, cores), so
@@ -96,16 +97,14 @@ def tune(model, target, targets_file, trials, time_budget, db, rpc_tracker, rpc_
       dlopt tune resnet18.onnx --target rpi5 --rpc-tracker farm:9190 --rpc-key rpi5
     """
     from dlopt.core.config import CompileConfig
-    from dlopt.core.shapes import parse_shape
     from dlopt.workflows.tune import parse_duration, run
 
     budget = parse_duration(time_budget) if time_budget is not None else None
-    config = CompileConfig(model=model, target=target, targets_file=targets_file, threads=threads, batch=batch,
-                           shapes=dict(parse_shape(text) for text in shapes) or None, rpc_tracker=rpc_tracker,
-                           rpc_key=rpc_key, tuning_db=str(db) if db else None)
+    config = CompileConfig(model=model, **target.config_kwargs(), **timing.config_kwargs(),
+                           **{**tvm.config_kwargs(), "tuning_db": str(db) if db else None})
     result = run(config, trials=trials, time_budget_s=budget,
-                 progress=TuneProgress(not (quiet or as_json), budget))
-    if as_json:
+                 progress=TuneProgress(not (output.quiet or output.as_json), budget))
+    if output.as_json:
         click.echo(json.dumps({"tasks": result.tasks, "tuned_tasks": result.tuned_tasks,
                                "trials_run": result.trials_run, "trials_in_db": result.trials_in_db,
                                "seconds": round(result.seconds, 2), "estimate_ms": result.estimate_ms,

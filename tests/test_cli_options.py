@@ -1,0 +1,114 @@
+"""The CLI's shared option groups: one frozen value per group, together exactly the CompileConfig fields."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from dlopt.cli import options
+from dlopt.cli.app import VERBS, main
+from dlopt.cli.options import CONFIG_GROUPS, DATA, OUTPUT, TIMING, TVM, order
+from dlopt.core.config import CompileConfig
+
+NOT_FROM_GROUPS = {"model", "precision", "prune", "seed"}  # the verb's own argument and options, and the API's seed
+
+
+def _flat(groups) -> list[str]:
+    return [key for group in groups for key in group.values().config_kwargs()]
+
+
+def test_groups_give_every_config_field_once_with_its_default():
+    fields = {f.name for f in CompileConfig.__dataclass_fields__.values()}
+    keys = _flat(CONFIG_GROUPS)
+    assert len(keys) == len(set(keys)) == 29  # no field set by two groups
+    assert set(keys) == fields - NOT_FROM_GROUPS
+    defaults = {k: v for group in CONFIG_GROUPS for k, v in group.values().config_kwargs().items()}
+    assert CompileConfig(model="m.onnx", **defaults) == CompileConfig(model="m.onnx")
+
+
+def _probe(*groups):
+    """A command of ``groups`` that records what it receives."""
+    seen = {}
+
+    def command(**values):
+        seen.update(values)
+
+    for group in reversed(groups):
+        command = group()(command)
+    return click.command()(command), seen
+
+
+def test_a_command_receives_one_value_per_group_and_builds_the_config():
+    command, seen = _probe(*CONFIG_GROUPS)
+    args = ["-t", "rpi5", "-o", "out", "--eval", "e.npz", "--calib", "c", "--calib-samples", "3",
+            "--calib-method", "minmax", "--calib-size", "4,6", "--calib-mean", "0.5", "--calib-std", "0.25",
+            "--calib-color", "BGR", "--samples", "7", "--const", "sr=16000", "--no-mask",
+            "--max-accuracy-drop", "0.5", "--metric", "cosine", "--search-time", "9", "--runs", "3",
+            "--warmup", "0", "--timing-budget", "2", "--reference-timeout", "5", "--threads", "1", "--batch", "2",
+            "--shape", "x=1x3x8x8", "--no-cache", "--wait", "1.5", "-q", "--no-tuning", "--rpc-tracker", "h:9190",
+            "--rpc-key", "rpi5", "--max-ram", "4096", "--max-flash", "8192"]
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(seen) == ["budget", "data", "mcu", "output", "target", "timing", "tvm"]
+    assert seen["timing"] == options.TimingOptions(runs=3, warmup=0, timing_budget=2.0, reference_timeout=5.0,
+                                                   threads=1, batch=2, shapes=("x=1x3x8x8",))
+    merged = {k: v for value in seen.values() for k, v in value.config_kwargs().items()}
+    preprocess = merged.pop("calib_preprocess")
+    assert (preprocess.size, preprocess.mean, preprocess.std, preprocess.color) == ((4, 6), (0.5,), (0.25,), "BGR")
+    assert merged["progress"].enabled is False  # -q
+    expected = CompileConfig(
+        model="m.onnx", target="rpi5", out=Path("out"), inputs=Path("e.npz"), calib=Path("c"), calib_samples=3,
+        calib_method="minmax", samples=7, constants={"sr": 16000.0}, mask_input=False, max_accuracy_drop=0.5,
+        metric="cosine", search_time=9.0, runs=3, warmup=0, timing_budget_s=2.0, reference_timeout_s=5.0, threads=1,
+        batch=2, shapes={"x": (1, 3, 8, 8)}, cache=False, wait=1.5, tuning_db=False, rpc_tracker="h:9190",
+        rpc_key="rpi5", max_ram=4096, max_flash=8192)
+    assert CompileConfig(model="m.onnx", **merged) == expected
+
+
+def test_a_verb_takes_some_options_of_a_group_in_its_own_words():
+    sub = click.command()(TIMING("threads", threads={"help": "Threads of the artefact."})(lambda timing: None))
+    text = CliRunner().invoke(sub, ["--help"]).output
+    assert "Threads of the artefact." in text and "--runs" not in text
+    with pytest.raises(TypeError, match="no option"):
+        TIMING("thread")
+    with pytest.raises(TypeError, match="no option"):
+        TIMING("threads", runs={"help": "an override of an option not taken"})
+    with pytest.raises(TypeError, match="no option"):
+        order("nothing")(TIMING("threads")(lambda timing: None))
+
+
+def test_contradicting_mask_options_are_a_usage_error():
+    command, _ = _probe(DATA)
+    result = CliRunner().invoke(command, ["--mask-input", "attention_mask", "--no-mask"])
+    assert result.exit_code == 0  # the value holds what was typed; the config is where it is checked
+    with pytest.raises(click.UsageError, match="--mask-input and --no-mask contradict each other"):
+        options.DataOptions(mask_input="attention_mask", no_mask=True).config_kwargs()
+
+
+def test_bench_rpc_options_pair_up():
+    from dlopt.core.errors import ConfigError
+
+    assert TVM.values().remote() is None
+    assert TVM.values(rpc_tracker="127.0.0.1:9190", rpc_key="rpi5").remote().key == "rpi5"
+    with pytest.raises(ConfigError, match="--rpc-tracker and --rpc-key go together"):
+        TVM.values(rpc_tracker="127.0.0.1:9190").remote()
+
+
+def test_compile_takes_one_parameter_per_group():
+    compile_ = main.commands["compile"]
+    params = list(inspect.signature(compile_.callback).parameters)
+    assert params == ["model", "target", "precision", "data", "budget", "timing", "output", "tvm", "mcu",
+                      "then_gate", "prune", "publishing"]
+    assert len(compile_.params) == 1 + 39 + 11  # MODEL, compile's own options, the publishing options (--help)
+
+
+def test_every_verb_is_its_own_module_and_app_only_registers_them():
+    assert sorted(main.commands) == sorted(verb.name for verb in VERBS)
+    homes = {name: command.callback.__module__ for name, command in main.commands.items()}
+    family = {"verify": "device", "bench": "device"}
+    assert homes == {name: f"dlopt.cli.{family.get(name, name)}" for name in main.commands}
+    assert OUTPUT.values().progress.enabled is True
