@@ -63,7 +63,7 @@ def main() -> int:
         for name in args.models.split(","):
             path = export_resnet18(work / "resnet18.onnx") if name == "resnet18" else _small_cnn(work / "cnn.onnx")
             minutes = args.minutes if name == "resnet18" else args.cnn_minutes
-            config = CompileConfig(model=path, target="cpu", threads=args.threads, tuning_db=str(db))
+            config = CompileConfig.build(path, target="cpu", threads=args.threads, tuning_db=str(db))
             profile, model, shapes, _ = backend_model(config)
             started = time.perf_counter()
             plain = backend.BACKEND.compile(model, profile, work / f"{name}-untuned", precision="fp32",

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from dlopt.core.config import CompileConfig
+from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
 from dlopt.report.data import Report
 
 
@@ -37,12 +37,10 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     Diagnostics go to the ``"dlopt"`` loggers (``logging.basicConfig(level=logging.INFO)``
     shows them).
     """
-    import dataclasses
-
     from dlopt.flow.driver import compile as run
     from dlopt.core.errors import ConfigError
 
-    known = {f.name for f in dataclasses.fields(CompileConfig)} - {"model", "target", "out"}
+    known = (set(SECTION_OF) | set(TOP_LEVEL)) - {"target", "out"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -51,8 +49,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     inputs = options.pop("inputs", None)
     if isinstance(out, (str, os.PathLike)):
         out = Path(out)
-    config = CompileConfig(
-        model=model, target=target, out=out,
+    config = CompileConfig.build(
+        model, target=target, out=out,
         # a path names an .npz; a dict of arrays, an iterable of feeds or a DataLoader is data itself
         inputs=Path(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs, progress=progress, **options,
     )

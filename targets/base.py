@@ -103,10 +103,14 @@ class Backend(abc.ABC):
     def load(self, artifact: Artifact) -> Session:
         """Load an artefact built by ``compile`` for running on this machine."""
 
-    def build_options(self, config, model, profile, shapes) -> dict:
-        """Extra keyword arguments for ``compile`` from the compile's config (TVM: its tuning
-        database); keys starting ``cache:`` only enter the artefact cache key."""
-        del config, model, profile, shapes
+    # the CompileConfig section this backend reads ("tvm", "mcu"); it receives that section only
+    options_section: ClassVar[str | None] = None
+
+    def build_options(self, options, model, profile, shapes, *, threads: int) -> dict:
+        """Extra keyword arguments for ``compile`` from the backend's own config section ``options``
+        (None when it has none; TVM: its tuning database); keys starting ``cache:`` only enter the
+        artefact cache key."""
+        del options, model, profile, shapes, threads
         return {}
 
     # -- what the rest of dlopt asks a backend, so that no code outside targets/ names one ---------------

@@ -25,7 +25,7 @@ LABELS = np.array([0, 1, 2, 0])
 @pytest.fixture
 def ev():
     reference = ([LOGITS],)
-    return Evaluation(config=CompileConfig(model="m.onnx", max_accuracy_drop=10.0), profile=resolve_target("cpu"),
+    return Evaluation(config=CompileConfig.build("m.onnx", max_accuracy_drop=10.0), profile=resolve_target("cpu"),
                       data=EvalData(({"x": np.zeros((4, 3), np.float32)},), (LABELS,), "test"), reference=reference,
                       scorer=Scorer(list(reference), [LABELS]), shapes={"x": (4, 3)}, timing_feed={}, original_ms=1.0)
 

@@ -32,12 +32,12 @@ def test_transformer_quantises_weight_ops_only_with_percentile_ranges_and_smooth
 
 def test_auto_plan_tries_onnxruntime_dynamic_before_static_int8_for_a_transformer():
     model = _ir(models.attention_block())
-    pairs = plan(CompileConfig(model=models.attention_block()), resolve_target("cpu"), model)
+    pairs = plan(CompileConfig.build(models.attention_block()), resolve_target("cpu"), model)
     ort = [p for b, p in pairs if b == "ort"]
     assert ort.index("int8-dynamic") == ort.index("int8") - 1  # dynamic first: static only if it misses
     assert ("openvino", "int8") in pairs  # OpenVINO's INT8 kernels do gain on attention
     # a CNN keeps the usual order (static int8, then nothing dynamic)
-    cnn = [p for b, p in plan(CompileConfig(model=models.conv_bn_relu()), resolve_target("cpu"),
+    cnn = [p for b, p in plan(CompileConfig.build(models.conv_bn_relu()), resolve_target("cpu"),
                               _ir(models.conv_bn_relu())) if b == "ort"]
     assert cnn[:3] == ["fp32", "fp16", "int8"] and "int8-dynamic" not in cnn
 

@@ -97,7 +97,7 @@ def test_runs_within_the_timing_budget_are_not_called_cut(tmp_path):
 @pytest.mark.parametrize("budget", [0, -1.0, float("inf"), "30"])
 def test_a_timing_budget_must_be_a_positive_number_of_seconds(budget):
     with pytest.raises(ConfigError, match="timing.budget"):
-        dlopt.CompileConfig(model="m.onnx", timing_budget_s=budget)
+        dlopt.CompileConfig.build("m.onnx", timing_budget_s=budget)
 
 
 def test_help_documents_the_timing_budget():
@@ -116,8 +116,8 @@ def test_random_verdicts_on_classifiers_use_enough_samples_that_one_disagreement
 
     model = models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
     for budget, samples in ((1.0, 1000), (2.0, 500), (0.05, 2000)):
-        job = prepare(CompileConfig(model, out=tmp_path / "o", max_accuracy_drop=budget))
+        job = prepare(CompileConfig.build(model, out=tmp_path / "o", max_accuracy_drop=budget))
         assert job.data.samples == samples
         assert max(len(next(iter(f.values()))) for f in job.data.feeds) == 32
-    assert prepare(CompileConfig(model, out=tmp_path / "o", samples=7)).data.samples == 7
-    assert prepare(CompileConfig(model, out=tmp_path / "o", metric="cosine")).data.samples == 20
+    assert prepare(CompileConfig.build(model, out=tmp_path / "o", samples=7)).data.samples == 7
+    assert prepare(CompileConfig.build(model, out=tmp_path / "o", metric="cosine")).data.samples == 20

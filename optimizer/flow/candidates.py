@@ -188,7 +188,7 @@ def compile_candidate(ev: Evaluation, backend_name: str, precision: str, model: 
 def run_candidate(ev: Evaluation, compiled: Compiled, limit: int | None) -> Ran | Built:
     """Step 2, run: the outputs on the evaluation feeds, on the device behind ``--remote`` or here."""
     base, artifact = compiled.candidate, compiled.artifact
-    remote = ev.config.remote if not artifact.loadable_here and artifact.check_onnx is None else None
+    remote = ev.config.tvm.remote if not artifact.loadable_here and artifact.check_onnx is None else None
     if remote is not None and limit is None:
         return _run_remote(ev, compiled, remote)
     if not artifact.loadable_here and artifact.check_onnx is None:
@@ -219,7 +219,7 @@ def _session_factory(ev: Evaluation, compiled: Compiled) -> Callable[[], object]
         return lambda: backend.load(artifact)
     from dlopt.targets.ort import OrtSession, session_settings
 
-    return lambda: OrtSession(artifact.folder / artifact.check_onnx, session_settings(ev.config.thread_count))
+    return lambda: OrtSession(artifact.folder / artifact.check_onnx, session_settings(ev.config.timing.thread_count))
 
 
 def _run_remote(ev: Evaluation, compiled: Compiled, remote) -> Ran | Built:
@@ -232,8 +232,8 @@ def _run_remote(ev: Evaluation, compiled: Compiled, remote) -> Ran | Built:
     try:
         with LocalRunner(base.key, lambda: backend.load_remote(artifact, remote)) as runner:
             outputs = ev.outputs(runner, f"{base.key} on {remote.key}", None)
-            per_run = runner.session.time_ms(ev.timing_feed, runs=ev.config.runs, warmup=ev.config.warmup)
-            timing = Timing.from_device(per_run, warmup=ev.config.warmup, threads=runner.session.threads)
+            per_run = runner.session.time_ms(ev.timing_feed, runs=ev.config.timing.runs, warmup=ev.config.timing.warmup)
+            timing = Timing.from_device(per_run, warmup=ev.config.timing.warmup, threads=runner.session.threads)
     except Exception as exc:  # dlopt's one-line errors and the remote runtime's own alike
         raise_if_interrupted(exc)
         return Built(replace(base, status=Status.FAILED, reason=f"could not run on {remote}: {first_line(exc)}"))
@@ -265,7 +265,7 @@ def judge_candidate(ev: Evaluation, ran: Ran, cand: Candidate, limit: int | None
                      compiled.model)
     if limit is not None:
         return Built(cand, compiled.artifact, ran.outputs, compiled.model)
-    status, reason = judge(cand.precision, cand.fidelity, cand.score, ev.config.max_accuracy_drop,
+    status, reason = judge(cand.precision, cand.fidelity, cand.score, ev.config.budget.max_accuracy_drop,
                            lossy_passes=ev.config.prune is not None, fp32=fp32_check(ev.reference, ran.outputs))
     cand = replace(cand, status=status, reason=reason or cand.reason)
     # a lower precision the budget refused is timed beside the finalists (never chosen: dlopt.flow.select takes
@@ -338,19 +338,20 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
     from dlopt.core.model_io import initializer_bytes
     from dlopt.targets import Artifact
 
-    options = backend.build_options(ev.config, model, ev.profile, ev.shapes)
+    section = getattr(ev.config, backend.options_section) if backend.options_section else None
+    options = backend.build_options(section, model, ev.profile, ev.shapes, threads=ev.config.timing.thread_count)
     key = None
     if ev.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
         from dlopt.flow.cache import code_fingerprint, make_key
 
         version = backend.runtime_version()
         key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,
-                       precision, repr(ev.profile), str(ev.config.thread_count), __version__, code_fingerprint(),
+                       precision, repr(ev.profile), str(ev.config.timing.thread_count), __version__, code_fingerprint(),
                        version, repr(sorted(ev.shapes.items())), repr(sorted((k, v) for k, v in options.items() if k.startswith("cache:"))))
         meta = ev.cache.get(key, workdir)
         if meta is not None:
             return Artifact(folder=workdir, **meta)
-    artifact = backend.compile(model, ev.profile, workdir, precision=precision, threads=ev.config.thread_count,
+    artifact = backend.compile(model, ev.profile, workdir, precision=precision, threads=ev.config.timing.thread_count,
                                shapes=ev.shapes, **{k: v for k, v in options.items() if not k.startswith("cache:")})
     if key is not None:
         meta = {k: v for k, v in dataclasses.asdict(artifact).items() if k != "folder"}

@@ -31,7 +31,7 @@ from dlopt.core.artifacts import (check_output_dir, lock_path, output_lock, pare
 from dlopt.flow.candidates import Built, build
 from dlopt.flow.evaluation import EvalData, Evaluation, owned
 from dlopt.core.config import CompileConfig
-from dlopt.core.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError, first_line
+from dlopt.core.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError
 from dlopt.core.specs import InputSpec, input_specs
 from dlopt.measure.evaluate import BoundedOrtSession, RunTimedOut
 from dlopt.core.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
@@ -119,14 +119,14 @@ def random_sample_count(config: CompileConfig, proto: onnx.ModelProto) -> int:
     top-1 agreement, 100/N points a disagreement) enough that one costs a tenth of the budget."""
     from dlopt.core.specs import output_specs
 
-    if config.samples is not None:
-        return config.samples
+    if config.data.samples is not None:
+        return config.data.samples
     first = output_specs(proto)[0] if proto.graph.output else None
     classifier = first is not None and len(first.shape) == 2 and first.dtype.kind == "f" and first.shape[1] != 1
-    if not classifier or config.metric not in (None, "top1"):
-        return config.random_samples
-    budget = config.max_accuracy_drop * RANDOM_DISAGREEMENT_SHARE
-    return int(min(RANDOM_SAMPLES_MAX, max(config.random_samples, -(-100 // budget) if budget > 0 else 10**9)))
+    if not classifier or config.budget.metric not in (None, "top1"):
+        return config.data.random_samples
+    budget = config.budget.max_accuracy_drop * RANDOM_DISAGREEMENT_SHARE
+    return int(min(RANDOM_SAMPLES_MAX, max(config.data.random_samples, -(-100 // budget) if budget > 0 else 10**9)))
 
 
 def _random_feeds(config: CompileConfig, specs, random: RandomInputs, shapes, count: int) -> list:
@@ -134,11 +134,11 @@ def _random_feeds(config: CompileConfig, specs, random: RandomInputs, shapes, co
     axes = batch_axes(specs)
     batched = all(axes[s.name] is not None and not (isinstance(s.shape[axes[s.name]], int) and s.shape[axes[s.name]] > 0)
                   for s in specs) and specs
-    per_feed = min(RANDOM_BATCH, count) if batched and count > config.random_samples else 1
+    per_feed = min(RANDOM_BATCH, count) if batched and count > config.data.random_samples else 1
     if per_feed == 1:
-        return random.feeds(shapes, count, config.seed)
+        return random.feeds(shapes, count, config.data.seed)
     wide = {s.name: tuple(per_feed if a == axes[s.name] else d for a, d in enumerate(shapes[s.name])) for s in specs}
-    feeds = random.feeds(wide, -(-count // per_feed), config.seed)
+    feeds = random.feeds(wide, -(-count // per_feed), config.data.seed)
     rest = count - per_feed * (len(feeds) - 1)
     if rest < per_feed:  # the last feed holds only what is left
         feeds[-1] = {s.name: np.take(feeds[-1][s.name], np.arange(rest), axis=axes[s.name]) for s in specs}
@@ -146,12 +146,12 @@ def _random_feeds(config: CompileConfig, specs, random: RandomInputs, shapes, co
 
 
 def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes, constants, count: int = 0) -> EvalData:
-    if config.inputs is None:
-        feeds = _random_feeds(config, specs, random, shapes, count or config.random_samples)
-        return EvalData(tuple(feeds), (), f"random (seed {config.seed})", batch_axes(specs))
+    if config.data.inputs is None:
+        feeds = _random_feeds(config, specs, random, shapes, count or config.data.random_samples)
+        return EvalData(tuple(feeds), (), f"random (seed {config.data.seed})", batch_axes(specs))
     from dlopt.calibration import open_dataset
 
-    data = open_dataset(config.inputs, specs, batch_size=32, limit=config.eval_limit, constants=constants)
+    data = open_dataset(config.data.inputs, specs, batch_size=32, limit=config.data.eval_limit, constants=constants)
     feeds, labels = [], []
     for feed, label in data.iter_with_labels():
         feeds.append(feed)
@@ -159,7 +159,7 @@ def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes, const
             labels.append(label)
     if labels and len(labels) != len(feeds):
         labels = []
-    source = str(config.inputs) if isinstance(config.inputs, (str, Path)) else type(config.inputs).__name__
+    source = str(config.data.inputs) if isinstance(config.data.inputs, (str, Path)) else type(config.data.inputs).__name__
     return EvalData(tuple(feeds), tuple(labels), source, batch_axes(specs))
 
 
@@ -169,29 +169,29 @@ def prepare(config: CompileConfig) -> Job:
     proto, model, info = _load(config)
     name = Path(info["path"]).stem if info["path"] else (proto.graph.name or "model")
     out = resolve_output(config.output_dir(name))
-    inputs = tuple(Path(p) for p in (info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
+    inputs = tuple(Path(p) for p in (info["path"], config.data.inputs, config.data.calib) if isinstance(p, (str, Path)))
     check_output_dir(out, inputs=inputs)
     specs = tuple(input_specs(proto))
-    constants = constant_arrays(specs, config.constants, config.shapes)
+    constants = constant_arrays(specs, config.data.constants, config.timing.shapes)
     random = RandomInputs.for_model(proto, specs, constants=constants)
     calib_data = None
-    if config.calib is not None:  # open it now: names, dtypes and shapes are checked before any work
+    if config.data.calib is not None:  # open it now: names, dtypes and shapes are checked before any work
         from dlopt.calibration import open_dataset
 
-        calib_data = open_dataset(config.calib, specs, limit=config.calib_samples, preprocess=config.calib_preprocess,
+        calib_data = open_dataset(config.data.calib, specs, limit=config.data.calib_samples, preprocess=config.data.calib_preprocess,
                                   constants=constants)
-    if config.inputs is not None:
+    if config.data.inputs is not None:
         data = _eval_data(config, specs, random, None, constants)
         first = data.feeds[0] if data.feeds else None
-        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes,
+        shapes = declared_shapes(specs, batch=config.timing.batch, shapes=config.timing.shapes,
                                  data_shapes={n: np.shape(a) for n, a in (first or {}).items()})
     else:
         # symbolic dims the calibration data fixes (a re-readable source: one batch is read here)
         seen = _first_feed(calib_data) if calib_data is not None else None
-        shapes = declared_shapes(specs, batch=config.batch, shapes=config.shapes,
+        shapes = declared_shapes(specs, batch=config.timing.batch, shapes=config.timing.shapes,
                                  data_shapes={n: np.shape(a) for n, a in (seen or {}).items()})
         data, first = _eval_data(config, specs, random, shapes, constants, random_sample_count(config, proto)), None
-    rng = np.random.default_rng(config.seed + 2)
+    rng = np.random.default_rng(config.data.seed + 2)
     timing_feed = feed_at(shapes, first, lambda s: random.feed(s, rng), axes=batch_axes(specs))
     return Job(config, profile, proto, model, info, out, specs, data, shapes, timing_feed, random, calib_data)
 
@@ -212,10 +212,10 @@ def _reference_runner(job: Job, *, bounded: bool = False) -> LocalRunner:
     from dlopt.targets.ort import OrtSession, session_settings
 
     source = job.info["path"] or job.proto.SerializeToString()
-    settings = session_settings(job.config.thread_count, job.model)
+    settings = session_settings(job.config.timing.thread_count, job.model)
     if bounded:
         return LocalRunner("original", lambda: BoundedOrtSession(OrtSession(source, settings),
-                                                                 job.config.reference_timeout_s))
+                                                                 job.config.timing.reference_timeout_s))
     return LocalRunner("original", lambda: OrtSession(source, settings))
 
 
@@ -237,14 +237,14 @@ def evaluate(job: Job, generic: PipelineResult, pairs, staged: Path, notes: list
             original_ms = quick_ms(runner, job.timing_feed)
     except RunTimedOut as exc:
         raise ModelError(f"one run of the original model on ONNX Runtime ({where}) passed the "
-                         f"{config.reference_timeout_s:g} s limit and was stopped (a Loop or Scan with a huge trip "
+                         f"{config.timing.reference_timeout_s:g} s limit and was stopped (a Loop or Scan with a huge trip "
                          f"count never ends); if the model is really this slow, raise --reference-timeout SECONDS "
                          f"(reference_timeout_s)") from exc
     except Exception as exc:  # the user's model must run to be compared with
         raise_if_interrupted(exc)
-        random = config.inputs is None
+        random = config.data.inputs is None
         fixed = [s.name for s in job.specs if s.dtype.kind in "iub" and len(s.shape) <= 1
-                 and s.name not in (config.constants or {})] if random else []
+                 and s.name not in (config.data.constants or {})] if random else []
         hint = "; pass representative data with --eval" + (
             f" or the value of {', '.join(fixed)} with --const NAME=VALUE (random integers may choose a branch "
             f"the model refuses)" if fixed else "") if random else ""
@@ -253,19 +253,19 @@ def evaluate(job: Job, generic: PipelineResult, pairs, staged: Path, notes: list
         raise ModelError(f"ONNX Runtime cannot run the original model on the {'random' if random else 'evaluation'} "
                          f"inputs: {said}{hint}") from exc
     cache = None
-    if config.cache:
+    if config.output.cache:
         from dlopt.flow.cache import ArtifactCache
 
         cache = ArtifactCache()
-    mask = find_mask_input(job.specs, job.data.feeds, config.mask_input)
-    scorer = Scorer(reference, list(job.data.labels), config.metric, mask_name=mask,
+    mask = find_mask_input(job.specs, job.data.feeds, config.data.mask_input)
+    scorer = Scorer(reference, list(job.data.labels), config.budget.metric, mask_name=mask,
                     masks=[feed[mask] for feed in job.data.feeds] if mask else None)
     ev = Evaluation(config, job.profile, job.data, tuple(reference), scorer, job.shapes, job.timing_feed,
                     original_ms, cache=cache)
     if any(p is not None and precisions.get(p).calibrated for _, p in pairs):
         from dlopt.flow import recipe
 
-        ev = replace(ev, recipe=recipe.choose(generic.model, config.calib_method))
+        ev = replace(ev, recipe=recipe.choose(generic.model, config.data.calib_method))
         ev = _calibrate(job, ev, generic.model, pairs, staged / "calibration.json", notes)
     return ev
 
@@ -313,7 +313,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
                                         "method": "nncf (its own statistics, gathered in the build)"})
     known = (sum(samples_in(f) for f in data if f) if isinstance(data, (tuple, list))
              else getattr(data, "samples", None))  # a dataset knows only after a first pass
-    total = min(config.calib_samples, known) if known else config.calib_samples
+    total = min(config.data.calib_samples, known) if known else config.data.calib_samples
     method = ev.recipe.calib_method
     # only the tensors around the ops the recipe quantises: a percentile histogram of every
     # tensor of a transformer costs minutes
@@ -327,7 +327,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
         stats = calibrate(method)
     except CompileError as exc:
         raise_if_interrupted(exc)
-        if method == "minmax" or config.calib_method != "auto":
+        if method == "minmax" or config.data.calib_method != "auto":
             raise
         notes.append(f"{method} calibration failed ({exc}); min-max ranges were used instead")
         stats = calibrate("minmax")
@@ -340,13 +340,13 @@ def _calibration_data(job: Job, ev: Evaluation, notes: list[str]):
     config = job.config
     if job.calib_data is not None:
         data = job.calib_data
-        source = str(config.calib) if isinstance(config.calib, (str, Path)) else type(config.calib).__name__
-    elif config.inputs is not None:
-        data, source = _first_samples(ev.data.feeds, config.calib_samples), f"the evaluation data ({ev.data.source})"
+        source = str(config.data.calib) if isinstance(config.data.calib, (str, Path)) else type(config.data.calib).__name__
+    elif config.data.inputs is not None:
+        data, source = _first_samples(ev.data.feeds, config.data.calib_samples), f"the evaluation data ({ev.data.source})"
         notes.append("INT8 was calibrated on the evaluation data (no --calib): accuracy may look better than "
                      "on unseen data")
     else:
-        data = job.random.feeds(job.shapes, config.calib_samples, config.seed + 1)
+        data = job.random.feeds(job.shapes, config.data.calib_samples, config.data.seed + 1)
         source = "random inputs"
         notes.append("INT8 was calibrated on random inputs (no --calib): pass representative data for "
                      "meaningful ranges")
@@ -467,16 +467,16 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
         # enough to pay for its search (all-MiniLM: 85 s of ORT search beside an OpenVINO int8 3x faster)
         return [], None, [f"no mixed-precision search for {', '.join(b.candidate.backend for b in missed)}: "
                           f"{', '.join(kept)} met the budget in full INT8"]
-    deadline = time.monotonic() + ev.config.search_time
+    deadline = time.monotonic() + ev.config.budget.search_time
     found, infos, notes = [], [], []
     for one in missed:
         backend = one.candidate.backend
         left = deadline - time.monotonic()
         if left <= 1:
             notes.append(f"no time left to search mixed precision for {backend} (--search-time "
-                         f"{ev.config.search_time:g} s shared by all backends)")
+                         f"{ev.config.budget.search_time:g} s shared by all backends)")
             continue
-        timed = replace(ev, config=replace(ev.config, search_time=left))
+        timed = replace(ev, config=ev.config.with_options(search_time=left))
         # the float model its int8 was quantised from: node names and tensors match it
         start = ev.smoothed.model if ev.smoothed is not None and quantiser(ev, backend, "int8") == "onnxruntime static" \
             else model
@@ -486,7 +486,7 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
         if mixed is not None:
             found.append(mixed)
         if not info["complete"]:
-            notes.append(f"mixed-precision search for {backend} stopped at the {ev.config.search_time:g} s limit; "
+            notes.append(f"mixed-precision search for {backend} stopped at the {ev.config.budget.search_time:g} s limit; "
                          f"the best model found by then is reported")
     # the first search at the top (the report's schema); the others' beside it
     search_info = ({**infos[0], **({"other_backends": infos[1:]} if infos[1:] else {})} if infos else None)
@@ -512,9 +512,9 @@ def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
         for runner in runners.values():
             opened.append(runner.open())
         config = job.config
-        timings = time_interleaved(runners, job.timing_feed, runs=config.runs,
-                                   warmup=config.warmup, threads=config.thread_count, meters=meters,
-                                   max_seconds=config.timing_budget_s,
+        timings = time_interleaved(runners, job.timing_feed, runs=config.timing.runs,
+                                   warmup=config.timing.warmup, threads=config.timing.thread_count, meters=meters,
+                                   max_seconds=config.timing.timing_budget_s,
                                    progress=lambda d, t: _progress(config, "timing (interleaved)", d, t))
     finally:
         for runner in opened:
@@ -552,12 +552,12 @@ def _entries(builds: Builds, measured: Measured) -> list[select.Entry]:
 
 def compile(config: CompileConfig) -> Report:  # noqa: A001 - the verb users know
     job = prepare(config)
-    if config.remote is not None:  # a wrong tracker or key fails now, not after the builds
+    if config.tvm.remote is not None:  # a wrong tracker or key fails now, not after the builds
         job = _behind_tracker(job)
     # the lock file's name is artifacts.output_lock's
     lock = lock_path(job.out)
-    with parents_made(job.out), output_lock(job.out, wait=config.wait), removed_on_hard_exit(lock):
-        inputs = tuple(Path(p) for p in (job.info["path"], config.inputs, config.calib) if isinstance(p, (str, Path)))
+    with parents_made(job.out), output_lock(job.out, wait=config.output.wait), removed_on_hard_exit(lock):
+        inputs = tuple(Path(p) for p in (job.info["path"], config.data.inputs, config.data.calib) if isinstance(p, (str, Path)))
         check_output_dir(job.out, inputs=inputs)  # again: the compile that held the lock may have written it
         notes = [f"removed {entry}, left by an earlier compile that was killed"
                  for entry in remove_stale_staging(job.out)]
@@ -578,7 +578,7 @@ def _behind_tracker(job: Job) -> Job:
     """The job with its target moved behind the RPC tracker, once the tracker has the key's servers."""
     from dlopt.targets.tvm.rpc import require
 
-    profile, remote = job.profile, job.config.remote
+    profile, remote = job.profile, job.config.tvm.remote
     if not any(runs_over_rpc(name) for name in profile.backends):
         raise ConfigError(f"--rpc-tracker measures TVM libraries on the device, and target {profile.name} builds "
                           f"none (its backends: {', '.join(profile.backends)}); drop --rpc-tracker/--rpc-key or "
@@ -613,7 +613,7 @@ def _run(job: Job, notes: list[str]) -> Report:
             builds, measured = _with_original(job, ev, builds, measured, staged)
         candidates = [b.candidate for b in builds.built]
         notes.extend(select.missed_budget_notes(candidates, verdict.chosen, measured.timings,
-                                                ev.scorer.name, job.config.max_accuracy_drop))
+                                                ev.scorer.name, job.config.budget.max_accuracy_drop))
         fallback = select.closest_over_budget(verdict, candidates, {b.candidate.key for b in builds.built
                                                                     if b.artifact is not None}, job.profile.name)
         verdict = fallback.verdict
@@ -623,7 +623,7 @@ def _run(job: Job, notes: list[str]) -> Report:
         raise_if_interrupted()  # the last point where a swallowed interrupt can still stop the publish
         write_output(job, ev, builds, verdict, report, staged)
     if fallback.closest is not None:
-        error = AccuracyBudgetExceeded(select.over_budget_message(ev.scorer.name, job.config.max_accuracy_drop,
+        error = AccuracyBudgetExceeded(select.over_budget_message(ev.scorer.name, job.config.budget.max_accuracy_drop,
                                                                   fallback.scored, job.out))
         error.report = report
         raise error

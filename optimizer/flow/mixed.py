@@ -77,14 +77,14 @@ def _float_twin(ev: Evaluation, model: ir.Model, int8_model: ir.Model) -> ir.Mod
 def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, workdir: Path) -> tuple[Built | None, dict]:
     """Find the fewest float nodes that bring INT8 within the budget (see module doc)."""
     start = time.monotonic()
-    deadline = start + ev.config.search_time
-    budget = ev.config.max_accuracy_drop
+    deadline = start + ev.config.budget.search_time
+    budget = ev.config.budget.max_accuracy_drop
     nodes = quantized_nodes(int8_model)
     info = {"nodes_considered": len(nodes), "ranked": 0, "trials": 0, "complete": False, "met_budget": False}
     ev.progress("mixed: ranking nodes", 0, 1)
     try:
         errors, samples = layer_errors(_float_twin(ev, model, int8_model), int8_model, ev.data.feeds,
-                                       threads=ev.config.thread_count, deadline=deadline)
+                                       threads=ev.config.timing.thread_count, deadline=deadline)
     except Exception as exc:  # ranking is a heuristic: without it the search still runs, in graph order
         logger.warning("mixed: per-layer errors failed (%s); searching in graph order", exc)
         errors, samples = [NodeSensitivity(n, t, math.nan) for n, t in nodes], 0

@@ -14,7 +14,7 @@ activation) is right for CNNs and wrong for attention models:
   following weights before calibration (``dlopt.passes.smooth_quant``), and NNCF,
   where it quantises, is told the model is a transformer.
 
-``CompileConfig.calib_method`` other than ``auto`` overrides the range method.
+``CompileConfig.data.calib_method`` other than ``auto`` overrides the range method.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ RESOLUTION_MS = 0.005
 # range, and two equal models' ranges separate one time in ten): fewer runs only ever tie.
 MIN_RUNS = 20
 Z95 = 1.959964
-# Seconds the interleaved timing of all finalists may take together (CompileConfig.timing_budget_s,
+# Seconds the interleaved timing of all finalists may take together (CompileConfig.timing.timing_budget_s,
 # --timing-budget): a set too slow for the runs asked gets fewer, never under MIN_RUNS, and says so.
 TIMING_BUDGET_S = 30.0
 # Sessions each BaseRunner is timed through (opened afresh between them, the runs split among them).  With

@@ -44,13 +44,13 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dlopt import __version__
 from dlopt.core.artifacts import write_file
-from dlopt.core.config import CompileConfig
+from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
 from dlopt.core.errors import AccuracyBudgetExceeded, ConfigError, DloptError, TargetUnavailable, first_line
 from dlopt.core.optional import require
 from dlopt.core.profiles import resolve_target
@@ -156,7 +156,7 @@ def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
                  hint="a model's name is its file's stem: rename the file")
     out = Path(out) if out is not None else here / head.get("out", f"{path.stem}-out")
     targets_file = here / head["targets-file"] if "targets-file" in head else None
-    known = {f.name for f in fields(CompileConfig)} - _NOT_OPTIONS
+    known = (set(SECTION_OF) | set(TOP_LEVEL)) - _NOT_OPTIONS
 
     def options(table: Any, where: str) -> dict[str, Any]:
         if not isinstance(table, dict):
@@ -174,7 +174,7 @@ def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
 
     def check(model: Path, opts: dict[str, Any], where: str) -> None:  # a bad value fails now, not at night
         try:
-            CompileConfig(model=model, **opts)
+            CompileConfig.build(model, **opts)
         except TypeError as exc:
             raise ConfigError(f"{path}: {where}: {first_line(exc)}") from exc
         except DloptError as exc:

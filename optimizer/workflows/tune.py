@@ -38,7 +38,7 @@ def backend_model(config: CompileConfig):
     if status is not True:
         raise ConfigError(f"TVM is not usable here: {status}")
     proto, model, info = _load(config)
-    shapes = declared_shapes(tuple(input_specs(proto)), batch=config.batch, shapes=config.shapes)
+    shapes = declared_shapes(tuple(input_specs(proto)), batch=config.timing.batch, shapes=config.timing.shapes)
     generic = run_pipeline(model, generic_passes(model=model)).model
     backend = get_backend(name)
     ready = run_pipeline(generic.clone(), [*backend.lowering_passes("fp32"), CheckerPass()]).model
@@ -52,16 +52,16 @@ def run(config: CompileConfig, *, trials: int, time_budget_s: float | None, prog
 
     profile, model, shapes, _ = backend_model(config)
     runner = None
-    if config.remote is not None:
+    if config.tvm.remote is not None:
         from dlopt.targets.tvm.rpc import ms_runner
 
-        runner = ms_runner(config.remote)
+        runner = ms_runner(config.tvm.remote)
     elif not profile.runs_here():
         raise ConfigError(f"{profile.name} is not this machine: tuning measures on the device; give --rpc-tracker "
                           f"and --rpc-key of its RPC servers")
-    root = Path(config.tuning_db) if isinstance(config.tuning_db, (str, Path)) else default_root()
-    db = tuning_database(model, profile, config.thread_count, shapes, root)
-    return tune(model, profile, trials=trials, time_budget_s=time_budget_s, db=db, threads=config.thread_count,
+    root = Path(config.tvm.tuning_db) if isinstance(config.tvm.tuning_db, (str, Path)) else default_root()
+    db = tuning_database(model, profile, config.timing.thread_count, shapes, root)
+    return tune(model, profile, trials=trials, time_budget_s=time_budget_s, db=db, threads=config.timing.thread_count,
                 runner=runner, progress=progress, shapes=shapes)
 
 

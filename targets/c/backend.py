@@ -231,11 +231,13 @@ class CBackend(Backend):
                 missing.update(filter(None, [_reduce_mean_form(node, opset)]))
         return sorted(missing)
 
-    def build_options(self, config, model, profile, shapes) -> dict:
-        """--max-ram / --max-flash (bytes) from the config; they enter the cache key so a cached
-        build is checked against the limits it was asked for."""
-        del model, profile, shapes
-        limits = {k: getattr(config, k, None) for k in ("max_ram", "max_flash")}
+    options_section = "mcu"
+
+    def build_options(self, options, model, profile, shapes, *, threads: int) -> dict:
+        """--max-ram / --max-flash (bytes) from the config's mcu section; they enter the cache key so a
+        cached build is checked against the limits it was asked for."""
+        del model, profile, shapes, threads
+        limits = {"max_ram": options.max_ram, "max_flash": options.max_flash}
         return {**{k: v for k, v in limits.items() if v is not None},
                 **{f"cache:{k}": v for k, v in limits.items() if v is not None}}
 

@@ -464,16 +464,18 @@ class TvmBackend(Backend):
     def load(self, artifact: Artifact) -> TvmSession:
         return TvmSession(artifact.entry_path, artifact.settings, source=str(artifact.folder / SETTINGS_FILE))
 
-    def build_options(self, config, model, profile, shapes) -> dict:
+    options_section = "tvm"
+
+    def build_options(self, options, model, profile, shapes, *, threads: int) -> dict:
         """What compile() takes besides the model: the matching tuning database, and (for the artefact
         cache key only, never passed on) its state, so tuning more rebuilds."""
         from dlopt.targets.tvm.tuning import default_root
 
-        if config.tuning_db is False or profile.device != "cpu":
+        if options.tuning_db is False or profile.device != "cpu":
             return {}
-        root = Path(config.tuning_db) if isinstance(config.tuning_db, (str, os.PathLike)) else default_root()
+        root = Path(options.tuning_db) if isinstance(options.tuning_db, (str, os.PathLike)) else default_root()
         try:
-            db = tuning_database(model, profile, config.thread_count, shapes, root)
+            db = tuning_database(model, profile, threads, shapes, root)
             state = f"{db.path}:{db.record_count()}" if db.meta() is not None else "none"
         except DloptError as exc:  # an unusable database folder: built untuned, and said why
             logger.warning("tuning database not used: %s", exc)

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import dlopt
 from dlopt.core.errors import CompileError, ModelError
+from dlopt.core.config import McuOptions
 from dlopt.core.profiles import resolve_target
 from dlopt.targets import get_backend
 from dlopt.targets.c.codegen import quantize_multiplier
@@ -122,7 +123,7 @@ def test_max_ram_and_max_flash_fail_the_build(tmp_path):
         _compile(small_cnn(), tmp_path, max_ram=1024)
     with pytest.raises(CompileError, match=r"bytes of flash .* over --max-flash 100"):
         _compile(small_cnn(), tmp_path / "b", max_flash=100)
-    options = C.build_options(type("Config", (), {"max_ram": 4096, "max_flash": None})(), None, None, None)
+    options = C.build_options(McuOptions(max_ram=4096), None, None, None, threads=1)
     assert options == {"max_ram": 4096, "cache:max_ram": 4096}
 
 
