@@ -32,7 +32,7 @@ import onnx_ir as ir
 from dlopt.core.errors import CompileError, ConfigError, TargetUnavailable, first_line
 from dlopt.core.graph_facts import converter_hazards, op_label
 from dlopt.core.model_io import save_ir
-from dlopt.core.profiles import host_arch
+from dlopt.core.profiles import host_arch, DeviceKind
 from dlopt.targets import snippets
 from dlopt.targets.base import Artifact, Backend
 
@@ -290,7 +290,7 @@ class OpenVinoBackend(Backend):
     def precisions(self, profile) -> tuple[str, ...]:
         # OpenVINO also runs on ARM CPUs, but dlopt does not target OpenVINO there yet; GPUs and
         # microcontrollers are other backends' job.  An empty tuple skips this backend.
-        if profile.device != "cpu" or profile.arch != "x86_64":
+        if profile.device is not DeviceKind.CPU or profile.arch != "x86_64":
             return ()
         offered = ("fp32", "fp16", "int8", "mixed")
         # bf16 only when the profile is this machine and its CPU has bf16 kernels (AMX, AVX512-BF16):
@@ -357,7 +357,7 @@ class OpenVinoBackend(Backend):
             entry="model.xml",
             settings=settings,
             # IR is portable across x86-64 CPUs: a CPU profile of this host's ISA can be verified here.
-            loadable_here=profile.runs_here() or (profile.device == "cpu" and profile.arch == host_arch()),
+            loadable_here=profile.runs_here() or (profile.device is DeviceKind.CPU and profile.arch == host_arch()),
         )
 
     def load(self, artifact: Artifact) -> OpenVinoSession:

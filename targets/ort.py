@@ -18,6 +18,7 @@ from dlopt.core.model_io import save_ir
 from dlopt.core.ort_sessions import CONFIG_ENTRIES, apply_config_entries
 from dlopt.targets import snippets
 from dlopt.targets.base import Artifact, Backend
+from dlopt.core.profiles import DeviceKind
 
 name = "ort"
 ENTRY = "model.onnx"
@@ -56,7 +57,7 @@ NVIDIA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUEx
 
 def providers_for(profile) -> list[str]:
     """Execution providers in the order the device should try them."""
-    return list(NVIDIA_PROVIDERS if profile.device == "gpu" and profile.cuda_arch else CPU_PROVIDERS)
+    return list(NVIDIA_PROVIDERS if profile.device is DeviceKind.GPU and profile.cuda_arch else CPU_PROVIDERS)
 
 
 def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threads_from: str | None = None) -> dict:

@@ -22,6 +22,7 @@ from dlopt.core.errors import ModelError, TargetUnavailable
 from dlopt.core.graph_facts import op_label
 from dlopt.core.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
+from dlopt.core.profiles import DeviceKind
 
 name = "tensorrt"
 
@@ -128,7 +129,7 @@ class TensorRtBackend(Backend):
         return True  # writing the bundle needs no TensorRT here; building the engine happens on the device
 
     def precisions(self, profile) -> tuple[str, ...]:
-        return ("fp16", "int8", "mixed") if profile.device == "gpu" else ()
+        return ("fp16", "int8", "mixed") if profile.device is DeviceKind.GPU else ()
 
     def supports(self, model) -> list[str]:
         missing = set()

@@ -10,7 +10,7 @@ import models
 from cli import dlopt
 
 from dlopt.core.errors import ConfigError
-from dlopt.core.profiles import PRESETS, load_user_profiles, resolve_target
+from dlopt.core.profiles import PRESETS, DeviceKind, load_user_profiles, resolve_target
 
 
 def test_presets_carry_their_facts():
@@ -30,6 +30,7 @@ def test_user_target_inherits_from_a_preset(tmp_path):
     board = load_user_profiles(path)["board"]
     assert board.mcpu == "cortex-a76" and board.backends == ("ort",) and board.power.idle_watts == 1.5
     assert resolve_target("board", path).description == "our board"
+    assert board.device is DeviceKind.CPU and f"{board.device}" == "cpu" and repr(board.device) == "'cpu'"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -37,6 +38,7 @@ def test_user_target_inherits_from_a_preset(tmp_path):
     ('[targets.x]\nbase = "rpi5"\ncolour = "red"\n', "unknown keys ['colour']"),
     ('[targets.cpu]\nbase = "rpi5"\n', "would replace presets"),
     ("[targets.x\n", "cannot read targets"),
+    ('[targets.x]\nbase = "rpi5"\ndevice = "npu"\n', "targets.x.device must be one of cpu, gpu, mcu, got 'npu'"),
 ])
 def test_bad_user_targets(tmp_path, text, message):
     path = tmp_path / "dlopt.toml"

@@ -8,6 +8,7 @@ Code elsewhere asks the profile instead of testing target names.
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import platform
@@ -28,11 +29,29 @@ class PowerModel:
     accelerator_watts: float = 0.0
 
 
+class DeviceKind(str, enum.Enum):
+    """What a target is: a CPU, a GPU (with its host CPU) or a microcontroller."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+    MCU = "mcu"
+
+    # printed, formatted and repr'd as its value: reports, messages and the artefact cache key say "cpu"
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
 @dataclass(frozen=True)
 class TargetProfile:
     name: str
     description: str
-    device: str  # "cpu", "gpu" or "mcu"
+    device: DeviceKind  # given as "cpu", "gpu" or "mcu"
     arch: str  # "x86_64", "aarch64", "armv7e-m", ...
     triple: str
     backends: tuple[str, ...]
@@ -48,12 +67,15 @@ class TargetProfile:
     # the target does not fix one (a generic arm64, a GPU host): the requested count is kept.
     cores: int | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", DeviceKind(self.device))
+
     def runs_here(self) -> bool:
         """True when artefacts for this target can be executed and timed on this host."""
         if self.host_native:
             return True
         return (
-            self.device == "cpu"
+            self.device is DeviceKind.CPU
             and self.arch == host_arch()
             and set(self.cpu_flags) <= _host_cpu_flags()
         )
@@ -73,7 +95,7 @@ class TargetProfile:
         """True where int8 kernels may add u8 x s8 pairs in 16 bits and saturate: x86 CPUs without VNNI
         (this host's flags when the target runs here, else the flags the target declares)."""
         flags = _host_cpu_flags() if self.runs_here() else frozenset(self.cpu_flags)
-        return self.device == "cpu" and self.arch == "x86_64" and not (_VNNI_FLAGS & flags)
+        return self.device is DeviceKind.CPU and self.arch == "x86_64" and not (_VNNI_FLAGS & flags)
 
     def threads_for(self, requested: int) -> tuple[int, str]:
         """Threads an artefact for this target should run with, and where that number came from.
@@ -264,6 +286,9 @@ def _check_entry_types(path: Path, name: str, entry: dict) -> None:
             raise ConfigError(f"{path}: targets.{name}.{key} must be {what}, got {value!r:.60}{hint}")
         if key in _TUPLE_FIELDS and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: targets.{name}.{key} must be a list of strings")
+        if key == "device" and value not in {kind.value for kind in DeviceKind}:
+            raise ConfigError(f"{path}: targets.{name}.device must be one of "
+                              f"{', '.join(kind.value for kind in DeviceKind)}, got {value!r:.60}")
         if key == "cores" and (isinstance(value, bool) or value < 1):
             raise ConfigError(f"{path}: targets.{name}.cores must be a positive integer, got {value!r:.60}")
         if key == "power" and not all(isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dlopt.core.profiles import DeviceKind
+
 POWERCAP, HWMON, INA3221_IIO = Path("/sys/class/powercap"), Path("/sys/class/hwmon"), Path("/sys/bus/i2c/drivers")
 # Counters tick every ~1 ms (RAPL) to ~100 ms (NVML, sampled rails): shorter windows read as noise.
 MIN_WINDOW_S = 0.05
@@ -171,7 +173,7 @@ def sensor_status() -> dict[str, dict[str, Any]]:
 def _pick_sensor(profile) -> tuple[Any, str]:
     """The best readable sensor for ``profile`` on this machine, or None and why none is used."""
     reasons = []
-    for name in (("INA3221", "NVML") if profile.device == "gpu" else ("RAPL", "INA3221")):
+    for name in (("INA3221", "NVML") if profile.device is DeviceKind.GPU else ("RAPL", "INA3221")):
         if name == "RAPL":
             domains, why = _rapl_domains()
             sensor = _Rapl(domains) if domains else None
@@ -235,7 +237,7 @@ def estimate(profile, runs: int, wall_seconds: float, cpu_seconds: float, *, why
     busy = min(max(cpu_seconds / wall_seconds, 0.0), float(os.cpu_count() or 1))
     watts = power.idle_watts + power.watts_per_busy_core * busy
     text = f"{power.idle_watts:.1f} W idle + {power.watts_per_busy_core:.1f} W x {busy:.2f} busy cores"
-    if profile.device == "gpu":
+    if profile.device is DeviceKind.GPU:
         watts += power.accelerator_watts
         text += f" + {power.accelerator_watts:.1f} W accelerator"
     source = f"estimated (power model of {profile.name}: {text})" + (f"{NO_SENSOR}{why}" if why else "")

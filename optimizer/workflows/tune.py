@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dlopt.core.config import CompileConfig
 from dlopt.core.errors import ConfigError
+from dlopt.core.profiles import DeviceKind
 
 
 def backend_model(config: CompileConfig):
@@ -32,7 +33,7 @@ def backend_model(config: CompileConfig):
     name = tunable_backend(profile)
     if name is None:
         raise ConfigError(f"target {profile.name} has no TVM backend ({', '.join(profile.backends)}); nothing to tune")
-    if profile.device != "cpu":
+    if profile.device is not DeviceKind.CPU:
         raise ConfigError(f"tuning covers CPU targets; {profile.name} is a {profile.device} target")
     status = backend_status(name)
     if status is not True:

@@ -29,6 +29,7 @@ from dlopt.core.errors import CompileError, TargetUnavailable
 from dlopt.core.graph_facts import op_label
 from dlopt.core.model_io import save_ir
 from dlopt.targets.base import Artifact, Backend
+from dlopt.core.profiles import DeviceKind
 
 log = logging.getLogger(__name__)
 name = "c"
@@ -177,7 +178,7 @@ class CBackend(Backend):
         no qemu check; without qemu-system-arm no qemu check."""
         from dlopt.targets.c import verify as c_verify
 
-        if profile.device != "mcu":
+        if profile.device is not DeviceKind.MCU:
             return None
         tools = c_verify.cross_tools()
         if tools is not True:
@@ -217,7 +218,7 @@ class CBackend(Backend):
         return f"dlopt-c {CODEGEN_VERSION}, gcc {version('gcc')}, arm-none-eabi-gcc {cross}"
 
     def precisions(self, profile) -> tuple[str, ...]:
-        return ("fp32", "int8") if profile.device == "mcu" else ()
+        return ("fp32", "int8") if profile.device is DeviceKind.MCU else ()
 
     def supports(self, model) -> list[str]:
         from dlopt.targets.c.codegen import SUPPORTED_OPS

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from dlopt.core.errors import CompileError, DataError, DloptError, TargetUnavailable, first_line
 from dlopt.core.graph_facts import converter_hazards, op_label
-from dlopt.core.profiles import host_arch
+from dlopt.core.profiles import host_arch, DeviceKind
 from dlopt.core.scoped_env import environ as _environ
 from dlopt.targets._native_output import native_output_logged
 from dlopt.targets.base import Artifact, Backend
@@ -150,7 +150,7 @@ def _build(static, profile, library: Path, inputs: list[dict], threads: int, db=
 
     host = tuning_target(profile, threads)  # the target a tuning database is keyed by
     fcompile, linker = _linker(profile)
-    gpu = profile.device == "gpu"
+    gpu = profile.device is DeviceKind.GPU
     target = (tvm.target.Target({"kind": "cuda", "arch": profile.cuda_arch}, host=host) if gpu
               else tvm.target.Target(host))
     facts = {"target": json.loads(str(target)), "host": host, "linker": linker,
@@ -386,7 +386,7 @@ class TvmBackend(Backend):
         return profile.cross_toolchain()
 
     def build_limits(self, profile) -> str | None:
-        if profile.device == "gpu" and profile.cuda_arch and not shutil.which("nvcc"):
+        if profile.device is DeviceKind.GPU and profile.cuda_arch and not shutil.which("nvcc"):
             return "CUDA kernels ship as source, compiled on the device at load: nvcc missing (install the CUDA toolkit)"
         return None
 
@@ -410,7 +410,7 @@ class TvmBackend(Backend):
         return True
 
     def precisions(self, profile) -> tuple[str, ...]:
-        return ("fp32",) if profile.device in ("cpu", "gpu") else ()
+        return ("fp32",) if profile.device in (DeviceKind.CPU, DeviceKind.GPU) else ()
 
     def supports(self, model) -> list[str]:
         hazards = converter_hazards(model)  # it would fold a huge generated constant into the library
@@ -458,7 +458,7 @@ class TvmBackend(Backend):
                     "outputs": [v.name for v in model.graph.outputs], "threads": threads, "threads_from": threads_from}
         (workdir / BUILD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         return Artifact(backend=name, precision=precision, folder=workdir, files=[LIBRARY, BUILD_FILE],
-                        entry=LIBRARY, loadable_here=profile.device == "cpu" and profile.runs_here(),
+                        entry=LIBRARY, loadable_here=profile.device is DeviceKind.CPU and profile.runs_here(),
                         settings=settings)
 
     def load(self, artifact: Artifact) -> TvmSession:
@@ -471,7 +471,7 @@ class TvmBackend(Backend):
         cache key only, never passed on) its state, so tuning more rebuilds."""
         from dlopt.targets.tvm.tuning import default_root
 
-        if options.tuning_db is False or profile.device != "cpu":
+        if options.tuning_db is False or profile.device is not DeviceKind.CPU:
             return {}
         root = Path(options.tuning_db) if isinstance(options.tuning_db, (str, os.PathLike)) else default_root()
         try:

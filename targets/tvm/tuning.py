@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from dlopt.core.errors import CompileError, ConfigError, DloptError, first_line
+from dlopt.core.profiles import DeviceKind
 from dlopt.targets.tvm.tuning_db import (ENV_ROOT, LOCK, META, RECORDS, WORKLOADS, TuningDatabase,
                                          default_root, model_digest, target_key)
 
@@ -98,12 +99,12 @@ def tuning_target(profile, threads: int) -> dict:
 
     from dlopt.core.profiles import _host_cpu_flags, host_arch
 
-    if profile.device == "mcu":
+    if profile.device is DeviceKind.MCU:
         raise ConfigError(f"TVM does not build for {profile.name}, a microcontroller")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     spec: dict = {"kind": "llvm", "mtriple": profile.triple}
-    native = profile.mcpu == "native" or (profile.mcpu is None and profile.device == "cpu"
+    native = profile.mcpu == "native" or (profile.mcpu is None and profile.device is DeviceKind.CPU
                                           and profile.arch == host_arch())
     mcpu = codegen.llvm_get_system_cpu() if native else profile.mcpu
     if mcpu:
@@ -227,7 +228,7 @@ def tune(model, profile, *, trials: int, time_budget_s: float | None = None, db:
         raise ConfigError(f"trials must be a positive integer, got {trials!r}")
     if time_budget_s is not None and not time_budget_s > 0:
         raise ConfigError(f"the time budget must be positive, got {time_budget_s!r}")
-    if profile.device != "cpu":
+    if profile.device is not DeviceKind.CPU:
         raise ConfigError(f"tuning covers CPU targets; {profile.name} is a {profile.device} target")
     target = tuning_target(profile, threads)
     if target != db.target:
