@@ -11,23 +11,21 @@ from click.testing import CliRunner
 
 from dlopt.cli import options
 from dlopt.cli.app import VERBS, main
-from dlopt.cli.options import CONFIG_GROUPS, DATA, OUTPUT, TIMING, TVM, order
-from dlopt.core.config import CompileConfig
+from dlopt.cli.options import CONFIG_GROUPS, DATA, OUTPUT, TARGET, TIMING, TVM, order
+from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
 
-NOT_FROM_GROUPS = {"model", "precision", "prune", "seed"}  # the verb's own argument and options, and the API's seed
-
-
-def _flat(groups) -> list[str]:
-    return [key for group in groups for key in group.values().config_kwargs()]
+NOT_FROM_GROUPS = {"precision", "prune", "seed"}  # compile's own options, and the API's seed
 
 
-def test_groups_give_every_config_field_once_with_its_default():
-    fields = {f.name for f in CompileConfig.__dataclass_fields__.values()}
-    keys = _flat(CONFIG_GROUPS)
-    assert len(keys) == len(set(keys)) == 29  # no field set by two groups
-    assert set(keys) == fields - NOT_FROM_GROUPS
+def test_each_group_gives_the_options_of_its_config_section_once_with_their_defaults():
+    keys = [key for group in CONFIG_GROUPS for key in group.values().config_kwargs()]
+    assert len(keys) == len(set(keys)) == 29  # no option set by two groups
+    assert set(keys) == (set(SECTION_OF) | set(TOP_LEVEL)) - NOT_FROM_GROUPS
+    for group in CONFIG_GROUPS:  # one group, one section (the target and the progress are top-level options)
+        sections = {SECTION_OF.get(key, "top") for key in group.values().config_kwargs()}
+        assert sections == ({"top"} if group is TARGET else {group.param, "top"} if group is OUTPUT else {group.param})
     defaults = {k: v for group in CONFIG_GROUPS for k, v in group.values().config_kwargs().items()}
-    assert CompileConfig(model="m.onnx", **defaults) == CompileConfig(model="m.onnx")
+    assert CompileConfig.build("m.onnx", **defaults) == CompileConfig(model="m.onnx")
 
 
 def _probe(*groups):
@@ -54,19 +52,20 @@ def test_a_command_receives_one_value_per_group_and_builds_the_config():
     result = CliRunner().invoke(command, args)
     assert result.exit_code == 0, result.output
     assert sorted(seen) == ["budget", "data", "mcu", "output", "target", "timing", "tvm"]
-    assert seen["timing"] == options.TimingOptions(runs=3, warmup=0, timing_budget=2.0, reference_timeout=5.0,
+    assert seen["timing"] == options.TimingArgs(runs=3, warmup=0, timing_budget=2.0, reference_timeout=5.0,
                                                    threads=1, batch=2, shapes=("x=1x3x8x8",))
     merged = {k: v for value in seen.values() for k, v in value.config_kwargs().items()}
     preprocess = merged.pop("calib_preprocess")
     assert (preprocess.size, preprocess.mean, preprocess.std, preprocess.color) == ((4, 6), (0.5,), (0.25,), "BGR")
     assert merged["progress"].enabled is False  # -q
-    expected = CompileConfig(
-        model="m.onnx", target="rpi5", out=Path("out"), inputs=Path("e.npz"), calib=Path("c"), calib_samples=3,
+    expected = CompileConfig.build(
+        "m.onnx", target="rpi5", out=Path("out"), inputs=Path("e.npz"), calib=Path("c"), calib_samples=3,
         calib_method="minmax", samples=7, constants={"sr": 16000.0}, mask_input=False, max_accuracy_drop=0.5,
         metric="cosine", search_time=9.0, runs=3, warmup=0, timing_budget_s=2.0, reference_timeout_s=5.0, threads=1,
         batch=2, shapes={"x": (1, 3, 8, 8)}, cache=False, wait=1.5, tuning_db=False, rpc_tracker="h:9190",
         rpc_key="rpi5", max_ram=4096, max_flash=8192)
-    assert CompileConfig(model="m.onnx", **merged) == expected
+    assert CompileConfig.build("m.onnx", **merged) == expected
+    assert (expected.timing.shapes, expected.tvm.tuning_db, expected.data.mask_input) == ({"x": (1, 3, 8, 8)}, False, False)
 
 
 def test_a_verb_takes_some_options_of_a_group_in_its_own_words():
@@ -86,7 +85,7 @@ def test_contradicting_mask_options_are_a_usage_error():
     result = CliRunner().invoke(command, ["--mask-input", "attention_mask", "--no-mask"])
     assert result.exit_code == 0  # the value holds what was typed; the config is where it is checked
     with pytest.raises(click.UsageError, match="--mask-input and --no-mask contradict each other"):
-        options.DataOptions(mask_input="attention_mask", no_mask=True).config_kwargs()
+        options.DataArgs(mask_input="attention_mask", no_mask=True).config_kwargs()
 
 
 def test_bench_rpc_options_pair_up():

@@ -1,6 +1,6 @@
 """``dlopt verify`` and ``dlopt bench``: the device's own check of an output, on the machine it runs on.
 
-Only click is imported with this module so ``dlopt --help`` stays fast.
+Only click and light dlopt modules are imported with this module so ``dlopt --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``dlopt gate``: check a report.json against thresholds in CI; exit 1 when one is crossed.
 
-Only click is imported with this module so ``dlopt --help`` stays fast; the
+Only click and light dlopt modules are imported with this module so ``dlopt --help`` stays fast; the
 gate itself (``dlopt.report.gate``) loads when the command runs.
 """
 

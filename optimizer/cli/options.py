@@ -3,9 +3,10 @@
 A group is a set of click options (flags, types, help, defaults: written once, here) and the frozen
 dataclass their values arrive in.  ``@TIMING()`` adds all of a group's options, ``@TIMING("threads",
 threads={"help": ...})`` some of them with a verb's own wording; the command receives ``timing:
-TimingOptions``.  The dataclass holds what was typed; its ``config_kwargs()`` turns that into the
-fields of :class:`dlopt.core.config.CompileConfig`.  One group is one section of the configuration
-(data and calibration, budget and metric, timing, output, TVM, microcontroller).
+TimingArgs``.  The dataclass holds what was typed; its ``config_kwargs()`` turns that into
+``dlopt.compile``'s keyword arguments (``CompileConfig.build``'s flat options).  One group is one
+section of :class:`dlopt.core.config.CompileConfig` and has its name (``data``, ``budget``,
+``timing``, ``output``, ``tvm``, ``mcu``); ``target`` gives the top-level target and targets file.
 
 Groups add their options in one block; ``@order(...)`` gives a verb's --help its own order.
 Only click and light dlopt modules are imported here, so ``dlopt --help`` stays fast.
@@ -98,7 +99,7 @@ TARGETS_FILE_HELP = "TOML file with your own [targets.NAME] tables [default: ./d
 
 
 @dataclass(frozen=True)
-class TargetOptions:
+class TargetArgs:
     """Which target, and the TOML file that may define it."""
 
     target: str | None = "cpu"
@@ -108,7 +109,7 @@ class TargetOptions:
         return {"target": self.target, "targets_file": self.targets_file}
 
 
-TARGET = OptionGroup("target", TargetOptions, {
+TARGET = OptionGroup("target", TargetArgs, {
     "target": (("-t", "--target"), dict(show_default=True, help="Target preset (see `dlopt targets`).")),
     "targets_file": (("--targets-file",), dict(type=click.Path(path_type=Path, dir_okay=False),
                                                help=TARGETS_FILE_HELP)),
@@ -116,7 +117,7 @@ TARGET = OptionGroup("target", TargetOptions, {
 
 
 @dataclass(frozen=True)
-class DataOptions:
+class DataArgs:
     """Evaluation and calibration data, as typed: the files, the image preprocessing, constant inputs, the mask."""
 
     inputs: Path | None = None
@@ -157,7 +158,7 @@ class DataOptions:
                 "mask_input": False if self.no_mask else self.mask_input}
 
 
-DATA = OptionGroup("data", DataOptions, {
+DATA = OptionGroup("data", DataArgs, {
     "inputs": (("--eval", "--inputs"), dict(
         type=click.Path(path_type=Path),
         help="Evaluation .npz: one array per model input (first axis = samples) and optional integer "
@@ -196,7 +197,7 @@ DATA = OptionGroup("data", DataOptions, {
 
 
 @dataclass(frozen=True)
-class BudgetOptions:
+class BudgetArgs:
     """The accuracy budget, what it measures, and how long the mixed-precision search may look for it."""
 
     max_accuracy_drop: float = 1.0
@@ -207,7 +208,7 @@ class BudgetOptions:
         return {"max_accuracy_drop": self.max_accuracy_drop, "metric": self.metric, "search_time": self.search_time}
 
 
-BUDGET = OptionGroup("budget", BudgetOptions, {
+BUDGET = OptionGroup("budget", BudgetArgs, {
     "max_accuracy_drop": (("--max-accuracy-drop",), dict(
         type=float, show_default=True, metavar="POINTS",
         help="Accuracy budget in points of --metric (100 x the metric): top-1 accuracy with labels, "
@@ -223,7 +224,7 @@ BUDGET = OptionGroup("budget", BudgetOptions, {
 
 
 @dataclass(frozen=True)
-class TimingOptions:
+class TimingArgs:
     """How latency is timed: runs, warm-up, the time budgets, threads and the shapes timed at."""
 
     runs: int = 100
@@ -242,7 +243,7 @@ class TimingOptions:
                 "shapes": dict(parse_shape(text) for text in self.shapes) or None}
 
 
-TIMING = OptionGroup("timing", TimingOptions, {
+TIMING = OptionGroup("timing", TimingArgs, {
     "runs": (("--runs",), dict(
         type=click.IntRange(min=1), show_default=True, help="Timed runs per model, interleaved with the others.")),
     "warmup": (("--warmup",), dict(type=click.IntRange(min=0), show_default=True, help="Untimed runs first.")),
@@ -267,7 +268,7 @@ TIMING = OptionGroup("timing", TimingOptions, {
 
 
 @dataclass(frozen=True)
-class OutputOptions:
+class OutputArgs:
     """Where the result goes and how it is shown: the folder, the cache, the lock wait, JSON, quiet."""
 
     out: Path | None = None
@@ -285,7 +286,7 @@ class OutputOptions:
         return {"out": self.out, "cache": not self.no_cache, "wait": self.wait, "progress": self.progress}
 
 
-OUTPUT = OptionGroup("output", OutputOptions, {
+OUTPUT = OptionGroup("output", OutputArgs, {
     "out": (("-o", "--out"), dict(
         type=click.Path(path_type=Path),
         help="Output folder [default: ./<model>-<target>]. Replaced only if it is a previous dlopt output.")),
@@ -301,7 +302,7 @@ OUTPUT = OptionGroup("output", OutputOptions, {
 
 
 @dataclass(frozen=True)
-class TvmOptions:
+class TvmArgs:
     """TVM's tuning databases and the RPC tracker that reaches a target device."""
 
     tuning_db: str | None = None
@@ -323,7 +324,7 @@ class TvmOptions:
                 "rpc_key": self.rpc_key}
 
 
-TVM = OptionGroup("tvm", TvmOptions, {
+TVM = OptionGroup("tvm", TvmArgs, {
     "tuning_db": (("--tuning-db",), dict(
         metavar="DIR",
         help="Root of TVM tuning databases (`dlopt tune`) [default: $DLOPT_TUNING_DB or ~/.cache/dlopt/tuning]; "
@@ -340,7 +341,7 @@ TVM = OptionGroup("tvm", TvmOptions, {
 
 
 @dataclass(frozen=True)
-class McuOptions:
+class McuArgs:
     """A microcontroller build's RAM and flash limits, in bytes."""
 
     max_ram: int | None = None
@@ -350,7 +351,7 @@ class McuOptions:
         return {"max_ram": self.max_ram, "max_flash": self.max_flash}
 
 
-MCU = OptionGroup("mcu", McuOptions, {
+MCU = OptionGroup("mcu", McuArgs, {
     "max_ram": (("--max-ram",), dict(
         type=click.IntRange(min=1), metavar="BYTES",
         help="Microcontroller targets: fail when RAM (arena + data + stack estimate) exceeds BYTES.")),
@@ -359,6 +360,6 @@ MCU = OptionGroup("mcu", McuOptions, {
         help="Microcontroller targets: fail when flash (code + weights + data) exceeds BYTES.")),
 })
 
-# The groups whose config_kwargs() together give a compile's CompileConfig fields (all but model,
-# precision, prune and seed), each field from one group.
+# The groups whose config_kwargs() together give a compile's options (all but model, precision, prune
+# and seed), each option from one group; a group's options are those of the config section of its name.
 CONFIG_GROUPS = (TARGET, DATA, BUDGET, TIMING, OUTPUT, TVM, MCU)

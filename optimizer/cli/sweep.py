@@ -1,6 +1,6 @@
 """``dlopt sweep``: compile models x targets x option variants into one table, optionally on Ray.
 
-Only click is imported with this module so ``dlopt --help`` stays fast.
+Only click and light dlopt modules are imported with this module so ``dlopt --help`` stays fast.
 """
 
 from __future__ import annotations

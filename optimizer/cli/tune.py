@@ -1,4 +1,4 @@
-"""``dlopt tune``: only click is imported with this module so ``dlopt --help`` stays fast."""
+"""``dlopt tune``: only click and light dlopt modules are imported with this module so ``dlopt --help`` stays fast."""
 
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def tune(model, target, trials, time_budget, db, tvm, timing, output):
     from dlopt.workflows.tune import parse_duration, run
 
     budget = parse_duration(time_budget) if time_budget is not None else None
-    config = CompileConfig(model=model, **target.config_kwargs(), **timing.config_kwargs(),
-                           **{**tvm.config_kwargs(), "tuning_db": str(db) if db else None})
+    config = CompileConfig.build(model, **target.config_kwargs(), **timing.config_kwargs(),
+                                 **{**tvm.config_kwargs(), "tuning_db": str(db) if db else None})
     result = run(config, trials=trials, time_budget_s=budget,
                  progress=TuneProgress(not (output.quiet or output.as_json), budget))
     if output.as_json:
