@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
+from dlopt.core.errors import ConfigError
 from dlopt.report.data import Report
 
 
@@ -38,7 +39,6 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     shows them).
     """
     from dlopt.flow.driver import compile as run
-    from dlopt.core.errors import ConfigError
 
     known = (set(SECTION_OF) | set(TOP_LEVEL)) - {"target", "out"}
     unknown = sorted(set(options) - known)

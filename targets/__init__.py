@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from dlopt.core.artifacts import check_plain_files, read_folder_json
+from dlopt.core.errors import ConfigError, TargetUnavailable
 from dlopt.targets.base import Artifact, Backend, Session
 
 __all__ = ["Artifact", "Backend", "Session", "BACKEND_MODULES", "REFERENCE_BACKEND", "get_backend", "backend_status",
@@ -91,8 +92,6 @@ def read_artifact(folder) -> tuple[Artifact, Path]:
     no manifest of its own: the root's manifest names it under ``bundle`` and its
     report.json lists its files.  Anything else is a ConfigError.
     """
-    from dlopt.core.errors import ConfigError, TargetUnavailable
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder; give a dlopt output folder or one of its bundle/ candidates")
@@ -135,8 +134,6 @@ def _owning_manifest(folder: Path) -> tuple[Path, dict, str | None]:
 
     The outer output comes first: its manifest holds the sha256 of the bundle's native files, and a
     manifest.json inside a bundle folder (dlopt never writes one there) is refused, never obeyed."""
-    from dlopt.core.errors import ConfigError
-
     resolved = folder.resolve()
     for root in list(resolved.parents)[:2]:  # bundle/<backend>-<precision>/ sits two levels down
         try:
@@ -173,8 +170,6 @@ def _bundle_files(root: Path, key: str) -> list[str] | None:
 
 def check_runs_here(artifact: Artifact) -> None:
     """Raise TargetUnavailable, saying what the device needs, for an artefact this machine cannot run."""
-    from dlopt.core.errors import TargetUnavailable
-
     backend = get_backend(artifact.backend)
     if backend is None:
         raise TargetUnavailable(f"{artifact.backend}/{artifact.precision} in {artifact.folder} cannot run here: "

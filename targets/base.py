@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
 
 import numpy as np
+from dlopt.core.errors import ConfigError, TargetUnavailable
 
 
 @dataclass
@@ -155,8 +156,6 @@ class Backend(abc.ABC):
 
     def check_runs_here(self, artifact: Artifact) -> None:
         """Raise TargetUnavailable, saying what the device needs, when this machine cannot run ``artifact``."""
-        from dlopt.core.errors import TargetUnavailable
-
         status = self.available()
         if status is not True:
             raise TargetUnavailable(f"{artifact.backend}/{artifact.precision} in {artifact.folder} cannot run "
@@ -202,8 +201,6 @@ class Backend(abc.ABC):
         """Fill Triton's ``config`` (an inference.ModelConfig) for ``artifact``: platform/backend, default
         model file, parameters, accelerators; returns the instance kind (KIND_CPU, KIND_GPU).
         ``plain_file(name)`` is the artefact's file as a checked Path, or None when absent."""
-        from dlopt.core.errors import ConfigError
-
         del config, plain_file
         raise ConfigError(f"{artifact.backend}/{artifact.precision} artefacts have no Triton backend; package an "
                           f"ort, openvino or tensorrt candidate (OUT/bundle/<backend>-<precision>), or compile for "
@@ -212,7 +209,5 @@ class Backend(abc.ABC):
     def load_remote(self, artifact: Artifact, device, *, threads: int | None = None) -> Session:
         """A session running ``artifact`` on ``device`` (a dlopt.targets.tvm.rpc.RemoteDevice) through
         TVM's RPC tracker, with ``time(feed, runs, warmup)`` measured on the device; TVM only."""
-        from dlopt.core.errors import TargetUnavailable
-
         del artifact, device, threads
         raise TargetUnavailable(f"{self.name} artefacts do not run through TVM's RPC; only TVM libraries do")

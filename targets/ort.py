@@ -12,13 +12,14 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from dlopt.core.config import machine_cores
 from dlopt.core.errors import ConfigError
 from dlopt.core.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant, op_label
 from dlopt.core.model_io import save_ir
 from dlopt.core.ort_sessions import CONFIG_ENTRIES, apply_config_entries
+from dlopt.core.profiles import DeviceKind
 from dlopt.targets import snippets
 from dlopt.targets.base import Artifact, Backend
-from dlopt.core.profiles import DeviceKind
 
 name = "ort"
 ENTRY = "model.onnx"
@@ -81,8 +82,6 @@ def session_settings(threads: int, model=None, *, providers=CPU_PROVIDERS, threa
 
 
 def _usable_cores() -> int:
-    from dlopt.core.config import machine_cores  # read at import, before any runtime pinned this thread
-
     return machine_cores()
 
 

@@ -31,8 +31,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from dlopt.core.artifacts import MANIFEST, check_output_dir, move_into_place, output_lock, parents_made, staging_dir
+from dlopt.compression.distillation import accuracy, distill, split_batch
+from dlopt.compression.pruning import _as_tuple, prune, save_module
+from dlopt.core.artifacts import (MANIFEST, check_output_dir, move_into_place, output_lock, parents_made, staging_dir,
+                                  write_file)
+from dlopt.core.config import machine_cores
 from dlopt.core.errors import ConfigError
+from dlopt.core.progress import TerminalProgress
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +132,6 @@ def _top1(module, xs: list[np.ndarray], y: np.ndarray, batch: int = 500) -> floa
     """``dlopt.compression.distillation.accuracy`` over the evaluation arrays, the module in eval mode for the call."""
     import torch
 
-    from dlopt.compression.distillation import accuracy
-
     was_training = module.training
     module.eval()
     try:
@@ -142,14 +145,11 @@ def _write_npz(path: Path, names: Sequence[str], xs: list[np.ndarray], labels: n
     arrays = {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, xs)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
-    from dlopt.core.artifacts import write_file
 
     return write_file(path, lambda f: np.savez(f, **arrays))
 
 
 def _calibration(train_loader: Iterable, count: int) -> list[np.ndarray]:
-    from dlopt.compression.distillation import split_batch
-
     parts: list[list[np.ndarray]] = []
     seen = 0
     for batch in train_loader:
@@ -265,10 +265,7 @@ class Distilled:
 
 
 def _prepare(model, example_inputs, eval_data, *, threads, batch, runs, out, target, progress, **options) -> Job:
-    from dlopt.core.config import machine_cores
-    from dlopt.core.progress import TerminalProgress
     from dlopt.compression.exporter import forward_names
-    from dlopt.compression.pruning import _as_tuple
 
     if progress is True:
         progress = TerminalProgress()
@@ -284,8 +281,6 @@ def _prepare(model, example_inputs, eval_data, *, threads, batch, runs, out, tar
 
 
 def _prune(job: Job) -> Pruned:
-    from dlopt.compression.pruning import prune
-
     o = job.options
     teacher_top1 = job.step("measure the teacher", lambda: _top1(job.model, job.xs, job.y))
     pruned = job.step("prune", lambda: prune(job.model, job.inputs, o["ratio"], importance=o["importance"],
@@ -298,8 +293,6 @@ def _prune(job: Job) -> Pruned:
 
 
 def _distill(job: Job, pruned: Pruned, train_loader: Iterable) -> Distilled:
-    from dlopt.compression.distillation import distill
-
     o, epochs = job.options, job.options["epochs"]
     student = copy.deepcopy(pruned.result.module)
     try:
@@ -320,7 +313,6 @@ def _distill(job: Job, pruned: Pruned, train_loader: Iterable) -> Distilled:
 def _export(job: Job, pruned: Pruned, distilled: Distilled, staged: Path) -> dict[str, Path]:
     """models/teacher.onnx, pruned.onnx and student.onnx (symbolic batch), and student/ saved whole."""
     from dlopt.compression.exporter import export
-    from dlopt.compression.pruning import save_module
 
     (staged / "models").mkdir()
     dynamic = {n: {0: "batch"} for n in job.names}

@@ -17,6 +17,7 @@ import re
 import stat
 from pathlib import Path
 
+from dlopt.core.artifacts import write_file
 from dlopt.core.errors import ConfigError
 
 API_VERSION = "serving.kserve.io/v1beta1"
@@ -110,7 +111,6 @@ def write_manifest(path: Path, document: dict) -> Path:
     path = Path(path)
     check_manifest_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from dlopt.core.artifacts import write_file
 
     return write_file(path, to_text(document))
 

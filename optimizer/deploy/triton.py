@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from dlopt.core.artifacts import contained_path, read_folder_json
-from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
+from dlopt.core.artifacts import contained_path, output_lock, read_folder_json, replace_folder
+from dlopt.core.errors import ConfigError, OutputBusy, TargetUnavailable, first_line
 from dlopt.core.optional import require
 from dlopt.targets import get_backend
 
@@ -285,9 +285,6 @@ def write_repository(source: Path, repository: Path, *, name: str | None = None,
 def lock_model(target: Path, *, wait: float = LOCK_WAIT_S) -> Iterator[None]:
     """Hold the lock on the model folder ``target`` (REPO/NAME): dlopt's output lock, a hidden file in
     REPO (Triton reads only folders there), removed on release; waits ``wait`` seconds for another run."""
-    from dlopt.core.artifacts import output_lock
-    from dlopt.core.errors import OutputBusy
-
     try:
         with output_lock(Path(target).resolve(), wait=wait):
             yield
@@ -427,8 +424,6 @@ def _staging_root(repository: Path) -> Path:
 
 
 def _swap(staged: Path, target: Path, snapshot: list[tuple] | None) -> None:
-    from dlopt.core.artifacts import replace_folder
-
     def still_as_read() -> None:
         if _snapshot(target) != snapshot:
             raise ConfigError(f"{target} changed while dlopt packaged it (something other than dlopt wrote "

@@ -16,15 +16,17 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from dlopt.core.errors import DloptError, first_line
-from dlopt.measure.evaluate import Fp32Check, compare, fp32_check
-from dlopt.core.pipeline import run_pipeline
+from dlopt import __version__
 from dlopt.core import precisions
+from dlopt.core.errors import DloptError, first_line
+from dlopt.core.pipeline import run_pipeline
 from dlopt.core.precisions import Status
 from dlopt.core.progress import raise_if_interrupted
-from dlopt.report.data import Candidate, Measurement
+from dlopt.flow.cache import code_fingerprint, make_key
 from dlopt.flow.evaluation import Evaluation, spot_check, too_slow
+from dlopt.measure.evaluate import Fp32Check, compare, fp32_check
 from dlopt.measure.timing import LocalRunner, Timing
+from dlopt.report.data import Candidate, Measurement
 from dlopt.targets import get_backend
 
 
@@ -334,7 +336,6 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
     """``backend.compile``, or a verified copy of the same build from the artefact cache."""
     import dataclasses
 
-    from dlopt import __version__
     from dlopt.core.model_io import initializer_bytes
     from dlopt.targets import Artifact
 
@@ -342,7 +343,6 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
     options = backend.build_options(section, model, ev.profile, ev.shapes, threads=ev.config.timing.thread_count)
     key = None
     if ev.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
-        from dlopt.flow.cache import code_fingerprint, make_key
 
         version = backend.runtime_version()
         key = make_key(ir.serde.serialize_model(model).SerializeToString(deterministic=True), backend.name,

@@ -25,15 +25,10 @@ import onnx
 import onnx_ir as ir
 
 from dlopt.core import precisions
-from dlopt.flow import select
 from dlopt.core.artifacts import (check_output_dir, lock_path, output_lock, parents_made, remove_stale_staging,
                              resolve_output, staging_dir)
-from dlopt.flow.candidates import Built, build
-from dlopt.flow.evaluation import EvalData, Evaluation, owned
 from dlopt.core.config import CompileConfig
 from dlopt.core.errors import AccuracyBudgetExceeded, CompileError, ConfigError, ModelError
-from dlopt.core.specs import InputSpec, input_specs
-from dlopt.measure.evaluate import BoundedOrtSession, RunTimedOut
 from dlopt.core.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_constant
 from dlopt.core.inputs import RandomInputs, constant_arrays
 from dlopt.core.layout import batch_axes, samples_in
@@ -41,12 +36,19 @@ from dlopt.core.model_io import (check_proto, decode_model_bytes, load_ir, read_
                             with_named_dims)
 from dlopt.core.pipeline import PipelineResult, run_pipeline
 from dlopt.core.precisions import Status
-from dlopt.core.progress import raise_if_interrupted, removed_on_hard_exit
 from dlopt.core.profiles import TargetProfile, resolve_target
-from dlopt.flow.recipe import weights_in
-from dlopt.report.data import Candidate, Report
+from dlopt.core.progress import raise_if_interrupted, removed_on_hard_exit
 from dlopt.core.shapes import declared_shapes, feed_at
+from dlopt.core.specs import InputSpec, input_specs
+from dlopt.flow import select
+from dlopt.flow.cache import ArtifactCache
+from dlopt.flow.candidates import Built, build
+from dlopt.flow.evaluation import EvalData, Evaluation, owned
+from dlopt.flow.recipe import weights_in
+from dlopt.measure.energy import EnergyAccount
+from dlopt.measure.evaluate import BoundedOrtSession, RunTimedOut
 from dlopt.measure.timing import LocalRunner, Timing, quick_ms, time_interleaved
+from dlopt.report.data import Candidate, Report
 from dlopt.targets import REFERENCE_BACKEND, runs_over_rpc
 
 logger = logging.getLogger(__name__)
@@ -254,8 +256,6 @@ def evaluate(job: Job, generic: PipelineResult, pairs, staged: Path, notes: list
                          f"inputs: {said}{hint}") from exc
     cache = None
     if config.output.cache:
-        from dlopt.flow.cache import ArtifactCache
-
         cache = ArtifactCache()
     mask = find_mask_input(job.specs, job.data.feeds, config.data.mask_input)
     scorer = Scorer(reference, list(job.data.labels), config.budget.metric, mask_name=mask,
@@ -498,8 +498,6 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
 def measure(job: Job, ev: Evaluation, builds: Builds) -> Measured:
     """Time every verified candidate that runs here together with the original, interleaved, each
     through several sessions opened in turn (timing.SESSIONS): one session's speed is not another's."""
-    from dlopt.measure.energy import EnergyAccount
-
     finalists = [b for b in builds.built if b.runner is not None]
     if not job.profile.runs_here():
         return Measured(None, None, {}, {})

@@ -30,6 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from dlopt.core.layout import samples_in
+from dlopt.core.ort_sessions import cpu_session_options
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +233,6 @@ def _plans(float_model: ir.Model, int8_model: ir.Model) -> list[_Replay]:
 
 def _session(proto: onnx.ModelProto, threads: int, folder: Path | None = None):
     import onnxruntime as ort
-
-    from dlopt.core.ort_sessions import cpu_session_options
 
     options = cpu_session_options(threads, level="ORT_ENABLE_BASIC")
     # no arena: a session kept for every quantised node would otherwise hold its largest activation

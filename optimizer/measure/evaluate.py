@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
+from dlopt.core.progress import cancelled_on_interrupt, raise_if_interrupted
 from dlopt.measure.fidelity import Fidelity, compare
 
 __all__ = ["FP32_TOLERANCE", "BoundedOrtSession", "Fidelity", "Fp32Check", "RunTimedOut", "compare", "fp32_check",
@@ -102,8 +103,6 @@ class BoundedOrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import onnxruntime as ort
-
-        from dlopt.core.progress import cancelled_on_interrupt, raise_if_interrupted
 
         options = ort.RunOptions()
         options.log_severity_level = 4  # the stop is reported by dlopt, not as a red ORT log line

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from dlopt.core.artifacts import check_native_files, is_native, write_file
 from dlopt.core.errors import ConfigError, DataError, DloptError, first_line
 from dlopt.measure.timing import BaseRunner
 from dlopt.targets import get_backend
@@ -113,7 +114,6 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Runner:
     recorded at publish.  Raises ConfigError for a folder dlopt did not write (or whose
     native files changed) and TargetUnavailable for an artefact built for another device.
     """
-    from dlopt.core.artifacts import check_native_files, is_native
     from dlopt.targets import load as load_session, read_artifact, read_manifest
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -256,8 +256,6 @@ def _write_npz(output: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez's archive with MARK as its comment, written whole or not at all; a file it replaces (one
     an earlier run wrote) keeps its mode: predictions a user made 0600 stay private."""
     import zipfile
-
-    from dlopt.core.artifacts import write_file
 
     try:
         found = os.lstat(output)

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.core.errors import CompileError, TargetUnavailable, first_line
+from dlopt.core.profiles import resolve_target
 from dlopt.targets import REFERENCE_BACKEND, backend_status, get_backend
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ def _backend(name: str):
 
 def _profile():
     from dlopt.onnx_backend._api import PROFILE
-    from dlopt.core.profiles import resolve_target
 
     return resolve_target(PROFILE)
 

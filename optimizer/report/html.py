@@ -13,9 +13,10 @@ from html import escape
 from pathlib import Path
 from typing import Sequence
 
+from dlopt.measure.energy import NO_SENSOR
 from dlopt.report import sections
-from dlopt.report.plot import Point, draw_plot
 from dlopt.report.data import Candidate, Report
+from dlopt.report.plot import Point, draw_plot
 from dlopt.report.sections.base import html_table as _table
 
 CSS = """
@@ -105,8 +106,6 @@ def format_energy(energy: dict | None) -> str:
 
 def _energy_notes(keys: list[str], energies: list[dict | None]) -> str:
     """Where each energy figure comes from, and (once) why no sensor was read."""
-    from dlopt.measure.energy import NO_SENSOR
-
     items, reasons = [], []
     for key, energy in zip(keys, energies, strict=True):
         if energy:

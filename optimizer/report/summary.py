@@ -8,8 +8,9 @@ import logging
 import numpy as np
 import onnx
 
-from dlopt.core.specs import input_specs, output_specs
+from dlopt.core.errors import DloptError
 from dlopt.core.graph_facts import op_label
+from dlopt.core.specs import input_specs, output_specs
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ def backend_support(proto: onnx.ModelProto, profile) -> dict[str, dict]:
     """
     import onnx_ir as ir
 
-    from dlopt.core.errors import DloptError
     from dlopt.passes import generic_passes
     from dlopt.core.pipeline import run_pipeline
     from dlopt.targets import backend_status, get_backend

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dlopt.core.config import CompileConfig
 from dlopt.core.errors import ConfigError
-from dlopt.core.profiles import DeviceKind
+from dlopt.core.profiles import DeviceKind, resolve_target
 
 
 def backend_model(config: CompileConfig):
@@ -25,7 +25,6 @@ def backend_model(config: CompileConfig):
     from dlopt.core.specs import input_specs
     from dlopt.passes import generic_passes
     from dlopt.core.pipeline import run_pipeline
-    from dlopt.core.profiles import resolve_target
     from dlopt.core.shapes import declared_shapes
     from dlopt.targets import backend_status, get_backend, tunable_backend
 

@@ -23,14 +23,15 @@ from typing import Callable
 from dlopt import __version__
 from dlopt.core.artifacts import (FILE_HASHES, MANIFEST, check_native_files, contained_path, output_lock, move_into_place,
                              read_folder_json, resolve_output, staging_dir)
+from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.device.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipped, VerifyData,
                                 VerifyFileError, check_entry, check_settings, device_report, fastest, host_info,
                                 is_bundle_dir, read_arrays, run_candidates, shown, write_json, write_text)
-from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.measure.timing import Timing
 from dlopt.targets import get_backend, read_manifest, runs_over_rpc
 
-from dlopt.device.emulation import LABEL as EMULATED  # "qemu-aarch64 emulation" (a stdlib-only module)
+from dlopt.device.emulation import LABEL as EMULATED, aarch64_python, qemu_cpu_models, run_emulated
+from dlopt.core.profiles import host_arch
 # Emulated runs: the verify feeds and a few timed runs (a Cortex-A76 library under qemu is
 # tens of times slower than native; its timings only show that it ran).
 EMULATED_RUNS = 20
@@ -214,8 +215,6 @@ def _emulation_plan(folder: Path, entry: dict):
         return None  # its own row says why it cannot be opened
     if not isinstance(settings, dict):
         return None
-    from dlopt.device.emulation import aarch64_python
-    from dlopt.core.profiles import host_arch
 
     arch, mcpu = backend.library_cpu(settings) or ("", "")  # none for a CUDA library (Jetson): it needs the GPU
     if arch != "aarch64" or host_arch() == "aarch64":
@@ -234,7 +233,6 @@ def _run_emulated(out: Path, key: str, plan, *, bench: bool, threads: int | None
     if isinstance(plan, Skipped):
         return {**entry_row, "ran_as": None, "reason": f"not run here: {plan}"}
     from dlopt.device.device_files import script_source
-    from dlopt.device.emulation import qemu_cpu_models, run_emulated
 
     with tempfile.TemporaryDirectory(prefix="dlopt-emulated-") as tmp:
         script = Path(tmp) / SCRIPT

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from dlopt.core.errors import CompileError, TargetUnavailable
+from dlopt.core.errors import CompileError, ModelError, TargetUnavailable
 from dlopt.core.graph_facts import op_label
 from dlopt.core.model_io import save_ir
-from dlopt.targets.base import Artifact, Backend
 from dlopt.core.profiles import DeviceKind
+from dlopt.targets.base import Artifact, Backend
 
 log = logging.getLogger(__name__)
 name = "c"
@@ -45,7 +45,6 @@ INTEGRATION = "INTEGRATION.md"  # not README.md: a compile's output folder has i
 def _reduce_mean_form(node, opset: int) -> str | None:
     """A label for a ReduceMean the code generator would refuse (computed axes, axes that are not one
     block), or None; a shape known only at compile time is left to the generator."""
-    from dlopt.core.errors import ModelError
     from dlopt.targets.c.codegen import mean_block
 
     attr = node.attributes.get("axes")

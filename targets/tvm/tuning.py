@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from dlopt.core.errors import CompileError, ConfigError, DloptError, first_line
-from dlopt.core.profiles import DeviceKind
+from dlopt.core.profiles import DeviceKind, _host_cpu_flags, host_arch
 from dlopt.targets.tvm.tuning_db import (ENV_ROOT, LOCK, META, RECORDS, WORKLOADS, TuningDatabase,
                                          default_root, model_digest, target_key)
 
@@ -96,8 +96,6 @@ def tuning_target(profile, threads: int) -> dict:
     runs with (the board's cores, or ``threads`` here), which MetaSchedule tiles for.
     """
     from tvm.target import codegen
-
-    from dlopt.core.profiles import _host_cpu_flags, host_arch
 
     if profile.device is DeviceKind.MCU:
         raise ConfigError(f"TVM does not build for {profile.name}, a microcontroller")
@@ -518,8 +516,6 @@ def _builder(profile):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
-
-    from dlopt.core.profiles import host_arch
 
     compiler = profile.cross_compiler if profile.arch != host_arch() else None
     timeout = 60.0

@@ -20,6 +20,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dlopt import __version__
 from dlopt.core.errors import ConfigError, first_line
 
 logger = logging.getLogger("dlopt.targets.tvm.tuning")
@@ -132,8 +133,6 @@ class TuningDatabase:
     def update_meta(self, *, seconds: float = 0.0) -> dict:
         """Record the trial count and add ``seconds`` of tuning to meta.json (written atomically)."""
         import tvm
-
-        from dlopt import __version__
 
         meta = self.meta() or {}
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
