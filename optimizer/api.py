@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
 from dlopt.core.errors import ConfigError
+from dlopt.flow.driver import compile as run
 from dlopt.report.data import Report
 
 
@@ -38,8 +39,6 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     Diagnostics go to the ``"dlopt"`` loggers (``logging.basicConfig(level=logging.INFO)``
     shows them).
     """
-    from dlopt.flow.driver import compile as run
-
     known = (set(SECTION_OF) | set(TOP_LEVEL)) - {"target", "out"}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -17,6 +17,7 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
+from dlopt.core.graph_facts import has_sequences, has_subgraphs
 from dlopt.passes.fold_batchnorm import FoldBatchNormPass
 from dlopt.passes.fold_constants import FoldConstantsPass
 from dlopt.passes.matmul_add_to_gemm import MatMulAddToGemmPass
@@ -65,8 +66,6 @@ def generic_passes(*, prune: float | None = None, model: ir.Model | None = None)
         NameFixPass(),  # unique node names: quantisation excludes nodes by name
     ]
     if model is not None:
-        from dlopt.core.graph_facts import has_sequences, has_subgraphs
-
         if has_subgraphs(model) or has_sequences(model):
             passes = [p for p in passes if not isinstance(p, (ShapeInferencePass, IdentityEliminationPass))]
     if prune is not None:

@@ -21,7 +21,10 @@ import onnx
 import onnx_ir as ir
 
 from dlopt.core.errors import first_line
+from dlopt.core.inputs import RandomInputs
+from dlopt.core.model_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 from dlopt.core.ort_sessions import cpu_session_options
+from dlopt.core.specs import input_specs
 
 PER_CHANNEL_OPSET = 13
 
@@ -39,7 +42,6 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
         if opset >= self.target:
             self.converted = True
             return ir.passes.PassResult(model.clone(), False)
-        from dlopt.core.model_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 
         if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:  # one protobuf cannot hold it
             self.note = f"opset {opset} kept: the model is too large to convert in memory"
@@ -64,9 +66,6 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
 def _max_rel_error(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
     """Largest relative output difference of the two models on one random feed (ONNX Runtime)."""
     import onnxruntime as ort
-
-    from dlopt.core.specs import input_specs
-    from dlopt.core.inputs import RandomInputs
 
     specs = input_specs(before)
     shapes = {s.name: s.concrete_shape() for s in specs}

@@ -35,6 +35,7 @@ from dlopt.core.model_io import save_ir
 from dlopt.core.profiles import host_arch, DeviceKind
 from dlopt.targets import snippets
 from dlopt.targets.base import Artifact, Backend
+from dlopt.targets.ort import threads_from_file
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +242,6 @@ _COUNT_PROPERTIES = ("INFERENCE_NUM_THREADS", "NUM_STREAMS")
 def checked_properties(settings: dict, source: str) -> tuple[str, dict]:
     """The device and compile_model properties of ``settings`` (runtime_config.json): only those dlopt
     writes, with thread and stream counts at most this host's cores."""
-    from dlopt.targets.ort import threads_from_file
-
     device, properties = settings.get("device", DEVICE), settings.get("properties")
     if device != DEVICE:
         raise ConfigError(f"{source} names device {device!r}; dlopt artefacts run on {DEVICE} (fix it or compile "

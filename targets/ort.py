@@ -18,6 +18,8 @@ from dlopt.core.graph_facts import GENERATED_CONSTANT_LIMIT, largest_generated_c
 from dlopt.core.model_io import save_ir
 from dlopt.core.ort_sessions import CONFIG_ENTRIES, apply_config_entries
 from dlopt.core.profiles import DeviceKind
+from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
+from dlopt.passes.unshare_integer_weights import UnshareIntegerWeightsPass
 from dlopt.targets import snippets
 from dlopt.targets.base import Artifact, Backend
 
@@ -226,9 +228,6 @@ class OrtBackend(Backend):
     def lowering_passes(self, precision: str) -> list:
         """ORT's fused contrib ops are float32 only, and on QDQ models ORT does its own fusions; integer ops
         of a model ORT quantised already get their own constants (UnshareIntegerWeightsPass)."""
-        from dlopt.passes.ort_fuse_activation import FuseActivationForOrtPass
-        from dlopt.passes.unshare_integer_weights import UnshareIntegerWeightsPass
-
         return [FuseActivationForOrtPass()] * (precision == "fp32") + [UnshareIntegerWeightsPass()]
 
     def install_lines(self, shipped: list, text) -> list[str]:

@@ -21,8 +21,9 @@ import onnx_ir as ir
 from dlopt.core.errors import ModelError, TargetUnavailable
 from dlopt.core.graph_facts import op_label
 from dlopt.core.model_io import save_ir
-from dlopt.targets.base import Artifact, Backend
 from dlopt.core.profiles import DeviceKind
+from dlopt.targets.base import Artifact, Backend
+from dlopt.targets.ort import TRITON_TRT_PRECISION
 
 name = "tensorrt"
 
@@ -225,8 +226,6 @@ class TensorRtBackend(Backend):
     def fill_triton(self, config, artifact: Artifact, plain_file) -> str:
         """``model.plan`` on Triton's TensorRT platform once the engine was built on the device; before that the
         bundle's ONNX on ORT with the TensorRT accelerator, which builds the engine when Triton loads it."""
-        from dlopt.targets.ort import TRITON_TRT_PRECISION
-
         if triton_engine(plain_file) is not None:
             config.platform, config.backend = "tensorrt_plan", "tensorrt"
             config.default_model_filename = "model.plan"

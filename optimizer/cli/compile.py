@@ -8,7 +8,7 @@ import click
 
 from dlopt.cli.options import BUDGET, DATA, MCU, OUTPUT, TARGET, TIMING, TVM, order
 from dlopt.cli.printing import print_report
-from dlopt.core.config import PRECISIONS
+from dlopt.core.precisions import CHOICES as PRECISIONS
 from dlopt.deploy.options import publish_options  # imports only click
 
 

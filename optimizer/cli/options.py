@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from dlopt.core.config import CALIB_METHODS
+from dlopt.core.precisions import CALIB_METHODS
 from dlopt.core.progress import TerminalProgress
 
 

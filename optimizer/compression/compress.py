@@ -32,12 +32,15 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from dlopt.compression.distillation import accuracy, distill, split_batch
+from dlopt.compression.exporter import export, forward_names
 from dlopt.compression.pruning import _as_tuple, prune, save_module
 from dlopt.core.artifacts import (MANIFEST, check_output_dir, move_into_place, output_lock, parents_made, staging_dir,
                                   write_file)
 from dlopt.core.config import machine_cores
 from dlopt.core.errors import ConfigError
 from dlopt.core.progress import TerminalProgress
+from dlopt.measure.timing import LocalRunner, time_interleaved
+from dlopt.targets.ort import OrtSession, session_settings
 
 logger = logging.getLogger(__name__)
 
@@ -265,8 +268,6 @@ class Distilled:
 
 
 def _prepare(model, example_inputs, eval_data, *, threads, batch, runs, out, target, progress, **options) -> Job:
-    from dlopt.compression.exporter import forward_names
-
     if progress is True:
         progress = TerminalProgress()
     threads = int(threads or machine_cores())
@@ -312,8 +313,6 @@ def _distill(job: Job, pruned: Pruned, train_loader: Iterable) -> Distilled:
 
 def _export(job: Job, pruned: Pruned, distilled: Distilled, staged: Path) -> dict[str, Path]:
     """models/teacher.onnx, pruned.onnx and student.onnx (symbolic batch), and student/ saved whole."""
-    from dlopt.compression.exporter import export
-
     (staged / "models").mkdir()
     dynamic = {n: {0: "batch"} for n in job.names}
     files = {}
@@ -346,8 +345,6 @@ def _compile(job: Job, files: dict[str, Path], train_loader: Iterable, staged: P
 def _measure(job: Job, files: dict[str, Path], reports: dict, staged: Path) -> dict:
     """Every ONNX model and compiled artefact timed in one interleaved run, each through its runner."""
     import dlopt
-    from dlopt.measure.timing import LocalRunner, time_interleaved
-    from dlopt.targets.ort import OrtSession, session_settings
 
     batch = job.options["batch"]
     feed = {n: np.ascontiguousarray(np.repeat(x[:1], batch, axis=0), dtype=np.float32)

@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dlopt.core.errors import CompileError, ConfigError, ModelError, TargetUnavailable, first_line
+from dlopt.core.model_io import save_ir
+from dlopt.core.specs import input_specs
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +189,6 @@ def _save_and_check(model, target: Path) -> list[Path]:
     """Write ``model`` inline (or with ``.data`` when huge) and validate it with onnx.checker."""
     import onnx
 
-    from dlopt.core.model_io import save_ir
-
     try:
         files = save_ir(model, target)
         onnx.checker.check_model(str(target))
@@ -237,8 +237,6 @@ def _verify(model_path: Path, feeds: dict[str, np.ndarray], expected: list, rtol
 def symbolic_batch_inputs(model_path: Path) -> dict[str, str]:
     """Input name -> the name of its symbolic first axis ("?" when unnamed), for inputs whose batch is not fixed."""
     import onnx
-
-    from dlopt.core.specs import input_specs
 
     proto = onnx.load(str(model_path), load_external_data=False)
     return {s.name: str(s.shape[0] or "?") for s in input_specs(proto) if s.shape and not isinstance(s.shape[0], int)}

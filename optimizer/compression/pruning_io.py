@@ -20,9 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dlopt.core.errors import ConfigError, first_line
+from dlopt.compression.exporter import export, forward_names
 from dlopt.compression.pruning import DESCRIPTION, SAVED_BY, PruneReport, _as_tuple, _layer_sizes
 from dlopt.compression.pt2_check import safe_pt2
+from dlopt.core.errors import ConfigError, first_line
 
 
 def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
@@ -37,8 +38,6 @@ def save_module(module: Any, example_inputs: Any, folder: str | os.PathLike, *,
     is replaced only if an earlier save wrote it; missing parent folders are created.
     """
     import torch
-
-    from dlopt.compression.exporter import export, forward_names
 
     folder = Path(folder)
     if folder.exists() and not _saved_by_us(folder):

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from dlopt.core.errors import ConfigError, OutputBusy, first_line
+from dlopt.core.model_io import _external_tensors, sha256_file
 
 MANIFEST = "manifest.json"
 # What every dlopt output holds besides the artefact's own files (manifests older than
@@ -502,8 +503,6 @@ def _external_locations(path: Path) -> list[str]:
     (the loader then says why)."""
     import onnx
 
-    from dlopt.core.model_io import _external_tensors  # the walk model loading uses: subgraphs and attributes too
-
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # DecodeError: the loader reports it in its own words
@@ -512,8 +511,6 @@ def _external_locations(path: Path) -> list[str]:
 
 
 def sha256_of(path: Path) -> str:
-    from dlopt.core.model_io import sha256_file  # the one file hasher (model_io imports onnx: lazily)
-
     return sha256_file(path)
 
 

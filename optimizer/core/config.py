@@ -12,9 +12,8 @@ from typing import Any, Callable, Mapping
 
 from dlopt.core.errors import ConfigError
 from dlopt.core.remote import RemoteDevice
-from dlopt.core.precisions import CHOICES as PRECISIONS
+from dlopt.core.precisions import CALIB_METHODS, CHOICES as PRECISIONS
 
-CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")  # activation ranges (dlopt.flow.ranges); auto: dlopt.flow.recipe
 RANDOM_SAMPLES = 20  # random feeds compared with the original when there is no evaluation data
 EVAL_SAMPLES = 10_000  # evaluation samples read at most unless samples says otherwise
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from dlopt.core.errors import ConfigError, ModelError, first_line
+from dlopt.core.layout import batch_axes
 
 DEFAULT_INT_HIGH = 10
 MASK_NAME = re.compile(r"mask", re.IGNORECASE)  # an input fed ones (keep every position), also in READMEs
@@ -50,8 +51,6 @@ def constant_arrays(specs: Sequence, constants: Mapping | None, shapes: Mapping 
     A number fills the input: its batch axis gets 1 and its other symbolic dims must be fixed by
     ``--shape`` (the input's own, or by dim name); an array is taken as it is fed, rank for rank.
     """
-    from dlopt.core.layout import batch_axes
-
     if not constants:
         return {}
     by_name = {s.name: s for s in specs}

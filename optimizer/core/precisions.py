@@ -55,3 +55,6 @@ class Status(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+# How int8 calibration finds activation ranges (dlopt.flow.ranges); auto: as dlopt.flow.recipe decides.
+CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dlopt.core.errors import ConfigError
+from dlopt.core.layout import batch_axes
 
 Shape = tuple[int, ...]
 
@@ -42,8 +43,6 @@ def declared_shapes(specs: Sequence, *, batch: int | None = None, shapes: Mappin
     fed; ``sample_shapes`` per-sample shapes without a leading batch axis.  Every dim
     none of these fixes is listed in one error, with the flag that fixes it.
     """
-    from dlopt.core.layout import batch_axes
-
     shapes = dict(shapes or {})
     sample_shapes = sample_shapes or {}
     data_shapes = data_shapes or {}

@@ -32,6 +32,7 @@ from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.core.optional import require
 from dlopt.core.scoped_env import environ
 from dlopt.deploy.metrics_export import figures
+from dlopt.targets import read_manifest
 
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
 _SQL_MODULES = ("sqlalchemy", "alembic")  # what they need beyond mlflow-skinny
@@ -113,8 +114,6 @@ def _client(uri: str):
 
 def run_contents(report: dict, out_dir: Path | None, *, gate_results=None) -> tuple[dict, dict, dict]:
     """(params, metrics, tags) of a run for ``report`` (and a gate's results)."""
-    from dlopt.targets import read_manifest
-
     manifest = (read_manifest(Path(out_dir)) if out_dir else None) or {}
     chosen = report.get("chosen")
     params = {"target": (report.get("target") or {}).get("name"), "precision": report.get("precision"),
@@ -239,8 +238,6 @@ def upload_plan(out_dir: Path | None, report: dict) -> list[tuple[Path, str | No
     ConfigError for one that is a link, not a regular file or outside ``out_dir`` (a folder from
     someone else must not make dlopt upload ~/.ssh); a report file that is not there is skipped.
     Checked by ``artifacts.contained_path``, the one check of paths an output folder names."""
-    from dlopt.targets import read_manifest
-
     if out_dir is None:
         return []
     out_dir = Path(out_dir)

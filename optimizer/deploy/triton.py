@@ -38,7 +38,8 @@ from typing import Iterator
 from dlopt.core.artifacts import contained_path, output_lock, read_folder_json, replace_folder
 from dlopt.core.errors import ConfigError, OutputBusy, TargetUnavailable, first_line
 from dlopt.core.optional import require
-from dlopt.targets import get_backend
+from dlopt.measure.runner import _specs
+from dlopt.targets import get_backend, read_artifact
 
 CONFIG = "config.pbtxt"
 MARKER = "dlopt_package.json"  # what dlopt wrote into REPO/NAME; Triton ignores other files
@@ -234,9 +235,6 @@ def write_repository(source: Path, repository: Path, *, name: str | None = None,
                      max_batch_size: int | None = None) -> TritonModel:
     """Write the artefact of ``source`` (a dlopt output folder or bundle candidate) into a Triton
     model repository as ``repository/name/config.pbtxt`` and ``repository/name/version/``."""
-    from dlopt.measure.runner import _specs
-    from dlopt.targets import read_artifact
-
     model_config_pb2()  # fail early when tritonclient is missing
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ConfigError(f"Triton model version must be a positive integer, got {version!r}")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from dlopt.core.errors import ConfigError, DloptError, TargetUnavailable, one_line
 from dlopt.core.remote import RemoteDevice
+from dlopt.targets.tvm.rpc import servers
 
 ARM64_ENV_VAR = "DLOPT_ARM64_ENV"
 LABEL = "qemu-aarch64 emulation"
@@ -211,8 +212,6 @@ def serve(tracker: str, key: str, *, host: str = "127.0.0.1", port: int = 9090, 
 def _registered(device, *, wait_s: float = 0.0) -> int:
     """Servers the tracker lists under the device's key; a tracker not listening yet is asked again
     for up to ``wait_s`` seconds, then its TargetUnavailable (one line) goes up."""
-    from dlopt.targets.tvm.rpc import servers
-
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -31,6 +31,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from dlopt.targets.base import Artifact
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +211,6 @@ def _plain_name(name: object) -> bool:
 
 def _artifact_fields() -> tuple[set[str], set[str]]:
     """(allowed, required) keys of a cached Artifact's metadata: its fields but ``folder``."""
-    from dlopt.targets.base import Artifact
-
     allowed, required = set(), set()
     for f in dataclasses.fields(Artifact):
         if f.name != "folder":

@@ -19,6 +19,7 @@ import onnx_ir as ir
 from dlopt import __version__
 from dlopt.core import precisions
 from dlopt.core.errors import DloptError, first_line
+from dlopt.core.model_io import initializer_bytes
 from dlopt.core.pipeline import run_pipeline
 from dlopt.core.precisions import Status
 from dlopt.core.progress import raise_if_interrupted
@@ -26,8 +27,14 @@ from dlopt.flow.cache import code_fingerprint, make_key
 from dlopt.flow.evaluation import Evaluation, spot_check, too_slow
 from dlopt.measure.evaluate import Fp32Check, compare, fp32_check
 from dlopt.measure.timing import LocalRunner, Timing
+from dlopt.passes import quantize_nncf
+from dlopt.passes.fp16 import ConvertFloat16Pass
+from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
+from dlopt.passes.quantize_nncf import QuantizeNncfPass
+from dlopt.passes.quantize_static import QuantizeStaticPass
 from dlopt.report.data import Candidate, Measurement
-from dlopt.targets import get_backend
+from dlopt.targets import Artifact, backend_status, get_backend
+from dlopt.targets.ort import OrtSession, session_settings
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,6 @@ def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
         return None
     if precision == "int8-dynamic":
         return "onnxruntime dynamic"
-    from dlopt.passes import quantize_nncf
 
     if get_backend(backend_name).prefers_nncf and ev.calib_feeds and quantize_nncf.available() is True:
         return "nncf"
@@ -56,14 +62,8 @@ def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
 def precision_passes(ev: Evaluation, backend_name: str, precision: str, exclude: tuple[str, ...],
                      only: tuple[str, ...] = ()) -> list:
     """The passes that turn the float model into ``precision`` (table, not if-chains at call sites)."""
-    from dlopt.passes.fp16 import ConvertFloat16Pass
-    from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
-    from dlopt.passes.quantize_static import QuantizeStaticPass
-
     recipe = ev.recipe
     if quantiser(ev, backend_name, precision) == "nncf":
-        from dlopt.passes.quantize_nncf import QuantizeNncfPass
-
         return [QuantizeNncfPass(calibration=ev.calib_feeds, transformer=bool(recipe and recipe.transformer),
                                  exclude_nodes=exclude)]
 
@@ -137,8 +137,6 @@ class Ran:
 
 def _refused(ev: Evaluation, backend_name: str, precision: str, model: ir.Model):
     """(the candidate as unavailable or unsupported, None) or (None, the backend that can take the model)."""
-    from dlopt.targets import backend_status, get_backend
-
     status = backend_status(backend_name, ev.profile)
     if status is not True:
         return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status))), None
@@ -219,7 +217,6 @@ def _session_factory(ev: Evaluation, compiled: Compiled) -> Callable[[], object]
     backend, artifact = compiled.backend, compiled.artifact
     if artifact.loadable_here:
         return lambda: backend.load(artifact)
-    from dlopt.targets.ort import OrtSession, session_settings
 
     return lambda: OrtSession(artifact.folder / artifact.check_onnx, session_settings(ev.config.timing.thread_count))
 
@@ -335,9 +332,6 @@ def _where(ev: Evaluation, artifact) -> str:
 def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, precision: str):
     """``backend.compile``, or a verified copy of the same build from the artefact cache."""
     import dataclasses
-
-    from dlopt.core.model_io import initializer_bytes
-    from dlopt.targets import Artifact
 
     section = getattr(ev.config, backend.options_section) if backend.options_section else None
     options = backend.build_options(section, model, ev.profile, ev.shapes, threads=ev.config.timing.thread_count)

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from dlopt.calibration import CalibrationDataset, open_dataset
+from dlopt.calibration.memory import PeakRSS
 from dlopt.core import precisions
 from dlopt.core.artifacts import (check_output_dir, lock_path, output_lock, parents_made, remove_stale_staging,
                              resolve_output, staging_dir)
@@ -39,17 +41,25 @@ from dlopt.core.precisions import Status
 from dlopt.core.profiles import TargetProfile, resolve_target
 from dlopt.core.progress import raise_if_interrupted, removed_on_hard_exit
 from dlopt.core.shapes import declared_shapes, feed_at
-from dlopt.core.specs import InputSpec, input_specs
-from dlopt.flow import select
+from dlopt.core.specs import InputSpec, input_specs, output_specs
+from dlopt.flow import recipe, select
 from dlopt.flow.cache import ArtifactCache
-from dlopt.flow.candidates import Built, build
+from dlopt.flow.candidates import Built, build, quantiser
 from dlopt.flow.evaluation import EvalData, Evaluation, owned
+from dlopt.flow.mixed import search
+from dlopt.flow.ranges import compute_ranges
 from dlopt.flow.recipe import weights_in
+from dlopt.flow.write import assemble, write_output
+from dlopt.measure.budget import Scorer, find_mask_input
 from dlopt.measure.energy import EnergyAccount
 from dlopt.measure.evaluate import BoundedOrtSession, RunTimedOut
 from dlopt.measure.timing import LocalRunner, Timing, quick_ms, time_interleaved
+from dlopt.passes import generic_passes
+from dlopt.passes.smooth_quant import SmoothQuantPass
 from dlopt.report.data import Candidate, Report
-from dlopt.targets import REFERENCE_BACKEND, runs_over_rpc
+from dlopt.targets import REFERENCE_BACKEND, backend_status, get_backend, runs_over_rpc
+from dlopt.targets.ort import OrtSession, session_settings
+from dlopt.targets.tvm.rpc import require
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +129,6 @@ RANDOM_BATCH = 32
 def random_sample_count(config: CompileConfig, proto: onnx.ModelProto) -> int:
     """How many random samples a verdict needs: 20, or for classifier outputs [N, C] (scored by
     top-1 agreement, 100/N points a disagreement) enough that one costs a tenth of the budget."""
-    from dlopt.core.specs import output_specs
-
     if config.data.samples is not None:
         return config.data.samples
     first = output_specs(proto)[0] if proto.graph.output else None
@@ -151,7 +159,6 @@ def _eval_data(config: CompileConfig, specs, random: RandomInputs, shapes, const
     if config.data.inputs is None:
         feeds = _random_feeds(config, specs, random, shapes, count or config.data.random_samples)
         return EvalData(tuple(feeds), (), f"random (seed {config.data.seed})", batch_axes(specs))
-    from dlopt.calibration import open_dataset
 
     data = open_dataset(config.data.inputs, specs, batch_size=32, limit=config.data.eval_limit, constants=constants)
     feeds, labels = [], []
@@ -178,7 +185,6 @@ def prepare(config: CompileConfig) -> Job:
     random = RandomInputs.for_model(proto, specs, constants=constants)
     calib_data = None
     if config.data.calib is not None:  # open it now: names, dtypes and shapes are checked before any work
-        from dlopt.calibration import open_dataset
 
         calib_data = open_dataset(config.data.calib, specs, limit=config.data.calib_samples, preprocess=config.data.calib_preprocess,
                                   constants=constants)
@@ -211,8 +217,6 @@ def _reference_runner(job: Job, *, bounded: bool = False) -> LocalRunner:
     """The original on ONNX Runtime; ``bounded``: each run stopped past ``reference_timeout_s`` (for the
     reference outputs; the timed runs go unwrapped, and a model that made its reference outputs in time
     runs as long at the timing shape)."""
-    from dlopt.targets.ort import OrtSession, session_settings
-
     source = job.info["path"] or job.proto.SerializeToString()
     settings = session_settings(job.config.timing.thread_count, job.model)
     if bounded:
@@ -223,8 +227,6 @@ def _reference_runner(job: Job, *, bounded: bool = False) -> LocalRunner:
 
 def evaluate(job: Job, generic: PipelineResult, pairs, staged: Path, notes: list[str]) -> Evaluation:
     """Run the original on every feed (the reference), fix the metric, calibrate when int8 is planned."""
-    from dlopt.measure.budget import Scorer, find_mask_input
-
     config = job.config
     where = "the timing shape"
     try:
@@ -263,8 +265,6 @@ def evaluate(job: Job, generic: PipelineResult, pairs, staged: Path, notes: list
     ev = Evaluation(config, job.profile, job.data, tuple(reference), scorer, job.shapes, job.timing_feed,
                     original_ms, cache=cache)
     if any(p is not None and precisions.get(p).calibrated for _, p in pairs):
-        from dlopt.flow import recipe
-
         ev = replace(ev, recipe=recipe.choose(generic.model, config.data.calib_method))
         ev = _calibrate(job, ev, generic.model, pairs, staged / "calibration.json", notes)
     return ev
@@ -273,9 +273,6 @@ def evaluate(job: Job, generic: PipelineResult, pairs, staged: Path, notes: list
 def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, notes: list[str]) -> Evaluation:
     """Ranges for dlopt's static quantiser (on the smoothed model for transformers); the batches
     themselves kept only when NNCF or SmoothQuant read them again."""
-    from dlopt.flow.candidates import quantiser
-    from dlopt.flow.ranges import compute_ranges
-
     config = job.config
     data, source = _calibration_data(job, ev, notes)
     probe = replace(ev, calib_feeds=({},))  # quantiser() asks only whether feeds exist
@@ -283,10 +280,6 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
     smooth = ev.recipe.smooth_alpha is not None and "onnxruntime static" in quantisers
     if "nncf" in quantisers or smooth:
         import time
-
-        from dlopt.calibration.memory import PeakRSS
-
-        from dlopt.calibration import CalibrationDataset
 
         start = time.perf_counter()
         with PeakRSS() as rss:
@@ -300,8 +293,6 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
                 "rss_increase_mb": round(rss.delta_bytes / 2**20, 1)}
         ev = replace(ev, calib_feeds=data)
     if smooth:
-        from dlopt.passes.smooth_quant import SmoothQuantPass
-
         _progress(config, "SmoothQuant", 0, 1)
         ev = replace(ev, smoothed=run_pipeline(model.clone(), [SmoothQuantPass(calibration=data,
                                                                                alpha=ev.recipe.smooth_alpha)]))
@@ -392,9 +383,6 @@ def plan_precisions(config: CompileConfig, profile: TargetProfile, model: ir.Mod
 
 def plan(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list[tuple[str, str | None]]:
     """(backend, precision) pairs to build, in the target's order; (backend, None) for an unusable backend."""
-    from dlopt.flow import recipe
-    from dlopt.targets import backend_status, get_backend
-
     wanted = plan_precisions(config, profile, model)
     transformer = config.precision == "auto" and "int8" in wanted and recipe.choose(model).transformer
     pairs: list[tuple[str, str | None]] = []
@@ -416,8 +404,6 @@ def plan(config: CompileConfig, profile: TargetProfile, model: ir.Model) -> list
 
 
 def build_all(ev: Evaluation, pairs, model: ir.Model, staged: Path) -> Builds:
-    from dlopt.targets import backend_status
-
     built: list[Built] = []
     notes: list[str] = []
     for backend, precision in pairs:
@@ -438,8 +424,6 @@ def build_all(ev: Evaluation, pairs, model: ir.Model, staged: Path) -> Builds:
 
 def _dynamic_is_enough(ev: Evaluation, backend: str, precision: str, built: list[Built]) -> bool:
     """A transformer's static int8 is skipped where the backend prefers dynamic and dynamic fits."""
-    from dlopt.targets import get_backend
-
     if precision != "int8" or ev.config.precision != "auto" or not (ev.recipe and ev.recipe.transformer):
         return False
     if get_backend(backend).static_int8_for_transformers:
@@ -454,9 +438,6 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
     The backends share one ``search_time``: the one whose int8 came closest searches first.
     """
     import time
-
-    from dlopt.flow.candidates import quantiser
-    from dlopt.flow.mixed import search
 
     missed = [b for b in built if b.candidate.precision == "int8" and b.candidate.status is Status.REJECTED
               and b.candidate.score is not None and b.model is not None]
@@ -574,8 +555,6 @@ class _MeasuredRemotely(TargetProfile):
 
 def _behind_tracker(job: Job) -> Job:
     """The job with its target moved behind the RPC tracker, once the tracker has the key's servers."""
-    from dlopt.targets.tvm.rpc import require
-
     profile, remote = job.profile, job.config.tvm.remote
     if not any(runs_over_rpc(name) for name in profile.backends):
         raise ConfigError(f"--rpc-tracker measures TVM libraries on the device, and target {profile.name} builds "
@@ -588,9 +567,6 @@ def _behind_tracker(job: Job) -> Job:
 
 
 def _run(job: Job, notes: list[str]) -> Report:
-    from dlopt.passes import generic_passes
-    from dlopt.flow.write import assemble, write_output
-
     generic = run_pipeline(job.model, generic_passes(prune=job.config.prune, model=job.model))
     raise_if_interrupted()
     generated = largest_generated_constant(generic.model)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from dlopt.core.config import CompileConfig
+from dlopt.core.layout import samples_in
 from dlopt.core.profiles import TargetProfile
 from dlopt.core.progress import raise_if_interrupted
-from dlopt.measure.budget import Scorer
+from dlopt.measure.budget import Scorer, is_classifier_output
 from dlopt.measure.evaluate import top1_accuracy
 from dlopt.measure.timing import run_ms
 
@@ -30,8 +31,6 @@ class EvalData:
 
     @property
     def samples(self) -> int:
-        from dlopt.core.layout import samples_in
-
         return sum(samples_in(f, self.axes) if f else 0 for f in self.feeds)
 
 
@@ -72,7 +71,6 @@ class Evaluation:
     def accuracy(self, outputs: list) -> float | None:
         if not self.data.labels or len(outputs) != len(self.data.labels):
             return None
-        from dlopt.measure.budget import is_classifier_output
 
         if not outputs or not is_classifier_output(outputs[0][0]):  # labels for a user metric, not classes
             return None

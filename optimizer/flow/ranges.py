@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import onnx
 import onnx_ir as ir
 
+from dlopt.calibration.collect import collect_ranges
+from dlopt.calibration.memory import PeakRSS
 from dlopt.core.errors import DataError
 from dlopt.core.layout import samples_in
 from dlopt.core.model_io import EXTERNAL_DATA_THRESHOLD, save_ir
@@ -73,9 +75,6 @@ def compute_ranges(
 ) -> RangeStats:
     """Calibrate ``model`` on ``batches`` and write ORT's calibration cache to ``cache_path``."""
     from onnxruntime.quantization.calibrate import save_tensors_data
-
-    from dlopt.calibration.collect import collect_ranges
-    from dlopt.calibration.memory import PeakRSS
 
     if method not in METHODS:
         raise DataError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")

@@ -21,12 +21,18 @@ import onnx_ir as ir
 from dlopt import __version__
 from dlopt.core import precisions
 from dlopt.core.artifacts import FILE_HASHES, MANIFEST, file_hashes, move_into_place, published_entries
-from dlopt.device.device_check import DEVICE_REPORT
-from dlopt.core.model_io import save_ir
+from dlopt.core.model_io import save_ir, sha256_file
 from dlopt.core.precisions import Status
+from dlopt.core.shapes import describe
+from dlopt.device.device_check import DEVICE_REPORT
+from dlopt.device.device_files import write_device_files
+from dlopt.flow.candidates import describe_mcu
+from dlopt.flow.select import ORIGINAL_MARGIN
+from dlopt.measure.timing import RESOLUTION_MS
 from dlopt.report import sections
 from dlopt.report.data import Candidate, Measurement, Report
-from dlopt.core.shapes import describe
+from dlopt.report.html import render_html
+from dlopt.report.readme import README, render_readme
 from dlopt.report.summary import summarize
 
 CALIBRATION_FILE = "calibration.json"
@@ -59,8 +65,6 @@ def summary_line(report: Report) -> str:
     elif chosen.status != "ok":  # rejected: only candidates within the budget are timed
         parts.append("not timed (no candidate met the accuracy budget)")
     elif chosen.mcu:
-        from dlopt.flow.candidates import describe_mcu
-
         parts.append(f"a microcontroller build, not timed: {describe_mcu(chosen.mcu)}")
     else:
         parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
@@ -75,9 +79,6 @@ def summary_line(report: Report) -> str:
     if pruned:
         parts.append(pruned)
     if speed and (report.verdict or {}).get("faster_than_original") is False:
-        from dlopt.flow.select import ORIGINAL_MARGIN
-        from dlopt.measure.timing import RESOLUTION_MS
-
         parts.append(f"not a real difference from the original (under a {ORIGINAL_MARGIN:.0%} margin or the "
                      f"{RESOLUTION_MS * 1e3:.0f} us timing resolution)" if speed < 1 else
                      (report.verdict or {}).get("speed") or "not significantly faster than the original")
@@ -164,7 +165,6 @@ def _data_hash(inputs) -> dict:
     """The sha256 of an --eval file, so a gate knows the same data at another path (a regular file only)."""
     if not isinstance(inputs, (str, Path)) or not Path(inputs).is_file():
         return {}
-    from dlopt.core.model_io import sha256_file
 
     return {"sha256": sha256_file(Path(inputs))}
 
@@ -192,16 +192,13 @@ def write_output(job, ev, builds, verdict, report: Report, staged: Path) -> None
     if ev.ranges is not None and CALIBRATION_FILE not in chosen.artifact_files:
         ev.ranges.unlink(missing_ok=True)
     shutil.rmtree(staged / "candidates", ignore_errors=True)
-    from dlopt.device.device_files import write_device_files
 
     write_device_files(staged, ev, report, [o.name for o in job.proto.graph.output])
     (staged / "report.json").write_text(report.to_json())
     (staged / "report.md").write_text(report.to_markdown())
-    from dlopt.report.html import render_html
 
     (staged / "report.html").write_text(render_html(report.to_dict()))
     manifest = _manifest(job, report, chosen)
-    from dlopt.report.readme import README, render_readme
 
     (staged / README).write_text(render_readme(report.to_dict(), manifest, staged))
     # What a later run may replace; device_report.json is written later, on the device, by

@@ -19,10 +19,12 @@ from typing import Callable
 
 import numpy as np
 
+from dlopt.calibration import NpzDataset
 from dlopt.core.artifacts import check_native_files, is_native, write_file
 from dlopt.core.errors import ConfigError, DataError, DloptError, first_line
+from dlopt.core.specs import input_specs, output_specs
 from dlopt.measure.timing import BaseRunner
-from dlopt.targets import get_backend
+from dlopt.targets import get_backend, load as load_session, read_artifact, read_manifest
 
 Feed = dict[str, np.ndarray]
 
@@ -114,8 +116,6 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Runner:
     recorded at publish.  Raises ConfigError for a folder dlopt did not write (or whose
     native files changed) and TargetUnavailable for an artefact built for another device.
     """
-    from dlopt.targets import load as load_session, read_artifact, read_manifest
-
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     artifact, root = read_artifact(path)
@@ -143,8 +143,6 @@ def _specs(artifact, root: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     candidate of a compile keeps the original's inputs and outputs; after `dlopt bench --select` the
     ONNX may sit in bundle/); a TVM library's own record wins where it is stricter."""
     import onnx
-
-    from dlopt.core.specs import input_specs, output_specs
 
     near = (artifact.folder / "model.onnx", root / "model.onnx", *sorted(root.glob("bundle/*/model.onnx")))
     onnx_file = next((p for p in near if p.is_file() and not p.is_symlink()), None)  # regular files, no links
@@ -218,8 +216,6 @@ def run_npz(runner: Runner, data: Path, output: Path, *, batch_size: int | None 
             progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run every sample of ``data`` through ``runner`` in batches and write the outputs to ``output``
     (one array per model output, by name) atomically; returns what a summary needs."""
-    from dlopt.calibration import NpzDataset
-
     check_output_path(output, data)
     dataset = NpzDataset(data, runner.inputs, batch_size=batch_size or runner.default_batch)
     total = dataset.total

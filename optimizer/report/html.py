@@ -15,7 +15,7 @@ from typing import Sequence
 
 from dlopt.measure.energy import NO_SENSOR
 from dlopt.report import sections
-from dlopt.report.data import Candidate, Report
+from dlopt.report.data import Candidate, DEVICE_HEADERS, Report, device_heading, device_rows
 from dlopt.report.plot import Point, draw_plot
 from dlopt.report.sections.base import html_table as _table
 
@@ -247,8 +247,6 @@ def render_html(report: dict, device: dict | None = None) -> str:
     body += sections.html(r, sections.BODY)
     body += ["<h2>Passes</h2>", _table(r.PASS_HEADERS, r.pass_rows(), numeric={2}, table_id="passes")]
     if device:
-        from dlopt.report.data import DEVICE_HEADERS, device_heading, device_rows
-
         body += ["<h2>Measured on the device</h2>", f"<p>{escape(device_heading(device))}</p>",
                  _table(DEVICE_HEADERS, device_rows(device), numeric={5}, table_id="device"),
                  f"<p>{escape(str(device.get('why') or ''))}</p>"]

@@ -10,7 +10,10 @@ import onnx
 
 from dlopt.core.errors import DloptError
 from dlopt.core.graph_facts import op_label
+from dlopt.core.pipeline import run_pipeline
 from dlopt.core.specs import input_specs, output_specs
+from dlopt.passes import generic_passes
+from dlopt.targets import backend_status, get_backend
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +80,6 @@ def backend_support(proto: onnx.ModelProto, profile) -> dict[str, dict]:
     as it would in the compile, the model as given is asked and the entry's ``note`` says so.
     """
     import onnx_ir as ir
-
-    from dlopt.passes import generic_passes
-    from dlopt.core.pipeline import run_pipeline
-    from dlopt.targets import backend_status, get_backend
 
     model = ir.serde.deserialize_model(proto)  # the passes rewrite this copy, never ``proto``
     note = ""

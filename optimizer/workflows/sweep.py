@@ -56,6 +56,10 @@ from dlopt.core.optional import require
 from dlopt.core.profiles import resolve_target
 from dlopt.core.scoped_env import environ
 from dlopt.core.toml_file import read_toml
+from dlopt.measure.budget import BUILTIN
+from dlopt.report.data import escape_markdown
+from dlopt.report.schema import load_report
+from dlopt.targets import read_manifest
 
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
 _PATH_OPTIONS = ("inputs", "calib", "targets_file", "tuning_db")
@@ -129,8 +133,6 @@ def _num(value, spec: str, suffix: str = "") -> str:
 def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Sweep:
     """Read and check ``sweep.toml``; ConfigError naming the first thing wrong.  ``out`` (``-o``) replaces
     [sweep] out."""
-    from dlopt.measure.budget import BUILTIN
-
     path = Path(path)
     data = read_toml(path, f"sweep {path}")
     unknown = sorted(set(data) - {"sweep", "options", "models", "variants"})
@@ -256,9 +258,6 @@ def check_entry_folders(sweep: Sweep) -> None:
 def complete(entry: Entry) -> dict | None:
     """The report of an entry whose output is complete (a compile publishes it whole) and was built with
     the entry's options as they are now, else None (it is compiled again)."""
-    from dlopt.report.schema import load_report
-    from dlopt.targets import read_manifest
-
     manifest = read_manifest(entry.out)
     if manifest is None:
         return None
@@ -407,8 +406,6 @@ def _check_table_paths(out: Path) -> None:
 
 def table_markdown(sweep: Sweep, result: SweepResult) -> str:
     from tabulate import tabulate
-
-    from dlopt.report.data import escape_markdown
 
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "done", "over-budget", "failed")}
     lines = [f"# dlopt sweep: {escape_markdown(sweep.source.name)}", "",

@@ -14,19 +14,21 @@ from pathlib import Path
 
 from dlopt.core.config import CompileConfig
 from dlopt.core.errors import ConfigError
+from dlopt.core.pipeline import run_pipeline
 from dlopt.core.profiles import DeviceKind, resolve_target
+from dlopt.core.shapes import declared_shapes
+from dlopt.core.specs import input_specs
+from dlopt.flow.driver import _load
+from dlopt.passes import generic_passes
+from dlopt.targets import backend_status, get_backend, tunable_backend
+from dlopt.targets.tvm.backend import tuning_database
+from dlopt.targets.tvm.rpc import ms_runner
+from dlopt.targets.tvm.tuning import default_root, tune
 
 
 def backend_model(config: CompileConfig):
     """(profile, model, shapes, info): the fp32 model the TVM backend builds in a compile of ``config``."""
     from onnx_ir.passes.common import CheckerPass
-
-    from dlopt.flow.driver import _load
-    from dlopt.core.specs import input_specs
-    from dlopt.passes import generic_passes
-    from dlopt.core.pipeline import run_pipeline
-    from dlopt.core.shapes import declared_shapes
-    from dlopt.targets import backend_status, get_backend, tunable_backend
 
     profile = resolve_target(config.target, config.targets_file)
     name = tunable_backend(profile)
@@ -47,14 +49,9 @@ def backend_model(config: CompileConfig):
 
 def run(config: CompileConfig, *, trials: int, time_budget_s: float | None, progress=None):
     """Tune for ``config``'s target into its tuning database; returns the TuneResult."""
-    from dlopt.targets.tvm.backend import tuning_database
-    from dlopt.targets.tvm.tuning import default_root, tune
-
     profile, model, shapes, _ = backend_model(config)
     runner = None
     if config.tvm.remote is not None:
-        from dlopt.targets.tvm.rpc import ms_runner
-
         runner = ms_runner(config.tvm.remote)
     elif not profile.runs_here():
         raise ConfigError(f"{profile.name} is not this machine: tuning measures on the device; give --rpc-tracker "

@@ -28,10 +28,16 @@ from dlopt.device.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipp
                                 VerifyFileError, check_entry, check_settings, device_report, fastest, host_info,
                                 is_bundle_dir, read_arrays, run_candidates, shown, write_json, write_text)
 from dlopt.measure.timing import Timing
-from dlopt.targets import get_backend, read_manifest, runs_over_rpc
+from dlopt.targets import get_backend, read_artifact, read_manifest, runs_over_rpc
 
 from dlopt.device.emulation import LABEL as EMULATED, aarch64_python, qemu_cpu_models, run_emulated
 from dlopt.core.profiles import host_arch
+from dlopt.device.device_files import script_source
+from dlopt.measure.runner import load
+from dlopt.report.data import Report
+from dlopt.report.html import render_html
+from dlopt.report.readme import README, render_readme
+from dlopt.targets.tvm.rpc import require
 # Emulated runs: the verify feeds and a few timed runs (a Cortex-A76 library under qemu is
 # tens of times slower than native; its timings only show that it ran).
 EMULATED_RUNS = 20
@@ -73,8 +79,6 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
                           f"({target.get('arch')}); timings here do not choose for it: run `dlopt bench --select` "
                           f"there (nothing was run)")
     if remote is not None:
-        from dlopt.targets.tvm.rpc import require
-
         if not any(runs_over_rpc(data.candidates[k].get("backend")) for k in wanted):
             what = f"the candidates asked for in {out} ({', '.join(wanted)}) hold" if keys else \
                 f"{out} ({', '.join(wanted)}) holds"
@@ -87,11 +91,7 @@ def check_output(out: Path, *, bench: bool, keys: list[str] | None = None, threa
     opened, unreachable = [], []
 
     def opener(key, entry):
-        from dlopt.measure.runner import load
-
         if key in on_remote:
-            from dlopt.targets import read_artifact
-
             artifact, _ = read_artifact(folders[key])
             try:
                 session = get_backend(artifact.backend).load_remote(artifact, remote, threads=threads)
@@ -176,8 +176,6 @@ def read_verify(out: Path) -> VerifyData:
 def _check_candidate(out: Path, manifest: dict, key: str, entry: dict, folder: Path) -> None:
     """ConfigError unless verify.npz's ``entry`` is where the manifest ships ``key`` and the folder
     there opens as a ``key`` artefact (its backend and precision as dlopt.load reads them)."""
-    from dlopt.targets import read_artifact
-
     try:
         check_entry(manifest, key, entry, where=str(out / VERIFY_FILE))
     except VerifyFileError as exc:
@@ -232,7 +230,6 @@ def _run_emulated(out: Path, key: str, plan, *, bench: bool, threads: int | None
     entry_row = {"key": key, "ran_as": EMULATED, "verified": None, "latency": None}
     if isinstance(plan, Skipped):
         return {**entry_row, "ran_as": None, "reason": f"not run here: {plan}"}
-    from dlopt.device.device_files import script_source
 
     with tempfile.TemporaryDirectory(prefix="dlopt-emulated-") as tmp:
         script = Path(tmp) / SCRIPT
@@ -264,9 +261,6 @@ def _run_emulated(out: Path, key: str, plan, *, bench: bool, threads: int | None
 
 def rerender_reports(out: Path, device: dict) -> None:
     """report.md and report.html again, with the device's results (report.json stays as compiled)."""
-    from dlopt.report.html import render_html
-    from dlopt.report.data import Report
-
     try:
         report_dict = json.loads((out / "report.json").read_text())
         report = Report.from_dict(report_dict)
@@ -372,12 +366,9 @@ def select(out: Path, key: str) -> str:
             device = device if isinstance(device, dict) else None
             for name in ("report.md", "report.html"):
                 (staged / name).unlink(missing_ok=True)
-            from dlopt.report.html import render_html
-            from dlopt.report.data import Report
 
             (staged / "report.md").write_text(Report.from_dict(report).to_markdown(device))
             (staged / "report.html").write_text(render_html(report, device))
-            from dlopt.report.readme import README, render_readme
 
             (staged / README).unlink(missing_ok=True)
             (staged / README).write_text(render_readme(report, manifest, staged))
