@@ -8,7 +8,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-
 from dlopt.core.progress import cancelled_on_interrupt, raise_if_interrupted
 from dlopt.measure.fidelity import Fidelity, compare
 
