@@ -79,7 +79,7 @@ def run(target: str, out: Path, epochs: int, seed: int = 0) -> dict:
         c_logits = session.run({"image": x_test})[0]
         row = {"c_host_top1": float((c_logits.argmax(1) == y_test).mean()),
                "compile_flow_accuracy": chosen.measurement.accuracy if chosen.measurement else None,
-               "fidelity": chosen.fidelity, "memory": {k: v for k, v in settings["memory"].items() if k != "offsets"},
+               "fidelity": chosen.fidelity.to_dict() if chosen.fidelity else None, "memory": {k: v for k, v in settings["memory"].items() if k != "offsets"},
                "weights_bytes": settings["weights_bytes"], "figures": settings.get("figures"),
                "ops": settings["ops"]}
         onnx_model = _candidate_onnx(folder, report, precision)

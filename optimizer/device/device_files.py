@@ -63,7 +63,7 @@ def candidate_entries(report) -> dict:
     for cand in report.candidates:
         if not cand.artifact_dir:
             continue
-        here = (cand.fidelity or {}).get("max_rel_error")
+        here = cand.fidelity.max_rel_error if cand.fidelity else None
         entries[cand.key] = {"dir": cand.artifact_dir, "backend": cand.backend, "precision": cand.precision,
                              "rel_error_at_build": here,
                              "allowed_rel_error": allowed_error(cand.precision, here)}

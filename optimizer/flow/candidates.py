@@ -11,6 +11,7 @@ measure stage (``dlopt.measure.timing``).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,9 @@ from dlopt.core.precisions import Status
 from dlopt.core.progress import raise_if_interrupted
 from dlopt.flow.cache import code_fingerprint, make_key
 from dlopt.flow.evaluation import Evaluation, spot_check, too_slow
+from dlopt.measure.budget import Score
 from dlopt.measure.evaluate import Fp32Check, compare, fp32_check
+from dlopt.measure.fidelity import Fidelity
 from dlopt.measure.timing import LocalRunner, Timing
 from dlopt.passes import quantize_nncf
 from dlopt.passes.fp16 import ConvertFloat16Pass
@@ -34,7 +37,9 @@ from dlopt.passes.quantize_nncf import QuantizeNncfPass
 from dlopt.passes.quantize_static import QuantizeStaticPass
 from dlopt.report.data import Candidate, Measurement
 from dlopt.targets import Artifact, backend_status, get_backend
+from dlopt.targets.c.figures import McuFigures
 from dlopt.targets.ort import OrtSession, session_settings
+from dlopt.targets.tvm.tuning_db import TuningApplied
 
 
 @dataclass(frozen=True)
@@ -46,24 +51,43 @@ class Built:
     runner: Callable[[], object] | None = None  # opens a session on it here (timed ones only)
 
 
-def quantiser(ev: Evaluation, backend_name: str, precision: str) -> str | None:
+@dataclass(frozen=True)
+class Quantiser:
+    """Who quantises a precision: the tool (its Python package) and, for ONNX Runtime's, the mode."""
+
+    tool: str
+    mode: str | None = None
+
+    @property
+    def version(self) -> str:
+        return version(self.tool)
+
+    def __str__(self) -> str:
+        """The report's label: "nncf 3.4.0", "onnxruntime 1.32.0 static"."""
+        return f"{self.tool} {self.version}" + (f" {self.mode}" if self.mode else "")
+
+
+NNCF, ORT_STATIC, ORT_DYNAMIC = Quantiser("nncf"), Quantiser("onnxruntime", "static"), Quantiser("onnxruntime", "dynamic")
+
+
+def quantiser(ev: Evaluation, backend_name: str, precision: str) -> Quantiser | None:
     """Who quantises ``precision`` for this backend: NNCF for OpenVINO where it is installed
     (its placement is what OpenVINO's INT8 kernels expect), ONNX Runtime's tools elsewhere."""
     if not precisions.get(precision).quantised:
         return None
     if precision == "int8-dynamic":
-        return "onnxruntime dynamic"
+        return ORT_DYNAMIC
 
     if get_backend(backend_name).prefers_nncf and ev.calib_feeds and quantize_nncf.available() is True:
-        return "nncf"
-    return "onnxruntime static"
+        return NNCF
+    return ORT_STATIC
 
 
 def precision_passes(ev: Evaluation, backend_name: str, precision: str, exclude: tuple[str, ...],
                      only: tuple[str, ...] = ()) -> list:
     """The passes that turn the float model into ``precision`` (table, not if-chains at call sites)."""
     recipe = ev.recipe
-    if quantiser(ev, backend_name, precision) == "nncf":
+    if quantiser(ev, backend_name, precision) == NNCF:
         return [QuantizeNncfPass(calibration=ev.calib_feeds, transformer=bool(recipe and recipe.transformer),
                                  exclude_nodes=exclude)]
 
@@ -166,7 +190,7 @@ def compile_candidate(ev: Evaluation, backend_name: str, precision: str, model: 
         own = precision in backend.own_precisions
         who = None if own else quantiser(ev, backend_name, precision)
         before = []
-        if who == "onnxruntime static" and ev.smoothed is not None:  # calibrated on the smoothed model
+        if who == ORT_STATIC and ev.smoothed is not None:  # calibrated on the smoothed model
             model, before = ev.smoothed.model, list(ev.smoothed.records)
         passes = [*([] if own else precision_passes(ev, backend_name, precision, exclude, only)),
                   *backend.lowering_passes(precision), CheckerPass()]
@@ -176,12 +200,10 @@ def compile_candidate(ev: Evaluation, backend_name: str, precision: str, model: 
         # an interrupt inside a native build can come back as a build error (TVM: a RuntimeError)
         raise_if_interrupted(exc)
         return Built(Candidate(backend_name, precision, Status.FAILED, reason=str(exc)))
-    tuned = artifact.settings.get("tuning_db") if isinstance(artifact.settings, dict) else None
-    tuning = ({"database": tuned, "tuned_tasks": artifact.settings.get("tuned_tasks"),
-               "tasks": artifact.settings.get("tasks"), "summary": artifact.settings.get("tuning")} if tuned else None)
     base = Candidate(backend_name, precision, Status.OK, passes=[r.to_dict() for r in before + result.records],
-                     artifact_files=list(artifact.files), quantiser=_quantiser_label(who), tuning=tuning,
-                     mcu=mcu_figures(artifact.settings))
+                     artifact_files=list(artifact.files), quantiser=None if who is None else str(who),
+                     tuning=TuningApplied.from_settings(artifact.settings),
+                     mcu=McuFigures.from_settings(artifact.settings))
     return Compiled(base, backend, artifact, result.model)
 
 
@@ -244,11 +266,11 @@ def _run_remote(ev: Evaluation, compiled: Compiled, remote) -> Ran | Built:
 def compare_candidate(ev: Evaluation, ran: Ran, limit: int | None) -> Candidate:
     """Step 3, compare: fidelity against the original, size, accuracy and (for a full run) the score."""
     base, artifact = ran.compiled.candidate, ran.compiled.artifact
-    fidelity = compare(ev.reference[: len(ran.outputs)], ran.outputs).to_dict()
+    fidelity = compare(ev.reference[: len(ran.outputs)], ran.outputs)
     # a microcontroller build's size is what it takes in flash, not its source files
-    size = (base.mcu or {}).get("flash_bytes") or artifact.size_bytes()
+    size = (base.mcu.flash_bytes if base.mcu else None) or artifact.size_bytes()
     measurement = Measurement(ran.latency, size, ev.accuracy(ran.outputs))
-    score = None if ran.slow_ms or limit is not None else ev.scorer.score(ran.outputs).to_dict()
+    score = None if ran.slow_ms or limit is not None else ev.scorer.score(ran.outputs).rounded()
     return replace(base, ran_as=ran.ran_as, fidelity=fidelity, measurement=measurement, score=score,
                    reason=ran.where)
 
@@ -275,51 +297,10 @@ def judge_candidate(ev: Evaluation, ran: Ran, cand: Candidate, limit: int | None
     return Built(cand, compiled.artifact, ran.outputs, compiled.model, ran.factory if timed else None)
 
 
-def _quantiser_label(who: str | None) -> str | None:
-    if who is None:
-        return None
-    from importlib.metadata import version
-
-    package = who.split()[0]
-    return f"{package} {version(package)}{who[len(package):]}"
-
-
-def mcu_figures(settings) -> dict | None:
-    """A microcontroller build's memory and size figures and its emulator run (the C backend's settings)."""
-    if not isinstance(settings, dict) or not isinstance(settings.get("memory"), dict):
-        return None
-    memory, figures, qemu = settings["memory"], settings.get("figures") or {}, settings.get("qemu") or {}
-    return {"mcpu": settings.get("mcpu"), "arena_bytes": memory.get("arena_bytes"),
-            "liveness_lower_bound_bytes": memory.get("liveness_lower_bound_bytes"),
-            "flash_bytes": figures.get("flash_bytes"), "ram_bytes": figures.get("ram_bytes"),
-            "sections": figures.get("sections"), "stack_estimate_bytes": figures.get("stack_estimate_bytes"),
-            "compiler": figures.get("compiler"), "undefined_symbols": figures.get("undefined_symbols"),
-            "figures_unavailable": settings.get("figures_unavailable"),
-            "qemu": {k: qemu.get(k) for k in ("board", "samples", "max_abs_diff", "instructions_per_run",
-                                               "instructions_note")} if qemu else None}
-
-
-def describe_mcu(mcu: dict) -> str:
-    """One clause: flash, RAM, arena against its lower bound, and the emulator check."""
-    text = f"arena {mcu['arena_bytes']} B (liveness lower bound {mcu['liveness_lower_bound_bytes']} B)"
-    if mcu.get("flash_bytes") is not None:
-        text = (f"{mcu['flash_bytes']} B flash, {mcu['ram_bytes']} B RAM for {mcu.get('mcpu')} "
-                f"({mcu.get('compiler')}); " + text)
-    elif mcu.get("figures_unavailable"):
-        text += f"; no Cortex-M sizes: {mcu['figures_unavailable']}"
-    qemu = mcu.get("qemu")
-    if qemu:
-        runs = qemu.get("instructions_per_run") or []
-        text += (f"; qemu {qemu['board']} gave the host's outputs on {qemu['samples']} inputs (max difference "
-                 f"{qemu['max_abs_diff']:.1e})" + (f", {max(runs):,} emulator instructions per run (a proxy, "
-                                                    f"not device latency)" if runs else ""))
-    return text
-
-
 def _where(ev: Evaluation, artifact) -> str:
-    mcu = mcu_figures(artifact.settings)
+    mcu = McuFigures.from_settings(artifact.settings)
     if mcu is not None:
-        return (f"C sources verified on this machine (host gcc build); {describe_mcu(mcu)}; a microcontroller "
+        return (f"C sources verified on this machine (host gcc build); {mcu.describe()}; a microcontroller "
                 f"build is not timed here")
     if not artifact.loadable_here:
         return (f"its {artifact.check_onnx} verified on ONNX Runtime here; not yet measured on the "
@@ -353,7 +334,7 @@ def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, pre
     return artifact
 
 
-def judge(precision: str, fidelity: dict, score: dict | None, max_drop: float, *,
+def judge(precision: str, fidelity: Fidelity | dict, score: Score | dict | None, max_drop: float, *,
           lossy_passes: bool = False, fp32: Fp32Check | None = None) -> tuple[Status, str]:
     """fp32 must reproduce the original (a mismatch is a bug); other precisions must fit the budget.
 
@@ -361,15 +342,17 @@ def judge(precision: str, fidelity: dict, score: dict | None, max_drop: float, *
     fidelity's ``max_rel_error``, never below that measure, stands in.  ``lossy_passes``: a
     pass meant to change the function ran (``--prune``), so fp32 is judged by the budget like
     the other precisions.  Any precision that produces NaN/Inf where the original is finite is
-    rejected outright.  Every refusal starts with the rule that refused.
+    rejected outright.  Every refusal starts with the rule that refused.  Report.json's dictionaries are read too.
     """
-    if fidelity.get("non_finite"):
-        return Status.REJECTED, f"produces {fidelity['non_finite']} where the original is finite"
+    fidelity = Fidelity.from_dict(fidelity)
+    score = None if score is None else Score.from_dict(score)
+    if fidelity.non_finite:
+        return Status.REJECTED, f"produces {fidelity.non_finite} where the original is finite"
     if precision == "original" or (precision == "fp32" and not lossy_passes):
-        check = fp32 if fp32 is not None else Fp32Check(float(fidelity["max_rel_error"]), 0)
+        check = fp32 if fp32 is not None else Fp32Check(float(fidelity.max_rel_error), 0)
         if not check.passed:
             return Status.REJECTED, check.refusal()
-    elif score is not None and not score["drop_pp"] <= max_drop:
-        return Status.REJECTED, (f"accuracy budget: {score['metric']} drops {score['drop_pp']:.2f} points, over the "
+    elif score is not None and not score.drop_pp <= max_drop:
+        return Status.REJECTED, (f"accuracy budget: {score.metric} drops {score.drop_pp:.2f} points, over the "
                                  f"budget of {max_drop}")
     return Status.OK, ""

@@ -44,7 +44,7 @@ from dlopt.core.shapes import declared_shapes, feed_at
 from dlopt.core.specs import InputSpec, input_specs, output_specs
 from dlopt.flow import recipe, select
 from dlopt.flow.cache import ArtifactCache
-from dlopt.flow.candidates import Built, build, quantiser
+from dlopt.flow.candidates import NNCF, ORT_STATIC, Built, build, quantiser
 from dlopt.flow.evaluation import EvalData, Evaluation, owned
 from dlopt.flow.mixed import search
 from dlopt.flow.ranges import compute_ranges
@@ -277,8 +277,8 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
     data, source = _calibration_data(job, ev, notes)
     probe = replace(ev, calib_feeds=({},))  # quantiser() asks only whether feeds exist
     quantisers = {quantiser(probe, b, p) for b, p in pairs if p is not None and precisions.get(p).calibrated}
-    smooth = ev.recipe.smooth_alpha is not None and "onnxruntime static" in quantisers
-    if "nncf" in quantisers or smooth:
+    smooth = ev.recipe.smooth_alpha is not None and ORT_STATIC in quantisers
+    if NNCF in quantisers or smooth:
         import time
 
         start = time.perf_counter()
@@ -298,7 +298,7 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
                                                                                alpha=ev.recipe.smooth_alpha)]))
         _progress(config, "SmoothQuant", 1, 1)
         model = ev.smoothed.model
-    if "onnxruntime static" not in quantisers:
+    if ORT_STATIC not in quantisers:
         # NNCF gathers its statistics inside its build: these figures are for reading the data
         return replace(ev, calibration={**read, "source": source, "recipe": ev.recipe.to_dict(),
                                         "method": "nncf (its own statistics, gathered in the build)"})
@@ -441,7 +441,7 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
 
     missed = [b for b in built if b.candidate.precision == "int8" and b.candidate.status is Status.REJECTED
               and b.candidate.score is not None and b.model is not None]
-    missed.sort(key=lambda b: b.candidate.score["drop_pp"])
+    missed.sort(key=lambda b: b.candidate.score.drop_pp)
     kept = [b.candidate.key for b in built if b.candidate.precision == "int8" and b.candidate.status is Status.OK]
     if missed and kept and ev.config.precision == "auto":
         # a mixed model keeps part of int8's graph in float: it cannot beat an int8 that met the budget by
@@ -459,7 +459,7 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
             continue
         timed = replace(ev, config=ev.config.with_options(search_time=left))
         # the float model its int8 was quantised from: node names and tensors match it
-        start = ev.smoothed.model if ev.smoothed is not None and quantiser(ev, backend, "int8") == "onnxruntime static" \
+        start = ev.smoothed.model if ev.smoothed is not None and quantiser(ev, backend, "int8") == ORT_STATIC \
             else model
         mixed, info = search(timed, backend, start, one.model, staged / "candidates" / f"{backend}-mixed")
         info["backend"] = backend

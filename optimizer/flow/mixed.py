@@ -116,7 +116,7 @@ def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, 
             return built
 
         def fits(built: Built | None) -> bool:
-            return built is not None and built.candidate.score is not None and built.candidate.score["drop_pp"] <= budget
+            return built is not None and built.candidate.score is not None and built.candidate.score.drop_pp <= budget
 
         low, high = 0, None  # low: known to miss; high: known to fit
         k = 1
@@ -142,7 +142,7 @@ def search(ev: Evaluation, backend: str, model: ir.Model, int8_model: ir.Model, 
             info["seconds"] = round(time.monotonic() - start, 2)
             return None, info
         scored = [k for k, b in tried.items() if b.candidate.score is not None]
-        best_k = high if high is not None else min(scored, key=lambda k: tried[k].candidate.score["drop_pp"])
+        best_k = high if high is not None else min(scored, key=lambda k: tried[k].candidate.score.drop_pp)
         info["met_budget"] = high is not None
         info["float_nodes"] = len(sets[best_k])
     # Rebuild the chosen configuration for real: full evaluation, publishable folder (timed with the others).

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 from dlopt.core import precisions
 from dlopt.core.errors import CompileError, ModelError
 from dlopt.core.precisions import Status
+from dlopt.measure.budget import Score
 from dlopt.measure.timing import MIN_RUNS, NOISY_CV, RESOLUTION_MS, Timing, significantly_faster
 
 # A gain smaller than this share of the slower median is within what a shared machine drifts
@@ -197,7 +198,7 @@ def closest_over_budget(verdict: Verdict, candidates: Sequence, built: frozenset
         if candidates and all(c.status is Status.UNSUPPORTED for c in candidates):
             raise ModelError(f"no backend of target {target} supports this model ({reasons})")
         raise CompileError(f"no backend of target {target} produced a usable artefact ({reasons})")
-    closest = min(scored, key=lambda c: c.score["drop_pp"])
+    closest = min(scored, key=_drop)
     return OverBudget(replace(verdict, chosen=closest.key, why="closest to the budget; no candidate met it"),
                       closest, scored,
                       (f"no candidate met the accuracy budget; {closest.key} (closest) was written anyway",))
@@ -210,7 +211,7 @@ BUDGET_RULE = "accuracy budget:"  # how candidates.judge starts a refusal by the
 
 
 def _drop(candidate) -> float:
-    return float((candidate.score or {}).get("drop_pp", float("inf")))
+    return float(Score.from_dict(candidate.score).drop_pp) if candidate.score else float("inf")  # a dict read too
 
 
 def over_budget_message(metric: str, max_drop: float, scored: Sequence, out) -> str:

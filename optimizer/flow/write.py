@@ -26,7 +26,6 @@ from dlopt.core.precisions import Status
 from dlopt.core.shapes import describe
 from dlopt.device.device_check import DEVICE_REPORT
 from dlopt.device.device_files import write_device_files
-from dlopt.flow.candidates import describe_mcu
 from dlopt.flow.select import ORIGINAL_MARGIN
 from dlopt.measure.timing import RESOLUTION_MS
 from dlopt.report import sections
@@ -65,12 +64,12 @@ def summary_line(report: Report) -> str:
     elif chosen.status != "ok":  # rejected: only candidates within the budget are timed
         parts.append("not timed (no candidate met the accuracy budget)")
     elif chosen.mcu:
-        parts.append(f"a microcontroller build, not timed: {describe_mcu(chosen.mcu)}")
+        parts.append(f"a microcontroller build, not timed: {chosen.mcu.describe()}")
     else:
         parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
                      f"(run `dlopt bench` there)")
     if chosen.score:
-        parts.append(f"{chosen.score['metric']} {0.0 - chosen.score['drop_pp']:+.2f} points {_data_words(report)}")
+        parts.append(f"{chosen.score.metric} {0.0 - chosen.score.drop_pp:+.2f} points {_data_words(report)}")
     if chosen.measurement and report.baseline.size_bytes:
         size = chosen.measurement.size_bytes
         parts.append(f"size {size / report.baseline.size_bytes:.2f}x ({report.baseline.size_bytes / 1e6:.2f} MB -> "

@@ -27,21 +27,41 @@ import numpy as np
 
 from dlopt.core.errors import ConfigError, first_line
 from dlopt.measure.evaluate import compare, top1_accuracy
+from dlopt.measure.fidelity import ReadsAsDict
 
 UserMetric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray] | None], float]
 BUILTIN = ("top1", "cosine", "rel-error")
 
 
 @dataclass(frozen=True)
-class Score:
+class Score(ReadsAsDict):
     metric: str
-    value: float
+    value: float | None  # None only in a record that never had one (a test's, an old report's)
     drop_pp: float  # points (100 x the metric) worse than the original; negative when better
     details: tuple[tuple[str, float], ...] = ()  # e.g. mean cosine beside the minimum
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "value": round(self.value, 6), "drop_pp": round(self.drop_pp, 4),
-                **{k: round(v, 6) for k, v in self.details}}
+        return {"metric": self.metric, "value": _round(self.value, 6), "drop_pp": _round(self.drop_pp, 4),
+                **{k: _round(v, 6) for k, v in self.details}}
+
+    def rounded(self) -> "Score":
+        """As report.json keeps it (what the candidate is judged and ranked on, so a reread report agrees)."""
+        return Score.from_dict(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: "dict | Score") -> "Score":
+        """From report.json's field: metric, value and drop_pp, every other number a detail."""
+        if isinstance(data, Score):
+            return data
+        details = tuple((k, v) for k, v in data.items() if k not in _OWN and isinstance(v, (int, float)))
+        return cls(data.get("metric", ""), data.get("value"), data.get("drop_pp"), details)
+
+
+_OWN = ("metric", "value", "drop_pp")
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def looks_like_embedding(array: np.ndarray) -> bool:

@@ -6,14 +6,32 @@ has only numpy and a runtime; keep it free of other imports.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
 
 import numpy as np
 
 
-@dataclass
-class Fidelity:
+class ReadsAsDict:
+    """``result["key"]`` and ``result.get("key")`` on a typed result read its report.json field.
+
+    For code written against the dictionaries candidates held before they were typed (tests, bench
+    scripts); dlopt itself reads the attributes.  Self-contained: this module is pasted into
+    run_candidates.py.
+    """
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+@dataclass(frozen=True)
+class Fidelity(ReadsAsDict):
     """How closely a candidate reproduces the reference outputs, worst case over all feeds."""
 
     max_abs_error: float
@@ -24,6 +42,15 @@ class Fidelity:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: "dict | Fidelity") -> "Fidelity":
+        """From report.json's field (unknown keys ignored; a report may lack the later ones)."""
+        if isinstance(data, Fidelity):
+            return data
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**{"max_abs_error": None, "min_cosine": None, "top1_agreement": None, **values})
 
 
 def _non_finite(ref: np.ndarray, got: np.ndarray) -> str | None:

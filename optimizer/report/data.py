@@ -11,9 +11,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dlopt.measure.budget import Score
+from dlopt.measure.fidelity import Fidelity
 from dlopt.report import sections
 from dlopt.report.sections import pruning
 from dlopt.report.sections.base import escape_markdown, markdown_table
+from dlopt.targets.c.figures import McuFigures
+from dlopt.targets.tvm.tuning_db import TuningApplied
 
 SCHEMA_VERSION = "1.6"
 
@@ -37,24 +41,38 @@ class Candidate:
     ran_as: str | None = None  # the precision the runtime executed, when it reports one
     chosen: bool = False
     measurement: Measurement | None = None
-    fidelity: dict[str, Any] | None = None
-    score: dict[str, Any] | None = None  # dlopt.measure.budget.Score.to_dict()
+    fidelity: Fidelity | None = None
+    score: Score | None = None  # as report.json keeps it (Score.rounded())
     float_nodes: list[dict[str, Any]] = field(default_factory=list)  # mixed precision: nodes kept in float
     quantiser: str | None = None  # who quantised it, with version ("nncf 3.4.0", "onnxruntime 1.32.0 static")
-    tuning: dict[str, Any] | None = None  # TVM: {"database", "tuned_tasks", "tasks", "trials"} when one was applied
-    mcu: dict[str, Any] | None = None  # C backend: arena, liveness bound, flash/RAM, sections, qemu run
+    tuning: TuningApplied | None = None  # TVM: the tuning database a build applied
+    mcu: McuFigures | None = None  # C backend: arena, liveness bound, flash/RAM, sections, qemu run
     passes: list[dict[str, Any]] = field(default_factory=list)
     artifact_files: list[str] = field(default_factory=list)
     artifact_dir: str | None = None  # where its files are in the output folder ("." = top level)
+
+    def __post_init__(self) -> None:
+        # a record read from report.json's dictionaries (Report.from_dict; a test's) holds the typed results too
+        for name, kind in _RESULTS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, kind.from_dict(value) if value else None)
 
     @property
     def key(self) -> str:
         return f"{self.backend}/{self.precision}"
 
+    def results(self) -> dict[str, Any]:
+        """The typed results as report.json writes them."""
+        return {name: None if (value := getattr(self, name)) is None else value.to_dict() for name in _RESULTS}
+
     def facts(self) -> list[str]:
         """How it was built, beyond backend and precision, for the tables: "4 of 5 tasks tuned from DB (64 trials)"."""
-        summary = (self.tuning or {}).get("summary")
+        summary = self.tuning.summary if self.tuning else None
         return [str(summary)] if summary else []
+
+
+_RESULTS = {"fidelity": Fidelity, "score": Score, "tuning": TuningApplied, "mcu": McuFigures}
 
 
 @dataclass
@@ -108,6 +126,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for cand, raw in zip(self.candidates, data["candidates"]):
+            raw.update(cand.results())  # in place: the keys keep their order
             raw["speedup"] = self.speedup(cand)
         data.update(data.pop("extra_sections"))
         return data
@@ -144,8 +163,8 @@ class Report:
                 c.backend, c.precision + (f" (ran {c.ran_as})" if c.ran_as and c.ran_as != c.precision else ""),
                 _ms(m.latency, "p50_ms") if m else "-", _ms(m.latency, "p99_ms") if m else "-",
                 f"{speed:.2f}x" if speed else "-", _mb(m.size_bytes) if m else "-",
-                f"{c.fidelity['max_rel_error']:.2e}" if c.fidelity else "-",
-                f"{c.score['drop_pp']:.2f}" if c.score else "-", verdict,
+                f"{c.fidelity.max_rel_error:.2e}" if c.fidelity else "-",
+                f"{c.score.drop_pp:.2f}" if c.score else "-", verdict,
             ])
         return rows
 

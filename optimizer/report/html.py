@@ -136,8 +136,8 @@ def candidate_table(report: Report, raw: dict) -> str:
         rows.append([c.backend, c.precision + (f" (ran {c.ran_as})" if c.ran_as and c.ran_as != c.precision else ""),
                      _ms(lat, "p50_ms"), _interval(lat), _ms(lat, "p90_ms"), _ms(lat, "p99_ms"),
                      _speedup(report, c, ties), f"{m.size_bytes / 1e6:.3f}" if m else "-",
-                     f"{c.fidelity['max_rel_error']:.2e}" if c.fidelity else "-",
-                     f"{c.score['drop_pp']:.2f}" if c.score else "-", result])
+                     f"{c.fidelity.max_rel_error:.2e}" if c.fidelity else "-",
+                     f"{c.score.drop_pp:.2f}" if c.score else "-", result])
         classes.append("chosen" if c.chosen else "tie" if c.key in ties else c.status)
     energies = [raw["baseline"].get("energy")] + [(c.get("measurement") or {}).get("energy")
                                                   for c in raw["candidates"]]
@@ -169,7 +169,7 @@ def plot_points(report: Report) -> tuple[list[Point], list[str]]:
         notes = [f"{speed:.2f}x"] if speed else []
         notes += ["chosen"] if role == "chosen" else [_tie_word(c)] if c.key in ties else []
         notes += ["written, over budget"] if role != "chosen" and (c.chosen or c.artifact_dir == ".") else []
-        points.append(Point(f"{c.key} ({', '.join(notes)})" if notes else c.key, lat["p50_ms"], c.score["drop_pp"],
+        points.append(Point(f"{c.key} ({', '.join(notes)})" if notes else c.key, lat["p50_ms"], c.score.drop_pp,
                             role, lat.get("ci_low_ms"), lat.get("ci_high_ms")))
     if base.get("p50_ms") is not None and points:
         points.insert(0, Point("original (1.00x)", base["p50_ms"], 0.0, "original", base.get("ci_low_ms"),

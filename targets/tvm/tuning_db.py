@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import tempfile
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -182,6 +183,34 @@ class TuningDatabase:
             with contextlib.suppress(FileNotFoundError):
                 if not stat.S_ISREG(os.lstat(self.path / name).st_mode):
                     raise ConfigError(f"refusing {self.path / name}: not a plain file (a symlink?)")
+
+
+@dataclass(frozen=True)
+class TuningApplied:
+    """A tuning database a TVM build applied: where, how many of its tasks it tuned, and the report's line."""
+
+    database: str
+    tuned_tasks: int | None
+    tasks: int | None
+    summary: str | None  # "4 of 5 tasks tuned from <database> (64 trials)"
+
+    @classmethod
+    def from_settings(cls, settings) -> "TuningApplied | None":
+        """From the build's settings (the TVM backend's ``tuning_db``, ``tuned_tasks``, ``tasks``, ``tuning``);
+        None when it applied no database."""
+        database = settings.get("tuning_db") if isinstance(settings, dict) else None
+        if not database:
+            return None
+        return cls(database, settings.get("tuned_tasks"), settings.get("tasks"), settings.get("tuning"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: "dict | TuningApplied") -> "TuningApplied":
+        if isinstance(data, TuningApplied):
+            return data
+        return cls(data.get("database"), data.get("tuned_tasks"), data.get("tasks"), data.get("summary"))
 
 
 def _distrust(st: os.stat_result) -> str | None:
