@@ -115,3 +115,36 @@ def test_renderers_read_a_section_only_through_the_registry(monkeypatch):
     monkeypatch.setattr(sections, "SECTIONS", [s for s in sections.SECTIONS if s.key != "calibration"])
     assert "alibration" not in report.to_markdown() + render_html(report.to_dict()) + "".join(sections.terminal(report))
     assert report.to_dict()["calibration"]["samples"] == 32  # the field is still written: Report keeps it
+
+
+def _with_candidate(candidate, baseline=None) -> Report:
+    return Report(model={"path": "m.onnx", "inputs": []}, target={"name": "cpu"}, precision="auto",
+                  evaluation={"source": "random (seed 0)", "feeds": 1}, baseline=baseline or Measurement(None, 10),
+                  budget={"metric": "top-1 agreement", "original": 1.0, "max_drop_pp": 1.0}, passes=[],
+                  candidates=[candidate], chosen=candidate.key, output_dir=None, dlopt_version="0", created="now")
+
+
+def test_energy_is_one_section_its_column_sources_and_schema_entry(monkeypatch):
+    from dlopt.measure.energy import NO_SENSOR
+    from dlopt.report.data import Candidate
+    from dlopt.report.sections.energy import Energy
+
+    def joules(value):
+        return {"joules_per_inference": value, "kind": "estimated", "source": f"15 W model{NO_SENSOR}no RAPL",
+                "watts": 15.0}
+
+    report = _with_candidate(Candidate("ort", "int8", "ok", chosen=True, measurement=Measurement(None, 5, None,
+                                                                                                   joules(3.2e-7))),
+                             Measurement(None, 10, None, joules(0.0021)))
+    data = json.loads(report.to_json())
+    page = render_html(data)
+    assert "<th>energy / inference</th>" in page
+    assert '<td class="num">2.1 mJ (estimated)</td>' in page and '<td class="num">320 nJ (estimated)</td>' in page
+    assert page.count("<li>") >= 2 and "<li>original: 15 W model, 15 W</li>" in page
+    assert page.count("No power sensor was read: no RAPL.") == 1  # said once for both figures
+    bad = {**data, "baseline": {**data["baseline"], "energy": {"joules_per_inference": "a lot", "kind": "x"}}}
+    with pytest.raises(ConfigError, match=r"baseline\.energy\.joules_per_inference must be"):
+        validate_report(bad)
+    monkeypatch.setattr(sections, "SECTIONS", [s for s in sections.SECTIONS if not isinstance(s, Energy)])
+    assert "energy / inference" not in render_html(data) and "Energy sources" not in render_html(data)
+    assert validate_report(bad) is bad  # the schema entry is the section's: without it, not checked

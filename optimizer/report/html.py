@@ -13,7 +13,6 @@ from html import escape
 from pathlib import Path
 from typing import Sequence
 
-from dlopt.measure.energy import NO_SENSOR
 from dlopt.report import sections
 from dlopt.report.data import Candidate, DEVICE_HEADERS, Report, device_heading, device_rows
 from dlopt.report.plot import Point, draw_plot
@@ -96,28 +95,7 @@ def headline(report: Report) -> str:
         "" if report.chosen else "; OVER THE ACCURACY BUDGET")
 
 
-def format_energy(energy: dict | None) -> str:
-    if not energy:
-        return "-"
-    joules = energy["joules_per_inference"]
-    scale, unit = next(((s, u) for s, u in ((1, "J"), (1e-3, "mJ"), (1e-6, "µJ")) if joules >= s), (1e-9, "nJ"))
-    return f"{joules / scale:.3g} {unit} ({energy['kind']})"
-
-
-def _energy_notes(keys: list[str], energies: list[dict | None]) -> str:
-    """Where each energy figure comes from, and (once) why no sensor was read."""
-    items, reasons = [], []
-    for key, energy in zip(keys, energies, strict=True):
-        if energy:
-            source, _, why = energy["source"].partition(NO_SENSOR)
-            items.append(f"<li>{escape(key)}: {escape(source)}, {energy['watts']:g} W</li>")
-            if why and why not in reasons:
-                reasons.append(why)
-    why = "".join(f'<p class="muted">No power sensor was read: {escape(w)}.</p>' for w in reasons)
-    return f'<details class="energy" open><summary>Energy sources</summary><ul>{"".join(items)}</ul></details>{why}'
-
-
-def candidate_table(report: Report, raw: dict) -> str:
+def candidate_table(report: Report) -> str:
     ties = (report.verdict or {}).get("ties") or []
     headers = ["backend", "precision", "p50 ms", "p50 95% CI ms", "p90 ms", "p99 ms", "speedup (95% CI)",
                "size MB", "max rel err", _drop_label(report), "result"]
@@ -139,16 +117,13 @@ def candidate_table(report: Report, raw: dict) -> str:
                      f"{c.fidelity.max_rel_error:.2e}" if c.fidelity else "-",
                      f"{c.score.drop_pp:.2f}" if c.score else "-", result])
         classes.append("chosen" if c.chosen else "tie" if c.key in ties else c.status)
-    energies = [raw["baseline"].get("energy")] + [(c.get("measurement") or {}).get("energy")
-                                                  for c in raw["candidates"]]
-    if any(energies):
-        headers.append("energy / inference")
-        rows = [row + [format_energy(e)] for row, e in zip(rows, energies, strict=True)]
-    table = _table(headers, rows, numeric=set(range(2, 10)) | ({11} if any(energies) else set()), text=10,
-                   table_id="candidates", classes=classes)
-    if any(energies):
-        table += _energy_notes(["original"] + [c.key for c in report.candidates], energies)
-    return table
+    columns = sections.html_columns(report)  # energy per inference, ...
+    numeric = set(range(2, 10)) | set(range(len(headers), len(headers) + len(columns)))
+    for header, cells, _ in columns:
+        headers.append(header)
+        rows = [row + [cell] for row, cell in zip(rows, cells, strict=True)]
+    table = _table(headers, rows, numeric=numeric, text=10, table_id="candidates", classes=classes)
+    return table + "".join(after for _, _, after in columns)
 
 
 def plot_points(report: Report) -> tuple[list[Point], list[str]]:
@@ -241,7 +216,7 @@ def render_html(report: dict, device: dict | None = None) -> str:
         *sections.html(r, sections.HEAD),
         '<dl class="summary">' + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in _summary(r))
         + "</dl>",
-        "<h2>Candidates</h2>", candidate_table(r, report),
+        "<h2>Candidates</h2>", candidate_table(r),
         "<h2>Latency and accuracy</h2>", _plot_section(r),
     ]
     body += sections.html(r, sections.BODY)

@@ -58,23 +58,28 @@ def _show(value: Any) -> str:
 
 
 # The fields the gates read, with their types in docs/report-schema.md: key -> kind ("?": or
-# null, or missing) or (kind, the fields of each object in it).
+# null, or missing) or (kind, the fields of each object in it).  The report's sections
+# (dlopt.report.sections) add theirs: top-level fields, and fields of a measurement (energy).
 _MEASUREMENT = {
     "latency": ("object?", {"p50_ms": "amount?", "p90_ms": "amount?", "p99_ms": "amount?", "mean_ms": "amount?"}),
     "size_bytes": "count",
-    "energy": ("object?", {"joules_per_inference": "amount", "kind": "string"}),  # absent in older reports
 }
-_SCHEMA = {
-    "schema_version": "string",
-    "model": ("object", {"path": "string?", "sha256": "sha256?"}),
-    "target": ("object", {"name": "string"}),
-    "budget": ("object", {"metric": "string?"}),
-    "evaluation": ("object?", {"source": "string?", "feeds": "count?", "sha256": "sha256?"}),
-    "baseline": ("object", _MEASUREMENT),
-    "candidates": ("array", {"backend": "string", "precision": "string", "measurement": ("object?", _MEASUREMENT),
-                             "score": ("object?", {"metric": "string", "value": "number", "drop_pp": "number"})}),
-    "chosen": "string?",
-}
+
+
+def _schema() -> dict[str, Any]:
+    measurement = {**_MEASUREMENT, **sections.measurement_schema()}
+    return {
+        "schema_version": "string",
+        "model": ("object", {"path": "string?", "sha256": "sha256?"}),
+        "target": ("object", {"name": "string"}),
+        "budget": ("object", {"metric": "string?"}),
+        "evaluation": ("object?", {"source": "string?", "feeds": "count?", "sha256": "sha256?"}),
+        "baseline": ("object", measurement),
+        "candidates": ("array", {"backend": "string", "precision": "string", "measurement": ("object?", measurement),
+                                 "score": ("object?", {"metric": "string", "value": "number", "drop_pp": "number"})}),
+        "chosen": "string?",
+        **sections.schema(),
+    }
 
 
 def _check_fields(obj: dict, schema: dict, where: str = "") -> None:
@@ -109,7 +114,7 @@ def validate_report(data: Any, what: str = "report") -> dict[str, Any]:
         raise ConfigError(f"{what} is not a dlopt report this version can read (schema {_show(version)}; "
                           f"reads {SCHEMA_MAJOR}.x): regenerate it with this dlopt")
     try:
-        _check_fields(data, {**_SCHEMA, **sections.schema()})
+        _check_fields(data, _schema())
     except _Invalid as exc:
         raise ConfigError(f"{what} is not a dlopt report: {exc}") from None
     if data["chosen"] is not None and chosen_of(data) is None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from dlopt.report.sections.base import BODY, END, FACTS, HEAD, Section
 from dlopt.report.sections.calibration import Calibration
+from dlopt.report.sections.energy import Energy
 from dlopt.report.sections.float_nodes import FloatNodes
 from dlopt.report.sections.notes import Notes
 from dlopt.report.sections.pruning import Pruning
@@ -21,6 +22,7 @@ SECTIONS: list[Section] = [
     Pruning(),
     FloatNodes(),
     Calibration(),
+    Energy(),
     Notes(),
 ]
 
@@ -38,6 +40,21 @@ def collect(job, ev, builds) -> dict[str, Any]:
     """The values of the fields the sections fill themselves at the end of a compile."""
     values = {s.key: s.collect(job, ev, builds) for s in SECTIONS if s.key}
     return {k: v for k, v in values.items() if v is not NotImplemented}
+
+
+def measurement_schema() -> dict[str, Any]:
+    """The sections' fields of a measurement (baseline and candidates) in the schema check."""
+    return {k: v for s in SECTIONS for k, v in s.measurement_schema.items()}
+
+
+def candidate_facts(report, candidate) -> list[str]:
+    """The clauses the sections add to a candidate's row: "4 of 5 tasks tuned from DB (64 trials)"."""
+    return [fact for s in SECTIONS if (fact := s.candidate_fact(report, candidate))]
+
+
+def html_columns(report) -> list[tuple[str, list[str], str]]:
+    """The columns the sections add to report.html's candidate table."""
+    return [column for s in SECTIONS if (column := s.html_column(report))]
 
 
 def facts(report) -> list[tuple[str, str]]:
@@ -59,5 +76,5 @@ def terminal(report, slots: tuple[str, ...] = (BODY, END)) -> list[str]:
     return [line for slot in slots for s in in_slot(slot) for line in s.terminal(report)]
 
 
-__all__ = ["BODY", "END", "FACTS", "HEAD", "SECTIONS", "Section", "collect", "facts", "html", "in_slot", "markdown",
-           "schema", "terminal"]
+__all__ = ["BODY", "END", "FACTS", "HEAD", "SECTIONS", "Section", "candidate_facts", "collect", "facts", "html",
+           "html_columns", "in_slot", "markdown", "measurement_schema", "schema", "terminal"]

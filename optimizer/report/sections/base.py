@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from tabulate import tabulate
 
 if TYPE_CHECKING:
-    from dlopt.report.data import Report
+    from dlopt.report.data import Candidate, Report
 
 HEAD, FACTS, BODY, END = "head", "facts", "body", "end"
 
@@ -34,6 +34,9 @@ class Section:
     schema: ClassVar[Any] = None  # that field in the schema check (dlopt.report.schema): "kind" or (kind, fields)
     slot: ClassVar[str] = BODY
     label: ClassVar[str] = ""  # facts: its name in report.html's summary list
+    candidate_key: ClassVar[str | None] = None  # the field of each candidate it owns (``candidates[].tuning``)
+    # its fields of a measurement (the baseline's and each candidate's) in the schema check: {field: kind}
+    measurement_schema: ClassVar[dict[str, Any]] = {}
 
     def value(self, report: "Report") -> Any:
         return report.section(self.key) if self.key else None
@@ -54,6 +57,15 @@ class Section:
 
     def terminal(self, report: "Report") -> list[str]:  # lines `dlopt compile` prints (slots "head", "body", "end")
         return []
+
+    def candidate_fact(self, report: "Report", candidate: "Candidate") -> str | None:
+        """A clause on the candidate's row of every candidate table (report.md, report.html, the terminal)."""
+        return None
+
+    def html_column(self, report: "Report") -> tuple[str, list[str], str] | None:
+        """A column of report.html's candidate table: (header, one cell per row, the original's first, HTML
+        after the table); None: no column."""
+        return None
 
 
 # Markdown (GitHub's, in PR comments too) read as text: no HTML, no @mention pings, no code
