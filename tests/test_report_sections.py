@@ -148,3 +148,22 @@ def test_energy_is_one_section_its_column_sources_and_schema_entry(monkeypatch):
     monkeypatch.setattr(sections, "SECTIONS", [s for s in sections.SECTIONS if not isinstance(s, Energy)])
     assert "energy / inference" not in render_html(data) and "Energy sources" not in render_html(data)
     assert validate_report(bad) is bad  # the schema entry is the section's: without it, not checked
+
+
+def test_tuning_is_one_section_its_clause_on_every_candidate_table(monkeypatch):
+    from dlopt.report.data import Candidate
+    from dlopt.report.sections import tuning
+    from dlopt.report.sections.tuning import Tuning
+    from dlopt.targets.tvm.tuning_db import TuningApplied
+
+    applied = TuningApplied("/db/a|b", 4, 5, "4 of 5 tasks tuned from /db/a|b (64 trials)")
+    report = _with_candidate(Candidate("tvm", "fp32", "ok", chosen=True, tuning=applied))
+    clause = "4 of 5 tasks tuned from /db/a|b (64 trials)"
+    assert report.candidate_rows()[1][-1] == f"CHOSEN; {clause}"  # the terminal's and report.md's table
+    assert f"CHOSEN; 4 of 5 tasks tuned from /db/a\\|b (64 trials) |" in report.to_markdown()
+    assert f"<td class=\"text\">CHOSEN; {clause}</td>" in render_html(report.to_dict())
+    assert tuning.line(report.to_dict()["candidates"][0]["tuning"]) == tuning.line(applied) == clause  # README's
+    assert tuning.line(None) is None and tuning.line({"summary": None}) is None
+    monkeypatch.setattr(sections, "SECTIONS", [s for s in sections.SECTIONS if not isinstance(s, Tuning)])
+    assert "tasks tuned" not in report.to_markdown() + render_html(report.to_dict())
+    assert report.to_dict()["candidates"][0]["tuning"]["tuned_tasks"] == 4  # the field is still written

@@ -66,11 +66,6 @@ class Candidate:
         """The typed results as report.json writes them."""
         return {name: None if (value := getattr(self, name)) is None else value.to_dict() for name in _RESULTS}
 
-    def facts(self) -> list[str]:
-        """How it was built, beyond backend and precision, for the tables: "4 of 5 tasks tuned from DB (64 trials)"."""
-        summary = self.tuning.summary if self.tuning else None
-        return [str(summary)] if summary else []
-
 
 _RESULTS = {"fidelity": Fidelity, "score": Score, "tuning": TuningApplied, "mcu": McuFigures}
 
@@ -158,7 +153,8 @@ class Report:
             m = c.measurement
             speed = self.speedup(c)
             verdict = ("CHOSEN" + (f": {c.reason}" if c.reason else "")) if c.chosen else (c.reason or c.status)
-            verdict += "".join(f"; {fact}" for fact in c.facts()) + (f"; {pruned}" if c.chosen and pruned else "")
+            verdict += "".join(f"; {fact}" for fact in sections.candidate_facts(self, c)) + (
+                f"; {pruned}" if c.chosen and pruned else "")
             rows.append([
                 c.backend, c.precision + (f" (ran {c.ran_as})" if c.ran_as and c.ran_as != c.precision else ""),
                 _ms(m.latency, "p50_ms") if m else "-", _ms(m.latency, "p99_ms") if m else "-",

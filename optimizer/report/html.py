@@ -110,7 +110,7 @@ def candidate_table(report: Report) -> str:
         result = c.reason or c.status
         if c.chosen:
             result = "CHOSEN" + (f": {c.reason}" if c.reason else "")
-        result += "".join(f"; {fact}" for fact in c.facts())
+        result += "".join(f"; {fact}" for fact in sections.candidate_facts(report, c))
         rows.append([c.backend, c.precision + (f" (ran {c.ran_as})" if c.ran_as and c.ran_as != c.precision else ""),
                      _ms(lat, "p50_ms"), _interval(lat), _ms(lat, "p90_ms"), _ms(lat, "p99_ms"),
                      _speedup(report, c, ties), f"{m.size_bytes / 1e6:.3f}" if m else "-",

@@ -27,6 +27,7 @@ from pathlib import Path
 from dlopt.device.device_check import DEVICE_REPORT, SCRIPT, VERIFY_FILE
 from dlopt.report.gate import printable
 from dlopt.report.data import escape_markdown
+from dlopt.report.sections import tuning
 from dlopt.targets import get_backend
 from dlopt.targets.snippets import dtype as _dtype, feeds_literal as _feeds, version as _version
 
@@ -160,9 +161,9 @@ def _status(report: dict, s: _Shipped) -> str:
         parts.append(f"outputs verified here{runtime} (max rel error {fidelity['max_rel_error']:.1e})")
     else:
         parts.append("outputs not checked here (dlopt could not run it on this machine)")
-    tuning = (row.get("tuning") or {}).get("summary")
-    if tuning:
-        parts.append(_text(str(tuning)))  # "4 of 5 tasks tuned from <database> (64 trials)"
+    tuned = tuning.line(row.get("tuning"))
+    if tuned:
+        parts.append(_text(tuned))  # "4 of 5 tasks tuned from <database> (64 trials)"
     latency = (row.get("measurement") or {}).get("latency") or {}
     if latency.get("p50_ms") is not None:
         timing = report.get("timing") or {}

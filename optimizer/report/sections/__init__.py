@@ -16,9 +16,11 @@ from dlopt.report.sections.float_nodes import FloatNodes
 from dlopt.report.sections.notes import Notes
 from dlopt.report.sections.pruning import Pruning
 from dlopt.report.sections.timing import Timing
+from dlopt.report.sections.tuning import Tuning
 
 SECTIONS: list[Section] = [
     Timing(),
+    Tuning(),
     Pruning(),
     FloatNodes(),
     Calibration(),
