@@ -167,3 +167,18 @@ def test_tuning_is_one_section_its_clause_on_every_candidate_table(monkeypatch):
     monkeypatch.setattr(sections, "SECTIONS", [s for s in sections.SECTIONS if not isinstance(s, Tuning)])
     assert "tasks tuned" not in report.to_markdown() + render_html(report.to_dict())
     assert report.to_dict()["candidates"][0]["tuning"]["tuned_tasks"] == 4  # the field is still written
+
+
+def test_the_microcontroller_clause_is_the_mcu_section_s_in_the_reason_and_the_summary_line():
+    from dlopt.report.sections import mcu
+    from dlopt.targets.c.figures import McuFigures
+
+    figures = McuFigures.from_settings({"mcpu": "cortex-m4", "figures_unavailable": "arm-none-eabi-gcc not found",
+                                        "memory": {"arena_bytes": 96, "liveness_lower_bound_bytes": 64}})
+    clause = "arena 96 B (liveness lower bound 64 B); no Cortex-M sizes: arm-none-eabi-gcc not found"
+    assert mcu.describe(figures) == clause
+    assert mcu.verified(figures) == (f"C sources verified on this machine (host gcc build); {clause}; a "
+                                     f"microcontroller build is not timed here")
+    assert mcu.shipped(figures) == f"a microcontroller build, not timed: {clause}"
+    owners = sorted(s.candidate_key for s in sections.SECTIONS if s.candidate_key)
+    assert owners == ["mcu", "tuning"]  # one section per candidate field it renders

@@ -17,6 +17,7 @@ from dlopt.flow.candidates import NNCF, ORT_DYNAMIC, ORT_STATIC, judge
 from dlopt.measure.budget import Score
 from dlopt.measure.fidelity import Fidelity
 from dlopt.report.data import Candidate, Measurement, Report
+from dlopt.report.sections.mcu import describe
 from dlopt.targets.c.figures import McuFigures, QemuRun
 from dlopt.targets.tvm.tuning_db import TuningApplied
 from models import conv_bn_relu, save
@@ -84,7 +85,7 @@ def test_tuning_and_mcu_figures_round_trip_and_render_as_before():
                            "instructions_note": "n"}}
     mcu = McuFigures.from_settings(c_settings)
     assert mcu.qemu == QemuRun("mps2-an500", 4, 0.0, [12345], "n") and mcu.flash_bytes == 9000
-    assert mcu.describe() == ("9000 B flash, 2000 B RAM for cortex-m7 (arm-none-eabi-gcc 13); arena 1280 B (liveness "
+    assert describe(mcu) == ("9000 B flash, 2000 B RAM for cortex-m7 (arm-none-eabi-gcc 13); arena 1280 B (liveness "
                               "lower bound 1280 B); qemu mps2-an500 gave the host's outputs on 4 inputs (max "
                               "difference 0.0e+00), 12,345 emulator instructions per run (a proxy, not device latency)")
     report = _report(Candidate("tvm", "fp32", "ok", tuning=tuning, mcu=mcu))

@@ -36,6 +36,7 @@ from dlopt.passes.quantize_dynamic import QuantizeDynamicPass
 from dlopt.passes.quantize_nncf import QuantizeNncfPass
 from dlopt.passes.quantize_static import QuantizeStaticPass
 from dlopt.report.data import Candidate, Measurement
+from dlopt.report.sections import mcu as mcu_section
 from dlopt.targets import Artifact, backend_status, get_backend
 from dlopt.targets.c.figures import McuFigures
 from dlopt.targets.ort import OrtSession, session_settings
@@ -300,8 +301,7 @@ def judge_candidate(ev: Evaluation, ran: Ran, cand: Candidate, limit: int | None
 def _where(ev: Evaluation, artifact) -> str:
     mcu = McuFigures.from_settings(artifact.settings)
     if mcu is not None:
-        return (f"C sources verified on this machine (host gcc build); {mcu.describe()}; a microcontroller "
-                f"build is not timed here")
+        return mcu_section.verified(mcu)
     if not artifact.loadable_here:
         return (f"its {artifact.check_onnx} verified on ONNX Runtime here; not yet measured on the "
                 f"{ev.profile.name} device: run `dlopt bench` there")

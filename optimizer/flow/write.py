@@ -30,6 +30,7 @@ from dlopt.flow.select import ORIGINAL_MARGIN
 from dlopt.measure.timing import RESOLUTION_MS
 from dlopt.report import sections
 from dlopt.report.data import Candidate, Measurement, Report
+from dlopt.report.sections import mcu as mcu_section
 from dlopt.report.html import render_html
 from dlopt.report.readme import README, render_readme
 from dlopt.report.summary import summarize
@@ -64,7 +65,7 @@ def summary_line(report: Report) -> str:
     elif chosen.status != "ok":  # rejected: only candidates within the budget are timed
         parts.append("not timed (no candidate met the accuracy budget)")
     elif chosen.mcu:
-        parts.append(f"a microcontroller build, not timed: {chosen.mcu.describe()}")
+        parts.append(mcu_section.shipped(chosen.mcu))
     else:
         parts.append(f"not timed: built for {report.target['name']}, not yet measured on the device "
                      f"(run `dlopt bench` there)")

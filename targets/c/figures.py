@@ -66,18 +66,3 @@ class McuFigures:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.to_dict().get(key, default)
-
-    def describe(self) -> str:
-        """One clause: flash, RAM, arena against its lower bound, and the emulator check."""
-        text = f"arena {self.arena_bytes} B (liveness lower bound {self.liveness_lower_bound_bytes} B)"
-        if self.flash_bytes is not None:
-            text = f"{self.flash_bytes} B flash, {self.ram_bytes} B RAM for {self.mcpu} ({self.compiler}); " + text
-        elif self.figures_unavailable:
-            text += f"; no Cortex-M sizes: {self.figures_unavailable}"
-        qemu = self.qemu
-        if qemu:
-            runs = qemu.instructions_per_run or []
-            text += (f"; qemu {qemu.board} gave the host's outputs on {qemu.samples} inputs (max difference "
-                     f"{qemu.max_abs_diff:.1e})" + (f", {max(runs):,} emulator instructions per run (a proxy, "
-                                                    f"not device latency)" if runs else ""))
-        return text

@@ -13,6 +13,7 @@ from dlopt.report.sections.base import BODY, END, FACTS, HEAD, Section
 from dlopt.report.sections.calibration import Calibration
 from dlopt.report.sections.energy import Energy
 from dlopt.report.sections.float_nodes import FloatNodes
+from dlopt.report.sections.mcu import Mcu
 from dlopt.report.sections.notes import Notes
 from dlopt.report.sections.pruning import Pruning
 from dlopt.report.sections.timing import Timing
@@ -21,6 +22,7 @@ from dlopt.report.sections.tuning import Tuning
 SECTIONS: list[Section] = [
     Timing(),
     Tuning(),
+    Mcu(),
     Pruning(),
     FloatNodes(),
     Calibration(),
