@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import warnings
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -57,10 +58,18 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture
-def saved(tmp_path):
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """One prune and save for the file (about two seconds each): tests get their own copy of the folder."""
     result = dlopt.prune(_net(), _x(), 0.5)
-    return result, result.save(tmp_path / "pruned")
+    return result, result.save(tmp_path_factory.mktemp("pristine") / "pruned")
+
+
+@pytest.fixture
+def saved(pristine, tmp_path):
+    """(prune result, a fresh copy of its saved folder): a test may tamper with its copy."""
+    result, folder = pristine
+    return result, Path(shutil.copytree(folder, tmp_path / "pruned"))
 
 
 # -- item 4: nothing in a saved folder is unpickled ----------------------------------------------------
