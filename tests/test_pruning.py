@@ -207,6 +207,11 @@ def test_distill_rejects_feature_names_that_are_not_modules(teacher):
     x, y = _digits()
     with pytest.raises(ConfigError, match="'nope'"):
         dlopt.distill(teacher, _net(8), [(x[:8], y[:8])], feature_pairs={"nope": "stage2"})
+    # a teacher name that is not there: the student's hook, already on, comes off again
+    student = _net(8)
+    with pytest.raises(ConfigError, match="'nope'"):
+        dlopt.distill(teacher, student, [(x[:8], y[:8])], feature_pairs={"stage2": "nope"})
+    assert not any(m._forward_hooks for m in student.modules()) and not any(m._forward_hooks for m in teacher.modules())
 
 
 def test_compress_prunes_distils_exports_compiles_and_puts_them_side_by_side(teacher, tmp_path):

@@ -162,82 +162,28 @@ def distill(
     :class:`DistillEvent` after every step and epoch.  ``max_steps`` stops early (tests).
     """
     torch = _torch()
-    if not isinstance(teacher, torch.nn.Module) or not isinstance(student, torch.nn.Module):
-        raise ConfigError("distill takes a teacher and a student that are torch.nn.Modules")
-    if epochs < 1:
-        raise ConfigError(f"epochs must be at least 1, got {epochs}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"temperature must be a positive number, got {temperature}")
-    if not 0 <= alpha <= 1:
-        raise ConfigError(f"alpha weighs the soft targets against the labels and lies in [0, 1], got {alpha}")
+    _check_arguments(torch, teacher, student, epochs, temperature, alpha)
     pairs = list(feature_pairs.items() if isinstance(feature_pairs, Mapping) else feature_pairs or ())
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     teacher_mode = teacher.training
     teacher.eval()
-    student_hooks = _Features(student, [s for s, _ in pairs], "student") if pairs else None
-    teacher_hooks = _Features(teacher, [t for _, t in pairs], "teacher") if pairs else None
-    projections: dict[str, Any] = {}
+    features = _FeatureMatch(student, teacher, pairs) if pairs else None
     history: list[DistillEvent] = []
-    step = 0
     try:
         own_optimizer = optimizer is None
-        params = list(student.parameters())
         if own_optimizer:
-            optimizer = torch.optim.Adam(params, lr=lr)
-        try:
-            steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            steps_per_epoch = None
-        total = steps_per_epoch * epochs if steps_per_epoch else None
-        if max_steps is not None:
-            total = min(total, max_steps) if total else max_steps
+            optimizer = torch.optim.Adam(list(student.parameters()), lr=lr)
+        total = _total_steps(train_loader, epochs, max_steps)
         schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
                     if own_optimizer and total else None)
+        step = 0
+        loss = _Loss(teacher, student, temperature, alpha, features, feature_weight, optimizer)
         for epoch in range(1, epochs + 1):
-            student.train()
             start = time.perf_counter()
-            sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
-            batches, labelled = 0, False
-            for batch in train_loader:
-                inputs, labels = split_batch(batch)
-                with torch.no_grad():
-                    teacher_logits = teacher(*inputs)
-                student_logits = student(*inputs)
-                soft = kd_loss(student_logits, teacher_logits, temperature)
-                hard = torch.nn.functional.cross_entropy(student_logits, labels) if labels is not None else None
-                labelled = labelled or hard is not None
-                loss = alpha * soft + (1 - alpha) * hard if hard is not None else soft
-                feature = None
-                if pairs:
-                    feature = 0
-                    for s_name, t_name in pairs:
-                        s_value, t_value = student_hooks.values[s_name], teacher_hooks.values[t_name].detach()
-                        if s_name not in projections:
-                            projections[s_name] = _projection(s_value, t_value)
-                            if projections[s_name] is not None:
-                                optimizer.add_param_group({"params": list(projections[s_name].parameters())})
-                        if projections[s_name] is not None:
-                            s_value = projections[s_name](s_value)
-                        feature = feature + torch.nn.functional.mse_loss(s_value, t_value)
-                    loss = loss + feature_weight * feature
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if schedule is not None:
-                    schedule.step()
-                step += 1
-                batches += 1
-                event = DistillEvent("step", epoch, step, loss.item(), soft.item(),
-                                     None if hard is None else hard.item(), None if feature is None else feature.item())
-                for key, value in (("loss", event.loss), ("kd", event.kd_loss), ("ce", event.ce_loss),
-                                   ("feature", event.feature_loss)):
-                    sums[key] += value or 0.0
-                for callback in callbacks:
-                    callback(event)
-                if max_steps is not None and step >= max_steps:
-                    break
+            sums, batches, labelled, step = _train_epoch(loss, student, train_loader, optimizer, schedule, epoch,
+                                                         step, callbacks, max_steps)
             student.eval()
             n = max(batches, 1)
             summary = DistillEvent(
@@ -255,10 +201,123 @@ def distill(
             if max_steps is not None and step >= max_steps:
                 break
     finally:
-        for hooks in (student_hooks, teacher_hooks):
-            if hooks is not None:
-                hooks.remove()
+        if features is not None:
+            features.remove()
         teacher.train(teacher_mode)
         torch.set_num_threads(threads_before)
     student.eval()
     return DistillResult(student, history)
+
+
+def _check_arguments(torch, teacher, student, epochs: int, temperature: float, alpha: float) -> None:
+    if not isinstance(teacher, torch.nn.Module) or not isinstance(student, torch.nn.Module):
+        raise ConfigError("distill takes a teacher and a student that are torch.nn.Modules")
+    if epochs < 1:
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a positive number, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"alpha weighs the soft targets against the labels and lies in [0, 1], got {alpha}")
+
+
+def _total_steps(train_loader: Iterable, epochs: int, max_steps: int | None) -> int | None:
+    """Steps of the whole run, for the cosine schedule; None when the loader has no length and no cap is set."""
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    total = steps_per_epoch * epochs if steps_per_epoch else None
+    if max_steps is not None:
+        total = min(total, max_steps) if total else max_steps
+    return total
+
+
+class _FeatureMatch:
+    """Hooks on the paired modules of both models, and a projection per student module whose output's
+    channels differ from its teacher's (made at the first batch, added to the optimizer then)."""
+
+    def __init__(self, student, teacher, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+        self.student = _Features(student, [s for s, _ in pairs], "student")
+        try:
+            self.teacher = _Features(teacher, [t for _, t in pairs], "teacher")
+        except BaseException:  # a teacher module that is not there: the student keeps no hook either
+            self.student.remove()
+            raise
+        self.projections: dict[str, Any] = {}
+
+    def loss(self, optimizer):
+        """The summed MSE between each pair's last outputs (the student's projected where needed)."""
+        torch = _torch()
+        feature = 0
+        for s_name, t_name in self.pairs:
+            s_value, t_value = self.student.values[s_name], self.teacher.values[t_name].detach()
+            if s_name not in self.projections:
+                self.projections[s_name] = _projection(s_value, t_value)
+                if self.projections[s_name] is not None:
+                    optimizer.add_param_group({"params": list(self.projections[s_name].parameters())})
+            if self.projections[s_name] is not None:
+                s_value = self.projections[s_name](s_value)
+            feature = feature + torch.nn.functional.mse_loss(s_value, t_value)
+        return feature
+
+    def remove(self) -> None:
+        self.student.remove()
+        self.teacher.remove()
+
+
+@dataclass
+class _Loss:
+    """One batch's loss: soft targets, labels where the batch has them, matched features."""
+
+    teacher: Any
+    student: Any
+    temperature: float
+    alpha: float
+    features: _FeatureMatch | None
+    feature_weight: float
+    optimizer: Any
+
+    def __call__(self, batch):
+        """(loss, kd, ce or None, feature or None) as tensors."""
+        torch = _torch()
+        inputs, labels = split_batch(batch)
+        with torch.no_grad():
+            teacher_logits = self.teacher(*inputs)
+        student_logits = self.student(*inputs)
+        soft = kd_loss(student_logits, teacher_logits, self.temperature)
+        hard = torch.nn.functional.cross_entropy(student_logits, labels) if labels is not None else None
+        loss = self.alpha * soft + (1 - self.alpha) * hard if hard is not None else soft
+        feature = None
+        if self.features is not None:
+            feature = self.features.loss(self.optimizer)
+            loss = loss + self.feature_weight * feature
+        return loss, soft, hard, feature
+
+
+def _train_epoch(loss_of: _Loss, student, train_loader: Iterable, optimizer, schedule, epoch: int, step: int,
+                 callbacks, max_steps: int | None) -> tuple[dict[str, float], int, bool, int]:
+    """One pass over ``train_loader``: (summed losses, batches, whether any had labels, the step reached)."""
+    student.train()
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
+    batches, labelled = 0, False
+    for batch in train_loader:
+        loss, soft, hard, feature = loss_of(batch)
+        labelled = labelled or hard is not None
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        step += 1
+        batches += 1
+        event = DistillEvent("step", epoch, step, loss.item(), soft.item(),
+                             None if hard is None else hard.item(), None if feature is None else feature.item())
+        for key, value in (("loss", event.loss), ("kd", event.kd_loss), ("ce", event.ce_loss),
+                           ("feature", event.feature_loss)):
+            sums[key] += value or 0.0
+        for callback in callbacks:
+            callback(event)
+        if max_steps is not None and step >= max_steps:
+            break
+    return sums, batches, labelled, step
