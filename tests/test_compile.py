@@ -126,16 +126,16 @@ def test_recompile_replaces_previous_output_but_not_foreign_files(compiled, tmp_
     published = json.loads((tmp / "out" / "manifest.json").read_text())["published"]
     # device_report.json is dlopt's too, though only `dlopt bench` on the device writes it
     assert sorted(p.name for p in (tmp / "out").iterdir()) == [p for p in published if p != "device_report.json"]
-    result = dlopt("compile", tmp / "m.onnx", "-o", tmp / "out", "--runs", "5", "--samples", "3",
-                   "--precision", "fp32", cwd=tmp)
+    result = dlopt("compile", tmp / "m.onnx", "--target", "ort-cpu", "-o", tmp / "out", "--runs", "5", "--samples",
+                   "3", "--precision", "fp32", cwd=tmp)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp / "out" / "report.json").read_text())["evaluation"]["feeds"] == 3
     # a file dlopt did not write makes the folder someone else's: refused, nothing touched
     marker = tmp / "out" / "notes.txt"
     marker.write_text("mine")
     before = (tmp / "out" / "report.json").read_bytes()
-    result = dlopt("compile", tmp / "m.onnx", "-o", tmp / "out", "--runs", "5", "--samples", "4",
-                   "--precision", "fp32", cwd=tmp)
+    result = dlopt("compile", tmp / "m.onnx", "--target", "ort-cpu", "-o", tmp / "out", "--runs", "5", "--samples",
+                   "4", "--precision", "fp32", cwd=tmp)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("holds files dlopt did not write: notes.txt; choose another -o or "
                                           "move them away")
@@ -143,8 +143,11 @@ def test_recompile_replaces_previous_output_but_not_foreign_files(compiled, tmp_
 
 
 def test_json_output_is_the_report(tmp_path):
+    # one backend is enough: --json prints whatever report.json holds (int8 and fp16 rows included)
+    (tmp_path / "dlopt.toml").write_text(ORT_ONLY)
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
-    result = dlopt("compile", model, "-o", tmp_path / "o", "--json", "--runs", "5", cwd=tmp_path)
+    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp_path / "o", "--json", "--runs", "5",
+                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data == json.loads((tmp_path / "o" / "report.json").read_text())
@@ -158,8 +161,9 @@ def test_api_with_labelled_inputs(tmp_path):
     labels = logits.argmax(1)
     labels[:16] = (labels[:16] + 1) % 10  # make 16 of 64 wrong: accuracy must be exactly 0.75
     np.savez(tmp_path / "eval.npz", x=x, labels=labels)
-    report = api.compile(proto, target="cpu", out=tmp_path / "api", inputs=tmp_path / "eval.npz", runs=5,
-                         precision="fp32")
+    (tmp_path / "t.toml").write_text(ORT_ONLY)  # the accuracy is the model's: one backend shows it
+    report = api.compile(proto, target="ort-cpu", targets_file=tmp_path / "t.toml", out=tmp_path / "api",
+                         inputs=tmp_path / "eval.npz", runs=5, precision="fp32")
     assert report.baseline.accuracy == pytest.approx(0.75)
     assert report.chosen_candidate().measurement.accuracy == pytest.approx(0.75)
     assert report.evaluation["feeds"] == 2  # 64 samples in batches of 32
@@ -172,8 +176,10 @@ def test_api_rejects_unknown_option(tmp_path):
 
 
 def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
+    # rpi5's profile with ONNX Runtime alone: the rows asserted are ORT's; no TVM cross-builds for aarch64
+    (tmp_path / "dlopt.toml").write_text('[targets.rpi5-ort]\nbase = "rpi5"\nbackends = ["ort"]\n')
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
-    result = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "rpi", "--runs", "5", cwd=tmp_path)
+    result = dlopt("compile", model, "--target", "rpi5-ort", "-o", tmp_path / "rpi", "--runs", "5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "rpi" / "report.json").read_text())
     rows = {c["precision"]: c for c in report["candidates"] if c["backend"] == "ort"}
@@ -184,7 +190,7 @@ def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
     for row in rows.values():
         if row["status"] == "ok":
             assert row["measurement"]["latency"] is None
-            assert "not yet measured on the rpi5 device" in row["reason"]
+            assert "not yet measured on the rpi5-ort device" in row["reason"]
     assert rows["fp32"]["status"] == rows["fp16"]["status"] == "ok"
     assert rows["fp32"]["fidelity"]["max_rel_error"] <= 1e-4
     # nothing can be timed here, so the target's precision preference decides, within the budget
