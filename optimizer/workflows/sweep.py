@@ -139,73 +139,15 @@ def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
     if unknown:
         raise ConfigError(f"{path}: unknown tables {unknown}; a sweep has [sweep], [options], [models.NAME] and "
                           f"[variants.NAME]")
-    head = data.get("sweep")
-    if not isinstance(head, dict):
-        raise ConfigError(f"{path}: no [sweep] table with models and targets")
-    unknown = sorted(set(head) - {"models", "targets", "out", "targets-file"})
-    if unknown:
-        raise ConfigError(f"{path}: [sweep] has unknown keys {unknown}; known: models, targets, out, targets-file")
+    head, model_paths, targets = _sweep_table(path, data)
     here = path.parent
-    models, targets = head.get("models"), head.get("targets", ["cpu"])
-    for key, value in (("models", models), ("targets", targets)):
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{path}: [sweep] {key} must be a non-empty list of strings")
-    model_paths = [(here / m) for m in models]
-    for m in model_paths:
-        if not m.exists():
-            raise ConfigError(f"{path}: model {m} does not exist")
-    _check_names(path, "model", [m.stem for m in model_paths],
-                 hint="a model's name is its file's stem: rename the file")
     out = Path(out) if out is not None else here / head.get("out", f"{path.stem}-out")
     targets_file = here / head["targets-file"] if "targets-file" in head else None
-    known = (set(SECTION_OF) | set(TOP_LEVEL)) - _NOT_OPTIONS
-
-    def options(table: Any, where: str) -> dict[str, Any]:
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: {where} must be a table of compile options")
-        result = {}
-        for key, value in table.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{path}: {where} has unknown option {key!r}; known: {', '.join(sorted(known))}")
-            if name == "metric" and not (value in BUILTIN or (isinstance(value, str) and _METRIC.fullmatch(value))):
-                raise ConfigError(f"{path}: {where}: metric takes {', '.join(BUILTIN)} or module:function, "
-                                  f"got {value!r:.60}")
-            result[name] = str(here / value) if name in _PATH_OPTIONS and isinstance(value, str) else value
-        return result
-
-    def check(model: Path, opts: dict[str, Any], where: str) -> None:  # a bad value fails now, not at night
-        try:
-            CompileConfig.build(model, **opts)
-        except TypeError as exc:
-            raise ConfigError(f"{path}: {where}: {first_line(exc)}") from exc
-        except DloptError as exc:
-            raise ConfigError(f"{path}: {where}: {exc}") from exc
-
-    common = options(data.get("options", {}), "[options]")
-    check(model_paths[0], common, "[options]")  # named as the table that holds the bad value
-    by_model = _tables(path, data, "models")
-    stems = {m.stem: m for m in model_paths}
-    for name in by_model:
-        if name not in stems:
-            raise ConfigError(f"{path}: [models.{name}] names no model of this sweep (its models: "
-                              f"{', '.join(stems)}; a model's table is named after its file's stem)")
-    model_options = {m.stem: options(by_model.get(m.stem, {}), f"[models.{m.stem}]") for m in model_paths}
-    for stem, opts in model_options.items():
-        if opts:
-            check(stems[stem], {**common, **opts}, f"[models.{stem}]")
-    variants = _tables(path, data, "variants") if "variants" in data else {"default": {}}
-    if not variants:
-        raise ConfigError(f"{path}: [variants] must hold at least one [variants.NAME] table")
-    variant_options = {name: options(v, f"[variants.{name}]") for name, v in variants.items()}
-    for name, opts in variant_options.items():
-        check(model_paths[0], {**common, **opts}, f"[variants.{name}]")
-        for stem, own in model_options.items():
-            both = sorted(set(own) & set(opts))
-            if both:
-                raise ConfigError(f"{path}: [models.{stem}] and [variants.{name}] both set {', '.join(both)}; set "
-                                  f"each in one of them (a model's table: what differs by model)")
-
+    tables = _OptionTables(path)
+    common = tables.options(data.get("options", {}), "[options]")
+    tables.check(model_paths[0], common, "[options]")  # named as the table that holds the bad value
+    model_options = _model_options(path, data, model_paths, common, tables)
+    variant_options = _variant_options(path, data, model_paths[0], common, model_options, tables)
     _check_names(path, "target", targets)
     _check_names(path, "variant", list(variant_options))
     for target in targets:  # an unknown target name, too, fails before the first compile
@@ -216,6 +158,92 @@ def load_sweep(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
     sweep = Sweep(path, out, entries)
     check_entry_folders(sweep)
     return sweep
+
+
+def _sweep_table(path: Path, data: dict) -> tuple[dict, list[Path], list[str]]:
+    """[sweep] checked: the table, its models' paths (each exists, stems distinct) and its targets."""
+    head = data.get("sweep")
+    if not isinstance(head, dict):
+        raise ConfigError(f"{path}: no [sweep] table with models and targets")
+    unknown = sorted(set(head) - {"models", "targets", "out", "targets-file"})
+    if unknown:
+        raise ConfigError(f"{path}: [sweep] has unknown keys {unknown}; known: models, targets, out, targets-file")
+    models, targets = head.get("models"), head.get("targets", ["cpu"])
+    for key, value in (("models", models), ("targets", targets)):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{path}: [sweep] {key} must be a non-empty list of strings")
+    model_paths = [(path.parent / m) for m in models]
+    for m in model_paths:
+        if not m.exists():
+            raise ConfigError(f"{path}: model {m} does not exist")
+    _check_names(path, "model", [m.stem for m in model_paths],
+                 hint="a model's name is its file's stem: rename the file")
+    return head, model_paths, targets
+
+
+class _OptionTables:
+    """Reads a table of compile options of ``path`` (paths in it relative to the file) and checks a set of them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.known = (set(SECTION_OF) | set(TOP_LEVEL)) - _NOT_OPTIONS
+
+    def options(self, table: Any, where: str) -> dict[str, Any]:
+        path, here = self.path, self.path.parent
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {where} must be a table of compile options")
+        result = {}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in self.known:
+                raise ConfigError(f"{path}: {where} has unknown option {key!r}; known: {', '.join(sorted(self.known))}")
+            if name == "metric" and not (value in BUILTIN or (isinstance(value, str) and _METRIC.fullmatch(value))):
+                raise ConfigError(f"{path}: {where}: metric takes {', '.join(BUILTIN)} or module:function, "
+                                  f"got {value!r:.60}")
+            result[name] = str(here / value) if name in _PATH_OPTIONS and isinstance(value, str) else value
+        return result
+
+    def check(self, model: Path, opts: dict[str, Any], where: str) -> None:
+        """A bad value fails now, not at night: ConfigError naming the table."""
+        try:
+            CompileConfig.build(model, **opts)
+        except TypeError as exc:
+            raise ConfigError(f"{self.path}: {where}: {first_line(exc)}") from exc
+        except DloptError as exc:
+            raise ConfigError(f"{self.path}: {where}: {exc}") from exc
+
+
+def _model_options(path: Path, data: dict, model_paths: list[Path], common: dict,
+                   tables: _OptionTables) -> dict[str, dict]:
+    """Each model's own options ([models.STEM]; empty where it has no table), checked over [options]."""
+    by_model = _tables(path, data, "models")
+    stems = {m.stem: m for m in model_paths}
+    for name in by_model:
+        if name not in stems:
+            raise ConfigError(f"{path}: [models.{name}] names no model of this sweep (its models: "
+                              f"{', '.join(stems)}; a model's table is named after its file's stem)")
+    model_options = {m.stem: tables.options(by_model.get(m.stem, {}), f"[models.{m.stem}]") for m in model_paths}
+    for stem, opts in model_options.items():
+        if opts:
+            tables.check(stems[stem], {**common, **opts}, f"[models.{stem}]")
+    return model_options
+
+
+def _variant_options(path: Path, data: dict, first_model: Path, common: dict, model_options: dict[str, dict],
+                     tables: _OptionTables) -> dict[str, dict]:
+    """Each variant's options ([variants.NAME]; one "default" without the table), none set by a model table too."""
+    variants = _tables(path, data, "variants") if "variants" in data else {"default": {}}
+    if not variants:
+        raise ConfigError(f"{path}: [variants] must hold at least one [variants.NAME] table")
+    variant_options = {name: tables.options(v, f"[variants.{name}]") for name, v in variants.items()}
+    for name, opts in variant_options.items():
+        tables.check(first_model, {**common, **opts}, f"[variants.{name}]")
+        for stem, own in model_options.items():
+            both = sorted(set(own) & set(opts))
+            if both:
+                raise ConfigError(f"{path}: [models.{stem}] and [variants.{name}] both set {', '.join(both)}; set "
+                                  f"each in one of them (a model's table: what differs by model)")
+    return variant_options
 
 
 def _tables(path: Path, data: dict, key: str) -> dict[str, dict]:
