@@ -24,8 +24,12 @@ def real(tmp_path_factory) -> dict:
     """One real report of a tiny model (fp32 on this CPU), as report.json holds it."""
     import dlopt
 
-    out = tmp_path_factory.mktemp("gate") / "out"
-    report = dlopt.compile(models.conv_bn_relu(), target="cpu", out=out, precision="fp32", runs=5, warmup=1)
+    root = tmp_path_factory.mktemp("gate")
+    out = root / "out"
+    # ONNX Runtime alone: the gates read only report.json, whose fields every backend's row fills alike
+    (root / "targets.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
+    report = dlopt.compile(models.conv_bn_relu(), target="here", targets_file=root / "targets.toml", out=out,
+                           precision="fp32", runs=5, warmup=1)
     data = json.loads((out / "report.json").read_text())
     assert data == json.loads(report.to_json())
     assert data["chosen"] is not None
@@ -219,7 +223,7 @@ def test_toml_thresholds_and_flag_override(tmp_path):
 def test_markdown_comment(real):
     results = check(edited(real, size=3_000_000), Thresholds(max_accuracy_drop=1, max_size_mb=2))
     text = to_markdown(results, real)
-    assert text.startswith(f"### dlopt gate ❌ failed: model for cpu, chosen {real['chosen']}\n")  # no code spans:
+    assert text.startswith(f"### dlopt gate ❌ failed: model for here, chosen {real['chosen']}\n")  # no code spans:
     # report strings are escaped as Markdown text (dlopt.report.data.escape_markdown), which a code span would show raw
     assert f"| size | 3 MB | 2 MB | ❌ failed | {real['chosen']} artefact 3000000 bytes |" in text
     assert "| accuracy-drop | 0 pp | 1 pp | ✅ passed |" in text
