@@ -15,6 +15,18 @@ import models
 from cli import DLOPT, dlopt
 
 FAST = ("--precision", "fp32", "--runs", "5", "--samples", "3")
+# The compiles these tests run to the end (or keep busy until they are stopped) target a CPU that builds
+# ONNX Runtime only: what they check is the output folder, its lock and its staging, which every backend
+# shares; the cpu preset would add an OpenVINO and a TVM build to each (about 10 s of a 2-core machine).
+ORT_ONLY = '[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n'
+
+
+@pytest.fixture(scope="module")
+def here(tmp_path_factory):
+    """--target/--targets-file arguments of the ORT-only target, its file outside every test's folder."""
+    path = tmp_path_factory.mktemp("targets") / "here.toml"
+    path.write_text(ORT_ONLY)
+    return ("--target", "here", "--targets-file", str(path))
 
 
 def _tiny(path):
@@ -48,9 +60,9 @@ def test_folder_with_a_foreign_manifest_is_not_replaced(tmp_path):
     assert _tree(proj) == ["manifest.json", "src", "src/main.c", "thesis.tex", "tiny.onnx"]
 
 
-def test_input_model_inside_a_dlopt_output_is_never_replaced(tmp_path):
+def test_input_model_inside_a_dlopt_output_is_never_replaced(tmp_path, here):
     _tiny(tmp_path / "m.onnx")
-    assert dlopt("compile", "m.onnx", "-o", "out", *FAST, cwd=tmp_path).returncode == 0
+    assert dlopt("compile", "m.onnx", "-o", "out", *FAST, *here, cwd=tmp_path).returncode == 0
     model = tmp_path / "out" / "model.onnx"
     before = model.read_bytes()
     line = _one_error_line(dlopt("compile", model, "-o", tmp_path / "out", *FAST, cwd=tmp_path))
@@ -83,9 +95,9 @@ def test_dangling_symlink_as_output_is_refused(tmp_path):
     assert not (tmp_path / "nowhere").exists() and (tmp_path / "link").is_symlink()
 
 
-def _start_slow(tmp, out):
+def _start_slow(tmp, out, here):
     return subprocess.Popen([DLOPT, "compile", "m.onnx", "-o", str(out), "--precision", "fp32",
-                             "--runs", "1000000"], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--runs", "1000000", *here], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -100,11 +112,11 @@ def _wait_for(tmp, prefix, proc, timeout=60):
     raise AssertionError(f"no {prefix}* appeared")
 
 
-def test_link_and_its_target_share_one_lock(tmp_path):
+def test_link_and_its_target_share_one_lock(tmp_path, here):
     _tiny(tmp_path / "m.onnx")
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    first = _start_slow(tmp_path, "real")
+    first = _start_slow(tmp_path, "real", here)
     try:
         _wait_for(tmp_path, ".real.dlopt-tmp-", first)
         line = _one_error_line(dlopt("compile", "m.onnx", "-o", "link", *FAST, cwd=tmp_path))
@@ -114,9 +126,9 @@ def test_link_and_its_target_share_one_lock(tmp_path):
         first.communicate()
 
 
-def test_killed_run_leaves_staging_that_the_next_run_removes(tmp_path):
+def test_killed_run_leaves_staging_that_the_next_run_removes(tmp_path, here):
     _tiny(tmp_path / "m.onnx")
-    proc = _start_slow(tmp_path, "out")
+    proc = _start_slow(tmp_path, "out", here)
     (staging,) = _wait_for(tmp_path, ".out.dlopt-tmp-", proc)
     assert staging.name.startswith(f".out.dlopt-tmp-{proc.pid}-")
     proc.kill()  # SIGKILL: no cleanup can run
@@ -124,7 +136,7 @@ def test_killed_run_leaves_staging_that_the_next_run_removes(tmp_path):
     assert staging.is_dir()
     other = tmp_path / ".other.dlopt-tmp-1-abc"  # another output's staging is not ours to remove
     other.mkdir()
-    result = dlopt("compile", "m.onnx", "-o", "out", *FAST, "--json", cwd=tmp_path)
+    result = dlopt("compile", "m.onnx", "-o", "out", *FAST, *here, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not staging.exists() and other.is_dir()
     notes = json.loads(result.stdout)["notes"]
@@ -132,9 +144,9 @@ def test_killed_run_leaves_staging_that_the_next_run_removes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.dlopt-tmp-1-abc", "m.onnx", "out"]
 
 
-def test_two_quick_interrupts_clean_up_once_and_quietly(tmp_path):
+def test_two_quick_interrupts_clean_up_once_and_quietly(tmp_path, here):
     _tiny(tmp_path / "m.onnx")
-    proc = _start_slow(tmp_path, "out")
+    proc = _start_slow(tmp_path, "out", here)
     _wait_for(tmp_path, ".out.dlopt-tmp-", proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -185,15 +197,15 @@ def test_model_file_is_still_there_after_every_refusal(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
-def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path):
+def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path, here):
     _tiny(tmp_path / "m.onnx")
-    result = dlopt("compile", "m.onnx", "-o", "deep/a/b", *FAST, cwd=tmp_path)
+    result = dlopt("compile", "m.onnx", "-o", "deep/a/b", *FAST, *here, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "deep" / "a" / "b" / "manifest.json").is_file()
     # a compile that fails after the folders were made (the model fails at run time) leaves none of them
     from test_hostile_inputs import _reshape_to_seven
 
     models.save(_reshape_to_seven(), tmp_path / "bad.onnx")
-    result = dlopt("compile", "bad.onnx", "-o", "other/x", *FAST, cwd=tmp_path)
+    result = dlopt("compile", "bad.onnx", "-o", "other/x", *FAST, *here, cwd=tmp_path)
     assert result.returncode == 2 and "cannot run the original model" in result.stderr
     assert not (tmp_path / "other").exists()
