@@ -125,7 +125,8 @@ def bench(out, keys, timing, output, tvm, select_fastest):
       dlopt bench build/rpi5 --select --runs 200
       dlopt bench build/rpi5 --rpc-tracker farm:9190 --rpc-key rpi5
     """
-    from dlopt.workflows.verify import check_output, select
+    from dlopt.workflows.promote import select
+    from dlopt.workflows.verify import check_output
 
     report = check_output(out, bench=True, keys=list(keys) or None, threads=timing.threads, runs=timing.runs,
                           warmup=timing.warmup, remote=tvm.remote(), choosing=select_fastest,
