@@ -113,7 +113,39 @@ def emit(gen, *, header_note: str = "") -> Generated:
         if gen.kind.get(name) != "f":
             raise ModelError(f"output {name!r} is not a float tensor the C backend computed")
     steps = _live_steps(gen)
-    final = len(steps)
+    first, last = _lifetimes(steps, gen.outputs)
+    share = _Sharing(gen, last)
+    for i, step in enumerate(steps):
+        share.step(i, step)
+    plan = c_memory.plan(share.buffers(first))
+    single = len(gen.inputs) == 1 and len(gen.outputs) == 1
+    in_names = ["input"] if single else [f"input{k}" for k in range(len(gen.inputs))]
+    out_names = ["output"] if single else [f"output{k}" for k in range(len(gen.outputs))]
+
+    def ptr(t: str) -> str:
+        root = share.groups.find(t)
+        ctype = _CTYPE[gen.kind[t]]
+        for k, name in enumerate(gen.inputs):
+            if share.groups.find(name) == root:
+                return f"{in_names[k]}"
+        return f"(({ctype} *)(dl_arena + {plan.offsets[root]}))"
+
+    body = [step.code(ptr) for step in steps]
+    for k, t in enumerate(gen.outputs):
+        body.append(f"memcpy({out_names[k]}, {ptr(t)}, {share.nbytes(t)});")
+    io_in = [{"name": t, "c_name": in_names[k], "shape": list(gen.shapes[t]), "floats": gen.numel(t)}
+             for k, t in enumerate(gen.inputs)]
+    io_out = [{"name": t, "c_name": out_names[k], "shape": list(gen.shapes[t]), "floats": gen.numel(t)}
+              for k, t in enumerate(gen.outputs)]
+    header_note = f" {comment_text(header_note, 120)}" if header_note.strip() else ""
+    params = ", ".join([f"const float *{n}" for n in in_names] + [f"float *{n}" for n in out_names])
+    model_c = _model_c(gen, plan, body, in_names, params, header_note)
+    model_h = _model_h(plan, in_names + out_names, io_in + io_out, params, header_note)
+    return Generated(model_c, model_h, plan, gen.weights_bytes, io_in, io_out, gen.ops)
+
+
+def _lifetimes(steps: list, outputs: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """The step that first writes each tensor and the last that reads it (outputs live to the end)."""
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, step in enumerate(steps):
@@ -122,64 +154,61 @@ def emit(gen, *, header_note: str = "") -> Generated:
             last.setdefault(t, i)
         for t in step.reads:
             last[t] = max(last.get(t, i), i)
-    for t in gen.outputs:
-        last[t] = final
-    groups = _Groups()
-    members: dict[str, list[str]] = {}
-    inputs = set(gen.inputs)
+    for t in outputs:
+        last[t] = len(steps)
+    return first, last
 
-    def group_last(root: str) -> int:
-        return max(last.get(m, 0) for m in members.get(root, [root]))
 
-    def join(into: str, other: str) -> None:
-        a, b = groups.find(into), groups.find(other)
-        groups.union(a, b)
-        members[a] = members.get(a, [a]) + members.pop(b, [b])
+class _Sharing:
+    """Which tensors share one buffer: an alias (Reshape, Flatten) always, an in-place op's output where its
+    input is dead after it, the same size and kind, and not a model input."""
 
-    def nbytes(t: str) -> int:
-        return gen.numel(t) * (4 if gen.kind[t] == "f" else 1)
+    def __init__(self, gen, last: dict[str, int]) -> None:
+        self.gen, self.last = gen, last
+        self.groups = _Groups()
+        self.members: dict[str, list[str]] = {}
+        self.inputs = set(gen.inputs)
 
-    for i, step in enumerate(steps):
+    def nbytes(self, t: str) -> int:
+        return self.gen.numel(t) * (4 if self.gen.kind[t] == "f" else 1)
+
+    def group_last(self, root: str) -> int:
+        return max(self.last.get(m, 0) for m in self.members.get(root, [root]))
+
+    def is_input(self, root: str) -> bool:
+        return any(self.groups.find(i_) == root for i_ in self.inputs)
+
+    def join(self, into: str, other: str) -> None:
+        a, b = self.groups.find(into), self.groups.find(other)
+        self.groups.union(a, b)
+        self.members[a] = self.members.get(a, [a]) + self.members.pop(b, [b])
+
+    def step(self, i: int, step) -> None:
         x, out = (step.reads[0] if step.reads else None), step.writes[0]
         if step.alias:
-            join(x, out)
+            self.join(x, out)
         elif step.inplace and x is not None:
-            root = groups.find(x)
-            if (not any(groups.find(i_) == root for i_ in inputs) and group_last(root) <= i
-                    and nbytes(x) == nbytes(out) and gen.kind[x] == gen.kind[out]):
-                join(x, out)
-    roots: dict[str, c_memory.Buffer] = {}
-    for t in first:
-        root = groups.find(t)
-        if any(groups.find(i_) == root for i_ in inputs):
-            continue
-        ms = members.get(root, [root])
-        roots[root] = c_memory.Buffer(root, max(nbytes(m) for m in ms if m in first),
-                                      min(first[m] for m in ms if m in first), group_last(root))
-    plan = c_memory.plan(list(roots.values()))
-    single = len(gen.inputs) == 1 and len(gen.outputs) == 1
-    in_names = ["input"] if single else [f"input{k}" for k in range(len(gen.inputs))]
-    out_names = ["output"] if single else [f"output{k}" for k in range(len(gen.outputs))]
+            root = self.groups.find(x)
+            if (not self.is_input(root) and self.group_last(root) <= i and self.nbytes(x) == self.nbytes(out)
+                    and self.gen.kind[x] == self.gen.kind[out]):
+                self.join(x, out)
 
-    def ptr(t: str) -> str:
-        root = groups.find(t)
-        ctype = _CTYPE[gen.kind[t]]
-        for k, name in enumerate(gen.inputs):
-            if groups.find(name) == root:
-                return f"{in_names[k]}"
-        return f"(({ctype} *)(dl_arena + {plan.offsets[root]}))"
+    def buffers(self, first: dict[str, int]) -> list:
+        """One arena buffer per group that is not a model input: its largest tensor, first write to last read."""
+        roots: dict[str, c_memory.Buffer] = {}
+        for t in first:
+            root = self.groups.find(t)
+            if self.is_input(root):
+                continue
+            ms = self.members.get(root, [root])
+            roots[root] = c_memory.Buffer(root, max(self.nbytes(m) for m in ms if m in first),
+                                          min(first[m] for m in ms if m in first), self.group_last(root))
+        return list(roots.values())
 
-    body = [step.code(ptr) for step in steps]
-    for k, t in enumerate(gen.outputs):
-        body.append(f"memcpy({out_names[k]}, {ptr(t)}, {nbytes(t)});")
-    params = ", ".join([f"const float *{n}" for n in in_names] + [f"float *{n}" for n in out_names])
-    io_in = [{"name": t, "c_name": in_names[k], "shape": list(gen.shapes[t]), "floats": gen.numel(t)}
-             for k, t in enumerate(gen.inputs)]
-    io_out = [{"name": t, "c_name": out_names[k], "shape": list(gen.shapes[t]), "floats": gen.numel(t)}
-              for k, t in enumerate(gen.outputs)]
+
+def _model_c(gen, plan, body: list[str], in_names: list[str], params: str, header_note: str) -> str:
     arena = max(plan.arena, c_memory.ALIGN)
-    header_note = f" {comment_text(header_note, 120)}" if header_note.strip() else ""
-    model_c = "\n".join([
+    return "\n".join([
         f"/* Generated by dlopt{header_note}: do not edit. Weights are const (flash); activations share one",
         f"   static arena of {plan.arena} bytes (liveness lower bound {plan.lower_bound} bytes). */",
         "#include <stddef.h>", "#include <stdint.h>", "#include <string.h>",
@@ -191,17 +220,19 @@ def emit(gen, *, header_note: str = "") -> Generated:
         f"int dlopt_model_run({params}) {{",
         *[f"    (void){n};" for n in in_names], "    (void)dl_arena;",
         *[f"    {line}" for line in body if line], "    return 0;", "}", ""])
+
+
+def _model_h(plan, names: list[str], io: list[dict], params: str, header_note: str) -> str:
     guard = "DLOPT_MODEL_H"
     defines = [f"#define DLOPT_MODEL_{n.upper()}_FLOATS {d['floats']}  /* {comment_text(d['name'])}: {d['shape']} */"
-               for n, d in zip(in_names + out_names, io_in + io_out)]
-    model_h = "\n".join([
+               for n, d in zip(names, io)]
+    return "\n".join([
         f"/* Generated by dlopt{header_note}. */", f"#ifndef {guard}", f"#define {guard}", "",
-        *defines, f"#define DLOPT_MODEL_ARENA_BYTES {arena}", "",
+        *defines, f"#define DLOPT_MODEL_ARENA_BYTES {max(plan.arena, c_memory.ALIGN)}", "",
         "#ifdef __cplusplus", 'extern "C" {', "#endif",
         "/* Runs the model once (batch 1, NCHW floats); returns 0. Not re-entrant: one static arena. */",
         f"int dlopt_model_run({params});",
         "#ifdef __cplusplus", "}", "#endif", f"#endif /* {guard} */", ""])
-    return Generated(model_c, model_h, plan, gen.weights_bytes, io_in, io_out, gen.ops)
 
 
 def prepare(model: onnx.ModelProto, shapes: dict | None = None) -> onnx.ModelProto:
