@@ -228,3 +228,16 @@ def node_model(node: onnx.NodeProto, inputs: Any, outputs_info=None, opset: int 
 
 def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def module_api(target: str, class_name: str) -> tuple:
+    """What a module of this package offers over dlopt backend (or profile) ``target``, as
+    ``onnxruntime.backend`` does: its backend class, ``prepare``, ``run_model`` (twice: also as ``run``),
+    ``run_node``, ``supports_device`` and ``is_compatible``."""
+    backend = type(class_name, (DloptBackend,), {"target": target, "__module__": f"dlopt.onnx_backend.{target}"})
+    run_model = backend.run_model
+    return (backend, backend.prepare, run_model, run_model, backend.run_node, backend.supports_device,
+            backend.is_compatible)
+
+
+API = ["prepare", "run_model", "run", "run_node", "supports_device", "is_compatible"]

@@ -3,17 +3,8 @@ OpenVINO, TVM) whose outputs match the ONNX reference implementation's where tha
 (small models), else the first that runs it, checked against ONNX Runtime
 (``dlopt.onnx_backend.engines.FallbackEngine``)."""
 
-from dlopt.onnx_backend._api import DloptBackend, DloptRep
+from dlopt.onnx_backend._api import API, DloptRep, module_api
 
-
-class CpuOnnxBackend(DloptBackend):
-    target = "cpu"
-
-
-prepare = CpuOnnxBackend.prepare
-run_model = run = CpuOnnxBackend.run_model
-run_node = CpuOnnxBackend.run_node
-supports_device = CpuOnnxBackend.supports_device
-is_compatible = CpuOnnxBackend.is_compatible
-
-__all__ = ["CpuOnnxBackend", "DloptRep", "prepare", "run_model", "run", "run_node", "supports_device", "is_compatible"]
+CpuOnnxBackend, prepare, run_model, run, run_node, supports_device, is_compatible = module_api(
+    "cpu", "CpuOnnxBackend")
+__all__ = ["CpuOnnxBackend", "DloptRep", *API]

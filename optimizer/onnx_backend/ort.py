@@ -1,16 +1,7 @@
 """ONNX backend API over dlopt's ort backend: ONNX Runtime."""
 
-from dlopt.onnx_backend._api import DloptBackend, DloptRep
+from dlopt.onnx_backend._api import API, DloptRep, module_api
 
-
-class OrtOnnxBackend(DloptBackend):
-    target = "ort"
-
-
-prepare = OrtOnnxBackend.prepare
-run_model = run = OrtOnnxBackend.run_model
-run_node = OrtOnnxBackend.run_node
-supports_device = OrtOnnxBackend.supports_device
-is_compatible = OrtOnnxBackend.is_compatible
-
-__all__ = ["OrtOnnxBackend", "DloptRep", "prepare", "run_model", "run", "run_node", "supports_device", "is_compatible"]
+OrtOnnxBackend, prepare, run_model, run, run_node, supports_device, is_compatible = module_api(
+    "ort", "OrtOnnxBackend")
+__all__ = ["OrtOnnxBackend", "DloptRep", *API]
