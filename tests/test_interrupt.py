@@ -48,17 +48,23 @@ def test_signal_leaves_no_output(tmp_path, sig):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no output, temp folder or lock
 
 
-def test_second_compile_into_same_folder_fails_clearly_then_waits(tmp_path):
-    first = _start(tmp_path, tmp_path / "out")
+def test_second_compile_into_same_folder_fails_clearly_then_waits(tmp_path, tmp_path_factory):
+    # the three compiles target a CPU that builds ONNX Runtime only: the lock and the wait are the same for every
+    # backend, and the cpu preset added an OpenVINO and a TVM build of this 32-channel model to the waiting one
+    targets = tmp_path_factory.mktemp("targets") / "here.toml"  # outside tmp_path, whose listing is asserted
+    targets.write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
+    here = ("--target", "here", "--targets-file", str(targets))
+    first = _start(tmp_path, tmp_path / "out", *here)
     try:
         _wait_for_staging(tmp_path, first)
         second = subprocess.run([DLOPT, "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"),
-                                 "--precision", "fp32", "--runs", "5"], capture_output=True, text=True, cwd=tmp_path)
+                                 "--precision", "fp32", "--runs", "5", *here], capture_output=True, text=True,
+                                cwd=tmp_path)
         assert second.returncode == 2
         assert f"another dlopt compile (pid {first.pid}) is writing" in second.stderr
         # a waiting compile proceeds once the first one is gone, and writes a complete folder
         waiter = subprocess.Popen([DLOPT, "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"),
-                                   "--precision", "fp32", "--runs", "5", "--wait", "120"], cwd=tmp_path,
+                                   "--precision", "fp32", "--runs", "5", "--wait", "120", *here], cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
         assert waiter.poll() is None  # still waiting for the lock
