@@ -56,9 +56,24 @@ def _compile(proto, tmp_path, target="cortex-m7", precision="fp32", **options):
                      precision=precision, threads=1, **options)
 
 
-def test_fp32_c_matches_onnx_runtime_with_a_tight_arena(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``built(target)``: the fp32 build of small_cnn() for that target, compiled once for the file (the
+    cross build and the qemu run included); tests only read it."""
+    root = tmp_path_factory.mktemp("c-builds")
+    cache = {}
+
+    def build(target: str):
+        if target not in cache:
+            cache[target] = _compile(small_cnn(), root, target=target)
+        return cache[target]
+
+    return build
+
+
+def test_fp32_c_matches_onnx_runtime_with_a_tight_arena(built):
     proto = small_cnn()
-    artifact = _compile(proto, tmp_path)
+    artifact = built("cortex-m7")
     folder = artifact.folder
     for name in ("model.c", "model.h", "dlopt_kernels.c", "dlopt_kernels.h", "Makefile", "dlopt_model.cmake",
                  "INTEGRATION.md", "c_build.json", "reference.onnx"):
@@ -104,9 +119,9 @@ def _berkeley_totals(size_output: str) -> tuple[int, int, int]:
 
 
 @needs_cross
-def test_cross_build_figures_and_symbols_for_m4_and_m7(tmp_path):
+def test_cross_build_figures_and_symbols_for_m4_and_m7(built):
     for target in ("cortex-m4", "cortex-m7"):
-        settings = _compile(small_cnn(), tmp_path, target=target).settings
+        settings = built(target).settings
         figures = settings["figures"]
         assert set(figures["undefined_symbols"]) <= ALLOWED_UNDEFINED
         assert figures["bss_bytes"] == settings["memory"]["arena_bytes"]
@@ -128,9 +143,9 @@ def test_max_ram_and_max_flash_fail_the_build(tmp_path):
 
 
 @needs_qemu
-def test_qemu_image_matches_the_host_build_on_m7_and_m4(tmp_path):
+def test_qemu_image_matches_the_host_build_on_m7_and_m4(built):
     for target, board in (("cortex-m7", "mps2-an500"), ("cortex-m4", "mps2-an386")):
-        qemu = _compile(small_cnn(), tmp_path, target=target).settings["qemu"]
+        qemu = built(target).settings["qemu"]
         assert qemu["board"] == board and qemu["samples"] == 3
         assert qemu["max_abs_diff"] <= 1e-5
         counts = qemu["instructions_per_run"]
@@ -197,15 +212,16 @@ def test_inspect_lists_the_c_backends_op_coverage(tmp_path):
 
 
 @needs_cross
-def test_the_shipped_makefile_builds_the_library(tmp_path):
+def test_the_shipped_makefile_builds_the_library(built, tmp_path):
+    import shutil
     import subprocess
 
-    artifact = _compile(small_cnn(), tmp_path, target="cortex-m4")
-    text = (artifact.folder / "Makefile").read_text()
+    folder = shutil.copytree(built("cortex-m4").folder, tmp_path / "shipped")  # make writes into its own copy
+    text = (folder / "Makefile").read_text()
     assert "-mcpu=cortex-m4" in text and "-Werror" in text and "-ffp-contract=off" in text
-    done = subprocess.run(["make", "-C", str(artifact.folder), "libdlopt_model.a"], capture_output=True, text=True)
+    done = subprocess.run(["make", "-C", str(folder), "libdlopt_model.a"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert (artifact.folder / "libdlopt_model.a").stat().st_size > 1000
+    assert (folder / "libdlopt_model.a").stat().st_size > 1000
 
 
 def op_zoo() -> onnx.ModelProto:
