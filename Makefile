@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch lies on local disk at this exact version; anything else pulls a CUDA build.
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[all,test]'
+	# Triton's server for `dlopt serve`: the nvidia-pytriton wheel ships tritonserver and its Python backend.
+	# --no-deps: its Python layer (unused by dlopt) pins NumPy<2 and protobuf<7, which the rest of the stack outgrew.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 # Installs the missing packages as root, or through sudo when it asks no password; otherwise it prints the

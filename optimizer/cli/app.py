@@ -26,6 +26,7 @@ from dlopt.cli.gate import gate
 from dlopt.cli.inspect import inspect
 from dlopt.cli.package import package
 from dlopt.cli.run import run
+from dlopt.cli.serve import serve
 from dlopt.cli.sweep import sweep
 from dlopt.cli.targets import targets
 from dlopt.cli.tune import tune
@@ -147,6 +148,7 @@ def main(verbose: int) -> None:
       dlopt gate out/ --max-accuracy-drop 0.5
       dlopt run out/ --input data.npz --output preds.npz
       dlopt verify out/ && dlopt bench out/ --select
+      dlopt serve out/ --max-batch-size 16
       dlopt tune model.onnx --target cpu --trials 300 --time-budget 30m
       dlopt targets
       dlopt demo
@@ -159,6 +161,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-VERBS = (compile, inspect, targets, run, demo, gate, verify, bench, tune, package, sweep)
+VERBS = (compile, inspect, targets, run, demo, gate, verify, bench, tune, package, serve, sweep)
 for verb in VERBS:
     main.add_command(verb)

@@ -119,6 +119,13 @@ def build_config(artifact, inputs, outputs, *, name: str, max_batch_size: int | 
     ``max_batch_size``: None batches when every input and output has a symbolic first axis
     (up to DEFAULT_MAX_BATCH), 0 never batches.
     """
+    config = build_tensors(inputs, outputs, name=name, max_batch_size=max_batch_size)
+    _fill_backend(config, artifact)
+    return config
+
+
+def build_tensors(inputs, outputs, *, name: str, max_batch_size: int | None = None):
+    """The ``inference.ModelConfig`` without a backend: name, batching, inputs and outputs."""
     pb = model_config_pb2()
     config = pb.ModelConfig(name=name)
     batched = bool(inputs) and all(s.shape and not isinstance(s.shape[0], int) for s in (*inputs, *outputs))
@@ -139,7 +146,6 @@ def build_config(artifact, inputs, outputs, *, name: str, max_batch_size: int | 
         preferred = sorted({max(max_batch_size // 2, 1), max_batch_size} - {1})
         config.dynamic_batching.preferred_batch_size.extend(preferred)
         config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
-    _fill_backend(config, artifact)
     return config
 
 

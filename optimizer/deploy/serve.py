@@ -1,0 +1,283 @@
+"""``dlopt serve OUT``: a real Triton Inference Server for an output's artefact, run by ``dlopt.load`` inside it.
+
+The server is the ``tritonserver`` binary the ``nvidia-pytriton`` wheel ships (Triton core with the
+HTTP and gRPC KServe V2 endpoints, health and readiness, Prometheus metrics on its own port, the
+dynamic batcher and the Python backend), started directly: PyTriton's Python layer is not used,
+its NumPy-1 pin and tensor interface do not fit dlopt's NumPy 2.  The model in it is
+``triton_python_model.py``: the artefact opened with ``dlopt.load``, so what the server answers is
+what ``dlopt run`` computes.
+
+Set-up the stub needs, done here: the interpreter's own ``libpython`` (a pyenv or python.org build
+must be built with ``--enable-shared``; else the stub would load the system's and fail), the
+wheel's libraries, and this environment's ``bin/`` first on PATH (the stub finds its packages
+through the first ``python3`` there; it ignores PYTHONPATH).
+
+Everything the server reads is written into a temporary folder (removed at exit): the model
+repository (``config.pbtxt`` printed by protobuf from Triton's own ModelConfig message; the model
+name checked; the output folder's path a quoted parameter) and the backend folder.  Endpoints
+bind loopback unless ``host`` says otherwise.  SIGTERM and Ctrl-C drain: the server stops taking
+new connections, finishes the requests it accepted, and exits; then ``serve`` returns 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dlopt.core.artifacts import read_folder_json
+from dlopt.core.errors import ConfigError, TargetUnavailable
+from dlopt.deploy.triton import build_tensors, check_name, config_text, default_name
+from dlopt.measure.runner import _specs
+from dlopt.targets import read_artifact
+
+logger = logging.getLogger(__name__)
+
+TRITON_WHEEL = "nvidia-pytriton==0.7.0"
+INSTALL = f"pip install --no-deps '{TRITON_WHEEL}'"  # its NumPy<2 pin is its Python layer's, which dlopt does not use
+MODEL_FILE = Path(__file__).with_name("triton_python_model.py")
+READY_TIMEOUT_S = 120.0
+EXIT_TIMEOUT_S = 30  # Triton's own wait for in-flight requests at shutdown
+_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    name: str | None = None  # the Triton model name; default: the model file's stem, made safe
+    max_batch_size: int | None = None  # None: 8 where the model has a symbolic batch axis, else 0 (no batching)
+    max_queue_delay_us: int = 100
+    instances: int = 1
+    threads: int | None = None  # per instance; None: the artefact's own setting
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    ready_timeout: float = READY_TIMEOUT_S
+
+    def check(self) -> "ServeOptions":
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(f"--host takes an IP address to bind (127.0.0.1, 0.0.0.0, ::1), not {self.host!r}") \
+                from None
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        for flag, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{flag} takes a port from 1 to 65535, got {port}")
+        if len(set(ports.values())) < 3:
+            raise ConfigError(f"the HTTP, gRPC and metrics ports must differ, got {sorted(ports.values())}")
+        checks = (("--instances", self.instances, 1), ("--max-queue-delay-us", self.max_queue_delay_us, 0),
+                  ("--threads", 1 if self.threads is None else self.threads, 1),
+                  ("--max-batch-size", 0 if self.max_batch_size is None else self.max_batch_size, 0))
+        for flag, value, low in checks:
+            if value < low:
+                raise ConfigError(f"{flag} must be at least {low}, got {value}")
+        if self.name is not None:
+            check_name(self.name)
+        return self
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """The wheel's server, its libraries and the Python backend for this interpreter."""
+
+    server: Path
+    libs: Path
+    backend: dict[str, Path]  # file name in <backend-directory>/python -> the wheel's file
+
+    @classmethod
+    def find(cls) -> "TritonInstall":
+        """The wheel's files, found without importing pytriton; TargetUnavailable (one line) when one is missing."""
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TargetUnavailable(f"dlopt serve needs Triton's server from the nvidia-pytriton wheel: {INSTALL}")
+        root = Path(spec.submodule_search_locations[0])
+        dist = root / "tritonserver"
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+        backend = {name: dist / "backends" / "python" / name for name in _BACKEND_FILES}
+        backend["triton_python_backend_stub"] = stub
+        server = dist / "bin" / "tritonserver"
+        missing = [p for p in (server, *backend.values()) if not p.is_file()]
+        if missing:
+            what = "Python " + version if missing == [stub] else str(missing[0])
+            raise TargetUnavailable(f"the nvidia-pytriton wheel at {root} has no {what} files; dlopt serve needs "
+                                    f"{TRITON_WHEEL} and Python 3.9-3.12: {INSTALL}")
+        if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+            raise TargetUnavailable(f"{sys.executable} was built without a shared libpython, which Triton's Python "
+                                    f"backend loads; use a Python built with --enable-shared (Debian's python3, or "
+                                    f"PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install) for dlopt's environment")
+        return cls(server, root.parent / "nvidia_pytriton.libs", backend)
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this interpreter's libpython and the wheel's libraries first, this
+        environment's bin/ first on PATH (the stub's embedded Python finds its packages through it)."""
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(self.libs), env.get("LD_LIBRARY_PATH")) if p)
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+        env.pop("PYTHONHOME", None)
+        return env
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    key: str  # backend/precision
+    config: object  # inference.ModelConfig
+
+
+def write_repository(source: Path, repository: Path, options: ServeOptions) -> ServedModel:
+    """``repository/NAME/config.pbtxt`` and ``NAME/1/model.py`` serving the artefact of ``source``."""
+    artifact, root = read_artifact(source)
+    report = read_folder_json(root, "report.json", missing_ok=True)
+    name = check_name(options.name or default_name(report if isinstance(report, dict) else {}))
+    inputs, outputs = _specs(artifact, root)
+    config = build_tensors(inputs, outputs, name=name, max_batch_size=options.max_batch_size)
+    config.backend = "python"
+    if config.max_batch_size > 1:
+        config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    else:
+        config.ClearField("dynamic_batching")
+    group = config.instance_group.add(count=options.instances)
+    group.kind = type(group).Kind.Value("KIND_CPU")
+    config.parameters["dlopt_output"].string_value = str(Path(artifact.folder).resolve())
+    config.parameters["threads"].string_value = str(options.threads or 0)
+    version = repository / name / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(MODEL_FILE, version / "model.py")
+    (repository / name / "config.pbtxt").write_text(config_text(config))
+    return ServedModel(name, f"{artifact.backend}/{artifact.precision}", config)
+
+
+class TritonServer:
+    """One ``tritonserver`` process over a repository; ``stop`` drains it."""
+
+    def __init__(self, install: TritonInstall, repository: Path, workdir: Path, options: ServeOptions) -> None:
+        self.install, self.options = install, options
+        self.backends = workdir / "backends"
+        (self.backends / "python").mkdir(parents=True)
+        for name, path in install.backend.items():
+            os.symlink(path, self.backends / "python" / name)
+        self.shm_prefix = f"dlopt_serve_{os.getpid()}_"
+        self.log_path = workdir / "tritonserver.log"
+        o = options
+        self.argv = [str(install.server), f"--model-repository={repository}", f"--backend-directory={self.backends}",
+                     f"--http-address={o.host}", f"--http-port={o.http_port}",
+                     f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
+                     f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
+                     "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+                     f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                     f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--log-verbose=0", "--strict-model-config=true"]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.options.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.options.http_port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=self.install.environment(), start_new_session=True)
+
+    def wait_ready(self, model: str, stopping: threading.Event) -> None:
+        """Until the model answers ready; TargetUnavailable with the server's last log lines when it exits or
+        the deadline passes first."""
+        deadline = time.monotonic() + self.options.ready_timeout
+        while time.monotonic() < deadline and not stopping.is_set():
+            if self.process.poll() is not None:
+                raise TargetUnavailable(f"tritonserver exited with status {self.process.returncode} before it was "
+                                        f"ready: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/models/{model}/ready", timeout=1.0) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            stopping.wait(0.1)
+        if not stopping.is_set():
+            raise TargetUnavailable(f"tritonserver was not ready within {self.options.ready_timeout:.0f} s: "
+                                    f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        errors = [line for line in text if line[:1] in ("E", "F")] or text
+        return " | ".join(line.strip()[:300] for line in errors[-lines:]) or "(empty log)"
+
+    def stop(self) -> int | None:
+        """Drain and stop: SIGINT (Triton refuses new connections, finishes what it accepted), then SIGKILL
+        past its exit timeout.  The server's exit status."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=EXIT_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop within %d s; killed", EXIT_TIMEOUT_S + 10)
+        with_children = process.poll() is None
+        try:  # the Python-backend stubs are in its session: none may outlive it
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if with_children:
+            process.wait()
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+        return process.returncode
+
+
+def serve(source: Path, options: ServeOptions, *, on_ready: Callable[[str], None] = print,
+          log: Callable[[str], None] | None = None) -> int:
+    """Serve the artefact of ``source`` until SIGTERM or SIGINT (or the server stops); 0 after a drain."""
+    options = options.check()
+    install = TritonInstall.find()
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="dlopt-serve-") as tmp:
+            repository = Path(tmp) / "models"
+            model = write_repository(Path(source), repository, options)
+            server = TritonServer(install, repository, Path(tmp), options)
+            if log:
+                log(f"starting tritonserver for {model.name} ({model.key})")
+            server.start()
+            try:
+                server.wait_ready(model.name, stopping)
+                if not stopping.is_set():
+                    o = options
+                    on_ready(f"serving {model.name} ({model.key}) at {server.url} (KServe V2 over HTTP; gRPC "
+                             f"{o.host}:{o.grpc_port}; metrics http://{o.host}:{o.metrics_port}/metrics)")
+                while not stopping.is_set() and server.process.poll() is None:
+                    stopping.wait(0.2)
+                crashed = server.process.poll() is not None and not stopping.is_set()
+            finally:
+                status = server.stop()
+            if crashed:
+                raise TargetUnavailable(f"tritonserver stopped on its own (status {status}): {server.log_tail()}")
+            if log:
+                log(f"stopped {model.name}: requests accepted before the signal were answered")
+            return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,207 @@
+"""``dlopt serve``: a real Triton server (the nvidia-pytriton wheel's tritonserver) answers what dlopt.load computes.
+
+The servers here are real processes started through the CLI on loopback ports the test picked; the
+client is tritonclient's HTTP client; the metrics are Triton's own, parsed with prometheus-client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlopt.core.errors import TargetUnavailable
+
+http = pytest.importorskip("tritonclient.http", reason="dlopt serve's tests need tritonclient[http]")
+parser = pytest.importorskip("prometheus_client.parser", reason="reading Triton's metrics needs prometheus-client")
+
+DLOPT = Path(sys.executable).with_name("dlopt")
+READY_S = 180  # a loaded 2-core machine: the server, the Python-backend stub and the runtime start in turn
+
+
+def _triton_here() -> str | None:
+    from dlopt.deploy.serve import TritonInstall
+
+    try:
+        TritonInstall.find()
+    except TargetUnavailable as exc:
+        return str(exc)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_triton_here() is not None, reason=f"no Triton server here: {_triton_here()}")
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Served:
+    """``dlopt serve SOURCE`` on three free loopback ports; ready when it printed its one line."""
+
+    def __init__(self, source: Path, *args: str) -> None:
+        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        self.process = subprocess.Popen(
+            [str(DLOPT), "serve", str(source), "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+             "--metrics-port", str(self.metrics_port), "--ready-timeout", str(READY_S), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(READY_S + 30)
+        self.ready_line = lines[0].strip() if lines else ""
+        if not self.ready_line.startswith("serving "):
+            self.stop()
+            raise AssertionError(f"dlopt serve did not say it was ready: {self.ready_line!r} {self.stderr!r}")
+        self.url = f"127.0.0.1:{self.http_port}"
+
+    def client(self):
+        return http.InferenceServerClient(self.url, network_timeout=60.0, connection_timeout=10.0)
+
+    def metrics(self) -> dict[str, float]:
+        """Triton's counters for the model, by metric name (summed over labels)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        values: dict[str, float] = {}
+        for family in parser.text_string_to_metric_families(text):  # a counter's samples come back as NAME_total
+            for sample in family.samples:
+                if sample.name in (family.name, f"{family.name}_total"):
+                    values[family.name] = values.get(family.name, 0.0) + sample.value
+        return values
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.stderr = self.process.stderr.read()
+        return self.process.returncode
+
+    stderr = ""
+
+
+def _infer(client, name: str, x: np.ndarray) -> np.ndarray:
+    tensor = http.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return client.infer(name, [tensor]).as_numpy("logits")
+
+
+@pytest.fixture(scope="module")
+def served(ort_output):
+    out, _ = ort_output
+    server = Served(out)
+    yield out, server
+    assert server.stop() == 0, server.stderr
+
+
+def test_triton_answers_what_dlopt_load_computes_bit_for_bit(served):
+    import dlopt
+
+    out, server = served
+    assert server.ready_line.startswith(f"serving cnn (ort/fp32) at http://127.0.0.1:{server.http_port}")
+    client = server.client()
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("cnn")
+    config = client.get_model_config("cnn")
+    assert config["backend"] == "python" and config["max_batch_size"] == 8
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 100
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 3, 16, 16)).astype(np.float32) for n in (1, 3, 8)]
+    with dlopt.load(out) as runner:
+        for x in batches:
+            assert np.array_equal(_infer(client, "cnn", x), runner.run({"x": x})[0])
+    client.close()
+    # Triton's own count of what it answered: the client's three
+    metrics = server.metrics()
+    assert metrics["nv_inference_request_success"] == 3 and metrics["nv_inference_request_failure"] == 0
+    assert metrics["nv_inference_count"] == 12  # samples: 1 + 3 + 8
+
+
+def test_a_request_the_model_cannot_take_is_an_error_answer_and_the_server_goes_on(served):
+    _, server = served
+    client = server.client()
+    before = server.metrics()["nv_inference_request_failure"]
+    with pytest.raises(Exception, match="x"):  # the wrong trailing shape: Triton refuses it against the config
+        _infer(client, "cnn", np.zeros((1, 3, 8, 8), np.float32))
+    assert _infer(client, "cnn", np.zeros((2, 3, 16, 16), np.float32)).shape == (2, 10)
+    assert server.metrics()["nv_inference_request_failure"] >= before
+    client.close()
+
+
+def test_sigterm_during_a_load_answers_every_request_sent_before_it_and_exits_0(ort_output):
+    out, _ = ort_output
+    server = Served(out, "--name", "cnn_load", "--max-queue-delay-us", "2000", "--instances", "2")
+    assert "(ort/fp32)" in server.ready_line
+    results: list[tuple[float, bool, str]] = []
+    stop = threading.Event()
+    x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
+
+    def load() -> None:
+        client = server.client()  # one client per thread: tritonclient's HTTP client is not thread-safe
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                ok = _infer(client, "cnn_load", x).shape == (4, 10)
+                results.append((sent, ok, ""))
+            except Exception as exc:  # after the signal, a new request may be refused
+                results.append((sent, False, str(exc)[:200]))
+        client.close()
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(results) < 80 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    status = server.stop()
+    before = [r for r in results if r[0] < signalled]
+    assert len(before) >= 80
+    failed = [r for r in before if not r[1]]
+    assert not failed, failed[:3]
+    assert status == 0, server.stderr
+    assert "stopped cnn_load" in server.stderr
+    assert not list(Path("/dev/shm").glob(f"dlopt_serve_{server.process.pid}_*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "example.com"], "--host takes an IP address"),
+    (["--http-port", "9000", "--grpc-port", "9000"], "ports must differ"),
+    (["--http-port", "70000"], "--http-port takes a port from 1 to 65535"),
+    (["--name", "../up"], "Triton model name '../up'"),
+])
+def test_bad_options_are_one_line_errors_before_any_server_starts(ort_output, args, message):
+    out, _ = ort_output
+    result = subprocess.run([str(DLOPT), "serve", str(out), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_folder_dlopt_did_not_write_is_refused_in_one_line(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    result = subprocess.run([str(DLOPT), "serve", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ})
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
