@@ -1,6 +1,6 @@
 """INT8 static quantisation keeps a real classifier's accuracy on real labelled data.
 
-A FashionCNN is trained for one epoch on 30k Fashion-MNIST training images
+A FashionCNN is trained for one epoch on 20k Fashion-MNIST training images
 (seconds on two cores), exported with a dynamic batch, calibrated on 1,000 other
 training images and evaluated by ``dlopt.compile`` on all 10,000 test images.
 Skipped when Debian's ``dataset-fashion-mnist`` is not installed.
@@ -41,7 +41,8 @@ needs_dataset = pytest.mark.skipif(
     reason=f"Fashion-MNIST is not installed in {fashion_data.DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
 )
 
-TRAIN_IMAGES = 30_000
+# 20k: 86.6% and 87.0% top-1 in torch for seeds 0 and 1 (30k: ~88%), clear of MIN_ACCURACY at a third less training
+TRAIN_IMAGES = 20_000
 CALIB_IMAGES = 1_000
 MAX_DROP_PP = 0.5
 MIN_ACCURACY = 0.85
