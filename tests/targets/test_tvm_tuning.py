@@ -158,7 +158,9 @@ print("finished", flush=True)
 
 
 def test_run_killed_with_sigkill_resumes_from_its_records(tmp_path, caplog):
-    db, trials = host_db(tmp_path / "db"), 12
+    # 6 trials on 5 tasks run in rounds of 2: killed once 3 are recorded (after the second round), the
+    # run is unfinished, and the resumed run tunes only the rest (2 rounds of 1, where 12 took 1 + 5 rounds)
+    db, trials = host_db(tmp_path / "db"), 6
     child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS), root=str(db.root),
                                                                    threads=THREADS, trials=trials)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -183,10 +185,11 @@ def test_run_killed_with_sigkill_resumes_from_its_records(tmp_path, caplog):
 
 
 def test_sigint_stops_the_run_and_keeps_its_trials(tmp_path):
-    # 48 trials: far more than are recorded before the signal, so the run is still going when it arrives
-    db = host_db(tmp_path / "db")
+    # 10 trials in rounds of 2: the signal comes after the first round, with 4 rounds still to run, so the
+    # run is still going when it arrives (48 made a first round of 10 builds before the signal could come)
+    db, trials = host_db(tmp_path / "db"), 10
     child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS), root=str(db.root),
-                                                                   threads=THREADS, trials=48)],
+                                                                   threads=THREADS, trials=trials)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -199,7 +202,7 @@ def test_sigint_stops_the_run_and_keeps_its_trials(tmp_path):
     assert child.returncode == -signal.SIGINT and err.rstrip().endswith("KeyboardInterrupt"), err[-2000:]
     assert "CompileError" not in err
     recorded = db.record_count()
-    assert 2 <= recorded < 48 and db.meta()["trials"] == recorded
+    assert 2 <= recorded < trials and db.meta()["trials"] == recorded
     with db.writing() as database:  # the lock went with the process
         assert len(database) == recorded
 
