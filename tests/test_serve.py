@@ -98,10 +98,10 @@ class Served:
     stderr = ""
 
 
-def _infer(client, name: str, x: np.ndarray) -> np.ndarray:
-    tensor = http.InferInput("x", list(x.shape), "FP32")
+def _infer(client, name: str, x: np.ndarray, input_name: str = "x", output: str = "logits") -> np.ndarray:
+    tensor = http.InferInput(input_name, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    return client.infer(name, [tensor]).as_numpy("logits")
+    return client.infer(name, [tensor]).as_numpy(output)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,15 @@ def test_triton_answers_what_dlopt_load_computes_bit_for_bit(served):
     metrics = server.metrics()
     assert metrics["nv_inference_request_success"] == 3 and metrics["nv_inference_request_failure"] == 0
     assert metrics["nv_inference_count"] == 12  # samples: 1 + 3 + 8
+    # the same over KServe V2 gRPC
+    grpc = pytest.importorskip("tritonclient.grpc", reason="the gRPC client needs grpcio")
+    with grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as client:
+        assert client.is_model_ready("cnn")
+        tensor = grpc.InferInput("x", list(batches[1].shape), "FP32")
+        tensor.set_data_from_numpy(batches[1])
+        got = client.infer("cnn", [tensor], client_timeout=60).as_numpy("logits")
+    with dlopt.load(out) as runner:
+        assert np.array_equal(got, runner.run({"x": batches[1]})[0])
 
 
 def test_a_request_the_model_cannot_take_is_an_error_answer_and_the_server_goes_on(served):
@@ -205,3 +214,73 @@ def test_a_folder_dlopt_did_not_write_is_refused_in_one_line(tmp_path):
                             env={**os.environ})
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.fixture(scope="module")
+def int8_output(tmp_path_factory):
+    """A statically quantised (QDQ) ORT artefact of the small CNN, calibrated on dlopt's random inputs."""
+    import models
+
+    import dlopt
+
+    root = tmp_path_factory.mktemp("int8-output")
+    model = models.save(models.conv_bn_relu(batch="N"), root / "cnn.onnx")
+    (root / "t.toml").write_text('[targets.here8]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["int8"]\n')
+    report = dlopt.compile(model, target="here8", targets_file=root / "t.toml", out=root / "out", precision="int8",
+                           samples=4, runs=5, warmup=1, max_accuracy_drop=100.0)
+    assert report.chosen == "ort/int8"
+    return root / "out"
+
+
+def test_an_int8_artefact_counts_inputs_outside_its_calibration_range_on_metrics(int8_output):
+    import onnx
+    from onnx import numpy_helper
+
+    # the range read independently: x's QuantizeLinear in the shipped model, uint8 levels 0..255
+    graph = onnx.load(str(int8_output / "model.onnx")).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    quant = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    scale, zero = float(consts[quant.input[1]]), int(consts[quant.input[2]])
+    low, high = (0 - zero) * scale, (255 - zero) * scale
+    server = Served(int8_output, "--name", "cnn8")
+    try:
+        assert "(ort/int8)" in server.ready_line
+        client = server.client()
+        inside = np.full((2, 3, 16, 16), (low + high) / 2, np.float32)
+        _infer(client, "cnn8", inside)
+        far = inside.copy()
+        far[0, 0, :2, :5] = high * 3  # 10 values above the range
+        far[1, 2, 0, :3] = low * 3  # 3 below
+        _infer(client, "cnn8", far)
+        client.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        assert server.stop() == 0, server.stderr
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in parser.text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("dlopt_input_out_of_range_total", (("input", "x"), ("model", "cnn8")))] == 13
+    assert samples[("dlopt_model_info", (("key", "ort/int8"), ("model", "cnn8"), ("precision", "int8"),
+                                         ("ran_as", "int8")))] == 1
+
+
+def test_a_transformer_block_with_symbolic_batch_and_sequence_is_served_bit_for_bit(tmp_path):
+    import models
+
+    import dlopt
+
+    model = models.save(models.attention_block(batch="N", seq="S"), tmp_path / "encoder.onnx")
+    (tmp_path / "t.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n')
+    dlopt.compile(model, target="here", targets_file=tmp_path / "t.toml", out=tmp_path / "out", precision="fp32",
+                  shapes={"x": [1, 8, 32]}, samples=2, runs=5, warmup=1)
+    server = Served(tmp_path / "out")
+    try:
+        client = server.client()
+        assert client.get_model_metadata("encoder")["inputs"][0]["shape"] == [-1, -1, 32]
+        rng = np.random.default_rng(2)
+        with dlopt.load(tmp_path / "out") as runner:
+            for batch, seq in ((1, 8), (2, 5), (3, 17)):  # sequence lengths it was not timed at
+                x = rng.standard_normal((batch, seq, 32)).astype(np.float32)
+                assert np.array_equal(_infer(client, "encoder", x, output="y"), runner.run({"x": x})[0])
+        client.close()
+    finally:
+        assert server.stop() == 0, server.stderr

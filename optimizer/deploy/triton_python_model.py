@@ -45,7 +45,39 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in config.get("input", [])]
         self.outputs = [o["name"] for o in config.get("output", [])]
         self.batched = int(config.get("max_batch_size") or 0) > 0
+        self._metrics(args["model_name"])
         _quiet_dlpack_capsules()
+
+    def _metrics(self, name: str) -> None:
+        """dlopt's metrics beside Triton's own on /metrics: which artefact this is, and for an INT8 one the
+        values per input outside the ranges it was calibrated on (dlopt.deploy.drift)."""
+        import triton_python_backend_utils as pb_utils
+
+        from dlopt.deploy.drift import input_ranges
+
+        runner = self.runner
+        info = pb_utils.MetricFamily(name="dlopt_model_info", kind=pb_utils.MetricFamily.GAUGE,
+                                     description="The artefact dlopt serves: its candidate key and precision (1)")
+        self._info = (info, info.Metric(labels={"model": name, "key": runner.key, "precision": runner.precision,
+                                                "ran_as": str(runner.ran_as)}))
+        self._info[1].set(1)
+        self.ranges = input_ranges(runner.folder)
+        self._outside = {}
+        if self.ranges:
+            family = pb_utils.MetricFamily(
+                name="dlopt_input_out_of_range", kind=pb_utils.MetricFamily.COUNTER,
+                description="Input values outside the range the INT8 artefact was calibrated on (clipped), per input")
+            self._outside = {n: family.Metric(labels={"model": name, "input": n}) for n in self.ranges}
+            self._outside_family = family
+
+    def _count_outside(self, feed: dict) -> None:
+        from dlopt.deploy.drift import outside
+
+        for name, (low, high) in self.ranges.items():
+            if name in feed:
+                count = outside(feed[name], low, high)
+                if count:
+                    self._outside[name].increment(count)
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -54,6 +86,8 @@ class TritonPythonModel:
         for request in requests:
             feeds.append({name: np.array(np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name)))
                           for name in self.inputs})
+        for feed in feeds:
+            self._count_outside(feed)
         results: list = [None] * len(requests)
         for group in self._groups(feeds):
             try:
