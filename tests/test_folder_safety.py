@@ -9,6 +9,7 @@ marker file: the marker must never appear.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -38,12 +39,23 @@ MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """An output that ships ort/fp32 at the top level and a TVM library for this machine in bundle/."""
-    tmp = tmp_path_factory.mktemp("safety")
-    (tmp / "away.toml").write_text(AWAY)
+    """An output that ships ort/fp32 at the top level and a TVM library for this machine in bundle/.
+
+    Built once per test run and only read (tests attack copies): this file and test_folder_safety2.py share
+    it, and so do pytest-xdist's workers, whose base folders have this run's folder in common; a file lock
+    lets the first build it while the others wait."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    tmp = root / "folder-safety-built"
     out = tmp / "out"
-    api.compile(MODEL, target="away", targets_file=tmp / "away.toml", out=out, precision="fp32", runs=5,
-                warmup=1, samples=4, cache=False)
+    with open(root / "folder-safety-built.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():  # a compile publishes its output whole or not at all
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            (tmp / "away.toml").write_text(AWAY)
+            api.compile(MODEL, target="away", targets_file=tmp / "away.toml", out=out, precision="fp32", runs=5,
+                        warmup=1, samples=4, cache=False)
     assert (out / "bundle" / "tvm-fp32" / "model.so").is_file()
     return out
 
