@@ -226,7 +226,7 @@ def bench_model(label, path, name, eval_x, labels, calib, feed, args, work, max_
     print("  dlopt's own table:")
     for c in report.candidates:
         lat = c.measurement.latency["p50_ms"] if c.measurement and c.measurement.latency else None
-        drop = c.score["drop_pp"] if c.score else None
+        drop = c.score.drop_pp if c.score else None
         print(f"    {c.key:<22} {('%.3f' % lat) if lat else '-':>9} ms  drop {('%.2f' % drop) if drop is not None else '-':>6}"
               f"  {'CHOSEN' if c.chosen else c.reason[:70]}")
 

@@ -79,7 +79,7 @@ def _print_candidates(report) -> dict[tuple[str, str], float]:
         p90 = c.measurement.latency["p90_ms"] if p50 is not None else None
         result = ("CHOSEN" if c.chosen else c.status) + (f": {c.reason}" if c.reason else "")
         print(f"  {c.key:<22}{_fmt(p50):>9}{_fmt(p90):>9}{_fmt(p50 / base if p50 else None, 'x'):>13}"
-              f"{_fmt(c.score['drop_pp'] if c.score else None, digits=2):>9}  {result}")
+              f"{_fmt(c.score.drop_pp if c.score else None, digits=2):>9}  {result}")
     return p50s
 
 

@@ -48,7 +48,7 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, monkeypatch):
     third = _compile(tmp_path, "c", root, monkeypatch)
     assert any("damaged (model.onnx) and rebuilt" in n for n in third.notes)
     assert (tmp_path / "c" / "model.onnx").read_bytes() == (tmp_path / "a" / "model.onnx").read_bytes()
-    assert third.chosen_candidate().fidelity["max_rel_error"] <= 1e-4
+    assert third.chosen_candidate().fidelity.max_rel_error <= 1e-4
     rebuilt = json.loads((entries[0] / "entry.json").read_text())["files"]
     assert rebuilt == files  # the entry holds the good build again
     assert first.chosen == second.chosen == third.chosen == "ort/fp32"

@@ -44,9 +44,9 @@ def opener():
 def test_a_faithful_candidate_is_compared_scored_and_judged_ok_and_timed(ev, compiled):
     ran = Ran(compiled, [[LOGITS * 1.001]], "int8", factory=opener)
     cand = compare_candidate(ev, ran, None)
-    assert cand.fidelity["max_rel_error"] == pytest.approx(0.001, rel=1e-3)
+    assert cand.fidelity.max_rel_error == pytest.approx(0.001, rel=1e-3)
     assert (cand.measurement.size_bytes, cand.measurement.accuracy, cand.ran_as) == (1234, 1.0, "int8")
-    assert cand.score["drop_pp"] == 0.0 and cand.status is Status.OK
+    assert cand.score.drop_pp == 0.0 and cand.status is Status.OK
     built = judge_candidate(ev, ran, cand, None)
     assert (built.candidate.status, built.candidate.reason, built.runner) == (Status.OK, "", opener)
 
@@ -63,7 +63,7 @@ def test_a_lower_precision_over_the_budget_is_rejected_and_still_timed(ev, compi
 def test_too_slow_and_quick_trials_are_never_scored(ev, compiled):
     slow = Ran(compiled, [[LOGITS]], slow_ms=30.0, factory=opener)
     cand = compare_candidate(ev, slow, None)
-    assert cand.score is None and cand.fidelity["max_rel_error"] == 0.0
+    assert cand.score is None and cand.fidelity.max_rel_error == 0.0
     built = judge_candidate(ev, slow, cand, None)
     assert built.candidate.status is Status.REJECTED and built.runner is None
     assert built.candidate.reason.startswith("too slow to compete: 30.0 ms a run, 30x the original's 1.00 ms")

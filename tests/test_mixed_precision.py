@@ -29,7 +29,7 @@ def test_plain_int8_misses_the_budget(fallback):
     _, report = fallback
     int8 = next(c for c in report.candidates if c.key == "ort/int8")
     assert int8.status == "rejected"
-    assert int8.score["metric"] == "top-1 agreement" and int8.score["drop_pp"] > 10
+    assert int8.score.metric == "top-1 agreement" and int8.score.drop_pp > 10
     assert "over the budget of 2.0" in int8.reason
 
 
@@ -37,7 +37,7 @@ def test_mixed_meets_it_with_the_outlier_layers_in_float(fallback):
     tmp, report = fallback
     mixed = report.chosen_candidate()
     assert mixed.key == "ort/mixed" and mixed.status == "ok"
-    assert mixed.score["drop_pp"] <= 2.0
+    assert mixed.score.drop_pp <= 2.0
     floats = [n["op_type"] for n in mixed.float_nodes]
     assert floats == ["Gemm", "Gemm"]  # the layers producing and consuming the outlier channel
     # the consumer of the outlier ranks first by its own INT8 error; its producer follows it into float,
@@ -121,9 +121,9 @@ def test_search_needs_logarithmically_many_builds(tmp_path):
                            out=tmp_path / "out", precision="int8", inputs=tmp_path / "eval.npz", calib=calib,
                            runs=3, max_accuracy_drop=10.0)
     int8 = next(c for c in report.candidates if c.key == "ort/int8")
-    assert int8.status == "rejected" and int8.score["drop_pp"] > 50
+    assert int8.status == "rejected" and int8.score.drop_pp > 50
     mixed = report.chosen_candidate()
-    assert mixed.key == "ort/mixed" and mixed.score["drop_pp"] <= 10.0
+    assert mixed.key == "ort/mixed" and mixed.score.drop_pp <= 10.0
     search = report.search
     n = search["nodes_considered"]
     assert n == 10 and search["met_budget"] and search["complete"]

@@ -53,7 +53,7 @@ def test_static_int8_is_skipped_when_dynamic_meets_the_budget(tmp_path):
                            inputs=tmp_path / "eval.npz", out=tmp_path / "out", max_accuracy_drop=5, runs=20,
                            cache=False)
     keys = {c.key: c for c in report.candidates}
-    assert keys["ort/int8-dynamic"].status == "ok" and keys["ort/int8-dynamic"].score["drop_pp"] <= 5
+    assert keys["ort/int8-dynamic"].status == "ok" and keys["ort/int8-dynamic"].score.drop_pp <= 5
     assert "ort/int8" not in keys  # not built
     assert any(n.startswith("ort: no static int8 for this transformer: int8-dynamic met the budget")
                for n in report.notes)

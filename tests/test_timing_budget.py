@@ -59,7 +59,7 @@ def test_a_candidate_far_slower_than_the_original_is_spot_checked_and_never_time
     assert seen["original: outputs"][-1] == (12, 12) and seen["ort fp32: outputs"][-1] == (12, 12)
     assert seen["tvm fp32: outputs"] == [(i, SLOW_CHECK_FEEDS) for i in range(1, SLOW_CHECK_FEEDS + 1)]
     assert f"checked on {SLOW_CHECK_FEEDS} of 12 feeds only, not timed" in tvm.reason
-    assert tvm.fidelity["min_cosine"] > 0.9999 and tvm.fidelity["max_rel_error"] < 1e-4
+    assert tvm.fidelity.min_cosine > 0.9999 and tvm.fidelity.max_rel_error < 1e-4
     # never timed: no latency, and the interleaved timing ran the original and ORT only
     assert tvm.measurement.latency is None and ort.measurement.latency["runs"] == 5
     assert report.chosen == "ort/fp32"

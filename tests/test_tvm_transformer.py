@@ -130,7 +130,7 @@ def test_dlopt_compile_keeps_a_tvm_fp32_candidate(proto, tmp_path):
                            samples=4, shapes=SHAPES, cache=False)
     (tvm,) = [c for c in report.candidates if c.backend == "tvm" and c.precision == "fp32"]
     assert tvm.status == "ok", tvm.reason
-    assert tvm.fidelity["max_rel_error"] <= 1e-4
+    assert tvm.fidelity.max_rel_error <= 1e-4
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,

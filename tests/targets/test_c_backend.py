@@ -195,7 +195,7 @@ def test_compile_flow_builds_and_verifies_the_c_candidate(tmp_path):
     report = dlopt.compile(model, target="cortex-m7", out=tmp_path / "out", precision="fp32", inputs={"x": x})
     chosen = report.chosen_candidate()
     assert chosen is not None and chosen.backend == "c" and chosen.precision == "fp32"
-    assert chosen.fidelity["max_rel_error"] <= 1e-4 and chosen.fidelity["top1_agreement"] == 1.0
+    assert chosen.fidelity.max_rel_error <= 1e-4 and chosen.fidelity.top1_agreement == 1.0
     assert (tmp_path / "out" / "model.c").is_file() and (tmp_path / "out" / "INTEGRATION.md").is_file()
     assert "build `model.c` and `dlopt_kernels.c` into the firmware" in (tmp_path / "out" / "README.md").read_text()
 
@@ -296,12 +296,12 @@ def test_the_report_carries_the_microcontroller_figures(tmp_path):
     onnx.save(small_cnn(), model)
     report = dlopt.compile(model, target="cortex-m7", out=tmp_path / "out", precision="fp32", samples=4)
     mcu = report.chosen_candidate().mcu
-    assert mcu["arena_bytes"] == mcu["liveness_lower_bound_bytes"] == 1280
-    assert mcu["mcpu"] == "cortex-m7"
+    assert mcu.arena_bytes == mcu.liveness_lower_bound_bytes == 1280
+    assert mcu.mcpu == "cortex-m7"
     if cross_tools() is True:
         figures = json.loads((tmp_path / "out" / "c_build.json").read_text())["figures"]
-        assert (mcu["flash_bytes"], mcu["ram_bytes"]) == (figures["flash_bytes"], figures["ram_bytes"])
-        assert report.chosen_candidate().measurement.size_bytes == mcu["flash_bytes"]
+        assert (mcu.flash_bytes, mcu.ram_bytes) == (figures["flash_bytes"], figures["ram_bytes"])
+        assert report.chosen_candidate().measurement.size_bytes == mcu.flash_bytes
         assert f"{mcu['flash_bytes']} B flash" in report.summary and "not device latency" in report.summary
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["schema_version"] == "1.6" and saved["candidates"][-1]["mcu"]["arena_bytes"] == 1280

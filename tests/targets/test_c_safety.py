@@ -226,7 +226,7 @@ def test_the_compile_flow_verifies_hostile_names_and_runs_none_of_them(tmp_path)
     report = dlopt.compile(tmp_path / "m.onnx", target="cortex-m7", out=tmp_path / "out", precision="fp32",
                            inputs={names[0]: x})
     chosen = report.chosen_candidate()
-    assert chosen.backend == "c" and chosen.fidelity["max_rel_error"] <= 1e-5
+    assert chosen.backend == "c" and chosen.fidelity.max_rel_error <= 1e-5
     assert not [m for m in markers if m.exists()]
     for file in ("model.c", "model.h"):
         assert "\\" not in (tmp_path / "out" / file).read_text()

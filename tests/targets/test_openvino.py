@@ -175,7 +175,7 @@ def test_compile_end_to_end_reports_an_openvino_fp32_candidate(tmp_path, monkeyp
     row = next(c for c in report.candidates if c.key == "openvino/fp32")
     assert row.status == "ok", row.reason
     assert row.ran_as == "fp32"
-    assert row.fidelity["max_rel_error"] <= 1e-4
+    assert row.fidelity.max_rel_error <= 1e-4
     assert row.measurement.latency is not None
 
 
