@@ -81,14 +81,15 @@ def test_no_tuning_builds_untuned(tuned):
 
 def test_more_trials_run_exactly_the_rest_and_the_estimate_only_falls(tuned):
     tmp, model, result = tuned
-    done = dlopt("tune", model, "--target", "tvm-here", "--trials", "11", "--db", tmp / "db", *ONE, cwd=tmp,
+    # 2 more than the 8 in the database (3 ran the same rounds of one trial, one more of them)
+    done = dlopt("tune", model, "--target", "tvm-here", "--trials", "10", "--db", tmp / "db", *ONE, cwd=tmp,
                  timeout=600)
     assert done.returncode == 0, done.stderr
-    assert f"; 3 new trials (11 in {result['database']})" in done.stdout
+    assert f"; 2 new trials (10 in {result['database']})" in done.stdout
     # every task has records: the whole model's estimate shows from the first round, and never rises
     found = [float(ms) for ms in re.findall(r"model ~([\d.]+) ms estimated", done.stderr)]
     assert found and found == sorted(found, reverse=True), done.stderr
-    assert "kernels ~" not in done.stderr and "3/3 trials" in done.stderr
+    assert "kernels ~" not in done.stderr and "2/2 trials" in done.stderr
 
 
 @pytest.mark.parametrize("args, message", [
