@@ -24,6 +24,7 @@ from dlopt.cli.demo import demo
 from dlopt.cli.device import bench, verify
 from dlopt.cli.gate import gate
 from dlopt.cli.inspect import inspect
+from dlopt.cli.loadtest import loadtest
 from dlopt.cli.package import package
 from dlopt.cli.run import run
 from dlopt.cli.serve import serve
@@ -161,6 +162,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-VERBS = (compile, inspect, targets, run, demo, gate, verify, bench, tune, package, serve, sweep)
+VERBS = (compile, inspect, targets, run, demo, gate, verify, bench, tune, package, serve, loadtest, sweep)
 for verb in VERBS:
     main.add_command(verb)

@@ -1,0 +1,263 @@
+"""``dlopt loadtest``: closed-loop concurrency and open-loop rates against a KServe V2 server.
+
+Only click is imported with this module so ``dlopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+_SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--threads", "--ready-timeout")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("target")
+@click.option("--concurrency", default=None, metavar="N,N,...",
+              help="Closed-loop levels: N workers, each sends its next request when its last one answered "
+                   "[default: 1,2,4,8,16 unless --rate is given].")
+@click.option("--rate", default=None, metavar="R,R,...",
+              help="Open-loop levels in requests/s: requests are sent when due whether or not earlier ones "
+                   "answered, and latency counts from when each was due (queueing is not hidden).")
+@click.option("--arrival", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True,
+              help="Open-loop arrivals: Poisson (seeded by --seed) or evenly spaced.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of Poisson arrivals and random inputs.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="Counted time per level.")
+@click.option("--warmup", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="SECONDS",
+              help="Uncounted time before each level's counted time.")
+@click.option("--model", default=None, help="Model name [default: the server's only ready model].")
+@click.option("--input", "input_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help=".npz with one array per model input, first axis = samples (no pickles) [default: random "
+                   "inputs for the model's declared shapes].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per request (the first -1 dim of the model's inputs).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD",
+              help="Shape of one input per request, or the size of a dim name, e.g. x=1x3x224x224 (repeatable).")
+@click.option("--slo", default=None, metavar="P=TIME",
+              help="Latency objective, e.g. p99=20ms or p95=10ms,p99=0.05s: each level holds or misses it, "
+                   "and the summary names the highest throughput (or rate) that holds it.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              metavar="SECONDS", help="Deadline of every request and server call.")
+@click.option("--json", "as_json", is_flag=True, help="Print the levels as a JSON list on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=None,
+              help="OUT only: the served model's largest dynamic batch; 0 turns batching off [default: as dlopt "
+                   "serve].")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
+              help="OUT only: how long the batcher waits to fill a batch.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="OUT only: model instances.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="OUT only: intra-op threads per instance.")
+@click.option("--ready-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
+              help="OUT only: seconds the server may take to load the model.")
+def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, input_path, batch, shapes, slo,
+             timeout, as_json, quiet, max_batch_size, max_queue_delay_us, instances, threads, ready_timeout):
+    """Load-test a served model: throughput and p50/p95/p99/max latency per load level.
+
+    TARGET is the URL of a KServe V2 server (http://HOST:PORT: Triton, `dlopt serve`), or a
+    `dlopt compile` output folder (or one of its bundle/ candidates), which is served with
+    Triton on free loopback ports for the test and stopped after it (drained), whatever happens.
+    The client is tritonclient's HTTP client, one per worker.
+
+    Closed loop (--concurrency) shows the throughput N busy clients get; it hides queueing,
+    because a slow answer delays the next request (coordinated omission).  Open loop (--rate)
+    sends on a schedule and counts latency from when each request was due; requests no sender
+    was free to send on time are "late", those still unsent at the end "unsent".  One check
+    request goes first (a refused input is an error before any load).  Ctrl-C stops the test;
+    a server it started is drained and gone.
+
+    \b
+    Examples:
+      dlopt loadtest build/resnet-cpu --concurrency 1,2,4,8,16 --slo p99=20ms
+      dlopt loadtest build/resnet-cpu --rate 50,100,200,400 --arrival poisson --duration 20
+      dlopt loadtest http://127.0.0.1:8000 --model resnet --input images.npz --batch 4 --json
+    """
+    from dlopt.core.errors import ConfigError
+    from dlopt.core.shapes import parse_shape
+    from dlopt.workflows import loadtest as lt
+
+    served = not target.startswith(("http://", "https://"))
+    given = [flag for flag, value, default in zip(
+        _SERVER_FLAGS, (max_batch_size, max_queue_delay_us, instances, threads, ready_timeout),
+        (None, 100, 1, None, 120)) if value != default]
+    if given and not served:
+        raise ConfigError(f"{', '.join(given)} configure the server dlopt starts for an output folder; "
+                          f"{target} is a server already running")
+    levels = lt.parse_levels(concurrency, "--concurrency", int) if concurrency is not None else ()
+    rates = lt.parse_levels(rate, "--rate", float) if rate is not None else ()
+    if not levels and not rates:
+        levels = (1, 2, 4, 8, 16)
+    objective = lt.parse_slo(slo) if slo is not None else None
+    shape_map = dict(parse_shape(text) for text in shapes)
+    if served and not Path(target).is_dir():
+        raise ConfigError(f"TARGET is a server URL (http://HOST:PORT) or a dlopt output folder; {target} is neither")
+
+    def log(line: str) -> None:
+        if not quiet:
+            click.echo(f"dlopt: {line}", err=True)
+
+    done: list = []
+    with _Interruptible() as guard:
+        try:
+            with _serving(Path(target), guard, log, max_batch_size=max_batch_size,
+                          max_queue_delay_us=max_queue_delay_us, instances=instances, threads=threads,
+                          ready_timeout=ready_timeout) if served else contextlib.nullcontext((target, model)) as (
+                    url, name):
+                chosen = lt.resolve_model(url, model or name, timeout=min(timeout, 10.0))
+                feeds = (lt.npz_feeds(input_path, chosen, batch=batch) if input_path is not None
+                         else lt.random_feeds(chosen, batch=batch, shapes=shape_map, seed=seed))
+                lt.check_request(url, chosen, feeds, timeout=timeout)
+                log(f"load-testing {chosen.name} at {url}")
+                lt.sweep(url, chosen, feeds, concurrency=levels, rates=rates, duration=duration, warmup=warmup,
+                         arrival=arrival, seed=seed, timeout=timeout, progress=log, stop=guard.stop, levels=done)
+        except KeyboardInterrupt:
+            guard.interrupted = True
+    _print(done, objective, as_json)
+    if guard.interrupted:
+        click.echo(f"dlopt: interrupted after {len(done)} level(s)"
+                   + ("; the server it started was stopped" if served else ""), err=True)
+        sys.exit(130)
+
+
+class _Interruptible:
+    """SIGINT/SIGTERM while the test runs: the first stops the load (KeyboardInterrupt in the main thread,
+    unless a server is being stopped), a later one kills a server still draining."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.raising = True
+        self.interrupted = False
+        self.server = None
+
+    def __enter__(self) -> "_Interruptible":
+        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in self.previous:
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        first = not self.stop.is_set()
+        self.stop.set()
+        self.interrupted = True
+        if first and self.raising:
+            raise KeyboardInterrupt
+        if not first and self.server is not None and self.server.process is not None:
+            import os
+
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.server.process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _serving(folder: Path, guard: _Interruptible, log, **options):
+    """The artefact of ``folder`` served by tritonserver on free loopback ports; drained and gone after."""
+    import tempfile
+
+    from dlopt.deploy.serve import ServeOptions, TritonInstall, write_repository
+
+    ports = _free_ports(3)
+    settings = ServeOptions(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], **options).check()
+    install = TritonInstall.find()
+    with tempfile.TemporaryDirectory(prefix="dlopt-loadtest-") as tmp:
+        model = write_repository(folder, Path(tmp) / "models", settings)
+        server = _owned_server_class()(install, Path(tmp) / "models", Path(tmp), settings)
+        log(f"starting tritonserver for {model.name} ({model.key})")
+        guard.server = server
+        try:
+            server.start()
+            server.wait_ready(model.name, guard.stop)
+            if guard.stop.is_set():
+                raise KeyboardInterrupt
+            log(f"serving {model.name} ({model.key}) at {server.url} (metrics "
+                f"http://127.0.0.1:{settings.metrics_port}/metrics)")
+            yield server.url, model.name
+        finally:
+            guard.raising = False  # a signal now must not cut the drain short; a second one kills the server
+            server.stop()
+            log(f"stopped {model.name}")
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGKILL when dlopt dies (even by SIGKILL), so none outlives it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _owned_server_class():
+    """TritonServer whose process dies with dlopt's (made on first use: dlopt.deploy is heavy to import)."""
+    import subprocess
+
+    from dlopt.deploy.serve import TritonServer
+
+    class OwnedServer(TritonServer):
+        def start(self) -> None:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env=self.install.environment(),
+                                                start_new_session=True, preexec_fn=_die_with_parent)
+
+    return OwnedServer
+
+
+def _print(levels, objective, as_json: bool) -> None:
+    from dlopt.workflows.loadtest import holds, summary
+
+    if as_json:
+        rows = [{**lv.to_dict(), **({"slo": "holds" if holds(lv, objective) else "misses"} if objective else {})}
+                for lv in levels]
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        for line in summary(levels, objective) if objective else ():
+            click.echo(f"dlopt: {line}", err=True)
+        return
+    if not levels:
+        return
+    from tabulate import tabulate
+
+    def cell(value):
+        return "-" if value is None else value
+
+    open_loop = any(lv.rate is not None for lv in levels)
+    headers = ["load", "requests", "throughput/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors"]
+    headers += ["late", "unsent"] if open_loop else []
+    headers += [objective.describe()] if objective else []
+    rows = []
+    for lv in levels:
+        row = [lv.label, lv.requests, f"{lv.throughput:.1f}", *(cell(getattr(lv, f"{p}_ms")) for p in
+                                                               ("p50", "p95", "p99", "max")), lv.errors]
+        row += [cell(lv.late), cell(lv.unsent)] if open_loop else []
+        row += ["holds" if holds(lv, objective) else "misses"] if objective else []
+        rows.append(row)
+    click.echo(tabulate(rows, headers=headers, floatfmt=".2f", disable_numparse=True))
+    for line in summary(levels, objective) if objective else ():
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    loadtest()
