@@ -13,27 +13,16 @@ from cli import dlopt
 from rpc_servers import compile_remote, qemu_rpc_server, rpc_tracker_address  # noqa: F401 - fixtures
 
 MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")
-TRIALS = 2
 
 
 @pytest.fixture(scope="module")
 def remote_rpi5(qemu_rpc_server, tmp_path_factory):  # noqa: F811
-    """The RPC round trip, once for the module: `dlopt tune` builds here and measures its trials on the
-    (emulated) board, then `dlopt compile` applies that database and verifies and times the tuned TVM
-    library there.  (output folder, report, tracker, tune's JSON, database folder)."""
-    tmp = tmp_path_factory.mktemp("remote")
     tracker = qemu_rpc_server.device.tracker
-    # 2 trials, not 4: two rounds of one trial measured on the board instead of four; what this proves is the
-    # round trip (built here, measured there, applied by the compile), not the search
-    done = dlopt("tune", models.save(MODEL, tmp / "m.onnx"), "--target", "rpi5", "--trials", str(TRIALS),
-                 "--db", tmp / "db", "--json", "--rpc-tracker", tracker, "--rpc-key", "qemu-aarch64", timeout=900)
-    assert done.returncode == 0, done.stderr
-    out, report = compile_remote(tmp, MODEL, "rpi5", tracker, "qemu-aarch64", "--tuning-db", tmp / "db")
-    return out, report, tracker, json.loads(done.stdout), tmp / "db"
+    return (*compile_remote(tmp_path_factory.mktemp("remote"), MODEL, "rpi5", tracker, "qemu-aarch64"), tracker)
 
 
 def test_compile_times_the_tvm_candidate_on_the_remote_device(remote_rpi5):
-    _, report, tracker, _, _ = remote_rpi5
+    _, report, tracker = remote_rpi5
     tvm = next(c for c in report["candidates"] if c["backend"] == "tvm")
     latency = tvm["measurement"]["latency"]
     assert tvm["status"] == "ok" and tvm["fidelity"]["max_rel_error"] < 1e-4
@@ -45,7 +34,7 @@ def test_compile_times_the_tvm_candidate_on_the_remote_device(remote_rpi5):
 
 
 def test_bench_runs_the_tvm_library_through_the_tracker(remote_rpi5, tmp_path):
-    out, _, tracker, _, _ = remote_rpi5
+    out, _, tracker = remote_rpi5
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     done = dlopt("bench", copy, "--runs", "20", "--json", "-q", "--candidate", "tvm/fp32",
@@ -71,12 +60,21 @@ def test_rpc_flags_go_together(tmp_path):
     assert done.returncode == 2 and "--rpc-tracker and --rpc-key go together" in done.stderr
 
 
-def test_tune_through_the_tracker_then_compile_applies_it_and_times_there(remote_rpi5):
+def test_tune_through_the_tracker_then_compile_applies_it_and_times_there(qemu_rpc_server, tmp_path):  # noqa: F811
     """The RPC round trip: builds here, trials measured on the (emulated) board, then a compile that
     applies the database and times the tuned library on the board."""
-    _, report, _, tuned, db = remote_rpi5
-    assert tuned["trials_in_db"] >= TRIALS and tuned["tuned_tasks"] >= 1
-    assert json.loads(db.glob("*/*/meta.json").__next__().read_text())["target"]["mcpu"] == "cortex-a76"
-    tvm = next(c for c in report["candidates"] if c["backend"] == "tvm")
+    model = models.save(MODEL, tmp_path / "m.onnx")
+    tracker = qemu_rpc_server.device.tracker
+    rpc = ["--rpc-tracker", tracker, "--rpc-key", "qemu-aarch64"]
+    done = dlopt("tune", model, "--target", "rpi5", "--trials", "4", "--db", tmp_path / "db", "--json", *rpc,
+                 timeout=900)
+    assert done.returncode == 0, done.stderr
+    tuned = json.loads(done.stdout)
+    assert tuned["trials_in_db"] >= 4 and tuned["tuned_tasks"] >= 1
+    assert json.loads((tmp_path / "db").glob("*/*/meta.json").__next__().read_text())["target"]["mcpu"] == "cortex-a76"
+    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "out", "--precision", "fp32", "--runs", "20",
+                 "--tuning-db", tmp_path / "db", "--json", "-q", *rpc, timeout=900)
+    assert done.returncode == 0, done.stderr
+    tvm = next(c for c in json.loads(done.stdout)["candidates"] if c["backend"] == "tvm")
     assert tvm["tuning"]["tuned_tasks"] == tuned["tuned_tasks"]
     assert tvm["fidelity"]["max_rel_error"] < 1e-4 and tvm["measurement"]["latency"]["device_key"] == "qemu-aarch64"
