@@ -21,6 +21,7 @@ new connections, finishes the requests it accepted, and exits; then ``serve`` re
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import logging
@@ -37,7 +38,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from dlopt.core.artifacts import read_folder_json
 from dlopt.core.errors import ConfigError, TargetUnavailable
@@ -194,7 +195,8 @@ class TritonServer:
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.install.environment(), start_new_session=True)
+                                            env=self.install.environment(), start_new_session=True,
+                                            preexec_fn=_die_with_parent)
 
     def wait_ready(self, model: str, stopping: threading.Event) -> None:
         """Until the model answers ready; TargetUnavailable with the server's last log lines when it exits or
@@ -247,37 +249,67 @@ class TritonServer:
         return process.returncode
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGKILL when dlopt dies (even by SIGKILL), so none outlives it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports nothing listens on now (bound to port 0, then released)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def served(source: Path, options: ServeOptions, stopping: threading.Event,
+           log: Callable[[str], None] | None = None) -> Iterator[tuple[TritonServer, ServedModel]]:
+    """The artefact of ``source`` served (``options``' ports; see ``free_ports``) for the ``with`` block, then
+    drained and gone, whatever happens; ``stopping`` set (a signal) cuts the wait for readiness short."""
+    options = options.check()
+    install = TritonInstall.find()
+    with tempfile.TemporaryDirectory(prefix="dlopt-serve-") as tmp:
+        model = write_repository(Path(source), Path(tmp) / "models", options)
+        server = TritonServer(install, Path(tmp) / "models", Path(tmp), options)
+        if log:
+            log(f"starting tritonserver for {model.name} ({model.key})")
+        server.start()
+        try:
+            server.wait_ready(model.name, stopping)
+            yield server, model
+        finally:
+            server.stop()
+            if log:
+                log(f"stopped {model.name}: the requests it accepted were answered")
+
+
 def serve(source: Path, options: ServeOptions, *, on_ready: Callable[[str], None] = print,
           log: Callable[[str], None] | None = None) -> int:
     """Serve the artefact of ``source`` until SIGTERM or SIGINT (or the server stops); 0 after a drain."""
-    options = options.check()
-    install = TritonInstall.find()
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with tempfile.TemporaryDirectory(prefix="dlopt-serve-") as tmp:
-            repository = Path(tmp) / "models"
-            model = write_repository(Path(source), repository, options)
-            server = TritonServer(install, repository, Path(tmp), options)
-            if log:
-                log(f"starting tritonserver for {model.name} ({model.key})")
-            server.start()
-            try:
-                server.wait_ready(model.name, stopping)
-                if not stopping.is_set():
-                    o = options
-                    on_ready(f"serving {model.name} ({model.key}) at {server.url} (KServe V2 over HTTP; gRPC "
-                             f"{o.host}:{o.grpc_port}; metrics http://{o.host}:{o.metrics_port}/metrics)")
-                while not stopping.is_set() and server.process.poll() is None:
-                    stopping.wait(0.2)
-                crashed = server.process.poll() is not None and not stopping.is_set()
-            finally:
-                status = server.stop()
-            if crashed:
-                raise TargetUnavailable(f"tritonserver stopped on its own (status {status}): {server.log_tail()}")
-            if log:
-                log(f"stopped {model.name}: requests accepted before the signal were answered")
-            return 0
+        with served(source, options, stopping, log) as (server, model):
+            if not stopping.is_set():
+                o = options
+                on_ready(f"serving {model.name} ({model.key}) at {server.url} (KServe V2 over HTTP; gRPC "
+                         f"{o.host}:{o.grpc_port}; metrics http://{o.host}:{o.metrics_port}/metrics)")
+            while not stopping.is_set() and server.process.poll() is None:
+                stopping.wait(0.2)
+            if not stopping.is_set():
+                raise TargetUnavailable(f"tritonserver stopped on its own (status {server.process.returncode}): "
+                                        f"{server.log_tail()}")
+        return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
