@@ -144,6 +144,7 @@ def test_bad_inputs_are_one_line_errors(served, tmp_path):
         ([url, "--model", "nope"], "has no model 'nope'"),
         ([url, "--input", tmp_path / "text.npz"], "text.npz"),
         ([url, "--input", tmp_path / "wrong.npz"], "missing ['x'] and unexpected ['y']"),
+        ([url, "--input", tmp_path / "wrong.npz", "--shape", "x=1x3x16x16"], "--shape sets the shapes of random"),
         ([url, "--batch", "64"], "cnn at http://"),  # over the server's max batch of 8: the check request fails
         ([url, "--concurrency", "1,x"], "--concurrency takes comma-separated numbers"),
         ([url, "--rate", "0"], "--rate takes comma-separated numbers above 0"),

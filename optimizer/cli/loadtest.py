@@ -31,7 +31,9 @@ _SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--t
               metavar="SECONDS", help="Counted time per level.")
 @click.option("--warmup", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="SECONDS",
               help="Uncounted time before each level's counted time.")
-@click.option("--model", default=None, help="Model name [default: the server's only ready model].")
+@click.option("--model", default=None,
+              help="Model name [default: the server's only ready model; for a folder TARGET, the name it is served "
+                   "under, as dlopt serve --name].")
 @click.option("--input", "input_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help=".npz with one array per model input, first axis = samples (no pickles) [default: random "
                    "inputs for the model's declared shapes].")
@@ -40,22 +42,24 @@ _SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--t
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD",
               help="Shape of one input per request, or the size of a dim name, e.g. x=1x3x224x224 (repeatable).")
 @click.option("--slo", default=None, metavar="P=TIME",
-              help="Latency objective, e.g. p99=20ms or p95=10ms,p99=0.05s: each level holds or misses it, "
-                   "and the summary names the highest throughput (or rate) that holds it.")
+              help="Latency objective, e.g. p99=20ms or p95=10ms,p99=0.05s: each level holds or misses it (a "
+                   "level with errors or unsent requests misses), and the summary names the highest throughput "
+                   "(closed loop) or rate (open loop) that holds it.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               metavar="SECONDS", help="Deadline of every request and server call.")
 @click.option("--json", "as_json", is_flag=True, help="Print the levels as a JSON list on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--max-batch-size", type=click.IntRange(min=0), default=None,
-              help="OUT only: the served model's largest dynamic batch; 0 turns batching off [default: as dlopt "
-                   "serve].")
+              help="Folder TARGET only: the served model's largest dynamic batch; 0 turns batching off "
+                   "[default: as dlopt serve].")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
-              help="OUT only: how long the batcher waits to fill a batch.")
+              help="Folder TARGET only: how long the batcher waits to fill a batch.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-              help="OUT only: model instances.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="OUT only: intra-op threads per instance.")
+              help="Folder TARGET only: model instances.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Folder TARGET only: intra-op threads per instance.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
-              help="OUT only: seconds the server may take to load the model.")
+              help="Folder TARGET only: seconds the server may take to load the model.")
 def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, input_path, batch, shapes, slo,
              timeout, as_json, quiet, max_batch_size, max_queue_delay_us, instances, threads, ready_timeout):
     """Load-test a served model: throughput and p50/p95/p99/max latency per load level.
@@ -82,20 +86,22 @@ def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, 
     from dlopt.core.shapes import parse_shape
     from dlopt.workflows import loadtest as lt
 
-    served = not target.startswith(("http://", "https://"))
+    folder = not target.startswith(("http://", "https://"))
     given = [flag for flag, value, default in zip(
         _SERVER_FLAGS, (max_batch_size, max_queue_delay_us, instances, threads, ready_timeout),
         (None, 100, 1, None, 120)) if value != default]
-    if given and not served:
+    if given and not folder:
         raise ConfigError(f"{', '.join(given)} configure the server dlopt starts for an output folder; "
                           f"{target} is a server already running")
+    if shapes and input_path is not None:
+        raise ConfigError("--shape sets the shapes of random inputs; with --input the data's own shapes are sent")
     levels = lt.parse_levels(concurrency, "--concurrency", int) if concurrency is not None else ()
     rates = lt.parse_levels(rate, "--rate", float) if rate is not None else ()
     if not levels and not rates:
         levels = (1, 2, 4, 8, 16)
     objective = lt.parse_slo(slo) if slo is not None else None
     shape_map = dict(parse_shape(text) for text in shapes)
-    if served and not Path(target).is_dir():
+    if folder and not Path(target).is_dir():
         raise ConfigError(f"TARGET is a server URL (http://HOST:PORT) or a dlopt output folder; {target} is neither")
 
     def log(line: str) -> None:
@@ -104,12 +110,13 @@ def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, 
 
     done: list = []
     with _Interruptible() as guard:
+        server = (_serving(Path(target), guard, log, name=model, max_batch_size=max_batch_size,
+                           max_queue_delay_us=max_queue_delay_us, instances=instances, threads=threads,
+                           ready_timeout=ready_timeout)
+                  if folder else contextlib.nullcontext((target, None)))
         try:
-            with _serving(Path(target), guard, log, max_batch_size=max_batch_size,
-                          max_queue_delay_us=max_queue_delay_us, instances=instances, threads=threads,
-                          ready_timeout=ready_timeout) if served else contextlib.nullcontext((target, model)) as (
-                    url, name):
-                chosen = lt.resolve_model(url, model or name, timeout=min(timeout, 10.0))
+            with server as (url, served_name):
+                chosen = lt.resolve_model(url, model or served_name, timeout=min(timeout, 10.0))
                 feeds = (lt.npz_feeds(input_path, chosen, batch=batch) if input_path is not None
                          else lt.random_feeds(chosen, batch=batch, shapes=shape_map, seed=seed))
                 lt.check_request(url, chosen, feeds, timeout=timeout)
@@ -121,7 +128,7 @@ def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, 
     _print(done, objective, as_json)
     if guard.interrupted:
         click.echo(f"dlopt: interrupted after {len(done)} level(s)"
-                   + ("; the server it started was stopped" if served else ""), err=True)
+                   + ("; the server it started was stopped" if folder else ""), err=True)
         sys.exit(130)
 
 

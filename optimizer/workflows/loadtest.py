@@ -13,8 +13,9 @@ when it was due is ``late``; one still unsent when the level's time is up is ``u
 level does not hold any objective).
 
 A level runs ``warmup`` seconds uncounted, then ``duration`` seconds counted: ``requests`` are
-those sent (closed) or due (open) in the counted window, ``throughput`` the answered ones per
-second of that window (to the last answer), percentiles with numpy over the answered ones' latencies.
+those sent in the counted window (answered + errors; open loop: ``due`` = requests + unsent),
+``throughput`` the answered ones per second of that window (it runs to the last answer), the
+percentiles numpy's (linear interpolation) over the answered ones' latencies.
 Every network call has a deadline (``timeout``): a level ends by ``warmup + duration + timeout``.
 
 Only dlopt's core and calibration layers are used here (inputs, shapes, the ``.npz`` reader), so the
