@@ -1,4 +1,4 @@
-"""``dlopt serve``: a real Triton Inference Server for a compiled artefact.
+"""``dlopt serve``: a real Triton Inference Server for a compiled artefact, or Ray Serve with ``--ray``.
 
 Only click is imported with this module so ``dlopt --help`` stays fast.
 """
@@ -30,8 +30,17 @@ import click
 @click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus /metrics.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
               help="Seconds the server may take to load the model.")
+@click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="", metavar="[ADDRESS]",
+              help="Serve on Ray Serve instead of Triton: a local Ray on this machine, listening on loopback "
+                   "only, when no address is given; ADDRESS (ray://head:10001) joins a running cluster. Put it "
+                   "after OUT.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: replicas of the model, each its own process and runtime session [default: 1].")
+@click.option("--autoscale", default=None, metavar="MIN-MAX",
+              help="With --ray: let Ray Serve's autoscaler keep between MIN and MAX replicas (instead of "
+                   "--replicas).")
 def serve(out, name, max_batch_size, max_queue_delay_us, instances, threads, host, http_port, grpc_port,
-          metrics_port, ready_timeout):
+          metrics_port, ready_timeout, ray_address, replicas, autoscale):
     """Serve the artefact in OUT with a real Triton Inference Server until SIGTERM or Ctrl-C.
 
     OUT is a `dlopt compile` output folder, or one of its bundle/<backend>-<precision>/
@@ -42,12 +51,33 @@ def serve(out, name, max_batch_size, max_queue_delay_us, instances, threads, hos
     "serving NAME (KEY) at http://HOST:PORT ...".  SIGTERM or Ctrl-C drains: requests the
     server accepted are answered, then it exits 0.
 
+    With --ray the same runner is a Ray Serve deployment: request batching (--max-batch-size
+    samples per run, --max-queue-delay-us), --replicas or --autoscale, and Ray Serve's HTTP
+    proxy on --host:--http-port speaking KServe V2 (JSON and binary tensors) for tritonclient and
+    `dlopt loadtest`; GET /v2/models/NAME/stats counts requests, runs and the batches formed.
+    It needs pip install 'dlopt[ray]'; with an ADDRESS, OUT must be at the same path on the
+    cluster's nodes.  --grpc-port, --metrics-port and --instances are Triton's.
+
     \b
     Examples:
       dlopt serve build/resnet-cpu
       dlopt serve build/resnet-cpu --max-batch-size 16 --max-queue-delay-us 500 --instances 2
       dlopt serve build/rpi/bundle/ort-int8 --http-port 9000 --grpc-port 9001 --metrics-port 9002
+      dlopt serve build/resnet-cpu --ray --replicas 2 --max-batch-size 16
+      dlopt serve build/resnet-cpu --ray ray://head:10001 --autoscale 1-8 --host 0.0.0.0
     """
+    if ray_address is not None:
+        _serve_on_ray(out, name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                      threads=threads, host=host, http_port=http_port, ready_timeout=ready_timeout,
+                      address=ray_address or None, replicas=replicas, autoscale=autoscale,
+                      triton_only={"--instances": instances != 1, "--grpc-port": grpc_port != 8001,
+                                   "--metrics-port": metrics_port != 8002})
+        return
+    if replicas is not None or autoscale is not None:
+        from dlopt.core.errors import ConfigError
+
+        raise ConfigError(f"{'--replicas' if replicas is not None else '--autoscale'} is for Ray Serve: add --ray "
+                          f"(Triton's own copies of the model are --instances)")
     from dlopt.deploy.serve import ServeOptions
     from dlopt.deploy.serve import serve as run_server
 
@@ -63,6 +93,25 @@ def serve(out, name, max_batch_size, max_queue_delay_us, instances, threads, hos
         click.echo(line, err=True)
 
     sys.exit(run_server(out, options, on_ready=ready, log=log))
+
+
+def _serve_on_ray(out, *, replicas, autoscale, triton_only, **options) -> None:
+    from dlopt.core.errors import ConfigError
+    from dlopt.deploy.ray_serve import RayServeOptions, parse_autoscale, serve_on_ray
+
+    given = [flag for flag, set_ in triton_only.items() if set_]
+    if given:
+        raise ConfigError(f"{given[0]} is Triton's; with --ray use --replicas/--autoscale and --http-port")
+    if replicas is not None and autoscale is not None:
+        raise ConfigError("--replicas and --autoscale exclude each other: a fixed count, or MIN-MAX for the autoscaler")
+    config = RayServeOptions(replicas=replicas or 1, autoscale=parse_autoscale(autoscale) if autoscale else None,
+                             **options)
+
+    def ready(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    sys.exit(serve_on_ray(out, config, on_ready=ready, log=lambda line: click.echo(line, err=True)))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ files a sweep wrote.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
 from dlopt.core.errors import AccuracyBudgetExceeded, ConfigError, DloptError, TargetUnavailable, first_line
 from dlopt.core.optional import require
 from dlopt.core.profiles import resolve_target
+from dlopt.core.ray_local import LOOPBACK_ENV, ray_on_loopback
 from dlopt.core.scoped_env import environ
 from dlopt.core.toml_file import read_toml
 from dlopt.measure.budget import BUILTIN
@@ -66,7 +66,6 @@ _PATH_OPTIONS = ("inputs", "calib", "targets_file", "tuning_db")
 _NOT_OPTIONS = {"model", "target", "out", "progress", "targets_file", "calib_preprocess"}
 _METRIC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module:function
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # one folder name: no '/', '..', leading '.' or space
-_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is loopback, as on macOS
 HEADERS = ["model", "target", "variant", "status", "chosen", "p50 ms", "speedup", "drop pp", "size MB",
            "threads", "seconds", "note"]
 
@@ -370,7 +369,7 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
     started = not ray.is_initialized()
     if started:
         try:
-            with environ(**({} if address else {_RAY_LOOPBACK_ENV: "0"})), _ray_on_loopback(not address):
+            with environ(**({} if address else {LOOPBACK_ENV: "0"})), ray_on_loopback(not address):
                 ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
                          log_to_driver=False, configure_logging=False,
                          **({} if address else {"_node_ip_address": "127.0.0.1"}))
@@ -394,23 +393,6 @@ def _run_ray(entries: list[Entry], address: str | None, num_cpus: int | None,
     finally:
         if started:
             ray.shutdown()
-
-
-@contextlib.contextmanager
-def _ray_on_loopback(local: bool) -> Iterator[None]:
-    """Ray's node address is loopback while a local Ray starts: the flag Ray read from _RAY_LOOPBACK_ENV
-    when imported, set for the block only (the environment variable, set too, reaches Ray's processes)."""
-    try:
-        from ray._private import ray_constants
-        saved = ray_constants.ENABLE_RAY_CLUSTER
-    except (ImportError, AttributeError):  # another Ray: the environment variable alone
-        yield
-        return
-    ray_constants.ENABLE_RAY_CLUSTER = saved and not local
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _check_table_paths(out: Path) -> None:
