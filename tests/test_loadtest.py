@@ -110,6 +110,16 @@ def test_open_loop_above_capacity_shows_the_queueing_a_closed_loop_hides(served,
     assert lt.holds(closed, slo) and not lt.holds(flood, slo)
 
 
+def test_error_answers_are_counted_and_the_load_goes_on(served, cnn):
+    model, feeds = cnn
+    too_big = {"x": np.zeros((64, 3, 16, 16), np.float32)}  # over the server's max batch of 8: refused
+    level = lt.run_closed(f"http://{served.url}", model, [feeds[0], too_big], 2, 1.0, 0.0)
+    # each worker alternates a good and a refused request, so the two counts differ by at most one per worker
+    assert level.errors > 10 and abs(level.errors - level.answered) <= 2
+    assert level.requests == level.answered + level.errors
+    assert "batch-size must be <= 8" in level.first_error and not lt.holds(level, lt.parse_slo("p99=100s"))
+
+
 def _level(**kw) -> lt.Level:
     base = dict(concurrency=None, rate=None, requests=100, answered=100, errors=0, seconds=1.0,
                 p50_ms=5.0, p95_ms=9.0, p99_ms=12.0, max_ms=30.0)

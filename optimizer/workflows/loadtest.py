@@ -303,7 +303,8 @@ def sweep(url: str, model: Model, feeds: Sequence[Mapping[str, np.ndarray]], *, 
             progress(f"{label}: {level.answered} answered, {level.throughput:.1f}/s, p99 {_ms(level.p99_ms)}, "
                      f"{level.errors} errors" + (f", {level.late} late, {level.unsent} unsent"
                                                   if level.rate is not None else "")
-                     + f" [{time.perf_counter() - began:.1f} s]")
+                     + f" [{time.perf_counter() - began:.1f} s]"
+                     + (f"; first error: {level.first_error}" if level.first_error else ""))
     return levels
 
 
