@@ -87,6 +87,22 @@ if _missing() is None:
     import tritonclient.http as http
 
 
+@needs_ray_serve
+def test_an_address_where_no_ray_answers_is_one_line_within_the_deadline(ort_output):
+    """Joining a cluster has a deadline: --ready-timeout (here 5 s) bounds Ray's own retries."""
+    from dlopt.core.errors import TargetUnavailable
+
+    out, _ = ort_output
+    start = time.monotonic()
+    result = _serve(out, "--ray", f"127.0.0.1:{_free_port()}", "--ready-timeout", "5", "--http-port",
+                    str(_free_port()))
+    assert result.returncode == TargetUnavailable.exit_code, result.stderr
+    assert time.monotonic() - start < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dlopt: error:")]
+    assert errors == [f"dlopt: error: --ray: reaching Ray at {result.args[4]} took more than 5 s; check the address "
+                      f"and `ray status`"], result.stderr
+
+
 class RayServed:
     """``dlopt serve OUT --ray --replicas 2`` on a free loopback port; ready when it printed its one line."""
 

@@ -29,7 +29,7 @@ import click
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
 @click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus /metrics.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
-              help="Seconds the server may take to load the model.")
+              help="Seconds the server may take to load the model (with --ray ADDRESS: also to join the cluster).")
 @click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="", metavar="[ADDRESS]",
               help="Serve on Ray Serve instead of Triton: a local Ray on this machine, listening on loopback "
                    "only, when no address is given; ADDRESS (ray://head:10001) joins a running cluster. Put it "

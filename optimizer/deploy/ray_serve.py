@@ -7,9 +7,10 @@ number of replicas or Ray Serve's autoscaling between two bounds.  Ray Serve's H
 loadtest`` drives it as it drives Triton; ``GET /v2/models/NAME/stats`` gives Triton's statistics
 fields (requests, samples, model runs and the batch sizes formed) summed over the replicas.
 
-Without ADDRESS a local Ray is started on loopback only and shut down at the end; an ADDRESS
-(``ray://head:10001``, ``head:6379``) joins a running cluster within a deadline; the output folder
-must then be readable at the same path on the nodes the replicas land on.  SIGTERM and Ctrl-C
+Without ADDRESS a local Ray is started on loopback only (each replica's inter-deployment gRPC
+server too, which Ray itself binds to every interface) and shut down at the end; an ADDRESS
+(``ray://head:10001``, ``head:6379``) joins a running cluster within ``ready_timeout`` seconds; the
+output folder must then be readable at the same path on the nodes the replicas land on.  SIGTERM and Ctrl-C
 drain: the application is deleted (each replica answers the requests it accepted before it stops),
 then Serve and a local Ray are shut down, and ``serve_on_ray`` returns 0.
 """
@@ -43,7 +44,6 @@ from dlopt.targets import read_artifact
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8
-CONNECT_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 30.0  # each replica's wait for the requests it accepted
 _AUTOSCALE = re.compile(r"(\d+)-(\d+)")
 
@@ -60,7 +60,6 @@ class RayServeOptions:
     http_port: int = 8000
     address: str | None = None  # None: a local Ray on loopback
     ready_timeout: float = 120.0
-    connect_timeout: float = CONNECT_TIMEOUT_S
 
     def check(self) -> "RayServeOptions":
         try:
@@ -145,24 +144,26 @@ def _within(seconds: float, call: Callable[[], object], what: str) -> object:
 
 def start_ray(ray, options: RayServeOptions) -> bool:
     """Connect to ``options.address`` (within its deadline) or start a local Ray; True when this call started
-    it.  A local one must start inside ``local_ray_on_loopback()``."""
+    it.  Joining a cluster is given ``ready_timeout`` seconds.  Inside ``ray_on_loopback_for()``."""
     if ray.is_initialized():
         return False
     address = options.address
     for name in ("ray", "ray.serve"):  # Ray's notices stay out of the CLI's one-line output
         logging.getLogger(name).addHandler(logging.NullHandler())
-    if not logger.isEnabledFor(logging.INFO):  # dlopt -v shows Serve's progress
+    if not logger.isEnabledFor(logging.INFO):  # dlopt -v shows Ray's notices and Serve's progress
+        logging.getLogger("ray").setLevel(logging.ERROR)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     cpus = None if address else max(os.cpu_count() or 1, options.autoscale[1] if options.autoscale
                                     else options.replicas)  # each replica holds one Ray CPU
 
     def init():
-        ray.init(address=address or None, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, **({} if address else {"_node_ip_address": "127.0.0.1"}))
+        with environ(**({"RAY_BACKEND_LOG_LEVEL": "error"} if address else {})):  # its retries, not on stderr
+            ray.init(address=address or None, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, **({} if address else {"_node_ip_address": "127.0.0.1"}))
 
     try:
         if address:  # Ray's own connect has no overall deadline
-            _within(options.connect_timeout, init, f"reaching Ray at {address}")
+            _within(options.ready_timeout, init, f"reaching Ray at {address}")
         else:
             init()
     except TargetUnavailable:
@@ -176,10 +177,22 @@ def start_ray(ray, options: RayServeOptions) -> bool:
     return True
 
 
+def on_loopback(address: str | None) -> bool:
+    """A local Ray, or an address on loopback (which Ray would otherwise rewrite to this machine's address)."""
+    if not address:
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @contextlib.contextmanager
-def local_ray_on_loopback(local: bool) -> Iterator[None]:
-    """For as long as a local Ray runs: every Ray client of this process (Serve's too) finds it on loopback."""
-    if not local:
+def ray_on_loopback_for(address: str | None) -> Iterator[None]:
+    """For as long as this process uses Ray: every Ray client in it (Serve's too) finds Ray on loopback when
+    it is local or its address is a loopback one."""
+    if not on_loopback(address):
         yield
         return
     with environ(**{LOOPBACK_ENV: "0"}), ray_on_loopback(True):
@@ -241,7 +254,7 @@ def serve_on_ray(source: Path, options: RayServeOptions, *, on_ready: Callable[[
     try:
         if log:
             log(f"starting Ray Serve for {model.name} ({model.key}) on {options.address or 'a local Ray'}")
-        with local_ray_on_loopback(not options.address):
+        with ray_on_loopback_for(options.address):
             started = start_ray(ray, options)
             for sig in previous:  # ray.init put its own SIGTERM handlers (Python's and a C++ one) in their place
                 signal.signal(sig, lambda *_: stopping.set())
