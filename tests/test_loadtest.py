@@ -16,12 +16,13 @@ import time
 import numpy as np
 import pytest
 
+from dlopt.deploy.serve import free_ports
 from dlopt.workflows import loadtest as lt
 
 pytest.importorskip("tritonclient.http", reason="dlopt loadtest needs tritonclient[http]")
 pytest.importorskip("prometheus_client.parser", reason="reading Triton's metrics needs prometheus-client")
 
-from test_serve import DLOPT, Served, _free_ports, _triton_here  # noqa: E402 - after the skips
+from test_serve import DLOPT, Served, _triton_here  # noqa: E402 - after the skips
 
 pytestmark = pytest.mark.skipif(_triton_here() is not None, reason=f"no Triton server here: {_triton_here()}")
 
@@ -150,7 +151,7 @@ def test_bad_inputs_are_one_line_errors(served, tmp_path):
     (tmp_path / "text.npz").write_text("not an archive")
     np.savez(tmp_path / "wrong.npz", y=np.zeros((4, 3, 16, 16), np.float32))
     cases = [
-        ([f"http://127.0.0.1:{_free_ports(1)[0]}"], "cannot reach a KServe V2 server at http://127.0.0.1:"),
+        ([f"http://127.0.0.1:{free_ports(1)[0]}"], "cannot reach a KServe V2 server at http://127.0.0.1:"),
         ([url, "--model", "nope"], "has no model 'nope'"),
         ([url, "--input", tmp_path / "text.npz"], "text.npz"),
         ([url, "--input", tmp_path / "wrong.npz"], "missing ['x'] and unexpected ['y']"),
@@ -190,7 +191,7 @@ def test_a_folder_target_is_served_for_the_test_and_gone_after(ort_output, tmp_p
     assert table[0].split()[:3] == ["load", "requests", "throughput/s"]
     assert table[2].startswith("concurrency 1") and table[2].split()[-1] == "misses"
     assert table[-1] == "p50 <= 0.001 ms: no concurrency level holds it"
-    assert _pgrep(str(tmp_path)) == "" and not list(tmp_path.glob("dlopt-loadtest-*"))
+    assert _pgrep(str(tmp_path)) == "" and not list(tmp_path.glob("dlopt-serve-*"))
 
 
 def test_ctrl_c_stops_the_test_and_the_server_it_started(ort_output, tmp_path):
@@ -212,4 +213,4 @@ def test_ctrl_c_stops_the_test_and_the_server_it_started(ort_output, tmp_path):
     assert process.returncode == 130, "".join(lines) + stderr
     assert "interrupted after 0 level(s); the server it started was stopped" in stderr
     assert "stopped cnn" in stderr and stdout == ""
-    assert _pgrep(str(tmp_path)) == "" and not list(tmp_path.glob("dlopt-loadtest-*"))
+    assert _pgrep(str(tmp_path)) == "" and not list(tmp_path.glob("dlopt-serve-*"))

@@ -168,67 +168,20 @@ class _Interruptible:
 @contextlib.contextmanager
 def _serving(folder: Path, guard: _Interruptible, log, **options):
     """The artefact of ``folder`` served by tritonserver on free loopback ports; drained and gone after."""
-    import tempfile
+    from dlopt.deploy.serve import ServeOptions, free_ports, served
 
-    from dlopt.deploy.serve import ServeOptions, TritonInstall, write_repository
-
-    ports = _free_ports(3)
-    settings = ServeOptions(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], **options).check()
-    install = TritonInstall.find()
-    with tempfile.TemporaryDirectory(prefix="dlopt-loadtest-") as tmp:
-        model = write_repository(folder, Path(tmp) / "models", settings)
-        server = _owned_server_class()(install, Path(tmp) / "models", Path(tmp), settings)
-        log(f"starting tritonserver for {model.name} ({model.key})")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    settings = ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, **options)
+    with served(folder, settings, guard.stop, log) as (server, model):
         guard.server = server
         try:
-            server.start()
-            server.wait_ready(model.name, guard.stop)
             if guard.stop.is_set():
                 raise KeyboardInterrupt
             log(f"serving {model.name} ({model.key}) at {server.url} (metrics "
-                f"http://127.0.0.1:{settings.metrics_port}/metrics)")
+                f"http://127.0.0.1:{metrics_port}/metrics)")
             yield server.url, model.name
         finally:
             guard.raising = False  # a signal now must not cut the drain short; a second one kills the server
-            server.stop()
-            log(f"stopped {model.name}")
-
-
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _die_with_parent() -> None:
-    """In the server's process before exec: SIGKILL when dlopt dies (even by SIGKILL), so none outlives it."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _owned_server_class():
-    """TritonServer whose process dies with dlopt's (made on first use: dlopt.deploy is heavy to import)."""
-    import subprocess
-
-    from dlopt.deploy.serve import TritonServer
-
-    class OwnedServer(TritonServer):
-        def start(self) -> None:
-            with open(self.log_path, "wb") as log:
-                self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env=self.install.environment(),
-                                                start_new_session=True, preexec_fn=_die_with_parent)
-
-    return OwnedServer
 
 
 def _print(levels, objective, as_json: bool) -> None:
