@@ -8,7 +8,7 @@ under load.  The client is tritonclient's; the counts are the server's statistic
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,6 +68,41 @@ def test_without_ray_serve_it_says_what_to_install_in_one_line(ort_output):
     assert result.returncode == TargetUnavailable.exit_code, result.stderr
     assert result.stderr.strip().splitlines() == [
         "dlopt: error: dlopt serve --ray needs Ray Serve: pip install 'dlopt[ray]'"], result.stderr
+
+
+def test_the_v2_codec_round_trips_tritonclients_bodies_and_refuses_malformed_ones_in_one_line():
+    """kserve_v2 on its own (no server): tritonclient's request bodies in, its InferResult reads what comes out."""
+    client = pytest.importorskip("tritonclient.http", reason="the KServe V2 client is tritonclient[http]")
+    from dlopt.core.errors import DataError
+    from dlopt.deploy.kserve_v2 import decode_request, encode_response
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7
+    ids = np.array([[1, -2]], np.int64)
+    for binary in (True, False):
+        a, b = client.InferInput("x", list(x.shape), "FP32"), client.InferInput("ids", [1, 2], "INT64")
+        a.set_data_from_numpy(x, binary_data=binary)
+        b.set_data_from_numpy(ids, binary_data=binary)
+        asked = [client.InferRequestedOutput("y", binary_data=binary)]
+        body, size = client.InferenceServerClient.generate_request_body([a, b], outputs=asked, request_id="7")
+        request = decode_request(body, None if size is None else str(size))
+        assert np.array_equal(request.feed["x"], x) and np.array_equal(request.feed["ids"], ids)
+        assert request.id == "7" and request.outputs == ("y",)
+        answer, headers = encode_response("m", request, ["y", "z"], [x * 2, ids])
+        length = headers.get("Inference-Header-Content-Length")
+        result = client.InferResult.from_response_body(answer, header_length=None if length is None else int(length))
+        assert np.array_equal(result.as_numpy("y"), x * 2) and result.as_numpy("z") is None
+        assert ("Inference-Header-Content-Length" in headers) is binary
+    header = b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}'
+    cases = [(header + bytes(8), str(len(header)), "binary_data_size 4 does not match shape [2]"),
+             (b'{"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]}', None,
+              "input 'x': 'data' does not hold 3 FP32 values"),
+             (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BF16", "data": [1]}]}', None,
+              "datatype 'BF16' is not one of BOOL"),
+             (b'{"inputs": []}' + bytes(4), "14", "4 bytes of binary data follow the tensors"),
+             (b'{"inputs": []}', "99", "Inference-Header-Content-Length 99 does not fit a body of 14 bytes")]
+    for body, length, message in cases:
+        with pytest.raises(DataError, match=re.escape(message)):
+            decode_request(body, length)
 
 
 def _missing() -> str | None:
