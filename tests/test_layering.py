@@ -1,9 +1,10 @@
 """dlopt's sub-packages are layers: a module imports only from its own layer or the layers below it.
 
-    cli -> api -> workflows | compression | deploy | onnx_backend -> flow -> report -> device -> measure
+    cli -> api -> workflows -> compression | deploy | onnx_backend -> flow -> report -> device -> measure
         -> targets | calibration -> passes -> core
 
-Layers on one rank (``workflows | compression | deploy``) do not import each other.  Every import
+Layers on one rank (``compression | deploy``) do not import each other; workflows (user journeys of several
+steps: sweeps, tuning, verify/bench, load tests and the batching tuner) build on them.  Every import
 counts, the ones inside functions too: a lazy import hides a dependency, it does not remove it.
 """
 
@@ -17,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"optimizer": "dlopt", "passes": "dlopt.passes", "targets": "dlopt.targets", "calibration": "dlopt.calibration"}
 RANK = {"core": 0, "passes": 1, "targets": 2, "calibration": 2, "measure": 3, "device": 4, "report": 5, "flow": 6,
-        "workflows": 7, "compression": 7, "deploy": 7, "onnx_backend": 7, "api": 8, "cli": 9}
+        "compression": 7, "deploy": 7, "onnx_backend": 7, "workflows": 8, "api": 9, "cli": 10}
 
 
 def modules() -> dict[str, Path]:

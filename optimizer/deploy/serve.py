@@ -36,13 +36,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from dlopt.core.artifacts import read_folder_json
 from dlopt.core.errors import ConfigError, TargetUnavailable
-from dlopt.deploy.triton import build_tensors, check_name, config_text, default_name
+from dlopt.deploy.triton import build_tensors, check_name, config_text, default_name, tuned_config
 from dlopt.measure.runner import _specs
 from dlopt.targets import read_artifact
 
@@ -68,6 +68,9 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     ready_timeout: float = READY_TIMEOUT_S
+    # report.json's serving.chosen (dlopt loadtest --tune) replaces batching, instances and threads when
+    # max_batch_size is not given
+    use_tuned: bool = True
 
     def check(self) -> "ServeOptions":
         try:
@@ -146,7 +149,9 @@ def write_repository(source: Path, repository: Path, options: ServeOptions) -> S
     """``repository/NAME/config.pbtxt`` and ``NAME/1/model.py`` serving the artefact of ``source``."""
     artifact, root = read_artifact(source)
     report = read_folder_json(root, "report.json", missing_ok=True)
-    name = check_name(options.name or default_name(report if isinstance(report, dict) else {}))
+    report = report if isinstance(report, dict) else {}
+    options = _with_tuned(options, report)
+    name = check_name(options.name or default_name(report))
     inputs, outputs = _specs(artifact, root)
     config = build_tensors(inputs, outputs, name=name, max_batch_size=options.max_batch_size)
     config.backend = "python"
@@ -163,6 +168,19 @@ def write_repository(source: Path, repository: Path, options: ServeOptions) -> S
     shutil.copyfile(MODEL_FILE, version / "model.py")
     (repository / name / "config.pbtxt").write_text(config_text(config))
     return ServedModel(name, f"{artifact.backend}/{artifact.precision}", config)
+
+
+def _with_tuned(options: ServeOptions, report: dict) -> ServeOptions:
+    """``options`` with report.json's tuned serving configuration, unless a batch size was asked for."""
+    serving = report.get("serving")
+    chosen = serving.get("chosen") if isinstance(serving, dict) else None
+    if not options.use_tuned or options.max_batch_size is not None or chosen is None:
+        return options
+    tuned = tuned_config(chosen)
+    threads = chosen.get("threads")
+    threads = threads if isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= 1024 else None
+    return replace(options, max_batch_size=tuned["max_batch_size"], max_queue_delay_us=tuned["max_queue_delay_us"],
+                   instances=tuned["instances"], threads=options.threads or threads).check()
 
 
 class TritonServer:

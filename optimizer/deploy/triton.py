@@ -113,15 +113,43 @@ def check_name(name: str) -> str:
     return name
 
 
-def build_config(artifact, inputs, outputs, *, name: str, max_batch_size: int | None = None):
+def build_config(artifact, inputs, outputs, *, name: str, max_batch_size: int | None = None,
+                 tuned: dict | None = None):
     """The ``inference.ModelConfig`` for ``artifact`` (a dlopt.targets.Artifact) and its tensor specs.
 
     ``max_batch_size``: None batches when every input and output has a symbolic first axis
-    (up to DEFAULT_MAX_BATCH), 0 never batches.
+    (up to DEFAULT_MAX_BATCH), 0 never batches.  ``tuned``: report.json's ``serving.chosen``
+    (``dlopt loadtest --tune``): its largest batch (unless ``max_batch_size`` is given), queue delay
+    and instance count.
     """
+    tuned = tuned_config(tuned)
+    if tuned and max_batch_size is None:
+        max_batch_size = tuned["max_batch_size"]
     config = build_tensors(inputs, outputs, name=name, max_batch_size=max_batch_size)
+    if tuned and config.max_batch_size > 1:
+        del config.dynamic_batching.preferred_batch_size[:]  # as measured: the batcher's own choice
+        config.dynamic_batching.max_queue_delay_microseconds = tuned["max_queue_delay_us"]
     _fill_backend(config, artifact)
+    if tuned:
+        config.instance_group[0].count = tuned["instances"]
     return config
+
+
+_TUNED = {"max_batch_size": (0, 1 << 16), "max_queue_delay_us": (0, 10**8), "instances": (1, 256)}
+
+
+def tuned_config(tuned) -> dict | None:
+    """report.json's ``serving.chosen``, each value an integer in range; ConfigError (one line) otherwise."""
+    if tuned is None:
+        return None
+    if not isinstance(tuned, dict):
+        raise ConfigError("report.json's serving.chosen is not an object; run dlopt loadtest --tune again")
+    for key, (low, high) in _TUNED.items():
+        value = tuned.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"report.json's serving.chosen.{key} is {value!r:.40}, not an integer from {low} to "
+                              f"{high}; run dlopt loadtest --tune again")
+    return tuned
 
 
 def build_tensors(inputs, outputs, *, name: str, max_batch_size: int | None = None):
@@ -249,7 +277,9 @@ def write_repository(source: Path, repository: Path, *, name: str | None = None,
     report = report if isinstance(report, dict) else {}
     name = check_name(name or default_name(report))
     inputs, outputs = _specs(artifact, root)
-    config = build_config(artifact, inputs, outputs, name=name, max_batch_size=max_batch_size)
+    serving = report.get("serving")
+    config = build_config(artifact, inputs, outputs, name=name, max_batch_size=max_batch_size,
+                          tuned=serving.get("chosen") if isinstance(serving, dict) else None)
     files = _model_files(artifact, config, root)
 
     repository = Path(repository)

@@ -95,7 +95,7 @@ def _check_fields(obj: dict, schema: dict, where: str = "") -> None:
             extra = " (not a finite number)" if isinstance(value, float) and not math.isfinite(value) else ""
             null = ("," in must and ", or null" or " or null") if kind.endswith("?") else ""
             raise _Invalid(f"{path} must be {must}{null}, got {got}{extra}")
-        for item_path, item in ([(f"{path}[{i}]", v) for i, v in enumerate(value)] if kind == "array"
+        for item_path, item in ([(f"{path}[{i}]", v) for i, v in enumerate(value)] if kind.rstrip("?") == "array"
                                 else [(path, value)] if inner else []):
             if not isinstance(item, dict):
                 raise _Invalid(f"{item_path} must be an object, got {_show(item)}")

@@ -16,6 +16,7 @@ from dlopt.report.sections.float_nodes import FloatNodes
 from dlopt.report.sections.mcu import Mcu
 from dlopt.report.sections.notes import Notes
 from dlopt.report.sections.pruning import Pruning
+from dlopt.report.sections.serving import Serving
 from dlopt.report.sections.timing import Timing
 from dlopt.report.sections.tuning import Tuning
 
@@ -27,6 +28,7 @@ SECTIONS: list[Section] = [
     FloatNodes(),
     Calibration(),
     Energy(),
+    Serving(),
     Notes(),
 ]
 
