@@ -7,8 +7,9 @@ would have waited are never sent (coordinated omission).
 
 Open loop (``run_open``): requests are due on a schedule (constant or seeded Poisson arrivals at
 ``rate`` per second) and a pool of senders sends each when it is due, whether or not earlier ones
-answered.  Latency is measured from the time a request was *due*, so a queue anywhere (the
-server's or the client's own) shows in the percentiles.  A request that no sender was free to send
+answered; the pool grows by one sender (up to ``MAX_SENDERS``) whenever a request finds every sender
+busy.  Latency is measured from the time a request was *due*, so a queue anywhere (the server's or
+the client's own) shows in the percentiles.  A request that no sender was free to send
 when it was due is ``late``; one still unsent when the level's time is up is ``unsent`` (and the
 level does not hold any objective).
 
@@ -34,13 +35,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from dlopt.core.errors import ConfigError
-from dlopt.workflows.loadtest_target import (DEFAULT_TIMEOUT_S, Client, Model, check_request,  # noqa: F401 - the API
-                                             check_url, npz_feeds, random_feeds, resolve_model)
+from dlopt.workflows.loadtest_target import (DEFAULT_TIMEOUT_S, Client, Model, Requests,  # noqa: F401 - the API
+                                             check_request, check_url, npz_feeds, random_feeds, resolve_model)
 
 LATE_S = 0.001  # picked up by a sender more than this after it was due: no sender was free
 MAX_CONCURRENCY = 1024
 MAX_RATE = 100_000.0
-MAX_SENDERS = 64
+MAX_SENDERS = 128
 ARRIVALS = ("poisson", "constant")
 _PERCENTILES = ("p50", "p95", "p99", "max")
 
@@ -62,6 +63,7 @@ class Level:
     due: int | None = None  # open loop: due in the counted window: requests + unsent
     late: int | None = None  # open loop: sent after they were due because no sender was free
     unsent: int | None = None  # open loop: still unsent when the level's time was up
+    senders: int | None = None  # open loop: the senders the pool grew to
     first_error: str | None = None
 
     @property
@@ -77,7 +79,7 @@ class Level:
         row = {**load, "requests": self.requests, "answered": self.answered, "throughput": round(self.throughput, 2),
                **{f"{p}_ms": getattr(self, f"{p}_ms") for p in _PERCENTILES}, "errors": self.errors}
         if self.rate is not None:
-            row.update(due=self.due, late=self.late, unsent=self.unsent)
+            row.update(due=self.due, late=self.late, unsent=self.unsent, senders=self.senders)
         row["seconds"] = round(self.seconds, 3)
         if self.first_error:
             row["first_error"] = self.first_error
@@ -154,39 +156,58 @@ def _check_run(duration: float, warmup: float, timeout: float) -> None:
                           f"{duration}, {warmup} and {timeout}")
 
 
-def _run(senders: Sequence[Client], work: Callable[[Client, float, threading.Event], list[_Record]],
-         stop: threading.Event | None, deadline: float) -> list[_Record]:
-    """``work(sender, start, halt)`` on one thread per sender, all from one start, joined within ``deadline``
-    seconds; ``halt`` is set when ``stop`` is, when the deadline passes and on an interrupt."""
-    results: list[list[_Record]] = [[] for _ in senders]
-    halt = threading.Event()
-    start = time.perf_counter() + 0.05
+class _Pool:
+    """Threads from one start, each with its own client, running ``work(client, start, halt, pool)``; more join
+    (up to ``most``) when a worker calls ``add``.  ``halt`` is set when ``stop`` is, when the deadline passes
+    and on an interrupt; each thread closes its own client."""
 
-    def body(i: int) -> None:
-        results[i] = work(senders[i], start, halt)
+    def __init__(self, url: str, requests: Requests, timeout: float, work: Callable, most: int) -> None:
+        self.url, self.requests, self.timeout, self.work, self.most = url, requests, timeout, work, most
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.results: list[list[_Record]] = []
+        self.start = 0.0
 
-    threads = [threading.Thread(target=body, args=(i,), name=f"dlopt-load-{i}", daemon=True)
-               for i in range(len(senders))]
-    for thread in threads:
+    def add(self) -> None:
+        with self.lock:
+            if len(self.threads) >= self.most or self.halt.is_set():
+                return
+            index = len(self.threads)
+            self.results.append([])
+            thread = threading.Thread(target=self._body, args=(index,), name=f"dlopt-load-{index}", daemon=True)
+            self.threads.append(thread)
         thread.start()
-    try:
-        alive = threads
-        while alive and time.perf_counter() < start + deadline:
-            if stop is not None and stop.is_set():
-                halt.set()
-            alive[0].join(0.1)  # short waits: a signal handler runs in between
-            alive = [t for t in alive if t.is_alive()]
-    finally:
-        halt.set()  # senders stop at their next step; one in flight ends by its own deadline
-        for thread in threads:
-            thread.join(max(0.0, start + deadline - time.perf_counter()))
-        for sender in senders:
-            sender.close()
-    return [r for rs in results for r in rs]
+
+    def _body(self, index: int) -> None:
+        client = Client(self.url, self.requests, self.timeout)
+        try:
+            self.results[index] = self.work(client, self.start, self.halt, self)
+        finally:
+            client.close()
+
+    def run(self, initial: int, stop: threading.Event | None, deadline: float) -> list[_Record]:
+        self.start = time.perf_counter() + 0.1
+        for _ in range(initial):
+            self.add()
+        try:
+            while time.perf_counter() < self.start + deadline:
+                with self.lock:
+                    alive = [t for t in self.threads if t.is_alive()]
+                if not alive:
+                    break
+                if stop is not None and stop.is_set():
+                    self.halt.set()
+                alive[0].join(0.1)  # short waits: a signal handler runs in between
+        finally:
+            self.halt.set()  # workers stop at their next step; one in flight ends by its own deadline
+            for thread in list(self.threads):
+                thread.join(max(0.0, self.start + deadline - time.perf_counter()))
+        return [r for rs in self.results for r in rs]
 
 
 def _level(records: Sequence[_Record], *, warmup: float, duration: float, concurrency: int | None = None,
-           rate: float | None = None, due: int | None = None) -> Level:
+           rate: float | None = None, due: int | None = None, senders: int | None = None) -> Level:
     counted = [r for r in records if r.due >= warmup]
     answered = np.array([r.done - r.due for r in counted if r.error is None]) * 1000.0
     errors = [r.error for r in counted if r.error is not None]
@@ -198,7 +219,8 @@ def _level(records: Sequence[_Record], *, warmup: float, duration: float, concur
     open_loop = rate is not None
     return Level(concurrency, rate, len(counted), int(answered.size), len(errors), seconds, p50, p95, p99, top,
                  due=due, late=sum(r.late for r in counted) if open_loop else None,
-                 unsent=(due - len(counted)) if open_loop else None, first_error=errors[0] if errors else None)
+                 unsent=(due - len(counted)) if open_loop else None, senders=senders,
+                 first_error=errors[0] if errors else None)
 
 
 def run_closed(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.ndarray]], concurrency: int,
@@ -211,7 +233,7 @@ def run_closed(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.nda
         raise ConfigError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
     end = warmup + duration
 
-    def work(sender: Client, start: float, halt: threading.Event) -> list[_Record]:
+    def work(sender: Client, start: float, halt: threading.Event, pool: _Pool) -> list[_Record]:
         records = []
         halt.wait(max(0.0, start - time.perf_counter()))
         while not halt.is_set():
@@ -222,8 +244,8 @@ def run_closed(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.nda
             records.append(_Record(sent, time.perf_counter() - start, error))
         return records
 
-    senders = [Client(url, model, feeds, timeout) for _ in range(concurrency)]
-    records = _run(senders, work, stop, end + timeout + 5.0)
+    pool = _Pool(url, Requests.prepare(model, feeds), timeout, work, concurrency)
+    records = pool.run(concurrency, stop, end + timeout + 5.0)
     return _level(records, warmup=warmup, duration=duration, concurrency=concurrency)
 
 
@@ -244,7 +266,7 @@ def schedule(rate: float, seconds: float, arrival: str = "poisson", seed: int = 
 
 def run_open(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.ndarray]], rate: float,
              duration: float, warmup: float, arrival: str = "poisson", seed: int = 0, *,
-             timeout: float = DEFAULT_TIMEOUT_S, senders: int | None = None,
+             timeout: float = DEFAULT_TIMEOUT_S, senders: int | None = None,  # at the start; None: from the rate
              stop: threading.Event | None = None) -> Level:
     """Requests due at ``rate`` per second, each sent when due by a free sender; latency from when it was due."""
     url, model = check_url(url), model if isinstance(model, Model) else resolve_model(url, model)
@@ -253,12 +275,13 @@ def run_open(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.ndarr
         raise ConfigError(f"rate must be above 0 and at most {MAX_RATE:g} requests/s, got {rate}")
     end = warmup + duration
     due_at = schedule(rate, end, arrival, seed)
-    pool = senders or min(MAX_SENDERS, max(4, math.ceil(rate * 0.1)))  # in flight: rate x 100 ms answers
+    first = senders or min(MAX_SENDERS, max(4, math.ceil(rate * 0.1)))  # in flight: rate x 100 ms answers
     taken = iter(range(len(due_at)))
     lock = threading.Lock()
 
-    def work(sender: Client, start: float, halt: threading.Event) -> list[_Record]:
+    def work(sender: Client, start: float, halt: threading.Event, pool: _Pool) -> list[_Record]:
         records = []
+        halt.wait(max(0.0, start - time.perf_counter()))
         while not halt.is_set():
             with lock:
                 index = next(taken, None)
@@ -269,15 +292,18 @@ def run_open(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.ndarr
             if now >= end:  # the level's time is up: this one and the rest stay unsent
                 break
             late = now > due + LATE_S
-            if not late and halt.wait(due - now):
+            if late:
+                pool.add()  # every sender was busy: one more, up to MAX_SENDERS
+            elif halt.wait(due - now):
                 break
             error = sender.send()
             records.append(_Record(due, time.perf_counter() - start, error, late))
         return records
 
-    workers = [Client(url, model, feeds, timeout) for _ in range(pool)]
-    records = _run(workers, work, stop, end + timeout + 5.0)
-    return _level(records, warmup=warmup, duration=duration, rate=rate, due=int(np.sum(due_at >= warmup)))
+    pool = _Pool(url, Requests.prepare(model, feeds), timeout, work, max(first, MAX_SENDERS))
+    records = pool.run(first, stop, end + timeout + 5.0)
+    return _level(records, warmup=warmup, duration=duration, rate=rate, due=int(np.sum(due_at >= warmup)),
+                  senders=len(pool.threads))
 
 
 def sweep(url: str, model: Model, feeds: Sequence[Mapping[str, np.ndarray]], *, concurrency: Sequence[int] = (),

@@ -148,33 +148,49 @@ def _rows(feed: Mapping[str, np.ndarray]) -> tuple:
 
 # -- the client's side ------------------------------------------------------------------------------
 
-class Client:
-    """One tritonclient HTTP client (one per thread) with the requests prepared once."""
+@dataclass(frozen=True)
+class Requests:
+    """The feeds as tritonclient tensors, serialised once and shared by every client (read-only there)."""
 
-    def __init__(self, url: str, model: Model, feeds: Sequence[Mapping[str, np.ndarray]], timeout: float) -> None:
+    model: str
+    inputs: tuple  # one list of InferInput per feed, cycled
+    outputs: tuple  # InferRequestedOutput per output, as binary data
+
+    @classmethod
+    def prepare(cls, model: Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> "Requests":
         import tritonclient.http as http
         from tritonclient.utils import np_to_triton_dtype
 
-        self.client = http.InferenceServerClient(url.removeprefix("http://"), connection_timeout=min(timeout, 10.0),
-                                                 network_timeout=timeout)
-        self.model = model.name
-        self.requests = []
+        inputs = []
         for feed in feeds:
             tensors = []
             for name, array in feed.items():
                 tensor = http.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
                 tensor.set_data_from_numpy(np.ascontiguousarray(array), binary_data=True)
                 tensors.append(tensor)
-            self.requests.append(tensors)
-        self.outputs = [http.InferRequestedOutput(name, binary_data=True) for name in model.outputs] or None
+            inputs.append(tensors)
+        return cls(model.name, tuple(inputs), tuple(http.InferRequestedOutput(n, binary_data=True)
+                                                   for n in model.outputs))
+
+
+class Client:
+    """One tritonclient HTTP client: one per thread (it is not thread-safe)."""
+
+    def __init__(self, url: str, requests: Requests, timeout: float) -> None:
+        import tritonclient.http as http
+
+        self.client = http.InferenceServerClient(url.removeprefix("http://"), connection_timeout=min(timeout, 10.0),
+                                                 network_timeout=timeout)
+        self.requests = requests
         self.count = 0
 
     def send(self) -> str | None:
         """One request; None when answered, else the error's first line."""
-        tensors = self.requests[self.count % len(self.requests)]
+        r = self.requests
+        tensors = r.inputs[self.count % len(r.inputs)]
         self.count += 1
         try:
-            self.client.infer(self.model, tensors, outputs=self.outputs)
+            self.client.infer(r.model, tensors, outputs=list(r.outputs) or None)
             return None
         except Exception as exc:  # an error answer, a deadline, a dropped connection: counted, the load goes on
             return first_line(exc, 200)
@@ -189,7 +205,7 @@ class Client:
 def check_request(url: str, model: Model, feeds: Sequence[Mapping[str, np.ndarray]], *,
                   timeout: float = DEFAULT_TIMEOUT_S) -> None:
     """One request before any load: a DataError (one line) when the server refuses the feeds."""
-    sender = Client(check_url(url), model, feeds[:1], timeout)
+    sender = Client(check_url(url), Requests.prepare(model, feeds[:1]), timeout)
     try:
         error = sender.send()
     finally:
