@@ -281,6 +281,21 @@ def test_concurrent_clients_are_answered_alike_and_the_batcher_forms_batches(ser
 
 
 @needs_ray_serve
+def test_dlopt_loadtest_drives_it_as_it_drives_triton(served):
+    _, server = served
+    before = server.stats()["inference_stats"]["success"]["count"]
+    result = subprocess.run([str(DLOPT), "loadtest", f"http://127.0.0.1:{server.port}", "--model", "cnn",
+                             "--concurrency", "1,4", "--duration", "1", "--warmup", "0.5", "--json", "-q"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    levels = json.loads(result.stdout)
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    assert all(level["requests"] > 0 and level["errors"] == 0 and level["p99_ms"] > 0 for level in levels), levels
+    served_now = server.stats()["inference_stats"]["success"]["count"] - before
+    assert served_now >= sum(level["requests"] for level in levels)  # and the warm-up and check requests
+
+
+@needs_ray_serve
 def test_sigterm_during_a_load_answers_every_request_sent_before_it_exits_0_and_leaves_no_ray(served):
     _, server = served
     results: list[tuple[float, bool, str]] = []
