@@ -215,6 +215,9 @@ def _print(levels, objective, as_json: bool) -> None:
         row += ["holds" if holds(lv, objective) else "misses"] if objective else []
         rows.append(row)
     click.echo(tabulate(rows, headers=headers, floatfmt=".2f", disable_numparse=True))
+    for lv in levels:
+        if lv.first_error:
+            click.echo(f"{lv.label}: {lv.errors} errors, the first: {lv.first_error}")
     for line in summary(levels, objective) if objective else ():
         click.echo(line)
 

@@ -9,9 +9,9 @@ Open loop (``run_open``): requests are due on a schedule (constant or seeded Poi
 ``rate`` per second) and a pool of senders sends each when it is due, whether or not earlier ones
 answered; the pool grows by one sender (up to ``MAX_SENDERS``) whenever a request finds every sender
 busy.  Latency is measured from the time a request was *due*, so a queue anywhere (the server's or
-the client's own) shows in the percentiles.  A request that no sender was free to send
-when it was due is ``late``; one still unsent when the level's time is up is ``unsent`` (and the
-level does not hold any objective).
+the client's own) shows in the percentiles.  A request that no sender was free to send when it was
+due is ``late``; one still unsent ``UNSENT_AFTER_S`` after the level's time is up (a backlog is sent
+for that long, not for ever) is ``unsent``, and the level holds no objective.
 
 A level runs ``warmup`` seconds uncounted, then ``duration`` seconds counted: ``requests`` are
 those sent in the counted window (answered + errors; open loop: ``due`` = requests + unsent),
@@ -39,6 +39,7 @@ from dlopt.workflows.loadtest_target import (DEFAULT_TIMEOUT_S, Client, Model, R
                                              check_request, check_url, npz_feeds, random_feeds, resolve_model)
 
 LATE_S = 0.001  # picked up by a sender more than this after it was due: no sender was free
+UNSENT_AFTER_S = 1.0  # a level's backlog is sent for at most this long (or its duration) after it ends
 MAX_CONCURRENCY = 1024
 MAX_RATE = 100_000.0
 MAX_SENDERS = 128
@@ -255,7 +256,8 @@ def schedule(rate: float, seconds: float, arrival: str = "poisson", seed: int = 
         return np.arange(0.0, seconds, 1.0 / rate)
     if arrival != "poisson":
         raise ConfigError(f"--arrival is one of {', '.join(ARRIVALS)}, got {arrival!r}")
-    rng = np.random.default_rng(seed)
+    # each rate its own draws: one seed for all would give every level the same arrivals, scaled (its lulls too)
+    rng = np.random.default_rng((seed, round(rate * 1000)))
     gaps = rng.exponential(1.0 / rate, size=int(rate * seconds * 1.2) + 16)
     times = np.cumsum(gaps) - gaps[0]  # the first request is due at the start
     while times[-1] < seconds:
@@ -274,6 +276,7 @@ def run_open(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.ndarr
     if not 0 < rate <= MAX_RATE:
         raise ConfigError(f"rate must be above 0 and at most {MAX_RATE:g} requests/s, got {rate}")
     end = warmup + duration
+    grace = min(UNSENT_AFTER_S, duration)
     due_at = schedule(rate, end, arrival, seed)
     first = senders or min(MAX_SENDERS, max(4, math.ceil(rate * 0.1)))  # in flight: rate x 100 ms answers
     taken = iter(range(len(due_at)))
@@ -289,7 +292,7 @@ def run_open(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.ndarr
                 break
             due = float(due_at[index])
             now = time.perf_counter() - start
-            if now >= end:  # the level's time is up: this one and the rest stay unsent
+            if now >= end + grace:  # the level's time is up: this one and the rest stay unsent
                 break
             late = now > due + LATE_S
             if late:
@@ -301,7 +304,7 @@ def run_open(url: str, model: Model | str, feeds: Sequence[Mapping[str, np.ndarr
         return records
 
     pool = _Pool(url, Requests.prepare(model, feeds), timeout, work, max(first, MAX_SENDERS))
-    records = pool.run(first, stop, end + timeout + 5.0)
+    records = pool.run(first, stop, end + grace + timeout + 5.0)
     return _level(records, warmup=warmup, duration=duration, rate=rate, due=int(np.sum(due_at >= warmup)),
                   senders=len(pool.threads))
 
