@@ -27,14 +27,13 @@ import numpy as np
 
 from dlopt.core.errors import ConfigError, first_line
 from dlopt.measure.evaluate import compare, top1_accuracy
-from dlopt.measure.fidelity import ReadsAsDict
 
 UserMetric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray] | None], float]
 BUILTIN = ("top1", "cosine", "rel-error")
 
 
 @dataclass(frozen=True)
-class Score(ReadsAsDict):
+class Score:
     metric: str
     value: float | None  # None only in a record that never had one (a test's, an old report's)
     drop_pp: float  # points (100 x the metric) worse than the original; negative when better

@@ -7,31 +7,13 @@ has only numpy and a runtime; keep it free of other imports.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 
-class ReadsAsDict:
-    """``result["key"]`` and ``result.get("key")`` on a typed result read its report.json field.
-
-    For code written against the dictionaries candidates held before they were typed (tests, bench
-    scripts); dlopt itself reads the attributes.  Self-contained: this module is pasted into
-    run_candidates.py.
-    """
-
-    def to_dict(self) -> dict:
-        raise NotImplementedError
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
-
-
 @dataclass(frozen=True)
-class Fidelity(ReadsAsDict):
+class Fidelity:
     """How closely a candidate reproduces the reference outputs, worst case over all feeds."""
 
     max_abs_error: float

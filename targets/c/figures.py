@@ -6,7 +6,6 @@ Built from the C backend's settings (``c_build.json``); ``report.json`` writes t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 QEMU_KEYS = ("board", "samples", "max_abs_diff", "instructions_per_run", "instructions_note")
 
@@ -59,10 +58,3 @@ class McuFigures:
         qemu = values["qemu"]
         values["qemu"] = QemuRun(*(qemu.get(k) for k in QEMU_KEYS)) if isinstance(qemu, dict) else qemu
         return cls(**values)
-
-    # for readers written against report.json's dictionary (tests): mcu["arena_bytes"]
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)

@@ -302,6 +302,6 @@ def test_the_report_carries_the_microcontroller_figures(tmp_path):
         figures = json.loads((tmp_path / "out" / "c_build.json").read_text())["figures"]
         assert (mcu.flash_bytes, mcu.ram_bytes) == (figures["flash_bytes"], figures["ram_bytes"])
         assert report.chosen_candidate().measurement.size_bytes == mcu.flash_bytes
-        assert f"{mcu['flash_bytes']} B flash" in report.summary and "not device latency" in report.summary
+        assert f"{mcu.flash_bytes} B flash" in report.summary and "not device latency" in report.summary
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["schema_version"] == "1.6" and saved["candidates"][-1]["mcu"]["arena_bytes"] == 1280

@@ -262,7 +262,7 @@ def test_dlopt_compile_verifies_the_tvm_candidate(tmp_path, monkeypatch):
     report = dlopt.compile(models.conv_bn_relu(), target="cpu", out=tmp_path / "o", precision="fp32", runs=5)
     (tvm,) = [c for c in report.candidates if c.backend == "tvm" and c.precision == "fp32"]
     assert tvm.status == "ok", tvm.reason
-    assert tvm.fidelity["max_rel_error"] <= 1e-4
+    assert tvm.fidelity.max_rel_error <= 1e-4
     assert tvm.artifact_files == ["model.so", "tvm_build.json"]
 
 
