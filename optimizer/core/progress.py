@@ -107,6 +107,7 @@ def raise_if_interrupted(cause: BaseException | None = None) -> None:
     """Raise KeyboardInterrupt when a signal came; call it after every build, evaluation and pass,
     and in every handler that catches a build's errors (``cause``: the error the interrupt became)."""
     if _received:
+        _raised.set()  # this is the interrupt's KeyboardInterrupt: the handler, run late, raises no other
         raise KeyboardInterrupt from cause
 
 
