@@ -168,13 +168,15 @@ class _Relay:
     """
 
     def __init__(self, listen: socket.socket, *, handshake_by: float, answer_by: float,
-                 reply_s: float = REPLY_TIMEOUT_S) -> None:
+                 reply_s: float = REPLY_TIMEOUT_S, handshake_s: float | None = None) -> None:
         self.error: str | None = None
         self._client = self._upstream = None
         self._closed = threading.Event()
         self._listen, self._handshake_by, self._answer_by, self._reply_s = listen, handshake_by, answer_by, reply_s
         self._connect_s = max(0.0, answer_by - time.monotonic())
-        self._waiting = f"no handshake within {max(0.0, handshake_by - time.monotonic()):.0f} s"
+        # worded as the allowance the caller gave, not what was left of it when this process started
+        allowed = handshake_s if handshake_s is not None else max(0.0, handshake_by - time.monotonic())
+        self._waiting = f"no handshake within {allowed:.0f} s"
         self._asked: float | None = None  # when the client's oldest unanswered bytes went out
 
     def serve(self, host: str, port: int) -> None:
@@ -310,10 +312,11 @@ class _RelayProcess:
 def _relay_process(host: str, port: int, *, handshake_by: float, answer_by: float) -> _RelayProcess:
     """A ``_Relay`` to ``host:port`` in a child process, listening on a loopback port of its own."""
     listen = socket.create_server(("127.0.0.1", 0))
+    handshake_s = max(0.0, handshake_by - time.monotonic())
     with listen:
         process = subprocess.Popen(
             [sys.executable, "-P", __file__, "relay", str(listen.fileno()), host, str(port), repr(handshake_by),
-             repr(answer_by), repr(REPLY_TIMEOUT_S)],
+             repr(answer_by), repr(REPLY_TIMEOUT_S), repr(handshake_s)],
             pass_fds=[listen.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         return _RelayProcess(listen.getsockname()[1], process)
 
@@ -529,8 +532,8 @@ def remote_session(device: RemoteDevice, library: Path, settings: dict, **option
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["relay"]:  # _relay_process's child
-    fd, host, port, handshake_by, answer_by, reply_s = sys.argv[2:8]
+    fd, host, port, handshake_by, answer_by, reply_s, handshake_s = sys.argv[2:9]
     relay = _Relay(socket.socket(fileno=int(fd)), handshake_by=float(handshake_by), answer_by=float(answer_by),
-                   reply_s=float(reply_s))
+                   reply_s=float(reply_s), handshake_s=float(handshake_s))
     relay.serve(host, int(port))
     print(relay.error or "", flush=True)
