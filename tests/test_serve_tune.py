@@ -138,3 +138,15 @@ def test_the_schema_checks_the_items_of_an_optional_array(tuned):
     report["serving"]["trials"][0]["levels"] = [{"throughput": -1}]
     with pytest.raises(ConfigError, match=r"serving.trials\[0\].levels\[0\].throughput must be a finite number, 0 or"):
         validate_report(report)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["http://127.0.0.1:9", "--tune", "--slo", "p99=5ms"], "--tune serves an output folder afresh"),
+    (["OUT", "--tune"], "give --slo"),
+    (["OUT", "--tune", "--slo", "p99=5ms", "--rate", "10", "--instances", "2"], "drop --rate, --instances"),
+])
+def test_bad_tune_requests_are_one_line_errors(ort_output, args, message):
+    args = [str(ort_output[0]) if a == "OUT" else a for a in args]
+    done = subprocess.run([str(DLOPT), "loadtest", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -150,6 +150,7 @@ def main(verbose: int) -> None:
       dlopt run out/ --input data.npz --output preds.npz
       dlopt verify out/ && dlopt bench out/ --select
       dlopt serve out/ --max-batch-size 16
+      dlopt loadtest out/ --rate 50,100,200 --slo p99=20ms
       dlopt tune model.onnx --target cpu --trials 300 --time-budget 30m
       dlopt targets
       dlopt demo

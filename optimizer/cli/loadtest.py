@@ -47,6 +47,11 @@ _SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--t
                    "(closed loop) or rate (open loop) that holds it.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               metavar="SECONDS", help="Deadline of every request and server call.")
+@click.option("--tune", is_flag=True,
+              help="Folder TARGET and --slo: serve each configuration of a small grid (batching off; largest batch "
+                   "x queue delay; 1 or 2 instances) afresh, load it in closed loop (--concurrency, default 1,4,16), "
+                   "keep the one with the most throughput within the objective, and record the curve and the "
+                   "choice in the output's report.json (dlopt serve and dlopt package --triton then use it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the levels as a JSON list on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--max-batch-size", type=click.IntRange(min=0), default=None,
@@ -61,7 +66,7 @@ _SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--t
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
               help="Folder TARGET only: seconds the server may take to load the model.")
 def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, input_path, batch, shapes, slo,
-             timeout, as_json, quiet, max_batch_size, max_queue_delay_us, instances, threads, ready_timeout):
+             timeout, tune, as_json, quiet, max_batch_size, max_queue_delay_us, instances, threads, ready_timeout):
     """Load-test a served model: throughput and p50/p95/p99/max latency per load level.
 
     TARGET is the URL of a KServe V2 server (http://HOST:PORT: Triton, `dlopt serve`), or a
@@ -81,6 +86,7 @@ def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, 
       dlopt loadtest build/resnet-cpu --concurrency 1,2,4,8,16 --slo p99=20ms
       dlopt loadtest build/resnet-cpu --rate 50,100,200,400 --arrival poisson --duration 20
       dlopt loadtest http://127.0.0.1:8000 --model resnet --input images.npz --batch 4 --json
+      dlopt loadtest build/resnet-cpu --tune --slo p99=50ms --duration 5
     """
     from dlopt.core.errors import ConfigError
     from dlopt.core.shapes import parse_shape
@@ -108,6 +114,10 @@ def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, 
         if not quiet:
             click.echo(f"dlopt: {line}", err=True)
 
+    if tune:
+        _check_tune(target, folder, objective, rates, given, input_path, shapes, model, batch)
+        _tune(Path(target), objective, levels if concurrency is not None else None, duration, warmup, as_json, log)
+        return
     done: list = []
     with _Interruptible() as guard:
         server = (_serving(Path(target), guard, log, name=model, max_batch_size=max_batch_size,
@@ -130,6 +140,49 @@ def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, 
         click.echo(f"dlopt: interrupted after {len(done)} level(s)"
                    + ("; the server it started was stopped" if folder else ""), err=True)
         sys.exit(130)
+
+
+def _check_tune(target, folder, objective, rates, given, input_path, shapes, model, batch) -> None:
+    from dlopt.core.errors import ConfigError
+
+    if not folder:
+        raise ConfigError(f"--tune serves an output folder afresh in each configuration; {target} is a server URL")
+    if objective is None:
+        raise ConfigError("--tune keeps the configuration with the most throughput within an objective: give "
+                          "--slo, e.g. --slo p99=50ms")
+    chosen_here = [f for f, v in (("--rate", rates), ("--input", input_path), ("--shape", shapes), ("--model", model),
+                                  ("--batch", batch != 1)) if v] + list(given)
+    if chosen_here:
+        raise ConfigError(f"--tune chooses the batching, instances and threads itself and loads each configuration "
+                          f"in closed loop with random single-sample inputs; drop {', '.join(chosen_here)}")
+
+
+def _tune(folder: Path, objective, levels, duration: float, warmup: float, as_json: bool, log) -> None:
+    """``--tune``: the grid served and loaded, the choice recorded in the output's report.json."""
+    from dlopt.targets import read_artifact
+    from dlopt.workflows.serve_tune import CONCURRENCY, record, table, to_json, tune
+
+    _, root = read_artifact(folder)
+    with _Interruptible() as guard:
+        try:
+            result = tune(folder, objective, concurrency=levels or CONCURRENCY, duration=duration, warmup=warmup,
+                          stop=guard.stop, progress=log)
+        except KeyboardInterrupt:
+            guard.interrupted = True
+    if guard.interrupted or guard.stop.is_set():
+        click.echo("dlopt: interrupted; nothing was recorded", err=True)
+        sys.exit(130)
+    record(root, result)
+    if as_json:
+        click.echo(to_json(result))
+    else:
+        from tabulate import tabulate
+
+        click.echo(tabulate(table(result), headers=["configuration", "best level within the objective",
+                                                    "throughput/s", "p99 ms"]))
+    chosen = (f"chosen: {result.chosen.config.label}, {result.chosen.throughput:.1f} requests/s within "
+              f"{objective.describe()}" if result.chosen else f"no configuration holds {objective.describe()}")
+    click.echo(f"dlopt: {chosen}; recorded in {root / 'report.json'} ({result.seconds:.0f} s)", err=True)
 
 
 class _Interruptible:
