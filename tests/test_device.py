@@ -123,7 +123,7 @@ def test_bench_writes_the_device_report_and_a_recompile_replaces_it(rpi5, tmp_pa
 
 
 def test_select_moves_the_fastest_verified_candidate_to_the_top(tmp_path):
-    from dlopt.workflows.verify import select
+    from dlopt.workflows.promote import select
 
     toml = tmp_path / "away.toml"
     toml.write_text(AWAY)

@@ -141,7 +141,7 @@ def test_contained_path_and_its_standalone_twin_agree(tmp_path):
 
 
 def test_select_refuses_a_bundle_path_outside_the_output_and_moves_nothing(out, tmp_path):
-    from dlopt.workflows.verify import select
+    from dlopt.workflows.promote import select
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -170,7 +170,7 @@ def test_select_refuses_a_bundle_path_outside_the_output_and_moves_nothing(out, 
 
 
 def test_select_carries_the_hashes_so_the_moved_library_still_loads(out):
-    from dlopt.workflows.verify import select
+    from dlopt.workflows.promote import select
 
     hashes = json.loads((out / "manifest.json").read_text())[FILE_HASHES]
     select(out, "tvm/fp32")

@@ -89,7 +89,7 @@ def test_the_untouched_output_still_verifies_in_both(out):
     ("bundle/absent", "is not a folder"), ("bundle/" + "b" * 300, "cannot be checked"),
 ])
 def test_select_refuses_a_bundle_path_that_is_not_one_bundle_folder(out, where, why):
-    from dlopt.workflows.verify import select
+    from dlopt.workflows.promote import select
 
     rewrite_manifest(out, lambda m: m["bundle"].update({"tvm/fp32": where}))
     before = tree(out)
@@ -100,7 +100,7 @@ def test_select_refuses_a_bundle_path_that_is_not_one_bundle_folder(out, where, 
 
 
 def test_select_refuses_two_candidates_in_one_folder(out):
-    from dlopt.workflows.verify import select
+    from dlopt.workflows.promote import select
 
     rewrite_manifest(out, lambda m: m["bundle"].update({"ort/fp16": "bundle/tvm-fp32"}))
     before = tree(out)
@@ -110,7 +110,7 @@ def test_select_refuses_two_candidates_in_one_folder(out):
 
 
 def test_select_refuses_a_bundle_folder_holding_the_outputs_own_names(out):
-    from dlopt.workflows.verify import select
+    from dlopt.workflows.promote import select
 
     (out / "bundle" / "tvm-fp32" / "bundle").mkdir()
     (out / "bundle" / "tvm-fp32" / "bundle" / "x.txt").write_text("x")
@@ -123,7 +123,7 @@ def test_select_refuses_a_bundle_folder_holding_the_outputs_own_names(out):
 # -- item 8: a folder already at the top-level candidate's bundle place; names too long --------------
 
 def test_select_refuses_when_the_top_level_candidates_bundle_folder_exists(out):
-    from dlopt.workflows.verify import select
+    from dlopt.workflows.promote import select
 
     (out / "bundle" / "ort-fp32").mkdir()
     (out / "bundle" / "ort-fp32" / "user.txt").write_text("mine")

@@ -33,7 +33,6 @@ from dlopt.report.data import Report
 from dlopt.report.html import render_html
 from dlopt.targets import get_backend, read_artifact, read_manifest, runs_over_rpc
 from dlopt.targets.tvm.rpc import require
-from dlopt.workflows.promote import select  # noqa: F401  (its old home: callers move to dlopt.workflows.promote)
 
 # Emulated runs: the verify feeds and a few timed runs (a Cortex-A76 library under qemu is
 # tens of times slower than native; its timings only show that it ran).
