@@ -22,9 +22,10 @@ from dlopt.workflows import loadtest as lt
 pytest.importorskip("tritonclient.http", reason="dlopt loadtest needs tritonclient[http]")
 pytest.importorskip("prometheus_client.parser", reason="reading Triton's metrics needs prometheus-client")
 
-from test_serve import DLOPT, Served, _triton_here  # noqa: E402 - after the skips
+from serving import triton_missing  # noqa: E402 - after the skips
+from test_serve import DLOPT, Served  # noqa: E402
 
-pytestmark = pytest.mark.skipif(_triton_here() is not None, reason=f"no Triton server here: {_triton_here()}")
+pytestmark = pytest.mark.skipif(triton_missing() is not None, reason=f"no Triton server here: {triton_missing()}")
 
 
 def _loadtest(*args, env=None, timeout=300) -> subprocess.CompletedProcess:

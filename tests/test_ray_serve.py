@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import sigterm_during_load
 
 DLOPT = Path(sys.executable).with_name("dlopt")
 READY_S = 240  # a loaded 2-core machine: Ray, Serve's controller and proxy, two replicas start in turn
@@ -298,34 +299,8 @@ def test_dlopt_loadtest_drives_it_as_it_drives_triton(served):
 @needs_ray_serve
 def test_sigterm_during_a_load_answers_every_request_sent_before_it_exits_0_and_leaves_no_ray(served):
     _, server = served
-    results: list[tuple[float, bool, str]] = []
-    stop = threading.Event()
     x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
-
-    def load() -> None:
-        client = server.client()
-        while not stop.is_set():
-            sent = time.monotonic()
-            try:
-                results.append((sent, _infer(client, x).shape == (4, 10), ""))
-            except Exception as exc:  # after the signal, a new request may be refused
-                results.append((sent, False, str(exc)[:200]))
-        client.close()
-
-    threads = [threading.Thread(target=load) for _ in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 120
-    while len(results) < 80 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    signalled = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join(120)
-    status = server.stop()
-    before = [r for r in results if r[0] < signalled]
+    before, status = sigterm_during_load(server, lambda client: _infer(client, x).shape == (4, 10))
     assert len(before) >= 80
     failed = [r for r in before if not r[1]]
     assert not failed, failed[:3]

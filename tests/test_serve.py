@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dlopt.core.errors import TargetUnavailable
+from dlopt.deploy.serve import free_ports
+from serving import sigterm_during_load, triton_missing
 
 http = pytest.importorskip("tritonclient.http", reason="dlopt serve's tests need tritonclient[http]")
 parser = pytest.importorskip("prometheus_client.parser", reason="reading Triton's metrics needs prometheus-client")
@@ -28,35 +27,14 @@ DLOPT = Path(sys.executable).with_name("dlopt")
 READY_S = 180  # a loaded 2-core machine: the server, the Python-backend stub and the runtime start in turn
 
 
-def _triton_here() -> str | None:
-    from dlopt.deploy.serve import TritonInstall
-
-    try:
-        TritonInstall.find()
-    except TargetUnavailable as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_triton_here() is not None, reason=f"no Triton server here: {_triton_here()}")
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+pytestmark = pytest.mark.skipif(triton_missing() is not None, reason=f"no Triton server here: {triton_missing()}")
 
 
 class Served:
     """``dlopt serve SOURCE`` on three free loopback ports; ready when it printed its one line."""
 
     def __init__(self, source: Path, *args: str) -> None:
-        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.process = subprocess.Popen(
             [str(DLOPT), "serve", str(source), "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
              "--metrics-port", str(self.metrics_port), "--ready-timeout", str(READY_S), *args],
@@ -158,35 +136,8 @@ def test_sigterm_during_a_load_answers_every_request_sent_before_it_and_exits_0(
     out, _ = ort_output
     server = Served(out, "--name", "cnn_load", "--max-queue-delay-us", "2000", "--instances", "2")
     assert "(ort/fp32)" in server.ready_line
-    results: list[tuple[float, bool, str]] = []
-    stop = threading.Event()
     x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
-
-    def load() -> None:
-        client = server.client()  # one client per thread: tritonclient's HTTP client is not thread-safe
-        while not stop.is_set():
-            sent = time.monotonic()
-            try:
-                ok = _infer(client, "cnn_load", x).shape == (4, 10)
-                results.append((sent, ok, ""))
-            except Exception as exc:  # after the signal, a new request may be refused
-                results.append((sent, False, str(exc)[:200]))
-        client.close()
-
-    threads = [threading.Thread(target=load) for _ in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 120
-    while len(results) < 80 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    signalled = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join(120)
-    status = server.stop()
-    before = [r for r in results if r[0] < signalled]
+    before, status = sigterm_during_load(server, lambda client: _infer(client, "cnn_load", x).shape == (4, 10))
     assert len(before) >= 80
     failed = [r for r in before if not r[1]]
     assert not failed, failed[:3]

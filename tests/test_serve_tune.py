@@ -14,22 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from dlopt.core.errors import ConfigError, TargetUnavailable
+from serving import triton_missing
+
+from dlopt.core.errors import ConfigError
 
 pytest.importorskip("tritonclient.http", reason="load tests need tritonclient[http]")
 
 
-def _triton_here() -> str | None:
-    from dlopt.deploy.serve import TritonInstall
-
-    try:
-        TritonInstall.find()
-    except TargetUnavailable as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_triton_here() is not None, reason=f"no Triton server here: {_triton_here()}")
+pytestmark = pytest.mark.skipif(triton_missing() is not None, reason=f"no Triton server here: {triton_missing()}")
 
 DLOPT = Path(sys.executable).with_name("dlopt")
 
