@@ -349,7 +349,7 @@ def test_when_no_optimised_candidate_meets_the_budget_the_original_ships(tmp_pat
                                inputs=tmp_path / "eval.npz", metric="exact_metric:bit_exact", runs=5, search_time=0,
                                threads=2)
     assert report.chosen == "ort/original"
-    statuses = {c.key: (c.status, (c.score or {}).get("drop_pp")) for c in report.candidates}
+    statuses = {c.key: (c.status, c.score.drop_pp if c.score else None) for c in report.candidates}
     assert statuses["ort/fp16"] == ("rejected", 100.0) and statuses["ort/int8"] == ("rejected", 100.0)
     assert statuses["ort/original"] == ("ok", 0.0)
     assert "ort/original (the input model, unchanged) ships instead" in " ".join(report.notes)
