@@ -27,10 +27,10 @@ _SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--t
 @click.option("--arrival", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True,
               help="Open-loop arrivals: Poisson (seeded by --seed) or evenly spaced.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of Poisson arrivals and random inputs.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              metavar="SECONDS", help="Counted time per level.")
-@click.option("--warmup", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="SECONDS",
-              help="Uncounted time before each level's counted time.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Counted time per level [default: 10; with --tune 6, split between the rounds].")
+@click.option("--warmup", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Uncounted time before each level's counted time [default: 2; with --tune 1, in every round].")
 @click.option("--model", default=None,
               help="Model name [default: the server's only ready model; for a folder TARGET, the name it is served "
                    "under, as dlopt serve --name].")
@@ -50,8 +50,13 @@ _SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--t
 @click.option("--tune", is_flag=True,
               help="Folder TARGET and --slo: serve each configuration of a small grid (batching off; largest batch "
                    "x queue delay; 1 or 2 instances) afresh, load it in closed loop (--concurrency, default 1,4,16), "
-                   "keep the one with the most throughput within the objective, and record the curve and the "
-                   "choice in the output's report.json (dlopt serve and dlopt package --triton then use it).")
+                   "in --tune-rounds rounds in rotated order; keep the simplest configuration unless another's "
+                   "median throughput within the objective exceeds it by more than their ranges overlap, and record "
+                   "the rounds and the choice in the output's report.json (dlopt serve and dlopt package --triton "
+                   "then use it).  Default cost on 2 cores: about 7 minutes for the 10 configurations of a model "
+                   "that batches.")
+@click.option("--tune-rounds", type=click.IntRange(min=1, max=20), default=None, metavar="N",
+              help="--tune: rounds each configuration is served and measured in [default: 3].")
 @click.option("--json", "as_json", is_flag=True, help="Print the levels as a JSON list on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--max-batch-size", type=click.IntRange(min=0), default=None,
@@ -66,7 +71,8 @@ _SERVER_FLAGS = ("--max-batch-size", "--max-queue-delay-us", "--instances", "--t
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
               help="Folder TARGET only: seconds the server may take to load the model.")
 def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, input_path, batch, shapes, slo,
-             timeout, tune, as_json, quiet, max_batch_size, max_queue_delay_us, instances, threads, ready_timeout):
+             timeout, tune, tune_rounds, as_json, quiet, max_batch_size, max_queue_delay_us, instances, threads,
+             ready_timeout):
     """Load-test a served model: throughput and p50/p95/p99/max latency per load level.
 
     TARGET is the URL of a KServe V2 server (http://HOST:PORT: Triton, `dlopt serve`), or a
@@ -116,8 +122,13 @@ def loadtest(target, concurrency, rate, arrival, seed, duration, warmup, model, 
 
     if tune:
         _check_tune(target, folder, objective, rates, given, input_path, shapes, model, batch)
-        _tune(Path(target), objective, levels if concurrency is not None else None, duration, warmup, as_json, log)
+        _tune(Path(target), objective, levels if concurrency is not None else None, duration, warmup, tune_rounds,
+              as_json, log)
         return
+    if tune_rounds is not None:
+        raise ConfigError("--tune-rounds is the number of rounds of --tune; add --tune")
+    duration = 10.0 if duration is None else duration
+    warmup = 2.0 if warmup is None else warmup
     done: list = []
     with _Interruptible() as guard:
         server = (_serving(Path(target), guard, log, name=model, max_batch_size=max_batch_size,
@@ -157,32 +168,33 @@ def _check_tune(target, folder, objective, rates, given, input_path, shapes, mod
                           f"in closed loop with random single-sample inputs; drop {', '.join(chosen_here)}")
 
 
-def _tune(folder: Path, objective, levels, duration: float, warmup: float, as_json: bool, log) -> None:
-    """``--tune``: the grid served and loaded, the choice recorded in the output's report.json."""
+def _tune(folder: Path, objective, levels, duration, warmup, rounds, as_json: bool, log) -> None:
+    """``--tune``: the grid served and loaded in rounds, the choice recorded in the output's report.json."""
     from dlopt.targets import read_artifact
-    from dlopt.workflows.serve_tune import CONCURRENCY, record, table, to_json, tune
+    from dlopt.workflows import serve_tune as st
 
     _, root = read_artifact(folder)
     with _Interruptible() as guard:
         try:
-            result = tune(folder, objective, concurrency=levels or CONCURRENCY, duration=duration, warmup=warmup,
-                          stop=guard.stop, progress=log)
+            result = st.tune(folder, objective, concurrency=levels or st.CONCURRENCY,
+                             duration=st.DURATION_S if duration is None else duration,
+                             warmup=st.WARMUP_S if warmup is None else warmup,
+                             rounds=st.ROUNDS if rounds is None else rounds, stop=guard.stop, progress=log)
         except KeyboardInterrupt:
             guard.interrupted = True
     if guard.interrupted or guard.stop.is_set():
         click.echo("dlopt: interrupted; nothing was recorded", err=True)
         sys.exit(130)
-    record(root, result)
+    st.record(root, result)
     if as_json:
-        click.echo(to_json(result))
+        click.echo(st.to_json(result))
     else:
         from tabulate import tabulate
 
-        click.echo(tabulate(table(result), headers=["configuration", "best level within the objective",
-                                                    "throughput/s", "p99 ms"]))
-    chosen = (f"chosen: {result.chosen.config.label}, {result.chosen.throughput:.1f} requests/s within "
-              f"{objective.describe()}" if result.chosen else f"no configuration holds {objective.describe()}")
-    click.echo(f"dlopt: {chosen}; recorded in {root / 'report.json'} ({result.seconds:.0f} s)", err=True)
+        click.echo(tabulate(st.table(result), headers=st.HEADERS, disable_numparse=True))
+        click.echo(f"chosen: {result.why}" if result.chosen else result.why)
+    click.echo(f"dlopt: {'chosen ' + result.chosen.config.label if result.chosen else 'nothing chosen'}; "
+               f"recorded in {root / 'report.json'} ({result.seconds:.0f} s)", err=True)
 
 
 class _Interruptible:

@@ -1,18 +1,24 @@
 """``serving``: the served configurations measured for a latency objective, and the one chosen.
 
 Written by ``dlopt loadtest OUT --tune`` (dlopt.workflows.serve_tune.record), not by the compile:
-null until then.  Renders a table per configuration (its best level that holds the objective) and,
-in report.html, throughput against p99 for every level of every configuration.
+null until then.  Renders a table per configuration (the median over its rounds of the throughput
+at the objective, and their range) and, in report.html, throughput against p99 for every level.
+
+Two shapes are read: a trial with ``rounds`` (each round's levels; since the tuner measures every
+configuration in several rotated rounds) and, from older reports, a trial with its one round's
+``levels`` and ``throughput_at_objective`` directly.
 """
 
 from __future__ import annotations
 
+import statistics
 from html import escape
 
 from dlopt.report.sections.base import END, Section, escape_markdown, html_table, markdown_table
 
-_HEADERS = ["configuration", "best level within the objective", "throughput/s", "p99 ms"]
+HEADERS = ["configuration", "rounds within the objective", "median throughput/s", "range/s", "median p99 ms"]
 _COLOURS = ("#0969da", "#1a7f37", "#cf222e", "#8250df", "#bf8700", "#57606a", "#e16f24", "#1b7c83")
+_KEYS = ("max_batch_size", "max_queue_delay_us", "instances", "threads")
 
 
 def _label(trial: dict) -> str:
@@ -21,18 +27,40 @@ def _label(trial: dict) -> str:
     return f"{batching}, {trial.get('instances')} x {trial.get('threads')} threads"
 
 
-def _rows(serving: dict) -> list[list]:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def rounds_of(trial: dict) -> list[dict]:
+    """A trial's rounds: ``rounds``, or an old report's single round (the trial's own levels)."""
+    if isinstance(trial.get("rounds"), list):
+        return [r for r in trial["rounds"] if isinstance(r, dict)]
+    return [{"levels": trial.get("levels") or [], "throughput_at_objective": trial.get("throughput_at_objective"),
+             "best_concurrency": trial.get("best_concurrency")}]
+
+
+def _best_level(run: dict) -> dict | None:
+    best = run.get("best_concurrency")
+    return next((lv for lv in run.get("levels") or [] if isinstance(lv, dict) and best is not None
+                 and lv.get("concurrency") == best), None)
+
+
+def rows(serving: dict) -> list[list]:
+    """One row per configuration: rounds held, median throughput at the objective and range, median p99."""
     chosen = serving.get("chosen") or {}
-    keys = ("max_batch_size", "max_queue_delay_us", "instances", "threads")
-    rows = []
+    out = []
     for t in serving.get("trials") or []:
-        mark = " (chosen)" if chosen and all(t.get(k) == chosen.get(k) for k in keys) else ""
-        best = t.get("best_concurrency")
-        level = next((lv for lv in t.get("levels") or [] if lv.get("concurrency") == best), None)
-        rows.append([_label(t) + mark, f"concurrency {best}" if best is not None else "none holds",
-                     t.get("throughput_at_objective") if best is not None else "-",
-                     level.get("p99_ms") if level else "-"])
-    return rows
+        mark = " (chosen)" if chosen and all(t.get(k) == chosen.get(k) for k in _KEYS) else ""
+        runs = rounds_of(t)
+        figures = [r.get("throughput_at_objective") if _number(r.get("throughput_at_objective")) else 0.0
+                   for r in runs]
+        held = sum(_number(r.get("throughput_at_objective")) for r in runs)
+        p99 = [lv["p99_ms"] for lv in map(_best_level, runs) if lv and _number(lv.get("p99_ms"))]
+        median = statistics.median(figures) if figures else 0.0
+        out.append([_label(t) + mark, f"{held}/{len(runs)}", f"{median:.1f}" if 2 * held > len(runs) else "-",
+                    f"{min(figures):.0f}-{max(figures):.0f}" if len(figures) > 1 else "-",
+                    f"{statistics.median(p99):.2f}" if p99 else "-"])
+    return out
 
 
 def _where(serving: dict) -> str:
@@ -42,15 +70,27 @@ def _where(serving: dict) -> str:
             f"({host.get('cores', '?')} cores) in {serving.get('seconds')} s")
 
 
-def plot_svg(serving: dict, width: int = 560, height: int = 300) -> str:
-    """Throughput against p99 latency, one line per configuration through its concurrency levels."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _point(level) -> bool:
+    return isinstance(level, dict) and _number(level.get("p99_ms")) and _number(level.get("throughput"))
 
-    series = [(_label(t), [(lv["p99_ms"], lv["throughput"]) for lv in t.get("levels") or []
-                           if number(lv.get("p99_ms")) and number(lv.get("throughput"))])
+
+def _median_curve(trial: dict) -> list[tuple[float, float]]:
+    """(p99, throughput) per concurrency, each the median over the rounds that measured it."""
+    by_load: dict = {}
+    for r in rounds_of(trial):
+        for lv in r.get("levels") or []:
+            if _point(lv):
+                by_load.setdefault(lv.get("concurrency"), []).append((lv["p99_ms"], lv["throughput"]))
+    return [(statistics.median(p for p, _ in pts), statistics.median(t for _, t in pts)) for pts in by_load.values()]
+
+
+def plot_svg(serving: dict, width: int = 560, height: int = 300) -> str:
+    """Throughput against p99 latency: a line per configuration through its levels' medians over the rounds, a
+    dot per level of every round."""
+    series = [(_label(t), _median_curve(t), [(lv["p99_ms"], lv["throughput"]) for r in rounds_of(t)
+                                              for lv in r.get("levels") or [] if _point(lv)])
               for t in serving.get("trials") or []]
-    points = [p for _, s in series for p in s]
+    points = [p for _, _, dots in series for p in dots]
     if not points:
         return ""
     x_max = max(p[0] for p in points) * 1.05 or 1.0
@@ -68,14 +108,22 @@ def plot_svg(serving: dict, width: int = 560, height: int = 300) -> str:
              f'(0 to {x_max:.3g})</text>',
              f'<text x="12" y="{(top + bottom) / 2:.0f}" font-size="11" text-anchor="middle" '
              f'transform="rotate(-90 12 {(top + bottom) / 2:.0f})">requests/s (0 to {y_max:.4g})</text>']
-    for k, (label, pts) in enumerate(series):
+    for k, (label, curve, dots) in enumerate(series):
         colour = _COLOURS[k % len(_COLOURS)]
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(xy, sorted(pts)))
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(xy, sorted(curve)))
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
-        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in map(xy, pts)]
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{colour}" fill-opacity="0.5"/>'
+                  for x, y in map(xy, dots)]
         parts.append(f'<text x="{right + 8}" y="{top + 12 + 14 * k}" font-size="11" fill="{colour}">'
                      f'{escape(label)}</text>')
     return "".join(parts) + "</svg>"
+
+
+_LEVELS = ("array?", {"throughput": "amount?", "p99_ms": "amount?"})
+
+
+def _why(serving: dict) -> str:
+    return f"Chosen: {serving['why']}" if isinstance(serving.get("why"), str) and serving["why"] else ""
 
 
 class Serving(Section):
@@ -84,8 +132,11 @@ class Serving(Section):
     schema = ("object?", {"objective": "string?", "chosen": ("object?", {"max_batch_size": "count",
                                                                         "max_queue_delay_us": "count",
                                                                         "instances": "count"}),
-                          "trials": ("array?", {"levels": ("array?", {"throughput": "amount?",
-                                                                      "p99_ms": "amount?"})})})
+                          "rounds": "count?", "why": "string?",
+                          "trials": ("array?", {"levels": _LEVELS, "throughput_at_objective": "amount?",
+                                                "throughput_low": "amount?", "throughput_high": "amount?",
+                                                "rounds": ("array?", {"levels": _LEVELS,
+                                                                      "throughput_at_objective": "amount?"})})})
 
     def collect(self, job, ev, builds):
         return None  # written by dlopt loadtest --tune, after the compile
@@ -94,7 +145,9 @@ class Serving(Section):
         s = self.value(report)
         if not s:
             return []
-        lines = ["", "## Serving", "", escape_markdown(_where(s)), "", markdown_table(_rows(s), _HEADERS)]
+        lines = ["", "## Serving", "", escape_markdown(_where(s)), "", markdown_table(rows(s), HEADERS)]
+        if _why(s):
+            lines += ["", escape_markdown(_why(s))]
         if s.get("batching_off_because"):
             lines += ["", f"Batching off: {escape_markdown(s['batching_off_because'])}"]
         return lines
@@ -104,7 +157,8 @@ class Serving(Section):
         if not s:
             return []
         parts = ["<h2>Serving</h2>", f"<p>{escape(_where(s))}</p>",
-                 html_table(_HEADERS, _rows(s), numeric={2, 3}), plot_svg(s)]
+                 html_table(HEADERS, rows(s), numeric={2, 3, 4}), f"<p>{escape(_why(s))}</p>" if _why(s) else "",
+                 plot_svg(s)]
         if s.get("batching_off_because"):
             parts.append(f"<p>Batching off: {escape(s['batching_off_because'])}</p>")
         return [p for p in parts if p]
