@@ -65,7 +65,7 @@ ARM64 := $(VENV)/arm64
 ARM64_DEBS := python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libgcc-s1 libstdc++6 \
   zlib1g libexpat1 libffi8
 ARM64_WHEELS := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy==2.4.6 ml-dtypes==0.6.0 \
-  typing-extensions==4.16.0
+  typing-extensions==4.16.0 executorch==1.5.1 --no-deps
 ARM64_PIP := --disable-pip-version-check -q --only-binary=:all: --platform manylinux_2_28_aarch64 \
   --python-version 3.11 --implementation cp
 ARM64_SPEC := $(ARM64_DEBS) $(ARM64_WHEELS)
