@@ -360,6 +360,13 @@ class PteNative:
             raise RuntimeError(f"ExecuTorch: {err.value.decode(errors='replace')}")
         self.threads = self._lib.pte_threads(0)
         self._inputs = [self._input_info(i) for i in range(self._lib.pte_inputs(self._handle))]
+        # What every run passes, allocated once: a run of a small model takes microseconds.
+        count = max(1, len(self._inputs))
+        self._pointers = (ctypes.c_void_p * count)()
+        self._nbytes = (ctypes.c_size_t * count)(*(d.itemsize * int(np.prod(s)) for d, s in self._inputs))
+        self._err = ctypes.create_string_buffer(ERROR_BYTES)
+        self._dtype, self._ndim, self._size = ctypes.c_int(), ctypes.c_int(), ctypes.c_size_t()
+        self._sizes, self._data = (ctypes.c_int64 * MAX_DIMS)(), ctypes.c_void_p()
 
     def _input_info(self, i):
         dtype, ndim, nbytes = ctypes.c_int(), ctypes.c_int(MAX_DIMS), ctypes.c_size_t()
@@ -383,21 +390,20 @@ class PteNative:
             raise RuntimeError(f"ExecuTorch: forward takes {len(self._inputs)} inputs, got {len(arrays)}")
         held = []
         for i, (array, (dtype, shape)) in enumerate(zip(arrays, self._inputs)):
-            array = np.asarray(array)
+            if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+                array = np.ascontiguousarray(array)
             if array.dtype != dtype or array.shape != shape:
                 raise RuntimeError(f"ExecuTorch: input {i} is {array.dtype}{list(array.shape)}; "
                                    f"forward takes {dtype}{list(shape)}")
-            held.append(np.ascontiguousarray(array))
-        pointers = (ctypes.c_void_p * max(1, len(held)))(*(a.ctypes.data for a in held))
-        nbytes = (ctypes.c_size_t * max(1, len(held)))(*(a.nbytes for a in held))
-        err = ctypes.create_string_buffer(ERROR_BYTES)
-        if self._lib.pte_run(self._handle, pointers, nbytes, err, ERROR_BYTES):
-            raise RuntimeError(f"ExecuTorch: {err.value.decode(errors='replace')}")
+            held.append(array)  # alive until pte_run returns
+            self._pointers[i] = array.ctypes.data
+        if self._lib.pte_run(self._handle, self._pointers, self._nbytes, self._err, ERROR_BYTES):
+            raise RuntimeError(f"ExecuTorch: {self._err.value.decode(errors='replace')}")
         return [self._output(i) for i in range(self._lib.pte_outputs(self._handle))]
 
     def _output(self, i):
-        dtype, ndim, nbytes = ctypes.c_int(), ctypes.c_int(MAX_DIMS), ctypes.c_size_t()
-        sizes, data = (ctypes.c_int64 * MAX_DIMS)(), ctypes.c_void_p()
+        dtype, ndim, nbytes, sizes, data = self._dtype, self._ndim, self._size, self._sizes, self._data
+        ndim.value = MAX_DIMS
         if self._lib.pte_output(self._handle, i, ctypes.byref(dtype), sizes, ctypes.byref(ndim),
                                 ctypes.byref(data), ctypes.byref(nbytes)):
             raise RuntimeError(f"ExecuTorch: cannot read output {i} (more than {MAX_DIMS} dimensions?)")
