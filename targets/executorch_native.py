@@ -46,15 +46,18 @@ SOURCE = r"""
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include <executorch/extension/module/module.h>
 #include <executorch/runtime/core/evalue.h>
 #include <executorch/runtime/core/exec_aten/exec_aten.h>
+#include <executorch/runtime/platform/platform.h>
 
 // The wheel ships libexecutorch_threadpool.so but not threadpool.h: these two members are all we call.
 namespace executorch { namespace extension { namespace threadpool {
@@ -93,12 +96,41 @@ struct Handle {
   std::vector<EValue> outputs;  // the last run's; their data lives in the module's planned memory
 };
 
+// The runtime's log: info lines are dropped (PTE_RUN_LOG=1 prints everything to stderr), and the first error
+// logged since the last call into this library becomes the end of that call's one-line message.
+std::mutex log_mutex;
+std::string first_error;
+
+void on_log(et_timestamp_t, et_pal_log_level_t level, const char* file, const char*, size_t line,
+            const char* message, size_t length) {
+  static const bool verbose = std::getenv("PTE_RUN_LOG") != nullptr;
+  std::string text(message, length);
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+  for (char& c : text) if (c == '\n' || c == '\r') c = ' ';  // the messages built from it stay one line
+  if (verbose) fprintf(stderr, "%c executorch:%s:%zu] %s\n", static_cast<char>(level), file, line, text.c_str());
+  if (level != kError && level != kFatal) return;
+  std::lock_guard<std::mutex> lock(log_mutex);
+  if (first_error.empty()) first_error = text;
+}
+
+const bool pal_registered = executorch::runtime::register_pal(
+    executorch::runtime::PalImpl::create(on_log, __FILE__));
+
+void forget_log() {
+  std::lock_guard<std::mutex> lock(log_mutex);
+  first_error.clear();
+}
+
 void say(char* err, size_t errlen, const char* format, ...) {
   if (err == nullptr || errlen == 0) return;
   va_list args;
   va_start(args, format);
-  vsnprintf(err, errlen, format, args);
+  int used = vsnprintf(err, errlen, format, args);
   va_end(args);
+  std::lock_guard<std::mutex> lock(log_mutex);
+  if (!first_error.empty() && used >= 0 && static_cast<size_t>(used) + 2 < errlen) {
+    snprintf(err + used, errlen - used, ": %s", first_error.c_str());
+  }
 }
 
 const char* error_name(Error error) {
@@ -140,6 +172,7 @@ int pte_threads(int threads) {
 }
 
 void* pte_open(const char* path, int threads, char* err, size_t errlen) {
+  forget_log();
   try {
     if (threads > 0 && pte_threads(threads) < 0) {
       say(err, errlen, "no thread pool in libexecutorch_threadpool.so");
@@ -212,6 +245,7 @@ int pte_input_info(void* h, int i, int* dtype, int64_t* sizes, int* ndim, size_t
 
 int pte_run(void* h, const void* const* inputs, const size_t* nbytes, char* err, size_t errlen) {
   auto* handle = static_cast<Handle*>(h);
+  forget_log();
   try {
     std::vector<std::unique_ptr<TensorImpl>> impls;
     std::vector<EValue> values;

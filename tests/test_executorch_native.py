@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -128,6 +129,17 @@ def test_x86_output_matches_executorch_pybindings(x86, programs, name, tolerance
     np.testing.assert_array_equal(first[0], again[0])  # outputs are copies, not the next run's buffers
 
 
+def test_a_copy_of_the_module_runs_without_dlopt_and_prints_nothing(x86, tmp_path):
+    shutil.copy(executorch_native.__file__, tmp_path / "executorch_native.py")
+    script = ("import sys; sys.modules['dlopt'] = None\n"  # any dlopt import fails
+              "import numpy as np, executorch_native as en\n"
+              "runner = en.PteNative(sys.argv[1], 'm.pte', threads=1)\n"
+              "print(runner.run([np.ones((1, 1, 28, 28), np.float32)])[0].shape, runner.threads)")
+    done = subprocess.run([sys.executable, "-c", script, str(x86.parent)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "(1, 10) 1\n", "")  # no runtime info lines
+
+
 def test_int64_and_bool_inputs_and_outputs_match_pybindings(x86):
     x, k = torch.randn(2, 3), torch.arange(4)
     with PteNative(x86.parent, "two.pte") as runner:
@@ -153,7 +165,8 @@ def test_wrong_inputs_and_programs_are_one_line_errors(x86, tmp_path):
     bad.write_bytes(b"not a program" * 8)
     with pytest.raises(RuntimeError) as caught:
         PteNative(x86.parent, "bad.pte")
-    assert str(caught.value) == f"ExecuTorch: cannot load method forward of {bad}: InvalidProgram (0x23)"
+    assert str(caught.value) == (f"ExecuTorch: cannot load method forward of {bad}: InvalidProgram (0x23): "
+                                 "Program identifier 'a pr' != expected 'ET12'")  # the runtime's logged reason
     with pytest.raises(OSError, match="no ExecuTorch program"):
         PteNative(x86.parent, "absent.pte")
 
@@ -187,6 +200,7 @@ def test_aarch64_build_under_emulation_matches_x86(x86, programs, tmp_path):
     cpu = "cortex-a76" if "cortex-a76" in qemu_cpu_models() else None
     done = run_emulated(folder / "run.py", [folder, "feeds.npz", "m.pte", "q.pte"], cwd=folder, timeout=180, cpu=cpu)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "executorch:" not in done.stderr  # the runtime's info lines are dropped there too
     result = json.loads(done.stdout.splitlines()[-1])
     with PteNative(x86.parent, "m.pte", threads=2) as fp32, PteNative(x86.parent, "q.pte", threads=2) as int8:
         native = {"m.pte": fp32.run([x]), "q.pte": int8.run([x])}
