@@ -39,7 +39,6 @@ MAX_DIMS = 16
 # ExecuTorch's ScalarType codes (runtime/core/portable_type/scalar_type.h) that numpy holds as they are.
 DTYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 5: np.float16, 6: np.float32,
           7: np.float64, 11: np.bool_}
-CODES = {np.dtype(dtype): code for code, dtype in DTYPES.items()}
 
 SOURCE = r"""
 // A C ABI over ExecuTorch's Module: open a .pte, describe and run its "forward", read its outputs.
