@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
+from dlopt.compression.exporter import export
+from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig, plain_name
 from dlopt.core.errors import ConfigError
 from dlopt.flow.driver import compile as run
 from dlopt.report.data import Report
@@ -20,7 +23,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     progress: Callable[[str, int, int], None] | bool | None = True,
     **options: Any,
 ) -> Report:
-    """Optimise ``model`` (an .onnx path or ``onnx.ModelProto``) for ``target``.
+    """Optimise ``model`` (an .onnx path, an ``onnx.ModelProto`` or a ``torch.nn.Module``) for ``target``.
 
     Writes the artefact folder ``out`` (model, session settings, manifest.json,
     report.json, report.md) atomically and returns the :class:`Report`.
@@ -38,6 +41,11 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     silences it too: ``logging.getLogger("dlopt").setLevel(logging.WARNING)``.
     Diagnostics go to the ``"dlopt"`` loggers (``logging.basicConfig(level=logging.INFO)``
     shows them).
+
+    A ``torch.nn.Module`` needs ``example=`` (a tensor or a tuple of tensors, at the shape it is timed
+    and verified at): it is exported with :func:`dlopt.export` for the ONNX backends, and the backends
+    that build from PyTorch itself (ExecuTorch, through ``torch.export``) get the module.  An .onnx
+    model may name the module it was exported from the same way: ``torch_module=module, example=x``.
     """
     known = (set(SECTION_OF) | set(TOP_LEVEL)) - {"target", "out"}
     unknown = sorted(set(options) - known)
@@ -45,6 +53,13 @@ def compile(  # noqa: A001 - mirrors the CLI verb
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if isinstance(model, (str, os.PathLike)):
         model = Path(model)
+    if _is_torch_module(model):
+        with tempfile.TemporaryDirectory(prefix="dlopt-export-") as tmp:
+            if options.get("example") is None:
+                raise ConfigError("a PyTorch module needs its example input: "
+                                  "dlopt.compile(module, example=tensor_or_tuple)")
+            onnx_path = export(model, options["example"], Path(tmp) / f"{plain_name(type(model).__name__)}.onnx")
+            return compile(onnx_path, target, out, progress=progress, **{**options, "torch_module": model})
     inputs = options.pop("inputs", None)
     if isinstance(out, (str, os.PathLike)):
         out = Path(out)
@@ -54,4 +69,10 @@ def compile(  # noqa: A001 - mirrors the CLI verb
         inputs=Path(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs, progress=progress, **options,
     )
     return run(config)
+
+
+def _is_torch_module(model: Any) -> bool:
+    """True for a ``torch.nn.Module`` (torch is imported only where one may have been made)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
 

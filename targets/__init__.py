@@ -27,6 +27,7 @@ BACKEND_MODULES = {
     "tvm": "dlopt.targets.tvm.backend",
     "tensorrt": "dlopt.targets.tensorrt",
     "c": "dlopt.targets.c.backend",
+    "executorch": "dlopt.targets.executorch",
 }
 
 

@@ -107,12 +107,18 @@ class Backend(abc.ABC):
     # the CompileConfig section this backend reads ("tvm", "mcu"); it receives that section only
     options_section: ClassVar[str | None] = None
 
-    def build_options(self, options, model, profile, shapes, *, threads: int) -> dict:
+    def build_options(self, options, model, profile, shapes, *, threads: int, calibration=()) -> dict:
         """Extra keyword arguments for ``compile`` from the backend's own config section ``options``
         (None when it has none; TVM: its tuning database); keys starting ``cache:`` only enter the
-        artefact cache key."""
-        del options, model, profile, shapes, threads
+        artefact cache key.  ``calibration``: the calibration feeds, for a backend that quantises itself."""
+        del options, model, profile, shapes, threads, calibration
         return {}
+
+    def refuses(self, options) -> str | None:
+        """Why this backend builds nothing from this compile's input (given its config section ``options``),
+        in one line; None when it can build.  ExecuTorch builds from a PyTorch module, never from ONNX."""
+        del options
+        return None
 
     # -- what the rest of dlopt asks a backend, so that no code outside targets/ names one ---------------
 
@@ -120,6 +126,8 @@ class Backend(abc.ABC):
     dlopt_extra: ClassVar[str | None] = None  # dlopt's pip extra that installs the runtime, if one does
     checked_elsewhere: ClassVar[str] = ""  # where its outputs are verified when not on itself (" on ONNX Runtime")
     unbuilt_note: ClassVar[str] = ""  # what a device still does before timing it ("engine not built yet; ")
+    # (package, mode) of the quantiser a backend runs itself for its own_precisions (ExecuTorch: torchao's PT2E)
+    own_quantiser: ClassVar[tuple[str, str] | None] = None
     prefers_nncf: ClassVar[bool] = False  # INT8 through NNCF (its own quantiser) when NNCF is installed
     # INT8 weights in 7 bits where the target's int8 kernels may saturate (OpenVINO's x86 kernels without VNNI)
     reduce_range_where_saturating: ClassVar[bool] = False

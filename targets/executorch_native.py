@@ -15,30 +15,24 @@ for x86_64 with ``g++`` or for aarch64 with ``aarch64-linux-gnu-g++``, into one 
 
 The backend and the kernel libraries register themselves from static initialisers, so they are
 linked with --no-as-needed.  ``PteNative`` opens such a folder and runs the program's ``forward``.
-Stdlib and numpy only, no dlopt import: the file can be copied beside a script on a board.
+``PteNative`` lives in ``dlopt.targets.executorch_plain`` (pasted into run_candidates.py; stdlib, numpy).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
+from dlopt.targets.executorch_plain import PteNative  # noqa: F401 - the runner, beside what builds it
 
 LIBRARY = "libpte_run.so"
 # The wheel's libraries the runner needs; OpenVINO, QNN and ETDump are left out.
 RUNTIME_LIBRARIES = ("libexecutorch.so", "libexecutorch_backend_xnnpack.so", "libexecutorch_kernels_optimized.so",
                      "libexecutorch_kernels_quantized.so", "libexecutorch_threadpool.so")
 COMPILERS = {"x86_64": ("g++", "g++"), "aarch64": ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")}
-ERROR_BYTES = 512
-MAX_DIMS = 16
-# ExecuTorch's ScalarType codes (runtime/core/portable_type/scalar_type.h) that numpy holds as they are.
-DTYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 5: np.float16, 6: np.float32,
-          7: np.float64, 11: np.bool_}
 
 SOURCE = r"""
 // A C ABI over ExecuTorch's Module: open a .pte, describe and run its "forward", read its outputs.
@@ -369,117 +363,3 @@ def _elf_machine(path: Path) -> str:
 def folder_size(folder: Path) -> int:
     """Bytes in the plain files directly in ``folder`` (what ``build`` wrote there)."""
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
-
-
-class PteNative:
-    """A ``.pte`` program's ``forward``, run by ``libpte_run.so`` in ``folder``.
-
-    ``threads`` (> 0) resets ExecuTorch's process-wide thread pool, which XNNPACK and the kernels share;
-    None keeps its default (the machine's performance cores).  Not safe to run from several threads at once.
-    """
-
-    def __init__(self, folder, pte_name, threads=None):
-        folder = Path(folder).absolute()
-        path = folder / pte_name
-        if not path.is_file():
-            raise OSError(f"no ExecuTorch program {path}")
-        try:
-            self._lib = _bind(ctypes.CDLL(str(folder / LIBRARY)))
-        except OSError as exc:
-            raise OSError(f"cannot load {folder / LIBRARY}: {str(exc).splitlines()[0]}") from exc
-        err = ctypes.create_string_buffer(ERROR_BYTES)
-        self._handle = self._lib.pte_open(str(path).encode(), int(threads or 0), err, ERROR_BYTES)
-        if not self._handle:
-            raise RuntimeError(f"ExecuTorch: {err.value.decode(errors='replace')}")
-        self.threads = self._lib.pte_threads(0)
-        self._inputs = [self._input_info(i) for i in range(self._lib.pte_inputs(self._handle))]
-        # What every run passes, allocated once: a run of a small model takes microseconds.
-        count = max(1, len(self._inputs))
-        self._pointers = (ctypes.c_void_p * count)()
-        self._nbytes = (ctypes.c_size_t * count)(*(d.itemsize * int(np.prod(s)) for d, s in self._inputs))
-        self._err = ctypes.create_string_buffer(ERROR_BYTES)
-        self._dtype, self._ndim, self._size = ctypes.c_int(), ctypes.c_int(), ctypes.c_size_t()
-        self._sizes, self._data = (ctypes.c_int64 * MAX_DIMS)(), ctypes.c_void_p()
-
-    def _input_info(self, i):
-        dtype, ndim, nbytes = ctypes.c_int(), ctypes.c_int(MAX_DIMS), ctypes.c_size_t()
-        sizes = (ctypes.c_int64 * MAX_DIMS)()
-        if self._lib.pte_input_info(self._handle, i, ctypes.byref(dtype), sizes, ctypes.byref(ndim),
-                                    ctypes.byref(nbytes)):
-            raise RuntimeError(f"ExecuTorch: cannot describe input {i} (more than {MAX_DIMS} dimensions?)")
-        if dtype.value not in DTYPES:
-            raise RuntimeError(f"ExecuTorch: input {i} has scalar type {dtype.value}, which numpy does not hold")
-        return np.dtype(DTYPES[dtype.value]), tuple(sizes[:ndim.value])
-
-    def inputs(self) -> list[tuple[np.dtype, tuple[int, ...]]]:
-        """(dtype, shape) of each input of ``forward``, in order."""
-        return list(self._inputs)
-
-    def run(self, arrays) -> list[np.ndarray]:
-        """``forward`` on ``arrays`` (one per input, of its dtype and shape); copies of its outputs."""
-        if self._handle is None:
-            raise RuntimeError("ExecuTorch: the program is closed")
-        if len(arrays) != len(self._inputs):
-            raise RuntimeError(f"ExecuTorch: forward takes {len(self._inputs)} inputs, got {len(arrays)}")
-        held = []
-        for i, (array, (dtype, shape)) in enumerate(zip(arrays, self._inputs)):
-            if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
-                array = np.ascontiguousarray(array)
-            if array.dtype != dtype or array.shape != shape:
-                raise RuntimeError(f"ExecuTorch: input {i} is {array.dtype}{list(array.shape)}; "
-                                   f"forward takes {dtype}{list(shape)}")
-            held.append(array)  # alive until pte_run returns
-            self._pointers[i] = array.ctypes.data
-        if self._lib.pte_run(self._handle, self._pointers, self._nbytes, self._err, ERROR_BYTES):
-            raise RuntimeError(f"ExecuTorch: {self._err.value.decode(errors='replace')}")
-        return [self._output(i) for i in range(self._lib.pte_outputs(self._handle))]
-
-    def _output(self, i):
-        dtype, ndim, nbytes, sizes, data = self._dtype, self._ndim, self._size, self._sizes, self._data
-        ndim.value = MAX_DIMS
-        if self._lib.pte_output(self._handle, i, ctypes.byref(dtype), sizes, ctypes.byref(ndim),
-                                ctypes.byref(data), ctypes.byref(nbytes)):
-            raise RuntimeError(f"ExecuTorch: cannot read output {i} (more than {MAX_DIMS} dimensions?)")
-        if dtype.value not in DTYPES:
-            raise RuntimeError(f"ExecuTorch: output {i} has scalar type {dtype.value}, which numpy does not hold")
-        shape = tuple(sizes[:ndim.value])
-        out = np.empty(shape, DTYPES[dtype.value])
-        if out.nbytes != nbytes.value:
-            raise RuntimeError(f"ExecuTorch: output {i} holds {nbytes.value} bytes, not {out.nbytes} for {shape}")
-        if out.nbytes:
-            ctypes.memmove(out.ctypes.data, data.value, out.nbytes)
-        return out
-
-    def close(self) -> None:
-        if getattr(self, "_handle", None):
-            self._lib.pte_close(self._handle)
-        self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-
-def _bind(lib):
-    """Argument and result types of the C ABI (ctypes would truncate pointers to int otherwise)."""
-    p, c_int, size, errbuf = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_char_p
-    i64p, intp, sizep = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(c_int), ctypes.POINTER(size)
-    signatures = {
-        "pte_threads": (c_int, [c_int]),
-        "pte_open": (p, [ctypes.c_char_p, c_int, errbuf, size]),
-        "pte_inputs": (c_int, [p]),
-        "pte_input_info": (c_int, [p, c_int, intp, i64p, intp, sizep]),
-        "pte_run": (c_int, [p, ctypes.POINTER(p), sizep, errbuf, size]),
-        "pte_outputs": (c_int, [p]),
-        "pte_output": (c_int, [p, c_int, intp, i64p, intp, ctypes.POINTER(p), sizep]),
-        "pte_close": (None, [p]),
-    }
-    for name, (restype, argtypes) in signatures.items():
-        function = getattr(lib, name)
-        function.restype, function.argtypes = restype, argtypes
-    return lib

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dlopt.device.emulation import aarch64_python, arm64_env_root, qemu_cpu_models, run_emulated
-from dlopt.targets import executorch_native
+from dlopt.targets import executorch_native, executorch_plain
 from dlopt.targets.executorch_native import LIBRARY, RUNTIME_LIBRARIES, PteNative, build, folder_size
 
 torch = pytest.importorskip("torch")
@@ -33,7 +33,7 @@ EMULATED = aarch64_python()
 EMULATED_SCRIPT = """\
 import json, sys, time
 import numpy as np
-from executorch_native import PteNative
+from executorch_plain import PteNative
 folder, feeds = sys.argv[1], np.load(sys.argv[2])
 result = {}
 for name in sys.argv[3:]:
@@ -130,9 +130,9 @@ def test_x86_output_matches_executorch_pybindings(x86, programs, name, tolerance
 
 
 def test_a_copy_of_the_module_runs_without_dlopt_and_prints_nothing(x86, tmp_path):
-    shutil.copy(executorch_native.__file__, tmp_path / "executorch_native.py")
+    shutil.copy(executorch_plain.__file__, tmp_path / "executorch_plain.py")
     script = ("import sys; sys.modules['dlopt'] = None\n"  # any dlopt import fails
-              "import numpy as np, executorch_native as en\n"
+              "import numpy as np, executorch_plain as en\n"
               "runner = en.PteNative(sys.argv[1], 'm.pte', threads=1)\n"
               "print(runner.run([np.ones((1, 1, 28, 28), np.float32)])[0].shape, runner.threads)")
     done = subprocess.run([sys.executable, "-c", script, str(x86.parent)], cwd=tmp_path, capture_output=True,
@@ -193,7 +193,7 @@ def test_aarch64_build_under_emulation_matches_x86(x86, programs, tmp_path):
     build(site, folder, "aarch64")
     for name in ("m.pte", "q.pte"):
         shutil.copy(x86.parent / name, folder)
-    shutil.copy(executorch_native.__file__, folder / "executorch_native.py")
+    shutil.copy(executorch_plain.__file__, folder / "executorch_plain.py")
     (folder / "run.py").write_text(EMULATED_SCRIPT)
     x = programs[1].numpy()
     np.savez(folder / "feeds.npz", x=x)

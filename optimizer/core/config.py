@@ -117,8 +117,16 @@ class McuOptions:
     max_flash: int | None = None  # bytes of flash it may use (code + weights + data)
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """The PyTorch module the ONNX model was exported from, for the backends that build from it (ExecuTorch)."""
+
+    torch_module: Any = field(default=None, compare=False)  # a torch.nn.Module, in eval mode when built
+    example: Any = field(default=None, compare=False)  # its example input: a tensor or a tuple of tensors
+
+
 SECTIONS: dict[str, type] = {"data": DataOptions, "budget": BudgetOptions, "timing": TimingOptions,
-                             "output": OutputOptions, "tvm": TvmOptions, "mcu": McuOptions}
+                             "output": OutputOptions, "tvm": TvmOptions, "mcu": McuOptions, "source": SourceOptions}
 # each option's section, by its name (the names of ``dlopt.compile``'s keyword arguments)
 SECTION_OF: dict[str, str] = {f.name: section for section, kind in SECTIONS.items() for f in fields(kind)}
 
@@ -148,6 +156,7 @@ class CompileConfig:
     output: OutputOptions = field(default_factory=OutputOptions)
     tvm: TvmOptions = field(default_factory=TvmOptions)
     mcu: McuOptions = field(default_factory=McuOptions)
+    source: SourceOptions = field(default_factory=SourceOptions)
     # a function f(stage, done, total), True for the terminal progress bars, or None
     progress: Callable[[str, int, int], None] | bool | None = field(default=None, compare=False)
 
@@ -210,6 +219,8 @@ class CompileConfig:
                             ("search_time", self.budget.search_time), ("wait", self.output.wait)):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a finite number, 0 or more, got {value}")
+        if self.source.torch_module is not None and self.source.example is None:
+            raise ConfigError("a PyTorch module needs its example input: dlopt.compile(module, example=tensor_or_tuple)")
         if (tvm.rpc_tracker is None) != (tvm.rpc_key is None):
             raise ConfigError("--rpc-tracker and --rpc-key go together: the tracker and the key of the device's servers")
         if tvm.rpc_tracker is not None:

@@ -153,7 +153,7 @@ PRESETS: dict[str, TargetProfile] = {
     for p in (
         TargetProfile(
             "cpu", "this host's CPU, every CPU backend available", "cpu", host_arch(),
-            f"{host_arch()}-linux-gnu", ("ort", "openvino", "tvm"), _CPU_PRECISIONS,
+            f"{host_arch()}-linux-gnu", ("ort", "openvino", "tvm", "executorch"), _CPU_PRECISIONS,
             mcpu="native", power=PowerModel(10.0, 15.0), host_native=True,
         ),
         TargetProfile(
@@ -173,17 +173,17 @@ PRESETS: dict[str, TargetProfile] = {
         ),
         TargetProfile(
             "arm64", "generic 64-bit ARM Linux CPU (ARMv8-A, NEON)", "cpu", "aarch64", _A64,
-            ("ort", "tvm"), _CPU_PRECISIONS, mcpu="generic",
+            ("ort", "tvm", "executorch"), _CPU_PRECISIONS, mcpu="generic",
             cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(2.0, 1.5),
         ),
         TargetProfile(
             "rpi4", "Raspberry Pi 4 (Cortex-A72)", "cpu", "aarch64", _A64,
-            ("ort", "tvm"), _CPU_PRECISIONS, mcpu="cortex-a72",
+            ("ort", "tvm", "executorch"), _CPU_PRECISIONS, mcpu="cortex-a72",
             cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(2.7, 1.0), cores=4,
         ),
         TargetProfile(
             "rpi5", "Raspberry Pi 5 (Cortex-A76)", "cpu", "aarch64", _A64,
-            ("ort", "tvm"), _CPU_PRECISIONS, mcpu="cortex-a76",
+            ("ort", "tvm", "executorch"), _CPU_PRECISIONS, mcpu="cortex-a76",
             cross_compiler="aarch64-linux-gnu-gcc", power=PowerModel(3.0, 1.6), cores=4,
         ),
         # Cores of the AGX Orin 64GB (12); the Orin NX 16GB has 8 and the Nano 6: a TOML target

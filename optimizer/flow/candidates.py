@@ -76,9 +76,11 @@ def quantiser(ev: Evaluation, backend_name: str, precision: str) -> Quantiser | 
     (its placement is what OpenVINO's INT8 kernels expect), ONNX Runtime's tools elsewhere."""
     if not precisions.get(precision).quantised:
         return None
+    own = get_backend(backend_name).own_quantiser
+    if own is not None and precision in get_backend(backend_name).own_precisions:
+        return Quantiser(*own)  # ExecuTorch's PT2E flow with XNNPACK's quantizer
     if precision == "int8-dynamic":
         return ORT_DYNAMIC
-
     if get_backend(backend_name).prefers_nncf and ev.calib_feeds and quantize_nncf.available() is True:
         return NNCF
     return ORT_STATIC
@@ -166,6 +168,9 @@ def _refused(ev: Evaluation, backend_name: str, precision: str, model: ir.Model)
     if status is not True:
         return Built(Candidate(backend_name, precision, Status.UNAVAILABLE, reason=str(status))), None
     backend = get_backend(backend_name)
+    refusal = backend.refuses(_section(ev, backend))
+    if refusal:
+        return Built(Candidate(backend_name, precision, Status.UNSUPPORTED, reason=refusal)), None
     try:
         unsupported = backend.supports(model)
     except DloptError as exc:  # a runtime installed but broken is this backend's problem, not the compile's
@@ -189,7 +194,7 @@ def compile_candidate(ev: Evaluation, backend_name: str, precision: str, model: 
     try:
         # A backend that converts a precision itself (OpenVINO compresses weights to fp16) gets the float model.
         own = precision in backend.own_precisions
-        who = None if own else quantiser(ev, backend_name, precision)
+        who = quantiser(ev, backend_name, precision)
         before = []
         if who == ORT_STATIC and ev.smoothed is not None:  # calibrated on the smoothed model
             model, before = ev.smoothed.model, list(ev.smoothed.records)
@@ -310,12 +315,17 @@ def _where(ev: Evaluation, artifact) -> str:
     return ""
 
 
+def _section(ev: Evaluation, backend):
+    """The backend's own section of the config (``backend.options_section``), or None: all it is given."""
+    return getattr(ev.config, backend.options_section) if backend.options_section else None
+
+
 def _compile_cached(ev: Evaluation, backend, model: ir.Model, workdir: Path, precision: str):
     """``backend.compile``, or a verified copy of the same build from the artefact cache."""
     import dataclasses
 
-    section = getattr(ev.config, backend.options_section) if backend.options_section else None
-    options = backend.build_options(section, model, ev.profile, ev.shapes, threads=ev.config.timing.thread_count)
+    options = backend.build_options(_section(ev, backend), model, ev.profile, ev.shapes,
+                                    threads=ev.config.timing.thread_count, calibration=ev.calib_feeds)
     key = None
     if ev.cache is not None and initializer_bytes(model) < 2**30:  # hashing huge models costs more
 

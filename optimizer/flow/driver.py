@@ -44,7 +44,7 @@ from dlopt.core.shapes import declared_shapes, feed_at
 from dlopt.core.specs import InputSpec, input_specs, output_specs
 from dlopt.flow import recipe, select
 from dlopt.flow.cache import ArtifactCache
-from dlopt.flow.candidates import NNCF, ORT_STATIC, Built, build, quantiser
+from dlopt.flow.candidates import NNCF, ORT_DYNAMIC, ORT_STATIC, Built, build, quantiser
 from dlopt.flow.evaluation import EvalData, Evaluation, owned
 from dlopt.flow.mixed import search
 from dlopt.flow.ranges import compute_ranges
@@ -278,7 +278,8 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
     probe = replace(ev, calib_feeds=({},))  # quantiser() asks only whether feeds exist
     quantisers = {quantiser(probe, b, p) for b, p in pairs if p is not None and precisions.get(p).calibrated}
     smooth = ev.recipe.smooth_alpha is not None and ORT_STATIC in quantisers
-    if NNCF in quantisers or smooth:
+    reads_feeds = quantisers - {ORT_STATIC, ORT_DYNAMIC, None}  # NNCF, or a backend's own quantiser (ExecuTorch's PT2E)
+    if reads_feeds or smooth:
         import time
 
         start = time.perf_counter()
@@ -300,8 +301,9 @@ def _calibrate(job: Job, ev: Evaluation, model: ir.Model, pairs, ranges: Path, n
         model = ev.smoothed.model
     if ORT_STATIC not in quantisers:
         # NNCF gathers its statistics inside its build: these figures are for reading the data
+        who = "nncf" if NNCF in quantisers else ", ".join(sorted(q.tool for q in reads_feeds))
         return replace(ev, calibration={**read, "source": source, "recipe": ev.recipe.to_dict(),
-                                        "method": "nncf (its own statistics, gathered in the build)"})
+                                        "method": f"{who} (its own statistics, gathered in the build)"})
     known = (sum(samples_in(f) for f in data if f) if isinstance(data, (tuple, list))
              else getattr(data, "samples", None))  # a dataset knows only after a first pass
     total = min(config.data.calib_samples, known) if known else config.data.calib_samples
@@ -440,7 +442,8 @@ def _search_mixed(ev: Evaluation, built: list[Built], model: ir.Model, staged: P
     import time
 
     missed = [b for b in built if b.candidate.precision == "int8" and b.candidate.status is Status.REJECTED
-              and b.candidate.score is not None and b.model is not None]
+              and b.candidate.score is not None and b.model is not None
+              and "mixed" in get_backend(b.candidate.backend).precisions(ev.profile)]  # ExecuTorch quantises itself
     missed.sort(key=lambda b: b.candidate.score.drop_pp)
     kept = [b.candidate.key for b in built if b.candidate.precision == "int8" and b.candidate.status is Status.OK]
     if missed and kept and ev.config.precision == "auto":

@@ -226,10 +226,10 @@ class CBackend(Backend):
 
     options_section = "mcu"
 
-    def build_options(self, options, model, profile, shapes, *, threads: int) -> dict:
+    def build_options(self, options, model, profile, shapes, *, threads: int, calibration=()) -> dict:
         """--max-ram / --max-flash (bytes) from the config's mcu section; they enter the cache key so a
         cached build is checked against the limits it was asked for."""
-        del model, profile, shapes, threads
+        del model, profile, shapes, threads, calibration
         limits = {"max_ram": options.max_ram, "max_flash": options.max_flash}
         return {**{k: v for k, v in limits.items() if v is not None},
                 **{f"cache:{k}": v for k, v in limits.items() if v is not None}}

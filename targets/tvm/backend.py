@@ -466,7 +466,7 @@ class TvmBackend(Backend):
 
     options_section = "tvm"
 
-    def build_options(self, options, model, profile, shapes, *, threads: int) -> dict:
+    def build_options(self, options, model, profile, shapes, *, threads: int, calibration=()) -> dict:
         """What compile() takes besides the model: the matching tuning database, and (for the artefact
         cache key only, never passed on) its state, so tuning more rebuilds."""
         from dlopt.targets.tvm.tuning import default_root
