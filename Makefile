@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # the Jetsons), the Cortex-M cross compiler, its C library and qemu-system-arm (the C backend's sizes and
 # qemu check for cortex-m4/m7), real data that works offline (Fashion-MNIST for the INT8 accuracy test)
 # and Chromium to render report.html.
-SYSTEM_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu chromium gcc-arm-none-eabi libnewlib-arm-none-eabi \
+SYSTEM_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu g++-aarch64-linux-gnu chromium gcc-arm-none-eabi libnewlib-arm-none-eabi \
   qemu-system-arm
 
 $(STAMP): pyproject.toml Makefile
@@ -65,7 +65,7 @@ ARM64 := $(VENV)/arm64
 ARM64_DEBS := python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libgcc-s1 libstdc++6 \
   zlib1g libexpat1 libffi8
 ARM64_WHEELS := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy==2.4.6 ml-dtypes==0.6.0 \
-  typing-extensions==4.16.0 executorch==1.5.1 --no-deps
+  typing-extensions==4.16.0 executorch==1.5.1
 ARM64_PIP := --disable-pip-version-check -q --only-binary=:all: --platform manylinux_2_28_aarch64 \
   --python-version 3.11 --implementation cp
 ARM64_SPEC := $(ARM64_DEBS) $(ARM64_WHEELS)
@@ -87,9 +87,11 @@ arm64-env: | $(STAMP)
 	apt-get $$apt update; \
 	(cd $$tmp/debs && apt-get $$apt download $(ARM64_DEBS)); \
 	for deb in $$tmp/debs/*.deb; do dpkg -x $$deb $$tmp/sysroot; done; \
-	$(BIN)/pip download $(ARM64_PIP) -d $$tmp/wheels $(ARM64_WHEELS); \
+	$(BIN)/pip download $(ARM64_PIP) --no-deps -d $$tmp/wheels $(ARM64_WHEELS); \
 	$(BIN)/pip install $(ARM64_PIP) --no-deps --no-index --target $$tmp/site $$tmp/wheels/*.whl; \
-	rm -rf $$tmp/apt $$tmp/debs $$tmp/wheels $$tmp/site/bin $$tmp/site/tvm/lib/libtvm_compiler.so; \
+	rm -rf $$tmp/apt $$tmp/debs $$tmp/wheels $$tmp/site/bin $$tmp/site/tvm/lib/libtvm_compiler.so \
+	  $$(find $$tmp/site/executorch -mindepth 1 -maxdepth 1 ! -name lib ! -name include) \
+	  $$tmp/site/executorch/lib/libexecutorch_backend_openvino.so $$tmp/site/executorch/lib/libexecutorch_etdump.so; \
 	$(BIN)/python -m dlopt.device.emulation $$tmp; \
 	echo "$(ARM64_SPEC)" > $$tmp/.built; \
 	rm -rf $(ARM64).old; if [ -e $(ARM64) ]; then mv -T $(ARM64) $(ARM64).old; fi; \
