@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch", reason="the ExecuTorch backend builds from 
 pytest.importorskip("executorch", reason="executorch is not installed (pip install 'dlopt[executorch]')")
 pytest.importorskip("sklearn", reason="scikit-learn's digits are the labelled data")
 
+import cli  # noqa: E402
 import dlopt  # noqa: E402
 
 BUDGET_PP = 2.0
@@ -171,3 +172,29 @@ def test_an_onnx_file_alone_is_refused_in_one_line(compiled, tmp_path):
         dlopt.compile(model, target="board", targets_file=compiled["root"] / "t.toml", out=tmp_path / "out",
                       precision="fp32", samples=2, runs=2, progress=False, max_accuracy_drop=100.0)
     assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_the_rpi5_bundle_ships_the_board_runtime_and_verifies_under_emulation(compiled):
+    """The target is an rpi5: each .pte ships with ExecuTorch's runtime built for aarch64 (no torch on the
+    board), and `dlopt verify` runs both under qemu-aarch64 (a Cortex-A76), labelled emulated."""
+    import shutil
+
+    from dlopt.device.emulation import aarch64_python
+
+    if compiled["name"] != "cnn":
+        pytest.skip("once is enough")
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed (apt-get install g++-aarch64-linux-gnu)")
+    if isinstance(aarch64_python(), str):
+        pytest.skip(f"no emulated aarch64 here: {aarch64_python()}")
+    for key in ("executorch/fp32", "executorch/int8"):
+        folder = _folder(compiled, key)
+        settings = json.loads((folder / "executorch.json").read_text())
+        assert settings["native"] == {"arch": "aarch64", "mcpu": "cortex-a76", "library": "libpte_run.so"}
+        assert (folder / "libpte_run.so").read_bytes()[18] == 183  # ELF e_machine: AArch64
+    done = cli.dlopt("verify", compiled["out"], "--json", "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["key"]: r for r in json.loads(done.stdout)["candidates"]}
+    for key in ("executorch/fp32", "executorch/int8"):
+        assert rows[key]["verified"] is True and rows[key]["ran_as"].startswith("qemu-aarch64 emulation"), rows[key]
+    assert rows["executorch/fp32"]["rel_error"] < 1e-4
