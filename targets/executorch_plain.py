@@ -100,15 +100,22 @@ class ExecutorchPlain:
             batch = [s["shape"][0] if s["shape"] else 1 for s in specs]
             if all(list(a.shape) == s["shape"] for a, s in zip(arrays, specs)):
                 return program(arrays)
-            # a program is exported at one shape: a larger batch runs in slices of it where it divides
-            parts = [a.shape[0] // b if a.ndim and a.shape[0] % b == 0 else 0 for a, b in zip(arrays, batch)]
-            if len(set(parts)) != 1 or parts[0] < 1 or any(list(a.shape[1:]) != s["shape"][1:]
-                                                           for a, s in zip(arrays, specs)):
+            # a program is exported at one shape: other batches run in slices of it, the last one zero-padded
+            # (its padding rows' outputs dropped)
+            counts = {a.shape[0] for a in arrays if a.ndim}
+            if len(counts) != 1 or len(set(batch)) != 1 or any(
+                    a.ndim != len(s["shape"]) or list(a.shape[1:]) != s["shape"][1:] for a, s in zip(arrays, specs)):
                 got = ", ".join(f"{s['name']} {list(a.shape)}" for a, s in zip(arrays, specs))
                 want = ", ".join(f"{s['name']} {s['shape']}" for s in specs)
                 raise ValueError(f"this ExecuTorch program was exported for inputs {want}; got {got}")
-            outs = [program([a[i * b:(i + 1) * b] for a, b in zip(arrays, batch)]) for i in range(parts[0])]
-            return [np.concatenate(o, axis=0) for o in zip(*outs)]
+            n, b = counts.pop(), batch[0]
+            outs = []
+            for start in range(0, n, b):
+                part = [a[start:start + b] for a in arrays]
+                if part[0].shape[0] < b:
+                    part = [np.concatenate([p, np.zeros((b - p.shape[0], *p.shape[1:]), p.dtype)]) for p in part]
+                outs.append(program(part))
+            return [np.concatenate(o, axis=0)[:n] for o in zip(*outs)]
         return run_pte
 
     @classmethod

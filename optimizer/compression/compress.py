@@ -219,7 +219,7 @@ def compress(
     with parents_made(job.out), output_lock(job.out), staging_dir(job.out) as staged, \
             tempfile.TemporaryDirectory(prefix="dlopt-compress-") as scratch:
         files = _export(job, pruned, distilled, staged)
-        reports = _compile(job, files, train_loader, staged, Path(scratch))
+        reports = _compile(job, distilled, files, train_loader, staged, Path(scratch))
         timings = _measure(job, files, reports, staged)
         result = _write(job, pruned, distilled, files, reports, timings, staged)
         move_into_place(staged, job.out)
@@ -328,17 +328,22 @@ def _export(job: Job, pruned: Pruned, distilled: Distilled, staged: Path) -> dic
     return files
 
 
-def _compile(job: Job, files: dict[str, Path], train_loader: Iterable, staged: Path, scratch: Path) -> dict:
+def _compile(job: Job, distilled: Distilled, files: dict[str, Path], train_loader: Iterable, staged: Path,
+             scratch: Path) -> dict:
     """The teacher and the student compiled alike: the speed-up is the pruning's, not the compiler's."""
     import dlopt
 
     o = job.options
     eval_npz = _write_npz(scratch / "eval.npz", job.names, job.xs, job.y)
     calib_npz = _write_npz(scratch / "calib.npz", job.names, _calibration(train_loader, o["calib_samples"]))
+    # each ONNX file with the module it was exported from, for the backends that build from PyTorch (ExecuTorch),
+    # and an example at the timing batch: the program they build is exported at that shape
+    modules = {"teacher": job.model, "student": distilled.result.student}
+    example = tuple(t[:1].expand(o["batch"], *t.shape[1:]).contiguous() for t in job.inputs)
     return {name: dlopt.compile(files[name], target=o["target"], out=staged / COMPILED[name], inputs=eval_npz,
                                 calib=calib_npz, max_accuracy_drop=o["max_accuracy_drop"], precision=o["precision"],
                                 batch=o["batch"], runs=o["runs"], threads=job.threads, progress=job.progress or None,
-                                **o["compile_options"])
+                                torch_module=modules[name], example=example, **o["compile_options"])
             for name in ("teacher", "student")}
 
 
