@@ -9,6 +9,15 @@ import tempfile
 
 import pytest
 
+import heavy_first
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` hands out the heaviest test file left first (tests/heavy_first.py, its table in
+    tests/file_seconds.json), so that the long files start at once rather than last."""
+    return heavy_first.make_scheduler(config, log)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_artifact_cache():
