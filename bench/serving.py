@@ -1,6 +1,7 @@
 """Serving under load, for issue 26's acceptance: batching off vs the tuned configuration, the in-process bound.
 
     python bench/serving.py [--work DIR] [--models demo,resnet18] [--slo p99=250ms] [--duration 4]
+                            [--tune-rounds 3] [--check-rounds 4] [--choice-only]
 
 Per model (the digits CNN of ``dlopt demo``, and a ResNet-18 of bench/models.py with seeded random weights,
 exported with a symbolic batch), on this machine, in one run:
@@ -9,9 +10,13 @@ exported with a symbolic batch), on this machine, in one run:
 2. served by ``dlopt serve``'s server with batching off (1 instance), load-tested in closed loop at
    concurrency 1, 2, 4, 8, 16 and in open loop (Poisson arrivals) at 50%, 100% and 150% of the best
    closed-loop throughput;
-3. tuned (``dlopt.workflows.serve_tune``: the default grid, closed loop at 1, 4, 16) for the objective,
-   recorded into the output's report.json, then served afresh with the tuned configuration and
-   load-tested exactly as in 2 (the rerun: does it still hold the objective?);
+3. tuned (``dlopt.workflows.serve_tune``: the default grid in ``--tune-rounds`` rotated rounds, closed
+   loop at 1, 4, 16) for the objective, recorded into the output's report.json; then the check: the
+   chosen configuration, batching off and the configuration with the highest median, each served afresh
+   in ``--check-rounds`` rounds, interleaved in rotated order, with the tuner's own rule: does the
+   choice reproduce?  (``--choice-only`` stops
+   here.)  Then served afresh with the tuned configuration and load-tested exactly as in 2 (the
+   rerun: does it still hold the objective?);
 4. the in-process bound on the same artefact: OpenVINO's ``benchmark_app -hint throughput`` on the
    artefact's model file (batch 1, all cores), which has no HTTP, no serialisation and no Python backend.
 
@@ -102,6 +107,31 @@ def _shape_arg(model: Path) -> str:
     return ""
 
 
+def _check(source: Path, slo, result, rounds: int, duration: float):
+    """The tuned choice against batching off (the simplest configuration) and the highest median, each served
+    afresh ``rounds`` times in rotated order; the tuner's rule decides again.  (the check's TuneResult, whether
+    it chose the same configuration)."""
+    from dlopt.workflows.serve_tune import simplicity, tune
+
+    simplest = min(result.trials, key=lambda t: simplicity(t.config))
+    top = max(result.trials, key=lambda t: t.throughput)
+    configs = sorted({t.config for t in (simplest, result.chosen, top)}, key=simplicity)
+    check = tune(source, slo, configs=configs, duration=duration * rounds, rounds=rounds,
+                 progress=lambda line: print(f"  check {line}", flush=True))
+    return check, check.chosen is not None and check.chosen.config == result.chosen.config
+
+
+def _rounds_table(title: str, result) -> None:
+    print(f"\n{title} ({result.seconds:.0f} s; {len(result.orders)} rounds, {result.level_seconds:g} s counted a "
+          f"level)")
+    for t in result.trials:
+        mark = " (chosen)" if t is result.chosen else ""
+        each = ", ".join(f"{r.throughput:.0f} (load {r.load_average})" for r in sorted(t.runs, key=lambda r: r.round))
+        print(f"  {t.config.label + mark:<56} median {t.throughput:>7.0f}/s  {t.low:.0f}-{t.high:.0f}  "
+              f"held {t.held}/{len(t.runs)}  rounds: {each}")
+    print(f"  {result.why}")
+
+
 def _table(title: str, levels) -> None:
     print(f"\n{title}")
     print(f"  {'load':<18}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>7}{'late':>6}")
@@ -117,10 +147,13 @@ def main() -> None:
     ap.add_argument("--models", default="demo,resnet18")
     ap.add_argument("--slo", default="p99=250ms")
     ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--tune-rounds", type=int, default=3)
+    ap.add_argument("--check-rounds", type=int, default=4)
+    ap.add_argument("--choice-only", action="store_true", help="tune and check the choice; no tables, no bound")
     args = ap.parse_args()
     from dlopt.deploy.serve import ServeOptions
     from dlopt.workflows.loadtest import best, holds, parse_slo
-    from dlopt.workflows.serve_tune import record, table, tune
+    from dlopt.workflows.serve_tune import record, tune
 
     slo = parse_slo(args.slo)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -130,16 +163,24 @@ def main() -> None:
     for name in args.models.split(","):
         source = _compile(name, args.work)
         print(f"\n=== {name}: {source} ===")
-        off_closed, off_open = _levels(source, ServeOptions(max_batch_size=0, use_tuned=False), None, args.duration)
-        _table(f"{name}, batching off, 1 instance: closed loop", off_closed)
-        _table(f"{name}, batching off, 1 instance: open loop (Poisson)", off_open)
-        result = tune(source, slo, progress=lambda line: print(f"  tune {line}", flush=True))
+        if not args.choice_only:
+            off_closed, off_open = _levels(source, ServeOptions(max_batch_size=0, use_tuned=False), None,
+                                           args.duration)
+            _table(f"{name}, batching off, 1 instance: closed loop", off_closed)
+            _table(f"{name}, batching off, 1 instance: open loop (Poisson)", off_open)
+        print(f"\n{name}: tuning, load average {os.getloadavg()[0]:.1f}", flush=True)
+        result = tune(source, slo, rounds=args.tune_rounds, progress=lambda line: print(f"  tune {line}", flush=True))
         record(source, result)
-        print(f"\n{name}: tuning ({result.seconds:.0f} s), objective {slo.describe()}")
-        for row in table(result):
-            print(f"  {row[0]:<52} best {row[1]:<18} {row[2]:>8} req/s  p99 {row[3]} ms")
+        _rounds_table(f"{name}: tuning, objective {slo.describe()}", result)
         if result.chosen is None:
             print("  no configuration holds the objective")
+            continue
+        check, same = _check(source, slo, result, args.check_rounds, args.duration)
+        _rounds_table(f"{name}: the choice checked in fresh servers, interleaved", check)
+        print(f"  the choice {'reproduces' if same else 'does NOT reproduce'}: tuned {result.chosen.config.label}, "
+              f"check {check.chosen.config.label if check.chosen else 'none holds'}; load average now "
+              f"{os.getloadavg()[0]:.1f}")
+        if args.choice_only:
             continue
         # the rerun: a fresh server that takes the tuned configuration from report.json
         on_closed, on_open = _levels(source, ServeOptions(), off_closed, args.duration)
