@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -165,6 +166,60 @@ def test_a_folder_dlopt_did_not_write_is_refused_in_one_line(tmp_path):
                             env={**os.environ})
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, program) of the processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append((int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")[0].decode()))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_a_model_process_that_died_is_detected_and_dlopt_serve_exits_non_zero_in_one_line(ort_output):
+    from dlopt.deploy.serve import STUB, ServeOptions
+    from dlopt.deploy.serve import served as serving
+
+    out, _ = ort_output
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    # the symptom: Triton goes on saying the model is ready, and the requests its dead instance gets fail
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
+    with serving(out, ServeOptions(name="cnn_dead", ready_timeout=READY_S, **ports), threading.Event()) as (srv, _):
+        stubs = srv.backend_pids()
+        assert len(stubs) == 1 and srv.dead_backends(stubs) == []
+        client = http.InferenceServerClient(srv.url.removeprefix("http://"), network_timeout=60.0)
+        assert _infer(client, "cnn_dead", x).shape == (1, 10)
+        os.kill(next(iter(stubs)), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not srv.dead_backends(stubs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.dead_backends(stubs) == sorted(stubs)
+        with pytest.raises(Exception, match="not healthy"):
+            _infer(client, "cnn_dead", x)
+        assert client.is_model_ready("cnn_dead")  # why readiness cannot tell
+        client.close()
+    # dlopt serve: one line and a non-zero exit, the server and its other instance's process gone
+    server = Served(out, "--name", "cnn_dies", "--instances", "2")
+    try:
+        (triton,) = [pid for pid, program in _children(server.process.pid) if program.endswith("tritonserver")]
+        stubs = sorted(pid for pid, program in _children(triton) if program.endswith(STUB))
+        assert len(stubs) == 2  # one per instance
+        client = server.client()
+        assert _infer(client, "cnn_dies", x).shape == (1, 10)
+        client.close()
+        os.kill(stubs[1], signal.SIGKILL)
+        status = server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    lines = [line for line in server.stderr.splitlines() if line.startswith("dlopt:")]
+    assert status == 2 and len(lines) == 1, server.stderr
+    assert lines[0] == (f"dlopt: error: the process running model cnn_dies (Triton's Python-backend stub, pid "
+                        f"{stubs[1]}) died; its requests would all fail, so the server was stopped")
+    assert not any(Path(f"/proc/{pid}").exists() for pid in (triton, stubs[0]))
 
 
 @pytest.fixture(scope="module")

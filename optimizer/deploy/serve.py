@@ -54,6 +54,8 @@ MODEL_FILE = Path(__file__).with_name("triton_python_model.py")
 READY_TIMEOUT_S = 120.0
 EXIT_TIMEOUT_S = 30  # Triton's own wait for in-flight requests at shutdown
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+STUB = "triton_python_backend_stub"  # the process of each model instance: Triton's Python backend does not restart it
+WATCH_S = 0.5  # how often serve() looks at the server and its model's processes
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,25 @@ class TritonServer:
             raise TargetUnavailable(f"tritonserver was not ready within {self.options.ready_timeout:.0f} s: "
                                     f"{self.log_tail()}")
 
+    def backend_pids(self) -> frozenset[int]:
+        """The Python-backend stub processes serving this server's model instances (children of tritonserver
+        running the stub); empty where /proc cannot be read."""
+        if self.process is None:
+            return frozenset()
+        found = set()
+        with contextlib.suppress(OSError):
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit() and _parent(int(entry.name)) == self.process.pid:
+                    with contextlib.suppress(OSError):
+                        command = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")[0]
+                        if command.endswith(STUB.encode()):
+                            found.add(int(entry.name))
+        return frozenset(found)
+
+    def dead_backends(self, pids: frozenset[int]) -> list[int]:
+        """Those of ``pids`` no longer running as this server's children (exited, a zombie, or the pid reused)."""
+        return sorted(pid for pid in pids if _parent(pid, running=True) != self.process.pid)
+
     def log_tail(self, lines: int = 3) -> str:
         try:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
@@ -265,6 +286,15 @@ class TritonServer:
         for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             leftover.unlink(missing_ok=True)
         return process.returncode
+
+
+def _parent(pid: int, running: bool = False) -> int | None:
+    """The parent pid of ``pid`` from /proc (None when it is gone, or with ``running`` a zombie)."""
+    try:
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if running and state in ("Z", "X", "x") else int(parent)
 
 
 def _die_with_parent() -> None:
@@ -322,8 +352,15 @@ def serve(source: Path, options: ServeOptions, *, on_ready: Callable[[str], None
                 o = options
                 on_ready(f"serving {model.name} ({model.key}) at {server.url} (KServe V2 over HTTP; gRPC "
                          f"{o.host}:{o.grpc_port}; metrics http://{o.host}:{o.metrics_port}/metrics)")
+            stubs = server.backend_pids()
+            logger.debug("model %s runs in backend processes %s", model.name, sorted(stubs))
             while not stopping.is_set() and server.process.poll() is None:
-                stopping.wait(0.2)
+                dead = server.dead_backends(stubs)
+                if dead and not stopping.is_set():  # Triton keeps answering ready and fails every request to it
+                    raise TargetUnavailable(f"the process running model {model.name} (Triton's Python-backend "
+                                            f"stub, pid {dead[0]}) died; its requests would all fail, so the "
+                                            f"server was stopped")
+                stopping.wait(WATCH_S)
             if not stopping.is_set():
                 raise TargetUnavailable(f"tritonserver stopped on its own (status {server.process.returncode}): "
                                         f"{server.log_tail()}")
