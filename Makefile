@@ -48,7 +48,8 @@ demo: setup
 
 # Test files run in TEST_WORKERS processes (pytest-xdist; one file stays in one process, so its shared
 # fixtures are built once): many tests wait on subprocesses, qemu and deadlines, so 3 on 2 cores is
-# about twice as fast as one.  TEST_WORKERS=0 runs them in this process, one after another.
+# about twice as fast as one.  TEST_WORKERS=0 runs them in this process, one after another.  The heaviest
+# file left goes first (tests/heavy_first.py; seconds per file in tests/file_seconds.json, refreshed as it says).
 TEST_WORKERS ?= 3
 
 # The tests need the Debian packages: a missing one fails here, before the suite.
