@@ -14,7 +14,7 @@ from dlopt.cli.app import VERBS, main
 from dlopt.cli.options import CONFIG_GROUPS, DATA, OUTPUT, TARGET, TIMING, TVM, order
 from dlopt.core.config import SECTION_OF, TOP_LEVEL, CompileConfig
 
-NOT_FROM_GROUPS = {"precision", "prune", "seed"}  # compile's own options, and the API's seed
+NOT_FROM_GROUPS = {"precision", "prune", "seed", "torch_module", "example"}  # compile's own options; the API's seed and module
 
 
 def test_each_group_gives_the_options_of_its_config_section_once_with_their_defaults():

@@ -191,7 +191,7 @@ def test_input_names_and_timed_shapes_are_in_the_code(rpi5):
 def test_a_device_target_claims_no_timing(request, name):
     out: Output = request.getfixturevalue(name)
     target = out.report["target"]["name"]
-    assert all(c["measurement"]["latency"] is None for c in out.report["candidates"])  # what the report holds
+    assert all((c["measurement"] or {}).get("latency") is None for c in out.report["candidates"])  # what it holds
     assert f"**Nothing here was timed on the {target} device yet**" in out.text
     assert not re.search(r"p50|measured here|\d\.\d+x the original|\bms\b", out.text)
     for row in _rows(out.text):

@@ -43,7 +43,10 @@ def test_targets_names_the_missing_cross_compilers_and_their_install_lines(tmp_p
     for board in ("rpi5", "rpi4", "arm64", "jetson-orin", "jetson-nano"):
         assert data[board]["cannot_build"]["tvm"] == line, data[board]
         assert "tvm" not in data[board]["can_build"]
-    assert data["rpi5"]["can_build"] == ["ort"]
+    assert data["rpi5"]["can_build"] == ["ort", "executorch"]
+    assert data["rpi5"]["limited"]["executorch"] == (
+        "the .pte ships without the board's runner library (the board then needs pip install executorch, which "
+        "pulls torch): aarch64-linux-gnu-g++ is missing (apt-get install g++-aarch64-linux-gnu)")
     assert data["cpu"]["cannot_build"] == {} and "tvm" in data["cpu"]["can_build"]  # built with the host cc
     for mcu in ("cortex-m4", "cortex-m7"):
         assert data[mcu]["can_build"] == ["c"]  # host-verified C still builds
@@ -53,7 +56,7 @@ def test_targets_names_the_missing_cross_compilers_and_their_install_lines(tmp_p
     table = subprocess.run([DLOPT, "targets"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     missing = _column(table.stdout, "not available here", "runs here")
-    assert missing["rpi5"] == f"tvm: {line}"
+    assert missing["rpi5"].startswith(f"tvm: {line}") and "executorch builds with" in missing["rpi5"]
     assert missing["cortex-m7"] == f"c builds with {data['cortex-m7']['limited']['c']}"
     assert missing["cpu"] == "-"
 
@@ -79,7 +82,8 @@ def test_targets_on_this_machine_builds_every_preset_with_every_backend():
     result = dlopt("targets", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["rpi5"]["can_build"] == ["ort", "tvm"] and data["rpi5"]["cannot_build"] == {}
+    assert data["rpi5"]["can_build"] == ["ort", "tvm", "executorch"] and data["rpi5"]["cannot_build"] == {}
+    assert data["rpi5"]["limited"] == {}  # g++-aarch64-linux-gnu and the arm64 environment: the board's runner too
     assert data["jetson-orin"]["can_build"] == ["tensorrt", "tvm", "ort"]
     for mcu in ("cortex-m4", "cortex-m7"):
         assert data[mcu]["can_build"] == ["c"] and data[mcu]["limited"] == {}
