@@ -135,9 +135,22 @@ def _on_signal(signum, frame) -> None:
     with _lock:
         if not _received:  # the watcher may not have seen the byte yet
             _received.append(signum)
-    if not _raised.is_set():  # one KeyboardInterrupt: a second one would cut the cleanup it started short
+    # one KeyboardInterrupt: a second one would cut the cleanup it started short; and none inside the import
+    # machinery, where it can land between taking the import lock and the try that releases it (a module
+    # lock's weakref callback): Python reports it "ignored", keeps the lock, and the next import hangs
+    # forever.  The compile's next check (raise_if_interrupted) raises it instead.
+    if not _raised.is_set() and not _in_import(frame):
         _raised.set()
         raise KeyboardInterrupt
+
+
+def _in_import(frame) -> bool:
+    """True when ``frame`` (where a signal landed) is inside importlib's own code."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _watch(fd: int) -> None:
