@@ -87,8 +87,9 @@ def run_demo(
     # INT8 is calibrated on training images, never on the held-out ones it is scored on.
     calib_path = out / CALIB_FILE
     np.savez(calib_path, **{name: x_train})
+    # with the module it was exported from: ExecuTorch builds from it (torch.export), at batch 1 as timed
     report = dlopt.compile(onnx_path, target="cpu", out=out / "cpu", inputs=npz_path, calib=calib_path,
-                           progress=progress)
+                           progress=progress, torch_module=model, example=torch.from_numpy(x_test[:1]))
     chosen = report.chosen_candidate()
     return report, {
         "original": report.baseline.accuracy,
