@@ -251,3 +251,21 @@ def test_a_reiterable_source_is_streamed_not_held():
     assert f"{4 * n} calibration samples in {n} batches" in pass_.note
     x = _batches(5, (4, 3, 16, 16), 1)[0]
     np.testing.assert_array_equal(run_ort(streamed, x)[0], run_ort(listed, x)[0])
+
+
+def test_an_onnx_model_is_quantised_without_importing_torch():
+    """nncf imports torch whenever it is installed; an ONNX model needs none of it. In a fresh process the pass
+    quantises without torch in sys.modules, and torch imports as usual afterwards."""
+    probe = ("import sys, numpy as np, onnx_ir as ir, models; from dlopt.passes.quantize_nncf import QuantizeNncfPass; "
+             "m = ir.serde.deserialize_model(models.conv_bn_relu()); "
+             "feeds = [{'x': np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)} for i in range(4)]; "
+             "out = QuantizeNncfPass(calibration=feeds)(m).model; "
+             "q = sum(n.op_type == 'QuantizeLinear' for n in out.graph); "
+             "hidden = 'torch' in sys.modules; import torch; "
+             "print(q, hidden, torch.ones(2).sum().item())")
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tests, timeout=300,
+                          env={**os.environ, "PYTHONPATH": tests})
+    assert done.returncode == 0, done.stderr
+    q, hidden, total = done.stdout.split()
+    assert int(q) >= 2 and hidden == "False" and float(total) == 2.0, done.stdout
