@@ -1,6 +1,7 @@
 """Issue 23, items 10, 21 and 22: sweep names that are paths or listed twice are refused before anything is
 compiled (one line, exit 2, nothing written in or outside the sweep's folder); a local Ray listens on loopback
-only; Ray failing to start is one line."""
+only; Ray failing to start is one line.  The refusals run ``dlopt sweep`` in this process (its checks, messages and
+exit codes, without an interpreter's start-up each); Ray failing to start runs the installed dlopt as a process."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import subprocess
 import pytest
 
 import models
-from cli import DLOPT, dlopt
+from cli import DLOPT
+from serving import dlopt_here
 from dlopt.core.errors import ConfigError, TargetUnavailable
 from dlopt.workflows.sweep import load_sweep, run_sweep
 
@@ -47,9 +49,9 @@ def test_a_variant_name_that_is_a_path_is_refused(tmp_path, name):
     (tmp_path / "w").mkdir()
     sweep = _write(tmp_path / "w", variants=f'[variants."{name}"]\nprecision = "fp32"\n')
     before = _files(tmp_path)
-    done = dlopt("sweep", sweep, "--ray")
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "cannot be a folder name under the sweep's out" in done.stderr
+    status, stderr = dlopt_here("sweep", sweep, "--ray")
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "cannot be a folder name under the sweep's out" in stderr
     assert _files(tmp_path) == before  # nothing compiled, in or outside the folder
 
 
@@ -65,9 +67,9 @@ def test_a_target_name_that_is_a_path_is_refused(tmp_path):
 def test_an_entry_listed_twice_is_refused(tmp_path, targets, variants, message):
     sweep = _write(tmp_path, targets=targets, variants=variants)
     before = _files(tmp_path)
-    done = dlopt("sweep", sweep, "--ray")
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert message in done.stderr and "would compile into one folder; list it once" in done.stderr
+    status, stderr = dlopt_here("sweep", sweep, "--ray")
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert message in stderr and "would compile into one folder; list it once" in stderr
     assert _files(tmp_path) == before
 
 
@@ -113,10 +115,10 @@ def test_a_model_whose_name_is_not_a_plain_folder_name_is_refused(tmp_path, file
     os.rename(tmp_path / "w" / "m.onnx", tmp_path / "w" / file)
     sweep.write_text(sweep.read_text().replace('"m.onnx"', f'"{file}"'))
     before = _files(tmp_path)
-    done = dlopt("sweep", sweep)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert f"model name {file[:-5]!r} cannot be a folder name under the sweep's out" in done.stderr
-    assert "rename the file" in done.stderr
+    status, stderr = dlopt_here("sweep", sweep)
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"model name {file[:-5]!r} cannot be a folder name under the sweep's out" in stderr
+    assert "rename the file" in stderr
     assert _files(tmp_path) == before  # nothing compiled, in or outside the folder
 
 
@@ -126,9 +128,9 @@ def test_two_models_with_one_name_are_refused(tmp_path):
     models.save(models.conv_bn_relu(channels=4, size=8), tmp_path / "other" / "M.onnx")
     sweep.write_text(sweep.read_text().replace('"m.onnx"', '"m.onnx", "other/M.onnx"'))
     before = _files(tmp_path)
-    done = dlopt("sweep", sweep)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "model 'm' and 'M': both entries would compile into one folder" in done.stderr
+    status, stderr = dlopt_here("sweep", sweep)
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "model 'm' and 'M': both entries would compile into one folder" in stderr
     assert _files(tmp_path) == before
 
 
@@ -140,7 +142,7 @@ def test_an_entry_folder_that_resolves_outside_the_sweep_is_refused(tmp_path):
     (tmp_path / "w" / "nightly").mkdir()
     (tmp_path / "w" / "nightly" / "m").symlink_to(tmp_path / "elsewhere")
     before = _files(tmp_path)
-    done = dlopt("sweep", sweep)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "nightly/m/here/fp32 resolves outside the sweep's out" in done.stderr
+    status, stderr = dlopt_here("sweep", sweep)
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "nightly/m/here/fp32 resolves outside the sweep's out" in stderr
     assert _files(tmp_path) == before and os.listdir(tmp_path / "elsewhere") == []
