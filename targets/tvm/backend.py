@@ -35,7 +35,7 @@ from dlopt.core.profiles import host_arch, DeviceKind
 from dlopt.core.scoped_env import environ as _environ
 from dlopt.targets._native_output import native_output_logged
 from dlopt.targets.base import Artifact, Backend
-from dlopt.targets.tvm import facts
+from dlopt.targets.tvm import facts, import_tvm
 
 logger = logging.getLogger(__name__)
 name = "tvm"
@@ -54,6 +54,7 @@ _BIG_CORES, _ONE_CORE_PER_THREAD = 1, -2  # TVM's ThreadGroup::AffinityMode kBig
 @lru_cache(maxsize=1)
 def _converters() -> frozenset[tuple[str, str]]:
     try:
+        import_tvm()
         from tvm.relax.frontend.onnx import onnx_frontend
     except Exception as exc:  # ImportError, or a missing shared library under it
         raise TargetUnavailable(f"apache-tvm is installed but does not import ({first_line(exc)}); "
@@ -65,6 +66,7 @@ def _converters() -> frozenset[tuple[str, str]]:
 
 def _linker(profile):
     """(fcompile for export_library, its name); TargetUnavailable when the cross compiler is missing."""
+    import_tvm()
     from tvm.support import cc
 
     if profile.arch == host_arch():
@@ -121,6 +123,7 @@ def relax_module(model, inputs: list[dict]):
 
 def _import(static, inputs: list[dict]):
     """The Relax module of ``static``, a model :func:`static_graph` made."""
+    import_tvm()
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = ir.serde.serialize_model(static)
@@ -143,7 +146,7 @@ def _cuda_kept_as_source():
 def _build(static, profile, library: Path, inputs: list[dict], threads: int, db=None) -> dict:
     """Build ``library`` from ``static`` (:func:`static_graph`'s) for ``profile`` (with the tuned
     schedules of ``db``, a TuningDatabase); returns what the build record says about it."""
-    import tvm
+    tvm = import_tvm()
     from tvm import relax
 
     from dlopt.targets.tvm.tuning import tuning_target
@@ -177,6 +180,7 @@ def _build(static, profile, library: Path, inputs: list[dict], threads: int, db=
 
 def _embed_kernels(executable, profile, options: dict) -> dict:
     """nvcc the kernels into a fatbin packed into the library, or say why they stay source."""
+    import_tvm()
     from tvm.support import nvcc
 
     sources = [m.inspect_source("cuda") for m in _modules(executable.mod) if m.kind == "cuda"]
@@ -252,6 +256,7 @@ def _packer(source: bytes, fatbin: bytes):
     """An ``fpack_imports`` for export_library: TVM's blob with the fatbin, as assembly."""
 
     def pack(module, is_system_lib, prefix, workspace_dir) -> str:
+        import_tvm()
         from tvm.runtime import _ffi_api
 
         if is_system_lib or prefix:
@@ -279,7 +284,7 @@ class TvmSession:
     """
 
     def __init__(self, library: Path, settings: dict, *, source: str = SETTINGS_FILE) -> None:
-        import tvm
+        tvm = import_tvm()
         from tvm.runtime.vm import VirtualMachine  # = relax.VirtualMachine, without the compiler
 
         from dlopt.targets.ort import threads_from_file
@@ -295,7 +300,7 @@ class TvmSession:
         self.threads = int(tvm.get_global_func("runtime.NumThreads")())
 
     def _configure_pool(self) -> None:
-        import tvm
+        tvm = import_tvm()
 
         self._configured.add(threading.get_ident())
         if not self._asked:
@@ -429,7 +434,7 @@ class TvmBackend(Backend):
     def runtime_version(self) -> str:
         from importlib import metadata
 
-        import tvm
+        tvm = import_tvm()
 
         return f"tvm {tvm.__version__}, apache-tvm-ffi {metadata.version('apache-tvm-ffi')}"
 
@@ -437,7 +442,7 @@ class TvmBackend(Backend):
                 tuning=None) -> Artifact:
         """``tuning``: the TuningDatabase of this model and target (``build_options`` finds it); when it
         holds records, they schedule the kernels (the build record says how many)."""
-        import tvm
+        tvm = import_tvm()
 
         if precision not in self.precisions(profile):
             raise CompileError(f"TVM builds {', '.join(self.precisions(profile)) or 'nothing'} for {profile.name}, "

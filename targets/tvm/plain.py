@@ -19,9 +19,18 @@ class TvmPlain:
 
     @staticmethod
     def runtime():
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
+        import sys
 
+        # tvm_ffi imports torch, if installed, to convert torch tensors (none are passed here): 1.8 CPU-s
+        hide = "tvm" not in sys.modules and "torch" not in sys.modules
+        if hide:
+            sys.modules["torch"] = None
+        try:
+            import tvm
+            from tvm.runtime.vm import VirtualMachine
+        finally:
+            if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+                del sys.modules["torch"]
         return tvm, VirtualMachine
 
     @staticmethod

@@ -37,6 +37,7 @@ import numpy as np
 
 from dlopt.core.errors import ConfigError, DataError, TargetUnavailable, first_line
 from dlopt.core.remote import RemoteDevice
+from dlopt.targets.tvm import import_tvm
 
 logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0  # waiting for a free server, and for a session's first answer
@@ -351,6 +352,7 @@ def connect(device: RemoteDevice, timeout: float = DEFAULT_TIMEOUT_S, *, session
     Waits up to ``timeout`` seconds while every such server is busy.  The server ends the
     session after ``session_timeout`` seconds (0: when the client disconnects).
     """
+    import_tvm()
     from tvm import rpc
 
     started = time.perf_counter()
@@ -390,6 +392,7 @@ def ms_runner(device: RemoteDevice, *, number: int = 3, repeat: int = 1, timeout
     it is: a ``.so`` linked for its CPU (a ``.tar`` of objects needs a compiler there).
     ``max_workers`` defaults to the number of servers under the key now.
     """
+    import_tvm()
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
 
     total = require(device, timeout=timeout)
@@ -405,6 +408,7 @@ def alloc_arguments(session, device, args_info, alloc_repeat):
     server's runtime lacks ``tvm.contrib.random.random_fill_for_measure`` (PyPI's runtime-only
     aarch64 TVM has no such function); runs in the runner's worker processes."""
     import numpy as np
+    import_tvm()
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
 
     try:
@@ -431,7 +435,7 @@ class RemoteSession:
 
     def __init__(self, device: RemoteDevice, library: Path, settings: dict, *, timeout: float = DEFAULT_TIMEOUT_S,
                  threads: int | None = None, session_timeout: float = 0.0) -> None:
-        import tvm
+        tvm = import_tvm()
         from tvm.runtime.vm import VirtualMachine
 
         library = Path(library)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from dlopt.core.errors import CompileError, ConfigError, DloptError, first_line
 from dlopt.core.profiles import DeviceKind, _host_cpu_flags, host_arch
+from dlopt.targets.tvm import import_tvm
 from dlopt.targets.tvm.tuning_db import (ENV_ROOT, LOCK, META, RECORDS, WORKLOADS, TuningDatabase,
                                          default_root, model_digest, target_key)
 
@@ -67,6 +68,7 @@ def meta_schedule():
     import inspect
     import sys
 
+    import_tvm()
     from tvm.s_tir import meta_schedule as ms
 
     if "tvm.s_tir.tensor_intrin" not in sys.modules:
@@ -95,6 +97,7 @@ def tuning_target(profile, threads: int) -> dict:
     A board: its ``mcpu`` and triple.  ``num-cores`` is the thread count the artefact
     runs with (the board's cores, or ``threads`` here), which MetaSchedule tiles for.
     """
+    import_tvm()
     from tvm.target import codegen
 
     if profile.device is DeviceKind.MCU:
@@ -119,7 +122,7 @@ def tuning_target(profile, threads: int) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _host_mattr(triple: str, mcpu: str | None, arch: str, flags: frozenset[str]) -> tuple[str, ...]:
-    import tvm
+    tvm = import_tvm()
     from tvm.target import codegen
 
     table = _CPU_FEATURES.get(arch)
@@ -155,7 +158,7 @@ class TuneResult:
 
 def _fused(mod, target):
     """The Relax module lowered to the fused TIR kernels that tuning and the build both see."""
-    import tvm
+    tvm = import_tvm()
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline  # what relax.get_default_pipeline runs for llvm
 
@@ -169,7 +172,7 @@ def _fused(mod, target):
 
 def lowering_pipeline(target):
     """The rest of the default Relax pipeline, for a module ``apply_database`` returned."""
-    import tvm
+    tvm = import_tvm()
     from tvm.relax.backend.cpu_generic import pipeline  # its __init__ omits dataflow_lower_passes
 
     @tvm.transform.module_pass(opt_level=0)
@@ -186,7 +189,7 @@ def apply_database(mod, target: dict, db: TuningDatabase):
 
     Returns (module, tuned tasks, tasks); build the module with ``lowering_pipeline``.
     """
-    import tvm
+    tvm = import_tvm()
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -216,7 +219,7 @@ def tune(model, profile, *, trials: int, time_budget_s: float | None = None, db:
     which only falls) and that estimate when every task was first timed.  Past
     ``time_budget_s`` no new round starts and the result says so.
     """
-    import tvm
+    tvm = import_tvm()
 
     from dlopt.targets.tvm import backend
 
@@ -352,6 +355,7 @@ class _Run:
     def next_task_id(self, scheduler) -> int:
         """MetaSchedule's gradient-based choice (warm-up round, then the task whose latency
         falls fastest), ending the run once the time budget is spent."""
+        import_tvm()
         from tvm.s_tir.meta_schedule import _ffi_api
 
         records = scheduler.tasks_
@@ -401,7 +405,7 @@ class _Run:
         return taken
 
     def result(self) -> TuneResult:
-        import tvm
+        tvm = import_tvm()
 
         best = {}
         target = tvm.target.Target(self.db.target)
@@ -454,6 +458,7 @@ def _median_ms(result) -> float:
 
 
 def _scheduler(run: _Run):
+    import_tvm()
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
 
@@ -467,6 +472,7 @@ def _scheduler(run: _Run):
 
 def _capped(strategy, run: _Run):
     """``strategy`` with each round cut to the trials ``run`` still wants (see ``_Run.take``)."""
+    import_tvm()
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
@@ -498,6 +504,7 @@ def _capped(strategy, run: _Run):
 
 
 def _progress_callback(run: _Run):
+    import_tvm()
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
@@ -513,6 +520,7 @@ def _progress_callback(run: _Run):
 def _builder(profile):
     """A MetaSchedule builder whose worker processes outlive a round (each one imports TVM, ~2 s)
     and link each kernel into a shared library (a board's with its cross compiler)."""
+    import_tvm()
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
@@ -558,6 +566,7 @@ def build_kernel(mod, target, compiler: str | None = None) -> str:
     """
     import shutil
 
+    import_tvm()
     from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
     from tvm.support import cc
@@ -576,6 +585,7 @@ def build_kernel(mod, target, compiler: str | None = None) -> str:
 @contextlib.contextmanager
 def _runner(runner, threads: int):
     """``runner``, or one measuring here with ``threads`` threads (its worker stopped afterwards)."""
+    import_tvm()
     from tvm.s_tir import meta_schedule as ms
 
     if runner is not None:

@@ -1,0 +1,51 @@
+"""TVM's import leaves torch alone: tvm_ffi imports torch whenever it is installed (to convert torch tensors,
+which dlopt never passes), 1.8 of 3.2 CPU-s of TVM's import in a fresh process here. A compile that builds,
+verifies and times a TVM library, and ``dlopt.load`` of it, run without torch in sys.modules; torch imports
+as usual afterwards and the library still runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import models
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed (dlopt[tvm])")
+
+TARGETS = '[targets.tvm-here]\nbase = "cpu"\nbackends = ["tvm"]\nprecisions = ["fp32"]\n'
+PROBE = """
+import json, sys
+import numpy as np
+import dlopt
+model, targets, out = sys.argv[1:4]
+report = dlopt.compile(model, target="tvm-here", targets_file=targets, out=out, precision="fp32", runs=5, warmup=1)
+built = [c for c in report.candidates if c.backend == "tvm" and c.status == "ok"]
+torch_after_compile = "torch" in sys.modules
+x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+session = dlopt.load(out)
+before = session.run({"x": x})[0]
+torch_after_load = "torch" in sys.modules
+import torch
+after = session.run({"x": x})[0]
+print(json.dumps({"built": len(built), "chosen": str(report.chosen),
+                  "torch_after_compile": torch_after_compile, "torch_after_load": torch_after_load,
+                  "torch_works": float(torch.ones(3).sum()), "same": bool(np.array_equal(before, after))}))
+"""
+
+
+def test_a_tvm_compile_and_load_leave_torch_unimported_and_torch_works_after(tmp_path):
+    model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
+    (tmp_path / "targets.toml").write_text(TARGETS)
+    tests = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", PROBE, str(model), str(tmp_path / "targets.toml"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": tests})
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts == {"built": 1, "chosen": "tvm/fp32", "torch_after_compile": False, "torch_after_load": False,
+                     "torch_works": 3.0, "same": True}, facts
