@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving import sigterm_during_load
+from serving import dlopt_here, sigterm_during_load
 
 DLOPT = Path(sys.executable).with_name("dlopt")
 READY_S = 240  # a loaded 2-core machine: Ray, Serve's controller and proxy, two replicas start in turn
@@ -37,10 +37,10 @@ def _serve(out: Path, *args: str, timeout: int = 120) -> subprocess.CompletedPro
     return subprocess.run([str(DLOPT), "serve", str(out), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _one_line_exit_2(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+def _one_line_exit_2(status: int, stderr: str, message: str) -> None:
+    assert status == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,7 +55,8 @@ def _one_line_exit_2(result: subprocess.CompletedProcess, message: str) -> None:
 ])
 def test_bad_options_are_one_line_errors_before_ray_starts(ort_output, args, message):
     out, _ = ort_output
-    _one_line_exit_2(_serve(out, *args), message)
+    # in this process (the CLI's own checks and exit codes); the console script as a process: the tests below
+    _one_line_exit_2(*dlopt_here("serve", out, *args), message)
 
 
 def test_without_ray_serve_it_says_what_to_install_in_one_line(ort_output):
