@@ -15,6 +15,7 @@ from dlopt.core.config import machine_cores
 from dlopt.core.errors import ConfigError
 from dlopt.workflows.sweep import load_sweep
 from masked import padded_tokens, token_encoder
+from serving import dlopt_here
 
 TARGETS = '[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n'
 HEAD = """
@@ -104,7 +105,7 @@ def test_a_bad_global_option_is_named_as_in_options_not_in_the_model_table_check
 
 def test_a_bad_model_table_is_one_line_exit_2_before_any_compile(tmp_path):
     sweep = _write(tmp_path, HEAD + MODEL_TABLES.replace("max-accuracy-drop", "max-accuracy-dorp") + VARIANTS)
-    done = dlopt("sweep", sweep)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "sweep.toml: [models.cnn] has unknown option 'max-accuracy-dorp'" in done.stderr
+    status, stderr = dlopt_here("sweep", sweep)  # in this process: the CLI's check, message and exit code
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "sweep.toml: [models.cnn] has unknown option 'max-accuracy-dorp'" in stderr
     assert not (tmp_path / "nightly").exists()
