@@ -14,9 +14,21 @@ import dlopt
 from dlopt.flow.cache import ArtifactCache, CacheEventKind
 
 
-def _compile(tmp_path, name, cache_root, monkeypatch):
+# The cache's policy is the same for every backend: ONNX Runtime alone is built (the default cpu target also
+# builds OpenVINO and TVM, ~3x the CPU); three precisions give the three entries the malformed-index test needs.
+HERE = '[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32", "fp16", "int8"]\n'
+
+
+def _targets(tmp_path):
+    path = tmp_path / "here.toml"
+    path.write_text(HERE)
+    return path
+
+
+def _compile(tmp_path, name, cache_root, monkeypatch, precision="fp32"):
     monkeypatch.setenv("DLOPT_CACHE", str(cache_root))
-    return dlopt.compile(models.conv_bn_relu(), out=tmp_path / name, precision="fp32", runs=3)
+    return dlopt.compile(models.conv_bn_relu(), out=tmp_path / name, target="here", targets_file=_targets(tmp_path),
+                         precision=precision, runs=3, warmup=1, max_accuracy_drop=100.0)
 
 
 def _entry_inodes(root) -> dict:
@@ -183,14 +195,16 @@ def test_group_writable_cache_is_ignored_not_used_nor_deleted(tmp_path, monkeypa
 
 def test_malformed_indexes_are_rebuilt_and_the_compile_exits_0(tmp_path, monkeypatch):
     root = tmp_path / "cache"
-    _compile(tmp_path, "a", root, monkeypatch)
+    _compile(tmp_path, "a", root, monkeypatch, precision="auto")
     entries = sorted(p for p in root.glob("*/*") if (p / "entry.json").is_file())
-    assert len(entries) == 3  # ort, openvino, tvm at fp32
+    assert len(entries) == 3  # ort at fp32, fp16 and int8
     # Each of these made every later compile exit 70 before.
     for entry, bad in zip(entries, ['{"files": [1, 2]}', "[]", '{"files": {"a": 5}}'], strict=True):
         (entry / "entry.json").write_text(bad)
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
-    result = dlopt_cli("compile", model, "-o", tmp_path / "b", "--precision", "fp32", "--runs", "3", cwd=tmp_path)
+    result = dlopt_cli("compile", model, "-o", tmp_path / "b", "--target", "here", "--targets-file", _targets(tmp_path),
+                       "--precision", "auto", "--runs", "3", "--warmup", "1", "--max-accuracy-drop", "100",
+                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     chosen = [json.loads((tmp_path / o / "report.json").read_text())["chosen"] for o in ("a", "b")]
     if chosen[0] == chosen[1]:  # timing may pick another of the equally fast float candidates
