@@ -21,14 +21,12 @@ LIMITS = ("--max-size-mb", "1", "--max-accuracy-drop", "1")
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> dict:
-    """One real report of a tiny model (fp32, timed on this CPU)."""
-    import dlopt as api
-
-    out = tmp_path_factory.mktemp("gate-hostile") / "out"
-    api.compile(models.conv_bn_relu(channels=4, size=8), target="cpu", out=out, precision="fp32", runs=5, warmup=1,
-                samples=20)
-    return json.loads((out / "report.json").read_text())
+def real(twin) -> dict:
+    """One real report of a tiny model (fp32, timed on this CPU): the ``twin`` folder's, which every test
+    here only reads (the gate judges the report, whichever backend wrote it)."""
+    report = json.loads((twin / "report.json").read_text())
+    assert report["evaluation"]["feeds"] == 20 and report["baseline"]["latency"]["p50_ms"] > 0  # real and timed
+    return report
 
 
 def _chosen(report: dict) -> dict:
@@ -218,7 +216,8 @@ def test_every_gate_skipped_fails_unless_allowed(real, tmp_path):
     line = _one_error_line(_gate(*args, cwd=tmp_path), code=1)
     chosen = real["chosen"]
     assert line == (f"dlopt: error: gate failed: coverage: nothing was checked (latency-regression skipped: latency "
-                    f"not measured for {chosen} (target cpu is not this machine); energy-regression skipped: no "
+                    f"not measured for {chosen} (target {real['target']['name']} is not this machine); "
+                    f"energy-regression skipped: no "
                     f"energy figure for {chosen}); pass --allow-missing to accept a report without these figures")
     cases = {c.get("name"): c for c in ET.parse(tmp_path / "gate.xml").getroot().iter("testcase")}
     assert cases["coverage"].find("failure") is not None and cases["latency-regression"].find("skipped") is not None
@@ -358,13 +357,13 @@ def test_compile_gate_takes_the_accuracy_limit_from_dlopt_toml(tmp_path):
 # -- issue 22 item 7: what the gate reads beside the reports (artefacts, evaluation files) ---------
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
-    """An ORT-only output folder of a tiny model, to copy and spoil."""
+    """An ORT-only output folder of a tiny model, to copy and spoil (20 random feeds)."""
     import dlopt as api
 
     root = tmp_path_factory.mktemp("gate-hostile-twin")
     (root / "targets.toml").write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n')
     api.compile(models.conv_bn_relu(channels=4, size=8), target="here", targets_file=root / "targets.toml",
-                out=root / "out", precision="fp32", runs=5, warmup=1)
+                out=root / "out", precision="fp32", runs=5, warmup=1, samples=20)
     return root / "out"
 
 
