@@ -24,12 +24,12 @@ from dlopt.targets import backend_status, get_backend, tunable_backend
 from dlopt.targets.tvm.backend import tuning_database
 from dlopt.targets.tvm.rpc import ms_runner
 from dlopt.targets.tvm.tuning import default_root, tune
+from dlopt.targets.tvm.tuning_db import check_root
 
 
-def backend_model(config: CompileConfig):
-    """(profile, model, shapes, info): the fp32 model the TVM backend builds in a compile of ``config``."""
-    from onnx_ir.passes.common import CheckerPass
-
+def tuning_profile(config: CompileConfig):
+    """(profile, backend name) of ``config``'s target, refused in one line when it cannot be tuned (before
+    any model is loaded)."""
     profile = resolve_target(config.target, config.targets_file)
     name = tunable_backend(profile)
     if name is None:
@@ -39,6 +39,14 @@ def backend_model(config: CompileConfig):
     status = backend_status(name)
     if status is not True:
         raise ConfigError(f"TVM is not usable here: {status}")
+    return profile, name
+
+
+def backend_model(config: CompileConfig):
+    """(profile, model, shapes, info): the fp32 model the TVM backend builds in a compile of ``config``."""
+    from onnx_ir.passes.common import CheckerPass
+
+    profile, name = tuning_profile(config)
     proto, model, info = _load(config)
     shapes = declared_shapes(tuple(input_specs(proto)), batch=config.timing.batch, shapes=config.timing.shapes)
     generic = run_pipeline(model, generic_passes(model=model)).model
@@ -48,15 +56,16 @@ def backend_model(config: CompileConfig):
 
 
 def run(config: CompileConfig, *, trials: int, time_budget_s: float | None, progress=None):
-    """Tune for ``config``'s target into its tuning database; returns the TuneResult."""
-    profile, model, shapes, _ = backend_model(config)
-    runner = None
-    if config.tvm.remote is not None:
-        runner = ms_runner(config.tvm.remote)
-    elif not profile.runs_here():
+    """Tune for ``config``'s target into its tuning database; returns the TuneResult.  The arguments are
+    checked first (the --db root, the target, where to measure), before the seconds the model and TVM take."""
+    root = Path(config.tvm.tuning_db) if isinstance(config.tvm.tuning_db, (str, Path)) else default_root()
+    check_root(root)
+    profile, _ = tuning_profile(config)
+    if config.tvm.remote is None and not profile.runs_here():
         raise ConfigError(f"{profile.name} is not this machine: tuning measures on the device; give --rpc-tracker "
                           f"and --rpc-key of its RPC servers")
-    root = Path(config.tvm.tuning_db) if isinstance(config.tvm.tuning_db, (str, Path)) else default_root()
+    profile, model, shapes, _ = backend_model(config)
+    runner = ms_runner(config.tvm.remote) if config.tvm.remote is not None else None
     db = tuning_database(model, profile, config.timing.thread_count, shapes, root)
     return tune(model, profile, trials=trials, time_budget_s=time_budget_s, db=db, threads=config.timing.thread_count,
                 runner=runner, progress=progress, shapes=shapes)

@@ -11,6 +11,7 @@ open.  Folders are 0700 and dlopt deletes nothing in them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -152,8 +153,7 @@ class TuningDatabase:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:  # a file where the root (or a folder above it) should be
-            raise ConfigError(f"cannot use {self.root} as the tuning database folder "
-                              f"({exc.strerror or first_line(exc)}); give --db a folder") from exc
+            raise _not_a_root(self.root, exc.strerror or first_line(exc)) from exc
         for folder in (self.path.parent, self.path):
             self._check_folders(upto=folder.parent)  # nothing is created in a folder others control
             with contextlib.suppress(FileExistsError):
@@ -211,6 +211,26 @@ class TuningApplied:
         if isinstance(data, TuningApplied):
             return data
         return cls(data.get("database"), data.get("tuned_tasks"), data.get("tasks"), data.get("summary"))
+
+
+def check_root(root: Path) -> None:
+    """Refuse, creating nothing, a root that is not and cannot become a folder (a file at it or above it):
+    the ConfigError ``TuningDatabase`` would give, before a tune spends seconds on the model and TVM."""
+    root = Path(root)
+    for path in (root, *root.parents):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # ENOTDIR: a file further up
+            raise _not_a_root(root, exc.strerror or first_line(exc)) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise _not_a_root(root, os.strerror(errno.EEXIST if path == root else errno.ENOTDIR))
+        return
+
+
+def _not_a_root(root: Path, why: str) -> ConfigError:
+    return ConfigError(f"cannot use {root} as the tuning database folder ({why}); give --db a folder")
 
 
 def _distrust(st: os.stat_result) -> str | None:
