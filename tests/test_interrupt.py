@@ -34,9 +34,20 @@ def _wait_for_staging(tmp, proc, timeout=60):
     raise AssertionError("compile never started staging")
 
 
+@pytest.fixture(scope="module")
+def here(tmp_path_factory):
+    """--target/--targets-file of a CPU that builds ONNX Runtime only, its file outside every tmp_path (whose
+    listing is asserted): what is checked is the signal handling and the staging folder, which every backend
+    shares (test_signal_builds.py sends signals into each native build); the cpu preset added an OpenVINO and
+    a TVM build of this 32-channel model to every compile."""
+    targets = tmp_path_factory.mktemp("targets") / "here.toml"
+    targets.write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
+    return ("--target", "here", "--targets-file", str(targets))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_leaves_no_output(tmp_path, sig):
-    proc = _start(tmp_path, tmp_path / "out")
+def test_signal_leaves_no_output(tmp_path, sig, here):
+    proc = _start(tmp_path, tmp_path / "out", *here)
     _wait_for_staging(tmp_path, proc)
     time.sleep(0.5)
     proc.send_signal(sig)
@@ -48,14 +59,21 @@ def test_signal_leaves_no_output(tmp_path, sig):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no output, temp folder or lock
 
 
-def test_second_compile_into_same_folder_fails_clearly_then_waits(tmp_path, tmp_path_factory):
+def test_second_compile_into_same_folder_fails_clearly_then_waits(tmp_path, tmp_path_factory, here):
     # the three compiles target a CPU that builds ONNX Runtime only: the lock and the wait are the same for every
-    # backend, and the cpu preset added an OpenVINO and a TVM build of this 32-channel model to the waiting one
-    targets = tmp_path_factory.mktemp("targets") / "here.toml"  # outside tmp_path, whose listing is asserted
-    targets.write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n')
-    here = ("--target", "here", "--targets-file", str(targets))
-    first = _start(tmp_path, tmp_path / "out", *here)
+    # backend, and the cpu preset added an OpenVINO and a TVM build of this 32-channel model to the waiting one.
+    # The first holds the lock asleep in its metric (WAIT), not timing a million runs on a core of its own; the
+    # metric's module and the file it writes on arriving are outside tmp_path.
+    metric = tmp_path_factory.mktemp("wait-metric")
+    (metric / "waitmetric.py").write_text(METRIC)
+    models.save(models.conv_bn_relu(channels=32, size=64), tmp_path / "m.onnx")
+    path = os.pathsep.join(filter(None, [str(metric), os.environ.get("PYTHONPATH")]))
+    first = subprocess.Popen([DLOPT, "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--precision",
+                              "fp32", "--runs", "5", "--no-cache", "--metric", "waitmetric:wait", *here], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": path, "DLOPT_TEST_HOLDING": str(metric / "holding")})
     try:
+        _wait_holding(metric, first)
         _wait_for_staging(tmp_path, first)
         second = subprocess.run([DLOPT, "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"),
                                  "--precision", "fp32", "--runs", "5", *here], capture_output=True, text=True,
@@ -79,11 +97,13 @@ def test_second_compile_into_same_folder_fails_clearly_then_waits(tmp_path, tmp_
 
 # A user metric (--metric MODULE:FUNCTION) is Python called in the middle of a candidate's build and
 # judging, so it can stand for native code: SWALLOW catches the KeyboardInterrupt the way TVM's C++
-# turns it into an ordinary error; HOLD keeps the main thread in C (PBKDF2, GIL released) for a minute
-# the way an OpenVINO or TVM build does.  The original's score is the metric's first call; the
-# candidate's is its second.
+# turns it into an ordinary error; HOLD keeps the main thread in C (GIL released) the way an OpenVINO or
+# TVM build does, without returning to Python: glibc's sigwait() retries when a handled signal (the
+# SIGTERM) interrupts it, and waits for a SIGUSR2 that never comes, using no CPU (PBKDF2 spun a core for the
+# whole grace period); WAIT sleeps in Python, the output's lock held, until a signal ends it.  The
+# original's score is the metric's first call; the candidate's is its second.
 METRIC = '''
-import hashlib, os, pathlib, signal, time
+import ctypes, os, pathlib, signal, time
 calls = []
 
 def swallow(outputs, labels):
@@ -96,11 +116,24 @@ def swallow(outputs, labels):
             pass
     return 1.0
 
+def wait(outputs, labels):
+    calls.append(1)
+    if len(calls) == 2:
+        pathlib.Path(os.environ["DLOPT_TEST_HOLDING"]).write_text("")
+        time.sleep(600)  # the candidate's judging, with the output's lock held, until a signal ends it
+    return 1.0
+
 def hold(outputs, labels):
     calls.append(1)
     if len(calls) == 2:
         pathlib.Path("holding").write_text("")
-        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 80_000_000)  # about a minute in C
+        libc = ctypes.CDLL(None, use_errno=True)  # CDLL releases the GIL around the call
+        wanted = ctypes.create_string_buffer(128)  # a sigset_t holding SIGUSR2 alone
+        libc.sigemptyset(wanted)
+        libc.sigaddset(wanted, signal.SIGUSR2)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+        received = ctypes.c_int()
+        libc.sigwait(wanted, ctypes.byref(received))  # never returns: only the grace exit ends it
     return 1.0
 '''
 
