@@ -166,7 +166,7 @@ def test_output_name_too_long_fails_before_any_work(tmp_path):
     assert time.monotonic() - start < 20 and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_api_default_output_name_stays_in_the_working_folder(tmp_path, monkeypatch):
+def test_api_default_output_name_stays_in_the_working_folder(tmp_path, monkeypatch, here):
     import dlopt
 
     work = tmp_path / "a" / "b"
@@ -174,9 +174,10 @@ def test_api_default_output_name_stays_in_the_working_folder(tmp_path, monkeypat
     monkeypatch.chdir(work)
     proto = models.conv_bn_relu(channels=4, size=8)
     proto.graph.name = "../../escaped"
-    report = dlopt.compile(proto, precision="fp32", runs=3, samples=2)
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.parent == work) == ["escaped-cpu"]
-    assert report.output_dir == str(work / "escaped-cpu")
+    # the default name is <graph name>-<target>: the ORT-only target "here" (its file outside tmp_path)
+    report = dlopt.compile(proto, target=here[1], targets_file=here[3], precision="fp32", runs=3, samples=2)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.parent == work) == ["escaped-here"]
+    assert report.output_dir == str(work / "escaped-here")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
