@@ -66,15 +66,18 @@ def test_tune_through_the_tracker_then_compile_applies_it_and_times_there(qemu_r
     model = models.save(MODEL, tmp_path / "m.onnx")
     tracker = qemu_rpc_server.device.tracker
     rpc = ["--rpc-tracker", tracker, "--rpc-key", "qemu-aarch64"]
-    done = dlopt("tune", model, "--target", "rpi5", "--trials", "4", "--db", tmp_path / "db", "--json", *rpc,
+    # 2 trials (rounds of one on this model's tasks): each is built here and measured on the board like 4 were
+    done = dlopt("tune", model, "--target", "rpi5", "--trials", "2", "--db", tmp_path / "db", "--json", *rpc,
                  timeout=900)
     assert done.returncode == 0, done.stderr
     tuned = json.loads(done.stdout)
-    assert tuned["trials_in_db"] >= 4 and tuned["tuned_tasks"] >= 1
+    assert tuned["trials_in_db"] >= 2 and tuned["tuned_tasks"] >= 1
     assert json.loads((tmp_path / "db").glob("*/*/meta.json").__next__().read_text())["target"]["mcpu"] == "cortex-a76"
-    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "out", "--precision", "fp32", "--runs", "20",
+    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp_path / "out", "--precision", "fp32", "--runs", "5",
                  "--tuning-db", tmp_path / "db", "--json", "-q", *rpc, timeout=900)
     assert done.returncode == 0, done.stderr
     tvm = next(c for c in json.loads(done.stdout)["candidates"] if c["backend"] == "tvm")
     assert tvm["tuning"]["tuned_tasks"] == tuned["tuned_tasks"]
-    assert tvm["fidelity"]["max_rel_error"] < 1e-4 and tvm["measurement"]["latency"]["device_key"] == "qemu-aarch64"
+    assert tvm["fidelity"]["max_rel_error"] < 1e-4, tvm["reason"]
+    latency = tvm["measurement"]["latency"]
+    assert latency is not None and latency["device_key"] == "qemu-aarch64" and latency["runs"] == 5, tvm["reason"]
