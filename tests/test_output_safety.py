@@ -112,12 +112,34 @@ def _wait_for(tmp, prefix, proc, timeout=60):
     raise AssertionError(f"no {prefix}* appeared")
 
 
-def test_link_and_its_target_share_one_lock(tmp_path, here):
+# The candidate's score (a --metric's second call) sleeps until a signal ends it: the compile holds its output's
+# lock without timing a million runs on a core while another compile is tried against it.
+WAIT_METRIC = '''
+import os, pathlib, time
+calls = []
+
+def wait(outputs, labels):
+    calls.append(1)
+    if len(calls) == 2:
+        pathlib.Path(os.environ["DLOPT_TEST_HOLDING"]).write_text("")
+        time.sleep(600)
+    return 1.0
+'''
+
+
+def test_link_and_its_target_share_one_lock(tmp_path, tmp_path_factory, here):
     _tiny(tmp_path / "m.onnx")
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    first = _start_slow(tmp_path, "real", here)
+    metric = tmp_path_factory.mktemp("wait-metric")
+    (metric / "waitmetric.py").write_text(WAIT_METRIC)
+    path = os.pathsep.join(filter(None, [str(metric), os.environ.get("PYTHONPATH")]))
+    first = subprocess.Popen([DLOPT, "compile", "m.onnx", "-o", "real", *FAST, "--no-cache", "--metric",
+                              "waitmetric:wait", *here], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": path,
+                                             "DLOPT_TEST_HOLDING": str(metric / "holding")})
     try:
+        _wait_for(metric, "holding", first, timeout=240)
         _wait_for(tmp_path, ".real.dlopt-tmp-", first)
         line = _one_error_line(dlopt("compile", "m.onnx", "-o", "link", *FAST, cwd=tmp_path))
         assert f"another dlopt compile (pid {first.pid}) is writing {tmp_path / 'real'}" in line
