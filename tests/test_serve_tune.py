@@ -57,7 +57,7 @@ def test_every_configuration_is_measured_in_rotated_rounds_and_the_choice_follow
         assert [(r.round, r.position) for r in trial.runs] == [(0, k), (1, 1 - k)]  # first once, last once
         for run in trial.runs:
             assert [lv.concurrency for lv in run.levels] == [1, 8]
-            assert all(lv.answered > 0 and lv.errors == 0 and lv.p99_ms <= 5000 for lv in run.levels)
+            assert all(lv.answered > 0 and lv.errors == 0 and lv.p99_ms <= 5000 for lv in run.levels), lines
             assert run.best is max(run.levels, key=lambda lv: lv.throughput) and run.load_average >= 0
         figures = sorted(run.best.throughput for run in trial.runs)
         assert (trial.low, trial.high, trial.throughput) == (figures[0], figures[1], sum(figures) / 2)
