@@ -92,9 +92,11 @@ def test_a_broken_candidate_fails_verification(rpi5, tmp_path):
     array[0] *= 3  # one output channel three times too strong: what a bad kernel on a device looks like
     weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
     onnx.save(broken, str(path))
-    done = dlopt("verify", out, "--json", "-q")
+    # the broken candidate and a sound one (every candidate, the emulated TVM library too, in the emulation test)
+    done = dlopt("verify", out, "--json", "-q", "--candidate", "ort/fp16", "--candidate", "ort/fp32")
     assert done.returncode == 1
     rows = {r["key"]: r for r in json.loads(done.stdout)["candidates"]}
+    assert set(rows) == {"ort/fp16", "ort/fp32"}
     assert rows["ort/fp16"]["verified"] is False and rows["ort/fp16"]["rel_error"] > 0.1
     assert "over the" in rows["ort/fp16"]["reason"]
     assert rows["ort/fp32"]["verified"] is True
@@ -117,7 +119,10 @@ def test_bench_writes_the_device_report_and_a_recompile_replaces_it(rpi5, tmp_pa
     refused = dlopt("bench", out, "--runs", "20", "-q", "--select", "--candidate", "ort/fp32")
     assert refused.returncode == 2 and "not the rpi5 device" in refused.stderr
     model = models.save(MODEL, tmp_path / "m.onnx")
-    again = dlopt("compile", model, "--target", "rpi5", "-o", out, "-q", "--runs", "20")
+    # any recompile into the folder replaces it: the rpi5 profile with ONNX Runtime's fp32 alone
+    (tmp_path / "t.toml").write_text('[targets.rpi5-ort]\nbase = "rpi5"\nbackends = ["ort"]\n')
+    again = dlopt("compile", model, "--target", "rpi5-ort", "--targets-file", tmp_path / "t.toml", "-o", out, "-q",
+                  "--precision", "fp32", "--runs", "20")
     assert again.returncode == 0, again.stderr
     assert not (out / "device_report.json").exists()
 
