@@ -302,13 +302,13 @@ def test_compile_gate_in_one_step(tmp_path):
     here = '[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n'
     (tmp_path / "dlopt.toml").write_text(here + '[gate]\nmax-size-mb = 0.000001\n')
     result = run_dlopt("compile", model, "--target", "here", "-o", tmp_path / "out", "--precision", "fp32", "--runs",
-                       "5", "--gate", cwd=tmp_path)
+                       "5", "--warmup", "1", "--samples", "3", "--gate", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "gate failed: size" in result.stderr and "allowed 1e-06 MB" in result.stderr.replace("0.000001", "1e-06")
     assert (tmp_path / "out" / "report.json").is_file()  # the build is kept; the gate only judges it
     (tmp_path / "dlopt.toml").write_text(here + '[gate]\nmax-size-mb = 50\n')
     result = run_dlopt("compile", model, "--target", "here", "-o", tmp_path / "out", "--precision", "fp32", "--runs",
-                       "5", "--gate", cwd=tmp_path)
+                       "5", "--warmup", "1", "--samples", "3", "--gate", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "size" in result.stdout and "passed" in result.stdout
 
