@@ -73,7 +73,7 @@ def test_compile_prune_reports_the_sparsity_reached_and_writes_it(tmp_path):
     onnx.save(models.conv_bn_relu(channels=16, size=16), str(model))
     out = tmp_path / "out"
     # ONNX Runtime only: the pass is the subject, and an ORT artefact always carries the zeros checked below
-    # (the cpu preset's uncached TVM and OpenVINO builds added ~15 s and nothing this test reads)
+    # (the cpu preset's uncached OpenVINO and TVM builds added ~3 CPU-s and nothing this test reads)
     targets = tmp_path / "t.toml"
     targets.write_text('[targets.here]\nbase = "cpu"\nbackends = ["ort"]\nprecisions = ["fp32"]\n')
     done = dlopt("compile", model, "--target", "here", "--targets-file", targets, "--precision", "fp32",
