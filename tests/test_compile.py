@@ -146,8 +146,8 @@ def test_json_output_is_the_report(tmp_path):
     # one backend is enough: --json prints whatever report.json holds (int8 and fp16 rows included)
     (tmp_path / "dlopt.toml").write_text(ORT_ONLY)
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
-    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp_path / "o", "--json", "--runs", "5",
-                   cwd=tmp_path)
+    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp_path / "o", "--json", "--runs", "5", "--warmup",
+                   "1", "--samples", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data == json.loads((tmp_path / "o" / "report.json").read_text())
