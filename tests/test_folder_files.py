@@ -16,34 +16,31 @@ import numpy as np
 import onnx
 import pytest
 
-import models
 from cli import DLOPT
+from test_folder_safety import AWAY, MODEL, built  # noqa: F401 - the shared build, a fixture
 
 import dlopt as api
 from dlopt.core.artifacts import contained_path, read_folder_json
 from dlopt.core.errors import ConfigError, first_line
 
-# A CPU target that is not this machine: nothing is timed, ORT ships at the top, TVM in bundle/.
-AWAY = '[targets.away]\nbase = "cpu"\nbackends = ["ort", "tvm"]\ncpu_flags = ["dlopt-test-not-this-cpu"]\n'
-MODEL = models.conv_bn_relu(channels=8, size=16, batch="N")
+# The output of test_folder_safety.py's `built` fixture, built once for both files (and for every pytest-xdist
+# worker): a CPU target that is not this machine (AWAY), nothing timed, ORT ships at the top, TVM in bundle/.
+assert "cpu_flags" in AWAY and '"ort", "tvm"' in AWAY and MODEL.graph.input[0].name == "x"
 WALL_S = 60  # a loaded 2-core machine starts dlopt with ORT and TVM in a few seconds; a hang is forever
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("folder-files")
-    (tmp / "away.toml").write_text(AWAY)
-    out = tmp / "out"
-    report = api.compile(MODEL, target="away", targets_file=tmp / "away.toml", out=out, precision="fp32",
-                         runs=10, cache=False)
-    assert report.chosen == "ort/fp32"
-    assert json.loads((out / "manifest.json").read_text())["bundle"] == {"tvm/fp32": "bundle/tvm-fp32"}
-    np.savez(tmp / "in.npz", x=np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32))
-    return out
+def inputs(tmp_path_factory):
+    """A real input file for `dlopt run`: only a folder it hands back may stop the run."""
+    path = tmp_path_factory.mktemp("folder-files") / "in.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32))
+    return path
 
 
 @pytest.fixture
 def out(built, tmp_path):
+    assert json.loads((built / "report.json").read_text())["chosen"] == "ort/fp32"
+    assert json.loads((built / "manifest.json").read_text())["bundle"] == {"tvm/fp32": "bundle/tvm-fp32"}
     return shutil.copytree(built, tmp_path / "out", symlinks=True)
 
 
@@ -113,10 +110,10 @@ def test_reader_refuses_each_hostile_file_at_once_in_one_line(tmp_path, kind, me
 @pytest.mark.parametrize(("name", "where"), [("session_options.json", "."), ("manifest.json", "."),
                                              ("report.json", "bundle/tvm-fp32"),
                                              ("tvm_build.json", "bundle/tvm-fp32")])
-def test_dlopt_run_refuses_a_planted_settings_file_in_one_line(out, kind, name, where):
+def test_dlopt_run_refuses_a_planted_settings_file_in_one_line(out, inputs, kind, name, where):
     folder = out / where
     _plant((out if name in ("manifest.json", "report.json") else folder) / name, kind)
-    result, took = _dlopt("run", folder, "-i", out.parent.parent / "in.npz", "-o", out.parent / "p.npz")
+    result, took = _dlopt("run", folder, "-i", inputs, "-o", out.parent / "p.npz")
     print(f"{name} {kind}: exit {result.returncode} in {took:.1f} s: {result.stderr.strip()}")
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("dlopt: error: ")
@@ -150,14 +147,14 @@ def test_a_line_separator_in_a_name_is_shown_not_cut():
 
 # -- links among the artefact's own files (item 10) -------------------------------------------------
 
-def test_a_symlinked_model_is_not_loaded(out, tmp_path):
+def test_a_symlinked_model_is_not_loaded(out, inputs, tmp_path):
     outside = tmp_path / "elsewhere.onnx"
     shutil.copy(out / "model.onnx", outside)
     (out / "model.onnx").unlink()
     (out / "model.onnx").symlink_to(outside)
     with pytest.raises(ConfigError, match="goes through the symlink model.onnx"):
         api.load(out)
-    result, _ = _dlopt("run", out, "-i", out.parent.parent / "in.npz", "-o", tmp_path / "p.npz")
+    result, _ = _dlopt("run", out, "-i", inputs, "-o", tmp_path / "p.npz")
     assert result.returncode == 2 and "symlink model.onnx" in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "p.npz").exists()
 
