@@ -89,7 +89,18 @@ def _train(module, x, y, epochs: int, seed: int = 0):
 
 @pytest.fixture(scope="module", params=["cnn", "transformer"])
 def compiled(request, tmp_path_factory):
-    torch.set_num_threads(2)
+    # One torch thread for training, export and calibration: these models are tiny, and a second
+    # thread on a loaded two-core machine spins in OpenMP's barrier (the transformer's 15 epochs took
+    # ~50 CPU-s on two threads, 1.4 CPU-s on one). The .pte's own thread count comes from the target.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compiled(request, tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _compiled(request, tmp_path_factory):
     x_train, y_train, x_calib, x_test, y_test = _digits()
     module = Cnn() if request.param == "cnn" else TinyTransformer()
     module = _train(module, x_train, y_train, epochs=15)
