@@ -49,3 +49,20 @@ def test_a_tvm_compile_and_load_leave_torch_unimported_and_torch_works_after(tmp
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     assert facts == {"built": 1, "chosen": "tvm/fp32", "torch_after_compile": False, "torch_after_load": False,
                      "torch_works": 3.0, "same": True}, facts
+
+
+def test_the_rpc_relay_child_imports_the_standard_library_only():
+    """The relay's handshake deadline counts from when dlopt asked: its start must be short. Run through rpc.py
+    it imported numpy, onnx and dlopt (1.3 CPU-s, ten seconds of wall at load 17) and missed the deadline."""
+    import ast
+
+    from dlopt.targets.tvm import rpc, rpc_relay
+
+    tree = ast.parse(Path(rpc_relay.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert imported and imported - {"__future__"} <= set(sys.stdlib_module_names), imported
+    # the child rpc.py starts is this file, run without the script's folder on sys.path (-P)
+    assert rpc.rpc_relay.__file__ == rpc_relay.__file__ and rpc.TALK_TIMEOUT_S == rpc_relay.TALK_TIMEOUT_S
