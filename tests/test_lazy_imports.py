@@ -38,3 +38,14 @@ def test_onnxsim_child_does_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe, source, str(tmp_path / "out.onnx"), "--fold-limit", "1000"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False" and (tmp_path / "out.onnx").is_file()
+
+
+def test_the_verbs_that_read_an_output_folder_load_no_onnx_before_their_checks():
+    """`dlopt run/verify/bench/serve` refuse a bad folder or option after importing their modules: onnx (with
+    ml_dtypes) and onnx_ir (with sympy) were 1.1 of their 1.2 CPU-s, paid before saying the folder is missing."""
+    modules = ["dlopt.measure.runner", "dlopt.workflows.verify", "dlopt.deploy.serve", "dlopt.core.artifacts",
+               "dlopt.core.specs"]
+    probe = ("import sys; " + "; ".join(f"import {m}" for m in modules)
+             + "; print(','.join(m for m in ('onnx', 'onnx_ir', 'sympy', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""

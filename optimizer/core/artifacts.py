@@ -18,6 +18,7 @@ Safety rules (a compile must never cost a user their files):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,7 +32,6 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from dlopt.core.errors import ConfigError, OutputBusy, first_line
-from dlopt.core.model_io import _external_tensors, sha256_file
 
 MANIFEST = "manifest.json"
 # What every dlopt output holds besides the artefact's own files (manifests older than
@@ -503,11 +503,21 @@ def _external_locations(path: Path) -> list[str]:
     (the loader then says why)."""
     import onnx
 
+    from dlopt.core.model_io import _external_tensors  # onnx and onnx_ir: 1.1 CPU-s a verb need not pay first
+
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # DecodeError: the loader reports it in its own words
         return []
     return sorted({info.get("location", "") for _, info in _external_tensors(model)})
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sha256_of(path: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -15,6 +14,7 @@ from typing import Iterator
 import onnx
 import onnx_ir as ir
 
+from dlopt.core.artifacts import sha256_file  # noqa: F401 - where driver and write find it
 from dlopt.core.errors import ModelError, first_line
 
 logger = logging.getLogger(__name__)
@@ -22,13 +22,6 @@ logger = logging.getLogger(__name__)
 # Protobuf refuses to serialise one message over 2 GiB; stay well under it.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

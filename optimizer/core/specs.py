@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
 
 from dlopt.core.errors import ModelError
+
+if TYPE_CHECKING:  # a caller with a ModelProto has imported onnx; a verb that refuses its arguments need not
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,12 @@ class InputSpec:
         return f"{self.name}: {self.dtype.name}[{dims}]"
 
 
+def _np_dtype(elem_type: int):
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return tensor_dtype_to_np_dtype(elem_type)
+
+
 def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
     """The model's real inputs (graph inputs that are not initializers)."""
     initializers = {t.name for t in proto.graph.initializer}
@@ -38,7 +48,7 @@ def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in tensor.shape.dim
         )
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        dtype = np.dtype(_np_dtype(tensor.elem_type))
         specs.append(InputSpec(value.name, dtype, dims))
     return specs
 
@@ -51,5 +61,5 @@ def output_specs(proto: onnx.ModelProto) -> list[InputSpec]:
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in tensor.shape.dim
         )
-        specs.append(InputSpec(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims))
+        specs.append(InputSpec(value.name, np.dtype(_np_dtype(tensor.elem_type)), dims))
     return specs
