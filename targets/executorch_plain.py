@@ -11,12 +11,16 @@ executorch.json names the inputs (order, dtype, the static shape the program was
 from __future__ import annotations
 
 import ctypes
+import math
 from pathlib import Path
 
 import numpy as np
 
 _PTE_ERROR_BYTES = 512
 _PTE_MAX_DIMS = 16
+# an input's elements: a batch other than the exported one is zero-padded up to executorch.json's shape, so a
+# crafted shape must not make that padding a huge allocation (1 GiB of float32; a board's model is far less)
+_PTE_MAX_ELEMENTS = 1 << 28
 # ExecuTorch's ScalarType codes (runtime/core/portable_type/scalar_type.h) that numpy holds as they are.
 _PTE_DTYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 5: np.float16, 6: np.float32,
                7: np.float64, 11: np.bool_}
@@ -54,6 +58,9 @@ class ExecutorchPlain:
                     and isinstance(spec.get("shape"), list)
                     and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in spec["shape"])):
                 return f"has an input entry {shown(spec)} that is not a name, a dtype and a static shape"
+            if len(spec["shape"]) > _PTE_MAX_DIMS or math.prod(spec["shape"]) > _PTE_MAX_ELEMENTS:
+                return (f"declares input {shown(spec['name'])} of shape {shown(spec['shape'])}, over the "
+                        f"{_PTE_MAX_DIMS} dimensions and {_PTE_MAX_ELEMENTS} elements an input may have")
         threads = settings.get("threads", 0)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             return f"sets threads {shown(threads)}"
