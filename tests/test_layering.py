@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"optimizer": "dlopt", "passes": "dlopt.passes", "targets": "dlopt.targets", "calibration": "dlopt.calibration"}
 RANK = {"core": 0, "passes": 1, "targets": 2, "calibration": 2, "measure": 3, "device": 4, "report": 5, "flow": 6,
-        "compression": 7, "deploy": 7, "onnx_backend": 7, "workflows": 8, "api": 9, "cli": 10}
+        "compression": 7, "deploy": 7, "onnx_backend": 7, "workflows": 8, "llm": 8, "api": 9, "cli": 10}
 
 
 def modules() -> dict[str, Path]:
