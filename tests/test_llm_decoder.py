@@ -187,3 +187,19 @@ def test_importing_dlopt_llm_loads_neither_torch_nor_transformers():
              "print(','.join(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_a_saved_model_folder_loads_back_in_float32(decoder, tmp_path):
+    from dlopt.llm.source import load_causal_lm
+
+    model, _ = decoder
+    model.save_pretrained(tmp_path / "folder")
+    loaded = load_causal_lm(tmp_path / "folder")
+    assert next(loaded.parameters()).dtype == torch.float32 and not loaded.training
+    assert np.array_equal(torch_step(loaded, [1, 2, 3])[0], torch_step(model, [1, 2, 3])[0])
+    with pytest.raises(ConfigError) as refused:
+        load_causal_lm(tmp_path / "folder", gguf_file="model.gguf")
+    assert one_line(refused) == f"no GGUF file model.gguf in {tmp_path / 'folder'}"
+    with pytest.raises(ModelError) as refused:
+        load_causal_lm(tmp_path)
+    assert one_line(refused).startswith(f"cannot load a causal LM from {tmp_path}: ")
