@@ -203,3 +203,22 @@ def test_a_saved_model_folder_loads_back_in_float32(decoder, tmp_path):
     with pytest.raises(ModelError) as refused:
         load_causal_lm(tmp_path)
     assert one_line(refused).startswith(f"cannot load a causal LM from {tmp_path}: ")
+
+
+def test_the_cache_layout_is_read_from_names_and_shapes():
+    from types import SimpleNamespace as Tensor
+
+    from dlopt.llm.kv import layout_from_graph
+
+    inputs = [Tensor(name="input_ids", shape=["b", "s"])] + [
+        Tensor(name=f"past_key_values.{i}.{k}", shape=["b", 3, "p", 64]) for i in range(30) for k in ("key", "value")]
+    outputs = [Tensor(name="logits", shape=["b", "s", 49152])] + [
+        Tensor(name=f"present.{i}.{k}", shape=["b", 3, "t", 64]) for i in range(30) for k in ("key", "value")]
+    assert layout_from_graph(inputs, outputs) == KVLayout(30, 3, 64)
+    with pytest.raises(ModelError) as refused:
+        layout_from_graph(inputs[:-1], outputs[:-2], "m.onnx")
+    assert one_line(refused).startswith("m.onnx is a KV-cache decoder without past_key_values.29.value, "
+                                        "present.29.key, present.29.value: every layer needs")
+    inputs[-1] = Tensor(name="past_key_values.29.value", shape=["b", 3, "p", "head"])
+    with pytest.raises(ModelError, match="not all \\[batch, kv_heads, past, head_dim\\]"):
+        layout_from_graph(inputs, outputs)

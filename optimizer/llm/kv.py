@@ -55,8 +55,7 @@ def layout_from_graph(inputs: Sequence, outputs: Sequence, model: str = "the mod
                          "(export it with dlopt.llm.export.export_decoder or optimum's text-generation-with-past)")
     layers = max(layer for layer, _ in found) + 1
     names = {i.name for i in outputs}
-    missing = [n for i in range(layers) for kind in KINDS
-               for n in (past_name(i, kind),) if (i, kind) not in found]
+    missing = [past_name(i, kind) for i in range(layers) for kind in KINDS if (i, kind) not in found]
     missing += [INPUT_IDS] * (INPUT_IDS not in shapes)
     missing += [n for n in [LOGITS, *KVLayout(layers, 0, 0).present_names] if n not in names]
     if missing:
