@@ -113,8 +113,8 @@ def decoder_with_past(model: Any, layout: KVLayout):
             present = out.cache if keyword == "cache" else out.past_key_values
             return (out.logits, *(t for layer in present.layers[:layout.layers] for t in (layer.keys, layer.values)))
 
-    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                  for n in ["self", INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *(n.replace(".", "_") for n in layout.past_names)]]
+    names = ["self", INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *(n.replace(".", "_") for n in layout.past_names)]
+    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
     DecoderWithPast.forward.__signature__ = inspect.Signature(parameters)
     return DecoderWithPast().eval()
 
