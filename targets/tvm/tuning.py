@@ -13,6 +13,7 @@ Builds run in worker processes through a builder that does not import
 ``tvm.s_tir.tensor_intrin`` (about 20 s per worker, mostly CUDA intrinsics); the
 scheduled code it compiles already carries any tensorised intrinsic.  The tuning
 process itself imports it through ``meta_schedule()``, in 3 s instead of 44.
+Builder and runner workers import TVM without torch (``workers_without_torch``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from dlopt.core.errors import CompileError, ConfigError, DloptError, first_line
 from dlopt.core.profiles import DeviceKind, _host_cpu_flags, host_arch
-from dlopt.targets.tvm import import_tvm
+from dlopt.targets.tvm import import_tvm, workers_without_torch
 from dlopt.targets.tvm.tuning_db import (ENV_ROOT, LOCK, META, RECORDS, WORKLOADS, TuningDatabase,
                                          default_root, model_digest, target_key)
 
@@ -316,7 +317,8 @@ class _Run:
         self.recorded = [min((_record_ms(r) for r in top), default=math.inf) for top in tops]
         self.pending = sorted(range(len(contexts)), key=lambda i: counts[i])
         self.progress("starting MetaSchedule", 0, self.wanted)
-        with _noting_interrupts() as interrupts, _builder(profile) as builder, \
+        # workers_without_torch outlives the pools: they start (and restart) workers while tuning
+        with _noting_interrupts() as interrupts, workers_without_torch(), _builder(profile) as builder, \
                 _runner(runner, threads) as runner:
             try:
                 ms.tune.tune_tasks(  # work_dir only holds a "json" database, and ours is given

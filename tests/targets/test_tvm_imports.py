@@ -1,7 +1,8 @@
 """TVM's import leaves torch alone: tvm_ffi imports torch whenever it is installed (to convert torch tensors,
 which dlopt never passes), 1.8 of 3.2 CPU-s of TVM's import in a fresh process here. A compile that builds,
 verifies and times a TVM library, and ``dlopt.load`` of it, run without torch in sys.modules; torch imports
-as usual afterwards and the library still runs."""
+as usual afterwards and the library still runs.  MetaSchedule's worker processes import TVM without torch
+too, and the environment they inherited it from is as before after the tune."""
 
 from __future__ import annotations
 
@@ -66,3 +67,63 @@ def test_the_rpc_relay_child_imports_the_standard_library_only():
     assert imported and imported - {"__future__"} <= set(sys.stdlib_module_names), imported
     # the child rpc.py starts is this file, run without the script's folder on sys.path (-P)
     assert rpc.rpc_relay.__file__ == rpc_relay.__file__ and rpc.TALK_TIMEOUT_S == rpc_relay.TALK_TIMEOUT_S
+
+
+def _popen_workers() -> dict[int, str]:
+    """TVM's popen workers under this process: pid -> the libraries and files mapped into it."""
+    import psutil
+
+    workers = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "tvm.exec.popen_worker" in child.cmdline():
+                workers[child.pid] = Path(f"/proc/{child.pid}/maps").read_text()
+        except (psutil.Error, OSError):
+            pass  # a worker recycled meanwhile
+    return workers
+
+
+def test_tuning_workers_start_without_torch_and_the_environment_is_as_before(tmp_path, monkeypatch):
+    """MetaSchedule's builder and runner workers are ``python -m tvm.exec.popen_worker`` with dlopt's
+    environment: each one's ``import tvm`` took torch in (3.4 CPU-s a worker start with it, 1.4 without).
+    A 2-trial tune still records its trials; while it ran, every worker had TVM mapped and no torch."""
+    pytest.importorskip("xgboost", reason="MetaSchedule's cost model needs xgboost (install dlopt[tvm])")
+    pytest.importorskip("psutil", reason="MetaSchedule needs psutil (install dlopt[tvm])")
+    import onnx_ir as ir
+
+    from dlopt.core.profiles import resolve_target
+    from dlopt.targets.tvm import tuning as tt
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "theirs"))
+    before = dict(os.environ)
+    model = ir.serde.deserialize_model(models.conv_bn_relu(channels=4, size=8))
+    target = tt.tuning_target(resolve_target("cpu"), 1)
+    db = tt.TuningDatabase(tmp_path / "db", tt.model_digest(model), target)
+    seen: dict[int, str] = {}
+    result = tt.tune(model, resolve_target("cpu"), trials=2, db=db, threads=1,
+                     progress=lambda stage, done, total: seen.update(_popen_workers()))
+    assert result.trials_run == 2 and result.trials_in_db == 2 and result.tuned_tasks >= 1, result
+    assert len(seen) >= 2, seen.keys()  # a builder worker and the runner's
+    assert all("libtvm" in maps for maps in seen.values())
+    with_torch = [pid for pid, maps in seen.items() if f"{os.sep}torch{os.sep}" in maps]
+    assert with_torch == [], f"{len(with_torch)} of {len(seen)} workers imported torch"
+    assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize("pythonpath", [None, "", "/their/lib"], ids=["unset", "empty", "set"])
+def test_workers_without_torch_puts_a_torch_that_refuses_first_and_restores_the_environment(pythonpath, monkeypatch):
+    from dlopt.targets.tvm import workers_without_torch
+
+    if pythonpath is None:
+        monkeypatch.delenv("PYTHONPATH", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONPATH", pythonpath)
+    before = dict(os.environ)
+    with workers_without_torch():
+        inside = os.environ["PYTHONPATH"].split(os.pathsep)
+        child = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, timeout=60)
+    assert inside[1:] == ([pythonpath] if pythonpath else []) and not Path(inside[0]).exists()
+    assert child.returncode == 1 and child.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: torch is hidden from TVM's worker processes by dlopt "
+        "(dlopt.targets.tvm.workers_without_torch): they never convert torch tensors")
+    assert dict(os.environ) == before
