@@ -11,6 +11,35 @@ import pytest
 
 import heavy_first
 
+# One thread per build and timing (dlopt.core.config.default_threads), in this process and every dlopt it
+# starts: the suite runs 3 workers on 2 cores, where each runtime's extra threads only spin while they wait
+# (a default CPU compile of a small CNN: 12.8 -> 9.6 CPU-s).  Tests about thread counts pass --threads, or
+# set or remove DLOPT_THREADS themselves (monkeypatch).
+os.environ.setdefault("DLOPT_THREADS", "1")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With $DLOPT_TEST_CPU_LOG set, appends "cpu-seconds<TAB>wall-seconds<TAB>test" per test to that file:
+    this process's CPU plus that of the subprocesses it waited for (setup and teardown included), which is
+    what a 2-core machine pays for the test, whatever else runs beside it."""
+    log = os.environ.get("DLOPT_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu():
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    start, wall = cpu(), time.monotonic()
+    yield
+    line = f"{cpu() - start:.2f}\t{time.monotonic() - wall:.2f}\t{item.nodeid}\n"
+    with open(log, "a") as f:
+        f.write(line)
+
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):

@@ -111,3 +111,24 @@ def test_every_verb_is_its_own_module_and_app_only_registers_them():
     family = {"verify": "device", "bench": "device"}
     assert homes == {name: f"dlopt.cli.{family.get(name, name)}" for name in main.commands}
     assert OUTPUT.values().progress.enabled is True
+
+
+def test_dlopt_threads_sets_the_default_thread_count_and_a_bad_value_is_one_line(tmp_path, monkeypatch):
+    import models
+    from serving import dlopt_here
+
+    from dlopt.core.config import TimingOptions, default_threads, machine_cores
+
+    monkeypatch.delenv("DLOPT_THREADS", raising=False)
+    assert default_threads() == machine_cores() == TimingOptions().thread_count
+    monkeypatch.setenv("DLOPT_THREADS", " 1 ")
+    assert default_threads() == TimingOptions().thread_count == 1
+    assert TimingOptions(threads=machine_cores()).thread_count == machine_cores()  # --threads wins
+    model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
+    for bad in ("0", str(machine_cores() + 1), "two", "1.5", "-1"):
+        monkeypatch.setenv("DLOPT_THREADS", bad)
+        code, err = dlopt_here("compile", model, "--target", "cpu", "--out", tmp_path / "out")
+        assert code == 2, err
+        assert err.strip().splitlines() == [f"dlopt: error: DLOPT_THREADS must be a whole number between 1 and "
+                                            f"this machine's {machine_cores()} cores, got {bad!r}"]
+        assert not (tmp_path / "out").exists()

@@ -48,7 +48,8 @@ def _write(root, names) -> None:
         "{tables}", ENCODER if "encoder.onnx" in names else ""))
 
 
-def test_sweep_on_ray_then_resume(tmp_path):
+def test_sweep_on_ray_then_resume(tmp_path, monkeypatch):
+    monkeypatch.delenv("DLOPT_THREADS", raising=False)  # the default, all cores: a task's one CPU must not shrink it
     ray = pytest.importorskip("ray", reason="sweeps on Ray need ray (pip install 'dlopt[ray]')")
     models.save(models.conv_bn_relu(batch="N"), tmp_path / "cnn.onnx")
     token_encoder(tmp_path / "encoder.onnx")

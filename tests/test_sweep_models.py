@@ -57,7 +57,8 @@ def _write(root, text=HEAD + MODEL_TABLES + VARIANTS):
     return root / "sweep.toml"
 
 
-def test_a_cnn_and_an_encoder_sweep_with_their_own_options(tmp_path):
+def test_a_cnn_and_an_encoder_sweep_with_their_own_options(tmp_path, monkeypatch):
+    monkeypatch.delenv("DLOPT_THREADS", raising=False)  # the default, all cores: a task's one CPU must not shrink it
     _write(tmp_path)  # and -o, as the README has it, replaces [sweep] out
     done = dlopt("sweep", "sweep.toml", "-o", "build/nightly", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -256,7 +256,7 @@ TIMING = OptionGroup("timing", TimingArgs, {
         help="Seconds one run of the original model on ONNX Runtime may take while its "
              "reference outputs are made; past it the run is stopped and the compile fails (a Loop with a huge "
              "trip count never ends).")),
-    "threads": (("--threads",), dict(type=click.IntRange(min=1), help="Intra-op threads [default: all cores].")),
+    "threads": (("--threads",), dict(type=click.IntRange(min=1), help="Intra-op threads [default: $DLOPT_THREADS, else all cores].")),
     "batch": (("--batch",), dict(
         type=click.IntRange(min=1), help="Batch at which latency is timed, for a symbolic first dimension [default: 1].")),
     "shapes": (("--shape",), dict(

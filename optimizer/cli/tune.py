@@ -76,7 +76,7 @@ def _clock(seconds: float) -> str:
 @TVM("rpc_tracker", "rpc_key", rpc_key={"help": "The key the device's RPC servers registered with."},
      rpc_tracker={"help": "Measure on a device behind this TVM RPC tracker (builds stay here)."})
 @TIMING("threads", "batch", "shapes",
-        threads={"help": "Threads the tuned library will run with (part of the target) [default: all cores; "
+        threads={"help": "Threads the tuned library will run with (part of the target) [default: $DLOPT_THREADS, else all cores; "
                          "a board: its cores]."},
         batch={"help": "Batch for a symbolic first dimension [1]; use the same as `dlopt compile`."},
         shapes={"help": "Shape of an input; as in `dlopt compile`."})

@@ -36,7 +36,7 @@ from dlopt.compression.exporter import export, forward_names
 from dlopt.compression.pruning import _as_tuple, prune, save_module
 from dlopt.core.artifacts import (MANIFEST, check_output_dir, move_into_place, output_lock, parents_made, staging_dir,
                                   write_file)
-from dlopt.core.config import machine_cores
+from dlopt.core.config import default_threads
 from dlopt.core.errors import ConfigError
 from dlopt.core.progress import TerminalProgress
 from dlopt.measure.timing import LocalRunner, time_interleaved
@@ -270,7 +270,7 @@ class Distilled:
 def _prepare(model, example_inputs, eval_data, *, threads, batch, runs, out, target, progress, **options) -> Job:
     if progress is True:
         progress = TerminalProgress()
-    threads = int(threads or machine_cores())
+    threads = int(threads or default_threads())
     inputs = _as_tuple(example_inputs)
     if batch < 1 or runs < 1:
         raise ConfigError("batch and runs must be at least 1")

@@ -80,7 +80,7 @@ class TimingOptions:
 
     @property
     def thread_count(self) -> int:
-        return int(self.threads or machine_cores())
+        return int(self.threads or default_threads())
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,8 @@ class CompileConfig:
             cores = machine_cores()
             if not 1 <= timing.threads <= cores:
                 raise ConfigError(f"threads must be between 1 and this machine's {cores} cores, got {timing.threads}")
+        else:
+            default_threads()  # a bad $DLOPT_THREADS is refused here, before any work
         for name, value in (("max_ram", self.mcu.max_ram), ("max_flash", self.mcu.max_flash)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} is a number of bytes, at least 1, got {value}")
@@ -261,6 +263,22 @@ _CORES = _affinity()
 
 def machine_cores() -> int:
     return _CORES
+
+
+def default_threads() -> int:
+    """Threads a build or timing uses when none are given: ``$DLOPT_THREADS`` where it is set, else every core.
+
+    A CI machine that runs several compiles side by side sets ``DLOPT_THREADS=1``: each runtime's threads spin
+    while they wait, so two 2-thread timings on 2 busy cores burn CPU the other job needs.  A value that is not
+    a whole number between 1 and this machine's cores is a ConfigError naming the variable.
+    """
+    text = os.environ.get("DLOPT_THREADS", "").strip()
+    if not text:
+        return _CORES
+    if not text.isdecimal() or not 1 <= int(text) <= _CORES:
+        raise ConfigError(f"DLOPT_THREADS must be a whole number between 1 and this machine's {_CORES} cores, "
+                          f"got {text[:40]!r}")
+    return int(text)
 
 
 # field -> (accepted types, what to say); checked before any value is used so a wrong type is
