@@ -1,6 +1,6 @@
 """dlopt's sub-packages are layers: a module imports only from its own layer or the layers below it.
 
-    cli -> api -> workflows -> compression | deploy | onnx_backend -> flow -> report -> device -> measure
+    cli -> api -> workflows | llm -> compression | deploy | onnx_backend -> flow -> report -> device -> measure
         -> targets | calibration -> passes -> core
 
 Layers on one rank (``compression | deploy``) do not import each other; workflows (user journeys of several
