@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dlopt.core.errors import CompileError, DataError, TargetUnavailable, first_line
+from dlopt.core.optional import hidden
 from dlopt.core.scoped_env import environ
 
 logger = logging.getLogger("dlopt.quantization")
@@ -44,7 +45,7 @@ def _import_nncf():
     read only during the import, so they are set only around it.
     """
     fresh = "nncf" not in sys.modules
-    with environ(CI="true", NNCF_CI="1") if fresh else contextlib.nullcontext(), _without_torch():
+    with environ(CI="true", NNCF_CI="1") if fresh else contextlib.nullcontext(), hidden("torch"):
         import nncf
     from nncf.telemetry import decorator, wrapper
 
@@ -52,27 +53,6 @@ def _import_nncf():
     if not isinstance(decorator.telemetry, wrapper.NNCFTelemetryStub):
         decorator.telemetry = wrapper.NNCFTelemetryStub()
     return nncf
-
-
-@contextlib.contextmanager
-def _without_torch() -> Iterator[None]:
-    """Hide torch from nncf while it imports and quantises an ONNX model, if nobody has imported torch yet.
-
-    nncf imports torch whenever it is installed: on import, to register its torch tensor functions, and in
-    ``nncf.quantize``, to ask whether the model is a torch one.  An ONNX model needs neither, and the import
-    was most of the pass's cost in a fresh process (1.7 CPU-s of 3.1 for a small CNN on this 2-core machine).
-    Where torch is imported already (a Python API caller with a module) nothing is hidden; afterwards torch
-    imports as usual.
-    """
-    if "torch" in sys.modules:
-        yield
-        return
-    sys.modules["torch"] = None  # ``import torch`` raises ImportError, which nncf expects without torch
-    try:
-        yield
-    finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
-            del sys.modules["torch"]
 
 
 class _ToDebug(logging.Handler):
@@ -233,7 +213,7 @@ class QuantizeNncfPass(ir.passes.FunctionalPass):
         excluded = [n for n in self.exclude_nodes if n in names]
         try:
             folded = _prepare(proto)
-            with _quiet(), _without_torch():
+            with _quiet(), hidden("torch"):
                 quantized = nncf.quantize(
                     proto, nncf.Dataset(batches), subset_size=count,
                     model_type=nncf.ModelType.TRANSFORMER if self.transformer else None,

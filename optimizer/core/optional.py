@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import sys
 from types import ModuleType
+from typing import Iterator
 
 from dlopt.core.errors import TargetUnavailable
 
@@ -26,3 +29,24 @@ def require(module: str, extra: str, needs: str, *, load: bool = True) -> Module
         return importlib.import_module(module)
     except ImportError as exc:
         raise TargetUnavailable(message) from exc
+
+
+@contextlib.contextmanager
+def hidden(module: str) -> Iterator[None]:
+    """In the block, ``import <module>`` raises ImportError, unless someone has imported it already.
+
+    For libraries that import an optional neighbour whenever it is installed and cope without it: nncf and
+    TVM's tvm_ffi import torch (1.4 to 1.8 CPU-s of a fresh process here) to handle torch models or tensors,
+    which dlopt never gives them for an ONNX model.  Where ``module`` is imported already (a Python API caller
+    with a torch module) nothing is hidden; afterwards it imports as usual.  The hiding is process-wide for
+    the block, so it is for imports and calls made from one thread at a time.
+    """
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None  # ``import module`` raises ImportError, which these libraries expect when absent
+    try:
+        yield
+    finally:
+        if module in sys.modules and sys.modules[module] is None:
+            del sys.modules[module]

@@ -7,6 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dlopt.core.optional import hidden
 from dlopt.core.scoped_env import environ
 
 # What ``import torch`` meets in a worker ``workers_without_torch`` starts.
@@ -23,16 +24,8 @@ def import_tvm():
     where torch is imported already (a Python API caller with a module) nothing is hidden, and afterwards torch
     imports as usual.  The worker processes TVM starts have their own first import: ``workers_without_torch``.
     """
-    if "tvm" in sys.modules or "torch" in sys.modules:
+    with hidden("torch") if "tvm" not in sys.modules else contextlib.nullcontext():
         import tvm
-
-        return tvm
-    sys.modules["torch"] = None  # ``import torch`` raises ImportError, which tvm_ffi expects without torch
-    try:
-        import tvm
-    finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
-            del sys.modules["torch"]
     return tvm
 
 
