@@ -13,6 +13,9 @@ import pytest
 
 import models
 from cli import dlopt
+from serving import dlopt_here
+
+import dlopt as api
 from dlopt.core.errors import ConfigError, TargetUnavailable
 from dlopt.targets.tvm.rpc import FRAME_CAP, PACKET_CAP, TALK_TIMEOUT_S
 from dlopt.targets.tvm.tuning_db import TuningDatabase, check_root
@@ -43,9 +46,11 @@ def tvm_out(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tvm-out")
     model = models.save(models.conv_bn_relu(channels=4, size=8), tmp / "m.onnx")
     (tmp / "dlopt.toml").write_text(TVM_HERE)
-    done = dlopt("compile", model, "--target", "tvm-here", "-o", tmp / "out", "--runs", "5", "--no-tuning", "-q",
-                 cwd=tmp, timeout=900)
-    assert done.returncode == 0, done.stderr
+    # the Python API in this process (what is tested is `dlopt bench`, in its own process): the same compile
+    # as `dlopt compile --runs 5 --no-tuning -q`, on 3 random feeds
+    api.compile(model, target="tvm-here", targets_file=tmp / "dlopt.toml", out=tmp / "out", runs=5, samples=3,
+                tuning_db=False, progress=False)
+    assert (tmp / "out" / "manifest.json").is_file()
     return tmp / "out"
 
 
@@ -120,11 +125,12 @@ def test_tune_db_on_a_file_is_one_line(tmp_path, where):
     model = models.save(models.conv_bn_relu(channels=4, size=8), tmp_path / "m.onnx")
     (tmp_path / "dlopt.toml").write_text(TVM_HERE)
     (tmp_path / "db").write_text("mine")
-    done = dlopt("tune", model, "--target", "tvm-here", "--trials", "2", "--db", tmp_path / where, cwd=tmp_path,
-                 timeout=600)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert f"cannot use {tmp_path / where} as the tuning database folder" in done.stderr
-    assert "give --db a folder" in done.stderr and (tmp_path / "db").read_text() == "mine"
+    # in this process (a refusal that starts nothing): the same command and error-to-exit-code mapping
+    code, err = dlopt_here("tune", model, "--target", "tvm-here", "--targets-file", tmp_path / "dlopt.toml",
+                           "--trials", "2", "--db", tmp_path / where)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot use {tmp_path / where} as the tuning database folder" in err
+    assert "give --db a folder" in err and (tmp_path / "db").read_text() == "mine"
 
 
 def test_the_early_db_check_says_what_the_database_would(tmp_path):
