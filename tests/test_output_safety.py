@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import onnx
 import pytest
 
 import models
-from cli import DLOPT, dlopt
+from cli import DLOPT
+from serving import dlopt_here
 
 FAST = ("--precision", "fp32", "--runs", "5", "--samples", "3")
 # The compiles these tests run to the end (or keep busy until they are stopped) target a CPU that builds
@@ -31,6 +33,24 @@ def here(tmp_path_factory):
 
 def _tiny(path):
     return models.save(models.conv_bn_relu(channels=4, size=8), path)
+
+
+def _here(*args, cwd):
+    """`dlopt ARGS` run from ``cwd`` in this process (tests/serving.py ``dlopt_here``: the same command, checks and
+    error-to-exit-code mapping as the console script, without its start-up), as (returncode, stderr)."""
+    with contextlib.chdir(cwd):
+        code, err = dlopt_here(*args)
+    return SimpleNamespace(returncode=code, stderr=err)
+
+
+def _compiled(model, out, here, cwd):
+    """A finished compile of ``model`` to ``out`` (relative to ``cwd``) on the ORT-only target: the Python API in this
+    process, with FAST's settings; its Report."""
+    import dlopt as api
+
+    with contextlib.chdir(cwd):
+        return api.compile(model, target=here[1], targets_file=here[3], out=out, precision="fp32", runs=5, samples=3,
+                           progress=False)
 
 
 def _tree(folder):
@@ -54,7 +74,7 @@ def test_folder_with_a_foreign_manifest_is_not_replaced(tmp_path):
     (proj / "src" / "main.c").write_text("int main(void) { return 0; }")
     _tiny(proj / "tiny.onnx")
     before = {p: p.read_bytes() for p in proj.rglob("*") if p.is_file()}
-    line = _one_error_line(dlopt("compile", "tiny.onnx", "-o", ".", *FAST, cwd=proj))
+    line = _one_error_line(_here("compile", "tiny.onnx", "-o", ".", *FAST, cwd=proj))
     assert "is not a dlopt output (no dlopt manifest): manifest.json, src, thesis.tex, tiny.onnx" in line
     assert {p: p.read_bytes() for p in proj.rglob("*") if p.is_file()} == before
     assert _tree(proj) == ["manifest.json", "src", "src/main.c", "thesis.tex", "tiny.onnx"]
@@ -62,10 +82,10 @@ def test_folder_with_a_foreign_manifest_is_not_replaced(tmp_path):
 
 def test_input_model_inside_a_dlopt_output_is_never_replaced(tmp_path, here):
     _tiny(tmp_path / "m.onnx")
-    assert dlopt("compile", "m.onnx", "-o", "out", *FAST, *here, cwd=tmp_path).returncode == 0
+    _compiled("m.onnx", "out", here, tmp_path)
     model = tmp_path / "out" / "model.onnx"
     before = model.read_bytes()
-    line = _one_error_line(dlopt("compile", model, "-o", tmp_path / "out", *FAST, cwd=tmp_path))
+    line = _one_error_line(_here("compile", model, "-o", tmp_path / "out", *FAST, cwd=tmp_path))
     assert "holds the input" in line and model.read_bytes() == before
 
 
@@ -74,7 +94,7 @@ def test_planted_lock_symlink_is_not_followed(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / ".out.dlopt-lock").symlink_to(victim)
-    line = _one_error_line(dlopt("compile", "m.onnx", "-o", "out", *FAST, cwd=tmp_path))
+    line = _one_error_line(_here("compile", "m.onnx", "-o", "out", *FAST, cwd=tmp_path))
     assert "is a symlink or not a file" in line
     assert victim.read_text() == "precious" and not (tmp_path / "out").exists()
 
@@ -82,7 +102,7 @@ def test_planted_lock_symlink_is_not_followed(tmp_path):
 def test_foreign_file_at_the_lock_path_is_not_overwritten(tmp_path):
     _tiny(tmp_path / "m.onnx")
     (tmp_path / ".out.dlopt-lock").write_text("my notes")
-    line = _one_error_line(dlopt("compile", "m.onnx", "-o", "out", *FAST, cwd=tmp_path))
+    line = _one_error_line(_here("compile", "m.onnx", "-o", "out", *FAST, cwd=tmp_path))
     assert "is not a dlopt lock file" in line
     assert (tmp_path / ".out.dlopt-lock").read_text() == "my notes"
 
@@ -90,7 +110,7 @@ def test_foreign_file_at_the_lock_path_is_not_overwritten(tmp_path):
 def test_dangling_symlink_as_output_is_refused(tmp_path):
     _tiny(tmp_path / "m.onnx")
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
-    line = _one_error_line(dlopt("compile", "m.onnx", "-o", "link", *FAST, cwd=tmp_path))
+    line = _one_error_line(_here("compile", "m.onnx", "-o", "link", *FAST, cwd=tmp_path))
     assert "is a symlink to" in line and "which does not exist" in line
     assert not (tmp_path / "nowhere").exists() and (tmp_path / "link").is_symlink()
 
@@ -141,7 +161,7 @@ def test_link_and_its_target_share_one_lock(tmp_path, tmp_path_factory, here):
     try:
         _wait_for(metric, "holding", first, timeout=240)
         _wait_for(tmp_path, ".real.dlopt-tmp-", first)
-        line = _one_error_line(dlopt("compile", "m.onnx", "-o", "link", *FAST, cwd=tmp_path))
+        line = _one_error_line(_here("compile", "m.onnx", "-o", "link", *FAST, cwd=tmp_path))
         assert f"another dlopt compile (pid {first.pid}) is writing {tmp_path / 'real'}" in line
     finally:
         first.kill()
@@ -158,10 +178,8 @@ def test_killed_run_leaves_staging_that_the_next_run_removes(tmp_path, here):
     assert staging.is_dir()
     other = tmp_path / ".other.dlopt-tmp-1-abc"  # another output's staging is not ours to remove
     other.mkdir()
-    result = dlopt("compile", "m.onnx", "-o", "out", *FAST, *here, "--json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    notes = _compiled("m.onnx", "out", here, tmp_path).notes
     assert not staging.exists() and other.is_dir()
-    notes = json.loads(result.stdout)["notes"]
     assert f"removed {staging.name}, left by an earlier compile that was killed" in notes
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.dlopt-tmp-1-abc", "m.onnx", "out"]
 
@@ -183,7 +201,7 @@ def test_two_quick_interrupts_clean_up_once_and_quietly(tmp_path, here):
 def test_output_name_too_long_fails_before_any_work(tmp_path):
     _tiny(tmp_path / "m.onnx")
     start = time.monotonic()
-    line = _one_error_line(dlopt("compile", "m.onnx", "-o", "x" * 240, *FAST, cwd=tmp_path))
+    line = _one_error_line(_here("compile", "m.onnx", "-o", "x" * 240, *FAST, cwd=tmp_path))
     assert "is too long (240 characters)" in line
     assert time.monotonic() - start < 20 and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
@@ -215,20 +233,19 @@ def test_model_file_is_still_there_after_every_refusal(tmp_path):
     path = _tiny(tmp_path / "m.onnx")
     data = onnx.load(path).SerializeToString()
     for args in (("-o", "."), ("-o", "m.onnx"), ("--threads", "100000")):
-        assert dlopt("compile", "m.onnx", *args, *FAST, cwd=tmp_path).returncode == 2
+        assert _here("compile", "m.onnx", *args, *FAST, cwd=tmp_path).returncode == 2
     assert onnx.load(path).SerializeToString() == data
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
 def test_missing_parents_are_created_and_removed_again_on_failure(tmp_path, here):
     _tiny(tmp_path / "m.onnx")
-    result = dlopt("compile", "m.onnx", "-o", "deep/a/b", *FAST, *here, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    _compiled("m.onnx", "deep/a/b", here, tmp_path)
     assert (tmp_path / "deep" / "a" / "b" / "manifest.json").is_file()
     # a compile that fails after the folders were made (the model fails at run time) leaves none of them
     from test_hostile_inputs import _reshape_to_seven
 
     models.save(_reshape_to_seven(), tmp_path / "bad.onnx")
-    result = dlopt("compile", "bad.onnx", "-o", "other/x", *FAST, *here, cwd=tmp_path)
+    result = _here("compile", "bad.onnx", "-o", "other/x", *FAST, *here, cwd=tmp_path)
     assert result.returncode == 2 and "cannot run the original model" in result.stderr
     assert not (tmp_path / "other").exists()
