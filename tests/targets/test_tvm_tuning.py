@@ -42,14 +42,39 @@ def host_db(root, model=None, threads: int = THREADS) -> tt.TuningDatabase:
     return tt.TuningDatabase(Path(root), tt.model_digest(model or tiny()), target)
 
 
+def _popen_workers() -> dict[int, str]:
+    """TVM's popen workers under this process: pid -> the libraries and files mapped into it."""
+    import psutil
+
+    workers = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "tvm.exec.popen_worker" in child.cmdline():
+                workers[child.pid] = Path(f"/proc/{child.pid}/maps").read_text()
+        except (psutil.Error, OSError):
+            pass  # a worker recycled meanwhile
+    return workers
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """The tiny CNN tuned for 8 trials on this host (one run shared by the tests below)."""
-    db = host_db(tmp_path_factory.mktemp("tuning"))
-    calls = []
-    result = tt.tune(tiny(), resolve_target("cpu"), trials=8, db=db, threads=THREADS,
-                     progress=lambda stage, done, total: calls.append((stage, done, total)))
-    return db, result, calls
+    """The tiny CNN tuned for 8 trials on this host (one run shared by the tests below), with PYTHONPATH
+    set as a caller's own: (database, result, progress calls, what each popen worker mapped while it ran,
+    os.environ before and after)."""
+    root = tmp_path_factory.mktemp("tuning")
+    db = host_db(root)
+    calls, workers = [], {}
+
+    def progress(stage, done, total):
+        calls.append((stage, done, total))
+        workers.update(_popen_workers())
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", str(root / "theirs"))
+        before = dict(os.environ)
+        result = tt.tune(tiny(), resolve_target("cpu"), trials=8, db=db, threads=THREADS, progress=progress)
+        after = dict(os.environ)
+    return db, result, calls, workers, (before, after)
 
 
 def test_host_target_names_the_cpu_and_its_vector_features():
@@ -79,7 +104,7 @@ def test_board_target_uses_its_cpu_and_cores_not_this_hosts():
 
 
 def test_tune_records_trials_and_reports_them(tuned):
-    db, result, calls = tuned
+    db, result, calls, _, _ = tuned
     assert result.tasks == 5 and 0 < result.tuned_tasks <= 5
     assert result.trials_run == 8  # rounds of 2, the last cut to what is left: exactly --trials
     assert result.trials_in_db == result.trials_run == db.record_count()
@@ -97,13 +122,26 @@ def test_tune_records_trials_and_reports_them(tuned):
         assert folder.stat().st_mode & 0o777 == 0o700
 
 
+def test_tuning_workers_start_without_torch_and_the_environment_is_as_before(tuned):
+    """MetaSchedule's builder and runner workers are ``python -m tvm.exec.popen_worker`` with dlopt's
+    environment: each one's ``import tvm`` took torch in (3.4 CPU-s a worker start with it, 1.4 without).
+    While the shared tune ran, every worker had TVM mapped and no torch; os.environ is as before it."""
+    _, result, _, workers, (before, after) = tuned
+    assert result.trials_run == 8
+    assert len(workers) >= 2, workers.keys()  # a builder worker and the runner's
+    assert all("libtvm" in maps for maps in workers.values())
+    with_torch = [pid for pid, maps in workers.items() if f"{os.sep}torch{os.sep}" in maps]
+    assert with_torch == [], f"{len(with_torch)} of {len(workers)} workers imported torch"
+    assert after == before and before["PYTHONPATH"].endswith("theirs")
+
+
 def test_tuned_build_applies_records_and_matches_onnxruntime(tuned):
     import tvm
     from tvm import relax
 
     from dlopt.targets.tvm import backend
 
-    db, result, _ = tuned
+    db, result, *_ = tuned
     model = tiny()
     mod = backend.relax_module(model, backend.input_specs(model))
     applied, tuned_tasks, tasks = tt.apply_database(mod, db.target, db)
@@ -121,7 +159,7 @@ def test_tuned_build_applies_records_and_matches_onnxruntime(tuned):
 
 
 def test_second_tune_with_the_same_trials_runs_none(tuned):
-    db, first, _ = tuned
+    db, first, *_ = tuned
     before = (db.path / tt.RECORDS).read_bytes()
     again = tt.tune(tiny(), resolve_target("cpu"), trials=8, db=db, threads=THREADS)
     assert again.trials_run == 0 and again.trials_in_db == first.trials_in_db
@@ -133,7 +171,7 @@ def test_another_target_is_another_folder_with_no_records(tuned):
     """MetaSchedule matches records by kernel only (apache/tvm #15549): one folder per target."""
     from dlopt.targets.tvm import backend
 
-    db, _, _ = tuned
+    db, *_ = tuned
     for other in (tt.tuning_target(resolve_target("rpi5"), THREADS), {**db.target, "num-cores": OTHER}):
         elsewhere = tt.TuningDatabase(db.root, db.model_sha256, other)
         assert elsewhere.path.parent == db.path.parent and elsewhere.path != db.path
@@ -213,7 +251,7 @@ def test_sigint_stops_the_run_and_keeps_its_trials(tmp_path):
 def test_torn_last_line_is_dropped_when_writing_and_skipped_when_reading(tuned, tmp_path, caplog):
     import shutil
 
-    db, result, _ = tuned
+    db, result, *_ = tuned
     copy = tt.TuningDatabase(tmp_path / "copy", db.model_sha256, db.target)
     copy.path.parent.mkdir(mode=0o700, parents=True)
     shutil.copytree(db.path, copy.path)
