@@ -2,7 +2,8 @@
 which dlopt never passes), 1.8 of 3.2 CPU-s of TVM's import in a fresh process here. A compile that builds,
 verifies and times a TVM library, and ``dlopt.load`` of it, run without torch in sys.modules; torch imports
 as usual afterwards and the library still runs.  MetaSchedule's worker processes import TVM without torch
-too, and the environment they inherited it from is as before after the tune."""
+too (``workers_without_torch`` here; a real tune's workers in tests/targets/test_tvm_tuning.py, which has
+one to look at)."""
 
 from __future__ import annotations
 
@@ -67,47 +68,6 @@ def test_the_rpc_relay_child_imports_the_standard_library_only():
     assert imported and imported - {"__future__"} <= set(sys.stdlib_module_names), imported
     # the child rpc.py starts is this file, run without the script's folder on sys.path (-P)
     assert rpc.rpc_relay.__file__ == rpc_relay.__file__ and rpc.TALK_TIMEOUT_S == rpc_relay.TALK_TIMEOUT_S
-
-
-def _popen_workers() -> dict[int, str]:
-    """TVM's popen workers under this process: pid -> the libraries and files mapped into it."""
-    import psutil
-
-    workers = {}
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "tvm.exec.popen_worker" in child.cmdline():
-                workers[child.pid] = Path(f"/proc/{child.pid}/maps").read_text()
-        except (psutil.Error, OSError):
-            pass  # a worker recycled meanwhile
-    return workers
-
-
-def test_tuning_workers_start_without_torch_and_the_environment_is_as_before(tmp_path, monkeypatch):
-    """MetaSchedule's builder and runner workers are ``python -m tvm.exec.popen_worker`` with dlopt's
-    environment: each one's ``import tvm`` took torch in (3.4 CPU-s a worker start with it, 1.4 without).
-    A 2-trial tune still records its trials; while it ran, every worker had TVM mapped and no torch."""
-    pytest.importorskip("xgboost", reason="MetaSchedule's cost model needs xgboost (install dlopt[tvm])")
-    pytest.importorskip("psutil", reason="MetaSchedule needs psutil (install dlopt[tvm])")
-    import onnx_ir as ir
-
-    from dlopt.core.profiles import resolve_target
-    from dlopt.targets.tvm import tuning as tt
-
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "theirs"))
-    before = dict(os.environ)
-    model = ir.serde.deserialize_model(models.conv_bn_relu(channels=4, size=8))
-    target = tt.tuning_target(resolve_target("cpu"), 1)
-    db = tt.TuningDatabase(tmp_path / "db", tt.model_digest(model), target)
-    seen: dict[int, str] = {}
-    result = tt.tune(model, resolve_target("cpu"), trials=2, db=db, threads=1,
-                     progress=lambda stage, done, total: seen.update(_popen_workers()))
-    assert result.trials_run == 2 and result.trials_in_db == 2 and result.tuned_tasks >= 1, result
-    assert len(seen) >= 2, seen.keys()  # a builder worker and the runner's
-    assert all("libtvm" in maps for maps in seen.values())
-    with_torch = [pid for pid, maps in seen.items() if f"{os.sep}torch{os.sep}" in maps]
-    assert with_torch == [], f"{len(with_torch)} of {len(seen)} workers imported torch"
-    assert dict(os.environ) == before
 
 
 @pytest.mark.parametrize("pythonpath", [None, "", "/their/lib"], ids=["unset", "empty", "set"])
