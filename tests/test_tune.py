@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -9,6 +10,7 @@ import pytest
 
 import models
 from cli import dlopt
+from serving import dlopt_here
 
 TVM_HERE = '[targets.tvm-here]\nbase = "cpu"\nbackends = ["tvm"]\n'
 # One thread: TVM's pool of two spins against each other on a loaded 2-core machine (28 ms a run, not 0.1)
@@ -98,8 +100,12 @@ def test_more_trials_run_exactly_the_rest_and_the_estimate_only_falls(tuned):
     (["--target", "rpi5"], "give --rpc-tracker"),
 ])
 def test_bad_tune_requests_are_one_line_errors(tmp_path, args, message):
+    """In this process (tests/serving.py ``dlopt_here``: the console script's command, checks and exit codes
+    without its start-up): each is refused before any TVM work."""
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
     (tmp_path / "dlopt.toml").write_text('[targets.cpu-ort-only]\nbase = "cpu"\nbackends = ["ort"]\n')
-    done = dlopt("tune", model, "--trials", "2", "--db", tmp_path / "db", *args, cwd=tmp_path)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    with contextlib.chdir(tmp_path):
+        code, err = dlopt_here("tune", model, "--trials", "2", "--db", tmp_path / "db", *args)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "db").exists()
