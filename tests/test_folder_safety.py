@@ -19,6 +19,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from numpy.lib import format as npy
 
 import models
 from cli import dlopt
+from serving import dlopt_here
 
 import dlopt as api
 from dlopt.core.artifacts import FILE_HASHES, check_native_files, contained_path
@@ -101,6 +103,15 @@ def one_error_line(done, code: int) -> str:
     assert done.returncode == code, done.stderr
     assert len(lines) == 1 and "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
     return lines[0]
+
+
+def here(*args) -> SimpleNamespace:
+    """`dlopt ARGS` in this process (tests/serving.py ``dlopt_here``: the console script's command, checks and
+    error-to-exit-code mapping without its start-up), as (returncode, stderr): for the refusals, where the
+    subject is what dlopt checks before it loads anything; a library that did load would write its marker here
+    all the same.  The zip bomb and the FIFOs still go to a subprocess, whose memory and time are bounded."""
+    code, err = dlopt_here(*args)
+    return SimpleNamespace(returncode=code, stderr=err)
 
 
 def run_script(out: Path, *args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -196,7 +207,7 @@ def test_verify_npz_dir_outside_the_output_is_refused_before_anything_loads(out,
     where = str(elsewhere) if how == "absolute" else "bundle/../../elsewhere"
     rewrite_meta(out, lambda m: m["candidates"]["tvm/fp32"].update(dir=where))
     for verb in ("verify", "bench"):
-        line = one_error_line(dlopt(verb, out, "-q", *(["--runs", "5"] if verb == "bench" else [])), 2)
+        line = one_error_line(here(verb, out, "-q", *(["--runs", "5"] if verb == "bench" else [])), 2)
         assert "names the path" in line and "(verify.npz)" in line
     done = run_script(out, "--verify-only")
     line = one_error_line(done, 2)
@@ -218,14 +229,14 @@ def test_a_swapped_library_is_refused_and_its_constructor_never_runs(out, tmp_pa
     marker = tmp_path / "marker"
     evil_library(out / "bundle" / "tvm-fp32", marker)
     for verb in ("verify", "bench"):
-        line = one_error_line(dlopt(verb, out, "-q", *(["--runs", "5"] if verb == "bench" else [])), 2)
+        line = one_error_line(here(verb, out, "-q", *(["--runs", "5"] if verb == "bench" else [])), 2)
         assert "bundle/tvm-fp32/model.so" in line and "sha256 differs" in line and "recompile" in line
     with pytest.raises(ConfigError, match="sha256 differs"):  # what dlopt.load calls first (runner.load)
         check_native_files(out, out / "bundle" / "tvm-fp32", ["model.so", "tvm_build.json"])
     line = one_error_line(run_script(out, "--verify-only"), 2)  # the script on the device checks the same
     assert line.startswith("run_candidates.py: error: bundle/tvm-fp32/model.so") and "sha256 differs" in line
     # -c ort/fp32 alone loads no native code: it runs
-    done = dlopt("verify", out, "-q", "-c", "ort/fp32", "--json")
+    done = here("verify", out, "-q", "-c", "ort/fp32", "--json")
     assert done.returncode == 0, done.stderr
     assert run_script(out, "--verify-only", "--candidate", "ort/fp32").returncode == 0
     assert not marker.exists()
@@ -235,7 +246,7 @@ def test_a_planted_library_beside_the_candidate_is_refused(out, tmp_path):
     marker = tmp_path / "marker"
     evil_library(tmp_path / "evil", marker)
     shutil.copy(tmp_path / "evil" / "model.so", out / "bundle" / "tvm-fp32" / "libextra.so")
-    line = one_error_line(dlopt("verify", out, "-q"), 2)
+    line = one_error_line(here("verify", out, "-q"), 2)
     assert "bundle/tvm-fp32/libextra.so" in line and "did not write" in line
     assert "bundle/tvm-fp32/libextra.so is not a file dlopt published" in one_error_line(run_script(out), 2)
     assert not marker.exists()
@@ -243,10 +254,10 @@ def test_a_planted_library_beside_the_candidate_is_refused(out, tmp_path):
 
 def test_a_manifest_without_hashes_loads_no_native_code(out, tmp_path):
     rewrite_manifest(out, lambda m: m.pop(FILE_HASHES))
-    line = one_error_line(dlopt("verify", out, "-q"), 2)
+    line = one_error_line(here("verify", out, "-q"), 2)
     assert "records no file hashes" in line and "recompile" in line
     assert "records no file hashes" in one_error_line(run_script(out, "--verify-only"), 2)
-    done = dlopt("verify", out, "-q", "-c", "ort/fp32")  # no native code: loads as before
+    done = here("verify", out, "-q", "-c", "ort/fp32")  # no native code: loads as before
     assert done.returncode == 0, done.stderr
 
 
@@ -323,12 +334,12 @@ def test_a_header_declaring_more_than_its_entry_holds_is_refused(tmp_path):
 
 def test_a_huge_timing_shape_is_refused_before_anything_runs(out):
     rewrite_meta(out, lambda m: m.update(timing_shapes={"x": [200_000_000, 3, 16, 16]}))
-    line = one_error_line(dlopt("bench", out, "-q", "--runs", "5"), 2)
+    line = one_error_line(here("bench", out, "-q", "--runs", "5"), 2)
     assert "timing shapes need 614400000000 bytes" in line
     line = one_error_line(run_script(out), 2)
     assert "timing shapes need" in line
     rewrite_meta(out, lambda m: m.update(timing_shapes={"x": ["many", 3, 16, 16]}))
-    assert "not a list of sizes" in one_error_line(dlopt("bench", out, "-q", "--runs", "5"), 2)
+    assert "not a list of sizes" in one_error_line(here("bench", out, "-q", "--runs", "5"), 2)
 
 
 # -- item 15: thread counts in the files run_candidates.py reads -----------------------------------
@@ -359,11 +370,11 @@ def test_a_changed_c_source_is_refused_before_gcc_builds_and_loads_it(tmp_path):
     out = tmp_path / "out"
     api.compile(models.conv_bn_relu(channels=4, size=8), target="cortex-m7", out=out, precision="fp32", runs=5,
                 warmup=1, samples=4, cache=False)
-    assert dlopt("verify", out, "-q").returncode == 0
+    assert here("verify", out, "-q").returncode == 0
     marker = tmp_path / "marker"
     source = out / "model.c"
     source.write_text(source.read_text() + '\n#include <stdio.h>\n__attribute__((constructor)) static void evil(void)'
                       f' {{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
-    line = one_error_line(dlopt("verify", out, "-q"), 2)
+    line = one_error_line(here("verify", out, "-q"), 2)
     assert line.startswith("dlopt: error: model.c in ") and "sha256 differs" in line
     assert not marker.exists()
