@@ -16,7 +16,7 @@ import time
 import pytest
 
 from cli import dlopt
-from test_folder_safety import (built, evil_library, one_error_line, out, rewrite_manifest,  # noqa: F401
+from test_folder_safety import (built, evil_library, here, one_error_line, out, rewrite_manifest,  # noqa: F401
                                 rewrite_meta, run_script, tree)
 
 from dlopt.device import device_check
@@ -34,7 +34,7 @@ def test_a_bundle_candidate_pointed_at_the_top_level_is_refused(out, tmp_path):
     evil_library(tmp_path / "lib", marker).rename(out / "bundle" / "tvm-fp32" / "model.so")
     rewrite_meta(out, lambda m: m["candidates"]["tvm/fp32"].update(dir="."))
     for verb in ("verify", "bench"):
-        line = one_error_line(dlopt(verb, out, "-q", *(["--runs", "5"] if verb == "bench" else [])), 2)
+        line = one_error_line(here(verb, out, "-q", *(["--runs", "5"] if verb == "bench" else [])), 2)
         assert "puts the candidate 'tvm/fp32' in '.'" in line and "ships it in 'bundle/tvm-fp32'" in line, line
     line = one_error_line(run_script(out, "--verify-only"), 2)
     assert line.startswith("run_candidates.py: error:") and "ships it in 'bundle/tvm-fp32'" in line, line
@@ -50,7 +50,7 @@ def test_a_bundle_candidate_pointed_at_the_top_level_is_refused(out, tmp_path):
 ])
 def test_a_verify_entry_that_is_not_the_manifests_candidate_is_refused(out, change, why):
     rewrite_meta(out, change)
-    assert why in one_error_line(dlopt("verify", out, "-q"), 2)
+    assert why in one_error_line(here("verify", out, "-q"), 2)
     assert why in one_error_line(run_script(out, "--verify-only"), 2)
     assert not (out / "device_report.json").exists()
 
@@ -58,16 +58,16 @@ def test_a_verify_entry_that_is_not_the_manifests_candidate_is_refused(out, chan
 def test_a_bundle_folder_that_opens_as_another_candidate_is_refused(out):
     """Two manifest keys on one folder: dlopt.load opens bundle/tvm-fp32 as the first, ort/fp16."""
     rewrite_manifest(out, lambda m: m.update(bundle={"ort/fp16": "bundle/tvm-fp32", **m["bundle"]}))
-    line = one_error_line(dlopt("verify", out, "-q", "--candidate", "tvm/fp32"), 2)
+    line = one_error_line(here("verify", out, "-q", "--candidate", "tvm/fp32"), 2)
     assert "lacks a readable session_options.json" in line, line  # opened as ort/fp16: not what it is
     shutil.copy(out / "session_options.json", out / "bundle" / "tvm-fp32")
-    line = one_error_line(dlopt("verify", out, "-q", "--candidate", "tvm/fp32"), 2)
+    line = one_error_line(here("verify", out, "-q", "--candidate", "tvm/fp32"), 2)
     assert "holds a ort/fp16 artefact, not tvm/fp32" in line, line
     (out / "bundle" / "tvm-fp32" / "session_options.json").unlink()
     # a manifest.json planted in the bundle folder: refused before anything loads
     rewrite_manifest(out, lambda m: m["bundle"].pop("ort/fp16"))
     shutil.copy(out / "manifest.json", out / "bundle" / "tvm-fp32" / "manifest.json")
-    assert "manifest.json" in one_error_line(dlopt("verify", out, "-q"), 2)
+    assert "manifest.json" in one_error_line(here("verify", out, "-q"), 2)
 
 
 def test_the_untouched_output_still_verifies_in_both(out):
@@ -139,7 +139,7 @@ def test_a_name_too_long_for_the_file_system_is_one_line(out, name):
         device_check.contained_path(out, name)
     assert "cannot be checked" in str(raised.value) and len(str(raised.value)) < 400
     rewrite_meta(out, lambda m: m["candidates"]["tvm/fp32"].update(dir=name))
-    one_error_line(dlopt("verify", out, "-q"), 2)
+    one_error_line(here("verify", out, "-q"), 2)
     line = one_error_line(run_script(out, "--verify-only"), 2)
     assert "cannot be checked" in line and len(line) < 500
 
@@ -158,7 +158,7 @@ def test_foreign_ort_config_entries_are_refused_before_anything_runs(out, tmp_pa
     with pytest.raises(VerifyFileError, match=want):
         device_check.open_plain(out, "ort")
     assert want in one_error_line(run_script(out, "--verify-only"), 2)
-    assert want in one_error_line(dlopt("verify", out, "-q"), 2)
+    assert want in one_error_line(here("verify", out, "-q"), 2)
     assert not context.exists() and not (out / "device_report.json").exists()
     options.update(config_entries={"session.x64quantprecision": "1"}, graph_optimization_level="__class__")
     (out / "session_options.json").write_text(json.dumps(options))
