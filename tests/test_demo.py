@@ -23,7 +23,20 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
-def test_demo_trains_compiles_and_keeps_accuracy(tmp_path):
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the compile's PyTorch work (ExecuTorch's torch.export, PT2E calibration), as
+    DLOPT_THREADS=1 (tests/conftest.py) gives the runtimes one: on a loaded two-core machine a second
+    thread spins in OpenMP's barrier. The demo trains on one thread whatever this says."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_demo_trains_compiles_and_keeps_accuracy(tmp_path, one_torch_thread):
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "-o", str(out)])
 
