@@ -11,6 +11,7 @@ run_candidates.py in a process where dlopt cannot be imported.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -177,8 +178,8 @@ def test_an_onnx_file_alone_is_refused_in_one_line(compiled, tmp_path):
 
     if compiled["name"] != "cnn":
         pytest.skip("once is enough")
-    model = tmp_path / "m.onnx"
-    dlopt.export(Cnn().eval(), torch.zeros(1, 1, 8, 8), model, input_names=["image"])
+    model = tmp_path / "m.onnx"  # the CNN as ONNX: the compile's own export of it, beside its output
+    shutil.copyfile(compiled["out"] / "model.onnx", model)
     with pytest.raises(ModelError, match=r"executorch/fp32: built from a PyTorch module only") as refused:
         dlopt.compile(model, target="board", targets_file=compiled["root"] / "t.toml", out=tmp_path / "out",
                       precision="fp32", samples=2, runs=2, progress=False, max_accuracy_drop=100.0)
@@ -188,8 +189,6 @@ def test_an_onnx_file_alone_is_refused_in_one_line(compiled, tmp_path):
 def test_the_rpi5_bundle_ships_the_board_runtime_and_verifies_under_emulation(compiled):
     """The target is an rpi5: each .pte ships with ExecuTorch's runtime built for aarch64 (no torch on the
     board), and `dlopt verify` runs both under qemu-aarch64 (a Cortex-A76), labelled emulated."""
-    import shutil
-
     from dlopt.device.emulation import aarch64_python
 
     if compiled["name"] != "cnn":
