@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
+from types import SimpleNamespace
 from typing import Callable
 
 from dlopt.core.errors import TargetUnavailable
@@ -16,13 +18,21 @@ def dlopt_here(*args) -> tuple[int, str]:
     option checks and error-to-exit-code mapping as the console script, without its 1.3 CPU-seconds of
     start-up.  For refusals that start nothing; the SIGINT/SIGTERM handlers (and wakeup fd) the CLI
     installs are put back afterwards, so this process answers signals as it did."""
+    code, _, err = dlopt_here_out(*args)
+    return code, err
+
+
+def dlopt_here_out(*args) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``dlopt ARGS`` run in this process, as ``dlopt_here`` (same command,
+    exit mapping, signal handlers put back): for ``--json`` runs and printed summaries where the console
+    script's own process is not what the test checks."""
     from click.testing import CliRunner
 
     from dlopt.cli.app import main
 
     if threading.current_thread() is not threading.main_thread():  # the CLI installs no handlers there
         result = CliRunner().invoke(main, [str(a) for a in args])
-        return result.exit_code, result.stderr
+        return result.exit_code, result.stdout, result.stderr
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     wakeup = signal.set_wakeup_fd(-1)
     signal.set_wakeup_fd(wakeup)
@@ -32,7 +42,16 @@ def dlopt_here(*args) -> tuple[int, str]:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         signal.set_wakeup_fd(wakeup)
-    return result.exit_code, result.stderr
+    return result.exit_code, result.stdout, result.stderr
+
+
+def dlopt_in(*args, cwd=None) -> SimpleNamespace:
+    """``dlopt_here_out`` from ``cwd`` (this process's folder when None), as returncode/stdout/stderr, the
+    attributes of tests/cli.py ``dlopt``'s result: a drop-in where the console script's own process is not
+    what a test checks (no 1.3 CPU-seconds of start-up)."""
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+        code, out, err = dlopt_here_out(*args)
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def triton_missing() -> str | None:

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 import models
-from cli import dlopt
 from helpers import max_rel_error, op_counts, run_ort
+from serving import dlopt_in as here
 
 import dlopt as api
 
@@ -30,8 +30,8 @@ def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
     (tmp / "dlopt.toml").write_text(ORT_ONLY)
     model = models.save(models.conv_bn_relu(channels=16, size=32, batch="N"), tmp / "m.onnx")
-    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp / "out", "--runs", "10", "--precision", "fp32",
-                   cwd=tmp)
+    result = here("compile", model, "--target", "ort-cpu", "-o", tmp / "out", "--runs", "10", "--precision", "fp32",
+                  cwd=tmp)
     assert result.returncode == 0, result.stderr
     return tmp, result
 
@@ -39,7 +39,7 @@ def compiled(tmp_path_factory):
 def test_acceptance_target_cpu(tmp_path):
     """`dlopt compile M.onnx --target cpu -o out/` on Conv+BN+ReLU: files, no BN, same outputs."""
     model = models.save(models.conv_bn_relu(channels=16, size=32, batch="N"), tmp_path / "m.onnx")
-    result = dlopt("compile", model, "--target", "cpu", "-o", tmp_path / "out", "--runs", "10", cwd=tmp_path)
+    result = here("compile", model, "--target", "cpu", "-o", tmp_path / "out", "--runs", "10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for name in ("model.onnx", "report.json", "manifest.json"):
         assert (tmp_path / "out" / name).is_file()
@@ -126,16 +126,16 @@ def test_recompile_replaces_previous_output_but_not_foreign_files(compiled, tmp_
     published = json.loads((tmp / "out" / "manifest.json").read_text())["published"]
     # device_report.json is dlopt's too, though only `dlopt bench` on the device writes it
     assert sorted(p.name for p in (tmp / "out").iterdir()) == [p for p in published if p != "device_report.json"]
-    result = dlopt("compile", tmp / "m.onnx", "--target", "ort-cpu", "-o", tmp / "out", "--runs", "5", "--samples",
-                   "3", "--precision", "fp32", cwd=tmp)
+    result = here("compile", tmp / "m.onnx", "--target", "ort-cpu", "-o", tmp / "out", "--runs", "5", "--samples",
+                  "3", "--precision", "fp32", cwd=tmp)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp / "out" / "report.json").read_text())["evaluation"]["feeds"] == 3
     # a file dlopt did not write makes the folder someone else's: refused, nothing touched
     marker = tmp / "out" / "notes.txt"
     marker.write_text("mine")
     before = (tmp / "out" / "report.json").read_bytes()
-    result = dlopt("compile", tmp / "m.onnx", "--target", "ort-cpu", "-o", tmp / "out", "--runs", "5", "--samples",
-                   "4", "--precision", "fp32", cwd=tmp)
+    result = here("compile", tmp / "m.onnx", "--target", "ort-cpu", "-o", tmp / "out", "--runs", "5", "--samples",
+                  "4", "--precision", "fp32", cwd=tmp)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("holds files dlopt did not write: notes.txt; choose another -o or "
                                           "move them away")
@@ -146,8 +146,8 @@ def test_json_output_is_the_report(tmp_path):
     # one backend is enough: --json prints whatever report.json holds (int8 and fp16 rows included)
     (tmp_path / "dlopt.toml").write_text(ORT_ONLY)
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
-    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp_path / "o", "--json", "--runs", "5", "--warmup",
-                   "1", "--samples", "3", cwd=tmp_path)
+    result = here("compile", model, "--target", "ort-cpu", "-o", tmp_path / "o", "--json", "--runs", "5", "--warmup",
+                  "1", "--samples", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data == json.loads((tmp_path / "o" / "report.json").read_text())
@@ -179,7 +179,7 @@ def test_target_that_does_not_run_here_is_verified_not_timed(tmp_path):
     # rpi5's profile with ONNX Runtime alone: the rows asserted are ORT's; no TVM cross-builds for aarch64
     (tmp_path / "dlopt.toml").write_text('[targets.rpi5-ort]\nbase = "rpi5"\nbackends = ["ort"]\n')
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
-    result = dlopt("compile", model, "--target", "rpi5-ort", "-o", tmp_path / "rpi", "--runs", "5", cwd=tmp_path)
+    result = here("compile", model, "--target", "rpi5-ort", "-o", tmp_path / "rpi", "--runs", "5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "rpi" / "report.json").read_text())
     rows = {c["precision"]: c for c in report["candidates"] if c["backend"] == "ort"}
@@ -281,8 +281,7 @@ def test_fp32_rule_passes_reassociation_noise_on_a_near_zero_map_and_names_itsel
 
 
 def test_over_budget_message_names_the_rule_that_refused_each_near_candidate(tmp_path):
-    from types import SimpleNamespace
-
+    
     from dlopt.flow.select import over_budget_message
 
     def cand(key, drop, reason):
@@ -304,8 +303,8 @@ def test_int8_that_misses_the_budget_is_named_with_its_miss_and_the_metric_flag(
     np.savez(tmp_path / "eval.npz", x=rng.standard_normal((64, 16)).astype(np.float32))
     model = models.save(models.outlier_mlp(), tmp_path / "m.onnx")
     # plain int8 misses any sensible budget on this model (models.outlier_mlp); fp32 ships
-    result = dlopt("compile", model, "--target", "ort-cpu", "-o", tmp_path / "out", "--eval", tmp_path / "eval.npz",
-                   "--search-time", "0", "--runs", "5", "--max-accuracy-drop", "0.5", cwd=tmp_path)
+    result = here("compile", model, "--target", "ort-cpu", "-o", tmp_path / "out", "--eval", tmp_path / "eval.npz",
+                  "--search-time", "0", "--runs", "5", "--max-accuracy-drop", "0.5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     int8 = next(c for c in report["candidates"] if c["precision"] == "int8")
