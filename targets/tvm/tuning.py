@@ -301,6 +301,10 @@ class _Run:
         population = min(512, max(64, 16 * per_round))
         strategy = ms.search_strategy.EvolutionarySearch(population_size=population,
                                                          init_min_unmeasured=min(50, population))
+        # The XGBoost cost model trains with --threads threads, not every core: on a busy machine the idle
+        # ones spin (an 8-trial tune of the test CNN with one thread on 2 cores: 14.1 -> 9.3 CPU-s in this
+        # process, 27 -> 21 s).  The same model otherwise (tune_tasks would make it with the tasks' cores).
+        cost_model = ms.cost_model.XGBModel(num_tuning_cores=min(threads, os.cpu_count() or 1), tree_method="auto")
         # Not extracted_tasks_to_tune_contexts: it reconfigures logging process-wide (dictConfig,
         # a console handler on stdout); MetaSchedule's per-trial log goes to dlopt's debug log.
         search_log = logging.getLogger(f"{__name__}.search")
@@ -324,7 +328,7 @@ class _Run:
                 ms.tune.tune_tasks(  # work_dir only holds a "json" database, and ours is given
                     tasks=contexts, task_weights=self.weights, work_dir=str(self.db.path),
                     max_trials_global=self.wanted, num_trials_per_iter=per_round, builder=builder,
-                    runner=runner, database=self.database, cost_model="xgb", task_scheduler=_scheduler(self),
+                    runner=runner, database=self.database, cost_model=cost_model, task_scheduler=_scheduler(self),
                     module_equality="structural",
                     measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(self)])
             except (DloptError, KeyboardInterrupt):
