@@ -1,7 +1,9 @@
 """verify.npz, run_candidates.py, `dlopt verify`, `dlopt bench [--select]` and device_report.json.
 
 Real ONNX Runtime, OpenVINO and TVM artefacts; the rpi5 TVM library under qemu-aarch64
-where the emulation environment is installed (`make arm64-env`), skipped otherwise.
+where the emulation environment is installed (`make arm64-env`), skipped otherwise.  The dlopt verbs run in
+this process (tests/serving.py ``dlopt_in``: the console script's command and exit mapping without its
+start-up); run_candidates.py, whose own process must do without dlopt, runs as a script.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import onnx
 import pytest
 
 import models
-from cli import dlopt
+from serving import dlopt_in as here
 
 import dlopt as api
 from dlopt.device.device_check import VerifyData
@@ -32,7 +34,7 @@ def rpi5(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rpi5")
     model = models.save(MODEL, tmp / "m.onnx")
     # 20 random samples, one a feed (a classifier's default would be 1000, 32 to a feed)
-    done = dlopt("compile", model, "--target", "rpi5", "-o", tmp / "out", "-q", "--runs", "20", "--samples", "20")
+    done = here("compile", model, "--target", "rpi5", "-o", tmp / "out", "-q", "--runs", "20", "--samples", "20")
     assert done.returncode == 0, done.stderr
     return tmp / "out"
 
@@ -93,7 +95,7 @@ def test_a_broken_candidate_fails_verification(rpi5, tmp_path):
     weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
     onnx.save(broken, str(path))
     # the broken candidate and a sound one (every candidate, the emulated TVM library too, in the emulation test)
-    done = dlopt("verify", out, "--json", "-q", "--candidate", "ort/fp16", "--candidate", "ort/fp32")
+    done = here("verify", out, "--json", "-q", "--candidate", "ort/fp16", "--candidate", "ort/fp32")
     assert done.returncode == 1
     rows = {r["key"]: r for r in json.loads(done.stdout)["candidates"]}
     assert set(rows) == {"ort/fp16", "ort/fp32"}
@@ -108,7 +110,7 @@ def test_bench_writes_the_device_report_and_a_recompile_replaces_it(rpi5, tmp_pa
 
     out = tmp_path / "out"
     shutil.copytree(rpi5, out)
-    done = dlopt("bench", out, "--runs", "20", "--json", "-q", "--candidate", "ort/fp32", "--candidate", "ort/int8")
+    done = here("bench", out, "--runs", "20", "--json", "-q", "--candidate", "ort/fp32", "--candidate", "ort/int8")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "device_report.json").read_text())
     assert report["host"]["machine"] and report["this_machine_matches_target_arch"] is False
@@ -116,13 +118,13 @@ def test_bench_writes_the_device_report_and_a_recompile_replaces_it(rpi5, tmp_pa
     assert "## Measured on the device" in (out / "report.md").read_text()
     assert 'id="device"' in (out / "report.html").read_text()
     # --select on another machine than the device is refused: x86 timings do not choose for a Pi
-    refused = dlopt("bench", out, "--runs", "20", "-q", "--select", "--candidate", "ort/fp32")
+    refused = here("bench", out, "--runs", "20", "-q", "--select", "--candidate", "ort/fp32")
     assert refused.returncode == 2 and "not the rpi5 device" in refused.stderr
     model = models.save(MODEL, tmp_path / "m.onnx")
     # any recompile into the folder replaces it: the rpi5 profile with ONNX Runtime's fp32 alone
     (tmp_path / "t.toml").write_text('[targets.rpi5-ort]\nbase = "rpi5"\nbackends = ["ort"]\n')
-    again = dlopt("compile", model, "--target", "rpi5-ort", "--targets-file", tmp_path / "t.toml", "-o", out, "-q",
-                  "--precision", "fp32", "--runs", "20")
+    again = here("compile", model, "--target", "rpi5-ort", "--targets-file", tmp_path / "t.toml", "-o", out, "-q",
+                 "--precision", "fp32", "--runs", "20")
     assert again.returncode == 0, again.stderr
     assert not (out / "device_report.json").exists()
 
@@ -151,7 +153,7 @@ def test_select_moves_the_fastest_verified_candidate_to_the_top(tmp_path):
     with api.load(out) as top, api.load(out / "bundle" / "ort-fp32") as ort_runner:
         assert top.key == "openvino/fp32"
         np.testing.assert_allclose(top.run({"x": x})[0], ort_runner.run({"x": x})[0], rtol=1e-4, atol=1e-5)
-    done = dlopt("verify", out, "--json", "-q")
+    done = here("verify", out, "--json", "-q")
     assert done.returncode == 0, done.stderr
     rows = {r["key"]: r for r in json.loads(done.stdout)["candidates"]}
     assert {k: r["verified"] for k, r in rows.items()} == {"ort/fp32": True, "openvino/fp32": True, "tvm/fp32": True}
@@ -166,7 +168,7 @@ def test_rpi5_tvm_library_is_verified_and_timed_under_emulation(rpi5, tmp_path):
 
     out = tmp_path / "out"
     shutil.copytree(rpi5, out)
-    done = dlopt("bench", out, "--runs", "20", "--json", "-q", timeout=900)
+    done = here("bench", out, "--runs", "20", "--json", "-q")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     rows = {r["key"]: r for r in report["candidates"]}
@@ -180,11 +182,11 @@ def test_rpi5_tvm_library_is_verified_and_timed_under_emulation(rpi5, tmp_path):
 def test_jetson_bundle_verifies_its_ort_candidates_and_skips_what_needs_the_board(tmp_path):
     model = models.save(MODEL, tmp_path / "m.onnx")
     out = tmp_path / "jet"
-    done = dlopt("compile", model, "--target", "jetson-orin", "-o", out, "-q", "--runs", "20")
+    done = here("compile", model, "--target", "jetson-orin", "-o", out, "-q", "--runs", "20")
     assert done.returncode == 0, done.stderr
     assert "--minShapes=x:1x3x16x16 --optShapes=x:1x3x16x16 --maxShapes=x:8x3x16x16" in (
         out / "build_engine.sh").read_text()
-    done = dlopt("verify", out, "--json", "-q")
+    done = here("verify", out, "--json", "-q")
     assert done.returncode == 0, done.stderr
     rows = {r["key"]: r for r in json.loads(done.stdout)["candidates"]}
     assert all(r["verified"] for k, r in rows.items() if k.startswith("ort/"))
