@@ -1,4 +1,7 @@
-"""dlopt.load(out).run(feeds) and `dlopt run`: real ORT, OpenVINO and TVM artefacts, batch 1 and 8."""
+"""dlopt.load(out).run(feeds) and `dlopt run`: real ORT, OpenVINO and TVM artefacts, batch 1 and 8.
+
+`dlopt run` runs in this process (tests/serving.py ``dlopt_in``: the console script's command, printing and
+exit mapping without its start-up)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 import models
-from cli import dlopt
+from serving import dlopt_in as here
 from helpers import max_rel_error, run_ort
 
 import dlopt as api
@@ -114,8 +117,8 @@ def test_cli_run_writes_what_the_api_returns(outs, tmp_path):
     np.savez(tmp_path / "data.npz", x=x)
     for where in (".", "bundle/openvino-fp32"):
         folder = outs["ort"] / where
-        result = dlopt("run", folder, "--input", tmp_path / "data.npz", "--output", tmp_path / "preds.npz",
-                       "--batch-size", "8")
+        result = here("run", folder, "--input", tmp_path / "data.npz", "--output", tmp_path / "preds.npz",
+                      "--batch-size", "8")
         assert result.returncode == 0, result.stderr
         line = result.stdout.strip()
         assert line.startswith("ran ") and " on 9 samples in 2 batches of 8 in " in line
@@ -126,7 +129,7 @@ def test_cli_run_writes_what_the_api_returns(outs, tmp_path):
                 np.testing.assert_array_equal(preds["logits"], np.concatenate(
                     [runner.run({"x": x[:8]})[0], runner.run({"x": x[8:]})[0]]))
             assert max_rel_error(run_ort(MODEL, {"x": x})[0], preds["logits"]) <= 1e-5
-    result = dlopt("run", outs["tvm"], "-i", tmp_path / "data.npz", "-o", tmp_path / "preds.npz", "--json")
+    result = here("run", outs["tvm"], "-i", tmp_path / "data.npz", "-o", tmp_path / "preds.npz", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["candidate"], summary["samples"], summary["batches"], summary["batch_size"]) == ("tvm/fp32", 9, 9, 1)
@@ -155,7 +158,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(outs, tmp_path, ca
         argv += ["-i", str(tmp_path / "data.npz")]
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "preds.npz")]
-    result = dlopt("run", *argv)
+    result = here("run", *argv)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("dlopt: error: ")
     assert message in result.stderr
@@ -186,7 +189,7 @@ def test_an_artefact_its_runtime_refuses_is_one_line_not_an_internal_error(outs,
     with pytest.raises(ConfigError, match=r"^ort/fp32 in .*copy cannot be loaded by its runtime: .*com\.example"):
         api.load(out)
     np.savez(tmp_path / "x.npz", x=_x(2))
-    result = dlopt("run", out, "--input", tmp_path / "x.npz", "--output", tmp_path / "y.npz")
+    result = here("run", out, "--input", tmp_path / "x.npz", "--output", tmp_path / "y.npz")
     assert result.returncode == 2 and "cannot be loaded by its runtime" in result.stderr
     assert not (tmp_path / "y.npz").exists()
 
