@@ -1,7 +1,9 @@
 """`dlopt gate` with hostile or careless reports, thresholds and output paths (issue 9, the gate parts).
 
-Each case runs the installed command: exit code, exactly one `dlopt: error:` line, no traceback,
-and the files in the folder as they were.
+Each case runs the `dlopt gate` command: exit code, exactly one `dlopt: error:` line, no traceback,
+and the files in the folder as they were.  The command runs in this process (tests/serving.py ``dlopt_in``:
+the console script's command, checks, printing and exit mapping without its start-up), except where a FIFO
+could block it: those run the installed command under a timeout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 import models
 from cli import dlopt
+from serving import dlopt_in
 
 LIMITS = ("--max-size-mb", "1", "--max-accuracy-drop", "1")
 
@@ -60,8 +63,12 @@ def _snapshot(folder) -> dict:
     return seen
 
 
-def _gate(*args, cwd, timeout=30):
-    return dlopt("gate", *args, cwd=cwd, timeout=timeout)
+def _gate(*args, cwd, timeout=None):
+    """`dlopt gate ARGS` from ``cwd``: in this process, or, given a ``timeout`` (where a FIFO could block
+    it), the installed command killed after that many seconds."""
+    if timeout is not None:
+        return dlopt("gate", *args, cwd=cwd, timeout=timeout)
+    return dlopt_in("gate", *args, cwd=cwd)
 
 
 # -- defect 1: --junit / --markdown write into files, never replace what is at the path ------------
@@ -84,7 +91,7 @@ def test_symlink_output_is_written_through_and_stays_a_link(real, tmp_path):
 
 def test_new_outputs_are_created_0644_with_their_folders(real, tmp_path):
     _write(tmp_path / "report.json", real)
-    old = os.umask(0o022)  # the subprocess inherits it
+    old = os.umask(0o022)  # the gate (in this process) writes under it
     try:
         result = _gate("report.json", *LIMITS, "--junit", "ci/xml/gate.xml", "--markdown", "ci/gate.md", cwd=tmp_path)
     finally:
@@ -111,7 +118,7 @@ def test_output_that_is_not_a_file_is_refused_before_anything_is_written(real, t
     before = _snapshot(tmp_path)
     # the FIFO has no reader: opening it for writing would block until the timeout
     line = _one_error_line(_gate("report.json", *LIMITS, "--junit", "gate.xml", "--markdown", "out.md",
-                                 cwd=tmp_path, timeout=20))
+                                 cwd=tmp_path, timeout=20 if make is os.mkfifo else None))
     assert line == f"dlopt: error: --markdown out.md {message}"
     assert _snapshot(tmp_path) == before  # nor was gate.xml, a good path checked before out.md, written
 
@@ -330,7 +337,7 @@ def test_baseline_evaluated_differently_is_refused_unless_allowed(real, tmp_path
 
 
 def test_help_documents_the_new_flags():
-    result = dlopt("gate", "--help")
+    result = dlopt_in("gate", "--help")
     assert result.returncode == 0
     for flag in ("--allow-missing", "--allow-different-eval"):
         assert flag in result.stdout
@@ -343,13 +350,13 @@ def test_compile_gate_takes_the_accuracy_limit_from_dlopt_toml(tmp_path):
     (tmp_path / "dlopt.toml").write_text('[targets.ort-only]\nbase = "cpu"\nbackends = ["ort"]\n\n'
                                          "[gate]\nmax-accuracy-drop = 0.25\nmax-size-mb = 0.000001\n")
     fast = ("--target", "ort-only", "--precision", "fp32", "--runs", "5", "--samples", "3", "--gate")
-    result = dlopt("compile", "m.onnx", "-o", "out", *fast, cwd=tmp_path)
+    result = dlopt_in("compile", "m.onnx", "-o", "out", *fast, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "| accuracy-drop" not in result.stdout  # a table, not Markdown
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("accuracy-drop"))
     assert row[:6] == ["accuracy-drop", "0", "pp", "0.25", "pp", "passed"]
     assert result.stderr.strip().startswith("dlopt: error: gate failed: size: measured ")
-    given = dlopt("compile", "m.onnx", "-o", "out", *fast, "--max-accuracy-drop", "0.75", cwd=tmp_path)
+    given = dlopt_in("compile", "m.onnx", "-o", "out", *fast, "--max-accuracy-drop", "0.75", cwd=tmp_path)
     row = next(line.split() for line in given.stdout.splitlines() if line.startswith("accuracy-drop"))
     assert row[:6] == ["accuracy-drop", "0", "pp", "0.75", "pp", "passed"]  # a flag given still wins
 
@@ -381,7 +388,7 @@ def test_a_baseline_artefact_the_runtime_refuses_falls_back_to_cross_run(twin, t
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("x.y", 1)]),
               tmp_path / "base" / "model.onnx")
-    result = _gate(twin, "--baseline", "base", "--max-latency-regression", "10%", "--json", cwd=tmp_path, timeout=120)
+    result = _gate(twin, "--baseline", "base", "--max-latency-regression", "10%", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     latency = json.loads(result.stdout)["latency"]
     assert latency["mode"] == "cross-run" and latency["note"].startswith("not re-timed: ort/fp32 in base cannot be loaded by its runtime: ")
@@ -399,11 +406,11 @@ def test_evaluation_sources_that_are_no_files_are_never_read(twin, tmp_path):
         report = json.loads((twin / "report.json").read_text())
         report["evaluation"]["source"] = source
         _write(tmp_path / name / "report.json", report)
-    result = _gate("a", "--baseline", "b", *LIMITS, "--json", cwd=tmp_path)
+    result = _gate("a", "--baseline", "b", *LIMITS, "--json", cwd=tmp_path, timeout=30)
     assert result.returncode == 0, result.stderr
     baseline = next(g for g in json.loads(result.stdout)["gates"] if g["name"] == "baseline")
     assert baseline["detail"].endswith("same evaluation data at another path (the feeds kept in both verify.npz "
                                        "are identical)")
     (tmp_path / "a" / "verify.npz").unlink()  # nothing left to compare by content: refused as before
-    line = _one_error_line(_gate("a", "--baseline", "b", *LIMITS, cwd=tmp_path))
+    line = _one_error_line(_gate("a", "--baseline", "b", *LIMITS, cwd=tmp_path, timeout=30))
     assert "the baseline report is not comparable: this one was evaluated on '/dev/zero'" in line
