@@ -11,12 +11,10 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import models
+from serving import dlopt_in
+
 from dlopt.core.errors import ConfigError, GateFailed
 from dlopt.report.gate import Thresholds, check, enforce, load_report, load_thresholds, to_junit, to_markdown
-
-# The command is not registered in dlopt.cli.app yet: register it on the real group (its error mapping
-# and exit codes) the way `main.add_command(gate)` will.
-GATE = "from dlopt.cli.app import main; from dlopt.cli.gate import gate; main.add_command(gate); main()"
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +229,10 @@ def test_markdown_comment(real):
 
 # -- the command: exit codes 0 / 1 / 2, files written even on failure ------------------------------
 def _gate(*args, cwd):
-    return subprocess.run([sys.executable, "-c", GATE, "gate", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    """`dlopt gate ARGS` from ``cwd`` in this process (tests/serving.py ``dlopt_in``: the command on dlopt's
+    real group, its error mapping and exit codes, without a process start-up; test_gate_cli_imports_only_click
+    checks what a fresh process imports)."""
+    return dlopt_in("gate", *args, cwd=cwd)
 
 
 def test_cli_exit_codes_and_outputs(real, tmp_path):
@@ -294,21 +294,18 @@ def test_gate_cli_imports_only_click():
 
 def test_compile_gate_in_one_step(tmp_path):
     """`dlopt compile --gate` writes the artefacts, then fails the build when a threshold is crossed."""
-    import models
-    from cli import dlopt as run_dlopt
-
     model = models.save(models.conv_bn_relu(), tmp_path / "m.onnx")
     # ONNX Runtime alone: the gate judges the report, whichever backend wrote the artefact
     here = '[targets.here]\nbase = "cpu"\nbackends = ["ort"]\n'
     (tmp_path / "dlopt.toml").write_text(here + '[gate]\nmax-size-mb = 0.000001\n')
-    result = run_dlopt("compile", model, "--target", "here", "-o", tmp_path / "out", "--precision", "fp32", "--runs",
-                       "5", "--warmup", "1", "--samples", "3", "--gate", cwd=tmp_path)
+    result = dlopt_in("compile", model, "--target", "here", "-o", tmp_path / "out", "--precision", "fp32", "--runs",
+                      "5", "--warmup", "1", "--samples", "3", "--gate", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "gate failed: size" in result.stderr and "allowed 1e-06 MB" in result.stderr.replace("0.000001", "1e-06")
     assert (tmp_path / "out" / "report.json").is_file()  # the build is kept; the gate only judges it
     (tmp_path / "dlopt.toml").write_text(here + '[gate]\nmax-size-mb = 50\n')
-    result = run_dlopt("compile", model, "--target", "here", "-o", tmp_path / "out", "--precision", "fp32", "--runs",
-                       "5", "--warmup", "1", "--samples", "3", "--gate", cwd=tmp_path)
+    result = dlopt_in("compile", model, "--target", "here", "-o", tmp_path / "out", "--precision", "fp32", "--runs",
+                      "5", "--warmup", "1", "--samples", "3", "--gate", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "size" in result.stdout and "passed" in result.stdout
 
