@@ -12,6 +12,7 @@ import pytest
 
 import models
 from cli import DLOPT
+from serving import dlopt_in
 
 
 def _start(tmp, out, *extra):
@@ -61,29 +62,31 @@ def test_signal_leaves_no_output(tmp_path, sig, here):
 
 def test_second_compile_into_same_folder_fails_clearly_then_waits(tmp_path, tmp_path_factory, here):
     # the three compiles target a CPU that builds ONNX Runtime only: the lock and the wait are the same for every
-    # backend, and the cpu preset added an OpenVINO and a TVM build of this 32-channel model to the waiting one.
+    # backend, and the cpu preset added an OpenVINO and a TVM build of the model to the waiting one.
     # The first holds the lock asleep in its metric (WAIT), not timing a million runs on a core of its own; the
-    # metric's module and the file it writes on arriving are outside tmp_path.
+    # metric's module and the file it writes on arriving are outside tmp_path.  The lock, not the work, keeps the
+    # others out, so the model is a small one and 3 feeds evaluate it; the refused second compile runs in this
+    # process (tests/serving.py dlopt_in: the console script's command, lock check and exit mapping), the
+    # first (signalled) and the waiting one are processes of their own.
     metric = tmp_path_factory.mktemp("wait-metric")
     (metric / "waitmetric.py").write_text(METRIC)
-    models.save(models.conv_bn_relu(channels=32, size=64), tmp_path / "m.onnx")
+    models.save(models.conv_bn_relu(channels=8, size=16), tmp_path / "m.onnx")
     path = os.pathsep.join(filter(None, [str(metric), os.environ.get("PYTHONPATH")]))
     first = subprocess.Popen([DLOPT, "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--precision",
-                              "fp32", "--runs", "5", "--no-cache", "--metric", "waitmetric:wait", *here], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              "fp32", "--runs", "5", "--samples", "3", "--no-cache", "--metric", "waitmetric:wait",
+                              *here], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": path, "DLOPT_TEST_HOLDING": str(metric / "holding")})
     try:
         _wait_holding(metric, first)
         _wait_for_staging(tmp_path, first)
-        second = subprocess.run([DLOPT, "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"),
-                                 "--precision", "fp32", "--runs", "5", *here], capture_output=True, text=True,
-                                cwd=tmp_path)
+        second = dlopt_in("compile", tmp_path / "m.onnx", "-o", tmp_path / "out", "--precision", "fp32", "--runs",
+                          "5", "--samples", "3", *here, cwd=tmp_path)
         assert second.returncode == 2
         assert f"another dlopt compile (pid {first.pid}) is writing" in second.stderr
         # a waiting compile proceeds once the first one is gone, and writes a complete folder
         waiter = subprocess.Popen([DLOPT, "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"),
-                                   "--precision", "fp32", "--runs", "5", "--wait", "120", *here], cwd=tmp_path,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   "--precision", "fp32", "--runs", "5", "--samples", "3", "--wait", "120", *here],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
         assert waiter.poll() is None  # still waiting for the lock
     finally:
