@@ -31,6 +31,7 @@ import numpy as np
 
 from dlopt.core.config import machine_cores
 from dlopt.core.errors import CompileError, ConfigError, DloptError, first_line
+from dlopt.core.optional import torch_threads
 from dlopt.core.profiles import DeviceKind
 from dlopt.targets import snippets
 from dlopt.targets._native_output import native_output_logged
@@ -146,7 +147,7 @@ class ExecutorchBackend(Backend):
         module, training = source.torch_module, source.torch_module.training
         module.eval()
         try:
-            with torch.no_grad(), _quiet_imports():
+            with torch.no_grad(), _quiet_imports(), torch_threads(threads):  # torch's default: every core
                 quantizer = _quantize(module, example, names, calibration) if precision == "int8" else None
                 program = _lower(quantizer[0] if quantizer else module, example)
         except DloptError:

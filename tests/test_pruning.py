@@ -222,9 +222,13 @@ def test_compress_prunes_distils_exports_compiles_and_puts_them_side_by_side(tea
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
     out = tmp_path / "compressed"
     teacher.train()  # compress evaluates, prunes, distils and exports in eval mode, then leaves the mode as it was
+    torch_before = torch.get_num_threads()
+    torch.set_num_threads(3)  # compress runs torch on its own threads (1 here), then puts the caller's back
     result = dlopt.compress(teacher, x[:1], loader, eval=(x[1500:].numpy(), y[1500:].numpy()), ratio=0.5,
                             target="host-ort", targets_file=toml, out=out, epochs=2, lr=3e-3, runs=10, precision="fp32",
                             threads=1)
+    threads_after, _ = torch.get_num_threads(), torch.set_num_threads(torch_before)
+    assert threads_after == 3
     assert teacher.training
     teacher.eval()
     rows = {r.name: r for r in result.rows}

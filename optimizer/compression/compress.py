@@ -19,7 +19,6 @@ place at the end; an existing folder is replaced only when dlopt wrote it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -38,6 +37,7 @@ from dlopt.compression.pruning import _as_tuple, prune, save_module
 from dlopt.core.artifacts import (MANIFEST, check_output_dir, move_into_place, output_lock, parents_made, staging_dir,
                                   write_file)
 from dlopt.core.config import default_threads
+from dlopt.core.optional import torch_threads
 from dlopt.core.errors import ConfigError
 from dlopt.core.progress import TerminalProgress
 from dlopt.measure.timing import LocalRunner, time_interleaved
@@ -215,7 +215,8 @@ def compress(
     # the keyword arguments (compile_options among them), for the stages to read
     options = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "train_loader", "eval")}
     job = _prepare(model, example_inputs, eval, **options)
-    with _torch_threads(job.threads):
+    # torch's threads follow the runtimes' for the whole run: pruning, exports, ExecuTorch builds and calibration
+    with torch_threads(job.threads):
         pruned = _prune(job)
         distilled = _distill(job, pruned, train_loader)
         with parents_made(job.out), output_lock(job.out), staging_dir(job.out) as staged, \
@@ -226,22 +227,6 @@ def compress(
             result = _write(job, pruned, distilled, files, reports, timings, staged)
             move_into_place(staged, job.out)
     return result
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int):
-    """torch's own thread count at ``threads`` while compress runs, then as it was: the pruning, exports and the
-    ExecuTorch builds and calibration inside the compiles use the threads the runtimes get (``threads``, else
-    ``$DLOPT_THREADS``, else every core), not torch's default; a second thread of these small models on a busy
-    machine only spins."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- the stages, each returning a frozen value --------------------------------------------------------

@@ -50,3 +50,23 @@ def hidden(module: str) -> Iterator[None]:
     finally:
         if module in sys.modules and sys.modules[module] is None:
             del sys.modules[module]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's own thread count at ``threads`` in the block (None: as it is), then as it was, on error too.
+
+    torch defaults to every core; the exports, calibrations and lowerings inside a build use the threads the
+    runtimes get instead, since on a busy machine a small model's extra torch threads only spin.
+    """
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dlopt.core.errors import TargetUnavailable, first_line
+from dlopt.core.optional import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,7 @@ def run_demo(
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=TEST_FRACTION, stratify=labels, random_state=seed)
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
+    with torch_threads(TRAIN_THREADS):
         torch.manual_seed(seed)
         model = _digits_cnn(torch)
         _train(torch, model, x_train, y_train, epochs=epochs, seed=seed, progress=progress)
@@ -80,8 +79,6 @@ def run_demo(
         logger.info("torch model: %.4f top-1 on %d held-out digits", torch_accuracy, len(y_test))
         onnx_path = dlopt.export(model, torch.from_numpy(x_test[:2]), out / MODEL_FILE,
                            {"image": {0: "batch"}}, input_names=["image"], output_names=["logits"])
-    finally:
-        torch.set_num_threads(threads_before)
 
     npz_path = out / DATA_FILE
     name = _input_name(onnx_path)
