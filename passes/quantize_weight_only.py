@@ -296,14 +296,15 @@ def _plan(graph, *, head: bool, embedding: bool, output: str) -> _Plan:
             plan.weights.append(node.name)
             dims, dtype = list(initializers[weight].dims), initializers[weight].data_type
             if len(dims) < 2 or any(d != 1 for d in dims[:-2]) or dtype not in _FLOATS:
-                plan.why[node.name] = f"weight {dims} of ONNX type {dtype}: MatMulNBits takes 2-D float weights"
+                plan.why[node.name] = (f"weight {dims} {ir.DataType(dtype).name}: MatMulNBits takes 2-D float "
+                                       "weights")
         elif (source is not None and source.op_type == "Transpose" and source.input[0] in initializers
               and source.input[0] not in inputs):
             plan.weights.append(node.name)
             shared = [r for r in readers[source.input[0]] if r is not source]
-            plan.keep(node.name, f"weight is Transpose({source.input[0]}), a table "
-                                 + (f"{shared[0].op_type} {shared[0].name} also reads (tied embeddings: run "
-                                    "UntieLmHeadPass first)" if shared else "transposed in a way not folded"))
+            plan.keep(node.name, f"weight is Transpose({source.input[0]}), " + (
+                f"a table {shared[0].op_type} {shared[0].name} also reads (tied embeddings: run UntieLmHeadPass "
+                "first)" if shared else "not foldable (not 2-D, another perm, or read by more than MatMul weights)"))
             continue
         else:
             plan.activation_matmuls += 1

@@ -218,6 +218,18 @@ def test_accuracy_level_4_and_a_4_bit_embedding_run(fp32, tmp_path):
     assert abs(increase) < 2e-3
 
 
+def test_weights_in_an_external_data_file_are_read_in(fp32, tmp_path):
+    ir.save(fp32.untied, tmp_path / "external.onnx", external_data="external.onnx.data")
+    loaded = ir.load(tmp_path / "external.onnx")
+    assert isinstance(loaded.graph.initializers["model.lm_head.weight.T"].const_value, ir.ExternalTensor)
+    want = QuantizeWeightOnlyPass(bits=4)(fp32.untied).model
+    got = QuantizeWeightOnlyPass(bits=4)(loaded).model
+    assert len(nodes(got, "MatMulNBits")) == LINEARS
+    prompt = fp32.tokens[:20]
+    assert np.array_equal(session_of(got, tmp_path / "a.onnx").prefill(prompt),
+                          session_of(want, tmp_path / "b.onnx").prefill(prompt))
+
+
 def test_a_4_bit_embedding_is_left_float_where_opset_21_would_change_the_model():
     """GroupNormalization's scale and bias went from per group to per channel at opset 21."""
     graph = onnx.helper.make_graph(
