@@ -7,7 +7,9 @@ that is what makes 8 and 4 bits fast on CPUs.  ``accuracy_level=4`` lets ORT qua
 inside MatMulNBits too (the VNNI path, several times faster, but it flips near-tie greedy tokens on some
 models: microsoft/onnxruntime#29849), so it is an option of its own, judged by greedy agreement.  Measured with
 ORT 1.32 on a SmolLM2-135M-shaped decoder, 1 thread: INT8 without it decodes 8x slower than float (3 vs 27
-tokens/s), INT8 with it 2.4x faster; INT4 1.9x without, 2.5x with.
+tokens/s), INT8 with it 2.4x faster; INT4 1.9x without, 2.5x with.  Perplexity of SmolLM2-135M (GPL-3, 4k
+tokens, against its dequantised-Q4_1 float32): INT8 block 32 +0.05 % (+0.46 % with accuracy_level 4); INT4 block
+32 +33 % with the head at 4 bits, +23 % with the head at 8 bits (``head=False``, then a second pass at 8 bits).
 
 Guarantees:
 - the input model is unchanged (ORT's quantiser edits the proto it is given: it gets a serialised copy);
