@@ -281,7 +281,8 @@ def test_fp32_rule_passes_reassociation_noise_on_a_near_zero_map_and_names_itsel
 
 
 def test_over_budget_message_names_the_rule_that_refused_each_near_candidate(tmp_path):
-    
+    from types import SimpleNamespace
+
     from dlopt.flow.select import over_budget_message
 
     def cand(key, drop, reason):
