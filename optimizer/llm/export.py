@@ -78,8 +78,11 @@ def export_decoder(model: Any, path: str | os.PathLike, *, opset: int | None = N
     with warnings.catch_warnings():
         # torch.onnx keeps one name per set of equal axes ("batch" of every input) and warns about the others
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+        # export's own check runs the random trace example (a random past through 30 layers of SmolLM2-135M
+        # differs by 5e-4 from torch); check_decoder below is the real check, on a prompt and a decode step
         path = Path(export(wrapper, example, path, axes, output_names=[LOGITS, *layout.present_names], opset=opset,
-                           input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *layout.past_names]))
+                           input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *layout.past_names],
+                           rtol=1e-3, atol=1e-3))
     try:
         match = check_decoder(model, path, atol=atol)
     except BaseException:
