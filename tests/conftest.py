@@ -16,6 +16,9 @@ import heavy_first
 # (a default CPU compile of a small CNN: 12.8 -> 9.6 CPU-s).  Tests about thread counts pass --threads, or
 # set or remove DLOPT_THREADS themselves (monkeypatch).
 os.environ.setdefault("DLOPT_THREADS", "1")
+# and one OpenMP thread for what dlopt does not size itself: torch (the fixtures' training and exports; a
+# ResNet fixture's training cost 8 CPU-s quiet and 45 beside the other workers), OpenBLAS under numpy
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.hookimpl(hookwrapper=True)
