@@ -14,18 +14,14 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu g++-aarch64-linux-gnu chromium gcc-arm-none-eabi libnewlib-arm-none-eabi \
   qemu-system-arm
 
-# --no-compile: pip byte-compiles every module it installs (torch and the rest: 101 of 153 CPU-s of the
-# install on a 2-core machine); Python compiles the ones a run imports on first use instead, once.
-PIP := $(BIN)/pip install --disable-pip-version-check -q --no-compile
-
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch lies on local disk at this exact version; anything else pulls a CUDA build.
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[all,test]'
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[all,test]'
 	# Triton's server for `dlopt serve`: the nvidia-pytriton wheel ships tritonserver and its Python backend.
 	# --no-deps: its Python layer (unused by dlopt) pins NumPy<2 and protobuf<7, which the rest of the stack outgrew.
-	$(PIP) --no-deps nvidia-pytriton==0.7.0
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 # Installs the missing packages as root, or through sudo when it asks no password; otherwise it prints the
