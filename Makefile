@@ -40,6 +40,9 @@ system-deps:
 # Everything every preset needs here.  Best effort past the Python packages: without the Debian packages
 # the demo still runs (on this CPU), and `dlopt targets` names, per preset, what is missing and its install line.
 setup: $(STAMP)
+	@# dlopt's own modules byte-compiled once (pip compiles the packages, but not an editable install's
+	@# sources, and with PYTHONDONTWRITEBYTECODE set nothing else writes them: each process compiled them anew)
+	@$(BIN)/python -m compileall -q -j 0 optimizer passes targets calibration tests
 	@$(MAKE) --no-print-directory system-deps || echo "make setup: carrying on without them; 'dlopt targets' says which presets lose what"
 	@$(MAKE) --no-print-directory arm64-env || echo "make arm64-env failed: aarch64 TVM libraries are built but not run here"
 
