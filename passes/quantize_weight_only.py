@@ -38,8 +38,8 @@ from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
-
 from dlopt.core.errors import CompileError, ConfigError, first_line
+from dlopt.passes._names import unique_name
 from dlopt.passes._ort_quant import quiet
 
 logger = logging.getLogger("dlopt.quantization")
@@ -274,7 +274,7 @@ def _plan(graph, *, head: bool, embedding: bool, output: str) -> _Plan:
     for index, node in enumerate(graph.node):
         # ORT excludes nodes by name: an unnamed node would match every other unnamed one
         if node.op_type in ("MatMul", "Gather") and not node.name:
-            node.name = _unique(f"{node.op_type}_{index}", taken)
+            node.name = unique_name(f"{node.op_type}_{index}", taken)
             taken.add(node.name)
     head_node = producers.get(output) if output in {o.name for o in graph.output} else None
     for node in graph.node:
@@ -318,11 +318,3 @@ def _plan(graph, *, head: bool, embedding: bool, output: str) -> _Plan:
 
 def _initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}{k}"
-    return name

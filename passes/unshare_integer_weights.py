@@ -15,6 +15,7 @@ unchanged.
 from __future__ import annotations
 
 import onnx_ir as ir
+from dlopt.passes._names import unique_name
 from onnx_ir.passes import InPlacePass, PassResult
 
 INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM", "QLinearConv", "QLinearMatMul",
@@ -38,18 +39,10 @@ class UnshareIntegerWeightsPass(InPlacePass):
                 if value.name not in seen:
                     seen.add(value.name)
                     continue
-                name = _unique(f"{value.name}_{node.op_type.lower()}", names)
+                name = unique_name(f"{value.name}_{node.op_type.lower()}", names)
                 copy = ir.Value(name=name, shape=value.shape, type=value.type, const_value=value.const_value)
                 graph.register_initializer(copy)
                 node.replace_input_with(index, copy)
                 names.add(name)
                 copies += 1
         return PassResult(model, modified=copies > 0)
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}{k}"
-    return name

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from dlopt.passes._names import unique_name
 from onnx_ir.passes import InPlacePass, PassResult
 
 
@@ -37,7 +38,7 @@ class UntieLmHeadPass(InPlacePass):
             self.note = f"unchanged: {why}"
             return PassResult(model, modified=False)
         weight = np.ascontiguousarray(table.const_value.numpy().T)
-        name = _unique(f"{table.name}.T", set(graph.initializers))
+        name = unique_name(f"{table.name}.T", set(graph.initializers))
         untied = ir.Value(name=name, shape=ir.Shape(weight.shape), type=table.type,
                           const_value=ir.Tensor(weight, name=name))
         graph.register_initializer(untied)
@@ -79,11 +80,3 @@ def tied_head(graph: ir.Graph, output: str = "logits"):
         return head, transpose, table, (f"{label} from Transpose({table.name}), a table nothing else reads: "
                                         "not tied")
     return head, transpose, table, ""
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}{k}"
-    return name
