@@ -14,7 +14,7 @@ __all__ = ["compile", "export", "load", "prune", "distill", "compress", "load_mo
 _LAZY = {
     "compile": ("dlopt.api", "compile"),
     "export": ("dlopt.compression.exporter", "export"),
-    "load": ("dlopt.measure.runner", "load"),
+    "load": ("dlopt.llm.generator", "load"),
     "prune": ("dlopt.compression.pruning", "prune"),
     "distill": ("dlopt.compression.distillation", "distill"),
     "compress": ("dlopt.compression.compress", "compress"),

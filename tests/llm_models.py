@@ -22,3 +22,16 @@ def tiny_llama(seed: int, *, tied: bool = False, init_range: float = 0.02):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return transformers.LlamaForCausalLM(config).eval()
+
+
+def save_byte_tokenizer(folder) -> None:
+    """A byte-level BPE tokenizer without merges (one token per byte: ids 0-255, the tiny models' vocabulary),
+    saved as transformers saves one (tokenizer.json, tokenizer_config.json) into ``folder``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(str(folder))

@@ -101,8 +101,8 @@ def test_compile_takes_one_parameter_per_group():
     compile_ = main.commands["compile"]
     params = list(inspect.signature(compile_.callback).parameters)
     assert params == ["model", "target", "precision", "data", "budget", "timing", "output", "tvm", "mcu",
-                      "then_gate", "prune", "publishing"]
-    assert len(compile_.params) == 1 + 39 + 11  # MODEL, compile's own options, the publishing options (--help)
+                      "then_gate", "prune", "text_generation", "publishing"]
+    assert len(compile_.params) == 1 + 43 + 11  # MODEL, compile's own options, the publishing options (--help)
 
 
 def test_every_verb_is_its_own_module_and_app_only_registers_them():

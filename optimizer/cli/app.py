@@ -23,6 +23,7 @@ from dlopt.cli.compile import compile  # noqa: A004 - the verb (each verb module
 from dlopt.cli.demo import demo
 from dlopt.cli.device import bench, verify
 from dlopt.cli.gate import gate
+from dlopt.cli.generate import generate
 from dlopt.cli.inspect import inspect
 from dlopt.cli.loadtest import loadtest
 from dlopt.cli.package import package
@@ -152,6 +153,8 @@ def main(verbose: int) -> None:
       dlopt serve out/ --max-batch-size 16
       dlopt loadtest out/ --rate 50,100,200 --slo p99=20ms
       dlopt tune model.onnx --target cpu --trials 300 --time-budget 30m
+      dlopt compile smollm2/ --task text-generation --eval book.txt -o out/
+      dlopt generate out/ --prompt "Once upon a time" --max-new-tokens 32
       dlopt targets
       dlopt demo
     """
@@ -163,6 +166,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-VERBS = (compile, inspect, targets, run, demo, gate, verify, bench, tune, package, serve, loadtest, sweep)
+VERBS = (compile, inspect, targets, run, demo, gate, verify, bench, tune, package, serve, loadtest, sweep, generate)
 for verb in VERBS:
     main.add_command(verb)

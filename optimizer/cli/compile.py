@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dlopt.cli.options import BUDGET, DATA, MCU, OUTPUT, TARGET, TIMING, TVM, order
+from dlopt.cli.options import BUDGET, DATA, MCU, OUTPUT, TARGET, TEXT_GENERATION, TIMING, TVM, order
 from dlopt.cli.printing import print_report
 from dlopt.core.precisions import CHOICES as PRECISIONS
 from dlopt.deploy.options import publish_options  # imports only click
@@ -17,7 +17,8 @@ from dlopt.deploy.options import publish_options  # imports only click
        "calib_size", "calib_layout", "calib_mean", "calib_std", "calib_color", "max_accuracy_drop", "search_time",
        "samples", "batch", "shapes", "constants", "mask_input", "no_mask", "metric", "runs", "timing_budget",
        "reference_timeout", "warmup", "threads", "then_gate", "no_cache", "wait", "tuning_db", "prune", "max_ram",
-       "max_flash", "no_tuning", "rpc_tracker", "rpc_key", "as_json", "quiet")
+       "max_flash", "no_tuning", "rpc_tracker", "rpc_key", "task", "prompt_len", "gen_len", "max_ppl_increase",
+       "as_json", "quiet")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=True))
 @TARGET()
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
@@ -30,6 +31,7 @@ from dlopt.deploy.options import publish_options  # imports only click
 @OUTPUT()
 @TVM()
 @MCU()
+@TEXT_GENERATION()
 @click.option("--gate", "then_gate", is_flag=True,
               help="Then check the report against --max-accuracy-drop and the [gate] table of dlopt.toml, "
                    "like `dlopt gate`; exit 1 when a threshold is crossed.")
@@ -38,7 +40,8 @@ from dlopt.deploy.options import publish_options  # imports only click
                    "weights. The report gives the sparsity reached; dense backends gain compressed size, not speed "
                    "(for speed, prune channels with dlopt.prune / dlopt.compress in Python).")
 @publish_options
-def compile(model, target, precision, data, budget, timing, output, tvm, mcu, then_gate, prune, publishing):  # noqa: A001
+def compile(model, target, precision, data, budget, timing, output, tvm, mcu, then_gate, prune, text_generation,  # noqa: A001
+            publishing):
     """Optimise MODEL (.onnx) for a target and write verified artefacts.
 
     Runs the pass pipeline (shape inference, simplification, fusions), builds
@@ -53,7 +56,20 @@ def compile(model, target, precision, data, budget, timing, output, tvm, mcu, th
       dlopt compile resnet.onnx --target cpu -o build/resnet-cpu
       dlopt compile cnn.onnx --precision int8 --calib calib.npz --eval test.npz --max-accuracy-drop 0.5
       dlopt compile cnn.onnx --target rpi5 --rpc-tracker farm:9190 --rpc-key rpi5
+      dlopt compile SmolLM2/ --task text-generation --eval book.txt --max-ppl-increase 5%
     """
+    if text_generation.on:
+        from dlopt.cli.generate import compile_decoder
+
+        return compile_decoder(click.get_current_context(), model, target, precision, data, timing, output,
+                               text_generation, bool(then_gate or prune is not None or publishing))
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    stray = [f"--{n.replace('_', '-')}" for n in ("prompt_len", "gen_len", "max_ppl_increase")
+             if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
+    if stray or precision == "int4":
+        raise click.UsageError(f"{', '.join(stray) or '--precision int4'} applies to --task text-generation only")
     import dlopt
     from dlopt.core.errors import AccuracyBudgetExceeded
 

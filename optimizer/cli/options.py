@@ -14,6 +14,7 @@ Only click and light dlopt modules are imported here, so ``dlopt --help`` stays 
 
 from __future__ import annotations
 
+import math
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -298,6 +299,49 @@ OUTPUT = OptionGroup("output", OutputArgs, {
         help="If another compile is writing the same output folder, wait this long for it.")),
     "as_json": (("--json",), dict(is_flag=True, help="Print the report as JSON on stdout.")),
     "quiet": (("-q", "--quiet"), dict(is_flag=True, help="No progress output.")),
+})
+
+
+@dataclass(frozen=True)
+class TextGenerationArgs:
+    """``--task text-generation`` and its own options: the timed request's shape and the perplexity budget."""
+
+    task: str = "auto"
+    prompt_len: int = 128
+    gen_len: int = 64
+    max_ppl_increase: str = "5%"
+
+    @property
+    def on(self) -> bool:
+        return self.task == "text-generation"
+
+    def max_ppl_increase_pct(self) -> float:
+        """``5%`` or ``5`` as 5.0; a click error for anything else."""
+        text = str(self.max_ppl_increase).strip().removesuffix("%").strip()
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not 0 <= number < math.inf:
+            raise click.BadParameter(f"{self.max_ppl_increase!r} is not a percentage of 0 or more, such as 5% or 0.5",
+                                     param_hint="--max-ppl-increase")
+        return number
+
+
+TEXT_GENERATION = OptionGroup("text_generation", TextGenerationArgs, {
+    "task": (("--task",), dict(
+        type=click.Choice(["auto", "text-generation"]), show_default=True,
+        help="text-generation: MODEL is a decoder (an ONNX decoder with its KV cache, or a model folder with "
+             "config.json and *.safetensors or one *.gguf); its candidates are weight-only INT8/INT4, judged by "
+             "perplexity on --eval FILE.txt and greedy agreement, timed as time to first token and decode tokens/s.")),
+    "prompt_len": (("--prompt-len",), dict(
+        type=click.IntRange(min=1), show_default=True, help="text-generation: prompt tokens of each timed request.")),
+    "gen_len": (("--gen-len",), dict(
+        type=click.IntRange(min=1), show_default=True,
+        help="text-generation: tokens generated per timed request (batch 1, greedy).")),
+    "max_ppl_increase": (("--max-ppl-increase",), dict(
+        show_default=True, metavar="PERCENT",
+        help="text-generation: the budget, the largest perplexity increase over fp32 a candidate may have (5% or 5).")),
 })
 
 

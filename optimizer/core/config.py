@@ -190,7 +190,10 @@ class CompileConfig:
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
         _check_types(self)
         data, timing, tvm = self.data, self.timing, self.tvm
-        if self.precision not in PRECISIONS:
+        if self.precision not in PRECISIONS or self.precision == "int4":
+            if self.precision == "int4":
+                raise ConfigError("int4 is weight-only quantisation of a decoder: compile it with --task "
+                                  "text-generation (dlopt.llm.compile)")
             raise ConfigError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if data.calib_method not in CALIB_METHODS:
             raise ConfigError(f"unknown calibration method {data.calib_method!r}; choose from {', '.join(CALIB_METHODS)}")

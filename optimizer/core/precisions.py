@@ -28,6 +28,8 @@ REGISTRY: dict[str, Precision] = {p.name: p for p in (
     Precision("int8-dynamic", 3, quantised=True),
     Precision("mixed", 4, calibrated=True, user_choice=False, quantised=True),
     Precision("int8", 5, calibrated=True, auto=True, quantised=True),
+    # weight-only INT4 blocks (MatMulNBits, NNCF's compress_weights): `--task text-generation` only
+    Precision("int4", 6),
 )}
 
 # For --precision: "auto" plus every precision a user may ask for by name.

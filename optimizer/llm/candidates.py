@@ -1,0 +1,162 @@
+"""The candidates of a text-generation compile: which weight-only recipes are built, and building one.
+
+Each candidate is a decoder file of its own in its own folder, built from the float32 decoder on disk in a
+child process (``python -m dlopt.llm.candidates``), so the compile's own memory holds no second copy of the
+weights while a quantiser copies them (ONNX Runtime's quantiser serialises the whole model once more).
+
+Guarantees: ``build`` leaves exactly the candidate's files in its folder (``model.onnx`` and, for OpenVINO,
+``openvino_model.xml``/``.bin``) or raises CompileError with the child's last line and leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dlopt.core.errors import CompileError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+ORT, OPENVINO = "ort", "openvino"  # the backends' names in the target profiles
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One weight-only recipe: ``bits`` None keeps float32; ``head_bits`` the head's own bits (None: as the
+    rest; 0: the head stays float); ``accuracy_level`` 4 lets ORT's MatMulNBits run int8 activations."""
+
+    backend: str
+    bits: int | None = None
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int | None = None
+    head_bits: int | None = None
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.bits is None else f"int{self.bits}"
+
+    @property
+    def key(self) -> str:
+        if self.bits is None:
+            return f"{self.backend}/fp32"
+        name = f"{self.backend}/int{self.bits}"
+        name += f"-{'g' if self.backend == OPENVINO else 'b'}{self.block_size}" if self.block_size else ""
+        name += "" if self.symmetric else "-asym"
+        name += "-acc4" if self.accuracy_level == 4 else ""
+        if self.head_bits is not None and self.head_bits != self.bits:
+            name += f"-head{self.head_bits or 'fp32'}"
+        return name
+
+    def describe(self) -> str:
+        if self.bits is None:
+            return "float32 weights"
+        blocks = f"{'groups' if self.backend == OPENVINO else 'blocks'} of {self.block_size}" if self.block_size \
+            else "one scale per output channel"
+        text = f"weight-only INT{self.bits}, {blocks}, {'symmetric' if self.symmetric else 'asymmetric'}"
+        text += ", int8 activations inside MatMulNBits (accuracy_level 4)" if self.accuracy_level == 4 else ""
+        if self.head_bits is not None and self.head_bits != self.bits:
+            text += f", head at {f'INT{self.head_bits}' if self.head_bits else 'float32'}"
+        return text
+
+
+# What --precision auto builds, per backend.  INT8 without accuracy_level 4 is left out on ONNX Runtime: its
+# MatMulNBits dequantises the whole weight per token and decoded 8x slower than float32 on a SmolLM2-135M-shaped
+# decoder (ORT 1.32, 1 thread: 3 vs 27 tokens/s; see passes/quantize_weight_only.py).
+RECIPES: dict[str, tuple[Recipe, ...]] = {
+    ORT: (
+        Recipe(ORT),
+        Recipe(ORT, bits=8, accuracy_level=4),
+        Recipe(ORT, bits=4, accuracy_level=4),
+        Recipe(ORT, bits=4, accuracy_level=4, head_bits=8),
+        Recipe(ORT, bits=4, symmetric=False, accuracy_level=4, head_bits=8),
+    ),
+    OPENVINO: (
+        Recipe(OPENVINO, bits=8, block_size=0),
+        Recipe(OPENVINO, bits=4, block_size=64),
+    ),
+}
+
+
+def plan(precision: str, backends: tuple[str, ...]) -> list[Recipe]:
+    """The recipes for ``precision`` (auto, fp32, int8 or int4) on the backends offered, ORT's fp32 first (the
+    reference every other candidate is judged against)."""
+    if precision not in ("auto", "fp32", "int8", "int4"):
+        raise ConfigError(f"--task text-generation builds fp32, int8 or int4 (weight-only) candidates, or all of "
+                          f"them with auto; not {precision!r}")
+    recipes = [r for b in backends for r in RECIPES.get(b, ()) if precision in ("auto", r.precision)]
+    recipes = [r for r in recipes if r.key != f"{ORT}/fp32"]
+    return [Recipe(ORT), *recipes]
+
+
+def build(recipe: Recipe, fp32_onnx: Path, folder: Path) -> tuple[list[str], str]:
+    """Build ``recipe`` from ``fp32_onnx`` into the empty ``folder`` in a child process: the files written and
+    what the build did, in one line."""
+    folder.mkdir(parents=True, exist_ok=False)
+    command = [sys.executable, "-m", "dlopt.llm.candidates", json.dumps(asdict(recipe)), str(fp32_onnx), str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), f"exit {done.returncode}")
+        for path in sorted(folder.glob("*")):
+            path.unlink()
+        folder.rmdir()
+        raise CompileError(f"building {recipe.key} failed: {last.removeprefix('dlopt: error: ')}")
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise CompileError(f"building {recipe.key}: the builder printed no result") from exc
+    return result["files"], result.get("note", "")
+
+
+def _build_here(recipe: Recipe, fp32_onnx: Path, folder: Path) -> dict:
+    """The child's work: the candidate's files in ``folder``; its note."""
+    if recipe.backend == OPENVINO:
+        from dlopt.llm.openvino import build_openvino_decoder
+
+        weights = recipe.precision
+        group = recipe.block_size or None
+        files = build_openvino_decoder(fp32_onnx, folder, weights=weights, group_size=group)
+        return {"files": files, "note": recipe.describe()}
+    from dlopt.core.model_io import load_ir, save_ir
+    from dlopt.passes.quantize_weight_only import QuantizeWeightOnlyPass
+    from dlopt.passes.untie_lm_head import UntieLmHeadPass, tied_head
+
+    model = load_ir(fp32_onnx)
+    notes = []
+    if recipe.bits is not None:
+        head_bits = recipe.bits if recipe.head_bits is None else recipe.head_bits
+        if head_bits and tied_head(model.graph) is not None:
+            UntieLmHeadPass()(model)
+            notes.append("head untied from the embedding table (so it can be quantised)")
+        options = dict(block_size=recipe.block_size, symmetric=recipe.symmetric, accuracy_level=recipe.accuracy_level)
+        first = QuantizeWeightOnlyPass(bits=recipe.bits, head=head_bits == recipe.bits, **options)
+        model = first(model).model
+        notes.append(first.note)
+        if head_bits and head_bits != recipe.bits:
+            second = QuantizeWeightOnlyPass(bits=head_bits, head=True, **options)
+            model = second(model).model
+            notes.append(f"head: {second.note}")
+    written = save_ir(model, folder / "model.onnx")
+    return {"files": [p.name for p in written], "note": "; ".join(notes) or recipe.describe()}
+
+
+def _main(argv: list[str]) -> int:
+    from dlopt.core.errors import DloptError, first_line
+
+    recipe = Recipe(**json.loads(argv[0]))
+    try:
+        result = _build_here(recipe, Path(argv[1]), Path(argv[2]))
+    except DloptError as exc:
+        print(f"dlopt: error: {first_line(exc)}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,313 @@
+"""``dlopt compile MODEL --task text-generation``: weight-only candidates of a decoder, judged by perplexity and
+greedy agreement, timed as time to first token and decode tokens/s, the fastest within the budget published.
+
+The flow, one way: resolve the float32 decoder (exporting a model folder in a child) -> tokenise the evaluation
+text -> plan the recipes -> build each from the float32 file in a child -> judge each (perplexity over fixed
+windows, greedy continuations of a few prompts against float32's) -> time the ones within the budget together,
+interleaved -> choose with :func:`dlopt.flow.select.choose` (float32 is the original: a quantised pick must be
+significantly faster than it) -> write the chosen decoder, its tokenizer, genai_config.json, the report and a
+manifest, atomically.
+
+Guarantees: the output folder appears whole or not at all, and replaces only an earlier dlopt output; candidates
+are opened one at a time while judged; the report gives every candidate's figures with the shape, threads and
+runs they were measured at, and the compile's own peak RSS beside its children's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dlopt.core.artifacts import (check_output_dir, lock_path, output_lock, parents_made, remove_stale_staging,
+                                  resolve_output, staging_dir)
+from dlopt.core.config import default_threads, plain_name
+from dlopt.core.errors import AccuracyBudgetExceeded, ConfigError, DataError, DloptError, first_line
+from dlopt.core.precisions import Status
+from dlopt.core.profiles import resolve_target
+from dlopt.core.progress import raise_if_interrupted, removed_on_hard_exit
+from dlopt.flow import select
+from dlopt.llm import candidates as recipes
+from dlopt.llm.measure import Quality, Speed, judge, open_session, time_generation
+from dlopt.llm.prepare import DecoderSource, load_tokenizer, model_config, resolve, special_ids
+
+logger = logging.getLogger(__name__)
+
+TASK = "text-generation"
+_TEXT_LIMIT = 8 << 20  # bytes of --eval read: far more than the tokens scored
+
+
+@dataclass(frozen=True)
+class TextGenerationConfig:
+    """What one text-generation compile does; ``max_ppl_increase`` is in percent of float32's perplexity."""
+
+    model: Path
+    eval_text: Path
+    out: Path | None = None
+    target: str = "cpu"
+    targets_file: Path | None = None
+    precision: str = "auto"
+    prompt_len: int = 128
+    gen_len: int = 64
+    max_ppl_increase: float = 5.0
+    eval_tokens: int = 4096
+    window: int = 512
+    prompts: int = 4
+    agreement_tokens: int = 32
+    runs: int = 20
+    warmup: int = 2
+    timing_budget_s: float = 60.0
+    threads: int | None = None
+    wait: float = 0.0
+    progress: Callable[[str, int, int], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "gen_len", "eval_tokens", "prompts", "agreement_tokens", "runs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a whole number of 1 or more, not {value!r}")
+        if not (isinstance(self.max_ppl_increase, (int, float)) and math.isfinite(self.max_ppl_increase)
+                and self.max_ppl_increase >= 0):
+            raise ConfigError(f"--max-ppl-increase must be a percentage of 0 or more, not {self.max_ppl_increase!r}")
+        if self.window < 16:
+            raise ConfigError(f"the perplexity window must be 16 tokens or more, not {self.window}")
+
+
+@dataclass
+class Candidate:
+    recipe: recipes.Recipe
+    status: Status = Status.OK
+    reason: str = ""
+    files: list[str] = field(default_factory=list)
+    note: str = ""
+    build_s: float = 0.0
+    size_bytes: int = 0
+    quality: Quality | None = None
+    speed: Speed | None = None
+
+    @property
+    def key(self) -> str:
+        return self.recipe.key
+
+
+def compile_text_generation(config: TextGenerationConfig) -> dict:
+    """Run the compile (see the module's guarantees) and return its report."""
+    profile = resolve_target(config.target, config.targets_file)
+    if not profile.runs_here() or profile.device.value != "cpu":
+        raise ConfigError(f"--task text-generation builds and times decoders on this machine's CPU; target "
+                          f"{profile.name} is not one (use --target cpu)")
+    backends = tuple(b for b in (recipes.ORT, recipes.OPENVINO) if b in profile.backends)
+    threads = config.threads or default_threads()
+    if not config.eval_text.is_file():
+        raise ConfigError(f"--eval {config.eval_text}: no such file (a plain-text file the decoder is scored on)")
+    name = plain_name(config.model.stem if config.model.is_file() else config.model.name)
+    out = resolve_output(config.out or Path(f"{name}-{profile.name}"))
+    check_output_dir(out, inputs=(config.model, config.eval_text))
+    with parents_made(out), output_lock(out, wait=config.wait), removed_on_hard_exit(lock_path(out)):
+        check_output_dir(out, inputs=(config.model, config.eval_text))
+        notes = [f"removed {entry}, left by an earlier compile that was killed" for entry in remove_stale_staging(out)]
+        with staging_dir(out) as staged, removed_on_hard_exit(staged), \
+                tempfile.TemporaryDirectory(prefix="dlopt-llm-", dir=out.parent) as work:
+            report = _run(config, Path(work), staged, out, backends, threads, notes)
+            _publish(staged, out, report)
+    if report["chosen"] is None:
+        error = AccuracyBudgetExceeded(report["why"])
+        error.report = report
+        raise error
+    return report
+
+
+def _stage(config: TextGenerationConfig, what: str, done: int = 1, total: int = 1) -> None:
+    raise_if_interrupted()
+    if config.progress is not None:
+        config.progress(what, done, total)
+
+
+def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, backends: tuple[str, ...], threads: int,
+         notes: list[str]) -> dict:
+    started = time.monotonic()
+    _stage(config, "load decoder", 0)
+    source = resolve(config.model, work / "fp32")
+    _stage(config, "load decoder")
+    tokenizer = load_tokenizer(source.meta)
+    if tokenizer is None:
+        raise ConfigError(f"{source.meta} has no tokenizer.json: --task text-generation tokenises --eval with the "
+                          "model's own tokenizer; put the model's tokenizer.json beside it")
+    ids = _eval_ids(config, tokenizer)
+    context = _whole(model_config(source.meta), "max_position_embeddings")
+    window = min(config.window, len(ids), context or config.window)
+    stride, prompts = window // 2, _prompts(config, ids)
+    if context is not None and config.prompt_len + config.gen_len > context:
+        raise ConfigError(f"--prompt-len {config.prompt_len} + --gen-len {config.gen_len} is more than the model's "
+                          f"context of {context} tokens")
+    planned = [Candidate(r) for r in recipes.plan(config.precision, backends)]
+    reference: Quality | None = None
+    for index, cand in enumerate(planned):
+        folder = work / plain_name(cand.key.replace("/", "-"))
+        _stage(config, f"build {cand.key}", index, len(planned))
+        if cand.recipe.bits is None and cand.recipe.backend == recipes.ORT:
+            folder.mkdir()
+            _link(source.onnx, folder)
+            cand.files, cand.note = sorted(p.name for p in folder.iterdir()), "the float32 decoder, as exported"
+        else:
+            start = time.monotonic()
+            try:
+                cand.files, cand.note = recipes.build(cand.recipe, source.onnx, folder)
+            except DloptError as exc:
+                cand.status, cand.reason = Status.FAILED, first_line(exc)
+                logger.warning("%s: %s", cand.key, cand.reason)
+                continue
+            cand.build_s = time.monotonic() - start
+        cand.size_bytes = sum((folder / f).stat().st_size for f in cand.files)
+        _stage(config, f"judge {cand.key}", index, len(planned))
+        session = open_session(cand.recipe.backend, folder, threads)
+        try:
+            cand.quality = judge(session, ids, prompts, config.agreement_tokens, window=window, stride=stride,
+                                 reference=reference)
+        finally:
+            del session
+        if reference is None:
+            reference = cand.quality
+        increase = _increase(cand.quality, reference)
+        if increase > config.max_ppl_increase:
+            cand.status = Status.REJECTED
+            cand.reason = (f"perplexity {cand.quality.perplexity.perplexity:.3f} is {increase:+.2f}% of fp32's, over "
+                           f"the {config.max_ppl_increase:g}% budget")
+    ok = [c for c in planned if c.status is Status.OK]
+    _stage(config, "time", 0, len(ok))
+    sessions = {c.key: open_session(c.recipe.backend, work / plain_name(c.key.replace("/", "-")), threads) for c in ok}
+    speeds = time_generation(sessions, ids[:config.prompt_len] if len(ids) >= config.prompt_len
+                             else (ids * (config.prompt_len // len(ids) + 1))[:config.prompt_len],
+                             config.gen_len, runs=config.runs, warmup=config.warmup, threads=threads,
+                             max_seconds=config.timing_budget_s,
+                             progress=lambda d, t: _stage(config, "time", d, t))
+    sessions.clear()
+    for cand in ok:
+        cand.speed = speeds[cand.key]
+    fp32 = planned[0]
+    entries = [select.Entry(c.key, c.recipe.backend, c.recipe.precision, c.status, c.speed.request if c.speed else None)
+               for c in planned]
+    verdict = select.choose(entries, fp32.speed.request if fp32.speed else None, (recipes.ORT, recipes.OPENVINO))
+    chosen = fp32.key if verdict.chosen == select.ORIGINAL else verdict.chosen
+    if chosen is not None:
+        pick = next(c for c in planned if c.key == chosen)
+        notes += _write_chosen(pick, work / plain_name(chosen.replace("/", "-")), source, staged, tokenizer, threads)
+    from dlopt.llm.report import build_report, write_report
+
+    report = build_report(config, source, planned, verdict, chosen, threads=threads, window=window, stride=stride,
+                          eval_tokens=len(ids), notes=notes, seconds=time.monotonic() - started,
+                          peak_rss_mb=_peak_rss_mb(), children_peak_rss_mb=_peak_rss_mb(children=True), out=out)
+    write_report(staged, report)
+    return report
+
+
+def _increase(quality: Quality, reference: Quality) -> float:
+    return (quality.perplexity.perplexity / reference.perplexity.perplexity - 1) * 100
+
+
+def _eval_ids(config: TextGenerationConfig, tokenizer: Any) -> list[int]:
+    with open(config.eval_text, "rb") as handle:
+        raw = handle.read(_TEXT_LIMIT)
+    try:
+        text = raw.decode("utf-8", errors="strict" if len(raw) < _TEXT_LIMIT else "ignore")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--eval {config.eval_text} is not UTF-8 text (byte {exc.start}): give a plain-text file") \
+            from exc
+    ids = tokenizer.encode(text).ids[:config.eval_tokens + 1]
+    if len(ids) < 32:
+        raise DataError(f"--eval {config.eval_text} gives {len(ids)} tokens: perplexity needs a text of 32 tokens "
+                        f"or more (4096 are scored by default)")
+    return ids
+
+
+def _prompts(config: TextGenerationConfig, ids: list[int]) -> list[list[int]]:
+    """``config.prompts`` prompts of up to 64 tokens, spread evenly over the evaluation text."""
+    length = min(64, max(1, len(ids) // (config.prompts + 1)))
+    starts = [round(i * (len(ids) - length) / max(1, config.prompts)) for i in range(config.prompts)]
+    return [ids[s:s + length] for s in starts]
+
+
+def _link(source: Path, folder: Path) -> None:
+    """The float32 decoder as ``folder/model.onnx`` with the external data files it names (under their own
+    names, each inside the decoder's folder), hard-linked where the file system allows, else copied."""
+    from dlopt.core.artifacts import _external_locations, contained_path
+
+    pairs = [(source, folder / "model.onnx")]
+    pairs += [(contained_path(source.parent, name, named_in=source.name), folder / name)
+              for name in _external_locations(source) if name]
+    for path, target in pairs:
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+
+def _graph_facts(path: Path):
+    """The KV layout, vocabulary and every input's element type of an ONNX decoder, read without its weights."""
+    import onnx
+
+    from dlopt.llm.kv import LOGITS, layout_from_graph
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    class Spec:
+        def __init__(self, value):
+            self.name = value.name
+            self.shape = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                          for d in value.type.tensor_type.shape.dim]
+
+    inputs, outputs = [Spec(v) for v in proto.graph.input], [Spec(v) for v in proto.graph.output]
+    vocab = next(o.shape[-1] for o in outputs if o.name == LOGITS)
+    return layout_from_graph(inputs, outputs, path.name), vocab if isinstance(vocab, int) else None
+
+
+def _write_chosen(pick: Candidate, folder: Path, source: DecoderSource, staged: Path, tokenizer: Any,
+                  threads: int) -> list[str]:
+    """The chosen decoder, its tokenizer and config files, and (on ONNX Runtime) genai_config.json; notes."""
+    for name in pick.files:
+        shutil.copyfile(folder / name, staged / name)
+    for path in source.meta_files:
+        shutil.copyfile(path, staged / path.name)
+    if pick.recipe.backend != recipes.ORT:
+        return []
+    from dlopt.llm.genai_config import write_genai_config
+
+    layout, vocab = _graph_facts(staged / "model.onnx")
+    config = model_config(source.meta)
+    ids = special_ids(source.meta, tokenizer)
+    if ids["eos"] is None:
+        return ["no genai_config.json: the model names no end-of-text token, and ONNX Runtime GenAI always stops "
+                "at one (it would stop at token 0)"]
+    write_genai_config(staged, layout, vocab_size=vocab or tokenizer.get_vocab_size(),
+                       context_length=_whole(config, "max_position_embeddings") or 2048,
+                       bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], threads=threads,
+                       attention_heads=_whole(config, "num_attention_heads"), hidden_size=_whole(config, "hidden_size"))
+    return []
+
+
+def _whole(config: dict, name: str) -> int | None:
+    """A positive whole number from a model's config.json, else None (the file is the user's, or anyone's)."""
+    value = config.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _peak_rss_mb(children: bool = False) -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return usage.ru_maxrss / 1024
+
+
+def _publish(staged: Path, out: Path, report: dict) -> None:
+    from dlopt.llm.report import write_manifest
+
+    write_manifest(staged, report)
+    raise_if_interrupted()
+    from dlopt.core.artifacts import move_into_place
+
+    move_into_place(staged, out)
