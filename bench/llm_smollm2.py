@@ -8,8 +8,8 @@ driven by the parent over a pipe, so that every runtime can live in its own envi
 peak RSS (VmHWM from /proc/<pid>/status) is per model.  The runtime follows the folder:
 
 * ``genai_config.json``: onnxruntime_genai (its Generator; ``append_tokens`` for scoring);
-* ``*.xml``: OpenVINO, explicit KV inputs (``--ov-precision``, f32 by default: this CPU's
-  default would be bf16);
+* ``*.xml``: OpenVINO, explicit KV inputs or optimum-intel's stateful graph (``--ov-precision``,
+  f32 by default: this CPU's default would be bf16);
 * ``model.onnx``: ONNX Runtime InferenceSession with optimum's names (``input_ids``,
   ``attention_mask``, optional ``position_ids``, ``past_key_values.{i}.{key,value}`` ->
   ``logits``, ``present.{i}.{key,value}``), dlopt's output folders included.
@@ -105,13 +105,16 @@ class OrtDecoder(_ExplicitKV):
 
 
 class OvDecoder(_ExplicitKV):
+    """Explicit KV inputs (a converted ONNX graph), or optimum-intel's stateful graph (``beam_idx``)."""
+
     def __init__(self, folder: Path, threads: int, precision: str):
         import openvino as ov
 
         cfg = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
         if precision != "default":
             cfg["INFERENCE_PRECISION_HINT"] = precision
-        xml = sorted(folder.glob("*.xml"))[0]
+        xmls = [x for x in sorted(folder.glob("*.xml")) if "tokenizer" not in x.name]
+        xml = folder / "openvino_model.xml" if (folder / "openvino_model.xml").exists() else xmls[0]
         self.cm = ov.Core().compile_model(str(xml), "CPU", cfg)
         self.req = self.cm.create_infer_request()
         types = {"f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32}
@@ -121,9 +124,25 @@ class OvDecoder(_ExplicitKV):
             shape = [d.get_length() if d.is_static else None for d in ps]
             ins[i.any_name] = (shape, types[i.get_element_type().get_type_name()])
         self.names = [o.any_name for o in self.cm.outputs]
+        self.stateful = "beam_idx" in ins
         self._setup(ins, self.names)
-        self.version = {"openvino": ov.get_version(),
-                        "inference_precision": str(self.cm.get_property("INFERENCE_PRECISION_HINT"))}
+        self.version = {"openvino": ov.get_version(), "stateful": self.stateful}
+        for prop in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
+            try:
+                self.version[prop.lower()] = str(self.cm.get_property(prop))
+            except RuntimeError as e:  # not every build lists every property
+                self.version[prop.lower()] = f"unreadable: {e}".splitlines()[0]
+
+    def forward(self, ids, state):
+        if not self.stateful:
+            return super().forward(ids, state)
+        plen = state or 0
+        if not plen:
+            self.req.reset_state()
+        n = len(ids)
+        feeds = {"input_ids": np.asarray([ids], self.ids_dtype), "attention_mask": np.ones((1, plen + n), np.int64),
+                 "position_ids": np.arange(plen, plen + n, dtype=np.int64)[None], "beam_idx": np.zeros(1, np.int32)}
+        return self._logits(self._run(feeds)["logits"]), plen + n
 
     def _run(self, feeds):
         # shared outputs: read (logits) or copied into the next request's inputs before it runs
@@ -232,7 +251,7 @@ def worker(folder: Path, threads: int, precision: str) -> None:
     if kind == "genai":
         prefill, greedy, timed = dec.prefill_logits, dec.greedy, dec.timed
     else:
-        prefill = lambda ids: dec.forward(ids, None)[0]  # noqa: E731
+        prefill = lambda ids: dec.forward(ids, None)[0]
         greedy, timed = (lambda ids, n: _kv_greedy(dec, ids, n)), (lambda ids, g: _kv_timed(dec, ids, g))
     proto.write(json.dumps({"runtime": kind, "load_s": load_s, "versions": dec.version}) + "\n")
     proto.flush()
@@ -248,7 +267,7 @@ def worker(folder: Path, threads: int, precision: str) -> None:
                 rep = {"ttft_s": ttft, "decode_s": dec_s}
             else:
                 return
-        except Exception as e:  # reported to the parent, which stops the run with the model's name
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which stops the run with the model's name
             rep = {"error": f"{type(e).__name__}: {e}"}
         proto.write(json.dumps(rep) + "\n")
         proto.flush()
@@ -397,7 +416,7 @@ def main(argv=None):
                 r["peak_rss_mb"] = w.memory()["VmHWM"]
             w.close()
     ref = res["models"][specs[0][0]]
-    for n, r in res["models"].items():
+    for r in res["models"].values():
         r["ppl_increase_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
         agree = []
         for mine, theirs in zip(r["greedy"], ref["greedy"]):
