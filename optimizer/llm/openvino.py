@@ -2,13 +2,14 @@
 (``build_openvino_decoder``) and run token by token on the CPU plugin (``OpenVINODecoderSession``).
 
 Weights: ``fp32`` as exported; ``int8`` every MatMul weight, the embedding table and the head per output channel
-(NNCF ``INT8_SYM``: i8 and an f16 scale per row; on SmolLM2-135M it kept perplexity closer than INT8_ASYM,
-+0.75 % against +1.24 %); ``int4`` the MatMuls of the layers in groups along the input channels (``INT4_SYM``:
-i4 with an f16 scale per group), while NNCF keeps the embedding Gather and the head (the last MatMul) at its
-backup precision, INT8_ASYM per row (``all_layers=False``; ``all_layers=True`` puts both in int4 groups, which
-OpenVINO runs, at +47 % perplexity on SmolLM2-135M against +25 %).  A tied
-head needs nothing of its own: OpenVINO's ONNX frontend folds ``Transpose(E)`` into the head MatMul's
-``transpose_b``, so one constant feeds the Gather and the head, and NNCF compresses it once for both.
+(NNCF ``INT8_SYM``: i8 and an f16 scale per row); ``int4`` the MatMuls of the layers in groups along the input
+channels (``INT4_SYM``: i4 with an f16 scale per group), while NNCF keeps the embedding Gather and the head (the
+last MatMul) at its backup precision, INT8_ASYM per row (``all_layers=False``; ``all_layers=True`` puts both in
+int4 groups, which OpenVINO runs).  On SmolLM2-135M (its float32 dequantised from Q4_1; GPL-3, 4096 tokens)
+perplexity rose by +0.75 % with INT8_SYM against +1.24 % with INT8_ASYM, and by +25 % with int4 group 64 against
++47 % with ``all_layers=True``.  A tied head needs nothing of its own: OpenVINO's ONNX frontend folds
+``Transpose(E)`` into the head MatMul's ``transpose_b``, so one constant feeds the Gather and the head, and NNCF
+compresses it once for both.
 
 Guarantees: ``build_openvino_decoder`` writes ``openvino_model.xml`` and ``openvino_model.bin`` only, after the
 compressed model compiled and ran a prefill and a decode step to finite logits; a group size that does not divide
