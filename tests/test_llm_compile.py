@@ -82,6 +82,9 @@ def test_fp32_perplexity_and_greedy_tokens_match_the_module(folder, fp32_out):
     assert {"model.onnx", "tokenizer.json", "tokenizer_config.json", "config.json", "genai_config.json",
             "manifest.json", "report.json", "report.md", "README.md"} <= {p.name for p in out.iterdir()}
     assert "dlopt generate" in (out / "README.md").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == ["model.onnx", "model.onnx.data"]  # the export writes the weights apart
+    assert set(manifest["file_sha256"]) == {"model.onnx", "model.onnx.data"}
 
     prompt = "The GNU General Public License is a free"
     prompt_ids = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode(prompt).ids
@@ -121,6 +124,7 @@ def test_weight_only_candidates_are_judged_against_the_budget(folder, fp32_out, 
     report = json.loads(result.stdout)
     by_key = {c["key"]: c for c in report["candidates"]}
     assert report["model"]["exported_from"] is None
+    assert not [c for c in report["candidates"] if c["status"] == "failed"], report["candidates"]
     fp32 = by_key.pop("ort/fp32")
     int4 = {k: c for k, c in by_key.items() if k.startswith("ort/int4")}
     assert {"ort/int4-b32-acc4", "ort/int4-b32-acc4-head8"} <= set(int4)

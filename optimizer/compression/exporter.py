@@ -43,6 +43,8 @@ def export(
     opset: int | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    verify: bool = True,
+    external_data: bool = False,
 ) -> Path:
     """Export ``module`` called on ``example_inputs`` (a tensor or tuple of tensors) to ``path``.
 
@@ -52,7 +54,9 @@ def export(
     The dynamo exporter is tried first (without its graph optimiser, so the file is
     a plain translation for ``dlopt compile`` to optimise) and the TorchScript
     exporter when it fails.  The module is exported and checked in eval mode; its
-    own mode is restored after.
+    own mode is restored after.  ``verify=False`` leaves out the runs on ONNX Runtime (for a caller
+    with a check of its own: ONNX Runtime's copy of the weights beside the module's doubles the
+    memory); ``external_data`` writes every weight to ``<name>.data`` (no in-memory copy of them).
 
     Raises :class:`TargetUnavailable` without torch, :class:`ConfigError` when
     ``path``'s folder is missing or ``dynamic_axes`` names neither an input nor an
@@ -84,9 +88,11 @@ def export(
         try:
             with _quiet_exporter():
                 model = _export_ir(torch, module, args, work, names_in, names_out, dynamic_axes, opset)
-            files = _save_and_check(model, work / path.name)
-            _verify(files[0], dict(zip(names_in, (_numpy(a) for a in args))), expected, rtol, atol)
-            _verify_other_batch(torch, module, files[0], args, names_in, rtol, atol)
+            files = _save_and_check(model, work / path.name, external=external_data)
+            del model
+            if verify:
+                _verify(files[0], dict(zip(names_in, (_numpy(a) for a in args))), expected, rtol, atol)
+                _verify_other_batch(torch, module, files[0], args, names_in, rtol, atol)
             # Weights first, model last: the model file appears only once it is complete.
             for staged in reversed(files):
                 os.replace(staged, path.parent / staged.name)
@@ -185,12 +191,12 @@ def _dynamic_shapes(dynamic_axes, names_in: list[str]):
     return tuple(shapes)
 
 
-def _save_and_check(model, target: Path) -> list[Path]:
-    """Write ``model`` inline (or with ``.data`` when huge) and validate it with onnx.checker."""
+def _save_and_check(model, target: Path, *, external: bool = False) -> list[Path]:
+    """Write ``model`` inline (or with ``.data`` when huge or ``external``) and validate it with onnx.checker."""
     import onnx
 
     try:
-        files = save_ir(model, target)
+        files = save_ir(model, target, external=external)
         onnx.checker.check_model(str(target))
     except Exception as exc:
         raise CompileError(f"exported model is not valid ONNX: {first_line(exc)}") from exc

@@ -340,14 +340,14 @@ def initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def save_ir(model: ir.Model, path: Path) -> list[Path]:
-    """Save ``model`` to ``path``; large weights go to ``<name>.data`` beside it.
+def save_ir(model: ir.Model, path: Path, *, external: bool = False) -> list[Path]:
+    """Save ``model`` to ``path``; large weights (all of them with ``external``) go to ``<name>.data`` beside it.
 
     Weights still read from another model's data file are copied into the new one:
     a saved model never points at files outside its folder.  Returns every file
     written so callers can hash and size the artefact.
     """
-    if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD or has_external_tensors(model):
+    if external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD or has_external_tensors(model):
         data_name = path.name + ".data"
         ir.save(model, str(path), external_data=data_name)
         return [path, path.with_name(data_name)]

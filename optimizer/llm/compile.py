@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import resource
 import shutil
 import tempfile
@@ -91,6 +90,8 @@ class Candidate:
     size_bytes: int = 0
     quality: Quality | None = None
     speed: Speed | None = None
+    folder: Path | None = None  # its files (None: the float32 decoder is read where it is)
+    source: Path | None = None  # what its session opens: an ONNX file, or an OpenVINO folder
 
     @property
     def key(self) -> str:
@@ -153,9 +154,9 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
         folder = work / plain_name(cand.key.replace("/", "-"))
         _stage(config, f"build {cand.key}", index, len(planned))
         if cand.recipe.bits is None and cand.recipe.backend == recipes.ORT:
-            folder.mkdir()
-            _link(source.onnx, folder)
-            cand.files, cand.note = sorted(p.name for p in folder.iterdir()), "the float32 decoder, as exported"
+            cand.source, cand.note = source.onnx, "the float32 decoder, as exported"
+            cand.files = [source.onnx.name, *_external_files(source.onnx)]
+            cand.size_bytes = sum((source.onnx.parent / f).stat().st_size for f in cand.files)
         else:
             start = time.monotonic()
             try:
@@ -165,9 +166,11 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
                 logger.warning("%s: %s", cand.key, cand.reason)
                 continue
             cand.build_s = time.monotonic() - start
-        cand.size_bytes = sum((folder / f).stat().st_size for f in cand.files)
+            cand.folder = folder
+            cand.source = folder if cand.recipe.backend == recipes.OPENVINO else folder / "model.onnx"
+            cand.size_bytes = sum((folder / f).stat().st_size for f in cand.files)
         _stage(config, f"judge {cand.key}", index, len(planned))
-        session = open_session(cand.recipe.backend, folder, threads)
+        session = open_session(cand.recipe.backend, cand.source, threads)
         try:
             cand.quality = judge(session, ids, prompts, config.agreement_tokens, window=window, stride=stride,
                                  reference=reference)
@@ -182,13 +185,16 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
                            f"the {config.max_ppl_increase:g}% budget")
     ok = [c for c in planned if c.status is Status.OK]
     _stage(config, "time", 0, len(ok))
-    sessions = {c.key: open_session(c.recipe.backend, work / plain_name(c.key.replace("/", "-")), threads) for c in ok}
-    speeds = time_generation(sessions, ids[:config.prompt_len] if len(ids) >= config.prompt_len
-                             else (ids * (config.prompt_len // len(ids) + 1))[:config.prompt_len],
-                             config.gen_len, runs=config.runs, warmup=config.warmup, threads=threads,
-                             max_seconds=config.timing_budget_s,
+    # all sessions open together while they fit in one more float32 model's memory, else one at a time
+    together = sum(c.size_bytes for c in ok) <= 2 * planned[0].size_bytes
+    openers = {c.key: _opener(c, threads) for c in ok}
+    prompt = (ids * (config.prompt_len // len(ids) + 1))[:config.prompt_len]
+    speeds = time_generation(openers, prompt, config.gen_len, runs=config.runs, warmup=config.warmup,
+                             threads=threads, max_seconds=config.timing_budget_s, resident=None if together else 1,
                              progress=lambda d, t: _stage(config, "time", d, t))
-    sessions.clear()
+    if not together:
+        notes.append(f"timed one candidate session at a time (their {sum(c.size_bytes for c in ok) / 1e6:.0f} MB "
+                     f"together are more than twice the float32 model): each opened again before its timed blocks")
     for cand in ok:
         cand.speed = speeds[cand.key]
     fp32 = planned[0]
@@ -198,7 +204,7 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
     chosen = fp32.key if verdict.chosen == select.ORIGINAL else verdict.chosen
     if chosen is not None:
         pick = next(c for c in planned if c.key == chosen)
-        notes += _write_chosen(pick, work / plain_name(chosen.replace("/", "-")), source, staged, tokenizer, threads)
+        notes += _write_chosen(pick, source, staged, tokenizer, threads)
     from dlopt.llm.report import build_report, write_report
 
     report = build_report(config, source, planned, verdict, chosen, threads=threads, window=window, stride=stride,
@@ -206,6 +212,10 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
                           peak_rss_mb=_peak_rss_mb(), children_peak_rss_mb=_peak_rss_mb(children=True), out=out)
     write_report(staged, report)
     return report
+
+
+def _opener(cand: Candidate, threads: int) -> Callable[[], Any]:
+    return lambda: open_session(cand.recipe.backend, cand.source, threads)
 
 
 def _increase(quality: Quality, reference: Quality) -> float:
@@ -234,19 +244,13 @@ def _prompts(config: TextGenerationConfig, ids: list[int]) -> list[list[int]]:
     return [ids[s:s + length] for s in starts]
 
 
-def _link(source: Path, folder: Path) -> None:
-    """The float32 decoder as ``folder/model.onnx`` with the external data files it names (under their own
-    names, each inside the decoder's folder), hard-linked where the file system allows, else copied."""
-    from dlopt.core.artifacts import _external_locations, contained_path
+def _external_files(onnx_file: Path) -> list[str]:
+    """The external data files an ONNX decoder names, each checked to be a plain file inside its folder."""
+    from dlopt.core.artifacts import _external_locations, check_plain_files
 
-    pairs = [(source, folder / "model.onnx")]
-    pairs += [(contained_path(source.parent, name, named_in=source.name), folder / name)
-              for name in _external_locations(source) if name]
-    for path, target in pairs:
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
+    names = [n for n in _external_locations(onnx_file) if n]
+    check_plain_files(onnx_file.parent, names, named_in=onnx_file.name)
+    return names
 
 
 def _graph_facts(path: Path):
@@ -268,11 +272,12 @@ def _graph_facts(path: Path):
     return layout_from_graph(inputs, outputs, path.name), vocab if isinstance(vocab, int) else None
 
 
-def _write_chosen(pick: Candidate, folder: Path, source: DecoderSource, staged: Path, tokenizer: Any,
-                  threads: int) -> list[str]:
-    """The chosen decoder, its tokenizer and config files, and (on ONNX Runtime) genai_config.json; notes."""
+def _write_chosen(pick: Candidate, source: DecoderSource, staged: Path, tokenizer: Any, threads: int) -> list[str]:
+    """The chosen decoder, its tokenizer and config files, and (on ONNX Runtime) genai_config.json; notes.
+    The float32 decoder keeps the names of its external data files (its graph names them) as ``model.onnx``."""
     for name in pick.files:
-        shutil.copyfile(folder / name, staged / name)
+        origin = pick.folder / name if pick.folder is not None else source.onnx.parent / name
+        shutil.copyfile(origin, staged / ("model.onnx" if pick.folder is None and name == source.onnx.name else name))
     for path in source.meta_files:
         shutil.copyfile(path, staged / path.name)
     if pick.recipe.backend != recipes.ORT:

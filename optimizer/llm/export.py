@@ -53,9 +53,13 @@ def layout_of(config: Any) -> KVLayout:
     return KVLayout(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim)
 
 
-def export_decoder(model: Any, path: str | os.PathLike, *, opset: int | None = None, atol: float = 1e-4) -> Path:
+def export_decoder(model: Any, path: str | os.PathLike, *, opset: int | None = None, atol: float = 1e-4,
+                   check: bool = True) -> Path:
     """Export ``model`` (a float32 transformers causal LM: ``LlamaForCausalLM`` and friends) with its KV
-    cache to ``path`` through :func:`dlopt.export`, then check it (see the module's guarantees).
+    cache to ``path`` through :func:`dlopt.export`, then check it (see the module's guarantees).  The weights
+    go to ``<path>.data``.  ``check=False`` leaves the check to the caller: ``compare_decoder(path,
+    decoder_reference(model))`` once it has let go of the module (the reference taken before the export), so
+    it holds one copy of the weights at a time, not the module's and ONNX Runtime's together.
 
     Raises ConfigError for a model that is not float32, CompileError when no exporter succeeds or the file
     differs from the module by more than ``atol`` on the logits."""
@@ -78,20 +82,29 @@ def export_decoder(model: Any, path: str | os.PathLike, *, opset: int | None = N
     with warnings.catch_warnings():
         # torch.onnx keeps one name per set of equal axes ("batch" of every input) and warns about the others
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
-        # export's own check runs the random trace example (a random past through 30 layers of SmolLM2-135M
-        # differs by 5e-4 from torch); check_decoder below is the real check, on a prompt and a decode step
+        # the check is check_decoder's, on a prompt and a decode step (export's own would run the random trace
+        # example, with a second copy of the weights in ONNX Runtime beside the module's)
         path = Path(export(wrapper, example, path, axes, output_names=[LOGITS, *layout.present_names], opset=opset,
                            input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *layout.past_names],
-                           rtol=1e-3, atol=1e-3))
+                           verify=False, external_data=True))
+    del wrapper, example
+    if not check:
+        return path
     try:
         match = check_decoder(model, path, atol=atol)
     except BaseException:
-        for written in (path, path.with_name(path.name + ".data")):
-            written.unlink(missing_ok=True)
+        remove_decoder(path)
         raise
     logger.info("decoder exported to %s: logits within %.1e (prefill) and %.1e (decode) of the module",
                 path, match.prefill, match.decode)
     return path
+
+
+def remove_decoder(path: str | os.PathLike) -> None:
+    """Remove a decoder file and its weights (after a failed check)."""
+    path = Path(path)
+    for written in (path, path.with_name(path.name + ".data")):
+        written.unlink(missing_ok=True)
 
 
 def decoder_with_past(model: Any, layout: KVLayout):
@@ -122,14 +135,20 @@ def decoder_with_past(model: Any, layout: KVLayout):
     return DecoderWithPast().eval()
 
 
-def check_decoder(model: Any, path: str | os.PathLike, *, atol: float = 1e-4, prompt: int = _CHECK_PROMPT) -> DecoderMatch:
-    """Run ``path`` on ONNX Runtime and ``model`` in torch on a prefill of ``prompt`` tokens with an empty past,
-    then one decode step, each side fed its own cache; CompileError when the logits differ by more than ``atol``."""
+@dataclass(frozen=True)
+class DecoderReference:
+    """The module's logits on a prefill of ``ids[:-1]`` with an empty past and on a decode step of ``ids[-1]``."""
+
+    ids: np.ndarray
+    prefill: np.ndarray  # [prompt, vocab]
+    decode: np.ndarray   # [vocab]
+    layout: KVLayout
+
+
+def decoder_reference(model: Any, *, prompt: int = _CHECK_PROMPT) -> DecoderReference:
+    """What :func:`compare_decoder` checks a file against, from ``model`` in torch (each side feeds its own cache)."""
     torch = require("torch", "llm", "checking a decoder needs torch")
-    session = DecoderSession(path)
     layout = layout_of(model.config)
-    if session.layout != layout:
-        raise CompileError(f"{Path(path).name} has a KV cache of {session.layout}, the module {layout}")
     wrapper = decoder_with_past(model, layout)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, _text_config(model.config).vocab_size, (1, prompt + 1), generator=generator)
@@ -143,10 +162,24 @@ def check_decoder(model: Any, path: str | os.PathLike, *, atol: float = 1e-4, pr
                              *prefill[1:])
     finally:
         model.train(was_training)
+    return DecoderReference(ids[0].numpy(), prefill[0][0].numpy(), decode[0][0, -1].numpy(), layout)
+
+
+def check_decoder(model: Any, path: str | os.PathLike, *, atol: float = 1e-4, prompt: int = _CHECK_PROMPT) -> DecoderMatch:
+    """Run ``path`` on ONNX Runtime and ``model`` in torch on a prefill of ``prompt`` tokens with an empty past,
+    then one decode step, each side fed its own cache; CompileError when the logits differ by more than ``atol``."""
+    return compare_decoder(path, decoder_reference(model, prompt=prompt), atol=atol)
+
+
+def compare_decoder(path: str | os.PathLike, reference: DecoderReference, *, atol: float = 1e-4) -> DecoderMatch:
+    """``path`` on ONNX Runtime against ``reference`` (see :func:`check_decoder`)."""
+    session = DecoderSession(path)
+    if session.layout != reference.layout:
+        raise CompileError(f"{Path(path).name} has a KV cache of {session.layout}, the module {reference.layout}")
+    ids = reference.ids.tolist()
     errors = {}
-    for phase, got, want in (("prefill with an empty past", session.prefill(ids[0, :prompt].tolist()), prefill[0][0]),
-                             ("decode step", session.step(int(ids[0, prompt]))[None], decode[0][0])):
-        want = want.numpy()
+    for phase, got, want in (("prefill with an empty past", session.prefill(ids[:-1]), reference.prefill),
+                             ("decode step", session.step(ids[-1]), reference.decode)):
         if got.shape != want.shape:
             raise CompileError(f"{Path(path).name} differs from the module on a {phase}: logits of shape "
                                f"{list(got.shape)} where the module's are {list(want.shape)}")

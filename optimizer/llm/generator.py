@@ -88,7 +88,7 @@ class TextGenerator:
         if self.tokenizer is None:
             raise ConfigError(f"{folder} has no tokenizer.json")
         self.special = special_ids(folder, self.tokenizer)
-        self.session = open_session(backend, folder, threads)
+        self.session = open_session(backend, folder / "model.onnx" if backend == ORT else folder, threads)
 
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """The greedy continuation of ``prompt`` as text (the prompt itself not included)."""

@@ -22,15 +22,16 @@ from dlopt.llm.evaluate import Agreement, Perplexity, greedy_agreement, perplexi
 from dlopt.measure.timing import Timing, median_interval, time_interleaved
 
 
-def open_session(backend: str, folder: Path, threads: int) -> Any:
-    """The decoding session of a candidate's folder: ``prefill``/``step``/``generate``."""
+def open_session(backend: str, model: Path, threads: int) -> Any:
+    """The decoding session (``prefill``/``step``/``generate``) of an ONNX decoder file, or of an OpenVINO
+    candidate's folder."""
     if backend == OPENVINO:
         from dlopt.llm.openvino import OpenVINODecoderSession
 
-        return OpenVINODecoderSession(folder, threads=threads)
+        return OpenVINODecoderSession(model, threads=threads)
     from dlopt.llm.session import DecoderSession
 
-    return DecoderSession(folder / "model.onnx", threads=threads)
+    return DecoderSession(model, threads=threads)
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,23 @@ class Speed:
                 "gen_len": self.gen_len}
 
 
-def time_generation(sessions: Mapping[str, Any], prompt: Sequence[int], gen_len: int, *, runs: int, warmup: int,
-                    threads: int, max_seconds: float,
+def time_generation(openers: Mapping[str, Callable[[], Any]], prompt: Sequence[int], gen_len: int, *, runs: int,
+                    warmup: int, threads: int, max_seconds: float, resident: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, Speed]:
-    """Every session's requests (``prompt``, then ``gen_len`` tokens), timed interleaved."""
-    prompt = list(prompt)
-    split: dict[str, list[tuple[float, float]]] = {key: [] for key in sessions}
-    meters = {key: _Timed() for key in sessions}  # open around each timed block: warm-up runs are not recorded
+    """Every candidate's requests (``prompt``, then ``gen_len`` tokens), timed interleaved.
 
-    def request(key: str, session: Any) -> Callable[[object], None]:
+    ``openers`` open each candidate's session.  ``resident``: at most this many sessions are open at once (None:
+    all); a candidate whose session was closed to make room opens again in the untimed run before its next
+    timed block, so the memory of a compile stays that of one or two decoders, and the timings span several
+    sessions of each."""
+    prompt = list(prompt)
+    split: dict[str, list[tuple[float, float]]] = {key: [] for key in openers}
+    meters = {key: _Timed() for key in openers}  # open around each timed block: warm-up runs are not recorded
+    pool = _Sessions(openers, resident)
+
+    def request(key: str) -> Callable[[object], None]:
         def run(_feed) -> None:
+            session = pool.get(key)
             start = time.perf_counter()
             token = int(np.argmax(session.prefill(prompt)[-1]))
             first = time.perf_counter()
@@ -88,8 +96,11 @@ def time_generation(sessions: Mapping[str, Any], prompt: Sequence[int], gen_len:
                 split[key].append((first - start, time.perf_counter() - first))
         return run
 
-    timings = time_interleaved({k: request(k, s) for k, s in sessions.items()}, {}, runs=runs, warmup=warmup,
-                               threads=threads, max_seconds=max_seconds, progress=progress, meters=meters)
+    try:
+        timings = time_interleaved({k: request(k) for k in openers}, {}, runs=runs, warmup=warmup, threads=threads,
+                                   max_seconds=max_seconds, progress=progress, meters=meters)
+    finally:
+        pool.close()
     speeds = {}
     for key, timing in timings.items():
         samples = np.array(split[key])
@@ -98,6 +109,26 @@ def time_generation(sessions: Mapping[str, Any], prompt: Sequence[int], gen_len:
         speeds[key] = Speed(timing, float(np.median(ttft)), median_interval(ttft), float(np.median(rate)),
                             median_interval(rate), len(prompt), gen_len)
     return speeds
+
+
+class _Sessions:
+    """Open sessions, at most ``resident`` at once: the least recently used closes first."""
+
+    def __init__(self, openers: Mapping[str, Callable[[], Any]], resident: int | None) -> None:
+        self.openers, self.resident = openers, resident
+        self.open: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        if key in self.open:
+            self.open[key] = self.open.pop(key)  # most recently used last
+            return self.open[key]
+        while self.resident is not None and len(self.open) >= self.resident:
+            self.open.pop(next(iter(self.open)))
+        self.open[key] = self.openers[key]()
+        return self.open[key]
+
+    def close(self) -> None:
+        self.open.clear()
 
 
 class _Timed:

@@ -62,7 +62,7 @@ def resolve(model: Path, work: Path) -> DecoderSource:
         return DecoderSource(model, model.parent, None)
     if not model.is_dir():
         raise ConfigError(f"no model at {model}")
-    onnx = next((model / n for n in ONNX_NAMES if _plain(model / n) or (model / n).is_file()), None)
+    onnx = next((model / n for n in ONNX_NAMES if (model / n).is_file()), None)
     if onnx is not None:
         return DecoderSource(onnx, model, None)
     ggufs = sorted(p.name for p in model.glob("*.gguf") if p.is_file() and not p.is_symlink())
@@ -137,21 +137,54 @@ def _export_here(folder: Path, gguf: str | None, work: Path) -> dict:
     import resource
 
     from dlopt.core.optional import require
-    from dlopt.llm.export import export_decoder
+    import gc
+
+    from dlopt.llm.export import compare_decoder, decoder_reference, export_decoder, remove_decoder
     from dlopt.llm.source import load_causal_lm
 
     transformers = require("transformers", "llm", "exporting a decoder needs transformers")
     model = load_causal_lm(folder, gguf_file=gguf)
-    export_decoder(model, work / "model.onnx")
     model.config.save_pretrained(str(work))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(work))
+    phases = {"loaded_mb": _rss_mb()}
+    reference = decoder_reference(model)
+    path = export_decoder(model, work / "model.onnx", check=False)
+    phases["exported_mb"] = _rss_mb()
+    del model  # the check holds ONNX Runtime's copy of the weights alone
+    gc.collect()
+    _trim()
+    try:
+        match = compare_decoder(path, reference)
+    except BaseException:
+        remove_decoder(path)
+        raise
+    phases["checked_mb"] = _rss_mb()
+    logger.info("decoder exported to %s: logits within %.1e (prefill) and %.1e (decode) of the module", path,
+                match.prefill, match.decode)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the tokenizer of {folder}: {first_line(exc)}") from exc
     tokenizer.save_pretrained(str(work))
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **phases}
+
+
+def _trim() -> None:
+    """Give the heap's free pages back to the system (glibc keeps what torch freed; the check needs it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _rss_mb() -> float:
+    """This process's peak RSS so far, in MB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _main(argv: list[str]) -> int:
