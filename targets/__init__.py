@@ -85,6 +85,15 @@ def build_limits(name: str, profile) -> str | None:
     return get_backend(name).build_limits(profile) if backend_status(name, profile) is True else None
 
 
+def refuse_decoder_output(folder: Path, manifest: object) -> None:
+    """ConfigError (one line) for a ``--task text-generation`` output: a decoder runs with ``dlopt generate``,
+    not through the verbs that feed a model .npz arrays."""
+    if isinstance(manifest, dict) and manifest.get("task") == "text-generation":
+        raise ConfigError(f"{folder} holds a decoder compiled with --task text-generation: run it with "
+                          f"`dlopt generate {folder} --prompt TEXT` or dlopt.load(); run, verify, bench, serve, gate "
+                          f"and package take the outputs of other compiles")
+
+
 def read_artifact(folder) -> tuple[Artifact, Path]:
     """The artefact in ``folder`` and the root of the output it belongs to.
 
@@ -97,6 +106,7 @@ def read_artifact(folder) -> tuple[Artifact, Path]:
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder; give a dlopt output folder or one of its bundle/ candidates")
     root, manifest, key = _owning_manifest(folder)
+    refuse_decoder_output(root, manifest)
     if key is None:
         backend_name, precision, files = manifest.get("backend"), manifest.get("precision"), manifest.get("files")
     else:

@@ -156,6 +156,10 @@ def test_refusals_are_one_line_and_write_nothing(folder, fp32_out, tmp_path):
         (["compile", out / "model.onnx", "--precision", "int4"], "--task text-generation only"),
         (["compile", root / "hf", "--task", "text-generation", "--eval", TEXT, "-o", root / "hf"], "is not a dlopt output"),
         (["generate", root / "hf", "--prompt", "x"], "manifest"),
+        (["verify", out], "dlopt generate"),
+        (["run", out, "-i", tmp_path / "x.npz", "-o", tmp_path / "never.npz"], "dlopt generate"),
+        (["package", out, "--triton", tmp_path / "never"], "dlopt generate"),
+        (["gate", out, "--max-accuracy-drop", "1"], "text-generation compile"),
     ]
     for args, words in cases:
         result = dlopt_in(*args, "-o", tmp_path / "never") if "-o" not in args and args[0] == "compile" \

@@ -106,6 +106,9 @@ def validate_report(data: Any, what: str = "report") -> dict[str, Any]:
     """``data`` if it is a dlopt report this version can read; else ConfigError saying what is wrong."""
     if not isinstance(data, dict):
         raise ConfigError(f"{what} is not a dlopt report (a JSON object is expected, got {_show(data)})")
+    if data.get("task") == "text-generation":
+        raise ConfigError(f"{what} is the report of a --task text-generation compile: `dlopt gate` does not read its "
+                          "perplexity figures yet (report.json's candidates hold ppl_increase_pct for a script)")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ConfigError(f"{what} is not a dlopt report (missing {', '.join(missing)})")

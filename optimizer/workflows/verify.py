@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from dlopt import __version__
-from dlopt.core.artifacts import check_native_files, contained_path, output_lock, read_folder_json, resolve_output
+from dlopt.core.artifacts import MANIFEST, check_native_files, contained_path, output_lock, read_folder_json, resolve_output
 from dlopt.core.errors import ConfigError, TargetUnavailable, first_line
 from dlopt.core.profiles import host_arch
 from dlopt.device.device_check import (DEVICE_REPORT, SCRIPT, VERIFY_FILE, Skipped, VerifyData, VerifyFileError,
@@ -31,7 +31,7 @@ from dlopt.measure.runner import load
 from dlopt.measure.timing import Timing
 from dlopt.report.data import Report
 from dlopt.report.html import render_html
-from dlopt.targets import get_backend, read_artifact, read_manifest, runs_over_rpc
+from dlopt.targets import get_backend, read_artifact, read_manifest, refuse_decoder_output, runs_over_rpc
 from dlopt.targets.tvm.rpc import require
 
 # Emulated runs: the verify feeds and a few timed runs (a Cortex-A76 library under qemu is
@@ -189,6 +189,7 @@ def read_verify(out: Path) -> VerifyData:
     """The output's verify.npz, read through its size guard; a ConfigError (one line) if it cannot be."""
     path = contained_path(out, VERIFY_FILE)
     if not path.exists():
+        refuse_decoder_output(out, read_folder_json(out, MANIFEST, missing_ok=True))
         raise ConfigError(f"{out} has no {VERIFY_FILE} (written by dlopt 0.1.0 compiles from wave 2 on); recompile it")
     try:
         return VerifyData(path)
