@@ -23,6 +23,7 @@ pytest.importorskip("transformers", reason="the llm extra: pip install 'dlopt[ll
 from llm_models import LAYERS, VOCAB, tiny_llama  # noqa: E402
 
 from dlopt.core.errors import ConfigError  # noqa: E402
+from dlopt.core.model_io import load_ir  # noqa: E402
 from dlopt.llm.evaluate import greedy_agreement, perplexity  # noqa: E402
 from dlopt.llm.export import export_decoder  # noqa: E402
 from dlopt.llm.session import DecoderSession  # noqa: E402
@@ -43,7 +44,7 @@ class Float:
         self.path = export_decoder(tiny_llama(0, tied=True), folder / "decoder.onnx")
         self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         self.untie = UntieLmHeadPass()
-        self.untied = self.untie(ir.load(self.path)).model
+        self.untied = self.untie(load_ir(self.path)).model
         self.untied_bytes = ir.serde.serialize_model(self.untied).SerializeToString(deterministic=True)
         self.session = DecoderSession(self.path, threads=1)
         self.tokens = sampled(self.session, 400, seed=0)
@@ -100,7 +101,7 @@ def constant_weight_matmuls(model: ir.Model) -> list[str]:
 
 
 def test_untie_gives_the_head_its_own_weight_and_keeps_the_logits(fp32, tmp_path):
-    tied = ir.load(fp32.path)
+    tied = load_ir(fp32.path)
     head = fp32.untied.graph.outputs[0].producer()
     table = nodes(fp32.untied, "Gather")[0].inputs[0]
     assert table.name == "model.lm_head.weight" and list(table.shape) == [VOCAB, 64]  # the Gather reads E as before
@@ -193,7 +194,7 @@ def test_a_head_kept_float_or_tied_stays_a_matmul(fp32, tmp_path):
     assert math.isfinite(scores(fp32, head8, tmp_path / "int4_head8.onnx")[0])
 
     quantise = QuantizeWeightOnlyPass(bits=8)
-    model = quantise(ir.load(fp32.path)).model  # not untied: the head reads Transpose(embedding table)
+    model = quantise(load_ir(fp32.path)).model  # not untied: the head reads Transpose(embedding table)
     head = model.graph.outputs[0].producer()
     assert head.op_type == "MatMul" and head.inputs[1].producer().op_type == "Transpose"
     why = ("weight is Transpose(model.lm_head.weight), a table Gather node_embedding also reads (tied embeddings: "
