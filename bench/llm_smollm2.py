@@ -7,7 +7,7 @@ Each model folder runs in its own worker process (``PYTHON`` if given, else this
 driven by the parent over a pipe, so that every runtime can live in its own environment and
 peak RSS (VmHWM from /proc/<pid>/status) is per model.  The runtime follows the folder:
 
-* ``genai_config.json``: onnxruntime_genai (its Generator; ``append_tokens`` for scoring);
+* ``genai_config.json``: onnxruntime_genai (unless ``--runtime NAME=ort``) (its Generator; ``append_tokens`` for scoring);
 * ``*.xml``: OpenVINO, explicit KV inputs or optimum-intel's stateful graph (``--ov-precision``,
   f32 by default: this CPU's default would be bf16);
 * ``model.onnx``: ONNX Runtime InferenceSession with optimum's names (``input_ids``,
@@ -46,7 +46,9 @@ import numpy as np
 # ---------------------------------------------------------------- worker side
 
 
-def _runtime(folder: Path) -> str:
+def _runtime(folder: Path, forced: str = "") -> str:
+    if forced:
+        return forced
     if (folder / "genai_config.json").exists():
         return "genai"
     if list(folder.glob("*.xml")):
@@ -241,10 +243,10 @@ def _perplexity_part(prefill, ids, window, stride):
     return {"nll": nll, "count": count}
 
 
-def worker(folder: Path, threads: int, precision: str) -> None:
+def worker(folder: Path, threads: int, precision: str, forced: str) -> None:
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # libraries' prints go to stderr; the protocol keeps the real stdout
-    kind = _runtime(folder)
+    kind = _runtime(folder, forced)
     t = time.perf_counter()
     dec = {"ort": OrtDecoder, "openvino": OvDecoder, "genai": GenaiDecoder}[kind](folder, threads, precision)
     load_s = time.perf_counter() - t
@@ -276,10 +278,10 @@ def worker(folder: Path, threads: int, precision: str) -> None:
 
 
 class Worker:
-    def __init__(self, name, folder, python, threads, precision):
+    def __init__(self, name, folder, python, threads, precision, runtime=""):
         self.name = name
         cmd = [python, os.path.abspath(__file__), "--worker", str(folder),
-               "--threads", str(threads), "--ov-precision", precision]
+               "--threads", str(threads), "--ov-precision", precision, "--runtime", runtime]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.hello = self._read()
@@ -366,11 +368,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--ov-precision", default="f32", help="OpenVINO INFERENCE_PRECISION_HINT, or 'default'")
+    ap.add_argument("--runtime", action="append", default=[], metavar="NAME=ort|genai|openvino",
+                    help="run NAME's folder with this runtime (dlopt's output has genai_config.json and model.onnx)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        return worker(a.worker, int(a.threads), a.ov_precision)
+        return worker(a.worker, int(a.threads), a.ov_precision, (a.runtime or [""])[0])
     if not a.models:
         ap.error("give at least one NAME=FOLDER[:PYTHON]")
     specs = []
@@ -395,7 +399,8 @@ def main(argv=None):
                                                    for n, f, p in specs}}
     for ti, threads in enumerate(int(t) for t in a.threads.split(",")):
         print(f"threads={threads}: starting {len(specs)} workers", file=sys.stderr, flush=True)
-        workers = [Worker(n, f, p, threads, a.ov_precision) for n, f, p in specs]
+        forced = dict(r.split("=", 1) for r in a.runtime)
+        workers = [Worker(n, f, p, threads, a.ov_precision, forced.get(n, "")) for n, f, p in specs]
         for w in workers:
             r = res["models"][w.name]
             r.update(w.hello)
