@@ -137,6 +137,7 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
     _stage(config, "load decoder", 0)
     source = resolve(config.model, work / "fp32")
     _stage(config, "load decoder")
+    peaks = {"loaded": _peak_rss_mb()}  # this process's peak RSS after each phase, in MB
     tokenizer = load_tokenizer(source.meta)
     if tokenizer is None:
         raise ConfigError(f"{source.meta} has no tokenizer.json: --task text-generation tokenises --eval with the "
@@ -183,6 +184,7 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
             cand.status = Status.REJECTED
             cand.reason = (f"perplexity {cand.quality.perplexity.perplexity:.3f} is {increase:+.2f}% of fp32's, over "
                            f"the {config.max_ppl_increase:g}% budget")
+    peaks["judged"] = _peak_rss_mb()
     ok = [c for c in planned if c.status is Status.OK]
     _stage(config, "time", 0, len(ok))
     # all sessions open together while they fit in one more float32 model's memory, else one at a time
@@ -195,6 +197,7 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
     if not together:
         notes.append(f"timed one candidate session at a time (their {sum(c.size_bytes for c in ok) / 1e6:.0f} MB "
                      f"together are more than twice the float32 model): each opened again before its timed blocks")
+    peaks["timed"] = _peak_rss_mb()
     for cand in ok:
         cand.speed = speeds[cand.key]
     fp32 = planned[0]
@@ -209,7 +212,8 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
 
     report = build_report(config, source, planned, verdict, chosen, threads=threads, window=window, stride=stride,
                           eval_tokens=len(ids), notes=notes, seconds=time.monotonic() - started,
-                          peak_rss_mb=_peak_rss_mb(), children_peak_rss_mb=_peak_rss_mb(children=True), out=out)
+                          peak_rss_mb=_peak_rss_mb(), children_peak_rss_mb=_peak_rss_mb(children=True), out=out,
+                          peaks=peaks)
     write_report(staged, report)
     return report
 

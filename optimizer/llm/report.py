@@ -39,7 +39,7 @@ def _candidate(cand: Any, reference_ppl: float | None) -> dict:
 
 def build_report(config: Any, source: Any, planned: Sequence[Any], verdict: Any, chosen: str | None, *, threads: int,
                  window: int, stride: int, eval_tokens: int, notes: list[str], seconds: float, peak_rss_mb: float,
-                 children_peak_rss_mb: float, out: Path) -> dict:
+                 children_peak_rss_mb: float, out: Path, peaks: dict | None = None) -> dict:
     reference = planned[0].quality
     ref_ppl = reference.perplexity.perplexity if reference is not None else None
     fp32_mb = planned[0].size_bytes / 1e6
@@ -69,7 +69,8 @@ def build_report(config: Any, source: Any, planned: Sequence[Any], verdict: Any,
         "reasons": dict(verdict.reasons), "speed_vs_fp32": speed,
         "memory": {"peak_rss_mb": round(peak_rss_mb, 1), "children_peak_rss_mb": round(children_peak_rss_mb, 1),
                    "export_peak_rss_mb": source.export_peak_rss_mb and round(source.export_peak_rss_mb, 1),
-                   "bound_mb": round(2 * fp32_mb + 500, 1)},
+                   "bound_mb": round(2 * fp32_mb + 500, 1),
+                   "peak_after_mb": {k: round(v, 1) for k, v in (peaks or {}).items()}},
         "seconds": round(seconds, 1), "notes": notes + list(verdict.notes),
     }
 
@@ -108,7 +109,9 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- `{c['key']}`: {c['recipe']}{note}{f' — {why}' if why else ''}")
     mem = report["memory"]
     lines += ["", f"Memory: this compile's peak RSS {mem['peak_rss_mb']:.0f} MB, its children's (export, builds) "
-                  f"{mem['children_peak_rss_mb']:.0f} MB; bound 2 x fp32 + 500 MB = {mem['bound_mb']:.0f} MB. "
+                  f"{mem['children_peak_rss_mb']:.0f} MB (the export's {_fmt(mem['export_peak_rss_mb'], '.0f')} MB); "
+                  f"bound 2 x fp32 + 500 MB = {mem['bound_mb']:.0f} MB; this compile's peak after "
+                  + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.get("peak_after_mb", {}).items()) + ". "
                   f"Compile time {report['seconds']:.0f} s."]
     lines += [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
