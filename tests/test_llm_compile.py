@@ -187,3 +187,30 @@ def test_a_changed_model_file_is_refused(fp32_out, tmp_path):
     with pytest.raises(ConfigError, match="sha256"):
         dlopt.load(copy)
     assert np.isfinite(dlopt.load(out).run("Hello", 4).ttft_ms)
+
+
+def test_sessions_dear_to_hold_are_timed_one_at_a_time(fp32_out):
+    """time_generation with resident=1 (what a compile does when the candidates' files pass 256 MB): never two
+    sessions alive at once, each candidate still timed for every run asked for."""
+    import weakref
+
+    from dlopt.llm.measure import time_generation
+    from dlopt.llm.session import DecoderSession
+
+    out, _ = fp32_out
+    alive: set[str] = set()
+    most = []
+
+    def opener(key: str):
+        def open_session():
+            session = DecoderSession(out / "model.onnx", threads=1)
+            alive.add(key)
+            most.append(len(alive))
+            weakref.finalize(session, alive.discard, key)
+            return session
+        return open_session
+
+    speeds = time_generation({"a": opener("a"), "b": opener("b")}, list(range(1, 9)), 4, runs=20, warmup=1,
+                             threads=1, max_seconds=2, resident=1)
+    assert max(most) == 1 and len(most) > 2  # opened again and again, one at a time
+    assert all(s.request.runs >= 20 and s.tokens_per_s > 0 and s.ttft_ms > 0 for s in speeds.values())
