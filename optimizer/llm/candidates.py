@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dlopt.core.errors import CompileError, ConfigError
+from dlopt.llm.child import child_main, run_child
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +98,12 @@ def build(recipe: Recipe, fp32_onnx: Path, folder: Path) -> tuple[list[str], str
     """Build ``recipe`` from ``fp32_onnx`` into the empty ``folder`` in a child process: the files written and
     what the build did, in one line."""
     folder.mkdir(parents=True, exist_ok=False)
-    command = [sys.executable, "-m", "dlopt.llm.candidates", json.dumps(asdict(recipe)), str(fp32_onnx), str(folder)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0:
-        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), f"exit {done.returncode}")
-        for path in sorted(folder.glob("*")):
-            path.unlink()
-        folder.rmdir()
-        raise CompileError(f"building {recipe.key} failed: {last.removeprefix('dlopt: error: ')}")
     try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError) as exc:
-        raise CompileError(f"building {recipe.key}: the builder printed no result") from exc
+        result = run_child("dlopt.llm.candidates", [json.dumps(asdict(recipe)), str(fp32_onnx), str(folder)],
+                           f"building {recipe.key}")
+    except CompileError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return result["files"], result.get("note", "")
 
 
@@ -146,16 +140,7 @@ def _build_here(recipe: Recipe, fp32_onnx: Path, folder: Path) -> dict:
 
 
 def _main(argv: list[str]) -> int:
-    from dlopt.core.errors import DloptError, first_line
-
-    recipe = Recipe(**json.loads(argv[0]))
-    try:
-        result = _build_here(recipe, Path(argv[1]), Path(argv[2]))
-    except DloptError as exc:
-        print(f"dlopt: error: {first_line(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return child_main(lambda a: _build_here(Recipe(**json.loads(a[0])), Path(a[1]), Path(a[2])), argv)
 
 
 if __name__ == "__main__":

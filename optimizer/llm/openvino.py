@@ -30,9 +30,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dlopt.core.errors import CompileError, ConfigError, DataError, ModelError, TargetUnavailable, first_line
+from dlopt.core.errors import CompileError, ConfigError, ModelError, TargetUnavailable, first_line
 from dlopt.core.optional import hidden, require
 from dlopt.llm.kv import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, layout_from_graph
+from dlopt.llm.session import checked_ids, greedy
 
 logger = logging.getLogger(__name__)
 
@@ -240,26 +241,11 @@ class OpenVINODecoderSession:
         return self._run([token])[0]
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, *, eos_token_id: int | None = None) -> list[int]:
-        """The greedy continuation of ``ids``: up to ``max_new_tokens`` new token ids (fewer when
-        ``eos_token_id`` comes, which is included)."""
-        if max_new_tokens < 1:
-            raise DataError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
-        logits = self.prefill(ids)[-1]
-        tokens: list[int] = []
-        while True:
-            tokens.append(int(np.argmax(logits)))
-            if len(tokens) == max_new_tokens or tokens[-1] == eos_token_id:
-                return tokens
-            logits = self.step(tokens[-1])
+        """The greedy continuation of ``ids`` (see :func:`dlopt.llm.session.greedy`)."""
+        return greedy(self, ids, max_new_tokens, eos_token_id=eos_token_id)
 
     def _run(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer):
-            raise DataError(f"a decoder takes a non-empty sequence of token ids, not an array of shape "
-                            f"{list(ids.shape)} and type {ids.dtype}")
-        if self.vocab is not None and (ids.min() < 0 or ids.max() >= self.vocab):
-            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
-            raise DataError(f"token id {bad} is outside the model's vocabulary of {self.vocab}")
+        ids = checked_ids(ids, self.vocab)
         total = self.length + len(ids)
         request = self._requests[self._turn]
         self._turn ^= 1

@@ -11,17 +11,15 @@ plain files inside it; ``pytorch_model.bin`` (a pickle) is never read; nothing i
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dlopt.core.artifacts import read_folder_json
-from dlopt.core.errors import CompileError, ConfigError, ModelError, first_line
+from dlopt.core.errors import ConfigError, ModelError, first_line
+from dlopt.llm.child import child_main, run_child
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +81,7 @@ def export_in_child(folder: Path, gguf: str | None, work: Path) -> DecoderSource
     start = time.monotonic()
     what = f"{folder}{f' ({gguf})' if gguf else ''}"
     logger.info("exporting %s to ONNX with its KV cache", what)
-    done = subprocess.run([sys.executable, "-m", "dlopt.llm.prepare", str(folder), gguf or "", str(work)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0:
-        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), f"exit {done.returncode}")
-        raise CompileError(f"exporting {what} failed: {last.removeprefix('dlopt: error: ')}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_child("dlopt.llm.prepare", [str(folder), gguf or "", str(work)], f"exporting {what}")
     return DecoderSource(work / "model.onnx", work, "gguf" if gguf else "folder", time.monotonic() - start,
                          result.get("peak_rss_mb"))
 
@@ -188,16 +181,8 @@ def _rss_mb() -> float:
 
 
 def _main(argv: list[str]) -> int:
-    from dlopt.core.errors import DloptError
-
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    try:
-        result = _export_here(Path(argv[0]), argv[1] or None, Path(argv[2]))
-    except DloptError as exc:
-        print(f"dlopt: error: {first_line(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return child_main(lambda a: _export_here(Path(a[0]), a[1] or None, Path(a[2])), argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,32 @@ _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(in
           "tensor(int32)": np.int32}
 
 
+def greedy(session: Any, ids: Sequence[int], max_new_tokens: int, *, eos_token_id: int | None = None) -> list[int]:
+    """The greedy continuation of ``ids`` by a session with ``prefill``/``step``: up to ``max_new_tokens`` new
+    token ids (fewer when ``eos_token_id`` comes, which is included)."""
+    if max_new_tokens < 1:
+        raise DataError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
+    logits = session.prefill(ids)[-1]
+    tokens: list[int] = []
+    while True:
+        tokens.append(int(np.argmax(logits)))
+        if len(tokens) == max_new_tokens or tokens[-1] == eos_token_id:
+            return tokens
+        logits = session.step(tokens[-1])
+
+
+def checked_ids(ids: Sequence[int], vocab: int | None) -> np.ndarray:
+    """``ids`` as a 1-D integer array, each inside the vocabulary; DataError in one line otherwise."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"a decoder takes a non-empty sequence of token ids, not an array of shape {list(ids.shape)} "
+                        f"and type {ids.dtype}")
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+        raise DataError(f"token id {bad} is outside the model's vocabulary of {vocab}")
+    return ids
+
+
 class DecoderSession:
     """``prefill(ids)`` the prompt, then ``step(token)`` once per new token; ``generate`` does both greedily.
 
@@ -67,26 +93,11 @@ class DecoderSession:
         return self._run([token])[0]
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, *, eos_token_id: int | None = None) -> list[int]:
-        """The greedy continuation of ``ids``: up to ``max_new_tokens`` new token ids (fewer when
-        ``eos_token_id`` comes, which is included)."""
-        if max_new_tokens < 1:
-            raise DataError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
-        logits = self.prefill(ids)[-1]
-        tokens: list[int] = []
-        while True:
-            tokens.append(int(np.argmax(logits)))
-            if len(tokens) == max_new_tokens or tokens[-1] == eos_token_id:
-                return tokens
-            logits = self.step(tokens[-1])
+        """The greedy continuation of ``ids`` (see :func:`greedy`)."""
+        return greedy(self, ids, max_new_tokens, eos_token_id=eos_token_id)
 
     def _run(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer):
-            raise DataError(f"a decoder takes a non-empty sequence of token ids, not an array of shape {list(ids.shape)} "
-                            f"and type {ids.dtype}")
-        if self.vocab is not None and (ids.min() < 0 or ids.max() >= self.vocab):
-            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
-            raise DataError(f"token id {bad} is outside the model's vocabulary of {self.vocab}")
+        ids = checked_ids(ids, self.vocab)
         total = self.length + len(ids)
         feeds = {INPUT_IDS: ids[None], ATTENTION_MASK: np.ones((1, total)),
                  POSITION_IDS: np.arange(self.length, total)[None]}
