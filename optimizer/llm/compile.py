@@ -229,10 +229,17 @@ def _increase(quality: Quality, reference: Quality) -> float:
 
 
 def _eval_ids(config: TextGenerationConfig, tokenizer: Any) -> list[int]:
+    # a token is rarely over 16 bytes of text: read what the tokens scored need, not a whole corpus
+    limit = min(_TEXT_LIMIT, 16 * (config.eval_tokens + 1) + 4096)
     with open(config.eval_text, "rb") as handle:
-        raw = handle.read(_TEXT_LIMIT)
+        raw = handle.read(limit)
     try:
-        text = raw.decode("utf-8", errors="strict" if len(raw) < _TEXT_LIMIT else "ignore")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # a character cut by the read limit is dropped; any other bad byte is not
+            if len(raw) < limit or exc.start < len(raw) - 3:
+                raise
+            text = raw[:exc.start].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"--eval {config.eval_text} is not UTF-8 text (byte {exc.start}): give a plain-text file") \
             from exc
