@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -45,6 +44,7 @@ from dlopt.passes._ort_quant import quiet
 logger = logging.getLogger("dlopt.quantization")
 
 _FLOATS = (1, 10, 16)  # TensorProto FLOAT, FLOAT16, BFLOAT16
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _DEFAULT = ("", "ai.onnx")
 
 
@@ -82,40 +82,31 @@ class QuantizeWeightOnlyPass(ir.passes.FunctionalPass):
         self.note = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        quantizer_module = _import_quantizer()
-        proto = _serialise(model)  # our own copy: ORT's quantiser edits the proto in place
-        graph = proto.graph
-        folded = _fold_transposed_weights(graph)
-        plan = _plan(graph, head=self.head, embedding=self.embedding, output=self.output)
-        if self.embedding and plan.gathers:
-            opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT), 0)
-            if opset < 21 and any(n.op_type == "GroupNormalization" for n in graph.node):
-                plan.skip_gathers(f"GroupNormalization changes meaning at opset 21, which GatherBlockQuantized "
-                                  f"needs (the model is opset {opset})")
-        config = quantizer_module.DefaultWeightOnlyQuantConfig(
-            block_size=self.block_size, is_symmetric=self.symmetric, accuracy_level=self.accuracy_level,
-            bits=self.bits,  # inside the config: with algo_config given, the quantiser ignores its own bits=
-            op_types_to_quantize=("MatMul", "Gather") if plan.gathers else ("MatMul",))
+        out = model.clone()  # the same tensors, new nodes and values: the input model stays as it was
+        before = _initializer_bytes(model)
+        graph = out.graph
+        plan = _plan_matmuls(graph, head=self.head, output=self.output)
+        quantised: list[str] = []
         try:
-            with quiet(), _ort_log_to_debug(quantizer_module.logger):
-                quantizer = quantizer_module.MatMulNBitsQuantizer(
-                    proto, nodes_to_exclude=sorted(plan.excluded), algo_config=config)
-                quantizer.process()
+            for item in plan.weights:
+                if item.why is None:
+                    _replace_with_matmulnbits(graph, item, self)
+                    quantised.append(item.name)
         except Exception as exc:
             raise CompileError(f"weight-only INT{self.bits} quantisation failed: {first_line(exc)}") from exc
-        result = quantizer.model.model
-        kinds = {n.name: n.op_type for n in result.graph.node}
-        quantised = tuple(n for n in plan.weights if kinds.get(f"{n}_Q{self.bits}") == "MatMulNBits")
-        left = tuple((n, plan.why.get(n, "ONNX Runtime's quantiser kept it (see debug log)"))
-                     for n in plan.weights if n not in quantised)
-        gathers = tuple(n for n in plan.gathers if kinds.get(f"{n}_Q4") == "GatherBlockQuantized")
-        left += tuple((n, "ONNX Runtime's quantiser kept it (see debug log)") for n in plan.gathers if n not in gathers)
-        left += tuple(plan.gathers_left)
-        out = ir.serde.deserialize_model(result)
-        self.summary = WeightOnlySummary(quantised, left, plan.activation_matmuls, gathers, folded,
-                                         _initializer_bytes(model), _initializer_bytes(out))
+        # a Transpose(W) weight is stored transposed: quantised (MatMulNBits reads [N, K] blocks), or in float
+        folded = sum(1 for i in plan.weights if i.why is None and i.transposed) + _fold_transposes_left(graph, plan)
+        left = tuple((i.name, i.why) for i in plan.weights if i.why is not None)
+        gathers: tuple[str, ...] = ()
+        tables = True
+        if self.embedding:
+            out, gathers, gathers_left = _quantise_embeddings(out, self)
+            left += gathers_left
+            tables = bool(gathers or gathers_left)
+        self.summary = WeightOnlySummary(tuple(quantised), left, plan.activation_matmuls, gathers, folded,
+                                         before, _initializer_bytes(out))
         self.note = describe(self.summary, self)
-        if self.embedding and not plan.gathers and not plan.gathers_left:
+        if not tables:
             self.note += "; no Gather reads a 2-D float initializer: no embedding to quantise"
         return ir.passes.PassResult(out, modified=bool(quantised or gathers or folded))
 
@@ -182,6 +173,209 @@ def _ort_log_to_debug(ort_logger: logging.Logger) -> Iterator[None]:
         ort_logger.propagate, ort_logger.level = propagate, level
 
 
+def _constant(value: ir.Value | None) -> bool:
+    return (value is not None and value.is_initializer() and not value.is_graph_input()
+            and value.const_value is not None)
+
+
+@dataclass
+class _Weight:
+    """A MatMul with a constant weight: ``table`` (read as it is, or through a Transpose); ``why`` it stays
+    float (None: it is quantised); ``foldable``: its Transpose can be stored transposed instead."""
+
+    name: str
+    node: ir.Node
+    table: ir.Value
+    transposed: bool
+    why: str | None = None
+    foldable: bool = False
+
+
+@dataclass
+class _Plan:
+    weights: list[_Weight]
+    activation_matmuls: int
+
+
+def _plan_matmuls(graph: ir.Graph, *, head: bool, output: str) -> _Plan:
+    """Every MatMul of ``graph`` with a constant weight, and why each that stays float does (names unnamed ones)."""
+    taken = {n.name for n in graph if n.name}
+    for index, node in enumerate(graph):
+        if node.op_type in ("MatMul", "Gather") and node.domain in _DEFAULT and not node.name:
+            node.name = unique_name(f"{node.op_type}_{index}", taken)
+            taken.add(node.name)
+    head_node = next((v.producer() for v in graph.outputs if v.name == output), None)
+    plan = _Plan([], 0)
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in _DEFAULT or len(node.inputs) != 2 or node.inputs[1] is None:
+            continue
+        weight = node.inputs[1]
+        source = weight.producer()
+        if _constant(weight):
+            item = _Weight(node.name, node, weight, False)
+            shape, dtype = list(weight.const_value.shape), weight.dtype
+            if len(shape) != 2 or dtype not in _FLOAT_TYPES:
+                item.why = f"weight {shape} {dtype.name}: MatMulNBits takes 2-D float weights"
+        elif (source is not None and source.op_type == "Transpose" and source.domain in _DEFAULT
+              and len(source.inputs) == 1 and _constant(source.inputs[0])):
+            table = source.inputs[0]
+            item = _Weight(node.name, node, table, True, foldable=_foldable(source, graph))
+            shared = [u.node for u in table.uses() if u.node is not source]
+            if shared:
+                item.why = (f"weight is Transpose({table.name}), a table {shared[0].op_type} {shared[0].name} also "
+                            "reads (tied embeddings: run UntieLmHeadPass first)")
+            elif not item.foldable:
+                item.why = (f"weight is Transpose({table.name}), not foldable (not 2-D, another perm, or read by "
+                            "more than MatMul weights)")
+        else:
+            plan.activation_matmuls += 1
+            continue
+        if item.why is None and node is head_node and not head:
+            item.why = "the head, kept float (head=False)"
+        plan.weights.append(item)
+    return plan
+
+
+def _foldable(transpose: ir.Node, graph: ir.Graph) -> bool:
+    """Whether ``Transpose(W)`` of a 2-D float W that nothing else reads feeds only MatMul weight inputs."""
+    table, out = transpose.inputs[0], transpose.outputs[0]
+    perm = transpose.attributes.get("perm")
+    return ((perm is None or list(perm.as_ints()) == [1, 0]) and len(table.const_value.shape) == 2
+            and table.dtype in _FLOAT_TYPES and len(table.uses()) == 1 and not out.is_graph_output()
+            and bool(out.uses()) and all(u.node.op_type == "MatMul" and u.node.domain in _DEFAULT and u.idx == 1
+                                         and u.node.inputs[0] is not out for u in out.uses()))
+
+
+def _add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name = unique_name(base, set(graph.initializers))
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _drop_if_unread(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove the initializer ``value`` (or the Transpose producing it, then its table) once nothing reads it."""
+    if value.uses() or value.is_graph_output():
+        return
+    producer = value.producer()
+    if producer is not None:
+        table = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        _drop_if_unread(graph, table)
+    elif value.is_initializer() and value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+
+
+def _replace_with_matmulnbits(graph: ir.Graph, item: _Weight, options: QuantizeWeightOnlyPass) -> None:
+    """``item``'s MatMul as MatMulNBits: its weight quantised one block of K at a time by ONNX Runtime's own
+    kernels (the ones its quantiser calls), one weight in memory at a time."""
+    from onnxruntime.capi._pybind_state import (
+        quantize_matmul_4bits,
+        quantize_matmul_8bits,
+    )
+
+    tensor = item.table.const_value
+    array = tensor.numpy()
+    kind = array.dtype
+    if item.transposed:
+        array = array.T
+    weight = np.ascontiguousarray(array, dtype=np.float16 if kind == np.float16 else np.float32)
+    del array
+    bits, block = options.bits, options.block_size
+    rows, cols = weight.shape
+    blocks, per_byte = -(-rows // block), 8 // bits
+    if blocks * block != rows:
+        weight = np.pad(weight, ((0, blocks * block - rows), (0, 0)))
+    packed = np.zeros((cols, blocks, block // per_byte), np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), np.uint8)
+    scales = np.zeros((cols, blocks), weight.dtype)
+    (quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits)(
+        packed, weight, scales, zero_points, block, cols, rows, options.symmetric)
+    del weight
+    if isinstance(tensor, ir.ExternalTensor):  # unmap its pages (mapped anew if anything reads it again)
+        with contextlib.suppress(BufferError):  # someone still holds an array of it: it stays mapped
+            tensor.release()
+    if kind not in (np.float16, np.float32):  # bfloat16: the scales keep the activations' type
+        scales = scales.astype(kind)
+    node, base = item.node, item.table.name
+    inputs = [node.inputs[0], _add_initializer(graph, f"{base}_Q{bits}", packed),
+              _add_initializer(graph, f"{base}_scales", scales)]
+    if not options.symmetric:
+        inputs.append(_add_initializer(graph, f"{base}_zero_points", zero_points))
+    attributes = {"K": rows, "N": cols, "bits": bits, "block_size": block}
+    if options.accuracy_level is not None:
+        attributes["accuracy_level"] = options.accuracy_level
+    new = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q{bits}")
+    weight_in = node.inputs[1]
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
+    graph.opset_imports.setdefault("com.microsoft", 1)
+    _drop_if_unread(graph, weight_in)
+
+
+def _fold_transposes_left(graph: ir.Graph, plan: _Plan) -> int:
+    """Store the table of each foldable ``Transpose(W)`` weight that stays float as W transposed, under W's name."""
+    folded = 0
+    for item in plan.weights:
+        transpose = item.node.inputs[1].producer() if item.transposed and item.foldable and item.why else None
+        if transpose is None or transpose.graph is not graph:
+            continue
+        table = item.table
+        array = np.ascontiguousarray(table.const_value.numpy().T)
+        graph.initializers.pop(table.name)
+        value = ir.Value(name=table.name, shape=ir.Shape(array.shape), type=table.type,
+                         const_value=ir.Tensor(array, name=table.name))
+        graph.register_initializer(value)
+        for use in list(transpose.outputs[0].uses()):
+            use.node.replace_input_with(use.idx, value)
+        graph.remove(transpose, safe=True)
+        folded += 1
+    return folded
+
+
+def _quantise_embeddings(model: ir.Model, options: QuantizeWeightOnlyPass):
+    """The embedding Gathers of ``model`` as 4-bit GatherBlockQuantized (ONNX Runtime's quantiser, given the
+    model once its MatMuls are quantised, so a small copy): (model, Gather names quantised, (name, why) left)."""
+    quantizer_module = _import_quantizer()
+    proto = _serialise(model)
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    gathers, excluded, left = [], {n.name for n in graph.node if n.op_type != "Gather"}, []
+    for node in graph.node:
+        if node.op_type != "Gather" or node.domain not in _DEFAULT:
+            continue
+        table = initializers.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (table is not None and node.input[0] not in inputs and len(table.dims) == 2
+                and table.data_type in _FLOATS and axis == 0):
+            gathers.append(node.name)
+        else:  # ORT would try every Gather of a constant, a 1-D index table included
+            excluded.add(node.name)
+    opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT), 0)
+    if gathers and opset < 21 and any(n.op_type == "GroupNormalization" for n in graph.node):
+        why = (f"GroupNormalization changes meaning at opset 21, which GatherBlockQuantized needs (the model is "
+               f"opset {opset})")
+        return model, (), tuple((name, why) for name in gathers)
+    if not gathers:
+        return model, (), ()
+    config = quantizer_module.DefaultWeightOnlyQuantConfig(
+        block_size=options.block_size, is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
+        bits=4, op_types_to_quantize=("Gather",))
+    try:
+        with quiet(), _ort_log_to_debug(quantizer_module.logger):
+            quantizer = quantizer_module.MatMulNBitsQuantizer(proto, nodes_to_exclude=sorted(excluded),
+                                                              algo_config=config)
+            quantizer.process()
+    except Exception as exc:
+        raise CompileError(f"4-bit embedding quantisation failed: {first_line(exc)}") from exc
+    result = quantizer.model.model
+    kinds = {n.name: n.op_type for n in result.graph.node}
+    done = tuple(n for n in gathers if kinds.get(f"{n}_Q4") == "GatherBlockQuantized")
+    left = tuple((n, "ONNX Runtime's quantiser kept it (see debug log)") for n in gathers if n not in done)
+    return ir.serde.deserialize_model(result), done, left
+
+
 def _serialise(model: ir.Model):
     """A ModelProto of ``model`` with every initializer's bytes inside (external ones read in)."""
     proto = ir.serde.serialize_model(model)
@@ -192,128 +386,6 @@ def _serialise(model: ir.Model):
             del tensor.external_data[:]
             tensor.data_location = tensor.DEFAULT
     return proto
-
-
-def _readers(graph) -> dict[str, list]:
-    readers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                readers[name].append(node)
-    return readers
-
-
-def _fold_transposed_weights(graph) -> int:
-    """Store each ``Transpose(W)`` that only MatMul weight inputs read as W transposed, under W's name.
-
-    Only where W is a 2-D float initializer read by nothing else: a table the embedding Gather reads too stays
-    as it is (that is a tied head, for UntieLmHeadPass)."""
-    from onnx import numpy_helper
-
-    initializers = {t.name: t for t in graph.initializer}
-    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
-    readers = _readers(graph)
-    folded = []
-    for node in graph.node:
-        if node.op_type != "Transpose" or node.domain not in _DEFAULT or len(node.input) != 1:
-            continue
-        weight, out = node.input[0], node.output[0]
-        tensor = initializers.get(weight)
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-        if (tensor is None or weight in inputs or len(tensor.dims) != 2 or perm != [1, 0]
-                or tensor.data_type not in _FLOATS or len(readers[weight]) != 1 or out in outputs
-                or not readers[out] or not all(_reads_as_weight(r, out) for r in readers[out])):
-            continue
-        transposed = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).T), weight)
-        tensor.CopyFrom(transposed)
-        for reader in readers[out]:
-            reader.input[1] = weight
-        folded.append(node)
-    for node in folded:
-        graph.node.remove(node)
-    gone = {n.output[0] for n in folded}
-    for info in [v for v in graph.value_info if v.name in gone]:
-        graph.value_info.remove(info)
-    return len(folded)
-
-
-def _reads_as_weight(node, name: str) -> bool:
-    """Whether ``node`` is a MatMul reading ``name`` as its weight (input 1) only."""
-    return (node.op_type == "MatMul" and node.domain in _DEFAULT and list(node.input[1:]) == [name]
-            and node.input[0] != name)
-
-
-class _Plan:
-    """Which MatMuls hold a constant weight, which of them stay float and why, which Gathers to quantise."""
-
-    def __init__(self) -> None:
-        self.weights: list[str] = []
-        self.why: dict[str, str] = {}
-        self.excluded: set[str] = set()
-        self.gathers: list[str] = []
-        self.gathers_left: list[tuple[str, str]] = []
-        self.activation_matmuls = 0
-
-    def keep(self, name: str, why: str) -> None:
-        self.why[name] = why
-        self.excluded.add(name)
-
-    def skip_gathers(self, why: str) -> None:
-        self.gathers_left += [(name, why) for name in self.gathers]
-        self.excluded.update(self.gathers)
-        self.gathers = []
-
-
-def _plan(graph, *, head: bool, embedding: bool, output: str) -> _Plan:
-    plan = _Plan()
-    initializers = {t.name: t for t in graph.initializer}
-    inputs = {i.name for i in graph.input}
-    producers = {o: n for n in graph.node for o in n.output}
-    readers = _readers(graph)
-    taken = {n.name for n in graph.node}
-    for index, node in enumerate(graph.node):
-        # ORT excludes nodes by name: an unnamed node would match every other unnamed one
-        if node.op_type in ("MatMul", "Gather") and not node.name:
-            node.name = unique_name(f"{node.op_type}_{index}", taken)
-            taken.add(node.name)
-    head_node = producers.get(output) if output in {o.name for o in graph.output} else None
-    for node in graph.node:
-        if node.domain not in _DEFAULT:
-            continue
-        if node.op_type == "Gather":
-            table = initializers.get(node.input[0])
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            if table is None or node.input[0] in inputs:
-                continue
-            if embedding and len(table.dims) == 2 and table.data_type in _FLOATS and axis == 0:
-                plan.gathers.append(node.name)
-            else:  # ORT would try every Gather of a constant, a 1-D index table included
-                plan.excluded.add(node.name)
-            continue
-        if node.op_type != "MatMul" or len(node.input) != 2:
-            continue
-        weight = node.input[1]
-        source = producers.get(weight)
-        if weight in initializers and weight not in inputs:
-            plan.weights.append(node.name)
-            dims, dtype = list(initializers[weight].dims), initializers[weight].data_type
-            if len(dims) < 2 or any(d != 1 for d in dims[:-2]) or dtype not in _FLOATS:
-                plan.why[node.name] = (f"weight {dims} {ir.DataType(dtype).name}: MatMulNBits takes 2-D float "
-                                       "weights")
-        elif (source is not None and source.op_type == "Transpose" and source.input[0] in initializers
-              and source.input[0] not in inputs):
-            plan.weights.append(node.name)
-            shared = [r for r in readers[source.input[0]] if r is not source]
-            plan.keep(node.name, f"weight is Transpose({source.input[0]}), " + (
-                f"a table {shared[0].op_type} {shared[0].name} also reads (tied embeddings: run UntieLmHeadPass "
-                "first)" if shared else "not foldable (not 2-D, another perm, or read by more than MatMul weights)"))
-            continue
-        else:
-            plan.activation_matmuls += 1
-            continue
-        if node is head_node and not head:
-            plan.keep(node.name, "the head, kept float (head=False)")
-    return plan
 
 
 def _initializer_bytes(model: ir.Model) -> int:
