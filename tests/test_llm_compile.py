@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -68,8 +69,13 @@ def torch_perplexity(model, ids: list[int], window: int, stride: int) -> float:
 def test_fp32_perplexity_and_greedy_tokens_match_the_module(folder, fp32_out):
     root, model = folder
     out, report = fp32_out
-    assert report["chosen"] == "ort/fp32" and [c["key"] for c in report["candidates"]] == ["ort/fp32"]
+    # the plain export (the reference) and the model builder's fused graph of the same weights
+    assert [c["key"] for c in report["candidates"]] == ["ort/fp32", "ort/fused-fp32"]
+    assert report["chosen"] in ("ort/fp32", "ort/fused-fp32")
     assert report["model"]["exported_from"] == "folder"
+    fused = report["candidates"][1]
+    assert fused["status"] == "ok" and fused["greedy_agreement"] == {"prefix": 1.0, "exact": 4, "prompts": 4}
+    assert abs(fused["perplexity"] / report["candidates"][0]["perplexity"] - 1) < 1e-4, fused
     ev = report["eval"]
     assert (ev["tokens"], ev["window"], ev["stride"]) == (4097, 256, 128)  # the model's context is 256
     ids = tokenizers.Tokenizer.from_file(str(root / "hf" / "tokenizer.json")).encode(TEXT.read_text()).ids[:4097]
@@ -124,7 +130,10 @@ def test_weight_only_candidates_are_judged_against_the_budget(folder, fp32_out, 
     report = json.loads(result.stdout)
     by_key = {c["key"]: c for c in report["candidates"]}
     assert report["model"]["exported_from"] is None
-    assert not [c for c in report["candidates"] if c["status"] == "failed"], report["candidates"]
+    # out holds the fused graph when it won the fp32 compile: NNCF cannot compress ONNX Runtime's fused operators
+    fused = "com.microsoft" in {n.domain for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    failed = [c for c in report["candidates"] if c["status"] == "failed"]
+    assert all(fused and c["backend"] == "openvino" and "NNCF" in c["reason"] for c in failed), failed
     fp32 = by_key.pop("ort/fp32")
     int4 = {k: c for k, c in by_key.items() if k.startswith("ort/int4")}
     assert {"ort/int4-b32-acc4", "ort/int4-b32-acc4-head8"} <= set(int4)
@@ -136,6 +145,22 @@ def test_weight_only_candidates_are_judged_against_the_budget(folder, fp32_out, 
     assert report["chosen"] in [k for k, c in {**by_key, "ort/fp32": fp32}.items() if c["status"] == "ok"]
     manifest = json.loads((tmp_path / "int" / "manifest.json").read_text())
     assert manifest["task"] == "text-generation" and manifest["candidate"] == report["chosen"]
+
+
+def test_a_model_folder_gets_weight_only_candidates_on_the_fused_graph(folder, fp32_out, tmp_path):
+    """From the Hugging Face folder: ONNX Runtime's INT8 is built on the model builder's fused graph (by dlopt's
+    quantiser, not the builder's) and judged against the plain export's fp32."""
+    root, _ = folder
+    result = dlopt_in("compile", root / "hf", "--task", "text-generation", "--eval", TEXT, "-o", tmp_path / "int8",
+                      "--precision", "int8", *SHAPE, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    by_key = {c["key"]: c for c in report["candidates"]}
+    assert list(by_key)[0] == "ort/fp32" and "ort/fused-int8-b32-acc4" in by_key, list(by_key)
+    int8, fp32 = by_key["ort/fused-int8-b32-acc4"], by_key["ort/fp32"]
+    assert int8["status"] == "ok" and abs(int8["ppl_increase_pct"]) < 1, int8
+    assert int8["size_mb"] < fp32["size_mb"] * 0.5 and "fused graph" in int8["recipe"], int8
+    assert "MatMulNBits INT8" in int8["note"] and "0 MatMul(s)" not in int8["note"], int8["note"]
 
 
 def test_refusals_are_one_line_and_write_nothing(folder, fp32_out, tmp_path):

@@ -205,6 +205,30 @@ def test_a_saved_model_folder_loads_back_in_float32(decoder, tmp_path):
     assert one_line(refused).startswith(f"cannot load a causal LM from {tmp_path}: ")
 
 
+def test_weights_written_a_tensor_at_a_time_are_safetensors_transformers_reads(tmp_path):
+    """prepare.save_safetensors (what a GGUF export leaves for the model builder): read back by the safetensors
+    package and by transformers, a tied head written once."""
+    from safetensors.numpy import load_file
+
+    from dlopt.llm.prepare import save_safetensors
+    from dlopt.llm.source import load_causal_lm
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=KV_HEADS, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        model = transformers.LlamaForCausalLM(config).eval()
+    model.config.save_pretrained(tmp_path)
+    size = save_safetensors(model, tmp_path / "model.safetensors")
+    assert size == (tmp_path / "model.safetensors").stat().st_size
+    tensors = load_file(tmp_path / "model.safetensors")
+    state = model.state_dict()
+    assert "lm_head.weight" not in tensors and set(tensors) == set(state) - {"lm_head.weight"}
+    assert all(np.array_equal(tensors[k], state[k].numpy()) for k in tensors)
+    loaded = load_causal_lm(tmp_path)
+    assert np.array_equal(torch_step(loaded, [4, 5, 6])[0], torch_step(model, [4, 5, 6])[0])
+
+
 def test_the_cache_layout_is_read_from_names_and_shapes():
     from types import SimpleNamespace as Tensor
 

@@ -1,11 +1,12 @@
 """The candidates of a text-generation compile: which weight-only recipes are built, and building one.
 
-Each candidate is a decoder file of its own in its own folder, built from the float32 decoder on disk in a
-child process (``python -m dlopt.llm.candidates``), so the compile's own memory holds no second copy of the
-weights while a quantiser copies them (ONNX Runtime's quantiser serialises the whole model once more).
+Each candidate is a decoder file of its own in its own folder, built from a float32 decoder on disk (the plain
+export, or for ``fused`` recipes the model builder's fused graph, :mod:`dlopt.llm.fused`) in a child process
+(``python -m dlopt.llm.candidates``), so the compile's own memory never holds the weights being quantised.
 
-Guarantees: ``build`` leaves exactly the candidate's files in its folder (``model.onnx`` and, for OpenVINO,
-``openvino_model.xml``/``.bin``) or raises CompileError with the child's last line and leaves nothing.
+Guarantees: ``build`` leaves exactly the candidate's files in its folder (``model.onnx`` with
+``model.onnx.data`` and, for OpenVINO, ``openvino_model.xml``/``.bin``) or raises CompileError with the child's
+last line and leaves nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dlopt.core.errors import CompileError, ConfigError
@@ -36,6 +37,7 @@ class Recipe:
     symmetric: bool = True
     accuracy_level: int | None = None
     head_bits: int | None = None
+    fused: bool = False  # built on the model builder's fused graph (dlopt.llm.fused), not the plain export
 
     @property
     def precision(self) -> str:
@@ -43,9 +45,10 @@ class Recipe:
 
     @property
     def key(self) -> str:
+        graph = "fused-" if self.fused else ""
         if self.bits is None:
-            return f"{self.backend}/fp32"
-        name = f"{self.backend}/int{self.bits}"
+            return f"{self.backend}/{graph}fp32"
+        name = f"{self.backend}/{graph}int{self.bits}"
         name += f"-{'g' if self.backend == OPENVINO else 'b'}{self.block_size}" if self.block_size else ""
         name += "" if self.symmetric else "-asym"
         name += "-acc4" if self.accuracy_level == 4 else ""
@@ -54,6 +57,10 @@ class Recipe:
         return name
 
     def describe(self) -> str:
+        graph = ", on the model builder's fused graph" if self.fused else ""
+        return self._weights() + graph
+
+    def _weights(self) -> str:
         if self.bits is None:
             return "float32 weights"
         blocks = f"{'groups' if self.backend == OPENVINO else 'blocks'} of {self.block_size}" if self.block_size \
@@ -83,13 +90,16 @@ RECIPES: dict[str, tuple[Recipe, ...]] = {
 }
 
 
-def plan(precision: str, backends: tuple[str, ...]) -> list[Recipe]:
-    """The recipes for ``precision`` (auto, fp32, int8 or int4) on the backends offered, ORT's fp32 first (the
-    reference every other candidate is judged against)."""
+def plan(precision: str, backends: tuple[str, ...], *, fused: bool = False) -> list[Recipe]:
+    """The recipes for ``precision`` (auto, fp32, int8 or int4) on the backends offered, ORT's fp32 of the plain
+    export first (the reference every other candidate is judged against).  ``fused``: the model builder's fused
+    graph is there, so ONNX Runtime's candidates are built on it (the same quantisation, faster kernels) and its
+    float32 is a candidate too."""
     if precision not in ("auto", "fp32", "int8", "int4"):
         raise ConfigError(f"--task text-generation builds fp32, int8 or int4 (weight-only) candidates, or all of "
                           f"them with auto; not {precision!r}")
-    recipes = [r for b in backends for r in RECIPES.get(b, ()) if precision in ("auto", r.precision)]
+    recipes = [replace(r, fused=fused and r.backend == ORT) for b in backends for r in RECIPES.get(b, ())
+               if precision in ("auto", r.precision)]
     recipes = [r for r in recipes if r.key != f"{ORT}/fp32"]
     return [Recipe(ORT), *recipes]
 
@@ -124,7 +134,7 @@ def _build_here(recipe: Recipe, fp32_onnx: Path, folder: Path) -> dict:
     notes = []
     if recipe.bits is not None:
         head_bits = recipe.bits if recipe.head_bits is None else recipe.head_bits
-        if head_bits and tied_head(model.graph) is not None:
+        if head_bits and not tied_head(model.graph)[3]:  # its reason is empty: a tied head
             UntieLmHeadPass()(model)
             notes.append("head untied from the embedding table (so it can be quantised)")
         options = dict(block_size=recipe.block_size, symmetric=recipe.symmetric, accuracy_level=recipe.accuracy_level)
@@ -135,7 +145,7 @@ def _build_here(recipe: Recipe, fp32_onnx: Path, folder: Path) -> dict:
             second = QuantizeWeightOnlyPass(bits=head_bits, head=True, **options)
             model = second(model).model
             notes.append(f"head: {second.note}")
-    written = save_ir(model, folder / "model.onnx")
+    written = save_ir(model, folder / "model.onnx", external=True)  # written a tensor at a time
     return {"files": [p.name for p in written], "note": "; ".join(notes) or recipe.describe()}
 
 

@@ -2,7 +2,9 @@
 greedy agreement, timed as time to first token and decode tokens/s, the fastest within the budget published.
 
 The flow, one way: resolve the float32 decoder (exporting a model folder in a child) -> tokenise the evaluation
-text -> plan the recipes -> build each from the float32 file in a child -> judge each (perplexity over fixed
+text -> from a model folder, the model builder's fused float32 graph (:mod:`dlopt.llm.fused`, in a child; the
+plain export stays the reference) -> plan the recipes (ONNX Runtime's on the fused graph when there is one) ->
+build each from its float32 file in a child -> judge each (perplexity over fixed
 windows, greedy continuations of a few prompts against float32's) -> time the ones within the budget together,
 interleaved -> choose with :func:`dlopt.flow.select.choose` (float32 is the original: a quantised pick must be
 significantly faster than it) -> write the chosen decoder, its tokenizer, genai_config.json, the report and a
@@ -150,19 +152,25 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
     if context is not None and config.prompt_len + config.gen_len > context:
         raise ConfigError(f"--prompt-len {config.prompt_len} + --gen-len {config.gen_len} is more than the model's "
                           f"context of {context} tokens")
-    planned = [Candidate(r) for r in recipes.plan(config.precision, backends)]
+    fused = _fused(config, source, work, backends, notes)
+    planned = [Candidate(r) for r in recipes.plan(config.precision, backends, fused=fused is not None)]
     reference: Quality | None = None
     for index, cand in enumerate(planned):
         folder = work / plain_name(cand.key.replace("/", "-"))
         _stage(config, f"build {cand.key}", index, len(planned))
         if cand.recipe.bits is None and cand.recipe.backend == recipes.ORT:
-            cand.source, cand.note = source.onnx, "the float32 decoder, as exported"
-            cand.files = [source.onnx.name, *_external_files(source.onnx)]
-            cand.size_bytes = sum((source.onnx.parent / f).stat().st_size for f in cand.files)
+            if cand.recipe.fused:
+                cand.source, cand.folder, cand.build_s = fused.onnx, fused.onnx.parent, fused.seconds
+                cand.note, cand.files = fused.note, list(fused.files)
+            else:
+                cand.source, cand.note = source.onnx, "the float32 decoder, as exported"
+                cand.files = [source.onnx.name, *_external_files(source.onnx)]
+            cand.size_bytes = sum((cand.source.parent / f).stat().st_size for f in cand.files)
         else:
             start = time.monotonic()
             try:
-                cand.files, cand.note = recipes.build(cand.recipe, source.onnx, folder)
+                cand.files, cand.note = recipes.build(cand.recipe, fused.onnx if cand.recipe.fused else source.onnx,
+                                                      folder)
             except DloptError as exc:
                 cand.status, cand.reason = Status.FAILED, first_line(exc)
                 logger.warning("%s: %s", cand.key, cand.reason)
@@ -218,6 +226,39 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
                           peaks=peaks)
     write_report(staged, report)
     return report
+
+
+@dataclass(frozen=True)
+class _Fused:
+    onnx: Path
+    files: tuple[str, ...]
+    note: str
+    seconds: float
+
+
+def _fused(config: TextGenerationConfig, source: DecoderSource, work: Path, backends: tuple[str, ...],
+           notes: list[str]) -> _Fused | None:
+    """The model builder's fused float32 graph of a model folder (``dlopt.llm.fused``), or None (with a note)
+    when there is no folder to build it from, ONNX Runtime is not offered, or the builder fails."""
+    if source.hf_folder is None or recipes.ORT not in backends:
+        return None
+    import json
+
+    from dlopt.llm.child import run_child
+
+    _stage(config, "build the fused graph")
+    layout, _ = _graph_facts(source.onnx)
+    start = time.monotonic()
+    try:
+        result = run_child("dlopt.llm.fused", [str(source.hf_folder), str(work / "fused"),
+                                               json.dumps({"kv_heads": layout.kv_heads, "head_dim": layout.head_dim})],
+                           "building the fused graph")
+    except DloptError as exc:
+        shutil.rmtree(work / "fused", ignore_errors=True)
+        notes.append(f"no fused graph ({first_line(exc)}): ONNX Runtime's candidates are built on the plain export")
+        logger.warning("%s", notes[-1])
+        return None
+    return _Fused(work / "fused" / "model.onnx", tuple(result["files"]), result["note"], time.monotonic() - start)
 
 
 def _opener(cand: Candidate, threads: int) -> Callable[[], Any]:

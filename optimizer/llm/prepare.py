@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "config.json", "chat_template.jinja")
 ONNX_NAMES = ("model.onnx", "decoder_model_merged.onnx")
+HF_COPY = "hf"  # beside an export from GGUF: its float32 weights as safetensors, with config.json
 _TEXT_FILE_LIMIT = 64 << 20  # a tokenizer.json of a 256k vocabulary is ~20 MB
 
 
@@ -39,6 +40,7 @@ class DecoderSource:
     exported_from: str | None  # "folder" or "gguf": dlopt exported it; None: the user's ONNX
     export_s: float = 0.0
     export_peak_rss_mb: float | None = None
+    hf_folder: Path | None = None  # config.json with *.safetensors: what the model builder reads (dlopt.llm.fused)
 
     @property
     def meta_files(self) -> list[Path]:
@@ -83,7 +85,7 @@ def export_in_child(folder: Path, gguf: str | None, work: Path) -> DecoderSource
     logger.info("exporting %s to ONNX with its KV cache", what)
     result = run_child("dlopt.llm.prepare", [str(folder), gguf or "", str(work)], f"exporting {what}")
     return DecoderSource(work / "model.onnx", work, "gguf" if gguf else "folder", time.monotonic() - start,
-                         result.get("peak_rss_mb"))
+                         result.get("peak_rss_mb"), work / HF_COPY if gguf else folder)
 
 
 def model_config(meta: Path) -> dict:
@@ -138,6 +140,9 @@ def _export_here(folder: Path, gguf: str | None, work: Path) -> dict:
     transformers = require("transformers", "llm", "exporting a decoder needs transformers")
     model = load_causal_lm(folder, gguf_file=gguf)
     model.config.save_pretrained(str(work))
+    if gguf is not None:  # the model builder (dlopt.llm.fused) reads safetensors, not a quantised GGUF
+        _save_plain_config(model, work / HF_COPY)
+        save_safetensors(model, work / HF_COPY / "model.safetensors")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(work))
     phases = {"loaded_mb": _rss_mb()}
@@ -160,7 +165,54 @@ def _export_here(folder: Path, gguf: str | None, work: Path) -> dict:
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the tokenizer of {folder}: {first_line(exc)}") from exc
     tokenizer.save_pretrained(str(work))
+    if gguf is not None:  # the builder writes the tokenizer's files for ONNX Runtime GenAI too
+        tokenizer.save_pretrained(str(work / HF_COPY))
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **phases}
+
+
+def _save_plain_config(model, folder: Path) -> None:
+    """config.json of a GGUF-loaded model as a float32 checkpoint's: without its GGUF quantization_config (which
+    would send a reader back to the GGUF file) and naming its architecture (which a GGUF's config lacks)."""
+    import json
+
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = "float32"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_safetensors(model, path: Path) -> int:
+    """``model``'s state dict as a safetensors file, written a tensor at a time (safetensors' own ``save_file``
+    holds a bytes copy of every tensor at once); a tensor shared by two names (tied embeddings) is written once,
+    under the first.  The bytes written."""
+    import json
+    import struct
+
+    import torch
+
+    codes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+             torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+    tensors, seen, header, offset = [], set(), {}, 0
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key in seen or tensor.dtype not in codes:
+            continue
+        seen.add(key)
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        tensors.append(tensor)
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        for tensor in tensors:
+            handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return 8 + len(blob) + offset
 
 
 def _trim() -> None:
