@@ -108,6 +108,9 @@ def test_fp32_perplexity_and_greedy_tokens_match_the_module(folder, fp32_out):
     assert decoder.generate_ids(prompt_ids, 12) == want_tokens
     assert decoder.generate(prompt, max_new_tokens=12) == generated["text"]
 
+    # the fused graph (GroupQueryAttention) writes into the cache it is given: GenAI keeps one buffer for it
+    genai_config = json.loads((out / "genai_config.json").read_text())
+    assert genai_config["search"]["past_present_share_buffer"] == (report["chosen"] == "ort/fused-fp32")
     og = pytest.importorskip("onnxruntime_genai", reason="ONNX Runtime GenAI 0.18+ (Python 3.11+)")
     genai = og.Model(str(out))
     params = og.GeneratorParams(genai)
@@ -136,7 +139,7 @@ def test_weight_only_candidates_are_judged_against_the_budget(folder, fp32_out, 
     assert all(fused and c["backend"] == "openvino" and "NNCF" in c["reason"] for c in failed), failed
     fp32 = by_key.pop("ort/fp32")
     int4 = {k: c for k, c in by_key.items() if k.startswith("ort/int4")}
-    assert {"ort/int4-b32-acc4", "ort/int4-b32-acc4-head8"} <= set(int4)
+    assert {"ort/int4-b32-acc4", "ort/int4-b32-asym-acc4", "ort/int4-b32-asym-acc4-head8"} <= set(int4)
     for key, cand in int4.items():
         assert cand["size_mb"] < fp32["size_mb"] * 0.9, key
         assert cand["precision"] == "int4" and 0 <= cand["greedy_agreement"]["prefix"] <= 1

@@ -339,6 +339,7 @@ def _write_chosen(pick: Candidate, source: DecoderSource, staged: Path, tokenize
     from dlopt.llm.genai_config import write_genai_config
 
     layout, vocab = _graph_facts(staged / "model.onnx")
+    in_place = _has_op(staged / "model.onnx", "GroupQueryAttention")  # writes the new keys into the past given
     config = model_config(source.meta)
     ids = special_ids(source.meta, tokenizer)
     if ids["eos"] is None:
@@ -347,8 +348,15 @@ def _write_chosen(pick: Candidate, source: DecoderSource, staged: Path, tokenize
     write_genai_config(staged, layout, vocab_size=vocab or tokenizer.get_vocab_size(),
                        context_length=_whole(config, "max_position_embeddings") or 2048,
                        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], threads=threads,
-                       attention_heads=_whole(config, "num_attention_heads"), hidden_size=_whole(config, "hidden_size"))
+                       attention_heads=_whole(config, "num_attention_heads"), hidden_size=_whole(config, "hidden_size"),
+                       share_buffer=in_place)
     return []
+
+
+def _has_op(path: Path, op_type: str) -> bool:
+    import onnx
+
+    return any(n.op_type == op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _whole(config: dict, name: str) -> int | None:

@@ -4,9 +4,10 @@ A folder holding a decoder with optimum's KV-cache names (``dlopt.llm.kv``), its
 transformers' ``save_pretrained`` (``tokenizer.json``, ``tokenizer_config.json``) and this file runs with
 ``onnxruntime_genai.Model(folder)``.  Measured with onnxruntime-genai 0.18.0 on ONNX Runtime 1.32 (CPU):
 
-- ``search.past_present_share_buffer`` must be false.  True makes GenAI feed a past of ``max_length``
-  positions that the model writes into in place (what GroupQueryAttention does); a model that concatenates
-  past and new keys (this export) then fails in its first Concat.
+- ``search.past_present_share_buffer`` must be false for a model that concatenates past and new keys (dlopt's
+  export, optimum's): true makes GenAI feed a past of ``max_length`` positions that the model writes into in
+  place, and such a model fails in its first Concat.  The model builder's fused graph (GroupQueryAttention)
+  writes in place, and runs faster with it true (SmolLM2-135M INT4, 2 threads: see dlopt.llm.compile).
 - GenAI always has an end-of-text token: without ``eos_token_id`` it stops at token 0, and an id outside
   ``[0, vocab_size)`` (-1, say) is refused when the model loads.  It stops *without* appending that token,
   where ``DecoderSession.generate`` keeps it as the last one.
@@ -44,14 +45,16 @@ MODEL_TYPE = "decoder"  # GenAI's generic decoder-only LLM (src/models/model_typ
 def genai_config(layout, *, vocab_size: int, context_length: int, bos_token_id: int | None,
                  eos_token_id: int | Sequence[int] | None, pad_token_id: int | None, model_file: str = "model.onnx",
                  threads: int | None = None, attention_heads: int | None = None,
-                 hidden_size: int | None = None) -> dict:
+                 hidden_size: int | None = None, share_buffer: bool = False) -> dict:
     """The ``genai_config.json`` content for a decoder of KV ``layout`` (``dlopt.llm.kv.KVLayout``) in
     ``model_file``, greedy by default (``do_sample`` false, ``max_length`` = ``context_length``).
 
     ``eos_token_id``: one id or several (GenAI stops at any); required, since GenAI always stops at one.
     ``pad_token_id`` None: the first eos id (as GenAI's own builder does); ``bos_token_id`` None: left out.
     ``threads`` None or 0: ONNX Runtime's default pool; ``attention_heads``/``hidden_size``: written when
-    given (GenAI's CPU decoder runs without them; its builder writes the model's)."""
+    given (GenAI's CPU decoder runs without them; its builder writes the model's).  ``share_buffer``: the
+    model writes its new keys and values into the past it is given (GroupQueryAttention, as the model builder's
+    graph does), so GenAI keeps one cache buffer of ``max_length`` instead of a new present per token."""
     vocab_size = _positive("vocab_size", vocab_size)
     context_length = _positive("context_length", context_length)
     if eos_token_id is None or isinstance(eos_token_id, (list, tuple)) and not eos_token_id:
@@ -94,7 +97,7 @@ def genai_config(layout, *, vocab_size: int, context_length: int, bos_token_id: 
     if bos_token_id is not None:
         model["bos_token_id"] = bos_token_id
     search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context_length,
-              "min_length": 0, "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+              "min_length": 0, "past_present_share_buffer": bool(share_buffer), "repetition_penalty": 1.0, "temperature": 1.0,
               "top_k": 50, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
               "diversity_penalty": 0.0}
     return {"model": model, "search": search}
