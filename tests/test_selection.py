@@ -200,3 +200,18 @@ def test_the_driver_plans_once_and_leaves_the_fallback_to_select():
     calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "plan"]
     assert len(calls) == 1
     assert "closest to the budget" not in source and "ships unchanged" not in source
+
+
+def test_a_tie_of_the_same_precision_and_backend_goes_to_the_smaller_loss():
+    # two INT4 recipes on one backend, not told apart on speed: the one giving up less accuracy ships,
+    # whatever their order; a loss never outranks a simpler precision
+    a = Entry("ort/int4-a", "ort", "int4", Status.OK, _t(7.0), loss=30.3)
+    b = Entry("ort/int4-b", "ort", "int4", Status.OK, _t(7.05), loss=21.6)
+    for entries in ([a, b], [b, a]):
+        verdict = choose(entries, _t(23.0), BACKENDS)
+        assert verdict.chosen == "ort/int4-b" and verdict.ties == ("ort/int4-a",)
+        assert verdict.why.endswith("the smaller accuracy loss ships")
+        assert verdict.reasons["ort/int4-a"].endswith("the smaller accuracy loss ships")
+    int8 = Entry("ort/int8", "ort", "int8", Status.OK, _t(7.02), loss=0.4)
+    verdict = choose([a, b, int8], _t(23.0), BACKENDS)
+    assert verdict.chosen == "ort/int8" and verdict.why.endswith("the simpler precision ships")

@@ -17,6 +17,8 @@ Rules, in order:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
@@ -45,6 +47,8 @@ class Entry:
     precision: str
     status: Status
     timing: Timing | None = None
+    loss: float | None = None  # the accuracy it gives up (any unit, smaller is better): breaks a tie of the same
+    #                            precision and backend (None: after every known loss)
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,9 @@ def speed_words(timing: Timing, original: Timing) -> str:
     return "not significantly faster than the original (their 95% intervals overlap)"
 
 
-def _order(entry: Entry, backends: Sequence[str]) -> tuple[int, int]:
+def _order(entry: Entry, backends: Sequence[str]) -> tuple[int, int, float]:
     backend_rank = backends.index(entry.backend) if entry.backend in backends else len(backends)
-    return precisions.rank(entry.precision), backend_rank
+    return precisions.rank(entry.precision), backend_rank, math.inf if entry.loss is None else entry.loss
 
 
 def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence[str], *,
@@ -127,15 +131,19 @@ def choose(entries: Sequence[Entry], original: Timing | None, backends: Sequence
             fast, slow = (e, best) if e.timing.p50_ms < best.timing.p50_ms else (best, e)
             words = _held_together(fast.timing, slow.timing)
             kind = "tie with" if ", a tie:" in words else "not told apart from"
+            ships = "the smaller accuracy loss ships" if _order(e, backends)[:2] == _order(best, backends)[:2] \
+                else "the simpler precision ships"
             reasons[e.key] = (f"{kind} {best.key} ({e.key} at {e.timing.p50_ms / best.timing.p50_ms:.2f}x its "
-                              f"latency; {words.split(', ', 1)[1]}); the simpler precision ships")
+                              f"latency; {words.split(', ', 1)[1]}); {ships}")
         else:
             reasons[e.key] = (f"slower than {fastest.key} ({e.timing.p50_ms:.3f} ms vs "
                               f"{fastest.timing.p50_ms:.3f} ms)")
     ties = tuple(e.key for e in tied if e is not best)
     all_ties = all(reasons[k].startswith("tie with") for k in ties)
+    same = all(_order(next(e for e in tied if e.key == k), backends)[:2] == _order(best, backends)[:2] for k in ties)
     why = f"fastest within the budget ({best.timing.p50_ms:.3f} ms)" if not ties else \
-        f"{'tied with' if all_ties else 'not told apart on speed from'} {', '.join(ties)}; the simpler precision ships"
+        (f"{'tied with' if all_ties else 'not told apart on speed from'} {', '.join(ties)}; "
+         f"{'the smaller accuracy loss' if same else 'the simpler precision'} ships")
     if original is None:
         return Verdict(best.key, why, ties, reasons, None, tuple(notes))
     speed = speed_words(best.timing, original)

@@ -211,8 +211,9 @@ def _run(config: TextGenerationConfig, work: Path, staged: Path, out: Path, back
     for cand in ok:
         cand.speed = speeds[cand.key]
     fp32 = planned[0]
-    entries = [select.Entry(c.key, c.recipe.backend, c.recipe.precision, c.status, c.speed.request if c.speed else None)
-               for c in planned]
+    # a tie of the same precision and backend goes to the smaller perplexity increase
+    entries = [select.Entry(c.key, c.recipe.backend, c.recipe.precision, c.status, c.speed.request if c.speed else None,
+                            _increase(c.quality, reference) if c.quality and reference else None) for c in planned]
     verdict = select.choose(entries, fp32.speed.request if fp32.speed else None, (recipes.ORT, recipes.OPENVINO))
     chosen = fp32.key if verdict.chosen == select.ORIGINAL else verdict.chosen
     if chosen is not None:
