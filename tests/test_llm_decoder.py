@@ -128,6 +128,11 @@ def test_perplexity_equals_the_recipe_in_torch(decoder):
         assert got.tokens == count == len(ids) - (1 if stride < window else math.ceil(len(ids) / window))
         assert abs(got.perplexity - want) <= 1e-6 * want, (window, stride, got.perplexity, want)
     assert 150 < got.perplexity < 400  # random weights on random tokens: about the vocabulary's size
+    # a window in parts (a prefill, then extends of the cache), as for a large vocabulary: the same sums
+    for window, stride, tokens in ((64, 24, 16), (50, 50, 17), (128, 100, 40)):
+        whole = perplexity(session, ids, window=window, stride=stride)
+        parts = perplexity(session, ids, window=window, stride=stride, max_logits=tokens * VOCAB)
+        assert parts.tokens == whole.tokens and abs(parts.nll - whole.nll) <= 1e-5 * whole.nll, (window, tokens)
 
 
 def test_perplexity_and_agreement_arithmetic():

@@ -22,6 +22,10 @@ from dlopt.core.errors import ConfigError, DataError
 # Rows of logits taken to float64 at once: a 512-token window of a 49k vocabulary is 200 MB in float64, and its
 # exp another 200 MB; 64 rows at a time keep that to 25 MB each.
 _ROWS = 64
+# Logits values one call may give: a window of a large vocabulary runs as a prefill then extends of the cache, a
+# part at a time (the same sums; a 512-token window of Gemma 3's 262k vocabulary is 537 MB of float32 logits,
+# more than the model's own weights, and ONNX Runtime holds its MatMul output beside the copy it returns).
+MAX_LOGITS = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,15 @@ class Agreement:
     prompts: int
 
 
-def perplexity(model: Any, token_ids: Sequence[int], *, window: int = 512, stride: int = 256) -> Perplexity:
+def perplexity(model: Any, token_ids: Sequence[int], *, window: int = 512, stride: int = 256,
+               max_logits: int = MAX_LOGITS) -> Perplexity:
     """Perplexity of ``token_ids`` under ``model``: a ``DecoderSession`` (its ``prefill``) or any function
-    from a window's token ids to its logits [len(ids), vocab]."""
+    from a window's token ids to its logits [len(ids), vocab].  A session with ``extend`` and a known ``vocab``
+    runs each window in parts of at most ``max_logits`` logits values (at least 16 tokens each)."""
     logits_of: Callable = model.prefill if hasattr(model, "prefill") else model
+    vocab = getattr(model, "vocab", None)
+    part = max(16, max_logits // vocab) if isinstance(vocab, int) and vocab > 0 and hasattr(model, "extend") \
+        else window
     ids = np.asarray(token_ids)
     if ids.ndim != 1 or len(ids) < 2 or not np.issubdtype(ids.dtype, np.integer):
         raise DataError(f"perplexity needs at least 2 token ids in one sequence, not an array of shape "
@@ -58,14 +67,18 @@ def perplexity(model: Any, token_ids: Sequence[int], *, window: int = 512, strid
     nll, scored, end = 0.0, 0, 0
     for begin in range(0, len(ids), stride):
         first, stop = max(end, begin + 1), min(begin + window, len(ids))
-        logits = np.asarray(logits_of(ids[begin:stop]))
-        if logits.shape[0] != stop - begin:
-            raise DataError(f"the model gave logits for {logits.shape[0]} positions of a {stop - begin}-token window")
-        for row in range(first, stop, _ROWS):  # row t-1 predicts token t; float64 a block of rows at a time
-            rows = logits[row - begin - 1:min(row + _ROWS, stop) - begin - 1].astype(np.float64)
-            peak = rows.max(axis=1, keepdims=True)
-            log_norm = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
-            nll += float((log_norm - rows[np.arange(len(rows)), ids[row:row + len(rows)]]).sum())
+        for at in range(begin, stop, part):  # the window's positions [at, at + len(logits))
+            piece = ids[at:min(at + part, stop)]
+            logits = np.asarray(logits_of(piece) if at == begin else model.extend(piece))
+            if logits.shape[0] != len(piece):
+                raise DataError(f"the model gave logits for {logits.shape[0]} positions of {len(piece)} tokens")
+            # the row of position t predicts token t + 1; float64 a block of rows at a time
+            for row in range(max(first - 1, at), at + len(piece) - (at + len(piece) == stop), _ROWS):
+                rows = logits[row - at:min(row + _ROWS, at + len(piece), stop - 1) - at].astype(np.float64)
+                peak = rows.max(axis=1, keepdims=True)
+                log_norm = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
+                nll += float((log_norm - rows[np.arange(len(rows)), ids[row + 1:row + 1 + len(rows)]]).sum())
+            del logits
         scored += stop - first
         end = stop
         if stop == len(ids):

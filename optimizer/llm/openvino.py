@@ -240,6 +240,10 @@ class OpenVINODecoderSession:
         """Run one more token after those in the cache: its logits [vocab]."""
         return self._run([token])[0]
 
+    def extend(self, ids: Sequence[int]) -> np.ndarray:
+        """Run ``ids`` after the tokens in the cache: logits [len(ids), vocab] (a long text, a part at a time)."""
+        return self._run(ids)
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, *, eos_token_id: int | None = None) -> list[int]:
         """The greedy continuation of ``ids`` (see :func:`dlopt.llm.session.greedy`)."""
         return greedy(self, ids, max_new_tokens, eos_token_id=eos_token_id)
