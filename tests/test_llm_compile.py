@@ -242,3 +242,26 @@ def test_sessions_dear_to_hold_are_timed_one_at_a_time(fp32_out):
                              threads=1, max_seconds=2, resident=1)
     assert max(most) == 1 and len(most) > 2  # opened again and again, one at a time
     assert all(s.request.runs >= 20 and s.tokens_per_s > 0 and s.ttft_ms > 0 for s in speeds.values())
+
+
+def test_the_fused_graph_is_checked_against_the_export(folder, tmp_path):
+    """dlopt.llm.fused on the tiny folder: the builder's graph matches the plain export's logits (and says by how
+    much); checked against another model's export, the same graph is refused in one line."""
+    from dlopt.core.errors import CompileError
+    from dlopt.llm.export import export_decoder
+    from dlopt.llm.fused import TOLERANCE, build_fused, check_same
+
+    root, model = folder
+    for name in ("plain", "other"):
+        (tmp_path / name).mkdir()
+    plain = export_decoder(model, tmp_path / "plain" / "model.onnx")
+    result = build_fused(root / "hf", tmp_path / "fused", kv_heads=2, head_dim=16, reference=str(plain))
+    assert sorted(p.name for p in (tmp_path / "fused").iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(tmp_path / "fused" / "model.onnx"),
+                                                                   load_external_data=False).graph.node}
+    assert check_same(plain, tmp_path / "fused" / "model.onnx") < TOLERANCE / 10
+    assert "logits within" in result["note"]
+    other = export_decoder(tiny_llama(4, tied=True, init_range=0.2), tmp_path / "other" / "model.onnx")
+    with pytest.raises(CompileError, match="does not compute the exported model") as refused:
+        check_same(other, tmp_path / "fused" / "model.onnx")
+    assert "\n" not in str(refused.value)

@@ -252,7 +252,8 @@ def _fused(config: TextGenerationConfig, source: DecoderSource, work: Path, back
     start = time.monotonic()
     try:
         result = run_child("dlopt.llm.fused", [str(source.hf_folder), str(work / "fused"),
-                                               json.dumps({"kv_heads": layout.kv_heads, "head_dim": layout.head_dim})],
+                                               json.dumps({"kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
+                                                           "reference": str(source.onnx)})],
                            "building the fused graph")
     except DloptError as exc:
         shutil.rmtree(work / "fused", ignore_errors=True)
