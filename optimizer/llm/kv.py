@@ -68,3 +68,19 @@ def layout_from_graph(inputs: Sequence, outputs: Sequence, model: str = "the mod
                          f"same fixed kv_heads and head_dim: {shapes[past_name(0, 'key')]}")
     kv_heads, head_dim = next(iter(dims))
     return KVLayout(layers, kv_heads, head_dim)
+
+
+def layout_from_proto(proto, model: str = "the model") -> KVLayout:
+    """:func:`layout_from_graph` of an ``onnx.ModelProto`` (loaded without its weights)."""
+    return layout_from_graph(_specs(proto.graph.input), _specs(proto.graph.output), model)
+
+
+def _specs(values) -> list:
+    """``.name``/``.shape`` of a proto's value infos, as ``get_inputs()`` gives them (a symbolic dim: its name)."""
+    class Spec:
+        def __init__(self, value):
+            self.name = value.name
+            self.shape = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                          for d in value.type.tensor_type.shape.dim]
+
+    return [Spec(v) for v in values]
